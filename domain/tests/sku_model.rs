@@ -1,0 +1,389 @@
+//! Property tests of the SKU state machine: random command sequences (reserves, confirms,
+//! cancels, expiries, restocks, closes, idempotent retries and restarts) checked after every
+//! step against the invariants and a simple reference model of stock conservation.
+
+use domain::drop::{DropSpec, PoolSpec, SaleStatus, SkuSpec};
+use domain::sku::*;
+use domain::*;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+fn spec(pools: &[(&str, &str, u32)], per_buyer_limit: u32) -> DropSpec {
+    DropSpec {
+        drop_id: DropId::parse("d1").unwrap(),
+        creator_id: CreatorId::parse("c1").unwrap(),
+        title: "test drop".into(),
+        opens_at: UnixMillis(1_000),
+        closes_at: UnixMillis(10_000_000),
+        hold_ttl_ms: 5_000,
+        skus: vec![SkuSpec {
+            sku_id: SkuId::parse("s1").unwrap(),
+            name: "hoodie".into(),
+            price: Money::new(2_500, Currency::parse("EUR").unwrap()),
+            per_buyer_limit,
+            pools: pools
+                .iter()
+                .map(|(hub, city, n)| PoolSpec {
+                    hub_id: HubId::parse(hub).unwrap(),
+                    city: CityName::parse(city).unwrap(),
+                    allocated: *n,
+                })
+                .collect(),
+        }],
+    }
+}
+
+fn new_sku(pools: &[(&str, &str, u32)], per_buyer_limit: u32) -> SkuState {
+    let drop = spec(pools, per_buyer_limit);
+    let mut sku = SkuState::new(&drop, &drop.skus[0]);
+    sku.apply(&SkuEvent::SaleStatusSet {
+        status: SaleStatus::Open,
+        at: UnixMillis(1_000),
+    });
+    sku
+}
+
+fn buyer(i: u8) -> BuyerRef {
+    BuyerRef::from_hash_hex(format!("{i:032x}"))
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Reserve {
+        buyer: u8,
+        city: u8,
+        quantity: u32,
+        allow_partial: bool,
+        join_waitlist: bool,
+        key: Option<u8>,
+    },
+    Confirm {
+        pick: usize,
+    },
+    Cancel {
+        pick: usize,
+    },
+    Advance {
+        ms: u32,
+    },
+    Restock {
+        pool: u8,
+        quantity: u32,
+    },
+    Close,
+    Restart,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0u8..6, 0u8..2, 1u32..4, any::<bool>(), any::<bool>(), proptest::option::of(0u8..8))
+            .prop_map(|(buyer, city, quantity, allow_partial, join_waitlist, key)| Step::Reserve { buyer, city, quantity, allow_partial, join_waitlist, key }),
+        3 => any::<usize>().prop_map(|pick| Step::Confirm { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::Cancel { pick }),
+        2 => (500u32..7_000).prop_map(|ms| Step::Advance { ms }),
+        1 => (0u8..3, 1u32..4).prop_map(|(pool, quantity)| Step::Restock { pool, quantity }),
+        1 => Just(Step::Restart),
+        // Rare: closing ends most of the interesting behaviour.
+        1 => prop::bool::weighted(0.1).prop_map(|close| if close { Step::Close } else { Step::Restart }),
+    ]
+}
+
+const POOLS: [(&str, &str, u32); 3] = [
+    ("hub-a1", "Lisbon", 3),
+    ("hub-a2", "Lisbon", 2),
+    ("hub-b1", "Porto", 4),
+];
+const CITIES: [&str; 2] = ["Lisbon", "Porto"];
+
+/// Runs a command: applies its events to the state and the log, returns the reply.
+fn run(
+    state: &mut SkuState,
+    log: &mut Vec<SkuEvent>,
+    command: SkuCommand,
+    now: UnixMillis,
+) -> Result<SkuReply, Rejection> {
+    let before = state.clone();
+    match state.decide(command, now) {
+        Ok((events, reply)) => {
+            for event in &events {
+                state.apply(event);
+            }
+            log.extend(events);
+            Ok(reply)
+        }
+        Err(rejection) => {
+            assert_eq!(&before, state, "decide must not change the state");
+            Err(rejection)
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sku_never_oversells_and_replays_exactly(steps in proptest::collection::vec(step(), 1..120)) {
+        let initial = new_sku(&POOLS, 4);
+        let mut state = initial.clone();
+        let mut log: Vec<SkuEvent> = Vec::new();
+        let mut now = UnixMillis(2_000);
+        let mut next_id = 0u64;
+        let mut order_ids: Vec<OrderId> = Vec::new();
+        // Reference model: allocation grows only by restocks; what is sold is exactly what
+        // confirms added minus what cancels of confirmed orders removed.
+        let mut model_allocated: u32 = POOLS.iter().map(|p| p.2).sum();
+        let mut model_sold: HashMap<OrderId, u32> = HashMap::new();
+        let mut keys: HashMap<u8, (ReserveParams, Reservation)> = HashMap::new();
+
+        for step in steps {
+            match step {
+                Step::Reserve { buyer: b, city, quantity, allow_partial, join_waitlist, key } => {
+                    next_id += 1;
+                    let params = ReserveParams { buyer: buyer(b), city: CityName::parse(CITIES[city as usize]).unwrap(), hub_id: None, quantity, allow_partial, join_waitlist };
+                    let cmd = ReserveCommand {
+                        order_id: OrderId::new(&state.drop_id, &state.sku_id, next_id),
+                        params: params.clone(),
+                        idempotency_key: key.map(|k| IdempotencyKey::parse(&format!("key-{k}")).unwrap()),
+                    };
+                    let result = run(&mut state, &mut log, SkuCommand::Reserve(cmd), now);
+                    if let (Some(k), Some((old_params, old_reply))) = (key, keys.get(&key.unwrap_or(0)).cloned().filter(|_| key.is_some())) {
+                        // A reused key returns the first result, or is refused if the request differs.
+                        if old_params == params {
+                            prop_assert_eq!(result.clone(), Ok(SkuReply::Reservation(old_reply)));
+                        } else {
+                            prop_assert!(matches!(result, Err(Rejection::IdempotencyKeyReused { .. })), "key {} reused: {:?}", k, result);
+                        }
+                    } else if let (Some(k), Ok(SkuReply::Reservation(r))) = (key, &result) {
+                        keys.insert(k, (params.clone(), r.clone()));
+                    }
+                    if let Ok(SkuReply::Reservation(r)) = &result {
+                        prop_assert!(r.quantity_held <= quantity);
+                        if r.outcome == ReserveOutcome::Held { prop_assert_eq!(r.quantity_held, quantity); }
+                        if let Some(id) = &r.order_id { if !order_ids.contains(id) { order_ids.push(id.clone()); } }
+                    }
+                    if let Err(Rejection::BuyerLimitReached { limit, active }) = &result {
+                        prop_assert!(active + quantity > *limit);
+                    }
+                }
+                Step::Confirm { pick } if !order_ids.is_empty() => {
+                    let id = order_ids[pick % order_ids.len()].clone();
+                    let quantity = state.orders[&id].quantity;
+                    let cmd = ConfirmCommand {
+                        order_id: id.clone(),
+                        payment_reference: format!("pay-{id}"),
+                        amount: state.price.times(quantity).unwrap(),
+                        fulfilment: Fulfilment::Pickup,
+                        discreet: false,
+                        pickup_code: "123456".into(),
+                        receipt_token: "tok".into(),
+                    };
+                    let was_confirmed = state.orders[&id].status == OrderStatus::Confirmed;
+                    let result = run(&mut state, &mut log, SkuCommand::Confirm(cmd), now);
+                    if let Ok(SkuReply::Order(view)) = &result {
+                        prop_assert_eq!(view.status, OrderStatus::Confirmed);
+                        if !was_confirmed { model_sold.insert(id, view.quantity); }
+                    }
+                }
+                Step::Cancel { pick } if !order_ids.is_empty() => {
+                    let id = order_ids[pick % order_ids.len()].clone();
+                    if let Ok(SkuReply::Order(view)) = run(&mut state, &mut log, SkuCommand::Cancel { order_id: id.clone() }, now) {
+                        prop_assert!(view.status.is_final());
+                        model_sold.remove(&id);
+                    }
+                }
+                Step::Confirm { .. } | Step::Cancel { .. } => {}
+                Step::Advance { ms } => {
+                    now = now.plus_ms(u64::from(ms));
+                    run(&mut state, &mut log, SkuCommand::ExpireDue, now).unwrap();
+                    prop_assert!(state.next_deadline().is_none_or(|t| t > now), "nothing due is left after ExpireDue");
+                }
+                Step::Restock { pool, quantity } => {
+                    let hub = HubId::parse(POOLS[pool as usize].0).unwrap();
+                    let cmd = RestockCommand { hub_id: hub, city: None, quantity, idempotency_key: None };
+                    if run(&mut state, &mut log, SkuCommand::Restock(cmd), now).is_ok() { model_allocated += quantity; }
+                }
+                Step::Close => {
+                    run(&mut state, &mut log, SkuCommand::SetSaleStatus(SaleStatus::Closed), now).unwrap();
+                    prop_assert!(state.waitlists.is_empty());
+                }
+                Step::Restart => {
+                    // A restart rebuilds the state by replaying the journal from the start.
+                    let mut replayed = initial.clone();
+                    for event in &log { replayed.apply(event); }
+                    prop_assert_eq!(&replayed, &state);
+                    state = replayed;
+                }
+            }
+            if let Err(broken) = state.check_invariants() { prop_assert!(false, "invariant broken: {}", broken); }
+            let allocated: u32 = state.pools.iter().map(|p| p.allocated).sum();
+            let sold: u32 = state.pools.iter().map(|p| p.sold).sum();
+            prop_assert_eq!(allocated, model_allocated);
+            prop_assert_eq!(sold, model_sold.values().sum::<u32>());
+            prop_assert!(sold <= allocated);
+        }
+    }
+}
+
+#[test]
+fn expiry_returns_stock_and_promotes_the_waitlist_head() {
+    let mut sku = new_sku(&[("hub-a1", "Lisbon", 1)], 2);
+    let mut log = Vec::new();
+    let reserve = |id: u64, b: u8| {
+        SkuCommand::Reserve(ReserveCommand {
+            order_id: OrderId::new(
+                &DropId::parse("d1").unwrap(),
+                &SkuId::parse("s1").unwrap(),
+                id,
+            ),
+            params: ReserveParams {
+                buyer: buyer(b),
+                city: CityName::parse("Lisbon").unwrap(),
+                hub_id: None,
+                quantity: 1,
+                allow_partial: false,
+                join_waitlist: true,
+            },
+            idempotency_key: None,
+        })
+    };
+    let first = run(&mut sku, &mut log, reserve(1, 1), UnixMillis(2_000)).unwrap();
+    let second = run(&mut sku, &mut log, reserve(2, 2), UnixMillis(2_100)).unwrap();
+    let SkuReply::Reservation(first) = first else {
+        panic!()
+    };
+    let SkuReply::Reservation(second) = second else {
+        panic!()
+    };
+    assert_eq!(first.outcome, ReserveOutcome::Held);
+    assert_eq!(second.outcome, ReserveOutcome::Waitlisted);
+    assert_eq!(second.waitlist_position, Some(1));
+    assert_eq!(sku.next_deadline(), Some(UnixMillis(7_000)));
+
+    run(&mut sku, &mut log, SkuCommand::ExpireDue, UnixMillis(7_000)).unwrap();
+    let promoted = &sku.orders[second.order_id.as_ref().unwrap()];
+    assert_eq!(promoted.status, OrderStatus::Held);
+    assert_eq!(promoted.expires_at, Some(UnixMillis(12_000)));
+    assert_eq!(
+        sku.orders[first.order_id.as_ref().unwrap()].status,
+        OrderStatus::Expired
+    );
+    assert_eq!(sku.pools[0].held, 1);
+    sku.check_invariants().unwrap();
+}
+
+#[test]
+fn confirm_after_expiry_is_refused_and_changes_nothing() {
+    let mut sku = new_sku(&[("hub-a1", "Lisbon", 5)], 2);
+    let mut log = Vec::new();
+    let id = OrderId::new(&sku.drop_id, &sku.sku_id, 9);
+    let params = ReserveParams {
+        buyer: buyer(1),
+        city: CityName::parse("Lisbon").unwrap(),
+        hub_id: None,
+        quantity: 2,
+        allow_partial: false,
+        join_waitlist: false,
+    };
+    run(
+        &mut sku,
+        &mut log,
+        SkuCommand::Reserve(ReserveCommand {
+            order_id: id.clone(),
+            params,
+            idempotency_key: None,
+        }),
+        UnixMillis(2_000),
+    )
+    .unwrap();
+    let confirm = ConfirmCommand {
+        order_id: id,
+        payment_reference: "p".into(),
+        amount: Money::new(5_000, Currency::parse("EUR").unwrap()),
+        fulfilment: Fulfilment::Pickup,
+        discreet: true,
+        pickup_code: "1".into(),
+        receipt_token: "t".into(),
+    };
+    let late = run(
+        &mut sku,
+        &mut log,
+        SkuCommand::Confirm(confirm.clone()),
+        UnixMillis(7_000),
+    );
+    assert_eq!(
+        late,
+        Err(Rejection::FailedPrecondition("hold expired".into()))
+    );
+    let wrong_amount = ConfirmCommand {
+        amount: Money::new(1, Currency::parse("EUR").unwrap()),
+        ..confirm.clone()
+    };
+    assert!(matches!(
+        run(
+            &mut sku,
+            &mut log,
+            SkuCommand::Confirm(wrong_amount),
+            UnixMillis(3_000)
+        ),
+        Err(Rejection::InvalidArgument(_))
+    ));
+    assert!(run(
+        &mut sku,
+        &mut log,
+        SkuCommand::Confirm(confirm),
+        UnixMillis(3_000)
+    )
+    .is_ok());
+}
+
+#[test]
+fn reserve_before_open_and_over_the_buyer_limit_is_refused() {
+    let drop = spec(&[("hub-a1", "Lisbon", 5)], 2);
+    let scheduled = SkuState::new(&drop, &drop.skus[0]);
+    let params = ReserveParams {
+        buyer: buyer(1),
+        city: CityName::parse("Lisbon").unwrap(),
+        hub_id: None,
+        quantity: 2,
+        allow_partial: false,
+        join_waitlist: false,
+    };
+    let cmd = ReserveCommand {
+        order_id: OrderId::new(&drop.drop_id, &drop.skus[0].sku_id, 1),
+        params,
+        idempotency_key: None,
+    };
+    assert!(matches!(
+        scheduled.decide(SkuCommand::Reserve(cmd.clone()), UnixMillis(500)),
+        Err(Rejection::FailedPrecondition(_))
+    ));
+    // A scheduled drop opens by itself at opens_at.
+    assert!(scheduled
+        .decide(SkuCommand::Reserve(cmd.clone()), UnixMillis(1_000))
+        .is_ok());
+    let mut open = new_sku(&[("hub-a1", "Lisbon", 5)], 2);
+    let mut log = Vec::new();
+    run(
+        &mut open,
+        &mut log,
+        SkuCommand::Reserve(cmd.clone()),
+        UnixMillis(2_000),
+    )
+    .unwrap();
+    let again = ReserveCommand {
+        order_id: OrderId::new(&drop.drop_id, &drop.skus[0].sku_id, 2),
+        ..cmd
+    };
+    assert_eq!(
+        run(
+            &mut open,
+            &mut log,
+            SkuCommand::Reserve(again),
+            UnixMillis(2_000)
+        ),
+        Err(Rejection::BuyerLimitReached {
+            limit: 2,
+            active: 2
+        })
+    );
+}

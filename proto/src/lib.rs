@@ -1,0 +1,33 @@
+//! Generated protobuf and gRPC types for every Dropline context (`dropline.<context>.v1`),
+//! plus the encoded file descriptor set that server reflection serves.
+
+/// Shared types: money.
+pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("dropline.common.v1");
+    }
+}
+
+/// Buyer checkout: reserve, confirm, cancel, availability, orders.
+pub mod checkout {
+    pub mod v1 {
+        tonic::include_proto!("dropline.checkout.v1");
+    }
+}
+
+/// Operator drop management.
+pub mod operator {
+    pub mod v1 {
+        tonic::include_proto!("dropline.operator.v1");
+    }
+}
+
+/// The bare echo service used as the gRPC ceiling in load tests.
+pub mod bench {
+    pub mod v1 {
+        tonic::include_proto!("dropline.bench.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of all Dropline protos, for grpc.reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dropline_descriptor");
