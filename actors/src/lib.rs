@@ -1,1 +1,24 @@
+//! The actor shell around the pure domain: one kameo actor per drop and per SKU, each a
+//! thin host for a domain state machine. Actors persist through the [`journal::Journal`]
+//! port (sled in the embedded platform) with group commit, receive commands through the
+//! [`bus::CommandBus`] port (in-process here), and feed read-side projections (availability
+//! cache, order watchers) after every durable batch.
 
+pub mod audit;
+pub mod bus;
+pub mod clock;
+pub mod embedded;
+pub mod entity;
+pub mod error;
+pub mod hosted;
+pub mod journal;
+pub mod projections;
+pub mod secrets;
+pub mod sled_journal;
+
+pub use bus::CommandBus;
+pub use clock::{Clock, SystemClock};
+pub use embedded::LocalActors;
+pub use error::CommandError;
+pub use journal::Journal;
+pub use projections::Projections;

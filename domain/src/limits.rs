@@ -33,3 +33,38 @@ pub const IDEMPOTENCY_KEYS_PER_SKU_MAX: usize = 1_000_000;
 pub const PRICE_MINOR_UNITS_MAX: i64 = 1_000_000_000;
 /// Orders per stock level: a pool with at most this share of its allocation left is LOW.
 pub const LOW_STOCK_PERCENT: u32 = 10;
+
+// Limits of the actor shell and the services (the domain only names them).
+
+/// Mailbox of one SKU actor: room for a burst of 4,096 concurrent buyers on one hot SKU;
+/// beyond that a buyer is told RESOURCE_EXHAUSTED at once instead of queueing for seconds.
+pub const SKU_MAILBOX_CAPACITY: usize = 4_096;
+/// Mailbox of one drop actor (operator commands and SKU start-ups).
+pub const DROP_MAILBOX_CAPACITY: usize = 1_024;
+/// Appends waiting for the journal writer, all actors together.
+pub const JOURNAL_QUEUE_MAX: usize = 65_536;
+/// Appends written and flushed together: one fsync for up to this many commands.
+pub const JOURNAL_BATCH_MAX: usize = 8_192;
+/// How long a caller waits for an actor's reply (queueing, decision, durable write).
+pub const COMMAND_TIMEOUT_MS: u64 = 5_000;
+/// An actor with nothing pending stops after this long without messages; it is rebuilt
+/// from its snapshot and journal on next use.
+pub const ACTOR_IDLE_STOP_MS: u64 = 60_000;
+/// Snapshot an actor after at least this many events, and at least as many events as it
+/// holds orders, so snapshot cost stays O(1) per event however large the state grows.
+pub const SNAPSHOT_EVERY_MIN_EVENTS: u64 = 1_000;
+/// Times a command is re-sent to a freshly started actor after it met a stopping one.
+pub const ACTOR_RESTART_RETRIES: usize = 3;
+/// Live WatchOrder subscriptions per process.
+pub const ORDER_WATCHERS_MAX: usize = 100_000;
+/// WatchDrop sends at most one update per this interval, coalescing changes in between.
+pub const WATCH_DROP_INTERVAL_MS: u64 = 250;
+/// Longest a server stream (WatchOrder, WatchDrop) stays open before the client must reconnect.
+pub const WATCH_STREAM_MAX_MS: u64 = 3_600_000;
+/// Concurrent gRPC streams per connection and concurrent requests per server.
+pub const GRPC_CONCURRENT_STREAMS_MAX: u32 = 1_024;
+pub const GRPC_REQUESTS_IN_FLIGHT_MAX: usize = 16_384;
+/// Largest gRPC message accepted (a CreateDrop of 10,000 SKUs fits).
+pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Time given to in-flight calls to finish on shutdown.
+pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;

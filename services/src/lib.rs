@@ -1,1 +1,50 @@
+//! The Dropline services: gRPC checkout and operator APIs over the actor platform, the
+//! `dropline` command line (serve, demo) and the wiring of the embedded platform. Only this
+//! crate (and `proto`) knows protobuf.
 
+pub mod checkout;
+pub mod config;
+pub mod convert;
+pub mod demo;
+pub mod levels;
+pub mod operator;
+pub mod platform;
+pub mod server;
+pub mod status;
+
+use config::{Cli, Command, ServeConfig};
+use tokio::net::TcpListener;
+use tracing::info;
+
+/// Runs `dropline serve` until SIGTERM or Ctrl-C.
+pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
+    let platform = platform::Platform::open_embedded(&config.data_dir)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
+    info!(data_dir = %config.data_dir.display(), "embedded platform ready");
+    server::serve(platform, listener, server::shutdown_signal()).await
+}
+
+pub fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.resolve()?;
+            init_tracing(&config.log);
+            run_serve(config).await
+        }
+        Command::Demo(args) => {
+            init_tracing("warn");
+            demo::run(args).await
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The embedded platform's bus: every actor in this process, found or started by key.
+
+use crate::bus::CommandBus;
+use crate::clock::Clock;
+use crate::entity::{Cmd, Entity, EntityArgs};
+use crate::error::CommandError;
+use crate::hosted::{Env, Hosted};
+use crate::journal::{BoxFuture, Journal};
+use crate::projections::Projections;
+use domain::drop::{DropCommand, DropState, DropView};
+use domain::limits::{ACTOR_RESTART_RETRIES, COMMAND_TIMEOUT_MS};
+use domain::sku::{SkuCommand, SkuReply, SkuState};
+use domain::{DropId, SkuId};
+use kameo::actor::{ActorRef, Spawn};
+use kameo::error::{HookError, SendError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Live actors of one kind, by key. The lock is held only to find or insert a reference,
+/// never across a message.
+struct Registry<H: Hosted> {
+    actors: Mutex<HashMap<H::Key, ActorRef<Entity<H>>>>,
+}
+
+impl<H: Hosted> Registry<H> {
+    fn new() -> Self {
+        Registry {
+            actors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get_or_spawn(&self, key: &H::Key, env: &Arc<Env>) -> ActorRef<Entity<H>> {
+        let mut actors = self.actors.lock().expect("registry lock");
+        if let Some(actor) = actors.get(key) {
+            if actor.is_alive() {
+                return actor.clone();
+            }
+        }
+        // Forget stopped actors now and then, so idle SKUs do not accumulate.
+        if actors.len() >= 1_024 && actors.len().is_power_of_two() {
+            actors.retain(|_, actor| actor.is_alive());
+        }
+        let actor = Entity::<H>::spawn_with_mailbox(
+            EntityArgs {
+                key: key.clone(),
+                env: env.clone(),
+            },
+            kameo::mailbox::bounded(H::mailbox_capacity()),
+        );
+        actors.insert(key.clone(), actor.clone());
+        actor
+    }
+
+    fn forget(&self, key: &H::Key, actor: &ActorRef<Entity<H>>) {
+        let mut actors = self.actors.lock().expect("registry lock");
+        if actors.get(key).is_some_and(|a| a.id() == actor.id()) {
+            actors.remove(key);
+        }
+    }
+
+    async fn ask(
+        &self,
+        key: &H::Key,
+        env: &Arc<Env>,
+        command: H::Command,
+    ) -> Result<H::Reply, CommandError> {
+        let mut command = command;
+        for _ in 0..=ACTOR_RESTART_RETRIES {
+            let actor = self.get_or_spawn(key, env);
+            if let Err(e) = actor.wait_for_startup_result().await {
+                self.forget(key, &actor);
+                return Err(match e {
+                    HookError::Error(e) => e,
+                    HookError::Panicked(p) => {
+                        CommandError::Unavailable(format!("actor failed to start: {p}"))
+                    }
+                });
+            }
+            let sent = actor
+                .ask(Cmd::<H>(command))
+                .reply_timeout(Duration::from_millis(COMMAND_TIMEOUT_MS))
+                .try_send()
+                .await;
+            match sent {
+                Ok(reply) => return Ok(reply),
+                Err(SendError::HandlerError(e)) => return Err(e),
+                Err(SendError::MailboxFull(_)) => {
+                    return Err(CommandError::Overloaded("actor mailbox is full"))
+                }
+                Err(SendError::Timeout(_)) => {
+                    return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS))
+                }
+                // The actor stopped (idle) just before our command: start a fresh one.
+                Err(SendError::ActorNotRunning(Cmd(c)) | SendError::ActorRestarting(Cmd(c))) => {
+                    self.forget(key, &actor);
+                    command = c;
+                }
+                Err(SendError::ActorStopped) => {
+                    return Err(CommandError::Unavailable(
+                        "actor stopped before replying".into(),
+                    ))
+                }
+            }
+        }
+        Err(CommandError::Unavailable("actor keeps stopping".into()))
+    }
+
+    fn live(&self) -> usize {
+        self.actors
+            .lock()
+            .expect("registry lock")
+            .values()
+            .filter(|a| a.is_alive())
+            .count()
+    }
+}
+
+/// All drop and SKU actors of this process: the embedded [`CommandBus`].
+pub struct LocalActors {
+    env: Arc<Env>,
+    drops: Registry<DropState>,
+    skus: Registry<SkuState>,
+}
+
+impl LocalActors {
+    pub fn new(
+        journal: Arc<dyn Journal>,
+        clock: Arc<dyn Clock>,
+        projections: Arc<Projections>,
+    ) -> Arc<LocalActors> {
+        Arc::new_cyclic(|weak: &std::sync::Weak<LocalActors>| {
+            let bus: std::sync::Weak<dyn CommandBus> = weak.clone();
+            LocalActors {
+                env: Arc::new(Env {
+                    journal,
+                    clock,
+                    projections,
+                    bus,
+                }),
+                drops: Registry::new(),
+                skus: Registry::new(),
+            }
+        })
+    }
+
+    pub fn env(&self) -> &Arc<Env> {
+        &self.env
+    }
+
+    /// Number of running actors (drops, SKUs).
+    pub fn live_actors(&self) -> (usize, usize) {
+        (self.drops.live(), self.skus.live())
+    }
+}
+
+impl CommandBus for LocalActors {
+    fn sku_command(
+        &self,
+        drop_id: DropId,
+        sku_id: SkuId,
+        command: SkuCommand,
+    ) -> BoxFuture<'_, Result<SkuReply, CommandError>> {
+        Box::pin(async move { self.skus.ask(&(drop_id, sku_id), &self.env, command).await })
+    }
+
+    fn drop_command(
+        &self,
+        drop_id: DropId,
+        command: DropCommand,
+    ) -> BoxFuture<'_, Result<DropView, CommandError>> {
+        Box::pin(async move { self.drops.ask(&drop_id, &self.env, command).await })
+    }
+}

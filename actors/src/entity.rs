@@ -1,0 +1,280 @@
+//! The one actor shell every aggregate runs in. For each command it: takes a journal
+//! permit (RESOURCE_EXHAUSTED at once if the journal queue is full), decides, applies the
+//! events in memory, and hands them to the journal with the reply. The journal writer
+//! group-commits whatever all actors handed it and runs the completions after the flush,
+//! so a reply (even a rejection or a read) never reveals state that is not yet durable,
+//! while the actor goes on deciding the next commands meanwhile: one fsync per batch, not
+//! per buyer.
+//!
+//! Actors start on first use (snapshot + journal replay), run timers for their deadlines
+//! (hold expiry) and stop when idle with nothing pending.
+
+use crate::error::CommandError;
+use crate::hosted::{Env, Hosted};
+use crate::journal::{AppendBatch, JournalError};
+use domain::limits::{ACTOR_IDLE_STOP_MS, SNAPSHOT_EVERY_MIN_EVENTS};
+use domain::UnixMillis;
+use kameo::actor::{ActorRef, WeakActorRef};
+use kameo::error::SendError;
+use kameo::mailbox::{MailboxReceiver, Signal};
+use kameo::message::{Context, Message};
+use kameo::reply::DelegatedReply;
+use kameo::Actor;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, warn};
+
+/// A command for the hosted aggregate; the reply comes once it is durable.
+pub struct Cmd<H: Hosted>(pub H::Command);
+
+/// A due timer.
+struct Tick;
+
+type ReplyFn<R> = Box<dyn FnOnce(Result<R, CommandError>) + Send>;
+
+pub struct EntityArgs<H: Hosted> {
+    pub key: H::Key,
+    pub env: Arc<Env>,
+}
+
+pub struct Entity<H: Hosted> {
+    stream: String,
+    state: H,
+    /// Number of events in the stream (the version of the last one).
+    version: u64,
+    events_since_snapshot: u64,
+    env: Arc<Env>,
+    timer: Option<(UnixMillis, tokio::task::JoinHandle<()>)>,
+    /// Appends handed to the journal and not yet completed.
+    in_flight: Arc<AtomicUsize>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<T, CommandError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| CommandError::Storage(format!("{stream}: undecodable journal entry: {e}")))
+}
+
+impl<H: Hosted> Entity<H> {
+    /// Decides a command and hands the outcome to the journal; `reply` runs when durable.
+    fn execute(
+        &mut self,
+        command: H::Command,
+        actor_ref: &ActorRef<Self>,
+        reply: ReplyFn<H::Reply>,
+    ) {
+        let permit = match self.env.journal.try_reserve() {
+            Ok(permit) => permit,
+            Err(JournalError::Full) => {
+                return reply(Err(CommandError::Overloaded("journal queue is full")))
+            }
+            Err(e) => return reply(Err(CommandError::Storage(e.to_string()))),
+        };
+        let now = self.env.clock.now();
+        let (events, outcome) = match self.state.decide(command, now) {
+            Ok((events, answer)) => (events, Ok(answer)),
+            Err(rejection) => (Vec::new(), Err(CommandError::Rejected(rejection))),
+        };
+        let mut batch = AppendBatch {
+            stream: self.stream.clone(),
+            first_version: self.version + 1,
+            ..AppendBatch::default()
+        };
+        let mut publication = None;
+        if !events.is_empty() {
+            batch.events = events
+                .iter()
+                .map(|e| serde_json::to_vec(e).expect("events serialize"))
+                .collect();
+            for event in &events {
+                self.state.apply(event);
+            }
+            self.version += events.len() as u64;
+            self.events_since_snapshot += events.len() as u64;
+            if self.events_since_snapshot
+                >= SNAPSHOT_EVERY_MIN_EVENTS.max(self.state.snapshot_weight())
+            {
+                batch.snapshot = Some((
+                    self.version,
+                    serde_json::to_vec(&self.state).expect("state serializes"),
+                ));
+                self.events_since_snapshot = 0;
+            }
+            publication = self.state.publication(&events, &self.env);
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let in_flight = self.in_flight.clone();
+        let actor = actor_ref.downgrade();
+        permit.append(
+            batch,
+            Box::new(move |written| {
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                match written {
+                    Ok(()) => {
+                        if let Some(publish) = publication {
+                            publish();
+                        }
+                        reply(outcome);
+                    }
+                    Err(e) => {
+                        // The in-memory state is ahead of the journal: drop it, and let the
+                        // next command rebuild the actor from what is durable.
+                        reply(Err(CommandError::Storage(e.to_string())));
+                        if let Some(actor) = actor.upgrade() {
+                            actor.kill();
+                        }
+                    }
+                }
+            }),
+        );
+    }
+
+    /// Keeps exactly one timer, for the state's earliest deadline.
+    fn rearm(&mut self, actor_ref: &ActorRef<Self>) {
+        let next = self.state.next_deadline();
+        if let (Some((armed, _)), Some(next)) = (&self.timer, next) {
+            if *armed == next {
+                return;
+            }
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            handle.abort();
+        }
+        let Some(deadline) = next else { return };
+        let delay_ms = (deadline.0 - self.env.clock.now().0).max(0) as u64;
+        let actor = actor_ref.downgrade();
+        let handle = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            loop {
+                let Some(actor) = actor.upgrade() else { return };
+                match actor.tell(Tick).try_send() {
+                    Err(SendError::MailboxFull(_)) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await
+                    }
+                    _ => return,
+                }
+            }
+        });
+        self.timer = Some((deadline, handle));
+    }
+}
+
+impl<H: Hosted> Actor for Entity<H> {
+    type Args = EntityArgs<H>;
+    type Error = CommandError;
+
+    async fn on_start(
+        args: EntityArgs<H>,
+        actor_ref: ActorRef<Self>,
+    ) -> Result<Self, CommandError> {
+        let EntityArgs { key, env } = args;
+        let stream = H::stream(&key);
+        let recovered = env
+            .journal
+            .load(&stream)
+            .await
+            .map_err(|e| CommandError::Storage(e.to_string()))?;
+        let (mut state, mut version) = match &recovered.snapshot {
+            Some((version, bytes)) => (decode::<H>(&stream, bytes)?, *version),
+            None => (H::initial(&key, &env).await?, 0),
+        };
+        let replayed = recovered.events.len();
+        for (event_version, bytes) in &recovered.events {
+            state.apply(&decode::<H::Event>(&stream, bytes)?);
+            version = *event_version;
+        }
+        debug!(%stream, version, replayed, "actor recovered");
+        let mut entity = Entity {
+            stream,
+            state,
+            version,
+            events_since_snapshot: replayed as u64,
+            env,
+            timer: None,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        };
+        if let Some(command) = entity.state.after_recovery(&entity.env).await? {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            entity.execute(
+                command,
+                &actor_ref,
+                Box::new(move |result| drop(tx.send(result))),
+            );
+            rx.await
+                .map_err(|_| CommandError::Unavailable("journal stopped".into()))??;
+        }
+        if let Some(publish) = entity.state.publication(&[], &entity.env) {
+            publish();
+        }
+        entity.rearm(&actor_ref);
+        Ok(entity)
+    }
+
+    async fn next(
+        &mut self,
+        _: WeakActorRef<Self>,
+        mailbox: &mut MailboxReceiver<Self>,
+    ) -> Result<Option<Signal<Self>>, CommandError> {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(ACTOR_IDLE_STOP_MS), mailbox.recv())
+                .await
+            {
+                Ok(signal) => return Ok(signal),
+                // Stop only with no timer (no holds or waitlists pending) and nothing in
+                // flight, so a restarted actor finds everything in the journal.
+                Err(_) if self.timer.is_none() && self.in_flight.load(Ordering::SeqCst) == 0 => {
+                    debug!(stream = %self.stream, "actor idle, stopping");
+                    return Ok(Some(Signal::Stop));
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+
+    async fn on_stop(
+        &mut self,
+        _: WeakActorRef<Self>,
+        reason: kameo::error::ActorStopReason,
+    ) -> Result<(), CommandError> {
+        if let Some((_, handle)) = self.timer.take() {
+            handle.abort();
+        }
+        if !matches!(reason, kameo::error::ActorStopReason::Normal) {
+            warn!(stream = %self.stream, ?reason, "actor stopped abnormally");
+        }
+        Ok(())
+    }
+}
+
+impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
+    type Reply = DelegatedReply<Result<H::Reply, CommandError>>;
+
+    async fn handle(
+        &mut self,
+        Cmd(command): Cmd<H>,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        let (delegated, sender) = ctx.reply_sender();
+        let reply: ReplyFn<H::Reply> = match sender {
+            Some(sender) => Box::new(move |result| sender.send(result)),
+            None => Box::new(|_| {}),
+        };
+        let actor_ref = ctx.actor_ref().clone();
+        self.execute(command, &actor_ref, reply);
+        self.rearm(&actor_ref);
+        delegated
+    }
+}
+
+impl<H: Hosted> Message<Tick> for Entity<H> {
+    type Reply = ();
+
+    async fn handle(&mut self, _: Tick, ctx: &mut Context<Self, Self::Reply>) {
+        self.timer = None;
+        let actor_ref = ctx.actor_ref().clone();
+        if let Some(command) = H::timer_command() {
+            self.execute(command, &actor_ref, Box::new(|_| {}));
+        }
+        self.rearm(&actor_ref);
+    }
+}

@@ -1,0 +1,25 @@
+//! Why a command did not get a domain reply.
+
+use domain::Rejection;
+use thiserror::Error;
+
+#[derive(Debug, Clone, Error)]
+pub enum CommandError {
+    /// The domain refused the command; nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// A bounded queue (mailbox or journal) is full; nothing changed.
+    #[error("overloaded: {0}")]
+    Overloaded(&'static str),
+    /// No reply within the deadline; the command may or may not have taken effect.
+    #[error("no reply within {0} ms")]
+    Timeout(u64),
+    /// The actor could not be reached or started.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The journal failed; the actor restarts from its last durable state.
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+pub type Result<T> = std::result::Result<T, CommandError>;

@@ -1,0 +1,68 @@
+//! The journal port: durable, ordered event streams, one per actor, with snapshots.
+//!
+//! Appending is split in two so that an actor can group-commit without waiting: the actor
+//! takes a permit (failing at once when the journal's queue is full, before anything
+//! changed), applies its events in memory, and hands the batch over with a completion that
+//! runs once the batch is durable. Completions run in append order.
+
+use std::future::Future;
+use std::pin::Pin;
+use thiserror::Error;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, Clone, Error)]
+pub enum JournalError {
+    #[error("journal queue is full")]
+    Full,
+    #[error("journal is closed")]
+    Closed,
+    #[error("journal io: {0}")]
+    Io(String),
+    #[error("journal data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Events to append to one stream, starting at `first_version` (versions count from 1).
+/// A batch with no events and no snapshot is a barrier: its completion runs after every
+/// earlier batch is durable.
+#[derive(Debug, Default)]
+pub struct AppendBatch {
+    pub stream: String,
+    pub first_version: u64,
+    pub events: Vec<Vec<u8>>,
+    /// The state as of `version`, replacing the stream's previous snapshot.
+    pub snapshot: Option<(u64, Vec<u8>)>,
+}
+
+/// Runs once the batch is durable (Ok) or failed (Err).
+pub type Completion = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
+
+pub trait AppendPermit: Send {
+    fn append(self: Box<Self>, batch: AppendBatch, done: Completion);
+}
+
+/// What a stream holds: its latest snapshot and the events after it.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub snapshot: Option<(u64, Vec<u8>)>,
+    pub events: Vec<(u64, Vec<u8>)>,
+}
+
+pub trait Journal: Send + Sync + 'static {
+    /// A slot in the write queue, or `Full` at once.
+    fn try_reserve(&self) -> Result<Box<dyn AppendPermit>, JournalError>;
+
+    /// The latest snapshot of a stream and every event after it.
+    fn load(&self, stream: &str) -> BoxFuture<'_, Result<Recovered, JournalError>>;
+
+    /// Every event of a stream from version 1, ignoring snapshots (audits, reconciliation).
+    fn load_all(&self, stream: &str) -> BoxFuture<'_, Result<Vec<(u64, Vec<u8>)>, JournalError>>;
+}
+
+/// Where buyers' delivery addresses are kept, apart from every journal and event: only
+/// fulfilment reads them. A write is durable once any later journal batch is (same store).
+pub trait AddressVault: Send + Sync + 'static {
+    fn put(&self, order_id: &str, address: &[u8]) -> Result<(), JournalError>;
+    fn get(&self, order_id: &str) -> Result<Option<Vec<u8>>, JournalError>;
+}

@@ -1,0 +1,173 @@
+//! Read-side projections that actors update after every durable batch, so that hot reads
+//! (availability, live drop figures, order watches) never queue behind buyers in a SKU's
+//! mailbox. Staleness is bounded by one group commit: an actor publishes as soon as the
+//! journal has flushed the batch that changed it.
+
+use domain::drop::{DropSpec, SaleStatus};
+use domain::limits::ORDER_WATCHERS_MAX;
+use domain::sku::{OrderView, SkuFigures, SkuState};
+use domain::{DropId, OrderId, SkuId};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::watch;
+
+#[derive(Default)]
+pub struct Projections {
+    pub availability: AvailabilityCache,
+    pub orders: OrderWatchers,
+}
+
+struct DropEntry {
+    spec: Arc<DropSpec>,
+    status: SaleStatus,
+    skus: BTreeMap<SkuId, Arc<SkuFigures>>,
+}
+
+/// The drop as the cache knows it: the spec, the recorded status and the figures of every
+/// SKU (from its actor, or from the spec if its actor has not run yet).
+#[derive(Debug, Clone)]
+pub struct CachedDrop {
+    pub spec: Arc<DropSpec>,
+    pub status: SaleStatus,
+    pub skus: Vec<Arc<SkuFigures>>,
+}
+
+/// Exact per-pool figures of every SKU, by drop. Buyers see levels derived from them;
+/// operators see them as they are.
+pub struct AvailabilityCache {
+    drops: RwLock<HashMap<DropId, DropEntry>>,
+    /// Bumped on every change, so watchers wake without polling.
+    version: watch::Sender<u64>,
+}
+
+impl Default for AvailabilityCache {
+    fn default() -> Self {
+        AvailabilityCache {
+            drops: RwLock::new(HashMap::new()),
+            version: watch::channel(0).0,
+        }
+    }
+}
+
+impl AvailabilityCache {
+    pub fn put_drop(&self, spec: DropSpec, status: SaleStatus) {
+        let mut drops = self.drops.write().expect("cache lock");
+        match drops.get_mut(&spec.drop_id) {
+            Some(entry) => entry.status = status,
+            None => {
+                drops.insert(
+                    spec.drop_id.clone(),
+                    DropEntry {
+                        spec: Arc::new(spec),
+                        status,
+                        skus: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+        drop(drops);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    pub fn put_sku(&self, figures: SkuFigures) {
+        let mut drops = self.drops.write().expect("cache lock");
+        // A SKU actor starts only after its drop actor has published the drop.
+        if let Some(entry) = drops.get_mut(&figures.drop_id) {
+            entry.skus.insert(figures.sku_id.clone(), Arc::new(figures));
+        }
+        drop(drops);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    pub fn get(&self, drop_id: &DropId) -> Option<CachedDrop> {
+        let drops = self.drops.read().expect("cache lock");
+        let entry = drops.get(drop_id)?;
+        let skus = entry
+            .spec
+            .skus
+            .iter()
+            .map(|sku| match entry.skus.get(&sku.sku_id) {
+                Some(figures) => figures.clone(),
+                None => {
+                    let mut fresh = SkuState::new(&entry.spec, sku);
+                    fresh.sale = entry.status;
+                    Arc::new(fresh.figures())
+                }
+            })
+            .collect();
+        Some(CachedDrop {
+            spec: entry.spec.clone(),
+            status: entry.status,
+            skus,
+        })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+/// Live WatchOrder subscriptions, by order id. Bounded by `ORDER_WATCHERS_MAX`.
+#[derive(Default)]
+pub struct OrderWatchers {
+    watched: Mutex<HashMap<OrderId, watch::Sender<Option<OrderView>>>>,
+    /// Number of entries, read without the lock on the hot path.
+    count: AtomicUsize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("too many order watches ({0} at most)")]
+pub struct TooManyWatchers(pub usize);
+
+impl OrderWatchers {
+    pub fn is_empty(&self) -> bool {
+        self.count.load(Ordering::Relaxed) == 0
+    }
+
+    pub fn is_watched(&self, order_id: &OrderId) -> bool {
+        self.watched
+            .lock()
+            .expect("watchers lock")
+            .contains_key(order_id)
+    }
+
+    pub fn subscribe(
+        &self,
+        order_id: &OrderId,
+    ) -> Result<watch::Receiver<Option<OrderView>>, TooManyWatchers> {
+        let mut watched = self.watched.lock().expect("watchers lock");
+        if let Some(sender) = watched.get(order_id) {
+            return Ok(sender.subscribe());
+        }
+        if watched.len() >= ORDER_WATCHERS_MAX {
+            watched.retain(|_, sender| sender.receiver_count() > 0);
+            if watched.len() >= ORDER_WATCHERS_MAX {
+                return Err(TooManyWatchers(ORDER_WATCHERS_MAX));
+            }
+        }
+        let (sender, receiver) = watch::channel(None);
+        watched.insert(order_id.clone(), sender);
+        self.count.store(watched.len(), Ordering::Relaxed);
+        Ok(receiver)
+    }
+
+    /// Forgets the order's entry once its last watcher has gone.
+    pub fn release(&self, order_id: &OrderId) {
+        let mut watched = self.watched.lock().expect("watchers lock");
+        if watched
+            .get(order_id)
+            .is_some_and(|s| s.receiver_count() == 0)
+        {
+            watched.remove(order_id);
+        }
+        self.count.store(watched.len(), Ordering::Relaxed);
+    }
+
+    pub fn publish(&self, view: OrderView) {
+        let watched = self.watched.lock().expect("watchers lock");
+        if let Some(sender) = watched.get(&view.order_id) {
+            sender.send_replace(Some(view));
+        }
+    }
+}

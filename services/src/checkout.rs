@@ -1,0 +1,308 @@
+//! dropline.checkout.v1.CheckoutService: what buyers call during a live drop.
+
+use crate::convert::{self, opaque_id, Check};
+use crate::platform::Platform;
+use crate::status::{from_command_error, invalid_argument};
+use actors::hosted::expect_order;
+use domain::limits::{PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
+use domain::sku::{
+    ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, SkuCommand, SkuReply,
+};
+use domain::{CityName, DropId, FieldViolation, HubId, IdempotencyKey, OrderId, SkuId};
+use proto::checkout::v1::checkout_service_server::CheckoutService;
+use proto::checkout::v1::*;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+pub struct Checkout {
+    platform: Platform,
+}
+
+impl Checkout {
+    pub fn new(platform: Platform) -> Checkout {
+        Checkout { platform }
+    }
+
+    async fn order_view(&self, order_id: &OrderId) -> Result<domain::sku::OrderView, Status> {
+        let (drop_id, sku_id) = order_id.owner();
+        let reply = self
+            .platform
+            .bus
+            .sku_command(
+                drop_id,
+                sku_id,
+                SkuCommand::GetOrder {
+                    order_id: order_id.clone(),
+                },
+            )
+            .await
+            .map_err(from_command_error)?;
+        expect_order(reply).map_err(from_command_error)
+    }
+}
+
+fn parse_order_id(value: &str) -> Result<OrderId, Status> {
+    let mut check = Check::default();
+    let id = check.parse("order_id", value, OrderId::parse);
+    check.finish(|| id)
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CheckoutService for Checkout {
+    async fn reserve(
+        &self,
+        request: Request<ReserveRequest>,
+    ) -> Result<Response<ReserveResponse>, Status> {
+        let r = request.into_inner();
+        let mut check = Check::default();
+        let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
+        let sku_id = check.parse("sku_id", &r.sku_id, SkuId::parse);
+        let buyer_id = check.parse("buyer_id", &r.buyer_id, opaque_id);
+        let city = check.parse("city", &r.city, CityName::parse);
+        let hub_id = check.optional("hub_id", &r.hub_id, HubId::parse);
+        let key = check.optional("idempotency_key", &r.idempotency_key, IdempotencyKey::parse);
+        if r.quantity == 0 || r.quantity > PER_BUYER_LIMIT_MAX {
+            check.fail(
+                "quantity",
+                format!("must be between 1 and {PER_BUYER_LIMIT_MAX}"),
+            );
+        }
+        let (drop_id, sku_id, buyer_id, city) =
+            check.finish(|| Some((drop_id?, sku_id?, buyer_id?, city?)))?;
+        let command = ReserveCommand {
+            order_id: OrderId::new(&drop_id, &sku_id, rand::random()),
+            params: ReserveParams {
+                buyer: self.platform.buyers.buyer_ref(&buyer_id),
+                city,
+                hub_id,
+                quantity: r.quantity,
+                allow_partial: r.allow_partial,
+                join_waitlist: !r.skip_waitlist,
+            },
+            idempotency_key: key,
+        };
+        match self
+            .platform
+            .bus
+            .sku_command(drop_id, sku_id, SkuCommand::Reserve(command))
+            .await
+            .map_err(from_command_error)?
+        {
+            SkuReply::Reservation(reservation) => {
+                Ok(Response::new(convert::reservation(&reservation)))
+            }
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn confirm(
+        &self,
+        request: Request<ConfirmRequest>,
+    ) -> Result<Response<ConfirmResponse>, Status> {
+        let r = request.into_inner();
+        let mut check = Check::default();
+        let order_id = check.parse("order_id", &r.order_id, OrderId::parse);
+        check.text("payment_reference", &r.payment_reference, true);
+        let amount = check.money("amount", r.amount.as_ref());
+        let (fulfilment, address) = match &r.fulfilment {
+            None => {
+                check.fail("fulfilment", "choose delivery (with an address) or pickup");
+                (None, None)
+            }
+            Some(confirm_request::Fulfilment::Pickup(_)) => (Some(Fulfilment::Pickup), None),
+            Some(confirm_request::Fulfilment::Delivery(delivery)) => match &delivery.address {
+                None => {
+                    check.fail("delivery.address", "is required for delivery");
+                    (None, None)
+                }
+                Some(a) => {
+                    for (field, value, required) in [
+                        ("delivery.address.recipient_name", &a.recipient_name, true),
+                        ("delivery.address.line1", &a.line1, true),
+                        ("delivery.address.line2", &a.line2, false),
+                        ("delivery.address.postal_code", &a.postal_code, true),
+                        ("delivery.address.city", &a.city, true),
+                        ("delivery.address.country", &a.country, true),
+                        ("delivery.address.phone", &a.phone, false),
+                    ] {
+                        check.text(field, value, required);
+                    }
+                    (Some(Fulfilment::Delivery), Some(a.clone()))
+                }
+            },
+        };
+        let (order_id, amount, fulfilment) =
+            check.finish(|| Some((order_id?, amount?, fulfilment?)))?;
+        if let Some(address) = address {
+            // Kept apart from the journal, for fulfilment only; never in an event or a log.
+            let encoded = prost::Message::encode_to_vec(&address);
+            self.platform
+                .addresses
+                .put(order_id.as_str(), &encoded)
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+        }
+        let command = ConfirmCommand {
+            order_id: order_id.clone(),
+            payment_reference: r.payment_reference,
+            amount,
+            fulfilment,
+            discreet: r.discreet,
+            pickup_code: format!("{:06}", rand::random_range(0..1_000_000u32)),
+            receipt_token: format!("{:032x}", rand::random::<u128>()),
+        };
+        let (drop_id, sku_id) = order_id.owner();
+        let reply = self
+            .platform
+            .bus
+            .sku_command(drop_id, sku_id, SkuCommand::Confirm(command))
+            .await
+            .map_err(from_command_error)?;
+        let view = expect_order(reply).map_err(from_command_error)?;
+        debug!(order_id = %view.order_id, quantity = view.quantity, "order confirmed");
+        Ok(Response::new(ConfirmResponse {
+            order: Some(convert::order(&view)),
+            receipt: convert::receipt(&view),
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let order_id = parse_order_id(&request.into_inner().order_id)?;
+        let (drop_id, sku_id) = order_id.owner();
+        let reply = self
+            .platform
+            .bus
+            .sku_command(drop_id, sku_id, SkuCommand::Cancel { order_id })
+            .await
+            .map_err(from_command_error)?;
+        let view = expect_order(reply).map_err(from_command_error)?;
+        Ok(Response::new(CancelResponse {
+            order: Some(convert::order(&view)),
+        }))
+    }
+
+    async fn get_availability(
+        &self,
+        request: Request<GetAvailabilityRequest>,
+    ) -> Result<Response<GetAvailabilityResponse>, Status> {
+        let r = request.into_inner();
+        let mut check = Check::default();
+        let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
+        let city = check.optional("city", &r.city, CityName::parse);
+        let drop_id = check.finish(|| drop_id)?;
+        let cached = self.platform.cached_drop(&drop_id).await?;
+        let now = self.platform.clock.now();
+        let mut skus = Vec::new();
+        let mut as_of = domain::UnixMillis(0);
+        for figures in &cached.skus {
+            as_of = as_of.max(figures.changed_at);
+            let sale = figures
+                .sale
+                .effective(cached.spec.opens_at, cached.spec.closes_at, now);
+            let mut cities: Vec<&CityName> = figures.pools.iter().map(|p| &p.pool.city).collect();
+            cities.sort();
+            cities.dedup();
+            for c in cities
+                .into_iter()
+                .filter(|c| city.as_ref().is_none_or(|wanted| wanted == *c))
+            {
+                let pools = figures.pools.iter().filter(|p| &p.pool.city == c);
+                let (allocated, available, held) = pools.fold((0u64, 0u64, 0u64), |acc, p| {
+                    (
+                        acc.0 + u64::from(p.pool.allocated),
+                        acc.1 + u64::from(p.pool.available),
+                        acc.2 + u64::from(p.pool.held),
+                    )
+                });
+                let level = crate::levels::level(sale, allocated, available, held);
+                skus.push(SkuAvailability {
+                    sku_id: figures.sku_id.to_string(),
+                    city: c.to_string(),
+                    level: level as i32,
+                });
+            }
+        }
+        if skus.is_empty() {
+            if let Some(city) = city {
+                return Err(invalid_argument(vec![FieldViolation::new(
+                    "city",
+                    format!("drop {drop_id} sells nothing in {city}"),
+                )]));
+            }
+        }
+        Ok(Response::new(GetAvailabilityResponse {
+            drop_id: drop_id.to_string(),
+            skus,
+            as_of: Some(convert::timestamp(as_of)),
+        }))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let order_id = parse_order_id(&request.into_inner().order_id)?;
+        let view = self.order_view(&order_id).await?;
+        Ok(Response::new(convert::order(&view)))
+    }
+
+    type WatchOrderStream = WatchStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<WatchOrderRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let order_id = parse_order_id(&request.into_inner().order_id)?;
+        let watchers = self.platform.projections.clone();
+        // Subscribe before reading the current state, so no change falls in between.
+        let mut updates = watchers
+            .orders
+            .subscribe(&order_id)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let current = match self.order_view(&order_id).await {
+            Ok(view) => view,
+            Err(status) => {
+                drop(updates);
+                watchers.orders.release(&order_id);
+                return Err(status);
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut shutdown = self.platform.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last = current.clone();
+            let deadline = tokio::time::sleep(Duration::from_millis(WATCH_STREAM_MAX_MS));
+            tokio::pin!(deadline);
+            if tx.send(Ok(convert::order(&current))).await.is_ok() && !current.status.is_final() {
+                loop {
+                    tokio::select! {
+                        changed = updates.changed() => {
+                            if changed.is_err() { break; }
+                            let Some(view) = updates.borrow_and_update().clone() else { continue };
+                            if view == last { continue; }
+                            last = view.clone();
+                            if tx.send(Ok(convert::order(&view))).await.is_err() || view.status.is_final() { break; }
+                        }
+                        _ = tx.closed() => break,
+                        _ = shutdown.changed() => {
+                            let _ = tx.send(Err(Status::unavailable("server shutting down; reconnect"))).await;
+                            break;
+                        }
+                        _ = &mut deadline => break,
+                    }
+                }
+            }
+            drop(updates);
+            watchers.orders.release(&last.order_id);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,296 @@
+//! Validation of requests and conversion between protobuf messages and domain types. Only
+//! this crate knows protobuf; everything past here is validated domain values.
+
+use crate::status::invalid_argument;
+use domain::drop::{DropView, SaleStatus};
+use domain::limits::{ID_LEN_MAX, TEXT_LEN_MAX};
+use domain::sku::{self, OrderView, Reservation, SkuFigures};
+use domain::{Currency, FieldViolation, IdError, Money, UnixMillis};
+use proto::checkout::v1 as checkout;
+use proto::common::v1 as common;
+use proto::operator::v1 as operator;
+use tonic::Status;
+
+/// Collects every problem of a request, so a client learns them all at once.
+#[derive(Default)]
+pub struct Check {
+    violations: Vec<FieldViolation>,
+}
+
+impl Check {
+    pub fn parse<T>(
+        &mut self,
+        field: &str,
+        value: &str,
+        parse: impl FnOnce(&str) -> Result<T, IdError>,
+    ) -> Option<T> {
+        match parse(value) {
+            Ok(parsed) => Some(parsed),
+            Err(e) => {
+                self.violations
+                    .push(FieldViolation::new(field, e.to_string()));
+                None
+            }
+        }
+    }
+
+    pub fn optional<T>(
+        &mut self,
+        field: &str,
+        value: &str,
+        parse: impl FnOnce(&str) -> Result<T, IdError>,
+    ) -> Option<T> {
+        if value.is_empty() {
+            None
+        } else {
+            self.parse(field, value, parse)
+        }
+    }
+
+    pub fn text(&mut self, field: &str, value: &str, required: bool) {
+        if required && value.trim().is_empty() {
+            self.violations
+                .push(FieldViolation::new(field, "must not be empty"));
+        } else if value.chars().count() > TEXT_LEN_MAX {
+            self.violations.push(FieldViolation::new(
+                field,
+                format!("must be at most {TEXT_LEN_MAX} characters"),
+            ));
+        } else if value.chars().any(char::is_control) {
+            self.violations.push(FieldViolation::new(
+                field,
+                "must not contain control characters",
+            ));
+        }
+    }
+
+    pub fn fail(&mut self, field: &str, description: impl Into<String>) {
+        self.violations
+            .push(FieldViolation::new(field, description));
+    }
+
+    pub fn money(&mut self, field: &str, value: Option<&common::Money>) -> Option<Money> {
+        let Some(value) = value else {
+            self.fail(field, "is required");
+            return None;
+        };
+        match Currency::parse(&value.currency) {
+            Ok(currency) => Some(Money::new(value.minor_units, currency)),
+            Err(e) => {
+                self.fail(&format!("{field}.currency"), e);
+                None
+            }
+        }
+    }
+
+    pub fn timestamp(
+        &mut self,
+        field: &str,
+        value: Option<&prost_types::Timestamp>,
+    ) -> Option<UnixMillis> {
+        match value {
+            None => {
+                self.fail(field, "is required");
+                None
+            }
+            Some(ts)
+                if ts.seconds < 0
+                    || !(0..1_000_000_000).contains(&ts.nanos)
+                    || ts.seconds > 253_402_300_799 =>
+            {
+                self.fail(field, "must be a valid time after 1970 and before 10000");
+                None
+            }
+            Some(ts) => Some(UnixMillis(
+                ts.seconds * 1_000 + i64::from(ts.nanos) / 1_000_000,
+            )),
+        }
+    }
+
+    /// The checked values, or INVALID_ARGUMENT with every violation.
+    pub fn finish<T>(self, value: impl FnOnce() -> Option<T>) -> Result<T, Status> {
+        if !self.violations.is_empty() {
+            return Err(invalid_argument(self.violations));
+        }
+        // With no violation every parsed part is present.
+        value().ok_or_else(|| Status::internal("request check lost a field"))
+    }
+}
+
+/// Opaque ids chosen by clients that we never parse (buyer ids): bounded, printable.
+pub fn opaque_id(s: &str) -> Result<String, IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if s.len() > 2 * ID_LEN_MAX {
+        return Err(IdError::TooLong {
+            len: s.len(),
+            max: 2 * ID_LEN_MAX,
+        });
+    }
+    if s.chars().any(char::is_control) {
+        return Err(IdError::ControlCharacter);
+    }
+    Ok(s.to_string())
+}
+
+pub fn timestamp(t: UnixMillis) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.0.div_euclid(1_000),
+        nanos: (t.0.rem_euclid(1_000) * 1_000_000) as i32,
+    }
+}
+
+pub fn money(m: Money) -> common::Money {
+    common::Money {
+        minor_units: m.minor_units,
+        currency: m.currency.to_string(),
+    }
+}
+
+pub fn order_status(s: sku::OrderStatus) -> checkout::OrderStatus {
+    match s {
+        sku::OrderStatus::Waitlisted => checkout::OrderStatus::Waitlisted,
+        sku::OrderStatus::Held => checkout::OrderStatus::Held,
+        sku::OrderStatus::Confirmed => checkout::OrderStatus::Confirmed,
+        sku::OrderStatus::Expired => checkout::OrderStatus::Expired,
+        sku::OrderStatus::Cancelled => checkout::OrderStatus::Cancelled,
+    }
+}
+
+pub fn order(view: &OrderView) -> checkout::Order {
+    let confirmation = view.confirmation.as_ref();
+    checkout::Order {
+        order_id: view.order_id.to_string(),
+        drop_id: view.drop_id.to_string(),
+        sku_id: view.sku_id.to_string(),
+        status: order_status(view.status) as i32,
+        hub_id: view
+            .hub_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        city: view.city.to_string(),
+        quantity: view.quantity,
+        amount: Some(money(view.amount)),
+        expires_at: view
+            .expires_at
+            .filter(|_| view.status == sku::OrderStatus::Held)
+            .map(timestamp),
+        waitlist_position: view.waitlist_position.unwrap_or(0),
+        fulfilment: confirmation.map_or(checkout::FulfilmentKind::Unspecified, |c| {
+            match c.fulfilment {
+                sku::Fulfilment::Delivery => checkout::FulfilmentKind::Delivery,
+                sku::Fulfilment::Pickup => checkout::FulfilmentKind::Pickup,
+            }
+        }) as i32,
+        discreet: confirmation.is_some_and(|c| c.discreet),
+        pickup_code: confirmation
+            .map(|c| c.pickup_code.clone())
+            .unwrap_or_default(),
+        updated_at: Some(timestamp(view.updated_at)),
+    }
+}
+
+/// The buyer's receipt: no PII ever, and no product name when the order is discreet.
+pub fn receipt(view: &OrderView) -> Option<checkout::Receipt> {
+    let c = view.confirmation.as_ref()?;
+    Some(checkout::Receipt {
+        order_id: view.order_id.to_string(),
+        receipt_token: c.receipt_token.clone(),
+        description: if c.discreet {
+            "Dropline order".to_string()
+        } else {
+            view.sku_name.clone()
+        },
+        quantity: view.quantity,
+        amount: Some(money(c.amount)),
+        pickup_code: c.pickup_code.clone(),
+        confirmed_at: Some(timestamp(c.confirmed_at)),
+    })
+}
+
+pub fn reservation(r: &Reservation) -> checkout::ReserveResponse {
+    checkout::ReserveResponse {
+        outcome: match r.outcome {
+            sku::ReserveOutcome::Held => checkout::ReserveOutcome::Held,
+            sku::ReserveOutcome::Partial => checkout::ReserveOutcome::Partial,
+            sku::ReserveOutcome::Waitlisted => checkout::ReserveOutcome::Waitlisted,
+            sku::ReserveOutcome::SoldOut => checkout::ReserveOutcome::SoldOut,
+        } as i32,
+        order_id: r
+            .order_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        quantity_held: r.quantity_held,
+        quantity_requested: r.quantity_requested,
+        hub_id: r
+            .hub_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        expires_at: r.expires_at.map(timestamp),
+        waitlist_position: r.waitlist_position.unwrap_or(0),
+    }
+}
+
+pub fn drop_status(s: SaleStatus) -> operator::DropStatus {
+    match s {
+        SaleStatus::Scheduled => operator::DropStatus::Scheduled,
+        SaleStatus::Open => operator::DropStatus::Open,
+        SaleStatus::Closed => operator::DropStatus::Closed,
+    }
+}
+
+pub fn sku_figures(f: &SkuFigures) -> operator::SkuFigures {
+    let pools: Vec<operator::PoolFigures> = f
+        .pools
+        .iter()
+        .map(|p| operator::PoolFigures {
+            hub_id: p.pool.hub_id.to_string(),
+            city: p.pool.city.to_string(),
+            allocated: p.pool.allocated,
+            available: p.pool.available,
+            held: p.pool.held,
+            sold: p.pool.sold,
+            waitlisted: p.waitlisted,
+        })
+        .collect();
+    operator::SkuFigures {
+        sku_id: f.sku_id.to_string(),
+        name: f.name.clone(),
+        price: Some(money(f.price)),
+        per_buyer_limit: f.per_buyer_limit,
+        allocated: pools.iter().map(|p| p.allocated).sum(),
+        available: pools.iter().map(|p| p.available).sum(),
+        held: pools.iter().map(|p| p.held).sum(),
+        sold: pools.iter().map(|p| p.sold).sum(),
+        waitlisted: pools.iter().map(|p| p.waitlisted).sum(),
+        pools,
+        sold_out_at: f.sold_out_at.map(timestamp),
+    }
+}
+
+/// A drop with exact figures, for operators.
+pub fn drop_with_figures(view: &DropView, skus: &[impl AsRef<SkuFigures>]) -> operator::Drop {
+    let spec = &view.spec;
+    let currency = spec.skus.first().map(|s| s.price.currency);
+    let revenue: i64 = skus
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|f| Some(f.revenue.currency) == currency)
+        .map(|f| f.revenue.minor_units)
+        .sum();
+    operator::Drop {
+        drop_id: spec.drop_id.to_string(),
+        creator_id: spec.creator_id.to_string(),
+        title: spec.title.clone(),
+        status: drop_status(view.status) as i32,
+        opens_at: Some(timestamp(spec.opens_at)),
+        closes_at: Some(timestamp(spec.closes_at)),
+        hold_ttl_seconds: (spec.hold_ttl_ms / 1_000) as u32,
+        skus: skus.iter().map(|f| sku_figures(f.as_ref())).collect(),
+        revenue: currency.map(|c| money(Money::new(revenue, c))),
+    }
+}

@@ -1,0 +1,497 @@
+//! `dropline demo`: a scripted multi-city live drop against an embedded platform, driven
+//! entirely through the real gRPC API. Thousands of buyers burst in at open; some abandon
+//! their holds (which expire and return stock), some wait on the waitlist (and are promoted
+//! when stock returns), the operator restocks mid-drop; the report ends with an oversell
+//! check against the journals.
+
+use crate::config::DemoArgs;
+use crate::platform::Platform;
+use crate::server;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
+use proto::checkout::v1::*;
+use proto::common::v1::Money;
+use proto::operator::v1::operator_service_client::OperatorServiceClient;
+use proto::operator::v1::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const HUBS: [(&str, &str); 3] = [
+    ("hub-lisbon-1", "Lisbon"),
+    ("hub-lisbon-2", "Lisbon"),
+    ("hub-porto-1", "Porto"),
+];
+
+struct DemoSku {
+    id: &'static str,
+    name: &'static str,
+    price: i64,
+    stock: [u32; 3],
+    /// Share of buyers who want this SKU.
+    weight: u32,
+}
+
+const SKUS: [DemoSku; 5] = [
+    DemoSku {
+        id: "tee-black",
+        name: "Black tee",
+        price: 2_500,
+        stock: [120, 80, 100],
+        weight: 25,
+    },
+    DemoSku {
+        id: "hoodie",
+        name: "Tour hoodie",
+        price: 6_500,
+        stock: [60, 40, 50],
+        weight: 25,
+    },
+    DemoSku {
+        id: "cap",
+        name: "Cap",
+        price: 1_800,
+        stock: [150, 100, 120],
+        weight: 15,
+    },
+    DemoSku {
+        id: "poster",
+        name: "Signed poster",
+        price: 4_000,
+        stock: [20, 15, 15],
+        weight: 20,
+    },
+    DemoSku {
+        id: "vinyl",
+        name: "Live vinyl",
+        price: 3_200,
+        stock: [50, 30, 40],
+        weight: 15,
+    },
+];
+
+#[derive(Default)]
+struct Tally {
+    held: AtomicU64,
+    partial: AtomicU64,
+    waitlisted: AtomicU64,
+    promoted: AtomicU64,
+    sold_out: AtomicU64,
+    confirmed: AtomicU64,
+    units: AtomicU64,
+    abandoned: AtomicU64,
+    too_late: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn ts(at: std::time::SystemTime) -> prost_types::Timestamp {
+    let d = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let temp = tempfile::Builder::new()
+        .prefix("dropline-demo-")
+        .tempdir()?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let platform = Platform::open_embedded(&data_dir)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_task = tokio::spawn(server::serve(platform.clone(), listener, async {
+        let _ = stop_rx.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut operator = OperatorServiceClient::new(channel.clone());
+
+    let drop_id = format!(
+        "demo-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+    let now = std::time::SystemTime::now();
+    let skus = SKUS
+        .iter()
+        .map(|s| SkuSpec {
+            sku_id: s.id.into(),
+            name: s.name.into(),
+            price: Some(Money {
+                minor_units: s.price,
+                currency: "EUR".into(),
+            }),
+            per_buyer_limit: 2,
+            allocations: HUBS
+                .iter()
+                .zip(s.stock)
+                .map(|((hub, city), quantity)| Allocation {
+                    hub_id: (*hub).into(),
+                    city: (*city).into(),
+                    quantity,
+                })
+                .collect(),
+        })
+        .collect();
+    operator
+        .create_drop(CreateDropRequest {
+            drop_id: drop_id.clone(),
+            creator_id: "creator-ana".into(),
+            title: "Ana's release-night drop".into(),
+            opens_at: Some(ts(now + Duration::from_secs(3_600))),
+            closes_at: Some(ts(now + Duration::from_secs(7_200))),
+            hold_ttl_seconds: args.hold_ttl_seconds,
+            skus,
+        })
+        .await?;
+    println!("Dropline demo: drop {drop_id}, {} SKUs in {} hubs across 2 cities (Lisbon, Porto), {} buyers, holds last {} s", SKUS.len(), HUBS.len(), args.buyers, args.hold_ttl_seconds);
+    // Open early, live on stream: everyone is waiting for this moment.
+    operator
+        .open_drop(OpenDropRequest {
+            drop_id: drop_id.clone(),
+        })
+        .await?;
+    let opened = Instant::now();
+    let opened_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+
+    let tally = Arc::new(Tally::default());
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let progress = ProgressBar::new(args.buyers as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} buyers {bar:40} {pos}/{len} {msg}")?
+            .progress_chars("=> "),
+    );
+    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let patience = Duration::from_secs(u64::from(args.hold_ttl_seconds) * 3 + 2);
+    let mut buyers = Vec::with_capacity(args.buyers);
+    for i in 0..args.buyers {
+        let buyer = Buyer {
+            index: i,
+            rng: StdRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64)),
+            checkout: CheckoutServiceClient::new(channel.clone()),
+            drop_id: drop_id.clone(),
+            tally: tally.clone(),
+            latency: latency.clone(),
+            patience,
+        };
+        let permits = permits.clone();
+        let progress = progress.clone();
+        buyers.push(tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            buyer.shop().await;
+            progress.inc(1);
+        }));
+    }
+    // The operator restocks the scarcest SKU once it has sold out in Lisbon.
+    let restock = {
+        let mut operator = operator.clone();
+        let drop_id = drop_id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            operator
+                .restock(RestockRequest {
+                    drop_id,
+                    sku_id: "poster".into(),
+                    hub_id: "hub-lisbon-1".into(),
+                    city: String::new(),
+                    quantity: 20,
+                    idempotency_key: "demo-restock-poster".into(),
+                })
+                .await
+                .map(|r| r.into_inner())
+        })
+    };
+    for buyer in buyers {
+        buyer.await?;
+    }
+    progress.finish_with_message("done");
+    let restocked = restock.await?;
+    let elapsed = opened.elapsed();
+    operator
+        .close_drop(CloseDropRequest {
+            drop_id: drop_id.clone(),
+        })
+        .await?;
+    let figures = operator
+        .get_drop(GetDropRequest {
+            drop_id: drop_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let audit =
+        actors::audit::audit_drop(platform.journal.as_ref(), &domain::DropId::parse(&drop_id)?)
+            .await
+            .map_err(anyhow::Error::msg)?;
+
+    let t = &tally;
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let latency = latency.lock().expect("histogram lock");
+    println!();
+    println!(
+        "Drop ran {:.1} s from open to the last buyer",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "reserve latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} calls",
+        latency.value_at_quantile(0.5) as f64 / 1e3,
+        latency.value_at_quantile(0.99) as f64 / 1e3,
+        latency.max() as f64 / 1e3,
+        latency.len()
+    );
+    println!(
+        "reserves: {} held ({} partial), {} waitlisted, {} sold out",
+        n(&t.held),
+        n(&t.partial),
+        n(&t.waitlisted),
+        n(&t.sold_out)
+    );
+    println!(
+        "orders confirmed: {} ({} units); {} waitlisted buyers promoted and bought",
+        n(&t.confirmed),
+        n(&t.units),
+        n(&t.promoted)
+    );
+    println!("abandoned holds (expired, stock returned): {}; confirms after expiry refused: {}; errors: {}", n(&t.abandoned), n(&t.too_late), n(&t.errors));
+    match restocked {
+        Ok(sku) => println!(
+            "restock: +20 '{}' at hub-lisbon-1 ({} sold, {} available after)",
+            sku.name, sku.sold, sku.available
+        ),
+        Err(status) => println!("restock refused: {status}"),
+    }
+    println!();
+    println!(
+        "{:<12} {:>9} {:>6} {:>6} {:>9} {:>12}  {}",
+        "SKU", "allocated", "sold", "held", "available", "revenue", "sold out after"
+    );
+    for sku in &figures.skus {
+        let sold_out = sku.sold_out_at.as_ref().map_or("-".to_string(), |at| {
+            format!(
+                "{:.2} s",
+                at.seconds as f64 + f64::from(at.nanos) / 1e9 - opened_wall
+            )
+        });
+        let revenue = sku.price.as_ref().map_or(0, |p| p.minor_units) * i64::from(sku.sold);
+        println!(
+            "{:<12} {:>9} {:>6} {:>6} {:>9} {:>9}.{:02} EUR  {}",
+            sku.sku_id,
+            sku.allocated,
+            sku.sold,
+            sku.held,
+            sku.available,
+            revenue / 100,
+            revenue % 100,
+            sold_out
+        );
+    }
+    let oversold: u64 = audit.iter().map(|a| a.oversold).sum();
+    let events: usize = audit.iter().map(|a| a.events).sum();
+    let broken: Vec<String> = audit
+        .iter()
+        .filter_map(|a| {
+            a.invariants
+                .as_ref()
+                .err()
+                .map(|e| format!("{}: {e}", a.sku_id))
+        })
+        .collect();
+    let mismatched: Vec<&str> = audit
+        .iter()
+        .filter(|a| {
+            figures
+                .skus
+                .iter()
+                .find(|s| s.sku_id == a.sku_id.as_str())
+                .is_none_or(|s| u64::from(s.sold) != a.sold || u64::from(s.held) != a.held)
+        })
+        .map(|a| a.sku_id.as_str())
+        .collect();
+    println!();
+    println!("journal audit: {} SKUs replayed from {events} events; invariants {}; figures match the journal: {}", audit.len(), if broken.is_empty() { "hold".to_string() } else { broken.join("; ") }, if mismatched.is_empty() { "yes".to_string() } else { format!("no ({})", mismatched.join(", ")) });
+    println!("oversell: {oversold}");
+
+    let _ = stop_tx.send(());
+    server_task.await??;
+    if oversold > 0 || !broken.is_empty() || !mismatched.is_empty() {
+        anyhow::bail!("the journal audit failed");
+    }
+    Ok(())
+}
+
+struct Buyer {
+    index: usize,
+    rng: StdRng,
+    checkout: CheckoutServiceClient<Channel>,
+    drop_id: String,
+    tally: Arc<Tally>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+    patience: Duration,
+}
+
+impl Buyer {
+    async fn shop(mut self) {
+        let total: u32 = SKUS.iter().map(|s| s.weight).sum();
+        let mut pick = self.rng.random_range(0..total);
+        let sku = SKUS.iter().find(|s| {
+            if pick < s.weight {
+                true
+            } else {
+                pick -= s.weight;
+                false
+            }
+        });
+        let sku = sku.unwrap_or(&SKUS[0]);
+        let city = if self.rng.random_bool(0.6) {
+            "Lisbon"
+        } else {
+            "Porto"
+        };
+        let quantity = if self.rng.random_bool(0.8) { 1 } else { 2 };
+        let abandons = self.rng.random_bool(0.2);
+        let request = ReserveRequest {
+            drop_id: self.drop_id.clone(),
+            sku_id: sku.id.into(),
+            buyer_id: format!("buyer-{}", self.index),
+            city: city.into(),
+            hub_id: String::new(),
+            quantity,
+            allow_partial: self.rng.random_bool(0.3),
+            skip_waitlist: false,
+            idempotency_key: format!("reserve-{}", self.index),
+        };
+        let started = Instant::now();
+        let reply = self.checkout.reserve(request).await;
+        let micros = started.elapsed().as_micros() as u64;
+        let _ = self.latency.lock().map(|mut h| h.record(micros.max(1)));
+        let reservation = match reply {
+            Ok(r) => r.into_inner(),
+            Err(_) => return bump(&self.tally.errors),
+        };
+        match ReserveOutcome::try_from(reservation.outcome) {
+            Ok(ReserveOutcome::Held | ReserveOutcome::Partial) => {
+                bump(if reservation.outcome == ReserveOutcome::Partial as i32 {
+                    &self.tally.partial
+                } else {
+                    &self.tally.held
+                });
+                if abandons {
+                    return bump(&self.tally.abandoned);
+                }
+                let think = Duration::from_millis(self.rng.random_range(0..400));
+                tokio::time::sleep(think).await;
+                self.confirm(&reservation.order_id, sku, reservation.quantity_held)
+                    .await;
+            }
+            Ok(ReserveOutcome::Waitlisted) => {
+                bump(&self.tally.waitlisted);
+                if let Some(held) = self.wait_for_promotion(&reservation.order_id).await {
+                    if self.confirm(&reservation.order_id, sku, held).await {
+                        bump(&self.tally.promoted);
+                    }
+                }
+            }
+            _ => bump(&self.tally.sold_out),
+        }
+    }
+
+    /// Follows the waitlisted order until it is promoted to a hold (its quantity), ends, or
+    /// the buyer's patience runs out (then leaves the waitlist).
+    async fn wait_for_promotion(&mut self, order_id: &str) -> Option<u32> {
+        let watch = async {
+            let mut stream = self
+                .checkout
+                .watch_order(WatchOrderRequest {
+                    order_id: order_id.into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            while let Ok(Some(order)) = stream.message().await {
+                match OrderStatus::try_from(order.status) {
+                    Ok(OrderStatus::Held) => return Some(order.quantity),
+                    Ok(OrderStatus::Waitlisted) => continue,
+                    _ => return None,
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(self.patience, watch).await {
+            Ok(held) => held,
+            Err(_) => {
+                let _ = self
+                    .checkout
+                    .cancel(CancelRequest {
+                        order_id: order_id.into(),
+                    })
+                    .await;
+                None
+            }
+        }
+    }
+
+    async fn confirm(&mut self, order_id: &str, sku: &DemoSku, quantity: u32) -> bool {
+        let fulfilment = if self.rng.random_bool(0.5) {
+            confirm_request::Fulfilment::Pickup(Pickup {})
+        } else {
+            confirm_request::Fulfilment::Delivery(Delivery {
+                address: Some(Address {
+                    recipient_name: format!("Demo Buyer {}", self.index),
+                    line1: format!("{} Rua Augusta", self.index % 200 + 1),
+                    line2: String::new(),
+                    postal_code: "1100-048".into(),
+                    city: "Lisbon".into(),
+                    country: "PT".into(),
+                    phone: String::new(),
+                }),
+            })
+        };
+        let request = ConfirmRequest {
+            order_id: order_id.into(),
+            payment_reference: format!("pay-demo-{}", self.index),
+            amount: Some(Money {
+                minor_units: sku.price * i64::from(quantity),
+                currency: "EUR".into(),
+            }),
+            fulfilment: Some(fulfilment),
+            discreet: self.rng.random_bool(0.1),
+        };
+        match self.checkout.confirm(request).await {
+            Ok(_) => {
+                bump(&self.tally.confirmed);
+                self.tally
+                    .units
+                    .fetch_add(u64::from(quantity), Ordering::Relaxed);
+                true
+            }
+            Err(status) if status.code() == Code::FailedPrecondition => {
+                bump(&self.tally.too_late);
+                false
+            }
+            Err(_) => {
+                bump(&self.tally.errors);
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! dropline.operator.v1.OperatorService: create, open, close, restock and watch drops.
+
+use crate::convert::{self, Check};
+use crate::platform::Platform;
+use crate::status::from_command_error;
+use domain::drop::{DropCommand, DropSpec, DropView, PoolSpec, SaleStatus, SkuSpec};
+use domain::limits::{WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS};
+use domain::sku::{RestockCommand, SkuCommand, SkuReply};
+use domain::{CityName, CreatorId, DropId, HubId, IdempotencyKey, SkuId};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use proto::operator::v1::operator_service_server::OperatorService;
+use proto::operator::v1::*;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+/// SKU actors told about a status change at once, so opening a 10,000-SKU drop neither
+/// floods the mailboxes nor takes long.
+const STATUS_FAN_OUT: usize = 64;
+
+pub struct Operator {
+    platform: Platform,
+}
+
+impl Operator {
+    pub fn new(platform: Platform) -> Operator {
+        Operator { platform }
+    }
+
+    async fn drop_reply(&self, view: &DropView) -> Result<Drop, Status> {
+        let cached = self.platform.cached_drop(&view.spec.drop_id).await?;
+        Ok(convert::drop_with_figures(view, &cached.skus))
+    }
+
+    /// Records a status change in the drop's journal, then in every SKU's.
+    async fn set_status(
+        &self,
+        drop_id: &str,
+        command: DropCommand,
+        status: SaleStatus,
+    ) -> Result<Response<Drop>, Status> {
+        let drop_id = parse_drop_id(drop_id)?;
+        let view = self
+            .platform
+            .bus
+            .drop_command(drop_id.clone(), command)
+            .await
+            .map_err(from_command_error)?;
+        let sku_ids: Vec<SkuId> = view
+            .spec
+            .skus
+            .iter()
+            .map(|sku| sku.sku_id.clone())
+            .collect();
+        let sends = sku_ids.into_iter().map(|sku_id| {
+            let (bus, drop_id) = (self.platform.bus.clone(), drop_id.clone());
+            async move {
+                bus.sku_command(drop_id, sku_id, SkuCommand::SetSaleStatus(status))
+                    .await
+            }
+        });
+        stream::iter(sends)
+            .buffer_unordered(STATUS_FAN_OUT)
+            .map_err(from_command_error)
+            .try_collect::<Vec<_>>()
+            .await?;
+        info!(%drop_id, ?status, "drop status changed");
+        Ok(Response::new(self.drop_reply(&view).await?))
+    }
+}
+
+fn parse_drop_id(value: &str) -> Result<DropId, Status> {
+    let mut check = Check::default();
+    let id = check.parse("drop_id", value, DropId::parse);
+    check.finish(|| id)
+}
+
+fn drop_spec(r: CreateDropRequest) -> Result<DropSpec, Status> {
+    let mut check = Check::default();
+    let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
+    let creator_id = check.parse("creator_id", &r.creator_id, CreatorId::parse);
+    check.text("title", &r.title, false);
+    let opens_at = check.timestamp("opens_at", r.opens_at.as_ref());
+    let closes_at = check.timestamp("closes_at", r.closes_at.as_ref());
+    let mut skus = Vec::with_capacity(r.skus.len().min(domain::limits::SKUS_PER_DROP_MAX));
+    for (i, sku) in r
+        .skus
+        .iter()
+        .enumerate()
+        .take(domain::limits::SKUS_PER_DROP_MAX + 1)
+    {
+        let sku_id = check.parse(&format!("skus[{i}].sku_id"), &sku.sku_id, SkuId::parse);
+        let price = check.money(&format!("skus[{i}].price"), sku.price.as_ref());
+        let mut pools = Vec::new();
+        for (j, a) in sku
+            .allocations
+            .iter()
+            .enumerate()
+            .take(domain::limits::POOLS_PER_SKU_MAX + 1)
+        {
+            let hub_id = check.parse(
+                &format!("skus[{i}].allocations[{j}].hub_id"),
+                &a.hub_id,
+                HubId::parse,
+            );
+            let city = check.parse(
+                &format!("skus[{i}].allocations[{j}].city"),
+                &a.city,
+                CityName::parse,
+            );
+            if let (Some(hub_id), Some(city)) = (hub_id, city) {
+                pools.push(PoolSpec {
+                    hub_id,
+                    city,
+                    allocated: a.quantity,
+                });
+            }
+        }
+        if let (Some(sku_id), Some(price)) = (sku_id, price) {
+            skus.push(SkuSpec {
+                sku_id,
+                name: sku.name.clone(),
+                price,
+                per_buyer_limit: sku.per_buyer_limit,
+                pools,
+            });
+        }
+    }
+    let spec = check.finish(|| {
+        Some(DropSpec {
+            drop_id: drop_id?,
+            creator_id: creator_id?,
+            title: r.title.clone(),
+            opens_at: opens_at?,
+            closes_at: closes_at?,
+            hold_ttl_ms: u64::from(r.hold_ttl_seconds) * 1_000,
+            skus,
+        })
+    })?;
+    // The spec's own rules (windows, prices, limits, duplicates) live in the domain.
+    let violations = spec.violations();
+    if !violations.is_empty() {
+        return Err(crate::status::invalid_argument(violations));
+    }
+    Ok(spec)
+}
+
+type DropStream = Pin<Box<dyn Stream<Item = Result<Drop, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl OperatorService for Operator {
+    async fn create_drop(
+        &self,
+        request: Request<CreateDropRequest>,
+    ) -> Result<Response<Drop>, Status> {
+        let spec = drop_spec(request.into_inner())?;
+        let drop_id = spec.drop_id.clone();
+        let skus = spec.skus.len();
+        let view = self
+            .platform
+            .bus
+            .drop_command(drop_id.clone(), DropCommand::Create(spec))
+            .await
+            .map_err(from_command_error)?;
+        info!(%drop_id, skus, "drop created");
+        Ok(Response::new(self.drop_reply(&view).await?))
+    }
+
+    async fn open_drop(&self, request: Request<OpenDropRequest>) -> Result<Response<Drop>, Status> {
+        self.set_status(
+            &request.into_inner().drop_id,
+            DropCommand::Open,
+            SaleStatus::Open,
+        )
+        .await
+    }
+
+    async fn close_drop(
+        &self,
+        request: Request<CloseDropRequest>,
+    ) -> Result<Response<Drop>, Status> {
+        self.set_status(
+            &request.into_inner().drop_id,
+            DropCommand::Close,
+            SaleStatus::Closed,
+        )
+        .await
+    }
+
+    async fn restock(
+        &self,
+        request: Request<RestockRequest>,
+    ) -> Result<Response<SkuFigures>, Status> {
+        let r = request.into_inner();
+        let mut check = Check::default();
+        let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
+        let sku_id = check.parse("sku_id", &r.sku_id, SkuId::parse);
+        let hub_id = check.parse("hub_id", &r.hub_id, HubId::parse);
+        let city = check.optional("city", &r.city, CityName::parse);
+        let key = check.optional("idempotency_key", &r.idempotency_key, IdempotencyKey::parse);
+        if r.quantity == 0 {
+            check.fail("quantity", "must be at least 1");
+        }
+        let (drop_id, sku_id, hub_id) = check.finish(|| Some((drop_id?, sku_id?, hub_id?)))?;
+        let command = RestockCommand {
+            hub_id,
+            city,
+            quantity: r.quantity,
+            idempotency_key: key,
+        };
+        match self
+            .platform
+            .bus
+            .sku_command(
+                drop_id.clone(),
+                sku_id.clone(),
+                SkuCommand::Restock(command),
+            )
+            .await
+            .map_err(from_command_error)?
+        {
+            SkuReply::Figures(figures) => {
+                info!(%drop_id, %sku_id, quantity = r.quantity, "restocked");
+                Ok(Response::new(convert::sku_figures(&figures)))
+            }
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn get_drop(&self, request: Request<GetDropRequest>) -> Result<Response<Drop>, Status> {
+        let drop_id = parse_drop_id(&request.into_inner().drop_id)?;
+        let view = self
+            .platform
+            .bus
+            .drop_command(drop_id, DropCommand::Get)
+            .await
+            .map_err(from_command_error)?;
+        Ok(Response::new(self.drop_reply(&view).await?))
+    }
+
+    type WatchDropStream = DropStream;
+
+    async fn watch_drop(
+        &self,
+        request: Request<WatchDropRequest>,
+    ) -> Result<Response<DropStream>, Status> {
+        let drop_id = parse_drop_id(&request.into_inner().drop_id)?;
+        let mut changes = self.platform.projections.availability.subscribe();
+        let view = self
+            .platform
+            .bus
+            .drop_command(drop_id.clone(), DropCommand::Get)
+            .await
+            .map_err(from_command_error)?;
+        let first = self.drop_reply(&view).await?;
+        let platform = self.platform.clone();
+        let mut shutdown = platform.shutdown.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let deadline = tokio::time::sleep(Duration::from_millis(WATCH_STREAM_MAX_MS));
+            tokio::pin!(deadline);
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { break },
+                    _ = tx.closed() => break,
+                    _ = shutdown.changed() => break,
+                    _ = &mut deadline => break,
+                }
+                // Coalesce: at most one update per interval however busy the drop is.
+                tokio::time::sleep(Duration::from_millis(WATCH_DROP_INTERVAL_MS)).await;
+                changes.borrow_and_update();
+                let Some(cached) = platform.projections.availability.get(&drop_id) else {
+                    continue;
+                };
+                let now = platform.clock.now();
+                let view = DropView {
+                    status: cached.status.effective(
+                        cached.spec.opens_at,
+                        cached.spec.closes_at,
+                        now,
+                    ),
+                    recorded_status: cached.status,
+                    spec: (*cached.spec).clone(),
+                };
+                let next = convert::drop_with_figures(&view, &cached.skus);
+                if next != last {
+                    last = next.clone();
+                    if tx.send(Ok(next)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

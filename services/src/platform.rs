@@ -1,0 +1,73 @@
+//! The running platform as the gRPC services see it: the command bus, the projections, the
+//! clock and the secrets. `Platform::open_embedded` wires the embedded default (sled journal,
+//! in-process actors).
+
+use crate::status::from_command_error;
+use actors::journal::AddressVault;
+use actors::projections::CachedDrop;
+use actors::secrets::BuyerHasher;
+use actors::sled_journal::SledJournal;
+use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
+use domain::drop::DropCommand;
+use domain::DropId;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tonic::Status;
+
+#[derive(Clone)]
+pub struct Platform {
+    pub bus: Arc<dyn CommandBus>,
+    pub projections: Arc<Projections>,
+    pub clock: Arc<dyn Clock>,
+    pub buyers: Arc<BuyerHasher>,
+    pub addresses: Arc<dyn AddressVault>,
+    pub journal: Arc<SledJournal>,
+    pub actors: Arc<LocalActors>,
+    /// Turns true when the server begins shutting down; long streams end on it.
+    pub shutdown: watch::Receiver<bool>,
+    shutdown_tx: Arc<watch::Sender<bool>>,
+}
+
+impl Platform {
+    /// The embedded platform: journal and secrets under `data_dir`, actors in-process.
+    pub fn open_embedded(data_dir: &Path) -> anyhow::Result<Platform> {
+        std::fs::create_dir_all(data_dir)?;
+        let journal = SledJournal::open(data_dir)?;
+        let buyers = Arc::new(BuyerHasher::load_or_create(&data_dir.join("secrets"))?);
+        let projections = Arc::new(Projections::default());
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let actors = LocalActors::new(journal.clone(), clock.clone(), projections.clone());
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        Ok(Platform {
+            bus: actors.clone(),
+            projections,
+            clock,
+            buyers,
+            addresses: journal.clone(),
+            journal,
+            actors,
+            shutdown,
+            shutdown_tx: Arc::new(shutdown_tx),
+        })
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutdown_tx.send_replace(true);
+    }
+
+    /// The cached drop, asking the drop actor once (which publishes it) on a cache miss.
+    pub async fn cached_drop(&self, drop_id: &DropId) -> Result<CachedDrop, Status> {
+        if let Some(cached) = self.projections.availability.get(drop_id) {
+            return Ok(cached);
+        }
+        self.bus
+            .drop_command(drop_id.clone(), DropCommand::Get)
+            .await
+            .map_err(from_command_error)?;
+        self.projections
+            .availability
+            .get(drop_id)
+            .ok_or_else(|| Status::unavailable("drop cache not ready; retry"))
+    }
+}

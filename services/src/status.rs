@@ -1,0 +1,76 @@
+//! The one place where domain rejections and actor delivery errors become gRPC statuses.
+//! Field problems carry `BadRequest` details; a reused idempotency key carries an
+//! `ErrorInfo` with reason `IDEMPOTENCY_KEY_REUSED`; overload carries `RetryInfo`.
+
+use actors::CommandError;
+use domain::{FieldViolation, Rejection};
+use std::collections::HashMap;
+use std::time::Duration;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+pub const ERROR_DOMAIN: &str = "dropline.dev";
+
+pub fn invalid_argument(violations: Vec<FieldViolation>) -> Status {
+    let message = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let details = ErrorDetails::with_bad_request(
+        violations
+            .into_iter()
+            .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+            .collect::<Vec<_>>(),
+    );
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid argument: {message}"),
+        details,
+    )
+}
+
+pub fn from_rejection(rejection: Rejection) -> Status {
+    let message = rejection.to_string();
+    match rejection {
+        Rejection::InvalidArgument(violations) => invalid_argument(violations),
+        Rejection::NotFound { .. } => Status::not_found(message),
+        Rejection::FailedPrecondition(_) => Status::failed_precondition(message),
+        Rejection::BuyerLimitReached { limit, .. } => Status::with_error_details(
+            Code::ResourceExhausted,
+            message,
+            ErrorDetails::with_quota_failure_violation(
+                "buyer",
+                format!("at most {limit} units of this SKU per buyer"),
+            ),
+        ),
+        Rejection::IdempotencyKeyReused { key } => Status::with_error_details(
+            Code::AlreadyExists,
+            message,
+            ErrorDetails::with_error_info(
+                "IDEMPOTENCY_KEY_REUSED",
+                ERROR_DOMAIN,
+                HashMap::from([("key".to_string(), key)]),
+            ),
+        ),
+        Rejection::AlreadyExists { .. } => Status::already_exists(message),
+    }
+}
+
+pub fn from_command_error(error: CommandError) -> Status {
+    match error {
+        CommandError::Rejected(rejection) => from_rejection(rejection),
+        CommandError::Overloaded(what) => Status::with_error_details(
+            Code::ResourceExhausted,
+            format!("overloaded ({what}); nothing was changed, retry shortly"),
+            ErrorDetails::with_retry_info(Some(Duration::from_millis(50))),
+        ),
+        CommandError::Timeout(ms) => Status::deadline_exceeded(format!(
+            "no reply within {ms} ms; the command may still take effect"
+        )),
+        CommandError::Unavailable(why) => Status::unavailable(why),
+        CommandError::Storage(why) => Status::unavailable(format!(
+            "storage failure, nothing acknowledged was lost; retry: {why}"
+        )),
+    }
+}
