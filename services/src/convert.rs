@@ -192,11 +192,17 @@ pub fn order(view: &OrderView) -> checkout::Order {
     }
 }
 
-/// The buyer's receipt: no PII ever, and no product name when the order is discreet.
+/// The buyer's receipt: no PII ever. A discreet receipt names no product: neither in its
+/// description nor through the order id (which names the drop and SKU), only the opaque
+/// receipt token identifies it.
 pub fn receipt(view: &OrderView) -> Option<checkout::Receipt> {
     let c = view.confirmation.as_ref()?;
     Some(checkout::Receipt {
-        order_id: view.order_id.to_string(),
+        order_id: if c.discreet {
+            String::new()
+        } else {
+            view.order_id.to_string()
+        },
         receipt_token: c.receipt_token.clone(),
         description: if c.discreet {
             "Dropline order".to_string()

@@ -1,0 +1,122 @@
+//! Crash safety: kill -9 of a real `dropline serve` process after acknowledged confirms,
+//! then a restart on the same data directory: no acknowledged order is lost.
+
+mod common;
+
+use common::*;
+use proto::checkout::v1::*;
+use proto::operator::v1::GetDropRequest;
+use std::process::{Child, Command, Stdio};
+
+fn spawn_server(dir: &std::path::Path, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dropline"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("DROPLINE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("dropline binary starts")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = spawn_server(dir.path(), port);
+    let channel = connect(([127, 0, 0, 1], port).into()).await;
+    let mut operator =
+        proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel.clone());
+    operator
+        .create_drop(drop_request("crash", &[("sku", 500)], 1, 600))
+        .await
+        .unwrap();
+    operator
+        .open_drop(proto::operator::v1::OpenDropRequest {
+            drop_id: "crash".into(),
+        })
+        .await
+        .unwrap();
+
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let mut checkout = CheckoutServiceClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let held = checkout
+                .reserve(ReserveRequest {
+                    drop_id: "crash".into(),
+                    sku_id: "sku".into(),
+                    buyer_id: format!("b{i}"),
+                    city: "Lisbon".into(),
+                    quantity: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let request = ConfirmRequest {
+                order_id: held.order_id.clone(),
+                payment_reference: format!("pay-{i}"),
+                amount: eur(2_500),
+                fulfilment: Some(confirm_request::Fulfilment::Pickup(Pickup {})),
+                discreet: false,
+            };
+            checkout.confirm(request).await.unwrap();
+            held.order_id
+        }));
+    }
+    let mut confirmed = Vec::new();
+    for task in tasks {
+        confirmed.push(task.await.unwrap());
+    }
+    // SIGKILL: no shutdown hook runs, nothing is flushed on the way out.
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let port = free_port();
+    let mut child = spawn_server(dir.path(), port);
+    let channel = connect(([127, 0, 0, 1], port).into()).await;
+    let mut checkout = CheckoutServiceClient::new(channel.clone());
+    for order_id in &confirmed {
+        let order = checkout
+            .get_order(GetOrderRequest {
+                order_id: order_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            order.status,
+            OrderStatus::Confirmed as i32,
+            "{order_id} lost its confirmation"
+        );
+    }
+    let mut operator =
+        proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel);
+    let figures = operator
+        .get_drop(GetDropRequest {
+            drop_id: "crash".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(figures.skus[0].sold, 300);
+    assert_eq!(figures.skus[0].available, 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
