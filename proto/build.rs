@@ -15,10 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("dropline_descriptor.bin"))
-        .compile_protos(
-            &protos,
-            &[".", well_known.to_str().ok_or("non-utf8 include path")?],
-        )?;
+        .compile_protos(&protos, &[".", well_known.to_str().ok_or("non-utf8 include path")?])?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

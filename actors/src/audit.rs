@@ -31,9 +31,7 @@ pub async fn audit_drop(journal: &dyn Journal, drop_id: &DropId) -> Result<Vec<S
         let event: DropEvent = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         drop.apply(&event);
     }
-    let spec = drop
-        .spec
-        .ok_or_else(|| format!("drop {drop_id} has no journal"))?;
+    let spec = drop.spec.ok_or_else(|| format!("drop {drop_id} has no journal"))?;
     let mut audits = Vec::with_capacity(spec.skus.len());
     for sku in &spec.skus {
         let mut state = SkuState::new(&spec, sku);
@@ -45,9 +43,7 @@ pub async fn audit_drop(journal: &dyn Journal, drop_id: &DropId) -> Result<Vec<S
             let event: SkuEvent = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
             state.apply(&event);
         }
-        let sum = |f: fn(&domain::sku::Pool) -> u32| {
-            state.pools.iter().map(|p| u64::from(f(p))).sum::<u64>()
-        };
+        let sum = |f: fn(&domain::sku::Pool) -> u32| state.pools.iter().map(|p| u64::from(f(p))).sum::<u64>();
         let (allocated, available, held, sold) = (
             sum(|p| p.allocated),
             sum(|p| p.available),

@@ -15,9 +15,5 @@ pub trait CommandBus: Send + Sync + 'static {
         sku_id: SkuId,
         command: SkuCommand,
     ) -> BoxFuture<'_, Result<SkuReply, CommandError>>;
-    fn drop_command(
-        &self,
-        drop_id: DropId,
-        command: DropCommand,
-    ) -> BoxFuture<'_, Result<DropView, CommandError>>;
+    fn drop_command(&self, drop_id: DropId, command: DropCommand) -> BoxFuture<'_, Result<DropView, CommandError>>;
 }

@@ -59,12 +59,7 @@ impl<H: Hosted> Registry<H> {
         }
     }
 
-    async fn ask(
-        &self,
-        key: &H::Key,
-        env: &Arc<Env>,
-        command: H::Command,
-    ) -> Result<H::Reply, CommandError> {
+    async fn ask(&self, key: &H::Key, env: &Arc<Env>, command: H::Command) -> Result<H::Reply, CommandError> {
         let mut command = command;
         for _ in 0..=ACTOR_RESTART_RETRIES {
             let actor = self.get_or_spawn(key, env);
@@ -72,9 +67,7 @@ impl<H: Hosted> Registry<H> {
                 self.forget(key, &actor);
                 return Err(match e {
                     HookError::Error(e) => e,
-                    HookError::Panicked(p) => {
-                        CommandError::Unavailable(format!("actor failed to start: {p}"))
-                    }
+                    HookError::Panicked(p) => CommandError::Unavailable(format!("actor failed to start: {p}")),
                 });
             }
             let sent = actor
@@ -85,21 +78,15 @@ impl<H: Hosted> Registry<H> {
             match sent {
                 Ok(reply) => return Ok(reply),
                 Err(SendError::HandlerError(e)) => return Err(e),
-                Err(SendError::MailboxFull(_)) => {
-                    return Err(CommandError::Overloaded("actor mailbox is full"))
-                }
-                Err(SendError::Timeout(_)) => {
-                    return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS))
-                }
+                Err(SendError::MailboxFull(_)) => return Err(CommandError::Overloaded("actor mailbox is full")),
+                Err(SendError::Timeout(_)) => return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
                 // The actor stopped (idle) just before our command: start a fresh one.
                 Err(SendError::ActorNotRunning(Cmd(c)) | SendError::ActorRestarting(Cmd(c))) => {
                     self.forget(key, &actor);
                     command = c;
                 }
                 Err(SendError::ActorStopped) => {
-                    return Err(CommandError::Unavailable(
-                        "actor stopped before replying".into(),
-                    ))
+                    return Err(CommandError::Unavailable("actor stopped before replying".into()))
                 }
             }
         }
@@ -124,11 +111,7 @@ pub struct LocalActors {
 }
 
 impl LocalActors {
-    pub fn new(
-        journal: Arc<dyn Journal>,
-        clock: Arc<dyn Clock>,
-        projections: Arc<Projections>,
-    ) -> Arc<LocalActors> {
+    pub fn new(journal: Arc<dyn Journal>, clock: Arc<dyn Clock>, projections: Arc<Projections>) -> Arc<LocalActors> {
         Arc::new_cyclic(|weak: &std::sync::Weak<LocalActors>| {
             let bus: std::sync::Weak<dyn CommandBus> = weak.clone();
             LocalActors {
@@ -164,11 +147,7 @@ impl CommandBus for LocalActors {
         Box::pin(async move { self.skus.ask(&(drop_id, sku_id), &self.env, command).await })
     }
 
-    fn drop_command(
-        &self,
-        drop_id: DropId,
-        command: DropCommand,
-    ) -> BoxFuture<'_, Result<DropView, CommandError>> {
+    fn drop_command(&self, drop_id: DropId, command: DropCommand) -> BoxFuture<'_, Result<DropView, CommandError>> {
         Box::pin(async move { self.drops.ask(&drop_id, &self.env, command).await })
     }
 }

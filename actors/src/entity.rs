@@ -57,17 +57,10 @@ fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<
 
 impl<H: Hosted> Entity<H> {
     /// Decides a command and hands the outcome to the journal; `reply` runs when durable.
-    fn execute(
-        &mut self,
-        command: H::Command,
-        actor_ref: &ActorRef<Self>,
-        reply: ReplyFn<H::Reply>,
-    ) {
+    fn execute(&mut self, command: H::Command, actor_ref: &ActorRef<Self>, reply: ReplyFn<H::Reply>) {
         let permit = match self.env.journal.try_reserve() {
             Ok(permit) => permit,
-            Err(JournalError::Full) => {
-                return reply(Err(CommandError::Overloaded("journal queue is full")))
-            }
+            Err(JournalError::Full) => return reply(Err(CommandError::Overloaded("journal queue is full"))),
             Err(e) => return reply(Err(CommandError::Storage(e.to_string()))),
         };
         let now = self.env.clock.now();
@@ -91,13 +84,8 @@ impl<H: Hosted> Entity<H> {
             }
             self.version += events.len() as u64;
             self.events_since_snapshot += events.len() as u64;
-            if self.events_since_snapshot
-                >= SNAPSHOT_EVERY_MIN_EVENTS.max(self.state.snapshot_weight())
-            {
-                batch.snapshot = Some((
-                    self.version,
-                    serde_json::to_vec(&self.state).expect("state serializes"),
-                ));
+            if self.events_since_snapshot >= SNAPSHOT_EVERY_MIN_EVENTS.max(self.state.snapshot_weight()) {
+                batch.snapshot = Some((self.version, serde_json::to_vec(&self.state).expect("state serializes")));
                 self.events_since_snapshot = 0;
             }
             publication = self.state.publication(&events, &self.env);
@@ -148,9 +136,7 @@ impl<H: Hosted> Entity<H> {
             loop {
                 let Some(actor) = actor.upgrade() else { return };
                 match actor.tell(Tick).try_send() {
-                    Err(SendError::MailboxFull(_)) => {
-                        tokio::time::sleep(Duration::from_millis(10)).await
-                    }
+                    Err(SendError::MailboxFull(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
                     _ => return,
                 }
             }
@@ -163,10 +149,7 @@ impl<H: Hosted> Actor for Entity<H> {
     type Args = EntityArgs<H>;
     type Error = CommandError;
 
-    async fn on_start(
-        args: EntityArgs<H>,
-        actor_ref: ActorRef<Self>,
-    ) -> Result<Self, CommandError> {
+    async fn on_start(args: EntityArgs<H>, actor_ref: ActorRef<Self>) -> Result<Self, CommandError> {
         let EntityArgs { key, env } = args;
         let stream = H::stream(&key);
         let recovered = env
@@ -195,11 +178,7 @@ impl<H: Hosted> Actor for Entity<H> {
         };
         if let Some(command) = entity.state.after_recovery(&entity.env).await? {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            entity.execute(
-                command,
-                &actor_ref,
-                Box::new(move |result| drop(tx.send(result))),
-            );
+            entity.execute(command, &actor_ref, Box::new(move |result| drop(tx.send(result))));
             rx.await
                 .map_err(|_| CommandError::Unavailable("journal stopped".into()))??;
         }
@@ -216,9 +195,7 @@ impl<H: Hosted> Actor for Entity<H> {
         mailbox: &mut MailboxReceiver<Self>,
     ) -> Result<Option<Signal<Self>>, CommandError> {
         loop {
-            match tokio::time::timeout(Duration::from_millis(ACTOR_IDLE_STOP_MS), mailbox.recv())
-                .await
-            {
+            match tokio::time::timeout(Duration::from_millis(ACTOR_IDLE_STOP_MS), mailbox.recv()).await {
                 Ok(signal) => return Ok(signal),
                 // Stop only with no timer (no holds or waitlists pending) and nothing in
                 // flight, so a restarted actor finds everything in the journal.
@@ -249,11 +226,7 @@ impl<H: Hosted> Actor for Entity<H> {
 impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
     type Reply = DelegatedReply<Result<H::Reply, CommandError>>;
 
-    async fn handle(
-        &mut self,
-        Cmd(command): Cmd<H>,
-        ctx: &mut Context<Self, Self::Reply>,
-    ) -> Self::Reply {
+    async fn handle(&mut self, Cmd(command): Cmd<H>, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
         let (delegated, sender) = ctx.reply_sender();
         let reply: ReplyFn<H::Reply> = match sender {
             Some(sender) => Box::new(move |result| sender.send(result)),

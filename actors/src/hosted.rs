@@ -55,10 +55,7 @@ pub trait Hosted:
     fn initial<'a>(key: &'a Self::Key, env: &'a Env) -> BoxFuture<'a, Result<Self, CommandError>>;
 
     /// A command to run right after recovery, before any other (catching up with others).
-    fn after_recovery<'a>(
-        &'a self,
-        _env: &'a Env,
-    ) -> BoxFuture<'a, Result<Option<Self::Command>, CommandError>> {
+    fn after_recovery<'a>(&'a self, _env: &'a Env) -> BoxFuture<'a, Result<Option<Self::Command>, CommandError>> {
         Box::pin(async { Ok(None) })
     }
 
@@ -95,9 +92,7 @@ impl Hosted for DropState {
         let spec = self.spec.clone()?;
         let status = self.status;
         let projections = env.projections.clone();
-        Some(Box::new(move || {
-            projections.availability.put_drop(spec, status)
-        }))
+        Some(Box::new(move || projections.availability.put_drop(spec, status)))
     }
 }
 
@@ -112,15 +107,9 @@ impl Hosted for SkuState {
         SKU_MAILBOX_CAPACITY
     }
 
-    fn initial<'a>(
-        (drop_id, sku_id): &'a Self::Key,
-        env: &'a Env,
-    ) -> BoxFuture<'a, Result<Self, CommandError>> {
+    fn initial<'a>((drop_id, sku_id): &'a Self::Key, env: &'a Env) -> BoxFuture<'a, Result<Self, CommandError>> {
         Box::pin(async move {
-            let view = env
-                .bus()?
-                .drop_command(drop_id.clone(), DropCommand::Get)
-                .await?;
+            let view = env.bus()?.drop_command(drop_id.clone(), DropCommand::Get).await?;
             let sku = view
                 .spec
                 .sku(sku_id)
@@ -129,18 +118,11 @@ impl Hosted for SkuState {
         })
     }
 
-    fn after_recovery<'a>(
-        &'a self,
-        env: &'a Env,
-    ) -> BoxFuture<'a, Result<Option<SkuCommand>, CommandError>> {
+    fn after_recovery<'a>(&'a self, env: &'a Env) -> BoxFuture<'a, Result<Option<SkuCommand>, CommandError>> {
         Box::pin(async move {
             // The drop's journal is the authority for the sale status; catch up with it.
-            let view = env
-                .bus()?
-                .drop_command(self.drop_id.clone(), DropCommand::Get)
-                .await?;
-            Ok((view.recorded_status != self.sale)
-                .then_some(SkuCommand::SetSaleStatus(view.recorded_status)))
+            let view = env.bus()?.drop_command(self.drop_id.clone(), DropCommand::Get).await?;
+            Ok((view.recorded_status != self.sale).then_some(SkuCommand::SetSaleStatus(view.recorded_status)))
         })
     }
 
@@ -164,12 +146,7 @@ impl Hosted for SkuState {
                 .iter()
                 .any(|e| matches!(e, SkuEvent::Promoted { .. } | SkuEvent::WaitlistLeft { .. }))
             {
-                ids.extend(
-                    self.waitlists
-                        .values()
-                        .flatten()
-                        .filter(|id| watchers.is_watched(id)),
-                );
+                ids.extend(self.waitlists.values().flatten().filter(|id| watchers.is_watched(id)));
             }
             ids.sort();
             ids.dedup();
@@ -196,8 +173,6 @@ impl Hosted for SkuState {
 pub fn expect_order(reply: SkuReply) -> Result<domain::sku::OrderView, CommandError> {
     match reply {
         SkuReply::Order(view) => Ok(view),
-        other => Err(CommandError::Unavailable(format!(
-            "unexpected reply {other:?}"
-        ))),
+        other => Err(CommandError::Unavailable(format!("unexpected reply {other:?}"))),
     }
 }

@@ -51,7 +51,7 @@ impl Default for AvailabilityCache {
 }
 
 impl AvailabilityCache {
-    pub fn put_drop(&self, spec: DropSpec, status: SaleStatus) {
+    pub fn put_drop(&self, spec: Arc<DropSpec>, status: SaleStatus) {
         let mut drops = self.drops.write().expect("cache lock");
         match drops.get_mut(&spec.drop_id) {
             Some(entry) => entry.status = status,
@@ -59,7 +59,7 @@ impl AvailabilityCache {
                 drops.insert(
                     spec.drop_id.clone(),
                     DropEntry {
-                        spec: Arc::new(spec),
+                        spec,
                         status,
                         skus: BTreeMap::new(),
                     },
@@ -126,16 +126,10 @@ impl OrderWatchers {
     }
 
     pub fn is_watched(&self, order_id: &OrderId) -> bool {
-        self.watched
-            .lock()
-            .expect("watchers lock")
-            .contains_key(order_id)
+        self.watched.lock().expect("watchers lock").contains_key(order_id)
     }
 
-    pub fn subscribe(
-        &self,
-        order_id: &OrderId,
-    ) -> Result<watch::Receiver<Option<OrderView>>, TooManyWatchers> {
+    pub fn subscribe(&self, order_id: &OrderId) -> Result<watch::Receiver<Option<OrderView>>, TooManyWatchers> {
         let mut watched = self.watched.lock().expect("watchers lock");
         if let Some(sender) = watched.get(order_id) {
             return Ok(sender.subscribe());
@@ -155,10 +149,7 @@ impl OrderWatchers {
     /// Forgets the order's entry once its last watcher has gone.
     pub fn release(&self, order_id: &OrderId) {
         let mut watched = self.watched.lock().expect("watchers lock");
-        if watched
-            .get(order_id)
-            .is_some_and(|s| s.receiver_count() == 0)
-        {
+        if watched.get(order_id).is_some_and(|s| s.receiver_count() == 0) {
             watched.remove(order_id);
         }
         self.count.store(watched.len(), Ordering::Relaxed);

@@ -7,7 +7,7 @@
 //! snapshot (8-byte version, then the state). Streams never contain a NUL byte.
 
 use crate::journal::*;
-use domain::limits::{JOURNAL_BATCH_MAX, JOURNAL_QUEUE_MAX};
+use domain::limits::{JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -53,14 +53,13 @@ impl SledJournal {
         let db = sled::Config::new()
             .path(dir.join("journal"))
             .mode(sled::Mode::HighThroughput)
+            // sled's page cache defaults to 1 GiB; actors keep their own state in memory,
+            // so the journal needs little cache (recovery reads are sequential).
+            .cache_capacity(JOURNAL_CACHE_BYTES)
             .open()
             .map_err(|e| JournalError::Io(e.to_string()))?;
-        let tree = db
-            .open_tree("streams")
-            .map_err(|e| JournalError::Io(e.to_string()))?;
-        let addresses = db
-            .open_tree("addresses")
-            .map_err(|e| JournalError::Io(e.to_string()))?;
+        let tree = db.open_tree("streams").map_err(|e| JournalError::Io(e.to_string()))?;
+        let addresses = db.open_tree("addresses").map_err(|e| JournalError::Io(e.to_string()))?;
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
         let writer = Writer {
@@ -98,8 +97,7 @@ impl SledJournal {
         let mut events = Vec::new();
         for item in self.tree.range(start..=end) {
             let (key, value) = item.map_err(|e| JournalError::Io(e.to_string()))?;
-            let version =
-                u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
+            let version = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
             if let Some((last, _)) = events.last() {
                 if version != last + 1 {
                     return Err(JournalError::Corrupt(format!(
@@ -224,12 +222,8 @@ impl Writer {
         self.tree
             .apply_batch(batch)
             .map_err(|e| JournalError::Io(e.to_string()))?;
-        self.db
-            .flush()
-            .map_err(|e| JournalError::Io(e.to_string()))?;
-        self.stats
-            .flushes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.db.flush().map_err(|e| JournalError::Io(e.to_string()))?;
+        self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }

@@ -10,11 +10,7 @@ pub trait Aggregate {
     type Reply;
 
     /// Decides what a command means now. Must not change anything: a rejection has no effect.
-    fn decide(
-        &self,
-        command: Self::Command,
-        now: UnixMillis,
-    ) -> Result<(Vec<Self::Event>, Self::Reply), Rejection>;
+    fn decide(&self, command: Self::Command, now: UnixMillis) -> Result<(Vec<Self::Event>, Self::Reply), Rejection>;
 
     /// Applies one event. Must be deterministic: replaying the same events rebuilds the same state.
     fn apply(&mut self, event: &Self::Event);

@@ -30,10 +30,7 @@ fn check_slug(s: &str) -> Result<(), IdError> {
             max: ID_LEN_MAX,
         });
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         return Err(IdError::BadCharacter);
     }
     Ok(())
@@ -183,17 +180,14 @@ impl OrderId {
             return Err(IdError::TooLong { len: s.len(), max });
         }
         let mut parts = s.split('.');
-        let (Some(drop), Some(sku), Some(token), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(drop), Some(sku), Some(token), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(IdError::BadOrderId);
         };
         check_slug(drop).map_err(|_| IdError::BadOrderId)?;
         check_slug(sku).map_err(|_| IdError::BadOrderId)?;
         if token.len() != Self::TOKEN_HEX_LEN
-            || !token
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            || !token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(IdError::BadOrderId);
         }
@@ -228,10 +222,7 @@ mod tests {
         assert!(DropId::parse("spring-drop_2026").is_ok());
         assert_eq!(DropId::parse(""), Err(IdError::Empty));
         assert_eq!(DropId::parse("a.b"), Err(IdError::BadCharacter));
-        assert!(matches!(
-            DropId::parse(&"x".repeat(65)),
-            Err(IdError::TooLong { .. })
-        ));
+        assert!(matches!(DropId::parse(&"x".repeat(65)), Err(IdError::TooLong { .. })));
     }
 
     #[test]

@@ -14,9 +14,7 @@ pub mod sku;
 pub mod time;
 
 pub use aggregate::Aggregate;
-pub use ids::{
-    BuyerRef, CityName, CreatorId, DropId, HubId, IdError, IdempotencyKey, OrderId, SkuId,
-};
+pub use ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdError, IdempotencyKey, OrderId, SkuId};
 pub use money::{Currency, Money};
 pub use rejection::{FieldViolation, Rejection};
 pub use time::UnixMillis;

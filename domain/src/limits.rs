@@ -68,3 +68,5 @@ pub const GRPC_REQUESTS_IN_FLIGHT_MAX: usize = 16_384;
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Time given to in-flight calls to finish on shutdown.
 pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
+/// sled page cache of the embedded journal.
+pub const JOURNAL_CACHE_BYTES: u64 = 64 * 1024 * 1024;

@@ -45,10 +45,7 @@ pub struct Money {
 
 impl Money {
     pub fn new(minor_units: i64, currency: Currency) -> Money {
-        Money {
-            minor_units,
-            currency,
-        }
+        Money { minor_units, currency }
     }
 
     /// The price of `quantity` units, or None on overflow.

@@ -199,9 +199,7 @@ impl SkuEvent {
             | SkuEvent::WaitlistLeft { order_id, .. }
             | SkuEvent::Confirmed { order_id, .. }
             | SkuEvent::OrderCancelled { order_id, .. } => Some(order_id),
-            SkuEvent::SaleStatusSet { .. }
-            | SkuEvent::Refused { .. }
-            | SkuEvent::Restocked { .. } => None,
+            SkuEvent::SaleStatusSet { .. } | SkuEvent::Refused { .. } | SkuEvent::Restocked { .. } => None,
         }
     }
 }
@@ -410,10 +408,7 @@ impl SkuState {
             .map(|p| {
                 let waitlisted = if seen_cities.insert(&p.city) {
                     self.waitlists.get(&p.city).map_or(0, |q| {
-                        q.iter()
-                            .filter_map(|id| self.orders.get(id))
-                            .map(|o| o.requested)
-                            .sum()
+                        q.iter().filter_map(|id| self.orders.get(id)).map(|o| o.requested).sum()
                     })
                 } else {
                     0
@@ -445,12 +440,8 @@ impl SkuState {
         let mut active: HashMap<&BuyerRef, u32> = HashMap::new();
         for order in self.orders.values() {
             match order.status {
-                OrderStatus::Held => {
-                    held[order.pool.ok_or("held order without a pool")?] += order.quantity
-                }
-                OrderStatus::Confirmed => {
-                    sold[order.pool.ok_or("confirmed order without a pool")?] += order.quantity
-                }
+                OrderStatus::Held => held[order.pool.ok_or("held order without a pool")?] += order.quantity,
+                OrderStatus::Confirmed => sold[order.pool.ok_or("confirmed order without a pool")?] += order.quantity,
                 _ => {}
             }
             let counted = match order.status {
@@ -463,9 +454,7 @@ impl SkuState {
             }
         }
         for (i, pool) in self.pools.iter().enumerate() {
-            if u64::from(pool.available) + u64::from(pool.held) + u64::from(pool.sold)
-                != u64::from(pool.allocated)
-            {
+            if u64::from(pool.available) + u64::from(pool.held) + u64::from(pool.sold) != u64::from(pool.allocated) {
                 return Err(format!(
                     "pool {}: available {} + held {} + sold {} != allocated {}",
                     pool.hub_id, pool.available, pool.held, pool.sold, pool.allocated
@@ -478,32 +467,18 @@ impl SkuState {
                 ));
             }
         }
-        if active.len() != self.buyer_active.len()
-            || active
-                .iter()
-                .any(|(b, n)| self.buyer_active.get(*b) != Some(n))
-        {
+        if active.len() != self.buyer_active.len() || active.iter().any(|(b, n)| self.buyer_active.get(*b) != Some(n)) {
             return Err("per-buyer totals disagree with orders".into());
         }
         for (city, queue) in &self.waitlists {
             for id in queue {
-                let order = self
-                    .orders
-                    .get(id)
-                    .ok_or("waitlist names an unknown order")?;
+                let order = self.orders.get(id).ok_or("waitlist names an unknown order")?;
                 if order.status != OrderStatus::Waitlisted || &order.city != city {
-                    return Err(format!(
-                        "waitlist of {city} holds {id} in status {:?}",
-                        order.status
-                    ));
+                    return Err(format!("waitlist of {city} holds {id} in status {:?}", order.status));
                 }
             }
         }
-        let expiring = self
-            .orders
-            .values()
-            .filter(|o| o.status == OrderStatus::Held)
-            .count();
+        let expiring = self.orders.values().filter(|o| o.status == OrderStatus::Held).count();
         if expiring != self.expiries.len() {
             return Err(format!(
                 "{} held orders but {} expiry timers",
@@ -551,11 +526,7 @@ impl SkuState {
         }
     }
 
-    fn decide_reserve(
-        &self,
-        cmd: ReserveCommand,
-        now: UnixMillis,
-    ) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
+    fn decide_reserve(&self, cmd: ReserveCommand, now: UnixMillis) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
         let ReserveCommand {
             order_id,
             params,
@@ -577,10 +548,7 @@ impl SkuState {
         if params.quantity > self.per_buyer_limit {
             return Err(Rejection::field(
                 "quantity",
-                format!(
-                    "must be at most the per-buyer limit of {}",
-                    self.per_buyer_limit
-                ),
+                format!("must be at most the per-buyer limit of {}", self.per_buyer_limit),
             ));
         }
         match self.effective_sale(now) {
@@ -609,19 +577,12 @@ impl SkuState {
         }
         let candidates = match &params.hub_id {
             None => candidates,
-            Some(hub) => match candidates
-                .iter()
-                .copied()
-                .find(|&i| &self.pools[i].hub_id == hub)
-            {
+            Some(hub) => match candidates.iter().copied().find(|&i| &self.pools[i].hub_id == hub) {
                 Some(i) => vec![i],
                 None => {
                     return Err(Rejection::field(
                         "hub_id",
-                        format!(
-                            "hub {hub} has no stock of {} for {}",
-                            self.sku_id, params.city
-                        ),
+                        format!("hub {hub} has no stock of {} for {}", self.sku_id, params.city),
                     ))
                 }
             },
@@ -708,20 +669,13 @@ impl SkuState {
             waitlist_position: None,
         };
         let events = idempotent
-            .map(|idempotent| SkuEvent::Refused {
-                idempotent,
-                at: now,
-            })
+            .map(|idempotent| SkuEvent::Refused { idempotent, at: now })
             .into_iter()
             .collect();
         Ok((events, SkuReply::Reservation(reply)))
     }
 
-    fn decide_confirm(
-        &self,
-        cmd: ConfirmCommand,
-        now: UnixMillis,
-    ) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
+    fn decide_confirm(&self, cmd: ConfirmCommand, now: UnixMillis) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
         let order = self
             .orders
             .get(&cmd.order_id)
@@ -748,12 +702,8 @@ impl SkuState {
                     "order is on the waitlist: it can be confirmed once it is held".into(),
                 ))
             }
-            OrderStatus::Expired => {
-                return Err(Rejection::FailedPrecondition("hold expired".into()))
-            }
-            OrderStatus::Cancelled => {
-                return Err(Rejection::FailedPrecondition("order was cancelled".into()))
-            }
+            OrderStatus::Expired => return Err(Rejection::FailedPrecondition("hold expired".into())),
+            OrderStatus::Cancelled => return Err(Rejection::FailedPrecondition("order was cancelled".into())),
             OrderStatus::Held => {}
         }
         if order.expires_at.is_some_and(|t| now >= t) {
@@ -787,11 +737,7 @@ impl SkuState {
     /// The reply to a command that changes one order: its view after the events. Only the
     /// events about that order are applied, to a skeleton copy, so a hot SKU does not clone
     /// all its orders per command.
-    fn reply_after(
-        &self,
-        events: Vec<SkuEvent>,
-        order_id: &OrderId,
-    ) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
+    fn reply_after(&self, events: Vec<SkuEvent>, order_id: &OrderId) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
         let mut next = self.skeleton(std::iter::once(order_id));
         for event in events.iter().filter(|e| e.order_id() == Some(order_id)) {
             next.apply(event);
@@ -832,13 +778,7 @@ impl SkuState {
 
     /// Waitlist promotions in `city` after stock came back, given the pools' availability
     /// as it will be once the events decided so far are applied.
-    fn promote(
-        &self,
-        city: &CityName,
-        available: &mut [u32],
-        now: UnixMillis,
-        events: &mut Vec<SkuEvent>,
-    ) {
+    fn promote(&self, city: &CityName, available: &mut [u32], now: UnixMillis, events: &mut Vec<SkuEvent>) {
         if self.effective_sale(now) == SaleStatus::Closed {
             return;
         }
@@ -883,11 +823,7 @@ impl SkuState {
         self.pools.iter().map(|p| p.available).collect()
     }
 
-    fn decide_cancel(
-        &self,
-        order_id: OrderId,
-        now: UnixMillis,
-    ) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
+    fn decide_cancel(&self, order_id: OrderId, now: UnixMillis) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
         let order = self
             .orders
             .get(&order_id)
@@ -962,11 +898,7 @@ impl SkuState {
         }
     }
 
-    fn decide_restock(
-        &self,
-        cmd: RestockCommand,
-        now: UnixMillis,
-    ) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
+    fn decide_restock(&self, cmd: RestockCommand, now: UnixMillis) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
         if let Some(key) = &cmd.idempotency_key {
             if let Some((hub, quantity)) = self.restock_keys.get(key) {
                 if hub == &cmd.hub_id && *quantity == cmd.quantity {
@@ -1016,10 +948,7 @@ impl SkuState {
                 None => {
                     return Err(Rejection::field(
                         "city",
-                        format!(
-                            "hub {} has no pool for this SKU yet: give its city",
-                            cmd.hub_id
-                        ),
+                        format!("hub {} has no pool for this SKU yet: give its city", cmd.hub_id),
                     ))
                 }
             },
@@ -1047,12 +976,7 @@ impl SkuState {
         Ok((events, SkuReply::Figures(restocked.figures())))
     }
 
-    fn record_idempotent(
-        &mut self,
-        idempotent: &Idempotent,
-        reservation: Reservation,
-        at: UnixMillis,
-    ) {
+    fn record_idempotent(&mut self, idempotent: &Idempotent, reservation: Reservation, at: UnixMillis) {
         self.idempotency.insert(
             idempotent.key.clone(),
             IdempotencyEntry {
@@ -1061,8 +985,7 @@ impl SkuState {
                 at,
             },
         );
-        self.idempotency_order
-            .push_back((at, idempotent.key.clone()));
+        self.idempotency_order.push_back((at, idempotent.key.clone()));
         while let Some((oldest, key)) = self.idempotency_order.front() {
             let expired = at.0 - oldest.0 > IDEMPOTENCY_RETENTION_MS;
             if !expired && self.idempotency_order.len() <= IDEMPOTENCY_KEYS_PER_SKU_MAX {
@@ -1100,8 +1023,8 @@ impl SkuState {
     }
 
     fn update_sold_out(&mut self, at: UnixMillis) {
-        let all_sold = self.pools.iter().all(|p| p.available == 0 && p.held == 0)
-            && self.pools.iter().any(|p| p.sold > 0);
+        let all_sold =
+            self.pools.iter().all(|p| p.available == 0 && p.held == 0) && self.pools.iter().any(|p| p.sold > 0);
         self.sold_out_at = match (all_sold, self.sold_out_at) {
             (true, None) => Some(at),
             (true, kept) => kept,
@@ -1115,18 +1038,12 @@ impl Aggregate for SkuState {
     type Event = SkuEvent;
     type Reply = SkuReply;
 
-    fn decide(
-        &self,
-        command: SkuCommand,
-        now: UnixMillis,
-    ) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
+    fn decide(&self, command: SkuCommand, now: UnixMillis) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
         match command {
             SkuCommand::Reserve(cmd) => self.decide_reserve(cmd, now),
             SkuCommand::Confirm(cmd) => self.decide_confirm(cmd, now),
             SkuCommand::Cancel { order_id } => self.decide_cancel(order_id, now),
-            SkuCommand::ExpireDue => {
-                Ok((self.decide_expire(now), SkuReply::Figures(self.figures())))
-            }
+            SkuCommand::ExpireDue => Ok((self.decide_expire(now), SkuReply::Figures(self.figures()))),
             SkuCommand::Restock(cmd) => self.decide_restock(cmd, now),
             SkuCommand::SetSaleStatus(status) => {
                 if status == self.sale {
@@ -1186,8 +1103,7 @@ impl Aggregate for SkuState {
                     updated_at: *at,
                 };
                 if let Some(idempotent) = idempotent {
-                    let reservation =
-                        self.reservation_of(order_id, *quantity, *requested, pool, *expires_at);
+                    let reservation = self.reservation_of(order_id, *quantity, *requested, pool, *expires_at);
                     self.record_idempotent(idempotent, reservation, *at);
                 }
                 self.orders.insert(order_id.clone(), record);
@@ -1256,15 +1172,8 @@ impl Aggregate for SkuState {
                 at,
             } => {
                 let pool = self.pool_index(hub_id).expect("promoted into a known pool");
-                let order = self
-                    .orders
-                    .get_mut(order_id)
-                    .expect("promoted order exists");
-                let (city, buyer, unused) = (
-                    order.city.clone(),
-                    order.buyer.clone(),
-                    order.requested - quantity,
-                );
+                let order = self.orders.get_mut(order_id).expect("promoted order exists");
+                let (city, buyer, unused) = (order.city.clone(), order.buyer.clone(), order.requested - quantity);
                 order.pool = Some(pool);
                 order.quantity = *quantity;
                 order.status = OrderStatus::Held;
@@ -1277,15 +1186,8 @@ impl Aggregate for SkuState {
                 self.expiries.insert((*expires_at, order_id.clone()));
                 self.changed_at = *at;
             }
-            SkuEvent::Released {
-                order_id,
-                reason,
-                at,
-            } => {
-                let order = self
-                    .orders
-                    .get_mut(order_id)
-                    .expect("released order exists");
+            SkuEvent::Released { order_id, reason, at } => {
+                let order = self.orders.get_mut(order_id).expect("released order exists");
                 let (pool, quantity, buyer, expires_at) = (
                     order.pool.expect("held orders have a pool"),
                     order.quantity,
@@ -1306,26 +1208,16 @@ impl Aggregate for SkuState {
                 self.changed_at = *at;
             }
             SkuEvent::WaitlistLeft { order_id, at, .. } => {
-                let order = self
-                    .orders
-                    .get_mut(order_id)
-                    .expect("waitlisted order exists");
+                let order = self.orders.get_mut(order_id).expect("waitlisted order exists");
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
-                let (city, buyer, requested) =
-                    (order.city.clone(), order.buyer.clone(), order.requested);
+                let (city, buyer, requested) = (order.city.clone(), order.buyer.clone(), order.requested);
                 self.remove_from_waitlist(&city, order_id);
                 self.remove_active(&buyer, requested);
                 self.changed_at = *at;
             }
-            SkuEvent::Confirmed {
-                order_id,
-                confirmation,
-            } => {
-                let order = self
-                    .orders
-                    .get_mut(order_id)
-                    .expect("confirmed order exists");
+            SkuEvent::Confirmed { order_id, confirmation } => {
+                let order = self.orders.get_mut(order_id).expect("confirmed order exists");
                 let (pool, quantity, expires_at) = (
                     order.pool.expect("held orders have a pool"),
                     order.quantity,
@@ -1344,19 +1236,13 @@ impl Aggregate for SkuState {
                 self.update_sold_out(confirmation.confirmed_at);
             }
             SkuEvent::OrderCancelled { order_id, at } => {
-                let order = self
-                    .orders
-                    .get_mut(order_id)
-                    .expect("cancelled order exists");
+                let order = self.orders.get_mut(order_id).expect("cancelled order exists");
                 let (pool, quantity, buyer) = (
                     order.pool.expect("confirmed orders have a pool"),
                     order.quantity,
                     order.buyer.clone(),
                 );
-                let amount = order
-                    .confirmation
-                    .as_ref()
-                    .map_or(0, |c| c.amount.minor_units);
+                let amount = order.confirmation.as_ref().map_or(0, |c| c.amount.minor_units);
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
                 self.pools[pool].sold -= quantity;
@@ -1388,8 +1274,7 @@ impl Aggregate for SkuState {
                     }),
                 }
                 if let Some(key) = idempotency_key {
-                    self.restock_keys
-                        .insert(key.clone(), (hub_id.clone(), *quantity));
+                    self.restock_keys.insert(key.clone(), (hub_id.clone(), *quantity));
                 }
                 self.changed_at = *at;
                 self.update_sold_out(*at);
@@ -1399,8 +1284,7 @@ impl Aggregate for SkuState {
 
     fn next_deadline(&self) -> Option<UnixMillis> {
         let expiry = self.expiries.first().map(|(t, _)| *t);
-        let close = (!self.waitlists.is_empty() && self.sale != SaleStatus::Closed)
-            .then_some(self.closes_at);
+        let close = (!self.waitlists.is_empty() && self.sale != SaleStatus::Closed).then_some(self.closes_at);
         match (expiry, close) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

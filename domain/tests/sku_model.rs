@@ -88,11 +88,7 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-const POOLS: [(&str, &str, u32); 3] = [
-    ("hub-a1", "Lisbon", 3),
-    ("hub-a2", "Lisbon", 2),
-    ("hub-b1", "Porto", 4),
-];
+const POOLS: [(&str, &str, u32); 3] = [("hub-a1", "Lisbon", 3), ("hub-a2", "Lisbon", 2), ("hub-b1", "Porto", 4)];
 const CITIES: [&str; 2] = ["Lisbon", "Porto"];
 
 /// Runs a command: applies its events to the state and the log, returns the reply.
@@ -230,11 +226,7 @@ fn expiry_returns_stock_and_promotes_the_waitlist_head() {
     let mut log = Vec::new();
     let reserve = |id: u64, b: u8| {
         SkuCommand::Reserve(ReserveCommand {
-            order_id: OrderId::new(
-                &DropId::parse("d1").unwrap(),
-                &SkuId::parse("s1").unwrap(),
-                id,
-            ),
+            order_id: OrderId::new(&DropId::parse("d1").unwrap(), &SkuId::parse("s1").unwrap(), id),
             params: ReserveParams {
                 buyer: buyer(b),
                 city: CityName::parse("Lisbon").unwrap(),
@@ -248,9 +240,7 @@ fn expiry_returns_stock_and_promotes_the_waitlist_head() {
     };
     let first = run(&mut sku, &mut log, reserve(1, 1), UnixMillis(2_000)).unwrap();
     let second = run(&mut sku, &mut log, reserve(2, 2), UnixMillis(2_100)).unwrap();
-    let SkuReply::Reservation(first) = first else {
-        panic!()
-    };
+    let SkuReply::Reservation(first) = first else { panic!() };
     let SkuReply::Reservation(second) = second else {
         panic!()
     };
@@ -310,30 +300,16 @@ fn confirm_after_expiry_is_refused_and_changes_nothing() {
         SkuCommand::Confirm(confirm.clone()),
         UnixMillis(7_000),
     );
-    assert_eq!(
-        late,
-        Err(Rejection::FailedPrecondition("hold expired".into()))
-    );
+    assert_eq!(late, Err(Rejection::FailedPrecondition("hold expired".into())));
     let wrong_amount = ConfirmCommand {
         amount: Money::new(1, Currency::parse("EUR").unwrap()),
         ..confirm.clone()
     };
     assert!(matches!(
-        run(
-            &mut sku,
-            &mut log,
-            SkuCommand::Confirm(wrong_amount),
-            UnixMillis(3_000)
-        ),
+        run(&mut sku, &mut log, SkuCommand::Confirm(wrong_amount), UnixMillis(3_000)),
         Err(Rejection::InvalidArgument(_))
     ));
-    assert!(run(
-        &mut sku,
-        &mut log,
-        SkuCommand::Confirm(confirm),
-        UnixMillis(3_000)
-    )
-    .is_ok());
+    assert!(run(&mut sku, &mut log, SkuCommand::Confirm(confirm), UnixMillis(3_000)).is_ok());
 }
 
 #[test]
@@ -363,27 +339,13 @@ fn reserve_before_open_and_over_the_buyer_limit_is_refused() {
         .is_ok());
     let mut open = new_sku(&[("hub-a1", "Lisbon", 5)], 2);
     let mut log = Vec::new();
-    run(
-        &mut open,
-        &mut log,
-        SkuCommand::Reserve(cmd.clone()),
-        UnixMillis(2_000),
-    )
-    .unwrap();
+    run(&mut open, &mut log, SkuCommand::Reserve(cmd.clone()), UnixMillis(2_000)).unwrap();
     let again = ReserveCommand {
         order_id: OrderId::new(&drop.drop_id, &drop.skus[0].sku_id, 2),
         ..cmd
     };
     assert_eq!(
-        run(
-            &mut open,
-            &mut log,
-            SkuCommand::Reserve(again),
-            UnixMillis(2_000)
-        ),
-        Err(Rejection::BuyerLimitReached {
-            limit: 2,
-            active: 2
-        })
+        run(&mut open, &mut log, SkuCommand::Reserve(again), UnixMillis(2_000)),
+        Err(Rejection::BuyerLimitReached { limit: 2, active: 2 })
     );
 }

@@ -1,1 +1,65 @@
+//! Load tests for Dropline, behind the `dropline-load` binary.
+//!
+//! [`burst`] is the one load generator every measurement goes through, so a Dropline run and
+//! its bare-tonic baseline are measured by the same code. [`hot_sku`] and [`catalog`] are the
+//! scenarios, [`echo`] is the baseline server, and [`net`] holds the connection and child
+//! process plumbing they share.
 
+pub mod burst;
+pub mod catalog;
+pub mod echo;
+pub mod hot_sku;
+pub mod net;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use proto::operator::v1::operator_service_client::OperatorServiceClient;
+use proto::operator::v1::{DropStatus, GetDropRequest, OpenDropRequest};
+use tonic::transport::Channel;
+
+/// Milliseconds since the Unix epoch, used to give each run fresh drop ids so runs against
+/// a long-lived server never collide with an earlier drop.
+pub fn unix_millis() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis()
+}
+
+/// Hold window given to every load-test drop: the longest the server allows, so no hold
+/// expires (and returns stock) while a test is still counting.
+pub const HOLD_TTL_SECONDS: u32 = 3_600;
+
+/// `(opens_at, closes_at)` of a load-test drop: opened a second ago, so it is on sale at
+/// once, and closing in an hour, so it cannot close under a long run.
+pub fn open_window() -> (prost_types::Timestamp, prost_types::Timestamp) {
+    let now = SystemTime::now();
+    let opens_at = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+    let closes_at = now + Duration::from_secs(3_600);
+    (opens_at.into(), closes_at.into())
+}
+
+/// Opens a drop, accepting one that is already open: its `opens_at` lies in the past, so
+/// the server may have opened it by itself and refuse OpenDrop as redundant.
+pub async fn open_drop(operator: &mut OperatorServiceClient<Channel>, drop_id: &str) -> anyhow::Result<()> {
+    let Err(refused) = operator
+        .open_drop(OpenDropRequest {
+            drop_id: drop_id.to_owned(),
+        })
+        .await
+    else {
+        return Ok(());
+    };
+    let drop = operator
+        .get_drop(GetDropRequest {
+            drop_id: drop_id.to_owned(),
+        })
+        .await
+        .with_context(|| format!("GetDrop {drop_id} failed after OpenDrop was refused"))?
+        .into_inner();
+    if drop.status() == DropStatus::Open {
+        return Ok(());
+    }
+    Err(anyhow::Error::new(refused).context(format!("OpenDrop {drop_id} failed")))
+}

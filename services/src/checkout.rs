@@ -5,9 +5,7 @@ use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
 use actors::hosted::expect_order;
 use domain::limits::{PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
-use domain::sku::{
-    ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, SkuCommand, SkuReply,
-};
+use domain::sku::{ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, SkuCommand, SkuReply};
 use domain::{CityName, DropId, FieldViolation, HubId, IdempotencyKey, OrderId, SkuId};
 use proto::checkout::v1::checkout_service_server::CheckoutService;
 use proto::checkout::v1::*;
@@ -55,10 +53,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CheckoutService for Checkout {
-    async fn reserve(
-        &self,
-        request: Request<ReserveRequest>,
-    ) -> Result<Response<ReserveResponse>, Status> {
+    async fn reserve(&self, request: Request<ReserveRequest>) -> Result<Response<ReserveResponse>, Status> {
         let r = request.into_inner();
         let mut check = Check::default();
         let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
@@ -68,13 +63,9 @@ impl CheckoutService for Checkout {
         let hub_id = check.optional("hub_id", &r.hub_id, HubId::parse);
         let key = check.optional("idempotency_key", &r.idempotency_key, IdempotencyKey::parse);
         if r.quantity == 0 || r.quantity > PER_BUYER_LIMIT_MAX {
-            check.fail(
-                "quantity",
-                format!("must be between 1 and {PER_BUYER_LIMIT_MAX}"),
-            );
+            check.fail("quantity", format!("must be between 1 and {PER_BUYER_LIMIT_MAX}"));
         }
-        let (drop_id, sku_id, buyer_id, city) =
-            check.finish(|| Some((drop_id?, sku_id?, buyer_id?, city?)))?;
+        let (drop_id, sku_id, buyer_id, city) = check.finish(|| Some((drop_id?, sku_id?, buyer_id?, city?)))?;
         let command = ReserveCommand {
             order_id: OrderId::new(&drop_id, &sku_id, rand::random()),
             params: ReserveParams {
@@ -94,17 +85,12 @@ impl CheckoutService for Checkout {
             .await
             .map_err(from_command_error)?
         {
-            SkuReply::Reservation(reservation) => {
-                Ok(Response::new(convert::reservation(&reservation)))
-            }
+            SkuReply::Reservation(reservation) => Ok(Response::new(convert::reservation(&reservation))),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
-    async fn confirm(
-        &self,
-        request: Request<ConfirmRequest>,
-    ) -> Result<Response<ConfirmResponse>, Status> {
+    async fn confirm(&self, request: Request<ConfirmRequest>) -> Result<Response<ConfirmResponse>, Status> {
         let r = request.into_inner();
         let mut check = Check::default();
         let order_id = check.parse("order_id", &r.order_id, OrderId::parse);
@@ -137,8 +123,7 @@ impl CheckoutService for Checkout {
                 }
             },
         };
-        let (order_id, amount, fulfilment) =
-            check.finish(|| Some((order_id?, amount?, fulfilment?)))?;
+        let (order_id, amount, fulfilment) = check.finish(|| Some((order_id?, amount?, fulfilment?)))?;
         if let Some(address) = address {
             // Kept apart from the journal, for fulfilment only; never in an event or a log.
             let encoded = prost::Message::encode_to_vec(&address);
@@ -171,10 +156,7 @@ impl CheckoutService for Checkout {
         }))
     }
 
-    async fn cancel(
-        &self,
-        request: Request<CancelRequest>,
-    ) -> Result<Response<CancelResponse>, Status> {
+    async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
         let order_id = parse_order_id(&request.into_inner().order_id)?;
         let (drop_id, sku_id) = order_id.owner();
         let reply = self
@@ -204,9 +186,7 @@ impl CheckoutService for Checkout {
         let mut as_of = domain::UnixMillis(0);
         for figures in &cached.skus {
             as_of = as_of.max(figures.changed_at);
-            let sale = figures
-                .sale
-                .effective(cached.spec.opens_at, cached.spec.closes_at, now);
+            let sale = figures.sale.effective(cached.spec.opens_at, cached.spec.closes_at, now);
             let mut cities: Vec<&CityName> = figures.pools.iter().map(|p| &p.pool.city).collect();
             cities.sort();
             cities.dedup();
@@ -245,10 +225,7 @@ impl CheckoutService for Checkout {
         }))
     }
 
-    async fn get_order(
-        &self,
-        request: Request<GetOrderRequest>,
-    ) -> Result<Response<Order>, Status> {
+    async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
         let order_id = parse_order_id(&request.into_inner().order_id)?;
         let view = self.order_view(&order_id).await?;
         Ok(Response::new(convert::order(&view)))
@@ -256,10 +233,7 @@ impl CheckoutService for Checkout {
 
     type WatchOrderStream = WatchStream;
 
-    async fn watch_order(
-        &self,
-        request: Request<WatchOrderRequest>,
-    ) -> Result<Response<WatchStream>, Status> {
+    async fn watch_order(&self, request: Request<WatchOrderRequest>) -> Result<Response<WatchStream>, Status> {
         let order_id = parse_order_id(&request.into_inner().order_id)?;
         let watchers = self.platform.projections.clone();
         // Subscribe before reading the current state, so no change falls in between.

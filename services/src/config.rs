@@ -80,8 +80,8 @@ impl ServeArgs {
     pub fn resolve(&self) -> anyhow::Result<ServeConfig> {
         let file: FileConfig = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
                 toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             }
             None => FileConfig::default(),
@@ -96,11 +96,7 @@ impl ServeArgs {
                 .clone()
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./data")),
-            log: self
-                .log
-                .clone()
-                .or(file.log)
-                .unwrap_or_else(|| "info".into()),
+            log: self.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
         })
     }
 }
@@ -113,11 +109,7 @@ mod tests {
     fn flags_override_the_file_which_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dropline.toml");
-        std::fs::write(
-            &path,
-            "listen = \"127.0.0.1:6000\"\ndata_dir = \"/var/lib/dropline\"\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "listen = \"127.0.0.1:6000\"\ndata_dir = \"/var/lib/dropline\"\n").unwrap();
         let args = ServeArgs {
             listen: Some("127.0.0.1:7000".parse().unwrap()),
             data_dir: None,

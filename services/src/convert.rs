@@ -18,17 +18,11 @@ pub struct Check {
 }
 
 impl Check {
-    pub fn parse<T>(
-        &mut self,
-        field: &str,
-        value: &str,
-        parse: impl FnOnce(&str) -> Result<T, IdError>,
-    ) -> Option<T> {
+    pub fn parse<T>(&mut self, field: &str, value: &str, parse: impl FnOnce(&str) -> Result<T, IdError>) -> Option<T> {
         match parse(value) {
             Ok(parsed) => Some(parsed),
             Err(e) => {
-                self.violations
-                    .push(FieldViolation::new(field, e.to_string()));
+                self.violations.push(FieldViolation::new(field, e.to_string()));
                 None
             }
         }
@@ -49,24 +43,20 @@ impl Check {
 
     pub fn text(&mut self, field: &str, value: &str, required: bool) {
         if required && value.trim().is_empty() {
-            self.violations
-                .push(FieldViolation::new(field, "must not be empty"));
+            self.violations.push(FieldViolation::new(field, "must not be empty"));
         } else if value.chars().count() > TEXT_LEN_MAX {
             self.violations.push(FieldViolation::new(
                 field,
                 format!("must be at most {TEXT_LEN_MAX} characters"),
             ));
         } else if value.chars().any(char::is_control) {
-            self.violations.push(FieldViolation::new(
-                field,
-                "must not contain control characters",
-            ));
+            self.violations
+                .push(FieldViolation::new(field, "must not contain control characters"));
         }
     }
 
     pub fn fail(&mut self, field: &str, description: impl Into<String>) {
-        self.violations
-            .push(FieldViolation::new(field, description));
+        self.violations.push(FieldViolation::new(field, description));
     }
 
     pub fn money(&mut self, field: &str, value: Option<&common::Money>) -> Option<Money> {
@@ -83,27 +73,17 @@ impl Check {
         }
     }
 
-    pub fn timestamp(
-        &mut self,
-        field: &str,
-        value: Option<&prost_types::Timestamp>,
-    ) -> Option<UnixMillis> {
+    pub fn timestamp(&mut self, field: &str, value: Option<&prost_types::Timestamp>) -> Option<UnixMillis> {
         match value {
             None => {
                 self.fail(field, "is required");
                 None
             }
-            Some(ts)
-                if ts.seconds < 0
-                    || !(0..1_000_000_000).contains(&ts.nanos)
-                    || ts.seconds > 253_402_300_799 =>
-            {
+            Some(ts) if ts.seconds < 0 || !(0..1_000_000_000).contains(&ts.nanos) || ts.seconds > 253_402_300_799 => {
                 self.fail(field, "must be a valid time after 1970 and before 10000");
                 None
             }
-            Some(ts) => Some(UnixMillis(
-                ts.seconds * 1_000 + i64::from(ts.nanos) / 1_000_000,
-            )),
+            Some(ts) => Some(UnixMillis(ts.seconds * 1_000 + i64::from(ts.nanos) / 1_000_000)),
         }
     }
 
@@ -165,11 +145,7 @@ pub fn order(view: &OrderView) -> checkout::Order {
         drop_id: view.drop_id.to_string(),
         sku_id: view.sku_id.to_string(),
         status: order_status(view.status) as i32,
-        hub_id: view
-            .hub_id
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
+        hub_id: view.hub_id.as_ref().map(ToString::to_string).unwrap_or_default(),
         city: view.city.to_string(),
         quantity: view.quantity,
         amount: Some(money(view.amount)),
@@ -178,16 +154,12 @@ pub fn order(view: &OrderView) -> checkout::Order {
             .filter(|_| view.status == sku::OrderStatus::Held)
             .map(timestamp),
         waitlist_position: view.waitlist_position.unwrap_or(0),
-        fulfilment: confirmation.map_or(checkout::FulfilmentKind::Unspecified, |c| {
-            match c.fulfilment {
-                sku::Fulfilment::Delivery => checkout::FulfilmentKind::Delivery,
-                sku::Fulfilment::Pickup => checkout::FulfilmentKind::Pickup,
-            }
+        fulfilment: confirmation.map_or(checkout::FulfilmentKind::Unspecified, |c| match c.fulfilment {
+            sku::Fulfilment::Delivery => checkout::FulfilmentKind::Delivery,
+            sku::Fulfilment::Pickup => checkout::FulfilmentKind::Pickup,
         }) as i32,
         discreet: confirmation.is_some_and(|c| c.discreet),
-        pickup_code: confirmation
-            .map(|c| c.pickup_code.clone())
-            .unwrap_or_default(),
+        pickup_code: confirmation.map(|c| c.pickup_code.clone()).unwrap_or_default(),
         updated_at: Some(timestamp(view.updated_at)),
     }
 }
@@ -224,18 +196,10 @@ pub fn reservation(r: &Reservation) -> checkout::ReserveResponse {
             sku::ReserveOutcome::Waitlisted => checkout::ReserveOutcome::Waitlisted,
             sku::ReserveOutcome::SoldOut => checkout::ReserveOutcome::SoldOut,
         } as i32,
-        order_id: r
-            .order_id
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
+        order_id: r.order_id.as_ref().map(ToString::to_string).unwrap_or_default(),
         quantity_held: r.quantity_held,
         quantity_requested: r.quantity_requested,
-        hub_id: r
-            .hub_id
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
+        hub_id: r.hub_id.as_ref().map(ToString::to_string).unwrap_or_default(),
         expires_at: r.expires_at.map(timestamp),
         waitlist_position: r.waitlist_position.unwrap_or(0),
     }

@@ -103,13 +103,8 @@ fn ts(at: std::time::SystemTime) -> prost_types::Timestamp {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let temp = tempfile::Builder::new()
-        .prefix("dropline-demo-")
-        .tempdir()?;
-    let data_dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| temp.path().to_path_buf());
+    let temp = tempfile::Builder::new().prefix("dropline-demo-").tempdir()?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     let platform = Platform::open_embedded(&data_dir)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -161,7 +156,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             skus,
         })
         .await?;
-    println!("Dropline demo: drop {drop_id}, {} SKUs in {} hubs across 2 cities (Lisbon, Porto), {} buyers, holds last {} s", SKUS.len(), HUBS.len(), args.buyers, args.hold_ttl_seconds);
+    println!(
+        "Dropline demo: drop {drop_id}, {} SKUs in {} hubs across 2 cities (Lisbon, Porto), {} buyers, holds last {} s",
+        SKUS.len(),
+        HUBS.len(),
+        args.buyers,
+        args.hold_ttl_seconds
+    );
     // Open early, live on stream: everyone is waiting for this moment.
     operator
         .open_drop(OpenDropRequest {
@@ -174,14 +175,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .as_secs_f64();
 
     let tally = Arc::new(Tally::default());
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let progress = ProgressBar::new(args.buyers as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} buyers {bar:40} {pos}/{len} {msg}")?
-            .progress_chars("=> "),
-    );
+    progress
+        .set_style(ProgressStyle::with_template("{spinner} buyers {bar:40} {pos}/{len} {msg}")?.progress_chars("=> "));
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let patience = Duration::from_secs(u64::from(args.hold_ttl_seconds) * 3 + 2);
     let mut buyers = Vec::with_capacity(args.buyers);
@@ -239,19 +236,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    let audit =
-        actors::audit::audit_drop(platform.journal.as_ref(), &domain::DropId::parse(&drop_id)?)
-            .await
-            .map_err(anyhow::Error::msg)?;
+    let audit = actors::audit::audit_drop(platform.journal.as_ref(), &domain::DropId::parse(&drop_id)?)
+        .await
+        .map_err(anyhow::Error::msg)?;
 
     let t = &tally;
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let latency = latency.lock().expect("histogram lock");
     println!();
-    println!(
-        "Drop ran {:.1} s from open to the last buyer",
-        elapsed.as_secs_f64()
-    );
+    println!("Drop ran {:.1} s from open to the last buyer", elapsed.as_secs_f64());
     println!(
         "reserve latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} calls",
         latency.value_at_quantile(0.5) as f64 / 1e3,
@@ -272,7 +265,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         n(&t.units),
         n(&t.promoted)
     );
-    println!("abandoned holds (expired, stock returned): {}; confirms after expiry refused: {}; errors: {}", n(&t.abandoned), n(&t.too_late), n(&t.errors));
+    println!(
+        "abandoned holds (expired, stock returned): {}; confirms after expiry refused: {}; errors: {}",
+        n(&t.abandoned),
+        n(&t.too_late),
+        n(&t.errors)
+    );
     match restocked {
         Ok(sku) => println!(
             "restock: +20 '{}' at hub-lisbon-1 ({} sold, {} available after)",
@@ -287,10 +285,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     for sku in &figures.skus {
         let sold_out = sku.sold_out_at.as_ref().map_or("-".to_string(), |at| {
-            format!(
-                "{:.2} s",
-                at.seconds as f64 + f64::from(at.nanos) / 1e9 - opened_wall
-            )
+            format!("{:.2} s", at.seconds as f64 + f64::from(at.nanos) / 1e9 - opened_wall)
         });
         let revenue = sku.price.as_ref().map_or(0, |p| p.minor_units) * i64::from(sku.sold);
         println!(
@@ -309,12 +304,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let events: usize = audit.iter().map(|a| a.events).sum();
     let broken: Vec<String> = audit
         .iter()
-        .filter_map(|a| {
-            a.invariants
-                .as_ref()
-                .err()
-                .map(|e| format!("{}: {e}", a.sku_id))
-        })
+        .filter_map(|a| a.invariants.as_ref().err().map(|e| format!("{}: {e}", a.sku_id)))
         .collect();
     let mismatched: Vec<&str> = audit
         .iter()
@@ -328,7 +318,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .map(|a| a.sku_id.as_str())
         .collect();
     println!();
-    println!("journal audit: {} SKUs replayed from {events} events; invariants {}; figures match the journal: {}", audit.len(), if broken.is_empty() { "hold".to_string() } else { broken.join("; ") }, if mismatched.is_empty() { "yes".to_string() } else { format!("no ({})", mismatched.join(", ")) });
+    println!(
+        "journal audit: {} SKUs replayed from {events} events; invariants {}; figures match the journal: {}",
+        audit.len(),
+        if broken.is_empty() {
+            "hold".to_string()
+        } else {
+            broken.join("; ")
+        },
+        if mismatched.is_empty() {
+            "yes".to_string()
+        } else {
+            format!("no ({})", mismatched.join(", "))
+        }
+    );
     println!("oversell: {oversold}");
 
     let _ = stop_tx.send(());
@@ -362,11 +365,7 @@ impl Buyer {
             }
         });
         let sku = sku.unwrap_or(&SKUS[0]);
-        let city = if self.rng.random_bool(0.6) {
-            "Lisbon"
-        } else {
-            "Porto"
-        };
+        let city = if self.rng.random_bool(0.6) { "Lisbon" } else { "Porto" };
         let quantity = if self.rng.random_bool(0.8) { 1 } else { 2 };
         let abandons = self.rng.random_bool(0.2);
         let request = ReserveRequest {
@@ -479,9 +478,7 @@ impl Buyer {
         match self.checkout.confirm(request).await {
             Ok(_) => {
                 bump(&self.tally.confirmed);
-                self.tally
-                    .units
-                    .fetch_add(u64::from(quantity), Ordering::Relaxed);
+                self.tally.units.fetch_add(u64::from(quantity), Ordering::Relaxed);
                 true
             }
             Err(status) if status.code() == Code::FailedPrecondition => {

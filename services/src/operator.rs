@@ -49,12 +49,7 @@ impl Operator {
             .drop_command(drop_id.clone(), command)
             .await
             .map_err(from_command_error)?;
-        let sku_ids: Vec<SkuId> = view
-            .spec
-            .skus
-            .iter()
-            .map(|sku| sku.sku_id.clone())
-            .collect();
+        let sku_ids: Vec<SkuId> = view.spec.skus.iter().map(|sku| sku.sku_id.clone()).collect();
         let sends = sku_ids.into_iter().map(|sku_id| {
             let (bus, drop_id) = (self.platform.bus.clone(), drop_id.clone());
             async move {
@@ -86,12 +81,7 @@ fn drop_spec(r: CreateDropRequest) -> Result<DropSpec, Status> {
     let opens_at = check.timestamp("opens_at", r.opens_at.as_ref());
     let closes_at = check.timestamp("closes_at", r.closes_at.as_ref());
     let mut skus = Vec::with_capacity(r.skus.len().min(domain::limits::SKUS_PER_DROP_MAX));
-    for (i, sku) in r
-        .skus
-        .iter()
-        .enumerate()
-        .take(domain::limits::SKUS_PER_DROP_MAX + 1)
-    {
+    for (i, sku) in r.skus.iter().enumerate().take(domain::limits::SKUS_PER_DROP_MAX + 1) {
         let sku_id = check.parse(&format!("skus[{i}].sku_id"), &sku.sku_id, SkuId::parse);
         let price = check.money(&format!("skus[{i}].price"), sku.price.as_ref());
         let mut pools = Vec::new();
@@ -101,16 +91,8 @@ fn drop_spec(r: CreateDropRequest) -> Result<DropSpec, Status> {
             .enumerate()
             .take(domain::limits::POOLS_PER_SKU_MAX + 1)
         {
-            let hub_id = check.parse(
-                &format!("skus[{i}].allocations[{j}].hub_id"),
-                &a.hub_id,
-                HubId::parse,
-            );
-            let city = check.parse(
-                &format!("skus[{i}].allocations[{j}].city"),
-                &a.city,
-                CityName::parse,
-            );
+            let hub_id = check.parse(&format!("skus[{i}].allocations[{j}].hub_id"), &a.hub_id, HubId::parse);
+            let city = check.parse(&format!("skus[{i}].allocations[{j}].city"), &a.city, CityName::parse);
             if let (Some(hub_id), Some(city)) = (hub_id, city) {
                 pools.push(PoolSpec {
                     hub_id,
@@ -152,10 +134,7 @@ type DropStream = Pin<Box<dyn Stream<Item = Result<Drop, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl OperatorService for Operator {
-    async fn create_drop(
-        &self,
-        request: Request<CreateDropRequest>,
-    ) -> Result<Response<Drop>, Status> {
+    async fn create_drop(&self, request: Request<CreateDropRequest>) -> Result<Response<Drop>, Status> {
         let spec = drop_spec(request.into_inner())?;
         let drop_id = spec.drop_id.clone();
         let skus = spec.skus.len();
@@ -170,30 +149,16 @@ impl OperatorService for Operator {
     }
 
     async fn open_drop(&self, request: Request<OpenDropRequest>) -> Result<Response<Drop>, Status> {
-        self.set_status(
-            &request.into_inner().drop_id,
-            DropCommand::Open,
-            SaleStatus::Open,
-        )
-        .await
+        self.set_status(&request.into_inner().drop_id, DropCommand::Open, SaleStatus::Open)
+            .await
     }
 
-    async fn close_drop(
-        &self,
-        request: Request<CloseDropRequest>,
-    ) -> Result<Response<Drop>, Status> {
-        self.set_status(
-            &request.into_inner().drop_id,
-            DropCommand::Close,
-            SaleStatus::Closed,
-        )
-        .await
+    async fn close_drop(&self, request: Request<CloseDropRequest>) -> Result<Response<Drop>, Status> {
+        self.set_status(&request.into_inner().drop_id, DropCommand::Close, SaleStatus::Closed)
+            .await
     }
 
-    async fn restock(
-        &self,
-        request: Request<RestockRequest>,
-    ) -> Result<Response<SkuFigures>, Status> {
+    async fn restock(&self, request: Request<RestockRequest>) -> Result<Response<SkuFigures>, Status> {
         let r = request.into_inner();
         let mut check = Check::default();
         let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
@@ -214,11 +179,7 @@ impl OperatorService for Operator {
         match self
             .platform
             .bus
-            .sku_command(
-                drop_id.clone(),
-                sku_id.clone(),
-                SkuCommand::Restock(command),
-            )
+            .sku_command(drop_id.clone(), sku_id.clone(), SkuCommand::Restock(command))
             .await
             .map_err(from_command_error)?
         {
@@ -243,10 +204,7 @@ impl OperatorService for Operator {
 
     type WatchDropStream = DropStream;
 
-    async fn watch_drop(
-        &self,
-        request: Request<WatchDropRequest>,
-    ) -> Result<Response<DropStream>, Status> {
+    async fn watch_drop(&self, request: Request<WatchDropRequest>) -> Result<Response<DropStream>, Status> {
         let drop_id = parse_drop_id(&request.into_inner().drop_id)?;
         let mut changes = self.platform.projections.availability.subscribe();
         let view = self
@@ -281,13 +239,11 @@ impl OperatorService for Operator {
                 };
                 let now = platform.clock.now();
                 let view = DropView {
-                    status: cached.status.effective(
-                        cached.spec.opens_at,
-                        cached.spec.closes_at,
-                        now,
-                    ),
+                    status: cached
+                        .status
+                        .effective(cached.spec.opens_at, cached.spec.closes_at, now),
                     recorded_status: cached.status,
-                    spec: (*cached.spec).clone(),
+                    spec: cached.spec.clone(),
                 };
                 let next = convert::drop_with_figures(&view, &cached.skus);
                 if next != last {

@@ -6,8 +6,7 @@ use crate::checkout::Checkout;
 use crate::operator::Operator;
 use crate::platform::Platform;
 use domain::limits::{
-    GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX,
-    SHUTDOWN_DRAIN_MS,
+    GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX, SHUTDOWN_DRAIN_MS,
 };
 use proto::checkout::v1::checkout_service_server::CheckoutServiceServer;
 use proto::operator::v1::operator_service_server::OperatorServiceServer;
@@ -25,16 +24,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let checkout = CheckoutServiceServer::new(Checkout::new(platform.clone()))
-        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-    let operator = OperatorServiceServer::new(Operator::new(platform.clone()))
-        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-    health
-        .set_serving::<CheckoutServiceServer<Checkout>>()
-        .await;
-    health
-        .set_serving::<OperatorServiceServer<Operator>>()
-        .await;
+    let checkout =
+        CheckoutServiceServer::new(Checkout::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let operator =
+        OperatorServiceServer::new(Operator::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    health.set_serving::<CheckoutServiceServer<Checkout>>().await;
+    health.set_serving::<OperatorServiceServer<Operator>>().await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
@@ -59,12 +54,8 @@ pub async fn serve(
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
-            health
-                .set_not_serving::<CheckoutServiceServer<Checkout>>()
-                .await;
-            health
-                .set_not_serving::<OperatorServiceServer<Operator>>()
-                .await;
+            health.set_not_serving::<CheckoutServiceServer<Checkout>>().await;
+            health.set_not_serving::<OperatorServiceServer<Operator>>().await;
             platform.begin_shutdown();
             let _ = drained_tx.send(());
         }

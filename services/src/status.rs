@@ -23,11 +23,7 @@ pub fn invalid_argument(violations: Vec<FieldViolation>) -> Status {
             .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
             .collect::<Vec<_>>(),
     );
-    Status::with_error_details(
-        Code::InvalidArgument,
-        format!("invalid argument: {message}"),
-        details,
-    )
+    Status::with_error_details(Code::InvalidArgument, format!("invalid argument: {message}"), details)
 }
 
 pub fn from_rejection(rejection: Rejection) -> Status {
@@ -39,10 +35,7 @@ pub fn from_rejection(rejection: Rejection) -> Status {
         Rejection::BuyerLimitReached { limit, .. } => Status::with_error_details(
             Code::ResourceExhausted,
             message,
-            ErrorDetails::with_quota_failure_violation(
-                "buyer",
-                format!("at most {limit} units of this SKU per buyer"),
-            ),
+            ErrorDetails::with_quota_failure_violation("buyer", format!("at most {limit} units of this SKU per buyer")),
         ),
         Rejection::IdempotencyKeyReused { key } => Status::with_error_details(
             Code::AlreadyExists,
@@ -65,12 +58,12 @@ pub fn from_command_error(error: CommandError) -> Status {
             format!("overloaded ({what}); nothing was changed, retry shortly"),
             ErrorDetails::with_retry_info(Some(Duration::from_millis(50))),
         ),
-        CommandError::Timeout(ms) => Status::deadline_exceeded(format!(
-            "no reply within {ms} ms; the command may still take effect"
-        )),
+        CommandError::Timeout(ms) => {
+            Status::deadline_exceeded(format!("no reply within {ms} ms; the command may still take effect"))
+        }
         CommandError::Unavailable(why) => Status::unavailable(why),
-        CommandError::Storage(why) => Status::unavailable(format!(
-            "storage failure, nothing acknowledged was lost; retry: {why}"
-        )),
+        CommandError::Storage(why) => {
+            Status::unavailable(format!("storage failure, nothing acknowledged was lost; retry: {why}"))
+        }
     }
 }

@@ -66,11 +66,7 @@ async fn burst_of_2000_reserves_for_100_units_holds_exactly_100() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (
-            figures.skus[0].held,
-            figures.skus[0].available,
-            figures.skus[0].sold
-        ),
+        (figures.skus[0].held, figures.skus[0].available, figures.skus[0].sold),
         (100, 0, 0)
     );
     let audit = actors::audit::audit_drop(
@@ -137,20 +133,14 @@ async fn expiry_returns_stock_and_promotes_the_waitlist_which_watch_order_sees()
         .unwrap()
         .into_inner();
     assert_eq!(expired.status, OrderStatus::Expired as i32);
-    let late = checkout
-        .confirm(pickup(&first.order_id, 2_500))
-        .await
-        .unwrap_err();
+    let late = checkout.confirm(pickup(&first.order_id, 2_500)).await.unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition);
     let confirmed = checkout
         .confirm(pickup(&second.order_id, 2_500))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        confirmed.order.unwrap().status,
-        OrderStatus::Confirmed as i32
-    );
+    assert_eq!(confirmed.order.unwrap().status, OrderStatus::Confirmed as i32);
     server.stop().await;
 }
 
@@ -178,11 +168,7 @@ async fn confirm_gives_a_receipt_without_pii_and_discreet_hides_the_product() {
         discreet: true,
         ..pickup(&held.order_id, 5_000)
     };
-    let reply = checkout
-        .confirm(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = checkout.confirm(request.clone()).await.unwrap().into_inner();
     let receipt = reply.receipt.unwrap();
     assert_eq!(receipt.description, "Dropline order");
     assert_eq!(receipt.pickup_code.len(), 6);
@@ -190,11 +176,7 @@ async fn confirm_gives_a_receipt_without_pii_and_discreet_hides_the_product() {
     let printed = format!("{receipt:?}");
     assert!(!printed.contains("Cara") && !printed.contains("Hidden") && !printed.contains("toy"));
     // Confirm again with the same content is a safe retry; different content is refused.
-    let again = checkout
-        .confirm(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let again = checkout.confirm(request.clone()).await.unwrap().into_inner();
     assert_eq!(again.receipt.unwrap().receipt_token, receipt.receipt_token);
     let changed = checkout
         .confirm(ConfirmRequest {
@@ -233,12 +215,7 @@ async fn the_same_idempotency_key_100_times_concurrently_makes_one_hold() {
                 idempotency_key: "key-1".into(),
                 ..reserve("idem", "sku", "dan", 2)
             };
-            checkout
-                .reserve(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .order_id
+            checkout.reserve(request).await.unwrap().into_inner().order_id
         }));
     }
     let mut ids = HashSet::new();
@@ -248,9 +225,7 @@ async fn the_same_idempotency_key_100_times_concurrently_makes_one_hold() {
     assert_eq!(ids.len(), 1);
     let figures = server
         .operator()
-        .get_drop(GetDropRequest {
-            drop_id: "idem".into(),
-        })
+        .get_drop(GetDropRequest { drop_id: "idem".into() })
         .await
         .unwrap()
         .into_inner();
@@ -277,9 +252,7 @@ async fn bad_inputs_get_clear_statuses_and_change_nothing() {
     let mut checkout = server.checkout();
     let mut operator = server.operator();
     let before = operator
-        .get_drop(GetDropRequest {
-            drop_id: "bad".into(),
-        })
+        .get_drop(GetDropRequest { drop_id: "bad".into() })
         .await
         .unwrap()
         .into_inner();
@@ -307,11 +280,7 @@ async fn bad_inputs_get_clear_statuses_and_change_nothing() {
     ];
     for (request, field) in cases {
         let status = checkout.reserve(request.clone()).await.unwrap_err();
-        assert_eq!(
-            status.code(),
-            Code::InvalidArgument,
-            "{request:?}: {status:?}"
-        );
+        assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
         assert!(
             fields(&status).iter().any(|f| f == field),
             "{request:?} should name {field}: {status:?}"
@@ -355,10 +324,7 @@ async fn bad_inputs_get_clear_statuses_and_change_nothing() {
     );
 
     // Per-buyer limit: RESOURCE_EXHAUSTED.
-    checkout
-        .reserve(reserve("bad", "sku", "eve", 2))
-        .await
-        .unwrap();
+    checkout.reserve(reserve("bad", "sku", "eve", 2)).await.unwrap();
     assert_eq!(
         checkout
             .reserve(reserve("bad", "sku", "eve", 1))
@@ -375,11 +341,7 @@ async fn bad_inputs_get_clear_statuses_and_change_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        checkout
-            .confirm(pickup(&held.order_id, 1))
-            .await
-            .unwrap_err()
-            .code(),
+        checkout.confirm(pickup(&held.order_id, 1)).await.unwrap_err().code(),
         Code::InvalidArgument
     );
     assert_eq!(
@@ -397,34 +359,28 @@ async fn bad_inputs_get_clear_statuses_and_change_nothing() {
         }),
         ..pickup(&held.order_id, 2_500)
     };
-    assert!(fields(&checkout.confirm(no_currency).await.unwrap_err())
-        .contains(&"amount.currency".to_string()));
+    assert!(fields(&checkout.confirm(no_currency).await.unwrap_err()).contains(&"amount.currency".to_string()));
     let no_fulfilment = ConfirmRequest {
         fulfilment: None,
         ..pickup(&held.order_id, 2_500)
     };
-    assert!(fields(&checkout.confirm(no_fulfilment).await.unwrap_err())
-        .contains(&"fulfilment".to_string()));
+    assert!(fields(&checkout.confirm(no_fulfilment).await.unwrap_err()).contains(&"fulfilment".to_string()));
 
     // Operator: closes_at before opens_at, negative price, missing timestamps, unknown drop.
     let mut backwards = drop_request("bad2", &[("sku", 5)], 2, 600);
     backwards.closes_at = Some(ts(-10));
-    assert!(fields(&operator.create_drop(backwards).await.unwrap_err())
-        .contains(&"closes_at".to_string()));
+    assert!(fields(&operator.create_drop(backwards).await.unwrap_err()).contains(&"closes_at".to_string()));
     let mut negative = drop_request("bad3", &[("sku", 5)], 2, 600);
     negative.skus[0].price = eur(-1);
-    assert!(fields(&operator.create_drop(negative).await.unwrap_err())
-        .contains(&"skus[0].price.minor_units".to_string()));
+    assert!(
+        fields(&operator.create_drop(negative).await.unwrap_err()).contains(&"skus[0].price.minor_units".to_string())
+    );
     let mut untimed = drop_request("bad4", &[("sku", 5)], 2, 600);
     untimed.opens_at = None;
-    assert!(
-        fields(&operator.create_drop(untimed).await.unwrap_err()).contains(&"opens_at".to_string())
-    );
+    assert!(fields(&operator.create_drop(untimed).await.unwrap_err()).contains(&"opens_at".to_string()));
     assert_eq!(
         operator
-            .get_drop(GetDropRequest {
-                drop_id: "bad2".into()
-            })
+            .get_drop(GetDropRequest { drop_id: "bad2".into() })
             .await
             .unwrap_err()
             .code(),
@@ -445,9 +401,7 @@ async fn bad_inputs_get_clear_statuses_and_change_nothing() {
 
     // Nothing but the two good reserves changed the drop.
     let after = operator
-        .get_drop(GetDropRequest {
-            drop_id: "bad".into(),
-        })
+        .get_drop(GetDropRequest { drop_id: "bad".into() })
         .await
         .unwrap()
         .into_inner();
@@ -461,10 +415,7 @@ async fn restock_promotes_the_waitlist_and_health_and_reflection_answer() {
     let server = TestServer::start().await;
     open_drop(&server, drop_request("restock", &[("sku", 1)], 1, 600)).await;
     let mut checkout = server.checkout();
-    checkout
-        .reserve(reserve("restock", "sku", "a", 1))
-        .await
-        .unwrap();
+    checkout.reserve(reserve("restock", "sku", "a", 1)).await.unwrap();
     let waiting = checkout
         .reserve(reserve("restock", "sku", "b", 1))
         .await
@@ -479,25 +430,11 @@ async fn restock_promotes_the_waitlist_and_health_and_reflection_answer() {
         idempotency_key: "r1".into(),
         ..Default::default()
     };
-    let figures = server
-        .operator()
-        .restock(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (figures.allocated, figures.held, figures.available),
-        (4, 2, 2)
-    );
+    let figures = server.operator().restock(request.clone()).await.unwrap().into_inner();
+    assert_eq!((figures.allocated, figures.held, figures.available), (4, 2, 2));
     // The same restock again is a safe retry.
     assert_eq!(
-        server
-            .operator()
-            .restock(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .allocated,
+        server.operator().restock(request).await.unwrap().into_inner().allocated,
         4
     );
     let promoted = checkout
@@ -522,9 +459,8 @@ async fn restock_promotes_the_waitlist_and_health_and_reflection_answer() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
     use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse, ServerReflectionRequest,
     };
     let mut reflection = ServerReflectionClient::new(server.channel.clone());
     let request = ServerReflectionRequest {
@@ -536,8 +472,7 @@ async fn restock_promotes_the_waitlist_and_health_and_reflection_answer() {
         .await
         .unwrap()
         .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        replies.message().await.unwrap().unwrap().message_response
+    let Some(MessageResponse::ListServicesResponse(list)) = replies.message().await.unwrap().unwrap().message_response
     else {
         panic!("no service list")
     };

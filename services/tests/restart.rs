@@ -10,12 +10,7 @@ use std::process::{Child, Command, Stdio};
 
 fn spawn_server(dir: &std::path::Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dropline"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir)
         .env("DROPLINE_LOG", "warn")
         .stdout(Stdio::null())
@@ -38,8 +33,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
     let channel = connect(([127, 0, 0, 1], port).into()).await;
-    let mut operator =
-        proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel.clone());
+    let mut operator = proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel.clone());
     operator
         .create_drop(drop_request("crash", &[("sku", 500)], 1, 600))
         .await
@@ -104,8 +98,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
             "{order_id} lost its confirmation"
         );
     }
-    let mut operator =
-        proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel);
+    let mut operator = proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel);
     let figures = operator
         .get_drop(GetDropRequest {
             drop_id: "crash".into(),

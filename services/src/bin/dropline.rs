@@ -4,8 +4,6 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let cli = services::config::Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(services::run(cli))
 }

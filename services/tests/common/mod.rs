@@ -73,10 +73,7 @@ pub async fn connect(addr: SocketAddr) -> Channel {
 }
 
 pub fn ts(offset_secs: i64) -> prost_types::Timestamp {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
     prost_types::Timestamp {
         seconds: now + offset_secs,
         nanos: 0,
@@ -125,8 +122,5 @@ pub async fn open_drop(server: &TestServer, request: CreateDropRequest) {
     let mut operator = server.operator();
     let drop_id = request.drop_id.clone();
     operator.create_drop(request).await.unwrap();
-    operator
-        .open_drop(OpenDropRequest { drop_id })
-        .await
-        .unwrap();
+    operator.open_drop(OpenDropRequest { drop_id }).await.unwrap();
 }

@@ -1,0 +1,372 @@
+//! Memory of a large catalog: how much a Dropline process holds once every SKU of a big
+//! catalog is live.
+//!
+//! The scenario starts its own server so the figure is that process alone, creates the
+//! catalog as drops, then reserves one unit of every SKU. The reserve matters: SKU actors
+//! start on first use, so without it the figure would leave out the state this measures.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use futures::{StreamExt as _, TryStreamExt as _};
+use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
+use proto::checkout::v1::{ReserveOutcome, ReserveRequest};
+use proto::common::v1::Money;
+use proto::operator::v1::operator_service_client::OperatorServiceClient;
+use proto::operator::v1::{Allocation, CreateDropRequest, SkuSpec};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::burst::run_burst;
+use crate::{net, open_drop, open_window, unix_millis, HOLD_TTL_SECONDS};
+
+/// Cities the hubs are spread over: hub `i` serves `city-{i % CITIES}`.
+const CITIES: usize = 5;
+/// Units in every pool: plenty for the one reserve each SKU gets.
+const UNITS_PER_POOL: u32 = 100;
+/// How long the server may take to start answering.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 connections to the server, shared round-robin.
+const CONNECTIONS: usize = 4;
+/// CreateDrop calls in flight: each carries a whole drop, so a few keep the server busy
+/// without queueing megabytes of requests.
+const CREATE_CONCURRENCY: usize = 4;
+/// The server stops SKU actors idle this long (`domain::limits::ACTOR_IDLE_STOP_MS`); a
+/// slower load may see early actors stopped before memory is read.
+const ACTOR_IDLE_STOP: Duration = Duration::from_secs(60);
+
+/// Arguments of `dropline-load catalog`.
+#[derive(Debug, clap::Args)]
+pub struct CatalogArgs {
+    /// The `dropline` server binary to start and measure.
+    #[arg(long)]
+    pub dropline_bin: PathBuf,
+    /// SKUs in the catalog.
+    #[arg(long, default_value_t = 100_000)]
+    pub skus: usize,
+    /// Hubs each SKU is allocated to (hub-0, hub-1, …).
+    #[arg(long, default_value_t = 10)]
+    pub hubs: usize,
+    /// SKUs per drop; the catalog is split into drops of this size.
+    #[arg(long, default_value_t = 1_000)]
+    pub skus_per_drop: usize,
+    /// The server's data directory [default: a fresh directory under the system temp
+    /// directory, removed afterwards].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Reserves in flight while every SKU gets its first reserve.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+}
+
+/// Names of a catalog run's drops and SKUs, derived from their index so both the creation
+/// and the reserves can compute them without a shared table.
+struct Layout {
+    run_id: u128,
+    skus: usize,
+    skus_per_drop: usize,
+    hubs: usize,
+}
+
+impl Layout {
+    fn drops(&self) -> usize {
+        self.skus.div_ceil(self.skus_per_drop)
+    }
+
+    fn drop_id(&self, drop: usize) -> String {
+        format!("catalog-{}-{drop}", self.run_id)
+    }
+
+    fn drop_of(&self, sku: usize) -> usize {
+        sku / self.skus_per_drop
+    }
+
+    fn skus_of(&self, drop: usize) -> std::ops::Range<usize> {
+        let start = drop * self.skus_per_drop;
+        start..(start + self.skus_per_drop).min(self.skus)
+    }
+
+    fn sku_id(sku: usize) -> String {
+        format!("sku-{sku}")
+    }
+
+    fn city(hub: usize) -> String {
+        format!("city-{}", hub % CITIES)
+    }
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+#[derive(Debug, PartialEq, Eq)]
+struct Memory {
+    /// VmRSS: resident now.
+    rss_kib: u64,
+    /// VmHWM: the most ever resident.
+    peak_kib: u64,
+}
+
+/// Runs `dropline-load catalog`.
+pub async fn run(args: CatalogArgs) -> anyhow::Result<()> {
+    ensure!(args.skus > 0, "--skus must be at least 1");
+    ensure!(args.hubs > 0, "--hubs must be at least 1");
+    ensure!(args.skus_per_drop > 0, "--skus-per-drop must be at least 1");
+    ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+
+    // Our own temp directory is removed at the end; a directory the user named is kept.
+    let (data_dir, temp_dir) = match &args.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            (dir.clone(), None)
+        }
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("dropline-load-catalog-")
+                .tempdir()
+                .context("cannot create a temporary data directory")?;
+            (temp.path().to_owned(), Some(temp))
+        }
+    };
+
+    let listen = format!("127.0.0.1:{}", net::free_local_port()?);
+    let mut child = start_server(&args.dropline_bin, &listen, &data_dir)?;
+    let result = measure(&args, &mut child, &format!("http://{listen}")).await;
+    // Stop the server before removing its directory, so it cannot write into it meanwhile.
+    net::stop(&mut child).await;
+    if let Some(temp_dir) = temp_dir {
+        let path = temp_dir.path().to_owned();
+        if let Err(error) = temp_dir.close() {
+            eprintln!("warning: cannot remove {}: {error}", path.display());
+        }
+    }
+    result
+}
+
+fn start_server(bin: &Path, listen: &str, data_dir: &Path) -> anyhow::Result<Child> {
+    eprintln!(
+        "starting {} serve --listen {listen} --data-dir {}",
+        bin.display(),
+        data_dir.display()
+    );
+    let mut command = Command::new(bin);
+    command
+        .arg("serve")
+        .arg("--listen")
+        .arg(listen)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    // Keep the report readable: the server's info logs would drown it. Warnings and errors
+    // still show, and an explicit DROPLINE_LOG (the server's `--log`) wins.
+    if std::env::var_os("DROPLINE_LOG").is_none() {
+        command.env("DROPLINE_LOG", "warn");
+    }
+    command
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
+}
+
+async fn measure(args: &CatalogArgs, child: &mut Child, target: &str) -> anyhow::Result<()> {
+    let pid = child.id().context("the server exited at once")?;
+    net::wait_until_answering(target, Some(&mut *child), STARTUP_TIMEOUT).await?;
+    let channels = net::connect_channels(target, CONNECTIONS).await?;
+    let layout = Arc::new(Layout {
+        run_id: unix_millis(),
+        skus: args.skus,
+        skus_per_drop: args.skus_per_drop,
+        hubs: args.hubs,
+    });
+
+    let load_started = Instant::now();
+    eprintln!(
+        "creating {} drops of up to {} SKUs x {} hubs",
+        layout.drops(),
+        layout.skus_per_drop,
+        layout.hubs
+    );
+    create_drops(&channels, &layout).await?;
+    let created_in = load_started.elapsed();
+
+    eprintln!("reserving one unit of each of {} SKUs", layout.skus);
+    let reserves = first_reserves(&channels, layout.clone(), args.concurrency).await?;
+    let loaded_in = load_started.elapsed();
+
+    if let Some(status) = child.try_wait().context("cannot poll the server process")? {
+        bail!("the server exited during the load ({status})");
+    }
+    let memory = read_memory(pid)?;
+
+    println!(
+        "catalog: {} SKUs x {} hubs, resident memory {} MiB (peak {} MiB)",
+        layout.skus,
+        layout.hubs,
+        memory.rss_kib.div_ceil(1024),
+        memory.peak_kib.div_ceil(1024)
+    );
+    println!(
+        "loaded in {:.1} s: {} drops created and opened in {:.1} s, first reserves in {:.1} s ({:.0}/s)",
+        loaded_in.as_secs_f64(),
+        layout.drops(),
+        created_in.as_secs_f64(),
+        reserves.elapsed.as_secs_f64(),
+        reserves.calls_per_second()
+    );
+    let held = reserves.outcome(&ReserveOutcome::Held);
+    println!(
+        "reserves: HELD {held}, other outcomes {}, errors {}",
+        reserves.successes() - held,
+        reserves.error_summary()
+    );
+    reserves.error_examples().for_each(|line| println!("{line}"));
+    if loaded_in > ACTOR_IDLE_STOP {
+        println!(
+            "note: the load took over {} s, so the first SKU actors may have stopped idle \
+             before memory was read; the peak still counts them",
+            ACTOR_IDLE_STOP.as_secs()
+        );
+    }
+    ensure!(
+        held == layout.skus as u64,
+        "only {held} of {} SKUs hold a reservation: the memory figure leaves out the rest",
+        layout.skus
+    );
+    Ok(())
+}
+
+/// Creates and opens every drop of the catalog, a few at a time, stopping at the first
+/// failure (a catalog with a missing drop would measure the wrong thing).
+async fn create_drops(channels: &[Channel], layout: &Layout) -> anyhow::Result<()> {
+    futures::stream::iter(0..layout.drops())
+        .map(Ok)
+        .try_for_each_concurrent(CREATE_CONCURRENCY, |drop| {
+            let channel = channels[drop % channels.len()].clone();
+            async move {
+                let mut operator =
+                    OperatorServiceClient::new(channel).max_decoding_message_size(net::MAX_DECODING_BYTES);
+                let drop_id = layout.drop_id(drop);
+                operator
+                    .create_drop(create_drop_request(layout, drop))
+                    .await
+                    .with_context(|| format!("CreateDrop {drop_id} failed"))?;
+                open_drop(&mut operator, &drop_id).await
+            }
+        })
+        .await
+}
+
+fn create_drop_request(layout: &Layout, drop: usize) -> CreateDropRequest {
+    let (opens_at, closes_at) = open_window();
+    let allocations: Vec<Allocation> = (0..layout.hubs)
+        .map(|hub| Allocation {
+            hub_id: format!("hub-{hub}"),
+            city: Layout::city(hub),
+            quantity: UNITS_PER_POOL,
+        })
+        .collect();
+    CreateDropRequest {
+        drop_id: layout.drop_id(drop),
+        creator_id: "load-creator".to_owned(),
+        title: format!("Catalog load test, part {drop}"),
+        opens_at: Some(opens_at),
+        closes_at: Some(closes_at),
+        hold_ttl_seconds: HOLD_TTL_SECONDS,
+        skus: layout
+            .skus_of(drop)
+            .map(|sku| SkuSpec {
+                sku_id: Layout::sku_id(sku),
+                name: format!("Catalog item {sku}"),
+                price: Some(Money {
+                    minor_units: 2_500,
+                    currency: "EUR".to_owned(),
+                }),
+                per_buyer_limit: 1,
+                allocations: allocations.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// One reserve per SKU, in the city of hub 0, each by its own buyer.
+async fn first_reserves(
+    channels: &[Channel],
+    layout: Arc<Layout>,
+    concurrency: usize,
+) -> anyhow::Result<crate::burst::BurstStats<ReserveOutcome>> {
+    let clients: Arc<[CheckoutServiceClient<Channel>]> =
+        channels.iter().cloned().map(CheckoutServiceClient::new).collect();
+    let city = Layout::city(0);
+    run_burst(layout.skus, concurrency, move |sku| {
+        let mut client = clients[sku % clients.len()].clone();
+        let request = ReserveRequest {
+            drop_id: layout.drop_id(layout.drop_of(sku)),
+            sku_id: Layout::sku_id(sku),
+            buyer_id: format!("catalog-buyer-{sku}"),
+            city: city.clone(),
+            hub_id: String::new(),
+            quantity: 1,
+            allow_partial: false,
+            skip_waitlist: true,
+            idempotency_key: format!("c-{sku}"),
+        };
+        async move {
+            let response = client.reserve(request).await?.into_inner();
+            Ok(response.outcome())
+        }
+    })
+    .await
+}
+
+fn read_memory(pid: u32) -> anyhow::Result<Memory> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path} (Linux only)"))?;
+    parse_memory(&status).with_context(|| format!("no VmRSS/VmHWM in {path}: has the server exited?"))
+}
+
+/// Reads VmRSS and VmHWM (in kB, which the kernel means as KiB) from a `/proc/*/status`.
+fn parse_memory(status: &str) -> Option<Memory> {
+    let field = |name: &str| {
+        status.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(':')?.trim();
+            value.strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })
+    };
+    Some(Memory {
+        rss_kib: field("VmRSS")?,
+        peak_kib: field("VmHWM")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_status() {
+        let status = "Name:\tdropline\nVmPeak:\t  900000 kB\nVmHWM:\t  716800 kB\nVmRSS:\t  626688 kB\n";
+        assert_eq!(
+            parse_memory(status),
+            Some(Memory {
+                rss_kib: 626_688,
+                peak_kib: 716_800
+            })
+        );
+        assert_eq!(parse_memory("Name:\tzombie\nState:\tZ (zombie)\n"), None);
+    }
+
+    #[test]
+    fn layout_splits_the_catalog_into_drops() {
+        let layout = Layout {
+            run_id: 7,
+            skus: 2_500,
+            skus_per_drop: 1_000,
+            hubs: 10,
+        };
+        assert_eq!(layout.drops(), 3);
+        assert_eq!(layout.skus_of(2), 2_000..2_500);
+        assert_eq!(layout.drop_of(1_999), 1);
+        assert_eq!(layout.drop_id(1), "catalog-7-1");
+        assert_eq!(Layout::city(7), "city-2");
+    }
+}

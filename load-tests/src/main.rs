@@ -1,0 +1,48 @@
+//! `dropline-load`: load tests for Dropline.
+//!
+//! Each subcommand is one scenario; see the library crate for how they measure.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use load_tests::{catalog, echo, hot_sku};
+
+#[derive(Debug, Parser)]
+#[command(name = "dropline-load", version, about = "Load tests for the Dropline platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve dropline.bench.v1.EchoService, the gRPC baseline; prints `listening on <addr>`.
+    EchoServer(echo::EchoServerArgs),
+    /// Burst of reserves on one hot SKU, compared with a bare tonic echo server, then an
+    /// oversell check.
+    HotSku(hot_sku::HotSkuArgs),
+    /// Resident memory of a dropline server holding a large live catalog.
+    Catalog(catalog::CatalogArgs),
+    /// Only the echo half of hot-sku: checks the generator without a Dropline server.
+    #[command(hide = true)]
+    EchoOnly(hot_sku::EchoOnlyArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::EchoServer(args) => echo::serve(args).await,
+        Command::HotSku(args) => hot_sku::run(args).await,
+        Command::Catalog(args) => catalog::run(args).await,
+        Command::EchoOnly(args) => hot_sku::run_echo_only(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line with the whole cause chain: a failed run should say why at a glance,
+            // not print a backtrace (which anyhow's Debug adds whenever RUST_BACKTRACE is set).
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
