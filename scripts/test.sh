@@ -14,4 +14,10 @@ fi
 
 cargo fmt --all --check
 cargo build --workspace --all-targets --locked
-cargo test --workspace --locked -- --test-threads 2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked -- --test-threads 2 2>&1 | tee "$log"
+# One closing line over every test binary (cargo prints one per binary, the last often a
+# doc-test run with nothing in it).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "\nall tests: %d passed, %d failed\n", p, f }' "$log"
