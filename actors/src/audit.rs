@@ -28,7 +28,7 @@ pub async fn audit_drop(journal: &dyn Journal, drop_id: &DropId) -> Result<Vec<S
         .await
         .map_err(|e| e.to_string())?
     {
-        let event: DropEvent = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let event: DropEvent = crate::codec::decode(&bytes)?;
         drop.apply(&event);
     }
     let spec = drop.spec.ok_or_else(|| format!("drop {drop_id} has no journal"))?;
@@ -40,7 +40,7 @@ pub async fn audit_drop(journal: &dyn Journal, drop_id: &DropId) -> Result<Vec<S
             .await
             .map_err(|e| e.to_string())?;
         for (_, bytes) in &events {
-            let event: SkuEvent = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            let event: SkuEvent = crate::codec::decode(bytes)?;
             state.apply(&event);
         }
         let sum = |f: fn(&domain::sku::Pool) -> u32| state.pools.iter().map(|p| u64::from(f(p))).sum::<u64>();

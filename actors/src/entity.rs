@@ -9,10 +9,13 @@
 //! Actors start on first use (snapshot + journal replay), run timers for their deadlines
 //! (hold expiry) and stop when idle with nothing pending.
 
+use crate::codec;
 use crate::error::CommandError;
 use crate::hosted::{Env, Hosted};
-use crate::journal::{AppendBatch, JournalError};
-use domain::limits::{ACTOR_IDLE_STOP_MS, SNAPSHOT_EVERY_MIN_EVENTS};
+use crate::journal::{AppendBatch, AppendPermit, JournalError};
+use domain::limits::{
+    ACTOR_IDLE_STOP_MS, SNAPSHOT_BUSY_MIN_EVENTS, SNAPSHOT_IDLE_MIN_EVENTS, SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR,
+};
 use domain::UnixMillis;
 use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::SendError;
@@ -51,8 +54,7 @@ pub struct Entity<H: Hosted> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<T, CommandError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| CommandError::Storage(format!("{stream}: undecodable journal entry: {e}")))
+    codec::decode(bytes).map_err(|e| CommandError::Storage(format!("{stream}: undecodable journal entry: {e}")))
 }
 
 impl<H: Hosted> Entity<H> {
@@ -75,46 +77,76 @@ impl<H: Hosted> Entity<H> {
         };
         let mut publication = None;
         if !events.is_empty() {
-            batch.events = events
-                .iter()
-                .map(|e| serde_json::to_vec(e).expect("events serialize"))
-                .collect();
+            batch.events = events.iter().map(codec::encode).collect();
             for event in &events {
                 self.state.apply(event);
             }
             self.version += events.len() as u64;
             self.events_since_snapshot += events.len() as u64;
-            if self.events_since_snapshot >= SNAPSHOT_EVERY_MIN_EVENTS.max(self.state.snapshot_weight()) {
-                batch.snapshot = Some((self.version, serde_json::to_vec(&self.state).expect("state serializes")));
+            let busy_limit = SNAPSHOT_BUSY_MIN_EVENTS.max(SNAPSHOT_STATE_FACTOR * self.state.snapshot_weight());
+            if self.events_since_snapshot >= busy_limit {
+                batch.snapshot = Some((self.version, codec::encode(&self.state)));
                 self.events_since_snapshot = 0;
             }
             publication = self.state.publication(&events, &self.env);
         }
+        self.append(permit, batch, actor_ref.downgrade(), move |written| match written {
+            Ok(()) => {
+                if let Some(publish) = publication {
+                    publish();
+                }
+                reply(outcome);
+            }
+            Err(e) => reply(Err(CommandError::Storage(e.to_string()))),
+        });
+    }
+
+    /// Hands a batch to the journal, counting it in flight until it completes. A failed
+    /// write leaves the in-memory state ahead of the journal: the actor is killed, and the
+    /// next command rebuilds it from what is durable.
+    fn append(
+        &mut self,
+        permit: Box<dyn AppendPermit>,
+        batch: AppendBatch,
+        actor: WeakActorRef<Self>,
+        done: impl FnOnce(Result<(), JournalError>) + Send + 'static,
+    ) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let in_flight = self.in_flight.clone();
-        let actor = actor_ref.downgrade();
         permit.append(
             batch,
             Box::new(move |written| {
                 in_flight.fetch_sub(1, Ordering::SeqCst);
-                match written {
-                    Ok(()) => {
-                        if let Some(publish) = publication {
-                            publish();
-                        }
-                        reply(outcome);
-                    }
-                    Err(e) => {
-                        // The in-memory state is ahead of the journal: drop it, and let the
-                        // next command rebuild the actor from what is durable.
-                        reply(Err(CommandError::Storage(e.to_string())));
-                        if let Some(actor) = actor.upgrade() {
-                            actor.kill();
-                        }
+                let failed = written.is_err();
+                done(written);
+                if failed {
+                    if let Some(actor) = actor.upgrade() {
+                        actor.kill();
                     }
                 }
             }),
         );
+    }
+
+    /// Writes a snapshot now; called after a quiet spell, so no buyer waits behind it.
+    fn snapshot_when_idle(&mut self, actor: WeakActorRef<Self>) {
+        // A full journal queue means a burst: the snapshot waits for the next quiet moment.
+        let Ok(permit) = self.env.journal.try_reserve() else {
+            return;
+        };
+        let batch = AppendBatch {
+            stream: self.stream.clone(),
+            first_version: self.version + 1,
+            snapshot: Some((self.version, codec::encode(&self.state))),
+            ..AppendBatch::default()
+        };
+        self.events_since_snapshot = 0;
+        let stream = self.stream.clone();
+        self.append(permit, batch, actor, move |written| {
+            if let Err(e) = written {
+                warn!(%stream, error = %e, "snapshot write failed");
+            }
+        });
     }
 
     /// Keeps exactly one timer, for the state's earliest deadline.
@@ -191,12 +223,26 @@ impl<H: Hosted> Actor for Entity<H> {
 
     async fn next(
         &mut self,
-        _: WeakActorRef<Self>,
+        actor: WeakActorRef<Self>,
         mailbox: &mut MailboxReceiver<Self>,
     ) -> Result<Option<Signal<Self>>, CommandError> {
+        // Under load the next message is usually there already: take it without arming a
+        // timer.
+        if let Ok(signal) = mailbox.try_recv() {
+            return Ok(Some(signal));
+        }
         loop {
-            match tokio::time::timeout(Duration::from_millis(ACTOR_IDLE_STOP_MS), mailbox.recv()).await {
+            // With enough events since the last snapshot, wait only for a short quiet spell,
+            // then write one: snapshots happen between bursts, off the buyers' latency path.
+            let snapshot_due = self.events_since_snapshot >= SNAPSHOT_IDLE_MIN_EVENTS;
+            let wait = if snapshot_due {
+                SNAPSHOT_QUIET_MS
+            } else {
+                ACTOR_IDLE_STOP_MS
+            };
+            match tokio::time::timeout(Duration::from_millis(wait), mailbox.recv()).await {
                 Ok(signal) => return Ok(signal),
+                Err(_) if snapshot_due => self.snapshot_when_idle(actor.clone()),
                 // Stop only with no timer (no holds or waitlists pending) and nothing in
                 // flight, so a restarted actor finds everything in the journal.
                 Err(_) if self.timer.is_none() && self.in_flight.load(Ordering::SeqCst) == 0 => {

@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod bus;
 pub mod clock;
+pub mod codec;
 pub mod embedded;
 pub mod entity;
 pub mod error;

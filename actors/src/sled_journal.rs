@@ -3,8 +3,8 @@
 //! appends, from any number of actors), writes it as one atomic sled batch, flushes once
 //! (fsync), then runs the completions in order. One fsync per batch, not per buyer.
 //!
-//! Keys: `e/<stream>\0<version, 8 bytes big-endian>` for events, `s/<stream>` for the
-//! snapshot (8-byte version, then the state). Streams never contain a NUL byte.
+//! Keys: `e/<stream>\0<first version, 8 bytes big-endian>` for chunks of consecutive
+//! events, `s/<stream>` for the snapshot (8-byte version, then the state). Streams never contain a NUL byte.
 
 use crate::journal::*;
 use domain::limits::{JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX};
@@ -92,22 +92,87 @@ impl SledJournal {
     }
 
     fn read_events(&self, stream: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
-        let start = event_key(stream, after.saturating_add(1));
-        let end = event_key(stream, u64::MAX);
-        let mut events = Vec::new();
-        for item in self.tree.range(start..=end) {
-            let (key, value) = item.map_err(|e| JournalError::Io(e.to_string()))?;
-            let version = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
-            if let Some((last, _)) = events.last() {
-                if version != last + 1 {
+        let io = |e: sled::Error| JournalError::Io(e.to_string());
+        let prefix = event_key(stream, 0);
+        let prefix = &prefix[..prefix.len() - 8];
+        let wanted = after.saturating_add(1);
+        // The chunk holding `wanted` starts at or before it: begin there.
+        let start = match self
+            .tree
+            .range(event_key(stream, 0)..=event_key(stream, wanted))
+            .next_back()
+        {
+            Some(item) => item.map_err(io)?.0.to_vec(),
+            None => event_key(stream, wanted),
+        };
+        let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
+        for item in self.tree.range(start..) {
+            let (key, value) = item.map_err(io)?;
+            if !key.starts_with(prefix) || key.len() != prefix.len() + 8 {
+                break;
+            }
+            let first = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
+            for (offset, event) in decode_chunk(&value)
+                .map_err(|e| JournalError::Corrupt(format!("{stream}: chunk at {first}: {e}")))?
+                .into_iter()
+                .enumerate()
+            {
+                let version = first + offset as u64;
+                if version <= after {
+                    continue;
+                }
+                let expected = events.last().map_or(wanted, |(last, _)| last + 1);
+                if version != expected {
                     return Err(JournalError::Corrupt(format!(
-                        "{stream}: version {version} follows {last}"
+                        "{stream}: version {version} where {expected} was expected"
                     )));
                 }
+                events.push((version, event.to_vec()));
             }
-            events.push((version, value.to_vec()));
         }
         Ok(events)
+    }
+}
+
+/// A chunk is consecutive events of one stream, each as a 4-byte little-endian length and
+/// its bytes. The writer packs everything one stream appended in a batch into as few
+/// chunks as `CHUNK_MAX_BYTES` allows: one sled insert per hot stream per flush instead of
+/// one per event.
+fn decode_chunk(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut events = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 4 {
+            return Err("truncated length".into());
+        }
+        let len = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
+        let end = 4 + len;
+        if bytes.len() < end {
+            return Err("truncated event".into());
+        }
+        events.push(&bytes[4..end]);
+        bytes = &bytes[end..];
+    }
+    Ok(events)
+}
+
+/// Chunks stay well under sled's blob threshold (large values become separate files).
+const CHUNK_MAX_BYTES: usize = 32 * 1024;
+
+/// A chunk being built: its first version, the next version it expects, and its bytes.
+struct OpenChunk {
+    first: u64,
+    next: u64,
+    bytes: Vec<u8>,
+}
+
+impl OpenChunk {
+    /// Adds the chunk, if not empty, to the sled batch; returns the number of inserts.
+    fn seal(&mut self, batch: &mut sled::Batch, stream: &str) -> usize {
+        if self.bytes.is_empty() {
+            return 0;
+        }
+        batch.insert(event_key(stream, self.first), std::mem::take(&mut self.bytes));
+        1
     }
 }
 
@@ -196,21 +261,43 @@ impl Writer {
     fn write(&self, pending: &[Request]) -> Result<(), JournalError> {
         let mut batch = sled::Batch::default();
         let mut writes = 0usize;
+        // Streams in first-seen order, each with its open chunk.
+        let mut chunks: Vec<(&str, OpenChunk)> = Vec::new();
+        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for Request { batch: append, .. } in pending {
+            let stream = append.stream.as_str();
+            let slot = *index.entry(stream).or_insert_with(|| {
+                chunks.push((
+                    stream,
+                    OpenChunk {
+                        first: append.first_version,
+                        next: append.first_version,
+                        bytes: Vec::new(),
+                    },
+                ));
+                chunks.len() - 1
+            });
+            let chunk = &mut chunks[slot].1;
             for (i, event) in append.events.iter().enumerate() {
-                batch.insert(
-                    event_key(&append.stream, append.first_version + i as u64),
-                    event.as_slice(),
-                );
-                writes += 1;
+                let version = append.first_version + i as u64;
+                if version != chunk.next || chunk.bytes.len() + 4 + event.len() > CHUNK_MAX_BYTES {
+                    writes += chunk.seal(&mut batch, stream);
+                    chunk.first = version;
+                }
+                chunk.bytes.extend_from_slice(&(event.len() as u32).to_le_bytes());
+                chunk.bytes.extend_from_slice(event);
+                chunk.next = version + 1;
             }
             if let Some((version, state)) = &append.snapshot {
                 let mut value = Vec::with_capacity(8 + state.len());
                 value.extend_from_slice(&version.to_be_bytes());
                 value.extend_from_slice(state);
-                batch.insert(snapshot_key(&append.stream), value);
+                batch.insert(snapshot_key(stream), value);
                 writes += 1;
             }
+        }
+        for (stream, chunk) in &mut chunks {
+            writes += chunk.seal(&mut batch, stream);
         }
         self.stats
             .appends
@@ -243,5 +330,96 @@ impl AddressVault for SledJournal {
             .get(order_id.as_bytes())
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(|e| JournalError::Io(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn append(
+        journal: &SledJournal,
+        stream: &str,
+        first_version: u64,
+        events: Vec<Vec<u8>>,
+        snapshot: Option<(u64, Vec<u8>)>,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let batch = AppendBatch {
+            stream: stream.into(),
+            first_version,
+            events,
+            snapshot,
+        };
+        journal
+            .try_reserve()
+            .expect("queue has room")
+            .append(batch, Box::new(move |r| drop(tx.send(r))));
+        rx.await.expect("completion runs").expect("write succeeds");
+    }
+
+    fn event(version: u64, len: usize) -> Vec<u8> {
+        let mut bytes = version.to_le_bytes().to_vec();
+        bytes.resize(len.max(8), 0xab);
+        bytes
+    }
+
+    #[tokio::test]
+    async fn chunks_reload_in_order_from_any_snapshot_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = SledJournal::open(dir.path()).unwrap();
+        // 1..=10 in small batches, then 11..=40 with events big enough to span chunks.
+        for v in 1..=10u64 {
+            append(&journal, "sku/a/b", v, vec![event(v, 16)], None).await;
+        }
+        append(
+            &journal,
+            "sku/a/b",
+            11,
+            (11..=40).map(|v| event(v, 3_000)).collect(),
+            None,
+        )
+        .await;
+        // Another stream with a name that extends the first must not leak into it.
+        append(&journal, "sku/a/bc", 1, vec![event(1, 16)], None).await;
+        let all = journal.load_all("sku/a/b").await.unwrap();
+        assert_eq!(
+            all.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+            (1..=40).collect::<Vec<_>>()
+        );
+        for (version, bytes) in &all {
+            assert_eq!(&bytes[..8], &version.to_le_bytes());
+        }
+        // A snapshot whose version falls inside a chunk: only later events come back.
+        append(&journal, "sku/a/b", 41, Vec::new(), Some((25, b"state".to_vec()))).await;
+        let recovered = journal.load("sku/a/b").await.unwrap();
+        assert_eq!(recovered.snapshot, Some((25, b"state".to_vec())));
+        assert_eq!(
+            recovered.events.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+            (26..=40).collect::<Vec<_>>()
+        );
+        drop(journal);
+        // Reopened (once the writer thread has let go of the database), the same.
+        let mut reopened = SledJournal::open(dir.path());
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            reopened = SledJournal::open(dir.path());
+        }
+        let journal = reopened.unwrap();
+        assert_eq!(journal.load_all("sku/a/b").await.unwrap(), all);
+        assert_eq!(journal.load("sku/a/bc").await.unwrap().events.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_versions_is_reported_as_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = SledJournal::open(dir.path()).unwrap();
+        append(&journal, "s", 1, vec![event(1, 8), event(2, 8)], None).await;
+        append(&journal, "s", 4, vec![event(4, 8)], None).await;
+        let err = journal.load_all("s").await.unwrap_err();
+        assert!(matches!(err, JournalError::Corrupt(_)), "{err:?}");
     }
 }

@@ -1,9 +1,12 @@
 //! Validated identifiers. A value of one of these types is always well formed, so the rest
-//! of the code never re-checks ids.
+//! of the code never re-checks ids. Each is an `Arc<str>`: an id is copied into several
+//! indexes of a SKU's state (orders, expiries, waitlists, buyer limits) and into every event,
+//! and a clone is a reference count, not an allocation.
 
 use crate::limits::{IDEMPOTENCY_KEY_LEN_MAX, ID_LEN_MAX};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -41,12 +44,12 @@ macro_rules! slug_id {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             pub fn parse(s: &str) -> Result<$name, IdError> {
                 check_slug(s)?;
-                Ok($name(s.to_string()))
+                Ok($name(Arc::from(s)))
             }
 
             pub fn as_str(&self) -> &str {
@@ -83,7 +86,7 @@ slug_id!(
 /// bounded and free of control characters; compared exactly.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct CityName(String);
+pub struct CityName(Arc<str>);
 
 impl CityName {
     pub fn parse(s: &str) -> Result<CityName, IdError> {
@@ -99,7 +102,7 @@ impl CityName {
         if s.chars().any(char::is_control) {
             return Err(IdError::ControlCharacter);
         }
-        Ok(CityName(s.to_string()))
+        Ok(CityName(Arc::from(s)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -117,12 +120,12 @@ impl fmt::Display for CityName {
 /// so no buyer PII reaches events, journals or logs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct BuyerRef(String);
+pub struct BuyerRef(Arc<str>);
 
 impl BuyerRef {
     /// Wraps an already-hashed buyer reference.
     pub fn from_hash_hex(hex: String) -> BuyerRef {
-        BuyerRef(hex)
+        BuyerRef(hex.into())
     }
 
     pub fn as_str(&self) -> &str {
@@ -133,7 +136,7 @@ impl BuyerRef {
 /// A client-chosen idempotency key (printable ASCII, at most 255 characters).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct IdempotencyKey(String);
+pub struct IdempotencyKey(Arc<str>);
 
 impl IdempotencyKey {
     pub fn parse(s: &str) -> Result<IdempotencyKey, IdError> {
@@ -149,7 +152,7 @@ impl IdempotencyKey {
         if !s.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(IdError::BadCharacter);
         }
-        Ok(IdempotencyKey(s.to_string()))
+        Ok(IdempotencyKey(Arc::from(s)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -162,13 +165,13 @@ impl IdempotencyKey {
 /// can route a request for it without a lookup; the random part is not guessable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct OrderId(String);
+pub struct OrderId(Arc<str>);
 
 impl OrderId {
     pub const TOKEN_HEX_LEN: usize = 16;
 
     pub fn new(drop_id: &DropId, sku_id: &SkuId, token: u64) -> OrderId {
-        OrderId(format!("{drop_id}.{sku_id}.{token:016x}"))
+        OrderId(format!("{drop_id}.{sku_id}.{token:016x}").into())
     }
 
     pub fn parse(s: &str) -> Result<OrderId, IdError> {
@@ -191,7 +194,7 @@ impl OrderId {
         {
             return Err(IdError::BadOrderId);
         }
-        Ok(OrderId(s.to_string()))
+        Ok(OrderId(Arc::from(s)))
     }
 
     /// The drop and SKU whose actor owns this order.
@@ -199,7 +202,7 @@ impl OrderId {
         let mut parts = self.0.split('.');
         let drop = parts.next().unwrap_or_default();
         let sku = parts.next().unwrap_or_default();
-        (DropId(drop.to_string()), SkuId(sku.to_string()))
+        (DropId(Arc::from(drop)), SkuId(Arc::from(sku)))
     }
 
     pub fn as_str(&self) -> &str {

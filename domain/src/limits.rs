@@ -50,9 +50,15 @@ pub const COMMAND_TIMEOUT_MS: u64 = 5_000;
 /// An actor with nothing pending stops after this long without messages; it is rebuilt
 /// from its snapshot and journal on next use.
 pub const ACTOR_IDLE_STOP_MS: u64 = 60_000;
-/// Snapshot an actor after at least this many events, and at least as many events as it
-/// holds orders, so snapshot cost stays O(1) per event however large the state grows.
-pub const SNAPSHOT_EVERY_MIN_EVENTS: u64 = 1_000;
+/// An actor snapshots after a quiet spell of `SNAPSHOT_QUIET_MS` without messages once this
+/// many events accumulated since its last snapshot: between bursts, off the latency path.
+pub const SNAPSHOT_IDLE_MIN_EVENTS: u64 = 1_000;
+pub const SNAPSHOT_QUIET_MS: u64 = 500;
+/// An actor that is never idle snapshots anyway after this many events, and after at least
+/// `SNAPSHOT_STATE_FACTOR` times as many events as it holds orders, so snapshot cost stays
+/// O(1) per event however large the state grows and replay after a crash stays bounded.
+pub const SNAPSHOT_BUSY_MIN_EVENTS: u64 = 20_000;
+pub const SNAPSHOT_STATE_FACTOR: u64 = 4;
 /// Times a command is re-sent to a freshly started actor after it met a stopping one.
 pub const ACTOR_RESTART_RETRIES: usize = 3;
 /// Live WatchOrder subscriptions per process.

@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use load_tests::{catalog, echo, hot_sku};
 
+/// mimalloc: glibc malloc cost ~20 % of the reserve path under load (arena lock contention
+/// and fragmentation across tokio workers); see ARCHITECTURE.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "dropline-load", version, about = "Load tests for the Dropline platform")]
 struct Cli {
