@@ -4,7 +4,7 @@
 
 use crate::error::CommandError;
 use crate::journal::BoxFuture;
-use domain::drop::{DropCommand, DropView};
+use domain::drop::{DropCommand, DropView, SaleStatus};
 use domain::sku::{SkuCommand, SkuReply};
 use domain::{DropId, SkuId};
 
@@ -16,4 +16,14 @@ pub trait CommandBus: Send + Sync + 'static {
         command: SkuCommand,
     ) -> BoxFuture<'_, Result<SkuReply, CommandError>>;
     fn drop_command(&self, drop_id: DropId, command: DropCommand) -> BoxFuture<'_, Result<DropView, CommandError>>;
+
+    /// Tells the *running* SKU actors of a drop that its sale status changed (after the
+    /// drop's journal recorded it). Actors that are not running are not started: every SKU
+    /// actor asks its drop for the status when it starts, so it catches up then. Opening a
+    /// 1,000-SKU drop therefore costs what its live SKUs cost, not 1,000 actor starts.
+    /// Wakes the actor of a journal stream for its deadline (it runs its timer command);
+    /// used for actors passivated with a deadline pending and after a restart.
+    fn wake(&self, stream: String) -> BoxFuture<'_, Result<(), CommandError>>;
+
+    fn sale_status_changed(&self, drop_id: DropId, status: SaleStatus) -> BoxFuture<'_, Result<(), CommandError>>;
 }

@@ -7,10 +7,12 @@ use crate::error::CommandError;
 use crate::hosted::{Env, Hosted};
 use crate::journal::{BoxFuture, Journal};
 use crate::projections::Projections;
-use domain::drop::{DropCommand, DropState, DropView};
+use crate::wakeups::Wakeups;
+use domain::drop::{DropCommand, DropState, DropView, SaleStatus};
 use domain::limits::{ACTOR_RESTART_RETRIES, COMMAND_TIMEOUT_MS};
 use domain::sku::{SkuCommand, SkuReply, SkuState};
-use domain::{DropId, SkuId};
+use domain::{DropId, SkuId, UnixMillis};
+use futures::{StreamExt, TryStreamExt};
 use kameo::actor::{ActorRef, Spawn};
 use kameo::error::{HookError, SendError};
 use std::collections::HashMap;
@@ -36,10 +38,6 @@ impl<H: Hosted> Registry<H> {
             if actor.is_alive() {
                 return actor.clone();
             }
-        }
-        // Forget stopped actors now and then, so idle SKUs do not accumulate.
-        if actors.len() >= 1_024 && actors.len().is_power_of_two() {
-            actors.retain(|_, actor| actor.is_alive());
         }
         let actor = Entity::<H>::spawn_with_mailbox(
             EntityArgs {
@@ -93,6 +91,25 @@ impl<H: Hosted> Registry<H> {
         Err(CommandError::Unavailable("actor keeps stopping".into()))
     }
 
+    /// Forgets stopped actors: a reference keeps a stopped actor's mailbox allocated.
+    fn sweep(&self) {
+        self.actors
+            .lock()
+            .expect("registry lock")
+            .retain(|_, actor| actor.is_alive());
+    }
+
+    /// Keys of running actors that match `filter`.
+    fn live_keys(&self, filter: impl Fn(&H::Key) -> bool) -> Vec<H::Key> {
+        self.actors
+            .lock()
+            .expect("registry lock")
+            .iter()
+            .filter(|(key, actor)| actor.is_alive() && filter(key))
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
     fn live(&self) -> usize {
         self.actors
             .lock()
@@ -103,6 +120,12 @@ impl<H: Hosted> Registry<H> {
     }
 }
 
+/// How often stopped actors are forgotten by the registries.
+const REGISTRY_SWEEP_MS: u64 = 5_000;
+
+/// SKU actors told about a status change at once.
+const STATUS_FAN_OUT: usize = 64;
+
 /// All drop and SKU actors of this process: the embedded [`CommandBus`].
 pub struct LocalActors {
     env: Arc<Env>,
@@ -111,12 +134,24 @@ pub struct LocalActors {
 }
 
 impl LocalActors {
-    pub fn new(journal: Arc<dyn Journal>, clock: Arc<dyn Clock>, projections: Arc<Projections>) -> Arc<LocalActors> {
-        Arc::new_cyclic(|weak: &std::sync::Weak<LocalActors>| {
+    /// Starts the actor system; deadlines recorded in the journal are scheduled at once.
+    pub fn new(
+        journal: Arc<dyn Journal>,
+        clock: Arc<dyn Clock>,
+        projections: Arc<Projections>,
+    ) -> Result<Arc<LocalActors>, CommandError> {
+        let pending: Vec<(String, UnixMillis)> = journal
+            .wakeups()
+            .map_err(|e| CommandError::Storage(e.to_string()))?
+            .into_iter()
+            .map(|(stream, at)| (stream, UnixMillis(at)))
+            .collect();
+        let actors = Arc::new_cyclic(|weak: &std::sync::Weak<LocalActors>| {
             let bus: std::sync::Weak<dyn CommandBus> = weak.clone();
             LocalActors {
                 env: Arc::new(Env {
                     journal,
+                    wakeups: Wakeups::start(bus.clone(), clock.clone(), pending),
                     clock,
                     projections,
                     bus,
@@ -124,7 +159,18 @@ impl LocalActors {
                 drops: Registry::new(),
                 skus: Registry::new(),
             }
-        })
+        });
+        let weak = Arc::downgrade(&actors);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(REGISTRY_SWEEP_MS));
+            loop {
+                every.tick().await;
+                let Some(actors) = weak.upgrade() else { return };
+                actors.drops.sweep();
+                actors.skus.sweep();
+            }
+        });
+        Ok(actors)
     }
 
     pub fn env(&self) -> &Arc<Env> {
@@ -149,5 +195,29 @@ impl CommandBus for LocalActors {
 
     fn drop_command(&self, drop_id: DropId, command: DropCommand) -> BoxFuture<'_, Result<DropView, CommandError>> {
         Box::pin(async move { self.drops.ask(&drop_id, &self.env, command).await })
+    }
+
+    fn wake(&self, stream: String) -> BoxFuture<'_, Result<(), CommandError>> {
+        Box::pin(async move {
+            let key = SkuState::key_of_stream(&stream)
+                .ok_or_else(|| CommandError::Storage(format!("no actor has deadlines in stream {stream}")))?;
+            self.skus.ask(&key, &self.env, SkuCommand::ExpireDue).await.map(|_| ())
+        })
+    }
+
+    fn sale_status_changed(&self, drop_id: DropId, status: SaleStatus) -> BoxFuture<'_, Result<(), CommandError>> {
+        Box::pin(async move {
+            // An actor starting right now is already registered, so it is in this list (its
+            // start-up read of the drop may predate the change); one registered after this
+            // read starts by reading the drop, which already records the change.
+            let live = self.skus.live_keys(|(d, _)| *d == drop_id);
+            futures::stream::iter(
+                live.into_iter()
+                    .map(|key| async move { self.skus.ask(&key, &self.env, SkuCommand::SetSaleStatus(status)).await }),
+            )
+            .buffer_unordered(STATUS_FAN_OUT)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+        })
     }
 }

@@ -51,6 +51,9 @@ pub struct Entity<H: Hosted> {
     timer: Option<(UnixMillis, tokio::task::JoinHandle<()>)>,
     /// Appends handed to the journal and not yet completed.
     in_flight: Arc<AtomicUsize>,
+    /// The next deadline last handed to the journal (`None`: not known yet). An actor stops
+    /// only once its current deadline is durable there, for the wake-up scheduler.
+    wakeup_written: Option<Option<UnixMillis>>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<T, CommandError> {
@@ -90,6 +93,7 @@ impl<H: Hosted> Entity<H> {
             }
             publication = self.state.publication(&events, &self.env);
         }
+        batch.wakeup = self.wakeup_change();
         self.append(permit, batch, actor_ref.downgrade(), move |written| match written {
             Ok(()) => {
                 if let Some(publish) = publication {
@@ -99,6 +103,16 @@ impl<H: Hosted> Entity<H> {
             }
             Err(e) => reply(Err(CommandError::Storage(e.to_string()))),
         });
+    }
+
+    /// The change of the next deadline since it was last written, if any, noted as written.
+    fn wakeup_change(&mut self) -> Option<Option<i64>> {
+        let deadline = self.state.next_deadline();
+        if self.wakeup_written == Some(deadline) {
+            return None;
+        }
+        self.wakeup_written = Some(deadline);
+        Some(deadline.map(|at| at.0))
     }
 
     /// Hands a batch to the journal, counting it in flight until it completes. A failed
@@ -126,6 +140,25 @@ impl<H: Hosted> Entity<H> {
                 }
             }),
         );
+    }
+
+    /// Makes the current deadline durable, so the actor can stop (see `next`).
+    fn write_wakeup(&mut self, actor: WeakActorRef<Self>) {
+        let Ok(permit) = self.env.journal.try_reserve() else {
+            return;
+        };
+        let batch = AppendBatch {
+            stream: self.stream.clone(),
+            first_version: self.version + 1,
+            wakeup: self.wakeup_change(),
+            ..AppendBatch::default()
+        };
+        let stream = self.stream.clone();
+        self.append(permit, batch, actor, move |written| {
+            if let Err(e) = written {
+                warn!(%stream, error = %e, "wake-up write failed");
+            }
+        });
     }
 
     /// Writes a snapshot now; called after a quiet spell, so no buyer waits behind it.
@@ -207,6 +240,8 @@ impl<H: Hosted> Actor for Entity<H> {
             env,
             timer: None,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            // Aggregates without timers never have a deadline to write.
+            wakeup_written: if H::timer_command().is_some() { None } else { Some(None) },
         };
         if let Some(command) = entity.state.after_recovery(&entity.env).await? {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -243,10 +278,21 @@ impl<H: Hosted> Actor for Entity<H> {
             match tokio::time::timeout(Duration::from_millis(wait), mailbox.recv()).await {
                 Ok(signal) => return Ok(signal),
                 Err(_) if snapshot_due => self.snapshot_when_idle(actor.clone()),
-                // Stop only with no timer (no holds or waitlists pending) and nothing in
-                // flight, so a restarted actor finds everything in the journal.
-                Err(_) if self.timer.is_none() && self.in_flight.load(Ordering::SeqCst) == 0 => {
-                    debug!(stream = %self.stream, "actor idle, stopping");
+                // Passivate: stop with nothing in flight (a restarted actor finds everything
+                // in the journal) and the next deadline durable and handed to the wake-up
+                // scheduler, which starts the actor again when it comes due.
+                Err(_) if self.in_flight.load(Ordering::SeqCst) == 0 => {
+                    let deadline = self.state.next_deadline();
+                    if self.wakeup_written != Some(deadline) {
+                        self.write_wakeup(actor.clone());
+                        continue;
+                    }
+                    if let Some(at) = deadline {
+                        if !self.env.wakeups.register(self.stream.clone(), at) {
+                            continue;
+                        }
+                    }
+                    debug!(stream = %self.stream, ?deadline, "actor idle, passivating");
                     return Ok(Some(Signal::Stop));
                 }
                 Err(_) => continue,

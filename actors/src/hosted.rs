@@ -21,6 +21,7 @@ pub struct Env {
     pub journal: Arc<dyn Journal>,
     pub clock: Arc<dyn Clock>,
     pub projections: Arc<Projections>,
+    pub wakeups: crate::wakeups::Wakeups,
     /// The platform's bus, for actors that ask other actors (a SKU asks its drop).
     pub(crate) bus: Weak<dyn CommandBus>,
 }
@@ -59,6 +60,11 @@ pub trait Hosted:
         Box::pin(async { Ok(None) })
     }
 
+    /// The key whose stream is `stream`, for aggregates with deadlines (see `wakeups`).
+    fn key_of_stream(_stream: &str) -> Option<Self::Key> {
+        None
+    }
+
     /// The command a due timer sends (see `Aggregate::next_deadline`).
     fn timer_command() -> Option<Self::Command> {
         None
@@ -88,11 +94,14 @@ impl Hosted for DropState {
         Box::pin(async { Ok(DropState::default()) })
     }
 
-    fn publication(&self, _: &[DropEvent], env: &Env) -> Option<Publication> {
+    fn publication(&self, events: &[DropEvent], env: &Env) -> Option<Publication> {
         let spec = self.spec.clone()?;
         let status = self.status;
+        let just_created = events.iter().any(|e| matches!(e, DropEvent::Created { .. }));
         let projections = env.projections.clone();
-        Some(Box::new(move || projections.availability.put_drop(spec, status)))
+        Some(Box::new(move || {
+            projections.availability.put_drop(spec, status, just_created)
+        }))
     }
 }
 
@@ -124,6 +133,11 @@ impl Hosted for SkuState {
             let view = env.bus()?.drop_command(self.drop_id.clone(), DropCommand::Get).await?;
             Ok((view.recorded_status != self.sale).then_some(SkuCommand::SetSaleStatus(view.recorded_status)))
         })
+    }
+
+    fn key_of_stream(stream: &str) -> Option<Self::Key> {
+        let (drop_id, sku_id) = stream.strip_prefix("sku/")?.split_once('/')?;
+        Some((DropId::parse(drop_id).ok()?, SkuId::parse(sku_id).ok()?))
     }
 
     fn timer_command() -> Option<SkuCommand> {

@@ -33,6 +33,9 @@ pub struct AppendBatch {
     pub events: Vec<Vec<u8>>,
     /// The state as of `version`, replacing the stream's previous snapshot.
     pub snapshot: Option<(u64, Vec<u8>)>,
+    /// A change of the stream's next deadline (Unix ms), kept for the wake-up scheduler:
+    /// `Some(Some(at))` sets it, `Some(None)` clears it, `None` leaves it as it was.
+    pub wakeup: Option<Option<i64>>,
 }
 
 /// Runs once the batch is durable (Ok) or failed (Err).
@@ -55,6 +58,9 @@ pub trait Journal: Send + Sync + 'static {
 
     /// The latest snapshot of a stream and every event after it.
     fn load(&self, stream: &str) -> BoxFuture<'_, Result<Recovered, JournalError>>;
+
+    /// Every stream's next deadline, as last appended (see [`AppendBatch::wakeup`]).
+    fn wakeups(&self) -> Result<Vec<(String, i64)>, JournalError>;
 
     /// Every event of a stream from version 1, ignoring snapshots (audits, reconciliation).
     fn load_all(&self, stream: &str) -> BoxFuture<'_, Result<Vec<(u64, Vec<u8>)>, JournalError>>;

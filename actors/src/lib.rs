@@ -16,6 +16,7 @@ pub mod journal;
 pub mod projections;
 pub mod secrets;
 pub mod sled_journal;
+pub mod wakeups;
 
 pub use bus::CommandBus;
 pub use clock::{Clock, SystemClock};

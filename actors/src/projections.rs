@@ -31,6 +31,10 @@ pub struct CachedDrop {
     pub spec: Arc<DropSpec>,
     pub status: SaleStatus,
     pub skus: Vec<Arc<SkuFigures>>,
+    /// SKUs whose actor has not published figures since this process started: their entry
+    /// in `skus` is the SKU's initial state, right only if it was never used. Readers that
+    /// need exact figures start those actors ([`SkuCommand::GetFigures`]) and read again.
+    pub missing: Vec<SkuId>,
 }
 
 /// Exact per-pool figures of every SKU, by drop. Buyers see levels derived from them;
@@ -51,19 +55,24 @@ impl Default for AvailabilityCache {
 }
 
 impl AvailabilityCache {
-    pub fn put_drop(&self, spec: Arc<DropSpec>, status: SaleStatus) {
+    /// Records a drop and its status. `just_created`: the drop was created by this very
+    /// publication, so its SKUs cannot have any history yet and their initial figures are
+    /// exact (no SKU actor needs starting to know them).
+    pub fn put_drop(&self, spec: Arc<DropSpec>, status: SaleStatus, just_created: bool) {
         let mut drops = self.drops.write().expect("cache lock");
-        match drops.get_mut(&spec.drop_id) {
-            Some(entry) => entry.status = status,
-            None => {
-                drops.insert(
-                    spec.drop_id.clone(),
-                    DropEntry {
-                        spec,
-                        status,
-                        skus: BTreeMap::new(),
-                    },
-                );
+        let entry = drops.entry(spec.drop_id.clone()).or_insert_with(|| DropEntry {
+            spec: spec.clone(),
+            status,
+            skus: BTreeMap::new(),
+        });
+        entry.status = status;
+        if just_created {
+            for sku in &spec.skus {
+                entry.skus.entry(sku.sku_id.clone()).or_insert_with(|| {
+                    let mut fresh = SkuState::new(&spec, sku);
+                    fresh.sale = status;
+                    Arc::new(fresh.figures())
+                });
             }
         }
         drop(drops);
@@ -83,6 +92,7 @@ impl AvailabilityCache {
     pub fn get(&self, drop_id: &DropId) -> Option<CachedDrop> {
         let drops = self.drops.read().expect("cache lock");
         let entry = drops.get(drop_id)?;
+        let mut missing = Vec::new();
         let skus = entry
             .spec
             .skus
@@ -90,6 +100,7 @@ impl AvailabilityCache {
             .map(|sku| match entry.skus.get(&sku.sku_id) {
                 Some(figures) => figures.clone(),
                 None => {
+                    missing.push(sku.sku_id.clone());
                     let mut fresh = SkuState::new(&entry.spec, sku);
                     fresh.sale = entry.status;
                     Arc::new(fresh.figures())
@@ -100,6 +111,7 @@ impl AvailabilityCache {
             spec: entry.spec.clone(),
             status: entry.status,
             skus,
+            missing,
         })
     }
 

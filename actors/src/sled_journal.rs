@@ -4,7 +4,8 @@
 //! (fsync), then runs the completions in order. One fsync per batch, not per buyer.
 //!
 //! Keys: `e/<stream>\0<first version, 8 bytes big-endian>` for chunks of consecutive
-//! events, `s/<stream>` for the snapshot (8-byte version, then the state). Streams never contain a NUL byte.
+//! events, `s/<stream>` for the snapshot (8-byte version, then the state), `w/<stream>` for
+//! the stream's next deadline (8-byte big-endian Unix ms). Streams never contain a NUL byte.
 
 use crate::journal::*;
 use domain::limits::{JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX};
@@ -44,6 +45,10 @@ fn event_key(stream: &str, version: u64) -> Vec<u8> {
 
 fn snapshot_key(stream: &str) -> Vec<u8> {
     [b"s/".as_slice(), stream.as_bytes()].concat()
+}
+
+fn wakeup_key(stream: &str) -> Vec<u8> {
+    [b"w/".as_slice(), stream.as_bytes()].concat()
 }
 
 impl SledJournal {
@@ -223,6 +228,19 @@ impl Journal for SledJournal {
         })
     }
 
+    fn wakeups(&self) -> Result<Vec<(String, i64)>, JournalError> {
+        let mut wakeups = Vec::new();
+        for item in self.tree.scan_prefix(b"w/") {
+            let (key, value) = item.map_err(|e| JournalError::Io(e.to_string()))?;
+            let stream = String::from_utf8(key[2..].to_vec())
+                .map_err(|_| JournalError::Corrupt("wake-up key is not UTF-8".into()))?;
+            let at = <[u8; 8]>::try_from(value.as_ref())
+                .map_err(|_| JournalError::Corrupt(format!("{stream}: wake-up is not 8 bytes")))?;
+            wakeups.push((stream, i64::from_be_bytes(at)));
+        }
+        Ok(wakeups)
+    }
+
     fn load_all(&self, stream: &str) -> BoxFuture<'_, Result<Vec<(u64, Vec<u8>)>, JournalError>> {
         let stream = stream.to_string();
         Box::pin(async move { self.read_events(&stream, 0) })
@@ -295,6 +313,12 @@ impl Writer {
                 batch.insert(snapshot_key(stream), value);
                 writes += 1;
             }
+            match append.wakeup {
+                Some(Some(at)) => batch.insert(wakeup_key(stream), at.to_be_bytes().to_vec()),
+                Some(None) => batch.remove(wakeup_key(stream)),
+                None => {}
+            }
+            writes += usize::from(append.wakeup.is_some());
         }
         for (stream, chunk) in &mut chunks {
             writes += chunk.seal(&mut batch, stream);
@@ -350,6 +374,7 @@ mod tests {
             first_version,
             events,
             snapshot,
+            wakeup: None,
         };
         journal
             .try_reserve()

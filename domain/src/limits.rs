@@ -47,9 +47,15 @@ pub const JOURNAL_QUEUE_MAX: usize = 65_536;
 pub const JOURNAL_BATCH_MAX: usize = 8_192;
 /// How long a caller waits for an actor's reply (queueing, decision, durable write).
 pub const COMMAND_TIMEOUT_MS: u64 = 5_000;
-/// An actor with nothing pending stops after this long without messages; it is rebuilt
-/// from its snapshot and journal on next use.
-pub const ACTOR_IDLE_STOP_MS: u64 = 60_000;
+/// An actor stops (is passivated) after this long without messages; it is rebuilt from its
+/// snapshot and journal on next use, or at its next deadline (see `actors::wakeups`).
+pub const ACTOR_IDLE_STOP_MS: u64 = 30_000;
+/// Deadline registrations of stopping actors queued for the wake-up scheduler.
+pub const WAKEUP_QUEUE_MAX: usize = 65_536;
+/// Passivated actors woken for their deadlines at once.
+pub const WAKE_CONCURRENCY: usize = 64;
+/// A wake that failed (overload) is tried again this much later.
+pub const WAKEUP_RETRY_MS: u64 = 1_000;
 /// An actor snapshots after a quiet spell of `SNAPSHOT_QUIET_MS` without messages once this
 /// many events accumulated since its last snapshot: between bursts, off the latency path.
 pub const SNAPSHOT_IDLE_MIN_EVENTS: u64 = 1_000;

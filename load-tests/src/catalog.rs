@@ -36,7 +36,7 @@ const CONNECTIONS: usize = 4;
 const CREATE_CONCURRENCY: usize = 4;
 /// The server stops SKU actors idle this long (`domain::limits::ACTOR_IDLE_STOP_MS`); a
 /// slower load may see early actors stopped before memory is read.
-const ACTOR_IDLE_STOP: Duration = Duration::from_secs(60);
+const ACTOR_IDLE_STOP: Duration = Duration::from_secs(30);
 
 /// Arguments of `dropline-load catalog`.
 #[derive(Debug, clap::Args)]
@@ -57,6 +57,10 @@ pub struct CatalogArgs {
     /// directory, removed afterwards].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Seconds to wait idle after the load before reading memory again (0: skip); longer
+    /// than the server's idle-stop time, so idle SKU actors are passivated.
+    #[arg(long, default_value_t = 40)]
+    pub settle_secs: u64,
     /// Reserves in flight while every SKU gets its first reserve.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -188,6 +192,7 @@ async fn measure(args: &CatalogArgs, child: &mut Child, target: &str) -> anyhow:
     );
     create_drops(&channels, &layout).await?;
     let created_in = load_started.elapsed();
+    let catalog_only = read_memory(pid)?;
 
     eprintln!("reserving one unit of each of {} SKUs", layout.skus);
     let reserves = first_reserves(&channels, layout.clone(), args.concurrency).await?;
@@ -204,6 +209,10 @@ async fn measure(args: &CatalogArgs, child: &mut Child, target: &str) -> anyhow:
         layout.hubs,
         memory.rss_kib.div_ceil(1024),
         memory.peak_kib.div_ceil(1024)
+    );
+    println!(
+        "  of which the catalog alone (drops created and opened, no SKU actor started): {} MiB",
+        catalog_only.rss_kib.div_ceil(1024)
     );
     println!(
         "loaded in {:.1} s: {} drops created and opened in {:.1} s, first reserves in {:.1} s ({:.0}/s)",
@@ -232,6 +241,24 @@ async fn measure(args: &CatalogArgs, child: &mut Child, target: &str) -> anyhow:
         "only {held} of {} SKUs hold a reservation: the memory figure leaves out the rest",
         layout.skus
     );
+    if args.settle_secs > 0 {
+        // A live catalog is mostly idle: idle SKU actors are passivated (their holds' deadlines
+        // stay with the wake-up scheduler), so this is the figure a long-running server shows.
+        eprintln!(
+            "waiting {} s without requests, for idle SKU actors to passivate",
+            args.settle_secs
+        );
+        tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+        if let Some(status) = child.try_wait().context("cannot poll the server process")? {
+            bail!("the server exited while settling ({status})");
+        }
+        let settled = read_memory(pid)?;
+        println!(
+            "after {} s idle (SKU actors passivated, every hold still pending): resident memory {} MiB",
+            args.settle_secs,
+            settled.rss_kib.div_ceil(1024)
+        );
+    }
     Ok(())
 }
 

@@ -7,7 +7,6 @@ use domain::drop::{DropCommand, DropSpec, DropView, PoolSpec, SaleStatus, SkuSpe
 use domain::limits::{WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS};
 use domain::sku::{RestockCommand, SkuCommand, SkuReply};
 use domain::{CityName, CreatorId, DropId, HubId, IdempotencyKey, SkuId};
-use futures::stream::{self, StreamExt, TryStreamExt};
 use proto::operator::v1::operator_service_server::OperatorService;
 use proto::operator::v1::*;
 use std::pin::Pin;
@@ -16,10 +15,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::info;
-
-/// SKU actors told about a status change at once, so opening a 10,000-SKU drop neither
-/// floods the mailboxes nor takes long.
-const STATUS_FAN_OUT: usize = 64;
 
 pub struct Operator {
     platform: Platform,
@@ -35,7 +30,7 @@ impl Operator {
         Ok(convert::drop_with_figures(view, &cached.skus))
     }
 
-    /// Records a status change in the drop's journal, then in every SKU's.
+    /// Records a status change in the drop's journal, then tells the running SKU actors.
     async fn set_status(
         &self,
         drop_id: &str,
@@ -49,19 +44,11 @@ impl Operator {
             .drop_command(drop_id.clone(), command)
             .await
             .map_err(from_command_error)?;
-        let sku_ids: Vec<SkuId> = view.spec.skus.iter().map(|sku| sku.sku_id.clone()).collect();
-        let sends = sku_ids.into_iter().map(|sku_id| {
-            let (bus, drop_id) = (self.platform.bus.clone(), drop_id.clone());
-            async move {
-                bus.sku_command(drop_id, sku_id, SkuCommand::SetSaleStatus(status))
-                    .await
-            }
-        });
-        stream::iter(sends)
-            .buffer_unordered(STATUS_FAN_OUT)
-            .map_err(from_command_error)
-            .try_collect::<Vec<_>>()
-            .await?;
+        self.platform
+            .bus
+            .sale_status_changed(drop_id.clone(), status)
+            .await
+            .map_err(from_command_error)?;
         info!(%drop_id, ?status, "drop status changed");
         Ok(Response::new(self.drop_reply(&view).await?))
     }

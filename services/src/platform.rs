@@ -9,11 +9,16 @@ use actors::secrets::BuyerHasher;
 use actors::sled_journal::SledJournal;
 use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
 use domain::drop::DropCommand;
+use domain::sku::SkuCommand;
 use domain::DropId;
+use futures::{StreamExt, TryStreamExt};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::Status;
+
+/// SKU actors started at once to fill a drop's figures into the cache.
+const FIGURES_LOAD_FAN_OUT: usize = 64;
 
 #[derive(Clone)]
 pub struct Platform {
@@ -37,7 +42,7 @@ impl Platform {
         let buyers = Arc::new(BuyerHasher::load_or_create(&data_dir.join("secrets"))?);
         let projections = Arc::new(Projections::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let actors = LocalActors::new(journal.clone(), clock.clone(), projections.clone());
+        let actors = LocalActors::new(journal.clone(), clock.clone(), projections.clone())?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(Platform {
             bus: actors.clone(),
@@ -58,11 +63,32 @@ impl Platform {
 
     /// The cached drop, asking the drop actor once (which publishes it) on a cache miss.
     pub async fn cached_drop(&self, drop_id: &DropId) -> Result<CachedDrop, Status> {
-        if let Some(cached) = self.projections.availability.get(drop_id) {
+        let cached = match self.projections.availability.get(drop_id) {
+            Some(cached) => cached,
+            None => {
+                self.bus
+                    .drop_command(drop_id.clone(), DropCommand::Get)
+                    .await
+                    .map_err(from_command_error)?;
+                self.projections
+                    .availability
+                    .get(drop_id)
+                    .ok_or_else(|| Status::unavailable("drop cache not ready; retry"))?
+            }
+        };
+        if cached.missing.is_empty() {
             return Ok(cached);
         }
-        self.bus
-            .drop_command(drop_id.clone(), DropCommand::Get)
+        // SKUs not seen since this process started (after a restart, or before first use):
+        // start their actors, which publish their figures from the journal, and read again.
+        let loads: Vec<_> = cached
+            .missing
+            .into_iter()
+            .map(|sku_id| self.bus.sku_command(drop_id.clone(), sku_id, SkuCommand::GetFigures))
+            .collect();
+        futures::stream::iter(loads)
+            .buffer_unordered(FIGURES_LOAD_FAN_OUT)
+            .try_for_each(|_| async { Ok(()) })
             .await
             .map_err(from_command_error)?;
         self.projections

@@ -113,3 +113,76 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
 }
 
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
+
+/// Holds of a crashed process still expire on time after the restart, and the waitlist is
+/// promoted, although no request touches the SKU again: its deadline was durable, and the
+/// wake-up scheduler starts the actor for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_expire_after_a_crash_without_any_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = spawn_server(dir.path(), port);
+    let channel = connect(([127, 0, 0, 1], port).into()).await;
+    let mut operator = proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel.clone());
+    operator
+        .create_drop(drop_request("wake", &[("sku", 1)], 1, 2))
+        .await
+        .unwrap();
+    operator
+        .open_drop(proto::operator::v1::OpenDropRequest { drop_id: "wake".into() })
+        .await
+        .unwrap();
+    let mut checkout = CheckoutServiceClient::new(channel);
+    let mut outcomes = Vec::new();
+    for buyer in ["first", "second"] {
+        let reply = checkout
+            .reserve(ReserveRequest {
+                drop_id: "wake".into(),
+                sku_id: "sku".into(),
+                buyer_id: buyer.into(),
+                city: "Lisbon".into(),
+                quantity: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        outcomes.push((reply.outcome, reply.order_id));
+    }
+    assert_eq!(outcomes[0].0, ReserveOutcome::Held as i32);
+    assert_eq!(outcomes[1].0, ReserveOutcome::Waitlisted as i32);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Restart and send nothing at all; the 2 s hold expires meanwhile.
+    let restarted_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let port = free_port();
+    let mut child = spawn_server(dir.path(), port);
+    connect(([127, 0, 0, 1], port).into()).await;
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let journal = actors::sled_journal::SledJournal::open(dir.path()).unwrap();
+    use actors::journal::Journal as _;
+    let events: Vec<domain::sku::SkuEvent> = journal
+        .load_all("sku/wake/sku")
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, bytes)| actors::codec::decode(bytes).unwrap())
+        .collect();
+    let promoted = events.iter().find_map(|e| match e {
+        domain::sku::SkuEvent::Promoted { order_id, at, .. } => Some((order_id.as_str().to_string(), at.0)),
+        _ => None,
+    });
+    let (order_id, at) = promoted.expect("the waitlisted buyer was promoted after the restart");
+    assert_eq!(order_id, outcomes[1].1);
+    assert!(
+        at >= restarted_at,
+        "promoted at {at}, before the restart at {restarted_at}"
+    );
+}
