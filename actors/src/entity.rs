@@ -142,42 +142,28 @@ impl<H: Hosted> Entity<H> {
         );
     }
 
-    /// Makes the current deadline durable, so the actor can stop (see `next`).
-    fn write_wakeup(&mut self, actor: WeakActorRef<Self>) {
+    /// Writes, without any command, what an idle actor owes the journal: a snapshot (after a
+    /// quiet spell, so no buyer waits behind it) or its current deadline (before it stops,
+    /// see `next`). A full journal queue means a burst: the write waits for the next quiet
+    /// moment.
+    fn write_when_idle(&mut self, snapshot: bool, actor: WeakActorRef<Self>) {
         let Ok(permit) = self.env.journal.try_reserve() else {
             return;
         };
-        let batch = AppendBatch {
+        let mut batch = AppendBatch {
             stream: self.stream.clone(),
             first_version: self.version + 1,
             wakeup: self.wakeup_change(),
             ..AppendBatch::default()
         };
+        if snapshot {
+            batch.snapshot = Some((self.version, codec::encode(&self.state)));
+            self.events_since_snapshot = 0;
+        }
         let stream = self.stream.clone();
         self.append(permit, batch, actor, move |written| {
             if let Err(e) = written {
-                warn!(%stream, error = %e, "wake-up write failed");
-            }
-        });
-    }
-
-    /// Writes a snapshot now; called after a quiet spell, so no buyer waits behind it.
-    fn snapshot_when_idle(&mut self, actor: WeakActorRef<Self>) {
-        // A full journal queue means a burst: the snapshot waits for the next quiet moment.
-        let Ok(permit) = self.env.journal.try_reserve() else {
-            return;
-        };
-        let batch = AppendBatch {
-            stream: self.stream.clone(),
-            first_version: self.version + 1,
-            snapshot: Some((self.version, codec::encode(&self.state))),
-            ..AppendBatch::default()
-        };
-        self.events_since_snapshot = 0;
-        let stream = self.stream.clone();
-        self.append(permit, batch, actor, move |written| {
-            if let Err(e) = written {
-                warn!(%stream, error = %e, "snapshot write failed");
+                warn!(%stream, error = %e, "idle write (snapshot or deadline) failed");
             }
         });
     }
@@ -277,14 +263,14 @@ impl<H: Hosted> Actor for Entity<H> {
             };
             match tokio::time::timeout(Duration::from_millis(wait), mailbox.recv()).await {
                 Ok(signal) => return Ok(signal),
-                Err(_) if snapshot_due => self.snapshot_when_idle(actor.clone()),
+                Err(_) if snapshot_due => self.write_when_idle(true, actor.clone()),
                 // Passivate: stop with nothing in flight (a restarted actor finds everything
                 // in the journal) and the next deadline durable and handed to the wake-up
                 // scheduler, which starts the actor again when it comes due.
                 Err(_) if self.in_flight.load(Ordering::SeqCst) == 0 => {
                     let deadline = self.state.next_deadline();
                     if self.wakeup_written != Some(deadline) {
-                        self.write_wakeup(actor.clone());
+                        self.write_when_idle(false, actor.clone());
                         continue;
                     }
                     if let Some(at) = deadline {

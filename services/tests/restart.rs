@@ -19,6 +19,16 @@ fn spawn_server(dir: &std::path::Path, port: u16) -> Child {
         .expect("dropline binary starts")
 }
 
+async fn create_and_open(channel: &tonic::transport::Channel, request: proto::operator::v1::CreateDropRequest) {
+    let mut operator = proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel.clone());
+    let drop_id = request.drop_id.clone();
+    operator.create_drop(request).await.unwrap();
+    operator
+        .open_drop(proto::operator::v1::OpenDropRequest { drop_id })
+        .await
+        .unwrap();
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -33,17 +43,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
     let channel = connect(([127, 0, 0, 1], port).into()).await;
-    let mut operator = proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel.clone());
-    operator
-        .create_drop(drop_request("crash", &[("sku", 500)], 1, 600))
-        .await
-        .unwrap();
-    operator
-        .open_drop(proto::operator::v1::OpenDropRequest {
-            drop_id: "crash".into(),
-        })
-        .await
-        .unwrap();
+    create_and_open(&channel, drop_request("crash", &[("sku", 500)], 1, 600)).await;
 
     let mut tasks = Vec::new();
     for i in 0..300 {
@@ -123,15 +123,7 @@ async fn holds_expire_after_a_crash_without_any_request() {
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
     let channel = connect(([127, 0, 0, 1], port).into()).await;
-    let mut operator = proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel.clone());
-    operator
-        .create_drop(drop_request("wake", &[("sku", 1)], 1, 2))
-        .await
-        .unwrap();
-    operator
-        .open_drop(proto::operator::v1::OpenDropRequest { drop_id: "wake".into() })
-        .await
-        .unwrap();
+    create_and_open(&channel, drop_request("wake", &[("sku", 1)], 1, 2)).await;
     let mut checkout = CheckoutServiceClient::new(channel);
     let mut outcomes = Vec::new();
     for buyer in ["first", "second"] {
