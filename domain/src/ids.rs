@@ -81,6 +81,10 @@ slug_id!(
     /// A creator who sells in drops.
     CreatorId
 );
+slug_id!(
+    /// A fulfilment partner (courier, locker bank, shop) in the partner registry.
+    PartnerId
+);
 
 /// A city a hub's pool is ring-fenced to. Free text (cities have spaces and accents), but
 /// bounded and free of control characters; compared exactly.

@@ -6,15 +6,17 @@
 
 pub mod aggregate;
 pub mod drop;
+pub mod hub;
 pub mod ids;
 pub mod limits;
 pub mod money;
+pub mod registry;
 pub mod rejection;
 pub mod sku;
 pub mod time;
 
 pub use aggregate::Aggregate;
-pub use ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdError, IdempotencyKey, OrderId, SkuId};
+pub use ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdError, IdempotencyKey, OrderId, PartnerId, SkuId};
 pub use money::{Currency, Money};
 pub use rejection::{FieldViolation, Rejection};
 pub use time::UnixMillis;

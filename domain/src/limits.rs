@@ -82,3 +82,31 @@ pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
 /// sled page cache of the embedded journal.
 pub const JOURNAL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+// Registry and hubs.
+
+/// Hubs in the registry, partners in the registry, and partners assigned to one hub: the
+/// registry is one actor whose state is all of these.
+pub const HUBS_MAX: usize = 10_000;
+pub const PARTNERS_MAX: usize = 100_000;
+pub const PARTNERS_PER_HUB_MAX: usize = 256;
+/// Dispatches not yet delivered or failed at one hub; beyond this a confirmed order waits in
+/// its SKU's hand-over queue (retried) instead of growing the hub without bound.
+pub const HUB_OPEN_DISPATCHES_MAX: usize = 200_000;
+/// Finished dispatches a hub keeps for reads (GetOrder, audit); older ones are forgotten by
+/// the hub (their history stays in its journal and the audit log).
+pub const HUB_FINISHED_DISPATCHES_KEPT: usize = 100_000;
+/// Operator alerts a hub keeps (newest first).
+pub const HUB_ALERTS_KEPT: usize = 100;
+/// Outcomes a partner's SLA score is computed over (the most recent ones), the fewest
+/// outcomes before a score counts, and the score thresholds (basis points of on-time
+/// outcomes) below which a partner is put on probation or suspended automatically.
+pub const SLA_WINDOW: u32 = 64;
+pub const SLA_MIN_SAMPLE: u32 = 10;
+pub const SLA_PROBATION_BELOW_BPS: u32 = 8_000;
+pub const SLA_SUSPEND_BELOW_BPS: u32 = 5_000;
+/// Longest reason text a courier may give for a decline or failure, and proof reference.
+pub const COURIER_TEXT_LEN_MAX: usize = 200;
+/// Mailbox of one hub actor and of the registry actor.
+pub const HUB_MAILBOX_CAPACITY: usize = 8_192;
+pub const REGISTRY_MAILBOX_CAPACITY: usize = 1_024;

@@ -36,6 +36,12 @@ pub enum Rejection {
     /// An idempotency key was reused with different parameters.
     #[error("idempotency key {key:?} was already used with different parameters")]
     IdempotencyKeyReused { key: String },
+    /// The caller is known but may not act on this thing (another partner's dispatch).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A bounded table or queue is full; retry later.
+    #[error("{0}")]
+    Exhausted(String),
     /// The thing exists already with different content.
     #[error("{what} {id} already exists with different content")]
     AlreadyExists { what: String, id: String },

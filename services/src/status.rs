@@ -47,6 +47,8 @@ pub fn from_rejection(rejection: Rejection) -> Status {
             ),
         ),
         Rejection::AlreadyExists { .. } => Status::already_exists(message),
+        Rejection::PermissionDenied(_) => Status::permission_denied(message),
+        Rejection::Exhausted(_) => Status::resource_exhausted(message),
     }
 }
 
