@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dropline/common/v1/common.proto",
         "dropline/checkout/v1/checkout.proto",
         "dropline/operator/v1/operator.proto",
+        "dropline/registry/v1/registry.proto",
+        "dropline/dispatch/v1/dispatch.proto",
         "dropline/bench/v1/echo.proto",
     ];
     tonic_prost_build::configure()

@@ -5,8 +5,10 @@
 use crate::error::CommandError;
 use crate::journal::BoxFuture;
 use domain::drop::{DropCommand, DropView, SaleStatus};
+use domain::hub::{HubCommand, HubReply};
+use domain::registry::{HubSetup, RegistryCommand, RegistryReply};
 use domain::sku::{SkuCommand, SkuReply};
-use domain::{DropId, SkuId};
+use domain::{DropId, HubId, SkuId};
 
 pub trait CommandBus: Send + Sync + 'static {
     fn sku_command(
@@ -26,4 +28,13 @@ pub trait CommandBus: Send + Sync + 'static {
     fn wake(&self, stream: String) -> BoxFuture<'_, Result<(), CommandError>>;
 
     fn sale_status_changed(&self, drop_id: DropId, status: SaleStatus) -> BoxFuture<'_, Result<(), CommandError>>;
+
+    fn hub_command(&self, hub_id: HubId, command: HubCommand) -> BoxFuture<'_, Result<HubReply, CommandError>>;
+
+    /// The partner registry (one actor: hubs' configuration, partners, assignments).
+    fn registry_command(&self, command: RegistryCommand) -> BoxFuture<'_, Result<RegistryReply, CommandError>>;
+
+    /// Gives a hub's new setup to its actor if it is running; a hub actor that is not
+    /// running reads its setup from the registry when it starts.
+    fn hub_setup_changed(&self, setup: HubSetup) -> BoxFuture<'_, Result<(), CommandError>>;
 }

@@ -1,5 +1,6 @@
 //! The embedded platform's bus: every actor in this process, found or started by key.
 
+use crate::audit_log::AuditLog;
 use crate::bus::CommandBus;
 use crate::clock::Clock;
 use crate::entity::{Cmd, Entity, EntityArgs};
@@ -9,9 +10,11 @@ use crate::journal::{BoxFuture, Journal};
 use crate::projections::Projections;
 use crate::wakeups::Wakeups;
 use domain::drop::{DropCommand, DropState, DropView, SaleStatus};
+use domain::hub::{HubCommand, HubReply, HubState};
 use domain::limits::{ACTOR_RESTART_RETRIES, COMMAND_TIMEOUT_MS};
+use domain::registry::{HubSetup, RegistryCommand, RegistryReply, RegistryState};
 use domain::sku::{SkuCommand, SkuReply, SkuState};
-use domain::{DropId, SkuId, UnixMillis};
+use domain::{DropId, HubId, SkuId, UnixMillis};
 use futures::{StreamExt, TryStreamExt};
 use kameo::actor::{ActorRef, Spawn};
 use kameo::error::{HookError, SendError};
@@ -131,6 +134,8 @@ pub struct LocalActors {
     env: Arc<Env>,
     drops: Registry<DropState>,
     skus: Registry<SkuState>,
+    hubs: Registry<HubState>,
+    registry: Registry<RegistryState>,
 }
 
 impl LocalActors {
@@ -139,6 +144,7 @@ impl LocalActors {
         journal: Arc<dyn Journal>,
         clock: Arc<dyn Clock>,
         projections: Arc<Projections>,
+        audit: Arc<dyn AuditLog>,
     ) -> Result<Arc<LocalActors>, CommandError> {
         let pending: Vec<(String, UnixMillis)> = journal
             .wakeups()
@@ -152,12 +158,16 @@ impl LocalActors {
                 env: Arc::new(Env {
                     journal,
                     wakeups: Wakeups::start(bus.clone(), clock.clone(), pending),
+                    audit,
+                    runtime: tokio::runtime::Handle::current(),
                     clock,
                     projections,
                     bus,
                 }),
                 drops: Registry::new(),
                 skus: Registry::new(),
+                hubs: Registry::new(),
+                registry: Registry::new(),
             }
         });
         let weak = Arc::downgrade(&actors);
@@ -168,6 +178,7 @@ impl LocalActors {
                 let Some(actors) = weak.upgrade() else { return };
                 actors.drops.sweep();
                 actors.skus.sweep();
+                actors.hubs.sweep();
             }
         });
         Ok(actors)
@@ -199,9 +210,36 @@ impl CommandBus for LocalActors {
 
     fn wake(&self, stream: String) -> BoxFuture<'_, Result<(), CommandError>> {
         Box::pin(async move {
-            let key = SkuState::key_of_stream(&stream)
-                .ok_or_else(|| CommandError::Storage(format!("no actor has deadlines in stream {stream}")))?;
-            self.skus.ask(&key, &self.env, SkuCommand::ExpireDue).await.map(|_| ())
+            if let Some(key) = SkuState::key_of_stream(&stream) {
+                return self.skus.ask(&key, &self.env, SkuCommand::ExpireDue).await.map(|_| ());
+            }
+            if let Some(key) = HubState::key_of_stream(&stream) {
+                return self.hubs.ask(&key, &self.env, HubCommand::ExpireDue).await.map(|_| ());
+            }
+            Err(CommandError::Storage(format!(
+                "no actor has deadlines in stream {stream}"
+            )))
+        })
+    }
+
+    fn hub_command(&self, hub_id: HubId, command: HubCommand) -> BoxFuture<'_, Result<HubReply, CommandError>> {
+        Box::pin(async move { self.hubs.ask(&hub_id, &self.env, command).await })
+    }
+
+    fn registry_command(&self, command: RegistryCommand) -> BoxFuture<'_, Result<RegistryReply, CommandError>> {
+        Box::pin(async move { self.registry.ask(&(), &self.env, command).await })
+    }
+
+    fn hub_setup_changed(&self, setup: HubSetup) -> BoxFuture<'_, Result<(), CommandError>> {
+        Box::pin(async move {
+            let hub_id = setup.spec.hub_id.clone();
+            if self.hubs.live_keys(|k| *k == hub_id).is_empty() {
+                return Ok(());
+            }
+            self.hubs
+                .ask(&hub_id, &self.env, HubCommand::Setup(setup))
+                .await
+                .map(|_| ())
         })
     }
 

@@ -1,15 +1,19 @@
 //! What an aggregate needs to be hosted by an [`crate::entity::Entity`] actor, and the
 //! hosting of the drop and SKU aggregates.
 
+use crate::audit_log::{AuditEntry, AuditLog};
 use crate::bus::CommandBus;
 use crate::clock::Clock;
 use crate::error::CommandError;
+use crate::fulfilment::{CourierUpdate, HubLoad};
 use crate::journal::{BoxFuture, Journal};
 use crate::projections::Projections;
 use domain::drop::{DropCommand, DropEvent, DropState};
-use domain::limits::{DROP_MAILBOX_CAPACITY, SKU_MAILBOX_CAPACITY};
+use domain::hub::{HubCommand, HubEvent, HubState};
+use domain::limits::{DROP_MAILBOX_CAPACITY, HUB_MAILBOX_CAPACITY, REGISTRY_MAILBOX_CAPACITY, SKU_MAILBOX_CAPACITY};
+use domain::registry::{RegistryCommand, RegistryEvent, RegistryReply, RegistryState, StatusSource};
 use domain::sku::{SkuCommand, SkuEvent, SkuReply, SkuState};
-use domain::{Aggregate, DropId, Rejection, SkuId};
+use domain::{Aggregate, DropId, HubId, OrderId, PartnerId, Rejection, SkuId, UnixMillis};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::fmt::Debug;
@@ -22,6 +26,10 @@ pub struct Env {
     pub clock: Arc<dyn Clock>,
     pub projections: Arc<Projections>,
     pub wakeups: crate::wakeups::Wakeups,
+    pub audit: Arc<dyn AuditLog>,
+    /// The runtime, for work a publication starts (publications run on the journal's
+    /// writer thread).
+    pub runtime: tokio::runtime::Handle,
     /// The platform's bus, for actors that ask other actors (a SKU asks its drop).
     pub(crate) bus: Weak<dyn CommandBus>,
 }
@@ -169,11 +177,36 @@ impl Hosted for SkuState {
                 .map(|o| self.order_view(o))
                 .collect()
         };
+        // Confirmed orders go to their hubs (after a restart: every one not acknowledged).
+        let handover: Vec<_> = if events.is_empty() {
+            self.handover.iter().filter_map(|id| self.dispatch_order(id)).collect()
+        } else {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    SkuEvent::Confirmed { order_id, .. } if self.handover.contains(order_id) => {
+                        self.dispatch_order(order_id)
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let handover = (!handover.is_empty()).then(|| {
+            let bus = env.bus.clone();
+            let (drop_id, sku_id) = (self.drop_id.clone(), self.sku_id.clone());
+            (
+                env.runtime.clone(),
+                crate::handover::hand_over(bus, drop_id, sku_id, handover),
+            )
+        });
         let projections = env.projections.clone();
         Some(Box::new(move || {
             projections.availability.put_sku(figures);
             for view in views {
                 projections.orders.publish(view);
+            }
+            if let Some((runtime, task)) = handover {
+                runtime.spawn(task);
             }
         }))
     }
@@ -181,6 +214,433 @@ impl Hosted for SkuState {
     fn snapshot_weight(&self) -> u64 {
         self.orders.len() as u64
     }
+}
+
+/// The registry: one actor for every hub's configuration and every partner.
+impl Hosted for RegistryState {
+    type Key = ();
+
+    fn stream(_: &()) -> String {
+        "registry".into()
+    }
+
+    fn mailbox_capacity() -> usize {
+        REGISTRY_MAILBOX_CAPACITY
+    }
+
+    fn initial<'a>(_: &'a (), _: &'a Env) -> BoxFuture<'a, Result<Self, CommandError>> {
+        Box::pin(async { Ok(RegistryState::default()) })
+    }
+
+    fn publication(&self, events: &[RegistryEvent], env: &Env) -> Option<Publication> {
+        let (partners, hubs): (Vec<_>, Vec<_>) = if events.is_empty() {
+            (
+                self.partners.values().cloned().collect(),
+                self.hubs.values().cloned().collect(),
+            )
+        } else {
+            let mut partners = std::collections::BTreeSet::new();
+            let mut hubs = std::collections::BTreeSet::new();
+            for event in events {
+                match event {
+                    RegistryEvent::HubCreated { spec, .. } | RegistryEvent::HubUpdated { spec, .. } => {
+                        hubs.insert(spec.hub_id.clone());
+                    }
+                    RegistryEvent::PartnerRegistered { spec, .. } | RegistryEvent::PartnerUpdated { spec, .. } => {
+                        partners.insert(spec.partner_id.clone());
+                    }
+                    RegistryEvent::StatusChanged { partner_id, .. }
+                    | RegistryEvent::Assigned { partner_id, .. }
+                    | RegistryEvent::Unassigned { partner_id, .. } => {
+                        partners.insert(partner_id.clone());
+                    }
+                }
+            }
+            (
+                partners.iter().filter_map(|p| self.partners.get(p).cloned()).collect(),
+                hubs.iter().filter_map(|h| self.hubs.get(h).cloned()).collect(),
+            )
+        };
+        // Hubs whose setup changed get it now if their actor runs (a version check there
+        // keeps an older setup from replacing a newer one).
+        let mut touched: Vec<HubId> = events.iter().flat_map(|e| e.hubs_touched(self)).collect();
+        touched.sort();
+        touched.dedup();
+        let setups: Vec<_> = touched.iter().filter_map(|h| self.setup(h)).collect();
+        let audit: Vec<AuditEntry> = events.iter().filter_map(registry_audit).collect();
+        let projections = env.projections.clone();
+        let log = env.audit.clone();
+        let bus = env.bus.clone();
+        let runtime = env.runtime.clone();
+        Some(Box::new(move || {
+            for hub in hubs {
+                projections.directory.put_hub(hub);
+            }
+            for partner in partners {
+                projections.directory.put_partner(partner);
+            }
+            write_audit(log.as_ref(), &audit);
+            if !setups.is_empty() {
+                runtime.spawn(async move {
+                    let Some(bus) = bus.upgrade() else { return };
+                    for setup in setups {
+                        let hub_id = setup.spec.hub_id.clone();
+                        if let Err(e) = bus.hub_setup_changed(setup).await {
+                            tracing::warn!(%hub_id, error = %e, "hub did not take its new setup; it reads it at its next start");
+                        }
+                    }
+                });
+            }
+        }))
+    }
+
+    fn snapshot_weight(&self) -> u64 {
+        (self.partners.len() + self.hubs.len()) as u64
+    }
+}
+
+fn write_audit(log: &dyn AuditLog, entries: &[AuditEntry]) {
+    for entry in entries {
+        if let Err(e) = log.append(entry) {
+            tracing::error!(error = %e, action = %entry.action, "audit entry not written");
+        }
+    }
+}
+
+fn registry_audit(event: &RegistryEvent) -> Option<AuditEntry> {
+    let entry = |at: UnixMillis, action: &str, partner: &PartnerId, hub: Option<&HubId>, detail: String| AuditEntry {
+        at,
+        action: action.into(),
+        order_id: None,
+        partner_id: Some(partner.to_string()),
+        hub_id: hub.map(ToString::to_string),
+        detail,
+    };
+    Some(match event {
+        RegistryEvent::HubCreated { .. } | RegistryEvent::HubUpdated { .. } => return None,
+        RegistryEvent::PartnerRegistered { spec, at, .. } => entry(
+            *at,
+            "registered",
+            &spec.partner_id,
+            None,
+            format!("{:?} with {:?}, on probation", spec.kind, spec.capabilities),
+        ),
+        RegistryEvent::PartnerUpdated { spec, at } => entry(
+            *at,
+            "updated",
+            &spec.partner_id,
+            None,
+            format!(
+                "capabilities {:?}, at most {} open dispatches",
+                spec.capabilities, spec.max_open_dispatches
+            ),
+        ),
+        RegistryEvent::StatusChanged {
+            partner_id,
+            status,
+            reason,
+            source,
+            at,
+        } => {
+            let by = match source {
+                StatusSource::Registration => "registration".to_string(),
+                StatusSource::Operator => "operator".to_string(),
+                StatusSource::Hub(h) => format!("hub {h}"),
+            };
+            let hub = match source {
+                StatusSource::Hub(h) => Some(h),
+                _ => None,
+            };
+            entry(
+                *at,
+                "status_changed",
+                partner_id,
+                hub,
+                format!("{status:?} by {by}: {reason}"),
+            )
+        }
+        RegistryEvent::Assigned {
+            partner_id,
+            hub_id,
+            rank,
+            at,
+        } => entry(*at, "assigned", partner_id, Some(hub_id), format!("rank {rank}")),
+        RegistryEvent::Unassigned { partner_id, hub_id, at } => {
+            entry(*at, "unassigned", partner_id, Some(hub_id), String::new())
+        }
+    })
+}
+
+/// One actor per hub: its dispatches, SLA clocks and partner records.
+impl Hosted for HubState {
+    type Key = HubId;
+
+    fn stream(key: &HubId) -> String {
+        format!("hub/{key}")
+    }
+
+    fn mailbox_capacity() -> usize {
+        HUB_MAILBOX_CAPACITY
+    }
+
+    fn initial<'a>(key: &'a HubId, _: &'a Env) -> BoxFuture<'a, Result<Self, CommandError>> {
+        Box::pin(async move { Ok(HubState::new(key.clone())) })
+    }
+
+    fn after_recovery<'a>(&'a self, env: &'a Env) -> BoxFuture<'a, Result<Option<HubCommand>, CommandError>> {
+        Box::pin(async move {
+            // The registry is the authority for the hub's configuration; catch up with it.
+            let hub_id = self
+                .hub_id()
+                .cloned()
+                .ok_or_else(|| CommandError::Storage("hub without id".into()))?;
+            match env
+                .bus()?
+                .registry_command(RegistryCommand::GetHubSetup(hub_id))
+                .await?
+            {
+                RegistryReply::Setup(setup) if setup.version > self.setup_version() || self.spec().is_none() => {
+                    Ok(Some(HubCommand::Setup(setup)))
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+
+    fn key_of_stream(stream: &str) -> Option<HubId> {
+        HubId::parse(stream.strip_prefix("hub/")?).ok()
+    }
+
+    fn timer_command() -> Option<HubCommand> {
+        Some(HubCommand::ExpireDue)
+    }
+
+    fn publication(&self, events: &[HubEvent], env: &Env) -> Option<Publication> {
+        let hub_id = self.hub_id()?.clone();
+        let now = env.clock.now();
+        let load = self.load(now).map(|(open, waiting, throttled, from, by)| HubLoad {
+            hub_id: hub_id.clone(),
+            open,
+            waiting,
+            throttled,
+            next_promise: (from, by),
+        });
+        let watchers = &env.projections.orders;
+        let mut courier = Vec::new();
+        let mut tracking = Vec::new();
+        let mut audit = Vec::new();
+        let mut status_requests = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for event in events {
+            if let Some(entry) = hub_audit(&hub_id, event) {
+                audit.push(entry);
+            }
+            match event {
+                HubEvent::Offered { order_id, partner, .. } => {
+                    if let Some(d) = self.dispatch(order_id) {
+                        if d.stage.holder() == Some(partner) {
+                            courier.push((
+                                partner.clone(),
+                                CourierUpdate::Offer {
+                                    hub_id: hub_id.clone(),
+                                    dispatch: Arc::new(d.clone()),
+                                },
+                            ));
+                        }
+                    }
+                }
+                HubEvent::PartnerSwapped { order_id, swap } => courier.push((
+                    swap.from.clone(),
+                    CourierUpdate::Withdrawn {
+                        hub_id: hub_id.clone(),
+                        order_id: order_id.clone(),
+                        reason: swap.reason.describe(),
+                    },
+                )),
+                HubEvent::Failed {
+                    order_id,
+                    holder: Some(partner),
+                    reason,
+                    ..
+                } => courier.push((
+                    partner.clone(),
+                    CourierUpdate::Withdrawn {
+                        hub_id: hub_id.clone(),
+                        order_id: order_id.clone(),
+                        reason: reason.clone(),
+                    },
+                )),
+                HubEvent::StatusRequested {
+                    partner,
+                    status,
+                    reason,
+                    ..
+                } => status_requests.push(RegistryCommand::SetStatus {
+                    partner_id: partner.clone(),
+                    status: *status,
+                    reason: reason.clone(),
+                    source: StatusSource::Hub(hub_id.clone()),
+                }),
+                _ => {}
+            }
+            if let Some(id) = event.order_id() {
+                if !watchers.is_empty() && seen.insert(id.clone()) && watchers.is_watched(id) {
+                    if let Some(d) = self.dispatch(id) {
+                        tracking.push(Arc::new(d.clone()));
+                    }
+                }
+            }
+        }
+        let projections = env.projections.clone();
+        let log = env.audit.clone();
+        let bus = env.bus.clone();
+        let runtime = env.runtime.clone();
+        Some(Box::new(move || {
+            write_audit(log.as_ref(), &audit);
+            for (partner, update) in courier {
+                projections.couriers.send(&partner, update);
+            }
+            for dispatch in tracking {
+                projections.orders.publish_tracking(dispatch);
+            }
+            if let Some(load) = load {
+                if projections.hub_loads.put(load) {
+                    projections.availability.touch();
+                }
+            }
+            if !status_requests.is_empty() {
+                runtime.spawn(async move {
+                    let Some(bus) = bus.upgrade() else { return };
+                    for request in status_requests {
+                        if let Err(e) = bus.registry_command(request).await {
+                            tracing::warn!(error = %e, "partner status request not taken; asked again at the next outcome");
+                        }
+                    }
+                });
+            }
+        }))
+    }
+
+    fn snapshot_weight(&self) -> u64 {
+        self.dispatches().count() as u64
+    }
+}
+
+fn hub_audit(hub_id: &HubId, event: &HubEvent) -> Option<AuditEntry> {
+    let entry =
+        |at: UnixMillis, action: &str, order: &OrderId, partner: Option<&PartnerId>, detail: String| AuditEntry {
+            at,
+            action: action.into(),
+            order_id: Some(order.to_string()),
+            partner_id: partner.map(ToString::to_string),
+            hub_id: Some(hub_id.to_string()),
+            detail,
+        };
+    let ms = |t: UnixMillis| t.0;
+    Some(match event {
+        HubEvent::Configured { .. } => return None,
+        HubEvent::StatusRequested {
+            partner,
+            status,
+            reason,
+            at,
+        } => AuditEntry {
+            at: *at,
+            action: "status_requested".into(),
+            order_id: None,
+            partner_id: Some(partner.to_string()),
+            hub_id: Some(hub_id.to_string()),
+            detail: format!("{status:?}: {reason}"),
+        },
+        HubEvent::Dispatched {
+            order,
+            promised_from,
+            promised_by,
+            throttled,
+            at,
+            ..
+        } => entry(
+            *at,
+            "dispatched",
+            &order.order_id,
+            None,
+            format!(
+                "window {}..{} (unix ms){}",
+                ms(*promised_from),
+                ms(*promised_by),
+                if *throttled { ", throttled to a later slot" } else { "" }
+            ),
+        ),
+        HubEvent::Offered {
+            order_id,
+            partner,
+            deadline,
+            at,
+            ..
+        } => entry(
+            *at,
+            "offered",
+            order_id,
+            Some(partner),
+            format!("accept by {} (unix ms)", ms(*deadline)),
+        ),
+        HubEvent::Accepted {
+            order_id, partner, at, ..
+        } => entry(*at, "accepted", order_id, Some(partner), String::new()),
+        HubEvent::PickedUp {
+            order_id, partner, at, ..
+        } => entry(*at, "picked_up", order_id, Some(partner), String::new()),
+        HubEvent::Delivered {
+            order_id,
+            partner,
+            proof,
+            on_time,
+            at,
+        } => entry(
+            *at,
+            "delivered",
+            order_id,
+            Some(partner),
+            format!("proof {proof}, {}", if *on_time { "on time" } else { "late" }),
+        ),
+        HubEvent::DeliveryOverdue { order_id, partner, at } => {
+            entry(*at, "delivery_overdue", order_id, Some(partner), String::new())
+        }
+        HubEvent::PartnerSwapped { order_id, swap } => entry(
+            swap.at,
+            "swapped",
+            order_id,
+            Some(&swap.from),
+            match swap.missed_deadline {
+                Some(d) => format!("{} ({} ms after it)", swap.reason.describe(), swap.at.0 - d.0),
+                None => swap.reason.describe(),
+            },
+        ),
+        HubEvent::Waiting { order_id, reason, at } => entry(*at, "no_partner", order_id, None, reason.clone()),
+        HubEvent::WindowMissed { order_id, remedy } => entry(
+            remedy.at,
+            "remedy",
+            order_id,
+            None,
+            format!(
+                "{:?}: {} owed to the buyer, charged to {:?}",
+                remedy.kind, remedy.amount, remedy.at_fault
+            ),
+        ),
+        HubEvent::Failed {
+            order_id,
+            holder,
+            reason,
+            remedy,
+            at,
+        } => entry(
+            *at,
+            "failed",
+            order_id,
+            holder.as_ref(),
+            format!("{reason}; {} refunded, charged to {:?}", remedy.amount, remedy.at_fault),
+        ),
+    })
 }
 
 /// Replies of SKU commands, unwrapped by kind.

@@ -5,12 +5,15 @@
 //! cache, order watchers) after every durable batch.
 
 pub mod audit;
+pub mod audit_log;
 pub mod bus;
 pub mod clock;
 pub mod codec;
 pub mod embedded;
 pub mod entity;
 pub mod error;
+pub mod fulfilment;
+pub mod handover;
 pub mod hosted;
 pub mod journal;
 pub mod projections;

@@ -4,6 +4,7 @@
 //! journal has flushed the batch that changed it.
 
 use domain::drop::{DropSpec, SaleStatus};
+use domain::hub::Dispatch;
 use domain::limits::ORDER_WATCHERS_MAX;
 use domain::sku::{OrderView, SkuFigures, SkuState};
 use domain::{DropId, OrderId, SkuId};
@@ -16,6 +17,17 @@ use tokio::sync::watch;
 pub struct Projections {
     pub availability: AvailabilityCache,
     pub orders: OrderWatchers,
+    pub directory: crate::fulfilment::Directory,
+    pub couriers: crate::fulfilment::Couriers,
+    pub hub_loads: crate::fulfilment::HubLoads,
+}
+
+/// What a WatchOrder stream follows: the order (from its SKU) and, once confirmed, its
+/// dispatch (from its hub).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Watched {
+    pub order: Option<OrderView>,
+    pub tracking: Option<Arc<Dispatch>>,
 }
 
 struct DropEntry {
@@ -89,6 +101,14 @@ impl AvailabilityCache {
         self.version.send_modify(|v| *v += 1);
     }
 
+    pub fn spec(&self, drop_id: &DropId) -> Option<Arc<DropSpec>> {
+        self.drops
+            .read()
+            .expect("cache lock")
+            .get(drop_id)
+            .map(|e| e.spec.clone())
+    }
+
     pub fn get(&self, drop_id: &DropId) -> Option<CachedDrop> {
         let drops = self.drops.read().expect("cache lock");
         let entry = drops.get(drop_id)?;
@@ -118,12 +138,17 @@ impl AvailabilityCache {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }
+
+    /// Wakes drop watchers for a change outside the cache (a hub's load).
+    pub fn touch(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
 }
 
 /// Live WatchOrder subscriptions, by order id. Bounded by `ORDER_WATCHERS_MAX`.
 #[derive(Default)]
 pub struct OrderWatchers {
-    watched: Mutex<HashMap<OrderId, watch::Sender<Option<OrderView>>>>,
+    watched: Mutex<HashMap<OrderId, watch::Sender<Watched>>>,
     /// Number of entries, read without the lock on the hot path.
     count: AtomicUsize,
 }
@@ -141,7 +166,7 @@ impl OrderWatchers {
         self.watched.lock().expect("watchers lock").contains_key(order_id)
     }
 
-    pub fn subscribe(&self, order_id: &OrderId) -> Result<watch::Receiver<Option<OrderView>>, TooManyWatchers> {
+    pub fn subscribe(&self, order_id: &OrderId) -> Result<watch::Receiver<Watched>, TooManyWatchers> {
         let mut watched = self.watched.lock().expect("watchers lock");
         if let Some(sender) = watched.get(order_id) {
             return Ok(sender.subscribe());
@@ -152,7 +177,7 @@ impl OrderWatchers {
                 return Err(TooManyWatchers(ORDER_WATCHERS_MAX));
             }
         }
-        let (sender, receiver) = watch::channel(None);
+        let (sender, receiver) = watch::channel(Watched::default());
         watched.insert(order_id.clone(), sender);
         self.count.store(watched.len(), Ordering::Relaxed);
         Ok(receiver)
@@ -170,7 +195,14 @@ impl OrderWatchers {
     pub fn publish(&self, view: OrderView) {
         let watched = self.watched.lock().expect("watchers lock");
         if let Some(sender) = watched.get(&view.order_id) {
-            sender.send_replace(Some(view));
+            sender.send_modify(|w| w.order = Some(view));
+        }
+    }
+
+    pub fn publish_tracking(&self, dispatch: Arc<Dispatch>) {
+        let watched = self.watched.lock().expect("watchers lock");
+        if let Some(sender) = watched.get(&dispatch.order.order_id) {
+            sender.send_modify(|w| w.tracking = Some(dispatch));
         }
     }
 }

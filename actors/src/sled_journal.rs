@@ -7,6 +7,7 @@
 //! events, `s/<stream>` for the snapshot (8-byte version, then the state), `w/<stream>` for
 //! the stream's next deadline (8-byte big-endian Unix ms). Streams never contain a NUL byte.
 
+use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
 use domain::limits::{JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX};
 use std::path::Path;
@@ -23,6 +24,7 @@ pub struct SledJournal {
     db: sled::Db,
     tree: sled::Tree,
     addresses: sled::Tree,
+    audit: sled::Tree,
     tx: mpsc::Sender<Request>,
     stats: Arc<WriterStats>,
 }
@@ -65,6 +67,7 @@ impl SledJournal {
             .map_err(|e| JournalError::Io(e.to_string()))?;
         let tree = db.open_tree("streams").map_err(|e| JournalError::Io(e.to_string()))?;
         let addresses = db.open_tree("addresses").map_err(|e| JournalError::Io(e.to_string()))?;
+        let audit = db.open_tree("audit").map_err(|e| JournalError::Io(e.to_string()))?;
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
         let writer = Writer {
@@ -82,6 +85,7 @@ impl SledJournal {
             db,
             tree,
             addresses,
+            audit,
             tx,
             stats,
         }))
@@ -354,6 +358,58 @@ impl AddressVault for SledJournal {
             .get(order_id.as_bytes())
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(|e| JournalError::Io(e.to_string()))
+    }
+}
+
+/// Audit keys: `<o|p>/<subject>\0<sequence BE>`, so one subject's entries are contiguous
+/// and ordered; the sequence is sled's monotonic id generator (unique across restarts).
+fn audit_key(kind: u8, subject: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(subject.len() + 11);
+    key.push(kind);
+    key.push(b'/');
+    key.extend_from_slice(subject.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+impl AuditLog for SledJournal {
+    fn append(&self, entry: &AuditEntry) -> Result<(), JournalError> {
+        let io = |e: sled::Error| JournalError::Io(e.to_string());
+        let seq = self.db.generate_id().map_err(io)?;
+        let bytes = crate::codec::encode(entry);
+        if let Some(order) = &entry.order_id {
+            self.audit
+                .insert(audit_key(b'o', order, seq), bytes.as_slice())
+                .map_err(io)?;
+        }
+        if let Some(partner) = &entry.partner_id {
+            self.audit
+                .insert(audit_key(b'p', partner, seq), bytes.as_slice())
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn list(&self, subject: &AuditSubject, before: Option<u64>, limit: usize) -> Result<AuditPage, JournalError> {
+        let (kind, id) = match subject {
+            AuditSubject::Order(id) => (b'o', id),
+            AuditSubject::Partner(id) => (b'p', id),
+        };
+        let start = audit_key(kind, id, 0);
+        let end = audit_key(kind, id, before.unwrap_or(u64::MAX));
+        let mut page = AuditPage::default();
+        for item in self.audit.range(start..end).rev() {
+            let (key, value) = item.map_err(|e| JournalError::Io(e.to_string()))?;
+            let seq = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
+            if page.entries.len() == limit {
+                page.next = Some(seq + 1);
+                break;
+            }
+            page.entries
+                .push(crate::codec::decode(&value).map_err(|e| JournalError::Corrupt(e.to_string()))?);
+        }
+        Ok(page)
     }
 }
 

@@ -485,18 +485,12 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
             }
             core.spec = Some(setup.spec.clone());
             core.setup_version = setup.version;
-            core.roster = setup
-                .roster
-                .iter()
-                .map(|e| (e.partner_id.clone(), e.clone()))
-                .collect();
+            core.roster = setup.roster.iter().map(|e| (e.partner_id.clone(), e.clone())).collect();
             let roster = &core.roster;
             core.requested
                 .retain(|p, status| roster.get(p).is_some_and(|e| e.status != *status));
         }
-        HubEvent::Dispatched {
-            promised_from, at, ..
-        } => {
+        HubEvent::Dispatched { promised_from, at, .. } => {
             core.open += 1;
             if let Some(spec) = &core.spec {
                 let slot = spec.slot_ms as i64;
@@ -513,9 +507,7 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
         }
         HubEvent::Accepted { partner, .. } => core.stats(partner).accepted += 1,
         HubEvent::PickedUp { .. } => {}
-        HubEvent::Delivered {
-            partner, on_time, ..
-        } => {
+        HubEvent::Delivered { partner, on_time, .. } => {
             let probation = core
                 .roster
                 .get(partner)
@@ -533,11 +525,7 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
             core.open = core.open.saturating_sub(1);
             core.delivered += 1;
         }
-        HubEvent::DeliveryOverdue {
-            order_id,
-            partner,
-            at,
-        } => core.alert(
+        HubEvent::DeliveryOverdue { order_id, partner, at } => core.alert(
             *at,
             Some(order_id),
             Some(partner),
@@ -566,7 +554,12 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
         }
         HubEvent::Waiting { order_id, reason, at } => {
             core.waiting += 1;
-            core.alert(*at, Some(order_id), None, format!("no eligible partner for {order_id}: {reason}"));
+            core.alert(
+                *at,
+                Some(order_id),
+                None,
+                format!("no eligible partner for {order_id}: {reason}"),
+            );
         }
         HubEvent::WindowMissed { .. } => {}
         HubEvent::Failed {
@@ -584,7 +577,12 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
             }
             core.open = core.open.saturating_sub(1);
             core.failed += 1;
-            core.alert(*at, Some(order_id), holder.as_ref(), format!("{order_id} failed: {reason}"));
+            core.alert(
+                *at,
+                Some(order_id),
+                holder.as_ref(),
+                format!("{order_id} failed: {reason}"),
+            );
         }
         HubEvent::StatusRequested {
             partner,
@@ -594,7 +592,12 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
         } => {
             core.requested.insert(partner.clone(), *status);
             if *status == PartnerStatus::Suspended {
-                core.alert(*at, None, Some(partner), format!("asked to suspend {partner}: {reason}"));
+                core.alert(
+                    *at,
+                    None,
+                    Some(partner),
+                    format!("asked to suspend {partner}: {reason}"),
+                );
             }
         }
     }
@@ -679,9 +682,7 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             d.eta = *eta;
             d.updated_at = *at;
         }
-        HubEvent::Delivered {
-            partner, proof, at, ..
-        } => {
+        HubEvent::Delivered { partner, proof, at, .. } => {
             d.stage = Stage::Delivered {
                 partner: partner.clone(),
                 at: *at,
@@ -711,9 +712,7 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             d.remedies.push(remedy.clone());
             d.updated_at = remedy.at;
         }
-        HubEvent::Failed {
-            reason, remedy, at, ..
-        } => {
+        HubEvent::Failed { reason, remedy, at, .. } => {
             d.stage = Stage::Failed {
                 reason: reason.clone(),
                 at: *at,
@@ -801,6 +800,13 @@ impl HubState {
             next_promise: (from, by),
             alerts: self.core.alerts.iter().cloned().collect(),
         })
+    }
+
+    /// Open and waiting dispatches, whether the hub is throttling, and the window an order
+    /// confirmed now would be promised. O(full slots).
+    pub fn load(&self, now: UnixMillis) -> Option<(u32, u32, bool, UnixMillis, UnixMillis)> {
+        let (from, by, throttled) = self.core.promise(now)?;
+        Some((self.core.open, self.core.waiting, throttled, from, by))
     }
 
     /// Partner stats at this hub.
@@ -942,7 +948,12 @@ impl<'a> Tx<'a> {
                     .get(&e.partner_id)
                     .and_then(PartnerStats::score_bps)
                     .unwrap_or(10_000);
-                (e.rank, load(&e.partner_id), std::cmp::Reverse(score), e.partner_id.clone())
+                (
+                    e.rank,
+                    load(&e.partner_id),
+                    std::cmp::Reverse(score),
+                    e.partner_id.clone(),
+                )
             })
             .map(|e| e.partner_id.clone())
     }
@@ -1136,7 +1147,9 @@ impl<'a> Tx<'a> {
         let holds = holder == Some(&partner);
         let had_it = d.partners.contains(&partner);
         if !had_it {
-            return Err(Rejection::PermissionDenied(format!("dispatch {id} is not offered to {partner}")));
+            return Err(Rejection::PermissionDenied(format!(
+                "dispatch {id} is not offered to {partner}"
+            )));
         }
         let withdrawn = || {
             Rejection::FailedPrecondition(format!(
@@ -1168,13 +1181,20 @@ impl<'a> Tx<'a> {
             }
             (CourierAction::Decline { .. }, _) if !holds && had_it => {
                 // A retried decline: the dispatch already left this partner.
-                if !d.swaps.iter().any(|s| s.from == partner && matches!(s.reason, SwapReason::Declined(_))) {
+                if !d
+                    .swaps
+                    .iter()
+                    .any(|s| s.from == partner && matches!(s.reason, SwapReason::Declined(_)))
+                {
                     return Err(withdrawn());
                 }
             }
             (CourierAction::PickedUp { pickup_code }, Stage::Accepted { .. }) if holds => {
                 if pickup_code != d.order.pickup_code {
-                    return Err(Rejection::field("pickup_code", "does not match the order's pickup code"));
+                    return Err(Rejection::field(
+                        "pickup_code",
+                        "does not match the order's pickup code",
+                    ));
                 }
                 let eta = self.eta(&d, sla.deliver_ms);
                 self.emit(HubEvent::PickedUp {
@@ -1187,11 +1207,16 @@ impl<'a> Tx<'a> {
             }
             (CourierAction::PickedUp { pickup_code }, Stage::PickedUp { .. }) if holds => {
                 if pickup_code != d.order.pickup_code {
-                    return Err(Rejection::field("pickup_code", "does not match the order's pickup code"));
+                    return Err(Rejection::field(
+                        "pickup_code",
+                        "does not match the order's pickup code",
+                    ));
                 }
             }
             (CourierAction::PickedUp { .. }, Stage::Offered { .. }) if holds => {
-                return Err(Rejection::FailedPrecondition(format!("accept dispatch {id} before picking it up")))
+                return Err(Rejection::FailedPrecondition(format!(
+                    "accept dispatch {id} before picking it up"
+                )))
             }
             (CourierAction::Delivered { proof }, Stage::PickedUp { deadline, .. }) if holds => {
                 check_text("proof_reference", &proof)?;
@@ -1214,14 +1239,19 @@ impl<'a> Tx<'a> {
                     "mark dispatch {id} picked up before delivered"
                 )))
             }
-            (CourierAction::Failure { reason }, Stage::Offered { .. } | Stage::Accepted { .. } | Stage::PickedUp { .. })
-                if holds =>
-            {
+            (
+                CourierAction::Failure { reason },
+                Stage::Offered { .. } | Stage::Accepted { .. } | Stage::PickedUp { .. },
+            ) if holds => {
                 check_text("reason", &reason)?;
                 self.swap(&id, partner, SwapReason::Failed(reason), None);
             }
             (CourierAction::Failure { .. }, _) if !holds && had_it => {
-                if !d.swaps.iter().any(|s| s.from == partner && matches!(s.reason, SwapReason::Failed(_))) {
+                if !d
+                    .swaps
+                    .iter()
+                    .any(|s| s.from == partner && matches!(s.reason, SwapReason::Failed(_)))
+                {
                     return Err(withdrawn());
                 }
             }
@@ -1247,7 +1277,10 @@ const PLACE_WAITING_MAX: usize = 1_000;
 
 fn check_text(field: &str, text: &str) -> Result<(), Rejection> {
     if text.chars().count() > COURIER_TEXT_LEN_MAX {
-        return Err(Rejection::field(field, format!("must be at most {COURIER_TEXT_LEN_MAX} characters")));
+        return Err(Rejection::field(
+            field,
+            format!("must be at most {COURIER_TEXT_LEN_MAX} characters"),
+        ));
     }
     Ok(())
 }
@@ -1387,7 +1420,9 @@ impl Aggregate for HubState {
                     .filter(|d| matches!(&d.stage, Stage::Offered { partner: p, .. } if *p == partner))
                     .cloned()
                     .collect();
-                offers.sort_by(|a, b| (a.order.confirmed_at, &a.order.order_id).cmp(&(b.order.confirmed_at, &b.order.order_id)));
+                offers.sort_by(|a, b| {
+                    (a.order.confirmed_at, &a.order.order_id).cmp(&(b.order.confirmed_at, &b.order.order_id))
+                });
                 return Ok((vec![], HubReply::Offers(offers)));
             }
         };
@@ -1398,9 +1433,7 @@ impl Aggregate for HubState {
         apply_core(&mut self.core, event);
         let Some(id) = event.order_id() else { return };
         let mut slot = self.dispatches.remove(id);
-        let (before_due, before_waiting) = slot
-            .as_ref()
-            .map_or((None, false), |d| (d.next_due(), d.is_waiting()));
+        let (before_due, before_waiting) = slot.as_ref().map_or((None, false), |d| (d.next_due(), d.is_waiting()));
         apply_dispatch(&mut slot, &mut self.core, event);
         let Some(d) = slot else { return };
         let (after_due, after_waiting) = (d.next_due(), d.is_waiting());

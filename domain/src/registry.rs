@@ -110,16 +110,25 @@ impl HubSpec {
     pub fn violations(&self) -> Vec<FieldViolation> {
         let mut out = Vec::new();
         if self.name.chars().count() > TEXT_LEN_MAX {
-            out.push(FieldViolation::new("name", format!("must be at most {TEXT_LEN_MAX} characters")));
+            out.push(FieldViolation::new(
+                "name",
+                format!("must be at most {TEXT_LEN_MAX} characters"),
+            ));
         }
         if !(-90_000_000..=90_000_000).contains(&self.latitude_e6) {
             out.push(FieldViolation::new("location.latitude", "must be between -90 and 90"));
         }
         if !(-180_000_000..=180_000_000).contains(&self.longitude_e6) {
-            out.push(FieldViolation::new("location.longitude", "must be between -180 and 180"));
+            out.push(FieldViolation::new(
+                "location.longitude",
+                "must be between -180 and 180",
+            ));
         }
         if !(SLOT_MS_MIN..=SLOT_MS_MAX).contains(&self.slot_ms) {
-            out.push(FieldViolation::new("slot_minutes", "must be between 1 minute and 24 hours"));
+            out.push(FieldViolation::new(
+                "slot_minutes",
+                "must be between 1 minute and 24 hours",
+            ));
         }
         if self.slot_capacity == 0 || self.slot_capacity > SLOT_CAPACITY_MAX {
             out.push(FieldViolation::new(
@@ -149,7 +158,10 @@ impl HubSpec {
             out.push(FieldViolation::new("late_credit_percent", "must be at most 100"));
         }
         if self.give_up_after_ms == 0 || self.give_up_after_ms > GIVE_UP_AFTER_MS_MAX {
-            out.push(FieldViolation::new("give_up_after", "must be between 1 second and 7 days"));
+            out.push(FieldViolation::new(
+                "give_up_after",
+                "must be between 1 second and 7 days",
+            ));
         }
         out
     }
@@ -171,7 +183,10 @@ impl PartnerSpec {
     pub fn violations(&self) -> Vec<FieldViolation> {
         let mut out = Vec::new();
         if self.name.chars().count() > TEXT_LEN_MAX {
-            out.push(FieldViolation::new("name", format!("must be at most {TEXT_LEN_MAX} characters")));
+            out.push(FieldViolation::new(
+                "name",
+                format!("must be at most {TEXT_LEN_MAX} characters"),
+            ));
         }
         if self.capabilities.is_empty() {
             out.push(FieldViolation::new("capabilities", "must name at least one capability"));
@@ -248,6 +263,8 @@ pub enum RegistryCommand {
         rank: Option<u32>,
     },
     GetHubSetup(HubId),
+    /// Nothing; answers the registry's version (starting the actor fills the directory).
+    Load,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,7 +317,9 @@ impl RegistryEvent {
                 .unwrap_or_default()
         };
         match self {
-            RegistryEvent::HubCreated { spec, .. } | RegistryEvent::HubUpdated { spec, .. } => vec![spec.hub_id.clone()],
+            RegistryEvent::HubCreated { spec, .. } | RegistryEvent::HubUpdated { spec, .. } => {
+                vec![spec.hub_id.clone()]
+            }
             RegistryEvent::PartnerRegistered { .. } => Vec::new(),
             RegistryEvent::PartnerUpdated { spec, .. } => of_partner(&spec.partner_id),
             RegistryEvent::StatusChanged { partner_id, .. } => of_partner(partner_id),
@@ -314,6 +333,7 @@ pub enum RegistryReply {
     Hub(HubRecord),
     Partner(PartnerRecord),
     Setup(HubSetup),
+    Version(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -354,7 +374,9 @@ impl RegistryState {
     }
 
     fn hub(&self, id: &HubId) -> Result<&HubRecord, Rejection> {
-        self.hubs.get(id).ok_or_else(|| Rejection::not_found("hub", id.as_str()))
+        self.hubs
+            .get(id)
+            .ok_or_else(|| Rejection::not_found("hub", id.as_str()))
     }
 
     fn after(&self, events: &[RegistryEvent]) -> RegistryState {
@@ -384,8 +406,13 @@ impl Aggregate for RegistryState {
     type Event = RegistryEvent;
     type Reply = RegistryReply;
 
-    fn decide(&self, command: RegistryCommand, now: UnixMillis) -> Result<(Vec<RegistryEvent>, RegistryReply), Rejection> {
+    fn decide(
+        &self,
+        command: RegistryCommand,
+        now: UnixMillis,
+    ) -> Result<(Vec<RegistryEvent>, RegistryReply), Rejection> {
         let (events, target) = match command {
+            RegistryCommand::Load => return Ok((vec![], RegistryReply::Version(self.version))),
             RegistryCommand::GetHubSetup(hub_id) => {
                 self.hub(&hub_id)?;
                 return Ok((vec![], RegistryReply::Setup(self.setup(&hub_id).expect("hub exists"))));
@@ -394,7 +421,9 @@ impl Aggregate for RegistryState {
                 invalid(spec.violations())?;
                 match self.hubs.get(&spec.hub_id) {
                     // A retry of the same creation is answered with the hub as it is.
-                    Some(existing) if existing.spec == spec => return Ok((vec![], RegistryReply::Hub(existing.clone()))),
+                    Some(existing) if existing.spec == spec => {
+                        return Ok((vec![], RegistryReply::Hub(existing.clone())))
+                    }
                     Some(_) => {
                         return Err(Rejection::AlreadyExists {
                             what: "hub".into(),
@@ -404,7 +433,13 @@ impl Aggregate for RegistryState {
                     None if self.hubs.len() >= HUBS_MAX => {
                         return Err(Rejection::FailedPrecondition(format!("at most {HUBS_MAX} hubs")))
                     }
-                    None => (vec![RegistryEvent::HubCreated { spec: spec.clone(), at: now }], Target::Hub(spec.hub_id)),
+                    None => (
+                        vec![RegistryEvent::HubCreated {
+                            spec: spec.clone(),
+                            at: now,
+                        }],
+                        Target::Hub(spec.hub_id),
+                    ),
                 }
             }
             RegistryCommand::UpdateHub(spec) => {
@@ -433,7 +468,9 @@ impl Aggregate for RegistryState {
                     });
                 }
                 if self.partners.len() >= PARTNERS_MAX {
-                    return Err(Rejection::FailedPrecondition(format!("at most {PARTNERS_MAX} partners")));
+                    return Err(Rejection::FailedPrecondition(format!(
+                        "at most {PARTNERS_MAX} partners"
+                    )));
                 }
                 let target = Target::Partner(spec.partner_id.clone());
                 (
@@ -463,7 +500,10 @@ impl Aggregate for RegistryState {
             } => {
                 let existing = self.partner(&partner_id)?;
                 if reason.chars().count() > TEXT_LEN_MAX {
-                    return Err(Rejection::field("reason", format!("must be at most {TEXT_LEN_MAX} characters")));
+                    return Err(Rejection::field(
+                        "reason",
+                        format!("must be at most {TEXT_LEN_MAX} characters"),
+                    ));
                 }
                 let change = match &source {
                     StatusSource::Operator | StatusSource::Registration => existing.status != status,
@@ -505,7 +545,10 @@ impl Aggregate for RegistryState {
                 let events = match rank {
                     Some(0) => return Err(Rejection::field("rank", "must be 1 (primary) or more")),
                     Some(rank) if rank > PARTNERS_PER_HUB_MAX as u32 => {
-                        return Err(Rejection::field("rank", format!("must be at most {PARTNERS_PER_HUB_MAX}")))
+                        return Err(Rejection::field(
+                            "rank",
+                            format!("must be at most {PARTNERS_PER_HUB_MAX}"),
+                        ))
                     }
                     Some(rank) if partner.hubs.get(&hub_id) == Some(&rank) => vec![],
                     Some(rank) => {

@@ -4,7 +4,7 @@
 
 use crate::aggregate::Aggregate;
 use crate::drop::{DropSpec, SaleStatus, SkuSpec};
-use crate::ids::{BuyerRef, CityName, DropId, HubId, IdempotencyKey, OrderId, SkuId};
+use crate::ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdempotencyKey, OrderId, SkuId};
 use crate::limits::*;
 use crate::money::Money;
 use crate::rejection::Rejection;
@@ -186,6 +186,10 @@ pub enum SkuEvent {
         idempotency_key: Option<IdempotencyKey>,
         at: UnixMillis,
     },
+    /// Their hub acknowledged these confirmed orders.
+    HandedOver {
+        order_ids: Vec<OrderId>,
+    },
 }
 
 impl SkuEvent {
@@ -199,7 +203,10 @@ impl SkuEvent {
             | SkuEvent::WaitlistLeft { order_id, .. }
             | SkuEvent::Confirmed { order_id, .. }
             | SkuEvent::OrderCancelled { order_id, .. } => Some(order_id),
-            SkuEvent::SaleStatusSet { .. } | SkuEvent::Refused { .. } | SkuEvent::Restocked { .. } => None,
+            SkuEvent::SaleStatusSet { .. }
+            | SkuEvent::Refused { .. }
+            | SkuEvent::Restocked { .. }
+            | SkuEvent::HandedOver { .. } => None,
         }
     }
 }
@@ -248,6 +255,10 @@ pub enum SkuCommand {
         order_id: OrderId,
     },
     GetFigures,
+    /// The hub acknowledged these confirmed orders (see `SkuState::handover`).
+    HandedOver {
+        order_ids: Vec<OrderId>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,6 +305,7 @@ pub enum SkuReply {
     Reservation(Reservation),
     Order(OrderView),
     Figures(SkuFigures),
+    Done,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,6 +338,10 @@ pub struct SkuState {
     pub revenue_minor_units: i64,
     pub sold_out_at: Option<UnixMillis>,
     pub changed_at: UnixMillis,
+    pub creator_id: CreatorId,
+    /// Confirmed orders their hub has not acknowledged yet (the SKU's outbox): sent to the
+    /// hub after every durable confirm and again after every restart until acknowledged.
+    pub handover: BTreeSet<OrderId>,
 }
 
 impl SkuState {
@@ -362,7 +378,30 @@ impl SkuState {
             revenue_minor_units: 0,
             sold_out_at: None,
             changed_at: drop.opens_at.min(UnixMillis(0)),
+            creator_id: drop.creator_id.clone(),
+            handover: BTreeSet::new(),
         }
+    }
+
+    /// What the hub needs to fulfil a confirmed order, and which hub.
+    pub fn dispatch_order(&self, order_id: &OrderId) -> Option<(HubId, crate::hub::DispatchOrder)> {
+        let order = self.orders.get(order_id)?;
+        let confirmation = order.confirmation.as_ref()?;
+        let hub_id = self.pools.get(order.pool?)?.hub_id.clone();
+        Some((
+            hub_id,
+            crate::hub::DispatchOrder {
+                order_id: order_id.clone(),
+                creator_id: self.creator_id.clone(),
+                item: self.name.clone(),
+                quantity: order.quantity,
+                amount: confirmation.amount,
+                fulfilment: confirmation.fulfilment,
+                discreet: confirmation.discreet,
+                pickup_code: confirmation.pickup_code.clone(),
+                confirmed_at: confirmation.confirmed_at,
+            },
+        ))
     }
 
     fn pool_index(&self, hub_id: &HubId) -> Option<usize> {
@@ -773,6 +812,8 @@ impl SkuState {
             revenue_minor_units: self.revenue_minor_units,
             sold_out_at: self.sold_out_at,
             changed_at: self.changed_at,
+            creator_id: self.creator_id.clone(),
+            handover: BTreeSet::new(),
         }
     }
 
@@ -1063,11 +1104,25 @@ impl Aggregate for SkuState {
                 Ok((vec![], SkuReply::Order(self.order_view(order))))
             }
             SkuCommand::GetFigures => Ok((vec![], SkuReply::Figures(self.figures()))),
+            SkuCommand::HandedOver { order_ids } => {
+                let order_ids: Vec<OrderId> = order_ids.into_iter().filter(|id| self.handover.contains(id)).collect();
+                let events = if order_ids.is_empty() {
+                    vec![]
+                } else {
+                    vec![SkuEvent::HandedOver { order_ids }]
+                };
+                Ok((events, SkuReply::Done))
+            }
         }
     }
 
     fn apply(&mut self, event: &SkuEvent) {
         match event {
+            SkuEvent::HandedOver { order_ids } => {
+                for id in order_ids {
+                    self.handover.remove(id);
+                }
+            }
             SkuEvent::SaleStatusSet { status, at } => {
                 self.sale = *status;
                 self.changed_at = *at;
@@ -1211,6 +1266,7 @@ impl Aggregate for SkuState {
                 let order = self.orders.get_mut(order_id).expect("waitlisted order exists");
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
+                self.handover.remove(order_id);
                 let (city, buyer, requested) = (order.city.clone(), order.buyer.clone(), order.requested);
                 self.remove_from_waitlist(&city, order_id);
                 self.remove_active(&buyer, requested);
@@ -1225,6 +1281,7 @@ impl Aggregate for SkuState {
                 );
                 order.status = OrderStatus::Confirmed;
                 order.confirmation = Some(confirmation.clone());
+                self.handover.insert(order_id.clone());
                 order.updated_at = confirmation.confirmed_at;
                 if let Some(t) = expires_at {
                     self.expiries.remove(&(t, order_id.clone()));
@@ -1245,6 +1302,7 @@ impl Aggregate for SkuState {
                 let amount = order.confirmation.as_ref().map_or(0, |c| c.amount.minor_units);
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
+                self.handover.remove(order_id);
                 self.pools[pool].sold -= quantity;
                 self.pools[pool].available += quantity;
                 self.revenue_minor_units -= amount;

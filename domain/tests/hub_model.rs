@@ -44,7 +44,11 @@ fn partner(i: u8) -> PartnerId {
 
 fn roster(statuses: &[PartnerStatus; 3]) -> Vec<RosterEntry> {
     use Capability::*;
-    let caps: [&[Capability]; 3] = [&[Delivery, PickupPoint], &[Delivery, Discreet], &[Delivery, PickupPoint, Discreet]];
+    let caps: [&[Capability]; 3] = [
+        &[Delivery, PickupPoint],
+        &[Delivery, Discreet],
+        &[Delivery, PickupPoint, Discreet],
+    ];
     (0..3)
         .map(|i| RosterEntry {
             partner_id: partner(i as u8),
@@ -58,7 +62,11 @@ fn roster(statuses: &[PartnerStatus; 3]) -> Vec<RosterEntry> {
 
 fn order(n: u32, fulfilment: Fulfilment, discreet: bool, at: UnixMillis) -> DispatchOrder {
     DispatchOrder {
-        order_id: OrderId::new(&DropId::parse("d1").unwrap(), &SkuId::parse("s1").unwrap(), u64::from(n)),
+        order_id: OrderId::new(
+            &DropId::parse("d1").unwrap(),
+            &SkuId::parse("s1").unwrap(),
+            u64::from(n),
+        ),
         creator_id: CreatorId::parse("c1").unwrap(),
         item: "hoodie".into(),
         quantity: 1,
@@ -185,13 +193,19 @@ fn full_slot_promises_the_next_one() {
     let mut h = Harness::new(2, [PartnerStatus::Active; 3]);
     let mut windows = Vec::new();
     for n in 0..5 {
-        let (_, reply) = h.run(HubCommand::Dispatch(order(n, Fulfilment::Delivery, false, h.now))).unwrap();
+        let (_, reply) = h
+            .run(HubCommand::Dispatch(order(n, Fulfilment::Delivery, false, h.now)))
+            .unwrap();
         let HubReply::Dispatch(d) = reply else { panic!() };
         windows.push((d.promised_from, d.throttled));
     }
     assert_eq!(windows[0], windows[1]);
     assert!(!windows[0].1 && !windows[1].1);
-    assert_eq!(windows[2].0 .0, windows[0].0 .0 + SLOT_MS as i64, "third order goes to the next slot");
+    assert_eq!(
+        windows[2].0 .0,
+        windows[0].0 .0 + SLOT_MS as i64,
+        "third order goes to the next slot"
+    );
     assert!(windows[2].1, "and is marked as throttled");
     assert_eq!(windows[4].0 .0, windows[0].0 .0 + 2 * SLOT_MS as i64);
     let view = h.state.view(h.now).unwrap();
@@ -200,11 +214,15 @@ fn full_slot_promises_the_next_one() {
 
 #[test]
 fn a_partner_that_keeps_missing_is_suspended_and_probation_is_earned() {
-    let mut h = Harness::new(1_000, [PartnerStatus::Active, PartnerStatus::Probation, PartnerStatus::Active]);
+    let mut h = Harness::new(
+        1_000,
+        [PartnerStatus::Active, PartnerStatus::Probation, PartnerStatus::Active],
+    );
     // p0 ignores everything: after enough misses the hub asks for its suspension.
     let mut asked = None;
     for n in 0..40 {
-        h.run(HubCommand::Dispatch(order(n, Fulfilment::Delivery, false, h.now))).unwrap();
+        h.run(HubCommand::Dispatch(order(n, Fulfilment::Delivery, false, h.now)))
+            .unwrap();
         for e in h.advance(ACCEPT_MS) {
             if let HubEvent::StatusRequested { partner: p, status, .. } = e {
                 if p == partner(0) {
@@ -218,17 +236,30 @@ fn a_partner_that_keeps_missing_is_suspended_and_probation_is_earned() {
     }
     assert_eq!(asked, Some(PartnerStatus::Suspended));
     // p1 delivers on time three times while on probation: the hub asks to make it active.
-    let mut h = Harness::new(1_000, [PartnerStatus::Suspended, PartnerStatus::Probation, PartnerStatus::Suspended]);
+    let mut h = Harness::new(
+        1_000,
+        [
+            PartnerStatus::Suspended,
+            PartnerStatus::Probation,
+            PartnerStatus::Suspended,
+        ],
+    );
     let mut promoted = false;
     for n in 0..3 {
         let o = order(100 + n, Fulfilment::Delivery, false, h.now);
         let (id, code) = (o.order_id.clone(), o.pickup_code.clone());
         h.run(HubCommand::Dispatch(o)).unwrap();
-        assert_eq!(holder(&h.state, &id), Some(partner(1)), "probation partner takes it when nobody else can");
+        assert_eq!(
+            holder(&h.state, &id),
+            Some(partner(1)),
+            "probation partner takes it when nobody else can"
+        );
         for action in [
             CourierAction::Accept,
             CourierAction::PickedUp { pickup_code: code },
-            CourierAction::Delivered { proof: "photo-1".into() },
+            CourierAction::Delivered {
+                proof: "photo-1".into(),
+            },
         ] {
             let (events, _) = h
                 .run(HubCommand::Courier {
@@ -270,10 +301,21 @@ fn wrong_pickup_code_changes_nothing() {
 
 #[derive(Debug, Clone)]
 enum Step {
-    Dispatch { fulfilment: bool, discreet: bool },
-    Courier { partner: u8, order: u8, action: u8, good_code: bool },
+    Dispatch {
+        fulfilment: bool,
+        discreet: bool,
+    },
+    Courier {
+        partner: u8,
+        order: u8,
+        action: u8,
+        good_code: bool,
+    },
     Advance(u64),
-    Status { partner: u8, status: u8 },
+    Status {
+        partner: u8,
+        status: u8,
+    },
     Restart,
 }
 

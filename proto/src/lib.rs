@@ -22,6 +22,20 @@ pub mod operator {
     }
 }
 
+/// Partner registry and hubs.
+pub mod registry {
+    pub mod v1 {
+        tonic::include_proto!("dropline.registry.v1");
+    }
+}
+
+/// Courier dispatch.
+pub mod dispatch {
+    pub mod v1 {
+        tonic::include_proto!("dropline.dispatch.v1");
+    }
+}
+
 /// The bare echo service used as the gRPC ceiling in load tests.
 pub mod bench {
     pub mod v1 {

@@ -4,12 +4,15 @@ use crate::convert::{self, opaque_id, Check};
 use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
 use actors::hosted::expect_order;
+use domain::hub::{Dispatch, DispatchOrder, HubCommand, HubReply};
 use domain::limits::{PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
+use domain::sku::OrderStatus;
 use domain::sku::{ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, SkuCommand, SkuReply};
 use domain::{CityName, DropId, FieldViolation, HubId, IdempotencyKey, OrderId, SkuId};
 use proto::checkout::v1::checkout_service_server::CheckoutService;
 use proto::checkout::v1::*;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -40,6 +43,56 @@ impl Checkout {
             .await
             .map_err(from_command_error)?;
         expect_order(reply).map_err(from_command_error)
+    }
+
+    /// The order's dispatch, if its hub has one (confirmed orders).
+    async fn dispatch_of(&self, view: &domain::sku::OrderView) -> Option<Dispatch> {
+        if view.confirmation.is_none() {
+            return None;
+        }
+        let hub_id = view.hub_id.clone()?;
+        match self
+            .platform
+            .bus
+            .hub_command(hub_id, HubCommand::GetDispatch(view.order_id.clone()))
+            .await
+        {
+            Ok(HubReply::Dispatch(d)) => Some(*d),
+            _ => None,
+        }
+    }
+}
+
+/// An order stream ends when nothing more will happen to it: a hold or waitlist place that
+/// ended, or a confirmed order delivered or failed.
+fn finished(view: &domain::sku::OrderView, dispatch: Option<&Dispatch>) -> bool {
+    match view.status {
+        OrderStatus::Confirmed => dispatch.is_some_and(|d| d.stage.is_finished()),
+        status => status.is_final(),
+    }
+}
+
+impl Checkout {
+    fn dispatch_order(&self, view: &domain::sku::OrderView) -> Option<DispatchOrder> {
+        let c = view.confirmation.as_ref()?;
+        let creator_id = self
+            .platform
+            .projections
+            .availability
+            .spec(&view.drop_id)?
+            .creator_id
+            .clone();
+        Some(DispatchOrder {
+            order_id: view.order_id.clone(),
+            creator_id,
+            item: view.sku_name.clone(),
+            quantity: view.quantity,
+            amount: c.amount,
+            fulfilment: c.fulfilment,
+            discreet: c.discreet,
+            pickup_code: c.pickup_code.clone(),
+            confirmed_at: c.confirmed_at,
+        })
     }
 }
 
@@ -150,8 +203,24 @@ impl CheckoutService for Checkout {
             .map_err(from_command_error)?;
         let view = expect_order(reply).map_err(from_command_error)?;
         debug!(order_id = %view.order_id, quantity = view.quantity, "order confirmed");
+        // The hub promises the delivery window now, so the buyer hears it at Confirm. The
+        // SKU's outbox hands the order over too (and again after a crash); the hub keeps
+        // one dispatch per order whoever comes first.
+        let dispatch = match (view.hub_id.clone(), self.dispatch_order(&view)) {
+            (Some(hub_id), Some(order)) => {
+                match self.platform.bus.hub_command(hub_id, HubCommand::Dispatch(order)).await {
+                    Ok(HubReply::Dispatch(d)) => Some(*d),
+                    Ok(_) => None,
+                    Err(e) => {
+                        debug!(error = %e, "hub did not answer at confirm; the order reaches it through the outbox");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(Response::new(ConfirmResponse {
-            order: Some(convert::order(&view)),
+            order: Some(convert::order(&view, dispatch.as_ref())),
             receipt: convert::receipt(&view),
         }))
     }
@@ -167,7 +236,7 @@ impl CheckoutService for Checkout {
             .map_err(from_command_error)?;
         let view = expect_order(reply).map_err(from_command_error)?;
         Ok(Response::new(CancelResponse {
-            order: Some(convert::order(&view)),
+            order: Some(convert::order(&view, None)),
         }))
     }
 
@@ -228,7 +297,8 @@ impl CheckoutService for Checkout {
     async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
         let order_id = parse_order_id(&request.into_inner().order_id)?;
         let view = self.order_view(&order_id).await?;
-        Ok(Response::new(convert::order(&view)))
+        let dispatch = self.dispatch_of(&view).await;
+        Ok(Response::new(convert::order(&view, dispatch.as_ref())))
     }
 
     type WatchOrderStream = WatchStream;
@@ -249,21 +319,27 @@ impl CheckoutService for Checkout {
                 return Err(status);
             }
         };
+        let dispatch = self.dispatch_of(&current).await;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mut shutdown = self.platform.shutdown.clone();
         tokio::spawn(async move {
-            let mut last = current.clone();
+            let order_id = current.order_id.clone();
+            let mut last = (current, dispatch.map(Arc::new));
             let deadline = tokio::time::sleep(Duration::from_millis(WATCH_STREAM_MAX_MS));
             tokio::pin!(deadline);
-            if tx.send(Ok(convert::order(&current))).await.is_ok() && !current.status.is_final() {
+            let first = convert::order(&last.0, last.1.as_deref());
+            if tx.send(Ok(first)).await.is_ok() && !finished(&last.0, last.1.as_deref()) {
                 loop {
                     tokio::select! {
                         changed = updates.changed() => {
                             if changed.is_err() { break; }
-                            let Some(view) = updates.borrow_and_update().clone() else { continue };
-                            if view == last { continue; }
-                            last = view.clone();
-                            if tx.send(Ok(convert::order(&view))).await.is_err() || view.status.is_final() { break; }
+                            let watched = updates.borrow_and_update().clone();
+                            let view = watched.order.unwrap_or_else(|| last.0.clone());
+                            let tracking = watched.tracking.or_else(|| last.1.clone());
+                            if view == last.0 && tracking == last.1 { continue; }
+                            last = (view, tracking);
+                            let message = convert::order(&last.0, last.1.as_deref());
+                            if tx.send(Ok(message)).await.is_err() || finished(&last.0, last.1.as_deref()) { break; }
                         }
                         _ = tx.closed() => break,
                         _ = shutdown.changed() => {
@@ -275,7 +351,7 @@ impl CheckoutService for Checkout {
                 }
             }
             drop(updates);
-            watchers.orders.release(&last.order_id);
+            watchers.orders.release(&order_id);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

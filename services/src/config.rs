@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `dropline=debug` [default: info].
     #[arg(long, env = "DROPLINE_LOG")]
     pub log: Option<String>,
+    /// The operator credential (at least 16 characters); only its hash is stored. Without
+    /// it the stored one stays in force, or a new one is made and shown once.
+    #[arg(long, env = "DROPLINE_OPERATOR_TOKEN", hide_env_values = true)]
+    pub operator_token: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -74,6 +78,7 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub log: String,
+    pub operator_token: Option<String>,
 }
 
 impl ServeArgs {
@@ -97,6 +102,7 @@ impl ServeArgs {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./data")),
             log: self.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
+            operator_token: self.operator_token.clone(),
         })
     }
 }
@@ -115,6 +121,7 @@ mod tests {
             data_dir: None,
             config: Some(path),
             log: None,
+            operator_token: None,
         };
         let config = args.resolve().unwrap();
         assert_eq!(config.listen, "127.0.0.1:7000".parse().unwrap());
@@ -126,7 +133,8 @@ mod tests {
             listen: None,
             data_dir: None,
             config: Some(bad),
-            log: None
+            log: None,
+            operator_token: None,
         }
         .resolve()
         .is_err());

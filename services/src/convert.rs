@@ -2,7 +2,9 @@
 //! this crate knows protobuf; everything past here is validated domain values.
 
 use crate::status::invalid_argument;
+use actors::fulfilment::HubLoad;
 use domain::drop::{DropView, SaleStatus};
+use domain::hub::Dispatch;
 use domain::limits::{ID_LEN_MAX, TEXT_LEN_MAX};
 use domain::sku::{self, OrderView, Reservation, SkuFigures};
 use domain::{Currency, FieldViolation, IdError, Money, UnixMillis};
@@ -138,7 +140,48 @@ pub fn order_status(s: sku::OrderStatus) -> checkout::OrderStatus {
     }
 }
 
-pub fn order(view: &OrderView) -> checkout::Order {
+/// What the buyer sees of a dispatch: stage, promised window, ETA, swaps (with a neutral
+/// reason, never a partner's identity) and credits owed.
+pub fn tracking(d: &Dispatch) -> checkout::Tracking {
+    use domain::hub::Stage;
+    let stage = match &d.stage {
+        Stage::Placing | Stage::Waiting | Stage::Offered { .. } => checkout::TrackingStage::Preparing,
+        Stage::Accepted { .. } => checkout::TrackingStage::Assigned,
+        Stage::PickedUp { .. } => checkout::TrackingStage::OnItsWay,
+        Stage::Delivered { .. } => checkout::TrackingStage::Delivered,
+        Stage::Failed { .. } => checkout::TrackingStage::Failed,
+    };
+    let credit: i64 = d.remedies.iter().map(|r| r.amount.minor_units).sum();
+    checkout::Tracking {
+        stage: stage as i32,
+        window_from: Some(timestamp(d.promised_from)),
+        window_by: Some(timestamp(d.promised_by)),
+        throttled: d.throttled,
+        eta: Some(timestamp(d.eta)),
+        partner_swaps: d.swaps.len() as u32,
+        last_swap_reason: d
+            .swaps
+            .last()
+            .map(|s| match s.reason {
+                domain::hub::SwapReason::MissedAcceptDeadline | domain::hub::SwapReason::MissedPickupDeadline => {
+                    "the first partner did not respond in time; another partner took over"
+                }
+                domain::hub::SwapReason::Declined(_) | domain::hub::SwapReason::PartnerUnavailable => {
+                    "handed to another partner"
+                }
+                domain::hub::SwapReason::Failed(_) => "the partner could not complete it; another partner took over",
+            })
+            .unwrap_or_default()
+            .to_string(),
+        remedy_credit: (credit > 0).then(|| money(Money::new(credit, d.order.amount.currency))),
+        delivered_at: match &d.stage {
+            Stage::Delivered { at, .. } => Some(timestamp(*at)),
+            _ => None,
+        },
+    }
+}
+
+pub fn order(view: &OrderView, dispatch: Option<&Dispatch>) -> checkout::Order {
     let confirmation = view.confirmation.as_ref();
     checkout::Order {
         order_id: view.order_id.to_string(),
@@ -160,7 +203,10 @@ pub fn order(view: &OrderView) -> checkout::Order {
         }) as i32,
         discreet: confirmation.is_some_and(|c| c.discreet),
         pickup_code: confirmation.map(|c| c.pickup_code.clone()).unwrap_or_default(),
-        updated_at: Some(timestamp(view.updated_at)),
+        updated_at: Some(timestamp(
+            view.updated_at.max(dispatch.map_or(view.updated_at, |d| d.updated_at)),
+        )),
+        tracking: dispatch.map(tracking),
     }
 }
 
@@ -242,8 +288,8 @@ pub fn sku_figures(f: &SkuFigures) -> operator::SkuFigures {
     }
 }
 
-/// A drop with exact figures, for operators.
-pub fn drop_with_figures(view: &DropView, skus: &[impl AsRef<SkuFigures>]) -> operator::Drop {
+/// A drop with exact figures and its hubs' load, for operators.
+pub fn drop_with_figures(view: &DropView, skus: &[impl AsRef<SkuFigures>], hubs: &[HubLoad]) -> operator::Drop {
     let spec = &view.spec;
     let currency = spec.skus.first().map(|s| s.price.currency);
     let revenue: i64 = skus
@@ -262,5 +308,16 @@ pub fn drop_with_figures(view: &DropView, skus: &[impl AsRef<SkuFigures>]) -> op
         hold_ttl_seconds: (spec.hold_ttl_ms / 1_000) as u32,
         skus: skus.iter().map(|f| sku_figures(f.as_ref())).collect(),
         revenue: currency.map(|c| money(Money::new(revenue, c))),
+        hubs: hubs
+            .iter()
+            .map(|h| operator::HubLoad {
+                hub_id: h.hub_id.to_string(),
+                open_dispatches: h.open,
+                waiting_for_partner: h.waiting,
+                throttled: h.throttled,
+                next_promise_from: Some(timestamp(h.next_promise.0)),
+                next_promise_by: Some(timestamp(h.next_promise.1)),
+            })
+            .collect(),
     }
 }

@@ -105,7 +105,8 @@ fn ts(at: std::time::SystemTime) -> prost_types::Timestamp {
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let temp = tempfile::Builder::new().prefix("dropline-demo-").tempdir()?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
-    let platform = Platform::open_embedded(&data_dir)?;
+    let operator_token = format!("demo-operator-{:032x}", rand::random::<u128>());
+    let platform = Platform::open_embedded(&data_dir, Some(&operator_token)).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -115,7 +116,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;
-    let mut operator = OperatorServiceClient::new(channel.clone());
+    let bearer = crate::auth::Bearer::new(&operator_token)?;
+    let mut operator = OperatorServiceClient::with_interceptor(channel.clone(), bearer.clone());
 
     let drop_id = format!(
         "demo-{}",

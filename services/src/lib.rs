@@ -2,13 +2,16 @@
 //! `dropline` command line (serve, demo) and the wiring of the embedded platform. Only this
 //! crate (and `proto`) knows protobuf.
 
+pub mod auth;
 pub mod checkout;
 pub mod config;
 pub mod convert;
 pub mod demo;
+pub mod dispatch;
 pub mod levels;
 pub mod operator;
 pub mod platform;
+pub mod registry;
 pub mod server;
 pub mod status;
 
@@ -18,7 +21,14 @@ use tracing::info;
 
 /// Runs `dropline serve` until SIGTERM or Ctrl-C.
 pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
-    let platform = platform::Platform::open_embedded(&config.data_dir)?;
+    let platform = platform::Platform::open_embedded(&config.data_dir, config.operator_token.as_deref()).await?;
+    if let Some(token) = &platform.new_operator_token {
+        // Shown once: only its hash is kept.
+        eprintln!(
+            "\nA new operator credential was created (shown once; only its hash is stored):\n\n    {token}\n\n\
+             Send it as `authorization: Bearer <credential>` on operator and registry calls.\n"
+        );
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;

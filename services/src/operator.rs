@@ -1,5 +1,6 @@
 //! dropline.operator.v1.OperatorService: create, open, close, restock and watch drops.
 
+use crate::auth::require_operator;
 use crate::convert::{self, Check};
 use crate::platform::Platform;
 use crate::status::from_command_error;
@@ -27,7 +28,11 @@ impl Operator {
 
     async fn drop_reply(&self, view: &DropView) -> Result<Drop, Status> {
         let cached = self.platform.cached_drop(&view.spec.drop_id).await?;
-        Ok(convert::drop_with_figures(view, &cached.skus))
+        Ok(convert::drop_with_figures(
+            view,
+            &cached.skus,
+            &hub_loads(&self.platform, &view.spec),
+        ))
     }
 
     /// Records a status change in the drop's journal, then tells the running SKU actors.
@@ -51,6 +56,43 @@ impl Operator {
             .map_err(from_command_error)?;
         info!(%drop_id, ?status, "drop status changed");
         Ok(Response::new(self.drop_reply(&view).await?))
+    }
+}
+
+/// The load of every hub a drop sells from, as far as the hubs have published it.
+fn hub_loads(platform: &Platform, spec: &DropSpec) -> Vec<actors::fulfilment::HubLoad> {
+    let hubs: std::collections::BTreeSet<&HubId> = spec
+        .skus
+        .iter()
+        .flat_map(|s| s.pools.iter().map(|p| &p.hub_id))
+        .collect();
+    hubs.into_iter()
+        .filter_map(|h| platform.projections.hub_loads.get(h))
+        .collect()
+}
+
+/// Every pool must be fulfilled by a registered hub in the pool's city.
+fn check_hubs(platform: &Platform, spec: &DropSpec) -> Result<(), Status> {
+    let mut violations = Vec::new();
+    for (i, sku) in spec.skus.iter().enumerate() {
+        for (j, pool) in sku.pools.iter().enumerate() {
+            match platform.projections.directory.hub(&pool.hub_id) {
+                None => violations.push(domain::FieldViolation::new(
+                    format!("skus[{i}].allocations[{j}].hub_id"),
+                    format!("no hub {} in the registry (CreateHub first)", pool.hub_id),
+                )),
+                Some(hub) if hub.spec.city != pool.city => violations.push(domain::FieldViolation::new(
+                    format!("skus[{i}].allocations[{j}].city"),
+                    format!("hub {} is in {}, not {}", pool.hub_id, hub.spec.city, pool.city),
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::status::invalid_argument(violations))
     }
 }
 
@@ -122,7 +164,9 @@ type DropStream = Pin<Box<dyn Stream<Item = Result<Drop, Status>> + Send>>;
 #[tonic::async_trait]
 impl OperatorService for Operator {
     async fn create_drop(&self, request: Request<CreateDropRequest>) -> Result<Response<Drop>, Status> {
+        require_operator(&request)?;
         let spec = drop_spec(request.into_inner())?;
+        check_hubs(&self.platform, &spec)?;
         let drop_id = spec.drop_id.clone();
         let skus = spec.skus.len();
         let view = self
@@ -136,16 +180,19 @@ impl OperatorService for Operator {
     }
 
     async fn open_drop(&self, request: Request<OpenDropRequest>) -> Result<Response<Drop>, Status> {
+        require_operator(&request)?;
         self.set_status(&request.into_inner().drop_id, DropCommand::Open, SaleStatus::Open)
             .await
     }
 
     async fn close_drop(&self, request: Request<CloseDropRequest>) -> Result<Response<Drop>, Status> {
+        require_operator(&request)?;
         self.set_status(&request.into_inner().drop_id, DropCommand::Close, SaleStatus::Closed)
             .await
     }
 
     async fn restock(&self, request: Request<RestockRequest>) -> Result<Response<SkuFigures>, Status> {
+        require_operator(&request)?;
         let r = request.into_inner();
         let mut check = Check::default();
         let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
@@ -179,6 +226,7 @@ impl OperatorService for Operator {
     }
 
     async fn get_drop(&self, request: Request<GetDropRequest>) -> Result<Response<Drop>, Status> {
+        require_operator(&request)?;
         let drop_id = parse_drop_id(&request.into_inner().drop_id)?;
         let view = self
             .platform
@@ -192,6 +240,7 @@ impl OperatorService for Operator {
     type WatchDropStream = DropStream;
 
     async fn watch_drop(&self, request: Request<WatchDropRequest>) -> Result<Response<DropStream>, Status> {
+        require_operator(&request)?;
         let drop_id = parse_drop_id(&request.into_inner().drop_id)?;
         let mut changes = self.platform.projections.availability.subscribe();
         let view = self
@@ -232,7 +281,7 @@ impl OperatorService for Operator {
                     recorded_status: cached.status,
                     spec: cached.spec.clone(),
                 };
-                let next = convert::drop_with_figures(&view, &cached.skus);
+                let next = convert::drop_with_figures(&view, &cached.skus, &hub_loads(&platform, &view.spec));
                 if next != last {
                     last = next.clone();
                     if tx.send(Ok(next)).await.is_err() {

@@ -2,13 +2,16 @@
 //! clock and the secrets. `Platform::open_embedded` wires the embedded default (sled journal,
 //! in-process actors).
 
+use crate::auth::OperatorCredential;
 use crate::status::from_command_error;
+use actors::audit_log::AuditLog;
 use actors::journal::AddressVault;
 use actors::projections::CachedDrop;
 use actors::secrets::BuyerHasher;
 use actors::sled_journal::SledJournal;
 use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
 use domain::drop::DropCommand;
+use domain::registry::RegistryCommand;
 use domain::sku::SkuCommand;
 use domain::DropId;
 use futures::{StreamExt, TryStreamExt};
@@ -29,6 +32,11 @@ pub struct Platform {
     pub addresses: Arc<dyn AddressVault>,
     pub journal: Arc<SledJournal>,
     pub actors: Arc<LocalActors>,
+    pub audit: Arc<dyn AuditLog>,
+    pub operator: OperatorCredential,
+    /// A new operator credential made at this start (no token given, none stored): shown
+    /// once by `dropline serve`.
+    pub new_operator_token: Option<String>,
     /// Turns true when the server begins shutting down; long streams end on it.
     pub shutdown: watch::Receiver<bool>,
     shutdown_tx: Arc<watch::Sender<bool>>,
@@ -36,15 +44,25 @@ pub struct Platform {
 
 impl Platform {
     /// The embedded platform: journal and secrets under `data_dir`, actors in-process.
-    pub fn open_embedded(data_dir: &Path) -> anyhow::Result<Platform> {
+    /// `operator_token`: the operator credential to accept (see [`OperatorCredential::load`]).
+    pub async fn open_embedded(data_dir: &Path, operator_token: Option<&str>) -> anyhow::Result<Platform> {
         std::fs::create_dir_all(data_dir)?;
         let journal = SledJournal::open(data_dir)?;
         let buyers = Arc::new(BuyerHasher::load_or_create(&data_dir.join("secrets"))?);
+        let (operator, new_operator_token) = OperatorCredential::load(&data_dir.join("secrets"), operator_token)?;
         let projections = Arc::new(Projections::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let actors = LocalActors::new(journal.clone(), clock.clone(), projections.clone())?;
+        let actors = LocalActors::new(journal.clone(), clock.clone(), projections.clone(), journal.clone())?;
+        // The registry fills the partner directory (credential lookups) when it starts.
+        actors
+            .registry_command(RegistryCommand::Load)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading the partner registry: {e}"))?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(Platform {
+            audit: journal.clone(),
+            operator,
+            new_operator_token,
             bus: actors.clone(),
             projections,
             clock,

@@ -1,15 +1,20 @@
-//! The gRPC server: checkout and operator services, grpc.health.v1 and server reflection,
+//! The gRPC server: checkout, operator, partner registry and dispatch services, grpc.health.v1 and server reflection,
 //! bounded concurrency, and a graceful shutdown that turns health to NOT_SERVING first and
 //! then drains in-flight calls for at most `SHUTDOWN_DRAIN_MS`.
 
+use crate::auth::Authenticator;
 use crate::checkout::Checkout;
+use crate::dispatch::Couriers;
 use crate::operator::Operator;
 use crate::platform::Platform;
+use crate::registry::Registry;
 use domain::limits::{
     GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX, SHUTDOWN_DRAIN_MS,
 };
 use proto::checkout::v1::checkout_service_server::CheckoutServiceServer;
+use proto::dispatch::v1::dispatch_service_server::DispatchServiceServer;
 use proto::operator::v1::operator_service_server::OperatorServiceServer;
+use proto::registry::v1::partner_registry_service_server::PartnerRegistryServiceServer;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -26,10 +31,21 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     let checkout =
         CheckoutServiceServer::new(Checkout::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-    let operator =
-        OperatorServiceServer::new(Operator::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    // Operator, registry and courier calls carry credentials, resolved by one interceptor.
+    let auth = Authenticator {
+        operator: platform.operator.clone(),
+        projections: platform.projections.clone(),
+    };
+    let operator = tonic::service::interceptor::InterceptedService::new(
+        OperatorServiceServer::new(Operator::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        auth.clone(),
+    );
+    let registry = PartnerRegistryServiceServer::with_interceptor(Registry::new(platform.clone()), auth.clone());
+    let dispatch = DispatchServiceServer::with_interceptor(Couriers::new(platform.clone()), auth);
     health.set_serving::<CheckoutServiceServer<Checkout>>().await;
     health.set_serving::<OperatorServiceServer<Operator>>().await;
+    health.set_serving::<PartnerRegistryServiceServer<Registry>>().await;
+    health.set_serving::<DispatchServiceServer<Couriers>>().await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
@@ -56,6 +72,8 @@ pub async fn serve(
                 .await;
             health.set_not_serving::<CheckoutServiceServer<Checkout>>().await;
             health.set_not_serving::<OperatorServiceServer<Operator>>().await;
+            health.set_not_serving::<PartnerRegistryServiceServer<Registry>>().await;
+            health.set_not_serving::<DispatchServiceServer<Couriers>>().await;
             platform.begin_shutdown();
             let _ = drained_tx.send(());
         }
@@ -71,6 +89,8 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(checkout)
         .add_service(operator)
+        .add_service(registry)
+        .add_service(dispatch)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
     info!(addr = %local, "listening on {local}");
     tokio::pin!(server);

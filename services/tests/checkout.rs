@@ -9,27 +9,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 use tonic::Code;
 
-fn reserve(drop_id: &str, sku_id: &str, buyer: &str, quantity: u32) -> ReserveRequest {
-    ReserveRequest {
-        drop_id: drop_id.into(),
-        sku_id: sku_id.into(),
-        buyer_id: buyer.into(),
-        city: "Lisbon".into(),
-        quantity,
-        ..Default::default()
-    }
-}
-
-fn pickup(order_id: &str, amount: i64) -> ConfirmRequest {
-    ConfirmRequest {
-        order_id: order_id.into(),
-        payment_reference: format!("pay-{order_id}"),
-        amount: eur(amount),
-        fulfilment: Some(confirm_request::Fulfilment::Pickup(Pickup {})),
-        discreet: false,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_2000_reserves_for_100_units_holds_exactly_100() {
     let server = TestServer::start().await;

@@ -13,6 +13,7 @@ fn spawn_server(dir: &std::path::Path, port: u16) -> Child {
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir)
         .env("DROPLINE_LOG", "warn")
+        .env("DROPLINE_OPERATOR_TOKEN", OPERATOR_TOKEN)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -20,7 +21,8 @@ fn spawn_server(dir: &std::path::Path, port: u16) -> Child {
 }
 
 async fn create_and_open(channel: &tonic::transport::Channel, request: proto::operator::v1::CreateDropRequest) {
-    let mut operator = proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel.clone());
+    create_test_hubs(channel).await;
+    let mut operator = operator_client(channel);
     let drop_id = request.drop_id.clone();
     operator.create_drop(request).await.unwrap();
     operator
@@ -98,7 +100,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
             "{order_id} lost its confirmation"
         );
     }
-    let mut operator = proto::operator::v1::operator_service_client::OperatorServiceClient::new(channel);
+    let mut operator = operator_client(&channel);
     let figures = operator
         .get_drop(GetDropRequest {
             drop_id: "crash".into(),

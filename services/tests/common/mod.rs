@@ -3,12 +3,111 @@
 #![allow(dead_code)]
 
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
+use proto::checkout::v1::*;
 use proto::common::v1::Money;
+use proto::dispatch::v1::dispatch_service_client::DispatchServiceClient;
 use proto::operator::v1::operator_service_client::OperatorServiceClient;
 use proto::operator::v1::*;
+use proto::registry::v1 as registry;
+use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
+use services::auth::Bearer;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The operator credential of every test server.
+pub const OPERATOR_TOKEN: &str = "test-operator-credential";
+
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+pub fn operator_client(channel: &Channel) -> OperatorServiceClient<Authed> {
+    OperatorServiceClient::with_interceptor(channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
+}
+
+pub fn registry_client(channel: &Channel) -> PartnerRegistryServiceClient<Authed> {
+    PartnerRegistryServiceClient::with_interceptor(channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
+}
+
+pub fn courier_client(channel: &Channel, credential: &str) -> DispatchServiceClient<Authed> {
+    DispatchServiceClient::with_interceptor(channel.clone(), Bearer::new(credential).unwrap())
+}
+
+pub fn secs(s: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds: s, nanos: 0 })
+}
+
+/// A hub spec with short SLA clocks for tests (accept within `accept_secs`).
+pub fn hub_spec(hub_id: &str, city: &str, capacity: u32, accept_secs: i64) -> registry::HubSpec {
+    registry::HubSpec {
+        hub_id: hub_id.into(),
+        name: format!("{city} test hub"),
+        city: city.into(),
+        location: Some(registry::Location {
+            latitude: 38.7,
+            longitude: -9.1,
+        }),
+        slot_minutes: 60,
+        capacity_per_slot: capacity,
+        sla: Some(registry::SlaTargets {
+            accept_within: secs(accept_secs),
+            pickup_within: secs(60),
+            deliver_within: secs(600),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The hubs test drops sell from: hub-1 in Lisbon, hub-2 in Porto.
+pub async fn create_test_hubs(channel: &Channel) {
+    let mut registry = registry_client(channel);
+    for (hub, city) in [("hub-1", "Lisbon"), ("hub-2", "Porto")] {
+        registry
+            .create_hub(registry::CreateHubRequest {
+                hub: Some(hub_spec(hub, city, 1_000, 30)),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Registers a courier partner, makes it active and assigns it to `hub_id` with `rank`;
+/// returns its credential.
+pub async fn courier(channel: &Channel, partner_id: &str, hub_id: &str, rank: u32) -> String {
+    let mut registry = registry_client(channel);
+    let registered = registry
+        .register_partner(registry::RegisterPartnerRequest {
+            partner_id: partner_id.into(),
+            name: format!("courier {partner_id}"),
+            kind: registry::PartnerKind::Courier as i32,
+            capabilities: vec![
+                registry::Capability::Delivery as i32,
+                registry::Capability::PickupPoint as i32,
+                registry::Capability::Discreet as i32,
+            ],
+            max_open_dispatches: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    registry
+        .set_partner_status(registry::SetPartnerStatusRequest {
+            partner_id: partner_id.into(),
+            status: registry::PartnerStatus::Active as i32,
+            reason: "vetted".into(),
+        })
+        .await
+        .unwrap();
+    registry
+        .assign_partner(registry::AssignPartnerRequest {
+            partner_id: partner_id.into(),
+            hub_id: hub_id.into(),
+            rank,
+        })
+        .await
+        .unwrap();
+    registered.credential
+}
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -22,7 +121,9 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start() -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let platform = services::platform::Platform::open_embedded(dir.path()).unwrap();
+        let platform = services::platform::Platform::open_embedded(dir.path(), Some(OPERATOR_TOKEN))
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -30,6 +131,7 @@ impl TestServer {
             let _ = stopped.await;
         }));
         let channel = connect(addr).await;
+        create_test_hubs(&channel).await;
         TestServer {
             addr,
             platform,
@@ -44,8 +146,12 @@ impl TestServer {
         CheckoutServiceClient::new(self.channel.clone())
     }
 
-    pub fn operator(&self) -> OperatorServiceClient<Channel> {
-        OperatorServiceClient::new(self.channel.clone())
+    pub fn operator(&self) -> OperatorServiceClient<Authed> {
+        operator_client(&self.channel)
+    }
+
+    pub fn registry(&self) -> PartnerRegistryServiceClient<Authed> {
+        registry_client(&self.channel)
     }
 
     pub async fn stop(mut self) {
@@ -123,4 +229,45 @@ pub async fn open_drop(server: &TestServer, request: CreateDropRequest) {
     let drop_id = request.drop_id.clone();
     operator.create_drop(request).await.unwrap();
     operator.open_drop(OpenDropRequest { drop_id }).await.unwrap();
+}
+
+pub fn reserve(drop_id: &str, sku_id: &str, buyer: &str, quantity: u32) -> ReserveRequest {
+    ReserveRequest {
+        drop_id: drop_id.into(),
+        sku_id: sku_id.into(),
+        buyer_id: buyer.into(),
+        city: "Lisbon".into(),
+        quantity,
+        ..Default::default()
+    }
+}
+
+pub fn pickup(order_id: &str, amount: i64) -> ConfirmRequest {
+    ConfirmRequest {
+        order_id: order_id.into(),
+        payment_reference: format!("pay-{order_id}"),
+        amount: eur(amount),
+        fulfilment: Some(confirm_request::Fulfilment::Pickup(Pickup {})),
+        discreet: false,
+    }
+}
+
+/// Reserves one unit for `buyer` and confirms it for pickup; returns the Confirm response.
+pub async fn buy(
+    server: &TestServer,
+    drop_id: &str,
+    sku_id: &str,
+    buyer: &str,
+) -> proto::checkout::v1::ConfirmResponse {
+    let mut checkout = server.checkout();
+    let held = checkout
+        .reserve(reserve(drop_id, sku_id, buyer, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    checkout
+        .confirm(pickup(&held.order_id, 2_500))
+        .await
+        .unwrap()
+        .into_inner()
 }
