@@ -1,8 +1,9 @@
 //! `dropline demo`: a scripted multi-city live drop against an embedded platform, driven
 //! entirely through the real gRPC API. Thousands of buyers burst in at open; some abandon
 //! their holds (which expire and return stock), some wait on the waitlist (and are promoted
-//! when stock returns), the operator restocks mid-drop; the report ends with an oversell
-//! check against the journals.
+//! when stock returns), the operator restocks mid-drop. Simulated couriers work the orders
+//! over the DispatchService (one goes silent mid-drop and is swapped out, then suspended);
+//! the report ends with an oversell check against the journals and the fulfilment figures.
 
 use crate::config::DemoArgs;
 use crate::platform::Platform;
@@ -23,11 +24,9 @@ use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 use tonic::Code;
 
-const HUBS: [(&str, &str); 3] = [
-    ("hub-lisbon-1", "Lisbon"),
-    ("hub-lisbon-2", "Lisbon"),
-    ("hub-porto-1", "Porto"),
-];
+use crate::demo_couriers::{self, CourierTally, Labels, HUBS};
+use proto::registry::v1 as registry;
+use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
 
 struct DemoSku {
     id: &'static str,
@@ -118,6 +117,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await?;
     let bearer = crate::auth::Bearer::new(&operator_token)?;
     let mut operator = OperatorServiceClient::with_interceptor(channel.clone(), bearer.clone());
+    let mut registry = PartnerRegistryServiceClient::with_interceptor(channel.clone(), bearer.clone());
+    let partners = demo_couriers::set_up(&mut registry).await?;
+    let labels: Labels = Arc::default();
+    let couriers = Arc::new(CourierTally::default());
+    let (stop_couriers, couriers_stop) = tokio::sync::watch::channel(false);
+    let mut courier_tasks = Vec::new();
+    for (i, (_, credential, silent_after)) in partners.iter().enumerate() {
+        courier_tasks.push(tokio::spawn(demo_couriers::run_courier(
+            channel.clone(),
+            credential.clone(),
+            *silent_after,
+            labels.clone(),
+            couriers.clone(),
+            args.seed.wrapping_add(i as u64 * 7_919),
+            couriers_stop.clone(),
+        )));
+    }
 
     let drop_id = format!(
         "demo-{}",
@@ -139,7 +155,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             allocations: HUBS
                 .iter()
                 .zip(s.stock)
-                .map(|((hub, city), quantity)| Allocation {
+                .map(|((hub, city, _), quantity)| Allocation {
                     hub_id: (*hub).into(),
                     city: (*city).into(),
                     quantity,
@@ -193,6 +209,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             tally: tally.clone(),
             latency: latency.clone(),
             patience,
+            labels: labels.clone(),
         };
         let permits = permits.clone();
         let progress = progress.clone();
@@ -336,6 +353,96 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("oversell: {oversold}");
 
+    // Fulfilment: wait for the couriers to finish every confirmed order.
+    let confirmed = n(&t.confirmed);
+    let fulfilment_started = Instant::now();
+    let mut hubs = Vec::new();
+    let mut progress_at = (0u64, Instant::now());
+    loop {
+        hubs.clear();
+        for (hub_id, _, _) in HUBS {
+            hubs.push(
+                registry
+                    .get_hub(registry::GetHubRequest { hub_id: hub_id.into() })
+                    .await?
+                    .into_inner(),
+            );
+        }
+        let finished: u64 = hubs.iter().map(|h| h.delivered + h.failed).sum();
+        if finished != progress_at.0 {
+            progress_at = (finished, Instant::now());
+        }
+        // Done, or only orders no partner can take are left (they wait, alerted).
+        if finished >= confirmed
+            || progress_at.1.elapsed() > Duration::from_secs(10)
+            || fulfilment_started.elapsed() > Duration::from_secs(120)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = stop_couriers.send(true);
+    for task in courier_tasks {
+        let _ = task.await;
+    }
+    let c = &couriers;
+    let delivered: u64 = hubs.iter().map(|h| h.delivered).sum();
+    let failed: u64 = hubs.iter().map(|h| h.failed).sum();
+    let swaps: u64 = hubs.iter().map(|h| h.swaps).sum();
+    let open: u32 = hubs.iter().map(|h| h.open_dispatches).sum();
+    let waiting: u32 = hubs.iter().map(|h| h.waiting_for_partner).sum();
+    println!();
+    println!(
+        "fulfilment: {delivered} delivered, {failed} failed, {open} still open ({waiting} waiting for a partner, operator alerted) of {confirmed} orders; \
+         {:.1} % delivered within the promised window; {} declines, {} failures reported",
+        100.0 * n(&c.delivered_in_window) as f64 / n(&c.delivered).max(1) as f64,
+        n(&c.declined),
+        n(&c.failures_reported)
+    );
+    let decided = c.swap_decided_ms.lock().map(|v| v.clone()).unwrap_or_default();
+    let received = c.swap_received_ms.lock().map(|v| v.clone()).unwrap_or_default();
+    println!(
+        "partner swaps: {swaps} ({} after a missed deadline; offers ignored by the silent courier: {})",
+        decided.len(),
+        n(&c.ignored)
+    );
+    if let (Some((d50, d99, dmax)), Some((r50, r99, rmax))) =
+        (demo_couriers::summary(&decided), demo_couriers::summary(&received))
+    {
+        println!(
+            "  swap decided after the missed deadline: p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms; \
+             new offer at the courier: p50 {r50:.0} ms, p99 {r99:.0} ms, max {rmax:.0} ms"
+        );
+    }
+    for partner_id in ["rapido-lx", "cargo-po"] {
+        let p = registry
+            .get_partner(registry::GetPartnerRequest {
+                partner_id: partner_id.into(),
+            })
+            .await?
+            .into_inner();
+        let status = registry::PartnerStatus::try_from(p.status).map_or("?".into(), |s| format!("{s:?}"));
+        let m = p.hubs.first().and_then(|h| h.metrics.clone()).unwrap_or_default();
+        println!(
+            "  {partner_id}: {status} ({}: {}); {} offers, {} missed, {} delivered on time",
+            p.status_source,
+            p.status_reason,
+            m.offers,
+            m.missed_accept + m.missed_pickup,
+            m.delivered_on_time
+        );
+    }
+    for h in &hubs {
+        if let Some(alert) = h.alerts.first() {
+            println!(
+                "  {} alerts: {} (latest: {})",
+                h.spec.as_ref().map_or("", |s| s.hub_id.as_str()),
+                h.alerts.len(),
+                alert.message
+            );
+        }
+    }
+
     let _ = stop_tx.send(());
     server_task.await??;
     if oversold > 0 || !broken.is_empty() || !mismatched.is_empty() {
@@ -352,6 +459,7 @@ struct Buyer {
     tally: Arc<Tally>,
     latency: Arc<Mutex<Histogram<u64>>>,
     patience: Duration,
+    labels: Labels,
 }
 
 impl Buyer {
@@ -478,7 +586,14 @@ impl Buyer {
             discreet: self.rng.random_bool(0.1),
         };
         match self.checkout.confirm(request).await {
-            Ok(_) => {
+            Ok(response) => {
+                // The hub prints the pickup code on the parcel label.
+                if let Some(order) = response.into_inner().order {
+                    let _ = self
+                        .labels
+                        .lock()
+                        .map(|mut l| l.insert(order.order_id, order.pickup_code));
+                }
                 bump(&self.tally.confirmed);
                 self.tally.units.fetch_add(u64::from(quantity), Ordering::Relaxed);
                 true
