@@ -15,7 +15,6 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::{ReserveOutcome, ReserveRequest};
 use proto::common::v1::Money;
-use proto::operator::v1::operator_service_client::OperatorServiceClient;
 use proto::operator::v1::{Allocation, CreateDropRequest, SkuSpec};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -147,7 +146,7 @@ pub async fn run(args: CatalogArgs) -> anyhow::Result<()> {
     result
 }
 
-fn start_server(bin: &Path, listen: &str, data_dir: &Path) -> anyhow::Result<Child> {
+pub(crate) fn start_server(bin: &Path, listen: &str, data_dir: &Path) -> anyhow::Result<Child> {
     eprintln!(
         "starting {} serve --listen {listen} --data-dir {}",
         bin.display(),
@@ -164,6 +163,7 @@ fn start_server(bin: &Path, listen: &str, data_dir: &Path) -> anyhow::Result<Chi
         .kill_on_drop(true);
     // Keep the report readable: the server's info logs would drown it. Warnings and errors
     // still show, and an explicit DROPLINE_LOG (the server's `--log`) wins.
+    command.env("DROPLINE_OPERATOR_TOKEN", crate::operator_token());
     if std::env::var_os("DROPLINE_LOG").is_none() {
         command.env("DROPLINE_LOG", "warn");
     }
@@ -190,6 +190,10 @@ async fn measure(args: &CatalogArgs, child: &mut Child, target: &str) -> anyhow:
         layout.skus_per_drop,
         layout.hubs
     );
+    let hubs: Vec<(String, String)> = (0..layout.hubs)
+        .map(|h| (format!("hub-{h}"), Layout::city(h)))
+        .collect();
+    crate::create_hubs(channels[0].clone(), &hubs).await?;
     create_drops(&channels, &layout).await?;
     let created_in = load_started.elapsed();
     let catalog_only = read_memory(pid)?;
@@ -270,8 +274,7 @@ async fn create_drops(channels: &[Channel], layout: &Layout) -> anyhow::Result<(
         .try_for_each_concurrent(CREATE_CONCURRENCY, |drop| {
             let channel = channels[drop % channels.len()].clone();
             async move {
-                let mut operator =
-                    OperatorServiceClient::new(channel).max_decoding_message_size(net::MAX_DECODING_BYTES);
+                let mut operator = crate::operator(channel);
                 let drop_id = layout.drop_id(drop);
                 operator
                     .create_drop(create_drop_request(layout, drop))

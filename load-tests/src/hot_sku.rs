@@ -16,7 +16,6 @@ use proto::bench::v1::EchoRequest;
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::{ReserveOutcome, ReserveRequest};
 use proto::common::v1::Money;
-use proto::operator::v1::operator_service_client::OperatorServiceClient;
 use proto::operator::v1::{Allocation, CreateDropRequest, GetDropRequest, SkuSpec};
 use tonic::transport::Channel;
 
@@ -186,7 +185,8 @@ pub async fn run_echo_only(args: EchoOnlyArgs) -> anyhow::Result<()> {
 
 /// Creates and opens a drop with the one hot SKU, all its stock in one pool.
 async fn create_hot_drop(channel: Channel, drop_id: &str, stock: u32) -> anyhow::Result<()> {
-    let mut operator = OperatorServiceClient::new(channel).max_decoding_message_size(net::MAX_DECODING_BYTES);
+    crate::create_hubs(channel.clone(), &[(HUB.to_owned(), CITY.to_owned())]).await?;
+    let mut operator = crate::operator(channel);
     let (opens_at, closes_at) = open_window();
     let request = CreateDropRequest {
         drop_id: drop_id.to_owned(),
@@ -278,7 +278,7 @@ async fn echo_burst(drop_id: &str, load: LoadShape) -> anyhow::Result<BurstStats
 
 /// Reads the hot SKU's figures and computes how far, if at all, it is oversold.
 async fn check_stock(channel: Channel, drop_id: &str) -> anyhow::Result<StockCheck> {
-    let mut operator = OperatorServiceClient::new(channel).max_decoding_message_size(net::MAX_DECODING_BYTES);
+    let mut operator = crate::operator(channel);
     let drop = operator
         .get_drop(GetDropRequest {
             drop_id: drop_id.to_owned(),

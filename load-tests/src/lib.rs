@@ -10,13 +10,79 @@ pub mod catalog;
 pub mod echo;
 pub mod hot_sku;
 pub mod net;
+pub mod swaps;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use proto::operator::v1::operator_service_client::OperatorServiceClient;
 use proto::operator::v1::{DropStatus, GetDropRequest, OpenDropRequest};
+use proto::registry::v1 as registry;
+use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The operator credential the load tests present: `DROPLINE_OPERATOR_TOKEN`, which must be
+/// the one the server was started with (the scenarios that start their own server pass it).
+pub fn operator_token() -> String {
+    std::env::var("DROPLINE_OPERATOR_TOKEN").unwrap_or_else(|_| "load-test-operator-token".into())
+}
+
+/// Adds `authorization: Bearer <operator token>` to every call.
+#[derive(Clone)]
+pub struct OperatorAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for OperatorAuth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type Operator = OperatorServiceClient<InterceptedService<Channel, OperatorAuth>>;
+
+pub fn operator_auth() -> OperatorAuth {
+    OperatorAuth(
+        format!("Bearer {}", operator_token())
+            .parse()
+            .expect("the operator token is printable ASCII"),
+    )
+}
+
+/// An operator client with the operator credential.
+pub fn operator(channel: Channel) -> Operator {
+    OperatorServiceClient::with_interceptor(channel, operator_auth()).max_decoding_message_size(net::MAX_DECODING_BYTES)
+}
+
+/// Creates the hubs drops will sell from (a retry of the same creation is accepted).
+pub async fn create_hubs(channel: Channel, hubs: &[(String, String)]) -> anyhow::Result<()> {
+    let mut client = PartnerRegistryServiceClient::with_interceptor(channel, operator_auth());
+    for (hub_id, city) in hubs {
+        client
+            .create_hub(registry::CreateHubRequest {
+                hub: Some(registry::HubSpec {
+                    hub_id: hub_id.clone(),
+                    name: format!("load hub {hub_id}"),
+                    city: city.clone(),
+                    location: Some(registry::Location::default()),
+                    slot_minutes: 60,
+                    capacity_per_slot: 1_000_000,
+                    sla: Some(registry::SlaTargets {
+                        accept_within: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+                        pickup_within: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+                        deliver_within: Some(prost_types::Duration {
+                            seconds: 3_600,
+                            nanos: 0,
+                        }),
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .with_context(|| format!("CreateHub {hub_id} failed"))?;
+    }
+    Ok(())
+}
 
 /// Milliseconds since the Unix epoch, used to give each run fresh drop ids so runs against
 /// a long-lived server never collide with an earlier drop.
@@ -42,7 +108,7 @@ pub fn open_window() -> (prost_types::Timestamp, prost_types::Timestamp) {
 
 /// Opens a drop, accepting one that is already open: its `opens_at` lies in the past, so
 /// the server may have opened it by itself and refuse OpenDrop as redundant.
-pub async fn open_drop(operator: &mut OperatorServiceClient<Channel>, drop_id: &str) -> anyhow::Result<()> {
+pub async fn open_drop(operator: &mut Operator, drop_id: &str) -> anyhow::Result<()> {
     let Err(refused) = operator
         .open_drop(OpenDropRequest {
             drop_id: drop_id.to_owned(),

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use load_tests::{catalog, echo, hot_sku};
+use load_tests::{catalog, echo, hot_sku, swaps};
 
 /// mimalloc: glibc malloc cost ~20 % of the reserve path under load (arena lock contention
 /// and fragmentation across tokio workers); see ARCHITECTURE.md.
@@ -28,6 +28,9 @@ enum Command {
     HotSku(hot_sku::HotSkuArgs),
     /// Resident memory of a dropline server holding a large live catalog.
     Catalog(catalog::CatalogArgs),
+    /// Fulfilment: offer latency to a subscribed courier and swap latency after missed
+    /// accept deadlines with many open dispatches at one hub.
+    Swaps(swaps::SwapsArgs),
     /// Only the echo half of hot-sku: checks the generator without a Dropline server.
     #[command(hide = true)]
     EchoOnly(hot_sku::EchoOnlyArgs),
@@ -39,6 +42,7 @@ async fn main() -> ExitCode {
         Command::EchoServer(args) => echo::serve(args).await,
         Command::HotSku(args) => hot_sku::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,
+        Command::Swaps(args) => swaps::run(args).await,
         Command::EchoOnly(args) => hot_sku::run_echo_only(args).await,
     };
     match result {

@@ -47,9 +47,7 @@ impl Checkout {
 
     /// The order's dispatch, if its hub has one (confirmed orders).
     async fn dispatch_of(&self, view: &domain::sku::OrderView) -> Option<Dispatch> {
-        if view.confirmation.is_none() {
-            return None;
-        }
+        view.confirmation.as_ref()?;
         let hub_id = view.hub_id.clone()?;
         match self
             .platform

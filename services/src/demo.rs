@@ -261,7 +261,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let t = &tally;
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let latency = latency.lock().expect("histogram lock");
+    let latency = latency.lock().expect("histogram lock").clone();
     println!();
     println!("Drop ran {:.1} s from open to the last buyer", elapsed.as_secs_f64());
     println!(
@@ -422,7 +422,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .await?
             .into_inner();
         let status = registry::PartnerStatus::try_from(p.status).map_or("?".into(), |s| format!("{s:?}"));
-        let m = p.hubs.first().and_then(|h| h.metrics.clone()).unwrap_or_default();
+        let m = p.hubs.first().and_then(|h| h.metrics).unwrap_or_default();
         println!(
             "  {partner_id}: {status} ({}: {}); {} offers, {} missed, {} delivered on time",
             p.status_source,
