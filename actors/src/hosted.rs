@@ -177,8 +177,10 @@ impl Hosted for SkuState {
                 .map(|o| self.order_view(o))
                 .collect()
         };
-        // Confirmed orders go to their hubs (after a restart: every one not acknowledged).
-        let handover: Vec<_> = if events.is_empty() {
+        // Confirmed orders go to their hubs (after a restart or at a retry: every one not
+        // acknowledged yet).
+        let retry = events.iter().any(|e| matches!(e, SkuEvent::HandoverRetry { .. }));
+        let handover: Vec<_> = if events.is_empty() || retry {
             self.handover.iter().filter_map(|id| self.dispatch_order(id)).collect()
         } else {
             events

@@ -110,3 +110,7 @@ pub const COURIER_TEXT_LEN_MAX: usize = 200;
 /// Mailbox of one hub actor and of the registry actor.
 pub const HUB_MAILBOX_CAPACITY: usize = 8_192;
 pub const REGISTRY_MAILBOX_CAPACITY: usize = 1_024;
+/// A confirmed order its hub has not acknowledged is sent again this long after (and every
+/// this long while it stays unacknowledged): normally the first hand-over, right after the
+/// confirm, succeeds and this never fires.
+pub const HANDOVER_RETRY_MS: i64 = 30_000;

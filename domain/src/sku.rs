@@ -190,6 +190,11 @@ pub enum SkuEvent {
     HandedOver {
         order_ids: Vec<OrderId>,
     },
+    /// Confirmed orders still unacknowledged are sent to their hubs again now; the next
+    /// retry is at `next` if they still are then.
+    HandoverRetry {
+        next: UnixMillis,
+    },
 }
 
 impl SkuEvent {
@@ -206,7 +211,8 @@ impl SkuEvent {
             SkuEvent::SaleStatusSet { .. }
             | SkuEvent::Refused { .. }
             | SkuEvent::Restocked { .. }
-            | SkuEvent::HandedOver { .. } => None,
+            | SkuEvent::HandedOver { .. }
+            | SkuEvent::HandoverRetry { .. } => None,
         }
     }
 }
@@ -342,6 +348,9 @@ pub struct SkuState {
     /// Confirmed orders their hub has not acknowledged yet (the SKU's outbox): sent to the
     /// hub after every durable confirm and again after every restart until acknowledged.
     pub handover: BTreeSet<OrderId>,
+    /// When unacknowledged orders are sent again: a deadline like hold expiries, so a SKU
+    /// passivated (or crashed) with orders in its outbox is woken to send them.
+    pub handover_due: Option<UnixMillis>,
 }
 
 impl SkuState {
@@ -380,6 +389,7 @@ impl SkuState {
             changed_at: drop.opens_at.min(UnixMillis(0)),
             creator_id: drop.creator_id.clone(),
             handover: BTreeSet::new(),
+            handover_due: None,
         }
     }
 
@@ -814,6 +824,7 @@ impl SkuState {
             changed_at: self.changed_at,
             creator_id: self.creator_id.clone(),
             handover: BTreeSet::new(),
+            handover_due: None,
         }
     }
 
@@ -1084,7 +1095,16 @@ impl Aggregate for SkuState {
             SkuCommand::Reserve(cmd) => self.decide_reserve(cmd, now),
             SkuCommand::Confirm(cmd) => self.decide_confirm(cmd, now),
             SkuCommand::Cancel { order_id } => self.decide_cancel(order_id, now),
-            SkuCommand::ExpireDue => Ok((self.decide_expire(now), SkuReply::Figures(self.figures()))),
+            SkuCommand::ExpireDue => {
+                let mut events = self.decide_expire(now);
+                // Orders the hub has not acknowledged yet are sent again (see `handover`).
+                if self.handover_due.is_some_and(|due| due <= now) && !self.handover.is_empty() {
+                    events.push(SkuEvent::HandoverRetry {
+                        next: UnixMillis(now.0 + HANDOVER_RETRY_MS),
+                    });
+                }
+                Ok((events, SkuReply::Figures(self.figures())))
+            }
             SkuCommand::Restock(cmd) => self.decide_restock(cmd, now),
             SkuCommand::SetSaleStatus(status) => {
                 if status == self.sale {
@@ -1122,7 +1142,11 @@ impl Aggregate for SkuState {
                 for id in order_ids {
                     self.handover.remove(id);
                 }
+                if self.handover.is_empty() {
+                    self.handover_due = None;
+                }
             }
+            SkuEvent::HandoverRetry { next } => self.handover_due = Some(*next),
             SkuEvent::SaleStatusSet { status, at } => {
                 self.sale = *status;
                 self.changed_at = *at;
@@ -1267,6 +1291,9 @@ impl Aggregate for SkuState {
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
                 self.handover.remove(order_id);
+                if self.handover.is_empty() {
+                    self.handover_due = None;
+                }
                 let (city, buyer, requested) = (order.city.clone(), order.buyer.clone(), order.requested);
                 self.remove_from_waitlist(&city, order_id);
                 self.remove_active(&buyer, requested);
@@ -1282,6 +1309,9 @@ impl Aggregate for SkuState {
                 order.status = OrderStatus::Confirmed;
                 order.confirmation = Some(confirmation.clone());
                 self.handover.insert(order_id.clone());
+                if self.handover_due.is_none() {
+                    self.handover_due = Some(UnixMillis(confirmation.confirmed_at.0 + HANDOVER_RETRY_MS));
+                }
                 order.updated_at = confirmation.confirmed_at;
                 if let Some(t) = expires_at {
                     self.expiries.remove(&(t, order_id.clone()));
@@ -1303,6 +1333,9 @@ impl Aggregate for SkuState {
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
                 self.handover.remove(order_id);
+                if self.handover.is_empty() {
+                    self.handover_due = None;
+                }
                 self.pools[pool].sold -= quantity;
                 self.pools[pool].available += quantity;
                 self.revenue_minor_units -= amount;
@@ -1343,9 +1376,6 @@ impl Aggregate for SkuState {
     fn next_deadline(&self) -> Option<UnixMillis> {
         let expiry = self.expiries.first().map(|(t, _)| *t);
         let close = (!self.waitlists.is_empty() && self.sale != SaleStatus::Closed).then_some(self.closes_at);
-        match (expiry, close) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [expiry, close, self.handover_due].into_iter().flatten().min()
     }
 }

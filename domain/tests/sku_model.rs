@@ -349,3 +349,53 @@ fn reserve_before_open_and_over_the_buyer_limit_is_refused() {
         Err(Rejection::BuyerLimitReached { limit: 2, active: 2 })
     );
 }
+
+#[test]
+fn confirmed_orders_stay_in_the_outbox_until_their_hub_acknowledges_them() {
+    let mut sku = new_sku(&[("hub-a1", "Lisbon", 5)], 2);
+    let mut log = Vec::new();
+    let id = OrderId::new(&sku.drop_id, &sku.sku_id, 3);
+    let params = ReserveParams {
+        buyer: buyer(1),
+        city: CityName::parse("Lisbon").unwrap(),
+        hub_id: None,
+        quantity: 1,
+        allow_partial: false,
+        join_waitlist: false,
+    };
+    let reserve = SkuCommand::Reserve(ReserveCommand {
+        order_id: id.clone(),
+        params,
+        idempotency_key: None,
+    });
+    run(&mut sku, &mut log, reserve, UnixMillis(2_000)).unwrap();
+    let confirm = ConfirmCommand {
+        order_id: id.clone(),
+        payment_reference: "p".into(),
+        amount: Money::new(2_500, Currency::parse("EUR").unwrap()),
+        fulfilment: Fulfilment::Pickup,
+        discreet: false,
+        pickup_code: "123456".into(),
+        receipt_token: "t".into(),
+    };
+    run(&mut sku, &mut log, SkuCommand::Confirm(confirm), UnixMillis(3_000)).unwrap();
+    assert!(sku.handover.contains(&id));
+    let (hub, order) = sku.dispatch_order(&id).expect("a confirmed order can be dispatched");
+    assert_eq!((hub.as_str(), order.pickup_code.as_str()), ("hub-a1", "123456"));
+    // Unacknowledged: the SKU has a deadline to send it again, even when passivated.
+    let due = sku.next_deadline().expect("a retry deadline");
+    assert_eq!(due, UnixMillis(3_000 + domain::limits::HANDOVER_RETRY_MS));
+    run(&mut sku, &mut log, SkuCommand::ExpireDue, due).unwrap();
+    assert!(matches!(log.last(), Some(SkuEvent::HandoverRetry { .. })));
+    assert!(sku.next_deadline().unwrap() > due);
+    // Acknowledged: out of the outbox, no deadline left; a duplicate ack changes nothing.
+    let ack = SkuCommand::HandedOver {
+        order_ids: vec![id.clone()],
+    };
+    run(&mut sku, &mut log, ack.clone(), UnixMillis(40_000)).unwrap();
+    assert!(sku.handover.is_empty());
+    assert_eq!(sku.next_deadline(), None);
+    let before = log.len();
+    run(&mut sku, &mut log, ack, UnixMillis(41_000)).unwrap();
+    assert_eq!(log.len(), before);
+}
