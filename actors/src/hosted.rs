@@ -459,6 +459,18 @@ impl Hosted for HubState {
                         reason: swap.reason.describe(),
                     },
                 )),
+                HubEvent::Cancelled {
+                    order_id,
+                    holder: Some(partner),
+                    ..
+                } => courier.push((
+                    partner.clone(),
+                    CourierUpdate::Withdrawn {
+                        hub_id: hub_id.clone(),
+                        order_id: order_id.clone(),
+                        reason: "the order was cancelled".into(),
+                    },
+                )),
                 HubEvent::Failed {
                     order_id,
                     holder: Some(partner),
@@ -619,6 +631,13 @@ fn hub_audit(hub_id: &HubId, event: &HubEvent) -> Option<AuditEntry> {
             },
         ),
         HubEvent::Waiting { order_id, reason, at } => entry(*at, "no_partner", order_id, None, reason.clone()),
+        HubEvent::Cancelled { order_id, holder, at } => entry(
+            *at,
+            "cancelled",
+            order_id,
+            holder.as_ref(),
+            "the order was cancelled".into(),
+        ),
         HubEvent::WindowMissed { order_id, remedy } => entry(
             remedy.at,
             "remedy",

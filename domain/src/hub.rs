@@ -82,6 +82,10 @@ pub enum Stage {
         reason: String,
         at: UnixMillis,
     },
+    /// The order was cancelled before it left the hub.
+    Cancelled {
+        at: UnixMillis,
+    },
 }
 
 impl Stage {
@@ -95,7 +99,10 @@ impl Stage {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(self, Stage::Delivered { .. } | Stage::Failed { .. })
+        matches!(
+            self,
+            Stage::Delivered { .. } | Stage::Failed { .. } | Stage::Cancelled { .. }
+        )
     }
 
     /// The SLA deadline of the current step, if one is running.
@@ -288,6 +295,9 @@ pub enum HubCommand {
     GetDispatch(OrderId),
     /// Offers the partner has not answered yet (sent again when a courier reconnects).
     PendingOffers(PartnerId),
+    /// The order was cancelled: withdraw its dispatch, unless the parcel already left the
+    /// hub (picked up or delivered), which is refused.
+    Cancel(OrderId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,6 +372,12 @@ pub enum HubEvent {
         remedy: Remedy,
         at: UnixMillis,
     },
+    /// The order was cancelled before pickup; its holder (if any) is told.
+    Cancelled {
+        order_id: OrderId,
+        holder: Option<PartnerId>,
+        at: UnixMillis,
+    },
     /// The hub asks the registry to change a partner's status, from its SLA record here.
     StatusRequested {
         partner: PartnerId,
@@ -384,6 +400,7 @@ impl HubEvent {
             | HubEvent::PartnerSwapped { order_id, .. }
             | HubEvent::Waiting { order_id, .. }
             | HubEvent::WindowMissed { order_id, .. }
+            | HubEvent::Cancelled { order_id, .. }
             | HubEvent::Failed { order_id, .. } => Some(order_id),
         }
     }
@@ -584,6 +601,13 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
                 format!("{order_id} failed: {reason}"),
             );
         }
+        HubEvent::Cancelled { holder, .. } => {
+            if let Some(partner) = holder {
+                let stats = core.stats(partner);
+                stats.open = stats.open.saturating_sub(1);
+            }
+            core.open = core.open.saturating_sub(1);
+        }
         HubEvent::StatusRequested {
             partner,
             status,
@@ -719,6 +743,10 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             };
             d.window_missed = true;
             d.remedies.push(remedy.clone());
+            d.updated_at = *at;
+        }
+        HubEvent::Cancelled { at, .. } => {
+            d.stage = Stage::Cancelled { at: *at };
             d.updated_at = *at;
         }
         HubEvent::Configured { .. } | HubEvent::Dispatched { .. } | HubEvent::StatusRequested { .. } => {}
@@ -1304,6 +1332,7 @@ pub fn stage_name(stage: &Stage) -> &'static str {
         Stage::PickedUp { .. } => "picked up",
         Stage::Delivered { .. } => "delivered",
         Stage::Failed { .. } => "failed",
+        Stage::Cancelled { .. } => "cancelled",
     }
 }
 
@@ -1413,6 +1442,30 @@ impl Aggregate for HubState {
                     .ok_or_else(|| Rejection::not_found("dispatch", id.as_str()))?;
                 return Ok((vec![], HubReply::Dispatch(Box::new(d.clone()))));
             }
+            HubCommand::Cancel(id) => {
+                let d = self
+                    .dispatches
+                    .get(&id)
+                    .ok_or_else(|| Rejection::not_found("dispatch", id.as_str()))?;
+                match &d.stage {
+                    Stage::Cancelled { .. } => return Ok((vec![], HubReply::Dispatch(Box::new(d.clone())))),
+                    Stage::PickedUp { .. } | Stage::Delivered { .. } | Stage::Failed { .. } => {
+                        return Err(Rejection::FailedPrecondition(format!(
+                            "order {id} can no longer be cancelled: it is {}",
+                            stage_name(&d.stage)
+                        )))
+                    }
+                    _ => {}
+                }
+                let holder = d.stage.holder().cloned();
+                tx.emit(HubEvent::Cancelled {
+                    order_id: id.clone(),
+                    holder,
+                    at: now,
+                });
+                tx.place_waiting();
+                HubReply::Dispatch(Box::new(tx.dispatch(&id).expect("exists").clone()))
+            }
             HubCommand::PendingOffers(partner) => {
                 let mut offers: Vec<Dispatch> = self
                     .dispatches
@@ -1453,7 +1506,10 @@ impl Aggregate for HubState {
                 self.queue.remove(&key);
             }
         }
-        let finished = matches!(event, HubEvent::Delivered { .. } | HubEvent::Failed { .. });
+        let finished = matches!(
+            event,
+            HubEvent::Delivered { .. } | HubEvent::Failed { .. } | HubEvent::Cancelled { .. }
+        );
         self.dispatches.insert(id.clone(), d);
         if finished {
             self.finished.push_back(id.clone());

@@ -301,6 +301,7 @@ fn wrong_pickup_code_changes_nothing() {
 
 #[derive(Debug, Clone)]
 enum Step {
+    Cancel(u8),
     Dispatch {
         fulfilment: bool,
         discreet: bool,
@@ -326,6 +327,7 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(partner, order, action, good_code)| Step::Courier { partner, order, action, good_code }),
         3 => prop_oneof![1u64..3_000, 3_000u64..40_000, 40_000u64..400_000].prop_map(Step::Advance),
         1 => (0u8..3, 0u8..3).prop_map(|(partner, status)| Step::Status { partner, status }),
+        1 => any::<u8>().prop_map(Step::Cancel),
         1 => Just(Step::Restart),
     ]
 }
@@ -408,6 +410,18 @@ proptest! {
                         }
                     }
                 }
+                Step::Cancel(n) => {
+                    if orders.is_empty() { continue; }
+                    let o = &orders[n as usize % orders.len()];
+                    let before = h.state.dispatch(&o.order_id).cloned().unwrap();
+                    let result = h.run(HubCommand::Cancel(o.order_id.clone()));
+                    let left_hub = matches!(before.stage, Stage::PickedUp { .. } | Stage::Delivered { .. } | Stage::Failed { .. });
+                    prop_assert_eq!(result.is_err(), left_hub, "cancel refused exactly when the parcel left the hub");
+                    if !left_hub {
+                        let cancelled = matches!(h.state.dispatch(&o.order_id).unwrap().stage, Stage::Cancelled { .. });
+                        prop_assert!(cancelled);
+                    }
+                }
                 Step::Restart => h.restart(),
             }
         }
@@ -425,6 +439,7 @@ proptest! {
                     let total: i64 = d.remedies.iter().map(|r| r.amount.minor_units).sum();
                     prop_assert_eq!(total, o.amount.minor_units, "a failed order is credited in full");
                 }
+                Stage::Cancelled { .. } => {}
                 other => prop_assert!(false, "dispatch left {:?}", other),
             }
             let distinct: BTreeSet<_> = d.partners.iter().collect();

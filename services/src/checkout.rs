@@ -4,7 +4,7 @@ use crate::convert::{self, opaque_id, Check};
 use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
 use actors::hosted::expect_order;
-use domain::hub::{Dispatch, DispatchOrder, HubCommand, HubReply};
+use domain::hub::{Dispatch, DispatchOrder, HubCommand, HubReply, Stage};
 use domain::limits::{PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
 use domain::sku::OrderStatus;
 use domain::sku::{ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, SkuCommand, SkuReply};
@@ -225,16 +225,50 @@ impl CheckoutService for Checkout {
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
         let order_id = parse_order_id(&request.into_inner().order_id)?;
+        // A confirmed order can be cancelled only before its parcel leaves the hub.
+        let before = self.order_view(&order_id).await?;
+        if let Some(d) = self.dispatch_of(&before).await {
+            if matches!(
+                d.stage,
+                Stage::PickedUp { .. } | Stage::Delivered { .. } | Stage::Failed { .. }
+            ) {
+                return Err(Status::failed_precondition(format!(
+                    "order {order_id} can no longer be cancelled: it is {}",
+                    domain::hub::stage_name(&d.stage)
+                )));
+            }
+        }
         let (drop_id, sku_id) = order_id.owner();
         let reply = self
             .platform
             .bus
-            .sku_command(drop_id, sku_id, SkuCommand::Cancel { order_id })
+            .sku_command(
+                drop_id,
+                sku_id,
+                SkuCommand::Cancel {
+                    order_id: order_id.clone(),
+                },
+            )
             .await
             .map_err(from_command_error)?;
         let view = expect_order(reply).map_err(from_command_error)?;
+        // Withdraw the dispatch (NOT_FOUND: the hub never had it; the SKU's outbox no
+        // longer holds it either).
+        let mut dispatch = None;
+        if let (Some(hub_id), true) = (view.hub_id.clone(), before.confirmation.is_some()) {
+            match self
+                .platform
+                .bus
+                .hub_command(hub_id, HubCommand::Cancel(order_id.clone()))
+                .await
+            {
+                Ok(HubReply::Dispatch(d)) => dispatch = Some(*d),
+                Ok(_) | Err(actors::CommandError::Rejected(domain::Rejection::NotFound { .. })) => {}
+                Err(e) => tracing::warn!(%order_id, error = %e, "cancelled order's dispatch not withdrawn"),
+            }
+        }
         Ok(Response::new(CancelResponse {
-            order: Some(convert::order(&view, None)),
+            order: Some(convert::order(&view, dispatch.as_ref())),
         }))
     }
 

@@ -150,6 +150,7 @@ pub fn tracking(d: &Dispatch) -> checkout::Tracking {
         Stage::PickedUp { .. } => checkout::TrackingStage::OnItsWay,
         Stage::Delivered { .. } => checkout::TrackingStage::Delivered,
         Stage::Failed { .. } => checkout::TrackingStage::Failed,
+        Stage::Cancelled { .. } => checkout::TrackingStage::Cancelled,
     };
     let credit: i64 = d.remedies.iter().map(|r| r.amount.minor_units).sum();
     checkout::Tracking {

@@ -118,6 +118,7 @@ pub fn dispatch(hub_id: &HubId, d: &Dispatch) -> pb::Dispatch {
         Stage::PickedUp { deadline, .. } => (pb::DispatchStage::PickedUp, Some(*deadline), None),
         Stage::Delivered { .. } => (pb::DispatchStage::Delivered, None, None),
         Stage::Failed { .. } => (pb::DispatchStage::Failed, None, None),
+        Stage::Cancelled { .. } => (pb::DispatchStage::Cancelled, None, None),
     };
     pb::Dispatch {
         dispatch_id: dispatch_id(hub_id, &d.order.order_id),

@@ -412,3 +412,82 @@ async fn a_full_hub_promises_the_next_slot_at_confirm() {
     assert!(status.message().contains("Porto"), "{status:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_confirmed_order_withdraws_its_dispatch_until_pickup() {
+    let server = TestServer::start().await;
+    let credential = courier(&server.channel, "carla", "hub-1", 1).await;
+    let mut client = courier_client(&server.channel, &credential);
+    let mut stream = client.subscribe(SubscribeRequest {}).await.unwrap().into_inner();
+    open_drop(&server, drop_request("cancel", &[("sku", 10)], 5, 600)).await;
+    let first = buy(&server, "cancel", "sku", "ana").await.order.unwrap();
+    let offer = next_offer(&mut stream, Duration::from_secs(2)).await;
+    client
+        .accept(AcceptRequest {
+            dispatch_id: offer.dispatch_id.clone(),
+        })
+        .await
+        .unwrap();
+    let cancelled = server
+        .checkout()
+        .cancel(CancelRequest {
+            order_id: first.order_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(cancelled.status, OrderStatus::Cancelled as i32);
+    assert_eq!(cancelled.tracking.unwrap().stage, TrackingStage::Cancelled as i32);
+    // The courier is told, and can no longer pick it up.
+    let withdrawn = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(withdrawn.update, Some(Update::Withdrawn(w)) if w.dispatch_id == offer.dispatch_id));
+    let status = client
+        .mark_picked_up(MarkPickedUpRequest {
+            dispatch_id: offer.dispatch_id.clone(),
+            pickup_code: first.pickup_code.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    // Once picked up, a cancel is refused and changes nothing.
+    let second = buy(&server, "cancel", "sku", "bea").await.order.unwrap();
+    let offer = next_offer(&mut stream, Duration::from_secs(2)).await;
+    client
+        .accept(AcceptRequest {
+            dispatch_id: offer.dispatch_id.clone(),
+        })
+        .await
+        .unwrap();
+    client
+        .mark_picked_up(MarkPickedUpRequest {
+            dispatch_id: offer.dispatch_id.clone(),
+            pickup_code: second.pickup_code.clone(),
+        })
+        .await
+        .unwrap();
+    let status = server
+        .checkout()
+        .cancel(CancelRequest {
+            order_id: second.order_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let order = server
+        .checkout()
+        .get_order(GetOrderRequest {
+            order_id: second.order_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(order.status, OrderStatus::Confirmed as i32);
+    assert_eq!(order.tracking.unwrap().stage, TrackingStage::OnItsWay as i32);
+    server.stop().await;
+}
