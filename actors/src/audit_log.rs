@@ -36,6 +36,14 @@ pub trait AuditLog: Send + Sync + 'static {
     /// the next journal flush.
     fn append(&self, entry: &AuditEntry) -> Result<(), JournalError>;
 
+    /// Appends, logging a failure instead of returning it: the trail must not fail the
+    /// action it records.
+    fn record(&self, entry: &AuditEntry) {
+        if let Err(e) = self.append(entry) {
+            tracing::error!(error = %e, action = %entry.action, "audit entry not written");
+        }
+    }
+
     /// Entries of a subject, newest first, starting before `before` (a page token).
     fn list(&self, subject: &AuditSubject, before: Option<u64>, limit: usize) -> Result<AuditPage, JournalError>;
 }

@@ -102,6 +102,14 @@ impl<H: Hosted> Registry<H> {
             .retain(|_, actor| actor.is_alive());
     }
 
+    fn is_live(&self, key: &H::Key) -> bool {
+        self.actors
+            .lock()
+            .expect("registry lock")
+            .get(key)
+            .is_some_and(|a| a.is_alive())
+    }
+
     /// Keys of running actors that match `filter`.
     fn live_keys(&self, filter: impl Fn(&H::Key) -> bool) -> Vec<H::Key> {
         self.actors
@@ -233,7 +241,7 @@ impl CommandBus for LocalActors {
     fn hub_setup_changed(&self, setup: HubSetup) -> BoxFuture<'_, Result<(), CommandError>> {
         Box::pin(async move {
             let hub_id = setup.spec.hub_id.clone();
-            if self.hubs.live_keys(|k| *k == hub_id).is_empty() {
+            if !self.hubs.is_live(&hub_id) {
                 return Ok(());
             }
             self.hubs

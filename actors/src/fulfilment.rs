@@ -3,7 +3,7 @@
 //! that carry offers to subscribed partners, and each hub's load for operators.
 
 use domain::hub::Dispatch;
-use domain::registry::{HubRecord, PartnerRecord, PartnerStatus};
+use domain::registry::{HubRecord, PartnerRecord};
 use domain::{HubId, PartnerId, UnixMillis};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -92,10 +92,6 @@ impl Directory {
             .cloned()
             .collect()
     }
-
-    pub fn is_active(&self, id: &PartnerId) -> bool {
-        self.partner(id).is_some_and(|p| p.status != PartnerStatus::Suspended)
-    }
 }
 
 /// What a subscribed courier receives.
@@ -144,14 +140,6 @@ impl Couriers {
                 streams.remove(partner);
             }
         }
-    }
-
-    pub fn is_subscribed(&self, partner: &PartnerId) -> bool {
-        self.streams
-            .lock()
-            .expect("couriers lock")
-            .get(partner)
-            .is_some_and(|open| open.iter().any(|tx| !tx.is_closed()))
     }
 }
 

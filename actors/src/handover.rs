@@ -1,8 +1,9 @@
 //! The SKU actor's outbox to the hubs: confirmed orders go to the hub whose pool they were
 //! sold from, and are marked handed over in the SKU's journal once the hub acknowledged
-//! them. A crash anywhere in between leaves them in the SKU's `handover` set, and the SKU
-//! sends them again when it next starts; the hub ignores an order it already has. So a
-//! confirmed order always reaches its hub: at least once, and exactly one dispatch.
+//! them. A crash or a failed send leaves them in the SKU's `handover` set, and the SKU sends
+//! them again when it next starts and at its durable retry deadline (`handover_due`, every
+//! `HANDOVER_RETRY_MS`); the hub ignores an order it already has. So a confirmed order always
+//! reaches its hub: at least once, and exactly one dispatch.
 
 use crate::bus::CommandBus;
 use domain::hub::{DispatchOrder, HubCommand};
@@ -12,8 +13,9 @@ use std::sync::Weak;
 use std::time::Duration;
 use tracing::warn;
 
-/// Attempts per order before leaving it for the SKU's next start, and the first back-off.
-const HANDOVER_ATTEMPTS: u32 = 6;
+/// Quick attempts per order (a burst can fill a hub's mailbox for a moment), and the first
+/// back-off; beyond them the durable retry deadline takes over, so tasks never pile up.
+const HANDOVER_ATTEMPTS: u32 = 3;
 const HANDOVER_BACKOFF_MS: u64 = 100;
 
 pub async fn hand_over(bus: Weak<dyn CommandBus>, drop_id: DropId, sku_id: SkuId, orders: Vec<(HubId, DispatchOrder)>) {
@@ -32,7 +34,7 @@ pub async fn hand_over(bus: Weak<dyn CommandBus>, drop_id: DropId, sku_id: SkuId
                     break;
                 }
                 Err(e) if attempt == HANDOVER_ATTEMPTS => {
-                    warn!(%order_id, %hub_id, error = %e, "order not handed to its hub; retried at the SKU's next start");
+                    warn!(%order_id, %hub_id, error = %e, "order not handed to its hub yet; sent again at the SKU's retry deadline");
                 }
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(backoff)).await;
@@ -49,7 +51,7 @@ pub async fn hand_over(bus: Weak<dyn CommandBus>, drop_id: DropId, sku_id: SkuId
         .sku_command(drop_id, sku_id, SkuCommand::HandedOver { order_ids: delivered })
         .await
     {
-        // Harmless: the hub has them; they are sent again (and ignored) at the next start.
+        // Harmless: the hub has them; they are sent again (and ignored) at the retry deadline.
         warn!(error = %e, "could not record hand-over to hubs");
     }
 }

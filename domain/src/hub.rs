@@ -185,21 +185,32 @@ pub struct Dispatch {
     pub throttled: bool,
     pub give_up_at: UnixMillis,
     pub stage: Stage,
-    /// Offers made so far.
-    pub attempt: u32,
-    /// Every partner the dispatch was offered to, in order.
+    /// Every partner the dispatch was offered to, in order (one per offer).
     pub partners: Vec<PartnerId>,
-    /// Partners that missed, declined or failed this dispatch: never offered it again.
-    pub excluded: BTreeSet<PartnerId>,
     pub swaps: Vec<Swap>,
     pub remedies: Vec<Remedy>,
-    pub window_missed: bool,
     /// Current delivery estimate told to the buyer.
     pub eta: UnixMillis,
     pub updated_at: UnixMillis,
 }
 
 impl Dispatch {
+    /// Offers made so far.
+    pub fn attempt(&self) -> u32 {
+        self.partners.len() as u32
+    }
+
+    /// Whether the partner lost this dispatch before (missed, declined, failed, left): it is
+    /// never offered it again.
+    pub fn excludes(&self, partner: &PartnerId) -> bool {
+        self.swaps.iter().any(|s| &s.from == partner)
+    }
+
+    /// The promised window was missed (a remedy is recorded as it is).
+    pub fn window_missed(&self) -> bool {
+        !self.remedies.is_empty()
+    }
+
     /// The earliest moment something is due for this dispatch.
     fn next_due(&self) -> Option<UnixMillis> {
         if self.stage.is_finished() {
@@ -209,10 +220,24 @@ impl Dispatch {
         if let Some(d) = self.stage.sla_deadline() {
             due = due.min(d);
         }
-        if !self.window_missed {
+        if !self.window_missed() {
             due = due.min(self.promised_by);
         }
         Some(due)
+    }
+
+    /// An order can be cancelled until its parcel leaves the hub.
+    pub fn check_cancellable(&self) -> Result<(), Rejection> {
+        match &self.stage {
+            Stage::PickedUp { .. } | Stage::Delivered { .. } | Stage::Failed { .. } => {
+                Err(Rejection::FailedPrecondition(format!(
+                    "order {} can no longer be cancelled: it is {}",
+                    self.order.order_id,
+                    stage_name(&self.stage)
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn is_waiting(&self) -> bool {
@@ -570,7 +595,6 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
             }
         }
         HubEvent::Waiting { order_id, reason, at } => {
-            core.waiting += 1;
             core.alert(
                 *at,
                 Some(order_id),
@@ -628,7 +652,7 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
 }
 
 /// Applies an event to its dispatch (`None` before `Dispatched`). Also keeps the hub's
-/// waiting count, which depends on the dispatch's stage before and after.
+/// waiting count, from the dispatch's stage before and after.
 fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent) {
     if let HubEvent::Dispatched {
         order,
@@ -646,12 +670,9 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             throttled: *throttled,
             give_up_at: *give_up_at,
             stage: Stage::Placing,
-            attempt: 0,
             partners: Vec::new(),
-            excluded: BTreeSet::new(),
             swaps: Vec::new(),
             remedies: Vec::new(),
-            window_missed: false,
             eta: *promised_from,
             updated_at: *at,
         });
@@ -672,7 +693,6 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
                 offered_at: *at,
                 deadline: *deadline,
             };
-            d.attempt += 1;
             d.partners.push(partner.clone());
             d.eta = *eta;
             d.updated_at = *at;
@@ -722,7 +742,6 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             d.updated_at = *at;
         }
         HubEvent::PartnerSwapped { swap, .. } => {
-            d.excluded.insert(swap.from.clone());
             d.swaps.push(swap.clone());
             d.stage = Stage::Placing;
             d.updated_at = swap.at;
@@ -732,7 +751,6 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             d.updated_at = *at;
         }
         HubEvent::WindowMissed { remedy, .. } => {
-            d.window_missed = true;
             d.remedies.push(remedy.clone());
             d.updated_at = remedy.at;
         }
@@ -741,7 +759,6 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
                 reason: reason.clone(),
                 at: *at,
             };
-            d.window_missed = true;
             d.remedies.push(remedy.clone());
             d.updated_at = *at;
         }
@@ -752,11 +769,10 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
         HubEvent::Configured { .. } | HubEvent::Dispatched { .. } | HubEvent::StatusRequested { .. } => {}
     }
     match (was_waiting, d.is_waiting()) {
-        (false, true) => {}
+        (false, true) => core.waiting += 1,
         (true, false) => core.waiting = core.waiting.saturating_sub(1),
         _ => {}
     }
-    // `Waiting` counts itself in `apply_core`; only leaving the stage is counted here.
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -796,12 +812,13 @@ impl HubState {
         self.dispatches.get(order_id)
     }
 
-    pub fn dispatches(&self) -> impl Iterator<Item = &Dispatch> {
-        self.dispatches.values()
+    /// Dispatches kept (open, and finished ones up to `HUB_FINISHED_DISPATCHES_KEPT`).
+    pub fn len(&self) -> usize {
+        self.dispatches.len()
     }
 
-    pub fn open(&self) -> u32 {
-        self.core.open
+    pub fn is_empty(&self) -> bool {
+        self.dispatches.is_empty()
     }
 
     pub fn view(&self, now: UnixMillis) -> Option<HubView> {
@@ -835,11 +852,6 @@ impl HubState {
     pub fn load(&self, now: UnixMillis) -> Option<(u32, u32, bool, UnixMillis, UnixMillis)> {
         let (from, by, throttled) = self.core.promise(now)?;
         Some((self.core.open, self.core.waiting, throttled, from, by))
-    }
-
-    /// Partner stats at this hub.
-    pub fn partner_stats(&self, partner: &PartnerId) -> Option<&PartnerStats> {
-        self.core.stats.get(partner)
     }
 
     /// Checks the invariants listed in the module documentation.
@@ -950,7 +962,7 @@ impl<'a> Tx<'a> {
             .filter(|e| {
                 e.status != PartnerStatus::Suspended
                     && required.is_subset(&e.capabilities)
-                    && !d.excluded.contains(&e.partner_id)
+                    && !d.excludes(&e.partner_id)
                     && load(&e.partner_id) < e.max_open_dispatches
             })
             .collect();
@@ -1097,7 +1109,7 @@ impl<'a> Tx<'a> {
             });
             return;
         }
-        if !d.window_missed && d.promised_by <= now {
+        if !d.window_missed() && d.promised_by <= now {
             let remedy = self.remedy(&d, RemedyKind::LateDelivery);
             self.emit(HubEvent::WindowMissed {
                 order_id: id.clone(),
@@ -1207,7 +1219,7 @@ impl<'a> Tx<'a> {
                 check_text("reason", &reason)?;
                 self.swap(&id, partner, SwapReason::Declined(reason), None);
             }
-            (CourierAction::Decline { .. }, _) if !holds && had_it => {
+            (CourierAction::Decline { .. }, _) if !holds => {
                 // A retried decline: the dispatch already left this partner.
                 if !d
                     .swaps
@@ -1217,28 +1229,23 @@ impl<'a> Tx<'a> {
                     return Err(withdrawn());
                 }
             }
-            (CourierAction::PickedUp { pickup_code }, Stage::Accepted { .. }) if holds => {
+            (CourierAction::PickedUp { pickup_code }, Stage::Accepted { .. } | Stage::PickedUp { .. }) if holds => {
                 if pickup_code != d.order.pickup_code {
                     return Err(Rejection::field(
                         "pickup_code",
                         "does not match the order's pickup code",
                     ));
                 }
-                let eta = self.eta(&d, sla.deliver_ms);
-                self.emit(HubEvent::PickedUp {
-                    order_id: id,
-                    partner,
-                    deadline: UnixMillis(now.0 + sla.deliver_ms as i64),
-                    eta,
-                    at: now,
-                });
-            }
-            (CourierAction::PickedUp { pickup_code }, Stage::PickedUp { .. }) if holds => {
-                if pickup_code != d.order.pickup_code {
-                    return Err(Rejection::field(
-                        "pickup_code",
-                        "does not match the order's pickup code",
-                    ));
+                // Picked up already: a retry, nothing changes.
+                if matches!(d.stage, Stage::Accepted { .. }) {
+                    let eta = self.eta(&d, sla.deliver_ms);
+                    self.emit(HubEvent::PickedUp {
+                        order_id: id,
+                        partner,
+                        deadline: UnixMillis(now.0 + sla.deliver_ms as i64),
+                        eta,
+                        at: now,
+                    });
                 }
             }
             (CourierAction::PickedUp { .. }, Stage::Offered { .. }) if holds => {
@@ -1274,7 +1281,7 @@ impl<'a> Tx<'a> {
                 check_text("reason", &reason)?;
                 self.swap(&id, partner, SwapReason::Failed(reason), None);
             }
-            (CourierAction::Failure { .. }, _) if !holds && had_it => {
+            (CourierAction::Failure { .. }, _) if !holds => {
                 if !d
                     .swaps
                     .iter()
@@ -1283,7 +1290,7 @@ impl<'a> Tx<'a> {
                     return Err(withdrawn());
                 }
             }
-            (_, Stage::Failed { reason, .. }) if holds || had_it => {
+            (_, Stage::Failed { reason, .. }) => {
                 return Err(Rejection::FailedPrecondition(format!("dispatch {id} failed: {reason}")))
             }
             (_, _) if !holds => return Err(withdrawn()),
@@ -1336,6 +1343,33 @@ pub fn stage_name(stage: &Stage) -> &'static str {
     }
 }
 
+impl HubState {
+    /// Answers the commands that only read, without starting a decision (`Tx`).
+    fn read(&self, command: &HubCommand, now: UnixMillis) -> Option<Result<(Vec<HubEvent>, HubReply), Rejection>> {
+        let reply = match command {
+            HubCommand::Get => HubReply::Hub(Box::new(self.view(now)?)),
+            HubCommand::GetDispatch(id) => match self.dispatches.get(id) {
+                Some(d) => HubReply::Dispatch(Box::new(d.clone())),
+                None => return Some(Err(Rejection::not_found("dispatch", id.as_str()))),
+            },
+            HubCommand::PendingOffers(partner) => {
+                let mut offers: Vec<Dispatch> = self
+                    .dispatches
+                    .values()
+                    .filter(|d| matches!(&d.stage, Stage::Offered { partner: p, .. } if p == partner))
+                    .cloned()
+                    .collect();
+                offers.sort_by(|a, b| {
+                    (a.order.confirmed_at, &a.order.order_id).cmp(&(b.order.confirmed_at, &b.order.order_id))
+                });
+                HubReply::Offers(offers)
+            }
+            _ => return None,
+        };
+        Some(Ok((vec![], reply)))
+    }
+}
+
 impl Aggregate for HubState {
     type Command = HubCommand;
     type Event = HubEvent;
@@ -1345,6 +1379,9 @@ impl Aggregate for HubState {
         let hub = || self.hub_id.as_ref().map_or("", |h| h.as_str()).to_string();
         if self.core.spec.is_none() && !matches!(command, HubCommand::Setup(_)) {
             return Err(Rejection::not_found("hub", hub()));
+        }
+        if let Some(read) = self.read(&command, now) {
+            return read;
         }
         let mut tx = Tx::new(self, now);
         let reply = match command {
@@ -1364,7 +1401,7 @@ impl Aggregate for HubState {
                 tx.emit(HubEvent::Configured { setup, at: now });
                 // Offers to partners that left or were suspended go to others; dispatches
                 // already accepted stay with their partner (it may hold the parcel).
-                let gone: Vec<(OrderId, PartnerId)> = self
+                let mut gone: Vec<(OrderId, PartnerId)> = self
                     .dispatches
                     .values()
                     .filter_map(|d| match &d.stage {
@@ -1380,7 +1417,6 @@ impl Aggregate for HubState {
                         _ => None,
                     })
                     .collect();
-                let mut gone = gone;
                 gone.sort();
                 for (id, partner) in gone {
                     tx.swap(&id, partner, SwapReason::PartnerUnavailable, None);
@@ -1434,29 +1470,15 @@ impl Aggregate for HubState {
                 tx.review_partners();
                 HubReply::Done
             }
-            HubCommand::Get => return Ok((vec![], HubReply::Hub(Box::new(self.view(now).expect("configured"))))),
-            HubCommand::GetDispatch(id) => {
-                let d = self
-                    .dispatches
-                    .get(&id)
-                    .ok_or_else(|| Rejection::not_found("dispatch", id.as_str()))?;
-                return Ok((vec![], HubReply::Dispatch(Box::new(d.clone()))));
-            }
             HubCommand::Cancel(id) => {
                 let d = self
                     .dispatches
                     .get(&id)
                     .ok_or_else(|| Rejection::not_found("dispatch", id.as_str()))?;
-                match &d.stage {
-                    Stage::Cancelled { .. } => return Ok((vec![], HubReply::Dispatch(Box::new(d.clone())))),
-                    Stage::PickedUp { .. } | Stage::Delivered { .. } | Stage::Failed { .. } => {
-                        return Err(Rejection::FailedPrecondition(format!(
-                            "order {id} can no longer be cancelled: it is {}",
-                            stage_name(&d.stage)
-                        )))
-                    }
-                    _ => {}
+                if matches!(d.stage, Stage::Cancelled { .. }) {
+                    return Ok((vec![], HubReply::Dispatch(Box::new(d.clone()))));
                 }
+                d.check_cancellable()?;
                 let holder = d.stage.holder().cloned();
                 tx.emit(HubEvent::Cancelled {
                     order_id: id.clone(),
@@ -1466,17 +1488,8 @@ impl Aggregate for HubState {
                 tx.place_waiting();
                 HubReply::Dispatch(Box::new(tx.dispatch(&id).expect("exists").clone()))
             }
-            HubCommand::PendingOffers(partner) => {
-                let mut offers: Vec<Dispatch> = self
-                    .dispatches
-                    .values()
-                    .filter(|d| matches!(&d.stage, Stage::Offered { partner: p, .. } if *p == partner))
-                    .cloned()
-                    .collect();
-                offers.sort_by(|a, b| {
-                    (a.order.confirmed_at, &a.order.order_id).cmp(&(b.order.confirmed_at, &b.order.order_id))
-                });
-                return Ok((vec![], HubReply::Offers(offers)));
+            HubCommand::Get | HubCommand::GetDispatch(_) | HubCommand::PendingOffers(_) => {
+                unreachable!("reads are answered before a decision starts")
             }
         };
         Ok((tx.events, reply))

@@ -379,12 +379,25 @@ impl RegistryState {
             .ok_or_else(|| Rejection::not_found("hub", id.as_str()))
     }
 
-    fn after(&self, events: &[RegistryEvent]) -> RegistryState {
-        let mut next = self.clone();
-        for event in events {
-            next.apply(event);
+    /// The target's record after `events` (which are all about it): applied to a copy of
+    /// that one record, not of the whole registry.
+    fn reply_after(&self, target: Target, events: &[RegistryEvent]) -> RegistryReply {
+        let mut skeleton = RegistryState::default();
+        match &target {
+            Target::Hub(id) => skeleton
+                .hubs
+                .extend(self.hubs.get_key_value(id).map(|(k, v)| (k.clone(), v.clone()))),
+            Target::Partner(id) => skeleton
+                .partners
+                .extend(self.partners.get_key_value(id).map(|(k, v)| (k.clone(), v.clone()))),
         }
-        next
+        for event in events {
+            skeleton.apply(event);
+        }
+        match target {
+            Target::Hub(id) => RegistryReply::Hub(skeleton.hubs[&id].clone()),
+            Target::Partner(id) => RegistryReply::Partner(skeleton.partners[&id].clone()),
+        }
     }
 }
 
@@ -575,11 +588,7 @@ impl Aggregate for RegistryState {
                 (events, target)
             }
         };
-        let next = self.after(&events);
-        let reply = match target {
-            Target::Hub(id) => RegistryReply::Hub(next.hubs[&id].clone()),
-            Target::Partner(id) => RegistryReply::Partner(next.partners[&id].clone()),
-        };
+        let reply = self.reply_after(target, &events);
         Ok((events, reply))
     }
 

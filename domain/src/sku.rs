@@ -273,6 +273,7 @@ pub struct OrderView {
     pub drop_id: DropId,
     pub sku_id: SkuId,
     pub sku_name: String,
+    pub creator_id: CreatorId,
     pub status: OrderStatus,
     pub hub_id: Option<HubId>,
     pub city: CityName,
@@ -283,6 +284,27 @@ pub struct OrderView {
     pub waitlist_position: Option<u32>,
     pub confirmation: Option<Confirmation>,
     pub updated_at: UnixMillis,
+}
+
+impl OrderView {
+    /// What the order's hub needs to fulfil it, and which hub: for confirmed orders only.
+    pub fn dispatch_order(&self) -> Option<(HubId, crate::hub::DispatchOrder)> {
+        let c = self.confirmation.as_ref()?;
+        Some((
+            self.hub_id.clone()?,
+            crate::hub::DispatchOrder {
+                order_id: self.order_id.clone(),
+                creator_id: self.creator_id.clone(),
+                item: self.sku_name.clone(),
+                quantity: self.quantity,
+                amount: c.amount,
+                fulfilment: c.fulfilment,
+                discreet: c.discreet,
+                pickup_code: c.pickup_code.clone(),
+                confirmed_at: c.confirmed_at,
+            },
+        ))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,25 +415,18 @@ impl SkuState {
         }
     }
 
+    /// Takes an order out of the outbox (acknowledged, or cancelled before that); the
+    /// retry deadline goes with the last one.
+    fn handed_over(&mut self, order_id: &OrderId) {
+        self.handover.remove(order_id);
+        if self.handover.is_empty() {
+            self.handover_due = None;
+        }
+    }
+
     /// What the hub needs to fulfil a confirmed order, and which hub.
     pub fn dispatch_order(&self, order_id: &OrderId) -> Option<(HubId, crate::hub::DispatchOrder)> {
-        let order = self.orders.get(order_id)?;
-        let confirmation = order.confirmation.as_ref()?;
-        let hub_id = self.pools.get(order.pool?)?.hub_id.clone();
-        Some((
-            hub_id,
-            crate::hub::DispatchOrder {
-                order_id: order_id.clone(),
-                creator_id: self.creator_id.clone(),
-                item: self.name.clone(),
-                quantity: order.quantity,
-                amount: confirmation.amount,
-                fulfilment: confirmation.fulfilment,
-                discreet: confirmation.discreet,
-                pickup_code: confirmation.pickup_code.clone(),
-                confirmed_at: confirmation.confirmed_at,
-            },
-        ))
+        self.order_view(self.orders.get(order_id)?).dispatch_order()
     }
 
     fn pool_index(&self, hub_id: &HubId) -> Option<usize> {
@@ -436,6 +451,7 @@ impl SkuState {
             drop_id: self.drop_id.clone(),
             sku_id: self.sku_id.clone(),
             sku_name: self.name.clone(),
+            creator_id: self.creator_id.clone(),
             status: order.status,
             hub_id: order.pool.map(|i| self.pools[i].hub_id.clone()),
             city: order.city.clone(),
@@ -1140,10 +1156,7 @@ impl Aggregate for SkuState {
         match event {
             SkuEvent::HandedOver { order_ids } => {
                 for id in order_ids {
-                    self.handover.remove(id);
-                }
-                if self.handover.is_empty() {
-                    self.handover_due = None;
+                    self.handed_over(id);
                 }
             }
             SkuEvent::HandoverRetry { next } => self.handover_due = Some(*next),
@@ -1290,10 +1303,6 @@ impl Aggregate for SkuState {
                 let order = self.orders.get_mut(order_id).expect("waitlisted order exists");
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
-                self.handover.remove(order_id);
-                if self.handover.is_empty() {
-                    self.handover_due = None;
-                }
                 let (city, buyer, requested) = (order.city.clone(), order.buyer.clone(), order.requested);
                 self.remove_from_waitlist(&city, order_id);
                 self.remove_active(&buyer, requested);
@@ -1332,10 +1341,7 @@ impl Aggregate for SkuState {
                 let amount = order.confirmation.as_ref().map_or(0, |c| c.amount.minor_units);
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
-                self.handover.remove(order_id);
-                if self.handover.is_empty() {
-                    self.handover_due = None;
-                }
+                self.handed_over(order_id);
                 self.pools[pool].sold -= quantity;
                 self.pools[pool].available += quantity;
                 self.revenue_minor_units -= amount;

@@ -28,30 +28,56 @@ pub fn operator_token() -> String {
     std::env::var("DROPLINE_OPERATOR_TOKEN").unwrap_or_else(|_| "load-test-operator-token".into())
 }
 
-/// Adds `authorization: Bearer <operator token>` to every call.
+/// Adds `authorization: Bearer <token>` to every call (the operator's or a courier's).
 #[derive(Clone)]
-pub struct OperatorAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
-impl tonic::service::Interceptor for OperatorAuth {
+impl Bearer {
+    pub fn new(token: &str) -> Bearer {
+        Bearer(
+            format!("Bearer {token}")
+                .parse()
+                .expect("credentials are printable ASCII"),
+        )
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         request.metadata_mut().insert("authorization", self.0.clone());
         Ok(request)
     }
 }
 
-pub type Operator = OperatorServiceClient<InterceptedService<Channel, OperatorAuth>>;
+pub type Operator = OperatorServiceClient<InterceptedService<Channel, Bearer>>;
 
-pub fn operator_auth() -> OperatorAuth {
-    OperatorAuth(
-        format!("Bearer {}", operator_token())
-            .parse()
-            .expect("the operator token is printable ASCII"),
-    )
+pub fn operator_auth() -> Bearer {
+    Bearer::new(&operator_token())
 }
 
 /// An operator client with the operator credential.
 pub fn operator(channel: Channel) -> Operator {
     OperatorServiceClient::with_interceptor(channel, operator_auth()).max_decoding_message_size(net::MAX_DECODING_BYTES)
+}
+
+/// A hub with room for any load (one slot per hour, a million deliveries in it) and the
+/// given accept deadline.
+pub fn hub_spec(hub_id: &str, city: &str, accept_secs: i64) -> registry::HubSpec {
+    let secs = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
+    registry::HubSpec {
+        hub_id: hub_id.to_owned(),
+        name: format!("load hub {hub_id}"),
+        city: city.to_owned(),
+        location: Some(registry::Location::default()),
+        slot_minutes: 60,
+        capacity_per_slot: 1_000_000,
+        sla: Some(registry::SlaTargets {
+            accept_within: secs(accept_secs),
+            pickup_within: secs(600),
+            deliver_within: secs(3_600),
+        }),
+        ..Default::default()
+    }
 }
 
 /// Creates the hubs drops will sell from (a retry of the same creation is accepted).
@@ -60,23 +86,7 @@ pub async fn create_hubs(channel: Channel, hubs: &[(String, String)]) -> anyhow:
     for (hub_id, city) in hubs {
         client
             .create_hub(registry::CreateHubRequest {
-                hub: Some(registry::HubSpec {
-                    hub_id: hub_id.clone(),
-                    name: format!("load hub {hub_id}"),
-                    city: city.clone(),
-                    location: Some(registry::Location::default()),
-                    slot_minutes: 60,
-                    capacity_per_slot: 1_000_000,
-                    sla: Some(registry::SlaTargets {
-                        accept_within: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
-                        pickup_within: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
-                        deliver_within: Some(prost_types::Duration {
-                            seconds: 3_600,
-                            nanos: 0,
-                        }),
-                    }),
-                    ..Default::default()
-                }),
+                hub: Some(hub_spec(hub_id, city, 60)),
             })
             .await
             .with_context(|| format!("CreateHub {hub_id} failed"))?;

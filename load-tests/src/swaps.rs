@@ -25,7 +25,7 @@ use proto::registry::v1::partner_registry_service_client::PartnerRegistryService
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const HUB: &str = "hub-swaps";
 const CITY: &str = "Swapton";
@@ -52,17 +52,11 @@ pub struct SwapsArgs {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::unix_millis() as i64
 }
 
 fn ms(ts: &prost_types::Timestamp) -> i64 {
     ts.seconds * 1_000 + i64::from(ts.nanos) / 1_000_000
-}
-
-fn secs(s: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration { seconds: s, nanos: 0 })
 }
 
 pub async fn run(args: SwapsArgs) -> anyhow::Result<()> {
@@ -81,20 +75,7 @@ async fn measure(args: &SwapsArgs, child: &mut tokio::process::Child, target: &s
     let mut registry = PartnerRegistryServiceClient::with_interceptor(channel.clone(), crate::operator_auth());
     registry
         .create_hub(registry::CreateHubRequest {
-            hub: Some(registry::HubSpec {
-                hub_id: HUB.into(),
-                name: "swap benchmark hub".into(),
-                city: CITY.into(),
-                location: Some(registry::Location::default()),
-                slot_minutes: 60,
-                capacity_per_slot: 1_000_000,
-                sla: Some(registry::SlaTargets {
-                    accept_within: secs(args.accept_secs),
-                    pickup_within: secs(600),
-                    deliver_within: secs(3_600),
-                }),
-                ..Default::default()
-            }),
+            hub: Some(crate::hub_spec(HUB, CITY, args.accept_secs)),
         })
         .await
         .context("CreateHub")?;
@@ -137,11 +118,7 @@ async fn measure(args: &SwapsArgs, child: &mut tokio::process::Child, target: &s
     // each of its offers at once (so its dispatches stay open, in progress).
     let (offers_tx, mut offers_rx) = tokio::sync::mpsc::unbounded_channel();
     for (index, credential) in credentials.iter().enumerate() {
-        let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {credential}").parse().expect("ascii");
-        let mut client = DispatchServiceClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", auth.clone());
-            Ok(r)
-        });
+        let mut client = DispatchServiceClient::with_interceptor(channel.clone(), crate::Bearer::new(credential));
         let mut stream = client
             .subscribe(SubscribeRequest {})
             .await

@@ -163,9 +163,7 @@ pub fn require_partner<T>(
                 hub_id: None,
                 detail: call.to_string(),
             };
-            if let Err(e) = audit.append(&entry) {
-                tracing::error!(error = %e, "audit entry not written");
-            }
+            audit.record(&entry);
             Ok(partner)
         }
         Caller::Anonymous => Err(Status::unauthenticated("this call needs a partner credential")),
@@ -182,6 +180,9 @@ pub fn require_operator_or_partner<T>(request: &Request<T>, partner_id: &str) ->
         Caller::Anonymous => Err(Status::unauthenticated("this call needs a credential")),
     }
 }
+
+/// A client channel that sends a credential with every call.
+pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
 
 /// Client side: adds `authorization: Bearer <token>` to every call (demo, tests, tools).
 #[derive(Clone)]

@@ -4,7 +4,7 @@ use crate::convert::{self, opaque_id, Check};
 use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
 use actors::hosted::expect_order;
-use domain::hub::{Dispatch, DispatchOrder, HubCommand, HubReply, Stage};
+use domain::hub::{Dispatch, HubCommand};
 use domain::limits::{PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
 use domain::sku::OrderStatus;
 use domain::sku::{ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, SkuCommand, SkuReply};
@@ -49,15 +49,10 @@ impl Checkout {
     async fn dispatch_of(&self, view: &domain::sku::OrderView) -> Option<Dispatch> {
         view.confirmation.as_ref()?;
         let hub_id = view.hub_id.clone()?;
-        match self
-            .platform
-            .bus
-            .hub_command(hub_id, HubCommand::GetDispatch(view.order_id.clone()))
+        self.platform
+            .hub_dispatch(hub_id, HubCommand::GetDispatch(view.order_id.clone()))
             .await
-        {
-            Ok(HubReply::Dispatch(d)) => Some(*d),
-            _ => None,
-        }
+            .ok()
     }
 }
 
@@ -67,30 +62,6 @@ fn finished(view: &domain::sku::OrderView, dispatch: Option<&Dispatch>) -> bool 
     match view.status {
         OrderStatus::Confirmed => dispatch.is_some_and(|d| d.stage.is_finished()),
         status => status.is_final(),
-    }
-}
-
-impl Checkout {
-    fn dispatch_order(&self, view: &domain::sku::OrderView) -> Option<DispatchOrder> {
-        let c = view.confirmation.as_ref()?;
-        let creator_id = self
-            .platform
-            .projections
-            .availability
-            .spec(&view.drop_id)?
-            .creator_id
-            .clone();
-        Some(DispatchOrder {
-            order_id: view.order_id.clone(),
-            creator_id,
-            item: view.sku_name.clone(),
-            quantity: view.quantity,
-            amount: c.amount,
-            fulfilment: c.fulfilment,
-            discreet: c.discreet,
-            pickup_code: c.pickup_code.clone(),
-            confirmed_at: c.confirmed_at,
-        })
     }
 }
 
@@ -204,18 +175,15 @@ impl CheckoutService for Checkout {
         // The hub promises the delivery window now, so the buyer hears it at Confirm. The
         // SKU's outbox hands the order over too (and again after a crash); the hub keeps
         // one dispatch per order whoever comes first.
-        let dispatch = match (view.hub_id.clone(), self.dispatch_order(&view)) {
-            (Some(hub_id), Some(order)) => {
-                match self.platform.bus.hub_command(hub_id, HubCommand::Dispatch(order)).await {
-                    Ok(HubReply::Dispatch(d)) => Some(*d),
-                    Ok(_) => None,
-                    Err(e) => {
-                        debug!(error = %e, "hub did not answer at confirm; the order reaches it through the outbox");
-                        None
-                    }
+        let dispatch = match view.dispatch_order() {
+            Some((hub_id, order)) => match self.platform.hub_dispatch(hub_id, HubCommand::Dispatch(order)).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    debug!(error = %e, "hub did not answer at confirm; the order reaches it through the outbox");
+                    None
                 }
-            }
-            _ => None,
+            },
+            None => None,
         };
         Ok(Response::new(ConfirmResponse {
             order: Some(convert::order(&view, dispatch.as_ref())),
@@ -228,15 +196,7 @@ impl CheckoutService for Checkout {
         // A confirmed order can be cancelled only before its parcel leaves the hub.
         let before = self.order_view(&order_id).await?;
         if let Some(d) = self.dispatch_of(&before).await {
-            if matches!(
-                d.stage,
-                Stage::PickedUp { .. } | Stage::Delivered { .. } | Stage::Failed { .. }
-            ) {
-                return Err(Status::failed_precondition(format!(
-                    "order {order_id} can no longer be cancelled: it is {}",
-                    domain::hub::stage_name(&d.stage)
-                )));
-            }
+            d.check_cancellable().map_err(crate::status::from_rejection)?;
         }
         let (drop_id, sku_id) = order_id.owner();
         let reply = self
@@ -258,12 +218,11 @@ impl CheckoutService for Checkout {
         if let (Some(hub_id), true) = (view.hub_id.clone(), before.confirmation.is_some()) {
             match self
                 .platform
-                .bus
-                .hub_command(hub_id, HubCommand::Cancel(order_id.clone()))
+                .hub_dispatch(hub_id, HubCommand::Cancel(order_id.clone()))
                 .await
             {
-                Ok(HubReply::Dispatch(d)) => dispatch = Some(*d),
-                Ok(_) | Err(actors::CommandError::Rejected(domain::Rejection::NotFound { .. })) => {}
+                Ok(d) => dispatch = Some(d),
+                Err(actors::CommandError::Rejected(domain::Rejection::NotFound { .. })) => {}
                 Err(e) => tracing::warn!(%order_id, error = %e, "cancelled order's dispatch not withdrawn"),
             }
         }

@@ -89,6 +89,21 @@ impl Check {
         }
     }
 
+    /// A required positive duration of at most a year, in milliseconds.
+    pub fn duration(&mut self, field: &str, value: Option<&prost_types::Duration>) -> Option<u64> {
+        match value {
+            None => {
+                self.fail(field, "is required");
+                None
+            }
+            Some(d) if d.seconds < 0 || d.nanos < 0 || d.seconds > 365 * 86_400 => {
+                self.fail(field, "must be a positive duration of at most a year");
+                None
+            }
+            Some(d) => Some(d.seconds as u64 * 1_000 + d.nanos as u64 / 1_000_000),
+        }
+    }
+
     /// The checked values, or INVALID_ARGUMENT with every violation.
     pub fn finish<T>(self, value: impl FnOnce() -> Option<T>) -> Result<T, Status> {
         if !self.violations.is_empty() {
@@ -120,6 +135,18 @@ pub fn timestamp(t: UnixMillis) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.0.div_euclid(1_000),
         nanos: (t.0.rem_euclid(1_000) * 1_000_000) as i32,
+    }
+}
+
+/// Milliseconds since the Unix epoch of a protobuf timestamp.
+pub fn millis(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1_000 + i64::from(t.nanos) / 1_000_000
+}
+
+pub fn duration(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (ms / 1_000) as i64,
+        nanos: ((ms % 1_000) * 1_000_000) as i32,
     }
 }
 

@@ -4,7 +4,10 @@
 //! secondary partner, and the report shows how long after each missed deadline that
 //! happened.
 
-use crate::auth::Bearer;
+use crate::auth::{Authed, Bearer};
+use crate::convert::{duration, millis};
+use crate::demo::bump;
+use actors::Clock;
 use hdrhistogram::Histogram;
 use proto::dispatch::v1::dispatch_service_client::DispatchServiceClient;
 use proto::dispatch::v1::dispatch_update::Update;
@@ -14,10 +17,9 @@ use proto::registry::v1::partner_registry_service_client::PartnerRegistryService
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// (hub, city, deliveries per one-minute slot).
@@ -58,8 +60,6 @@ const PARTNERS: [PartnerPlan; 11] = [
     ("standby-po", "hub-porto-1", 3, ALL, None),
 ];
 
-pub type Authed = InterceptedService<Channel, Bearer>;
-
 /// Pickup codes as printed on parcel labels at the hub: the courier reads them there.
 pub type Labels = Arc<Mutex<HashMap<String, String>>>;
 
@@ -78,18 +78,12 @@ pub struct CourierTally {
     pub swap_received_ms: Mutex<Vec<i64>>,
 }
 
-fn ms(ts: &prost_types::Timestamp) -> i64 {
-    ts.seconds * 1_000 + i64::from(ts.nanos) / 1_000_000
-}
-
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    actors::SystemClock.now().0
 }
 
-fn secs(s: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration { seconds: s, nanos: 0 })
+fn secs(s: u64) -> Option<prost_types::Duration> {
+    Some(duration(s * 1_000))
 }
 
 /// Creates the hubs and partners; returns each partner's credential and silence plan.
@@ -199,9 +193,9 @@ pub async fn run_courier(
             bump(&tally.offers);
             if let Some(missed) = &offer.previous_deadline_missed {
                 if let Some(offered) = &offer.offered_at {
-                    lock(&tally.swap_decided_ms).push(ms(offered) - ms(missed));
+                    lock(&tally.swap_decided_ms).push(millis(offered) - millis(missed));
                 }
-                lock(&tally.swap_received_ms).push(now_ms() - ms(missed));
+                lock(&tally.swap_received_ms).push(now_ms() - millis(missed));
             }
             if silent_after.is_some_and(|n| answered >= n) {
                 bump(&tally.ignored);
@@ -287,14 +281,10 @@ async fn work(
         .await
     {
         bump(&tally.delivered);
-        if done.into_inner().window_by.is_some_and(|by| now_ms() <= ms(&by)) {
+        if done.into_inner().window_by.is_some_and(|by| now_ms() <= millis(&by)) {
             bump(&tally.delivered_in_window);
         }
     }
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

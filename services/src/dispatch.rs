@@ -41,10 +41,9 @@ impl Couriers {
         action: CourierAction,
     ) -> Result<Response<pb::Dispatch>, Status> {
         let (hub_id, order_id) = parse_dispatch_id(dispatch_id)?;
-        let reply = self
+        let d = self
             .platform
-            .bus
-            .hub_command(
+            .hub_dispatch(
                 hub_id.clone(),
                 HubCommand::Courier {
                     partner: partner.clone(),
@@ -54,9 +53,6 @@ impl Couriers {
             )
             .await
             .map_err(from_command_error)?;
-        let HubReply::Dispatch(d) = reply else {
-            return Err(Status::internal("hub answered with something else than a dispatch"));
-        };
         Ok(Response::new(self.view(&hub_id, &d, partner)))
     }
 
@@ -66,25 +62,30 @@ impl Couriers {
         let holds =
             d.stage.holder() == Some(partner) && matches!(d.stage, Stage::Accepted { .. } | Stage::PickedUp { .. });
         if holds && d.order.fulfilment == Fulfilment::Delivery {
-            match self.platform.addresses.get(d.order.order_id.as_str()) {
-                Ok(Some(bytes)) => {
-                    if let Ok(a) = <proto::checkout::v1::Address as prost::Message>::decode(bytes.as_slice()) {
-                        view.address = Some(pb::DeliveryAddress {
-                            line1: a.line1,
-                            line2: a.line2,
-                            postal_code: a.postal_code,
-                            city: a.city,
-                            country: a.country,
-                            recipient_name: a.recipient_name,
-                            phone: a.phone,
-                        });
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => warn!(error = %e, "address vault read failed"),
-            }
+            view.address = self.delivery_address(&d.order.order_id);
         }
         view
+    }
+
+    /// The buyer's address from the vault, for the partner delivering the order.
+    fn delivery_address(&self, order_id: &OrderId) -> Option<pb::DeliveryAddress> {
+        let bytes = match self.platform.addresses.get(order_id.as_str()) {
+            Ok(bytes) => bytes?,
+            Err(e) => {
+                warn!(error = %e, "address vault read failed");
+                return None;
+            }
+        };
+        let a = <proto::checkout::v1::Address as prost::Message>::decode(bytes.as_slice()).ok()?;
+        Some(pb::DeliveryAddress {
+            line1: a.line1,
+            line2: a.line2,
+            postal_code: a.postal_code,
+            city: a.city,
+            country: a.country,
+            recipient_name: a.recipient_name,
+            phone: a.phone,
+        })
     }
 }
 
@@ -140,7 +141,7 @@ pub fn dispatch(hub_id: &HubId, d: &Dispatch) -> pb::Dispatch {
         window_from: Some(timestamp(d.promised_from)),
         window_by: Some(timestamp(d.promised_by)),
         offered_at: offered_at.map(timestamp),
-        attempt: d.attempt,
+        attempt: d.attempt(),
         previous_deadline_missed: d.swaps.last().and_then(|s| s.missed_deadline).map(timestamp),
         address: None,
     }
@@ -297,15 +298,11 @@ impl DispatchService for Couriers {
     async fn get_dispatch(&self, request: Request<pb::GetDispatchRequest>) -> Result<Response<pb::Dispatch>, Status> {
         let partner = self.partner(&request, "GetDispatch")?;
         let (hub_id, order_id) = parse_dispatch_id(&request.get_ref().dispatch_id)?;
-        let reply = self
+        let d = self
             .platform
-            .bus
-            .hub_command(hub_id.clone(), HubCommand::GetDispatch(order_id.clone()))
+            .hub_dispatch(hub_id.clone(), HubCommand::GetDispatch(order_id.clone()))
             .await
             .map_err(from_command_error)?;
-        let HubReply::Dispatch(d) = reply else {
-            return Err(Status::internal("hub answered with something else than a dispatch"));
-        };
         if !d.partners.contains(&partner.spec.partner_id) {
             return Err(Status::permission_denied(format!(
                 "dispatch {} was never offered to {}",

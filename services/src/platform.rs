@@ -9,11 +9,14 @@ use actors::journal::AddressVault;
 use actors::projections::CachedDrop;
 use actors::secrets::BuyerHasher;
 use actors::sled_journal::SledJournal;
+use actors::CommandError;
 use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
 use domain::drop::DropCommand;
+use domain::hub::{Dispatch, HubCommand, HubReply};
 use domain::registry::RegistryCommand;
 use domain::sku::SkuCommand;
 use domain::DropId;
+use domain::HubId;
 use futures::{StreamExt, TryStreamExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -73,6 +76,16 @@ impl Platform {
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),
         })
+    }
+
+    /// A hub command whose reply is a dispatch.
+    pub async fn hub_dispatch(&self, hub_id: HubId, command: HubCommand) -> Result<Dispatch, CommandError> {
+        match self.bus.hub_command(hub_id, command).await? {
+            HubReply::Dispatch(d) => Ok(*d),
+            other => Err(CommandError::Unavailable(format!(
+                "hub answered {other:?} instead of a dispatch"
+            ))),
+        }
     }
 
     pub fn begin_shutdown(&self) {

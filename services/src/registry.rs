@@ -2,7 +2,7 @@
 //! may read its own record), and the audit trail.
 
 use crate::auth::{self, require_operator, require_operator_or_partner};
-use crate::convert::{timestamp, Check};
+use crate::convert::{duration, timestamp, Check};
 use crate::platform::Platform;
 use crate::status::from_command_error;
 use actors::audit_log::{AuditEntry, AuditSubject};
@@ -45,22 +45,37 @@ impl Registry {
             .map_err(from_command_error)
     }
 
-    async fn partner_reply(&self, reply: RegistryReply) -> Result<Response<pb::Partner>, Status> {
-        match reply {
-            RegistryReply::Partner(record) => Ok(Response::new(self.partner_with_metrics(&record).await)),
-            _ => Err(Status::internal("registry answered with something else than a partner")),
+    /// A registry command whose reply is a partner.
+    async fn partner_command(&self, command: RegistryCommand) -> Result<PartnerRecord, Status> {
+        match self.command(command).await? {
+            RegistryReply::Partner(record) => Ok(record),
+            other => Err(Status::internal(format!(
+                "registry answered {other:?} instead of a partner"
+            ))),
         }
+    }
+
+    /// A registry command whose reply is a hub.
+    async fn hub_command(&self, command: RegistryCommand) -> Result<HubRecord, Status> {
+        match self.command(command).await? {
+            RegistryReply::Hub(record) => Ok(record),
+            other => Err(Status::internal(format!(
+                "registry answered {other:?} instead of a hub"
+            ))),
+        }
+    }
+
+    async fn partner_reply(&self, command: RegistryCommand) -> Result<Response<pb::Partner>, Status> {
+        let record = self.partner_command(command).await?;
+        Ok(Response::new(self.partner_with_metrics(&record).await))
     }
 
     /// A partner with its SLA metrics from each hub it serves (hubs that cannot answer now
     /// are shown without metrics rather than failing the call).
     async fn partner_with_metrics(&self, record: &PartnerRecord) -> pb::Partner {
         let mut partner = partner(record);
-        for assignment in &mut partner.hubs {
-            let Ok(hub_id) = HubId::parse(&assignment.hub_id) else {
-                continue;
-            };
-            if let Ok(HubReply::Hub(view)) = self.platform.bus.hub_command(hub_id, HubCommand::Get).await {
+        for (assignment, hub_id) in partner.hubs.iter_mut().zip(record.hubs.keys()) {
+            if let Ok(view) = self.hub_view(hub_id).await {
                 assignment.metrics = view
                     .partners
                     .iter()
@@ -71,10 +86,10 @@ impl Registry {
         partner
     }
 
-    async fn hub_view(&self, hub_id: &HubId) -> Result<Option<HubView>, Status> {
+    async fn hub_view(&self, hub_id: &HubId) -> Result<HubView, Status> {
         match self.platform.bus.hub_command(hub_id.clone(), HubCommand::Get).await {
-            Ok(HubReply::Hub(view)) => Ok(Some(*view)),
-            Ok(_) => Err(Status::internal("hub answered with something else than its view")),
+            Ok(HubReply::Hub(view)) => Ok(*view),
+            Ok(other) => Err(Status::internal(format!("hub answered {other:?} instead of its view"))),
             Err(e) => Err(from_command_error(e)),
         }
     }
@@ -178,27 +193,6 @@ fn partner_spec(
     Ok(spec)
 }
 
-fn duration_ms(check: &mut Check, field: &str, value: Option<&prost_types::Duration>) -> Option<u64> {
-    match value {
-        None => {
-            check.fail(field, "is required");
-            None
-        }
-        Some(d) if d.seconds < 0 || d.nanos < 0 || d.seconds > 365 * 86_400 => {
-            check.fail(field, "must be a positive duration of at most a year");
-            None
-        }
-        Some(d) => Some(d.seconds as u64 * 1_000 + d.nanos as u64 / 1_000_000),
-    }
-}
-
-fn duration(ms: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: (ms / 1_000) as i64,
-        nanos: ((ms % 1_000) * 1_000_000) as i32,
-    }
-}
-
 fn hub_spec(spec: Option<&pb::HubSpec>) -> Result<HubSpec, Status> {
     let mut check = Check::default();
     let Some(s) = spec else {
@@ -213,12 +207,12 @@ fn hub_spec(spec: Option<&pb::HubSpec>) -> Result<HubSpec, Status> {
         check.fail("hub.location", "must be finite coordinates");
     }
     let sla = s.sla.unwrap_or_default();
-    let accept = duration_ms(&mut check, "hub.sla.accept_within", sla.accept_within.as_ref());
-    let pickup = duration_ms(&mut check, "hub.sla.pickup_within", sla.pickup_within.as_ref());
-    let deliver = duration_ms(&mut check, "hub.sla.deliver_within", sla.deliver_within.as_ref());
+    let accept = check.duration("hub.sla.accept_within", sla.accept_within.as_ref());
+    let pickup = check.duration("hub.sla.pickup_within", sla.pickup_within.as_ref());
+    let deliver = check.duration("hub.sla.deliver_within", sla.deliver_within.as_ref());
     let give_up = match &s.give_up_after {
         None => Some(DEFAULT_GIVE_UP_AFTER_MS),
-        Some(d) => duration_ms(&mut check, "hub.give_up_after", Some(d)),
+        Some(d) => check.duration("hub.give_up_after", Some(d)),
     };
     let or = |v: u32, default: u32| if v == 0 { default } else { v };
     let spec = check.finish(|| {
@@ -402,15 +396,12 @@ impl PartnerRegistryService for Registry {
         let r = request.into_inner();
         let spec = partner_spec(&r.partner_id, &r.name, r.kind, &r.capabilities, r.max_open_dispatches)?;
         let credential = auth::new_partner_credential();
-        let reply = self
-            .command(RegistryCommand::RegisterPartner {
+        let record = self
+            .partner_command(RegistryCommand::RegisterPartner {
                 spec,
                 credential_hash: auth::hash(&credential),
             })
             .await?;
-        let RegistryReply::Partner(record) = reply else {
-            return Err(Status::internal("registry answered with something else than a partner"));
-        };
         info!(partner_id = %record.spec.partner_id, "partner registered");
         Ok(Response::new(pb::RegisterPartnerResponse {
             partner: Some(partner(&record)),
@@ -425,8 +416,7 @@ impl PartnerRegistryService for Registry {
         require_operator(&request)?;
         let r = request.into_inner();
         let spec = partner_spec(&r.partner_id, &r.name, r.kind, &r.capabilities, r.max_open_dispatches)?;
-        let reply = self.command(RegistryCommand::UpdatePartner(spec)).await?;
-        self.partner_reply(reply).await
+        self.partner_reply(RegistryCommand::UpdatePartner(spec)).await
     }
 
     async fn get_partner(&self, request: Request<pb::GetPartnerRequest>) -> Result<Response<pb::Partner>, Status> {
@@ -508,19 +498,17 @@ impl PartnerRegistryService for Registry {
         }
         check.text("reason", &r.reason, false);
         let (partner_id, status) = check.finish(|| Some((partner_id?, status?)))?;
-        let reply = self
-            .command(RegistryCommand::SetStatus {
-                partner_id,
-                status,
-                reason: if r.reason.is_empty() {
-                    "set by the operator".into()
-                } else {
-                    r.reason
-                },
-                source: StatusSource::Operator,
-            })
-            .await?;
-        self.partner_reply(reply).await
+        self.partner_reply(RegistryCommand::SetStatus {
+            partner_id,
+            status,
+            reason: if r.reason.is_empty() {
+                "set by the operator".into()
+            } else {
+                r.reason
+            },
+            source: StatusSource::Operator,
+        })
+        .await
     }
 
     async fn assign_partner(
@@ -533,35 +521,27 @@ impl PartnerRegistryService for Registry {
         let partner_id = parse_partner_id(&mut check, "partner_id", &r.partner_id);
         let hub_id = check.parse("hub_id", &r.hub_id, HubId::parse);
         let (partner_id, hub_id) = check.finish(|| Some((partner_id?, hub_id?)))?;
-        let reply = self
-            .command(RegistryCommand::Assign {
-                partner_id,
-                hub_id,
-                rank: (r.rank > 0).then_some(r.rank),
-            })
-            .await?;
-        self.partner_reply(reply).await
+        self.partner_reply(RegistryCommand::Assign {
+            partner_id,
+            hub_id,
+            rank: (r.rank > 0).then_some(r.rank),
+        })
+        .await
     }
 
     async fn create_hub(&self, request: Request<pb::CreateHubRequest>) -> Result<Response<pb::Hub>, Status> {
         require_operator(&request)?;
         let spec = hub_spec(request.get_ref().hub.as_ref())?;
-        match self.command(RegistryCommand::CreateHub(spec)).await? {
-            RegistryReply::Hub(record) => {
-                info!(hub_id = %record.spec.hub_id, city = %record.spec.city, "hub created");
-                Ok(Response::new(hub_record(&record)))
-            }
-            _ => Err(Status::internal("registry answered with something else than a hub")),
-        }
+        let record = self.hub_command(RegistryCommand::CreateHub(spec)).await?;
+        info!(hub_id = %record.spec.hub_id, city = %record.spec.city, "hub created");
+        Ok(Response::new(hub_record(&record)))
     }
 
     async fn update_hub(&self, request: Request<pb::UpdateHubRequest>) -> Result<Response<pb::Hub>, Status> {
         require_operator(&request)?;
         let spec = hub_spec(request.get_ref().hub.as_ref())?;
-        match self.command(RegistryCommand::UpdateHub(spec)).await? {
-            RegistryReply::Hub(record) => Ok(Response::new(hub_record(&record))),
-            _ => Err(Status::internal("registry answered with something else than a hub")),
-        }
+        let record = self.hub_command(RegistryCommand::UpdateHub(spec)).await?;
+        Ok(Response::new(hub_record(&record)))
     }
 
     async fn get_hub(&self, request: Request<pb::GetHubRequest>) -> Result<Response<pb::Hub>, Status> {
@@ -576,10 +556,7 @@ impl PartnerRegistryService for Registry {
             .hub(&hub_id)
             .ok_or_else(|| Status::not_found(format!("hub {hub_id} not found")))?;
         let view = self.hub_view(&hub_id).await?;
-        Ok(Response::new(match view {
-            Some(view) => hub_with_view(&record, &view),
-            None => hub_record(&record),
-        }))
+        Ok(Response::new(hub_with_view(&record, &view)))
     }
 
     async fn list_hubs(&self, request: Request<pb::ListHubsRequest>) -> Result<Response<pb::ListHubsResponse>, Status> {

@@ -80,15 +80,12 @@ async fn a_silent_courier_is_swapped_after_its_deadline_and_the_buyer_sees_it() 
     assert_eq!(offer.order_id, order.order_id);
     assert_eq!(offer.attempt, 1);
     assert!(offer.item.is_empty() || offer.item == "item sku");
-    let deadline = offer.deadline.clone().unwrap();
-    let deadline_ms = deadline.seconds * 1_000 + i64::from(deadline.nanos) / 1_000_000;
+    let deadline = offer.deadline.unwrap();
+    let deadline_ms = services::convert::millis(&deadline);
 
     // The secondary gets it within the deadline plus a second.
     let swapped = next_offer(&mut backup_stream, Duration::from_secs(4)).await;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now_ms = actors::Clock::now(&actors::SystemClock).0;
     assert_eq!(swapped.dispatch_id, offer.dispatch_id);
     assert_eq!(swapped.attempt, 2);
     assert!(

@@ -10,16 +10,13 @@ use proto::operator::v1::operator_service_client::OperatorServiceClient;
 use proto::operator::v1::*;
 use proto::registry::v1 as registry;
 use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
-use services::auth::Bearer;
+use services::auth::{Authed, Bearer};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// The operator credential of every test server.
 pub const OPERATOR_TOKEN: &str = "test-operator-credential";
-
-pub type Authed = InterceptedService<Channel, Bearer>;
 
 pub fn operator_client(channel: &Channel) -> OperatorServiceClient<Authed> {
     OperatorServiceClient::with_interceptor(channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
@@ -33,12 +30,12 @@ pub fn courier_client(channel: &Channel, credential: &str) -> DispatchServiceCli
     DispatchServiceClient::with_interceptor(channel.clone(), Bearer::new(credential).unwrap())
 }
 
-pub fn secs(s: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration { seconds: s, nanos: 0 })
+pub fn secs(s: u64) -> Option<prost_types::Duration> {
+    Some(services::convert::duration(s * 1_000))
 }
 
 /// A hub spec with short SLA clocks for tests (accept within `accept_secs`).
-pub fn hub_spec(hub_id: &str, city: &str, capacity: u32, accept_secs: i64) -> registry::HubSpec {
+pub fn hub_spec(hub_id: &str, city: &str, capacity: u32, accept_secs: u64) -> registry::HubSpec {
     registry::HubSpec {
         hub_id: hub_id.into(),
         name: format!("{city} test hub"),
