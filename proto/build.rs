@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dropline/operator/v1/operator.proto",
         "dropline/registry/v1/registry.proto",
         "dropline/dispatch/v1/dispatch.proto",
+        "dropline/settlement/v1/settlement.proto",
         "dropline/bench/v1/echo.proto",
     ];
     tonic_prost_build::configure()

@@ -6,9 +6,10 @@ use crate::error::CommandError;
 use crate::journal::BoxFuture;
 use domain::drop::{DropCommand, DropView, SaleStatus};
 use domain::hub::{HubCommand, HubReply};
+use domain::ledger::{LedgerCommand, LedgerReply};
 use domain::registry::{HubSetup, RegistryCommand, RegistryReply};
 use domain::sku::{SkuCommand, SkuReply};
-use domain::{DropId, HubId, SkuId};
+use domain::{CreatorId, DropId, HubId, SkuId};
 
 pub trait CommandBus: Send + Sync + 'static {
     fn sku_command(
@@ -37,4 +38,11 @@ pub trait CommandBus: Send + Sync + 'static {
     /// Gives a hub's new setup to its actor if it is running; a hub actor that is not
     /// running reads its setup from the registry when it starts.
     fn hub_setup_changed(&self, setup: HubSetup) -> BoxFuture<'_, Result<(), CommandError>>;
+
+    /// A creator's settlement ledger.
+    fn creator_command(
+        &self,
+        creator_id: CreatorId,
+        command: LedgerCommand,
+    ) -> BoxFuture<'_, Result<LedgerReply, CommandError>>;
 }

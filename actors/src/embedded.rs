@@ -11,10 +11,11 @@ use crate::projections::Projections;
 use crate::wakeups::Wakeups;
 use domain::drop::{DropCommand, DropState, DropView, SaleStatus};
 use domain::hub::{HubCommand, HubReply, HubState};
+use domain::ledger::{LedgerCommand, LedgerReply, LedgerState};
 use domain::limits::{ACTOR_RESTART_RETRIES, COMMAND_TIMEOUT_MS};
 use domain::registry::{HubSetup, RegistryCommand, RegistryReply, RegistryState};
 use domain::sku::{SkuCommand, SkuReply, SkuState};
-use domain::{DropId, HubId, SkuId, UnixMillis};
+use domain::{CreatorId, DropId, HubId, SkuId, UnixMillis};
 use futures::{StreamExt, TryStreamExt};
 use kameo::actor::{ActorRef, Spawn};
 use kameo::error::{HookError, SendError};
@@ -144,6 +145,7 @@ pub struct LocalActors {
     skus: Registry<SkuState>,
     hubs: Registry<HubState>,
     registry: Registry<RegistryState>,
+    creators: Registry<LedgerState>,
 }
 
 impl LocalActors {
@@ -176,6 +178,7 @@ impl LocalActors {
                 skus: Registry::new(),
                 hubs: Registry::new(),
                 registry: Registry::new(),
+                creators: Registry::new(),
             }
         });
         let weak = Arc::downgrade(&actors);
@@ -187,6 +190,7 @@ impl LocalActors {
                 actors.drops.sweep();
                 actors.skus.sweep();
                 actors.hubs.sweep();
+                actors.creators.sweep();
             }
         });
         Ok(actors)
@@ -224,6 +228,13 @@ impl CommandBus for LocalActors {
             if let Some(key) = HubState::key_of_stream(&stream) {
                 return self.hubs.ask(&key, &self.env, HubCommand::ExpireDue).await.map(|_| ());
             }
+            if let Some(key) = LedgerState::key_of_stream(&stream) {
+                return self
+                    .creators
+                    .ask(&key, &self.env, LedgerCommand::ReleaseDue)
+                    .await
+                    .map(|_| ());
+            }
             Err(CommandError::Storage(format!(
                 "no actor has deadlines in stream {stream}"
             )))
@@ -249,6 +260,14 @@ impl CommandBus for LocalActors {
                 .await
                 .map(|_| ())
         })
+    }
+
+    fn creator_command(
+        &self,
+        creator_id: CreatorId,
+        command: LedgerCommand,
+    ) -> BoxFuture<'_, Result<LedgerReply, CommandError>> {
+        Box::pin(async move { self.creators.ask(&creator_id, &self.env, command).await })
     }
 
     fn sale_status_changed(&self, drop_id: DropId, status: SaleStatus) -> BoxFuture<'_, Result<(), CommandError>> {

@@ -1,10 +1,11 @@
-//! Read-side projections of the registry and the hubs: the partner directory (credential
-//! lookups for every courier call, without asking the registry actor), the courier channels
+//! Read-side projections of the registry and the hubs: the directory of partners and
+//! creators (credential lookups for every courier and creator call, without asking the
+//! registry actor), the courier channels
 //! that carry offers to subscribed partners, and each hub's load for operators.
 
 use domain::hub::Dispatch;
-use domain::registry::{HubRecord, PartnerRecord};
-use domain::{HubId, PartnerId, UnixMillis};
+use domain::registry::{CreatorRecord, HubRecord, PartnerRecord};
+use domain::{CreatorId, HubId, PartnerId, UnixMillis};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
@@ -20,6 +21,8 @@ struct DirectoryInner {
     by_credential: HashMap<String, PartnerId>,
     partners: BTreeMap<PartnerId, Arc<PartnerRecord>>,
     hubs: BTreeMap<HubId, Arc<HubRecord>>,
+    creators_by_credential: HashMap<String, CreatorId>,
+    creators: HashMap<CreatorId, Arc<CreatorRecord>>,
 }
 
 /// Partners and hubs as the registry last published them.
@@ -39,6 +42,29 @@ impl Directory {
             .by_credential
             .insert(record.credential_hash.clone(), record.spec.partner_id.clone());
         inner.partners.insert(record.spec.partner_id.clone(), Arc::new(record));
+    }
+
+    pub fn put_creator(&self, record: CreatorRecord) {
+        let mut inner = self.inner.write().expect("directory lock");
+        if let Some(old) = inner.creators.get(&record.creator_id) {
+            let old_hash = old.credential_hash.clone();
+            inner.creators_by_credential.remove(&old_hash);
+        }
+        inner
+            .creators_by_credential
+            .insert(record.credential_hash.clone(), record.creator_id.clone());
+        inner.creators.insert(record.creator_id.clone(), Arc::new(record));
+    }
+
+    /// The creator a credential hash belongs to.
+    pub fn creator_by_credential(&self, hash: &str) -> Option<Arc<CreatorRecord>> {
+        let inner = self.inner.read().expect("directory lock");
+        let id = inner.creators_by_credential.get(hash)?;
+        inner.creators.get(id).cloned()
+    }
+
+    pub fn creator(&self, id: &CreatorId) -> Option<Arc<CreatorRecord>> {
+        self.inner.read().expect("directory lock").creators.get(id).cloned()
     }
 
     pub fn put_hub(&self, record: HubRecord) {

@@ -10,10 +10,14 @@ use crate::journal::{BoxFuture, Journal};
 use crate::projections::Projections;
 use domain::drop::{DropCommand, DropEvent, DropState};
 use domain::hub::{HubCommand, HubEvent, HubState};
-use domain::limits::{DROP_MAILBOX_CAPACITY, HUB_MAILBOX_CAPACITY, REGISTRY_MAILBOX_CAPACITY, SKU_MAILBOX_CAPACITY};
+use domain::ledger::{LedgerCommand, LedgerEvent, LedgerState};
+use domain::limits::{
+    CREATOR_MAILBOX_CAPACITY, DROP_MAILBOX_CAPACITY, HUB_MAILBOX_CAPACITY, REGISTRY_MAILBOX_CAPACITY,
+    SKU_MAILBOX_CAPACITY,
+};
 use domain::registry::{RegistryCommand, RegistryEvent, RegistryReply, RegistryState, StatusSource};
 use domain::sku::{SkuCommand, SkuEvent, SkuReply, SkuState};
-use domain::{Aggregate, DropId, HubId, OrderId, PartnerId, Rejection, SkuId, UnixMillis};
+use domain::{Aggregate, CreatorId, DropId, HubId, OrderId, PartnerId, Rejection, SkuId, UnixMillis};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::fmt::Debug;
@@ -196,18 +200,44 @@ impl Hosted for SkuState {
         let handover = (!handover.is_empty()).then(|| {
             let bus = env.bus.clone();
             let (drop_id, sku_id) = (self.drop_id.clone(), self.sku_id.clone());
-            (
-                env.runtime.clone(),
-                crate::handover::hand_over(bus, drop_id, sku_id, handover),
+            crate::handover::hand_over(bus, drop_id, sku_id, handover)
+        });
+        // Sales (and cancellations after confirmation) go to the creator's ledger, likewise.
+        let sales: Vec<_> = if events.is_empty() || retry {
+            self.ledger_outbox.keys().filter_map(|id| self.sale_facts(id)).collect()
+        } else {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    SkuEvent::Confirmed { order_id, .. } | SkuEvent::OrderCancelled { order_id, .. }
+                        if self.ledger_outbox.contains_key(order_id) =>
+                    {
+                        self.sale_facts(order_id)
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let ledger = (!sales.is_empty()).then(|| {
+            crate::settlement::send_sales(
+                env.bus.clone(),
+                self.drop_id.clone(),
+                self.sku_id.clone(),
+                self.creator_id.clone(),
+                sales,
             )
         });
+        let runtime = env.runtime.clone();
         let projections = env.projections.clone();
         Some(Box::new(move || {
             projections.availability.put_sku(figures);
             for view in views {
                 projections.orders.publish(view);
             }
-            if let Some((runtime, task)) = handover {
+            if let Some(task) = handover {
+                runtime.spawn(task);
+            }
+            if let Some(task) = ledger {
                 runtime.spawn(task);
             }
         }))
@@ -235,6 +265,20 @@ impl Hosted for RegistryState {
     }
 
     fn publication(&self, events: &[RegistryEvent], env: &Env) -> Option<Publication> {
+        let creators: Vec<_> = if events.is_empty() {
+            self.creators.values().cloned().collect()
+        } else {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    RegistryEvent::CreatorRegistered { creator_id, .. }
+                    | RegistryEvent::CreatorCredentialReset { creator_id, .. } => {
+                        self.creators.get(creator_id).cloned()
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
         let (partners, hubs): (Vec<_>, Vec<_>) = if events.is_empty() {
             (
                 self.partners.values().cloned().collect(),
@@ -256,6 +300,7 @@ impl Hosted for RegistryState {
                     | RegistryEvent::Unassigned { partner_id, .. } => {
                         partners.insert(partner_id.clone());
                     }
+                    RegistryEvent::CreatorRegistered { .. } | RegistryEvent::CreatorCredentialReset { .. } => {}
                 }
             }
             (
@@ -280,6 +325,9 @@ impl Hosted for RegistryState {
             }
             for partner in partners {
                 projections.directory.put_partner(partner);
+            }
+            for creator in creators {
+                projections.directory.put_creator(creator);
             }
             write_audit(log.as_ref(), &audit);
             if !setups.is_empty() {
@@ -317,7 +365,10 @@ fn registry_audit(event: &RegistryEvent) -> Option<AuditEntry> {
         detail,
     };
     Some(match event {
-        RegistryEvent::HubCreated { .. } | RegistryEvent::HubUpdated { .. } => return None,
+        RegistryEvent::HubCreated { .. }
+        | RegistryEvent::HubUpdated { .. }
+        | RegistryEvent::CreatorRegistered { .. }
+        | RegistryEvent::CreatorCredentialReset { .. } => return None,
         RegistryEvent::PartnerRegistered { spec, at, .. } => entry(
             *at,
             "registered",
@@ -503,12 +554,38 @@ impl Hosted for HubState {
                 }
             }
         }
+        // Money facts go to the creators' ledgers (all unacknowledged ones after a restart
+        // or at a retry).
+        let retry = events.iter().any(|e| matches!(e, HubEvent::LedgerRetry { .. }));
+        let facts: Vec<_> = if events.is_empty() || retry {
+            self.ledger_outbox()
+                .filter_map(|id| self.fulfilment_facts(id))
+                .collect()
+        } else {
+            let mut ids: Vec<&OrderId> = events
+                .iter()
+                .filter_map(|e| match e {
+                    HubEvent::Delivered { order_id, .. }
+                    | HubEvent::Failed { order_id, .. }
+                    | HubEvent::WindowMissed { order_id, .. } => Some(order_id),
+                    _ => None,
+                })
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids.into_iter().filter_map(|id| self.fulfilment_facts(id)).collect()
+        };
+        let ledger =
+            (!facts.is_empty()).then(|| crate::settlement::send_fulfilment(env.bus.clone(), hub_id.clone(), facts));
         let projections = env.projections.clone();
         let log = env.audit.clone();
         let bus = env.bus.clone();
         let runtime = env.runtime.clone();
         Some(Box::new(move || {
             write_audit(log.as_ref(), &audit);
+            if let Some(task) = ledger {
+                runtime.spawn(task);
+            }
             for (partner, update) in courier {
                 projections.couriers.send(&partner, update);
             }
@@ -550,7 +627,7 @@ fn hub_audit(hub_id: &HubId, event: &HubEvent) -> Option<AuditEntry> {
         };
     let ms = |t: UnixMillis| t.0;
     Some(match event {
-        HubEvent::Configured { .. } => return None,
+        HubEvent::Configured { .. } | HubEvent::LedgerSynced { .. } | HubEvent::LedgerRetry { .. } => return None,
         HubEvent::StatusRequested {
             partner,
             status,
@@ -660,6 +737,47 @@ fn hub_audit(hub_id: &HubId, event: &HubEvent) -> Option<AuditEntry> {
             format!("{reason}; {} refunded, charged to {:?}", remedy.amount, remedy.at_fault),
         ),
     })
+}
+
+/// One actor per creator: its settlement ledger.
+impl Hosted for LedgerState {
+    type Key = CreatorId;
+
+    fn stream(key: &CreatorId) -> String {
+        format!("creator/{key}")
+    }
+
+    fn mailbox_capacity() -> usize {
+        CREATOR_MAILBOX_CAPACITY
+    }
+
+    fn initial<'a>(key: &'a CreatorId, _: &'a Env) -> BoxFuture<'a, Result<Self, CommandError>> {
+        Box::pin(async move { Ok(LedgerState::new(key.clone())) })
+    }
+
+    fn key_of_stream(stream: &str) -> Option<CreatorId> {
+        CreatorId::parse(stream.strip_prefix("creator/")?).ok()
+    }
+
+    fn timer_command() -> Option<LedgerCommand> {
+        Some(LedgerCommand::ReleaseDue)
+    }
+
+    fn publication(&self, events: &[LedgerEvent], env: &Env) -> Option<Publication> {
+        let feed = &env.projections.settlement;
+        if events.is_empty() || !feed.is_watched(&self.creator_id) {
+            return None;
+        }
+        let entries: Vec<Arc<domain::ledger::Entry>> =
+            events.iter().filter_map(|e| e.entry().cloned().map(Arc::new)).collect();
+        let projections = env.projections.clone();
+        let creator = self.creator_id.clone();
+        Some(Box::new(move || projections.settlement.publish(&creator, entries)))
+    }
+
+    fn snapshot_weight(&self) -> u64 {
+        self.entries.len() as u64
+    }
 }
 
 /// Replies of SKU commands, unwrapped by kind.

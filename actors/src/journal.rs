@@ -64,6 +64,10 @@ pub trait Journal: Send + Sync + 'static {
 
     /// Every event of a stream from version 1, ignoring snapshots (audits, reconciliation).
     fn load_all(&self, stream: &str) -> BoxFuture<'_, Result<Vec<(u64, Vec<u8>)>, JournalError>>;
+
+    /// Names of the streams with events whose name starts with `prefix`, in order, at most
+    /// `limit` after `after` (reconciliation walks every drop and SKU this way).
+    fn streams(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, JournalError>;
 }
 
 /// Where buyers' delivery addresses are kept, apart from every journal and event: only

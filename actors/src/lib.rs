@@ -18,6 +18,7 @@ pub mod hosted;
 pub mod journal;
 pub mod projections;
 pub mod secrets;
+pub mod settlement;
 pub mod sled_journal;
 pub mod wakeups;
 

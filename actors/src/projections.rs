@@ -20,6 +20,7 @@ pub struct Projections {
     pub directory: crate::fulfilment::Directory,
     pub couriers: crate::fulfilment::Couriers,
     pub hub_loads: crate::fulfilment::HubLoads,
+    pub settlement: crate::settlement::SettlementFeed,
 }
 
 /// What a WatchOrder stream follows: the order (from its SKU) and, once confirmed, its

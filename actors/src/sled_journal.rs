@@ -249,6 +249,37 @@ impl Journal for SledJournal {
         let stream = stream.to_string();
         Box::pin(async move { self.read_events(&stream, 0) })
     }
+
+    fn streams(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, JournalError> {
+        let io = |e: sled::Error| JournalError::Io(e.to_string());
+        let key_prefix = [b"e/".as_slice(), prefix.as_bytes()].concat();
+        // Event keys are `e/<stream>\0<version>`: after a stream's first key, skip past all
+        // of its keys (`e/<stream>\x01`) instead of reading them.
+        let skip = |stream: &str| [b"e/".as_slice(), stream.as_bytes(), &[1u8]].concat();
+        let mut from = match after {
+            Some(after) => skip(after),
+            None => key_prefix.clone(),
+        };
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(item) = self.tree.range(from.clone()..).next() else {
+                break;
+            };
+            let (key, _) = item.map_err(io)?;
+            if !key.starts_with(&key_prefix) {
+                break;
+            }
+            let end = key[2..]
+                .iter()
+                .position(|b| *b == 0)
+                .ok_or_else(|| JournalError::Corrupt("event key without a version".into()))?;
+            let stream = String::from_utf8(key[2..2 + end].to_vec())
+                .map_err(|_| JournalError::Corrupt("stream name is not UTF-8".into()))?;
+            from = skip(&stream);
+            out.push(stream);
+        }
+        Ok(out)
+    }
 }
 
 struct Writer {

@@ -29,6 +29,56 @@ pub struct SkuSpec {
     pub pools: Vec<PoolSpec>,
 }
 
+/// How a drop's sales are split and settled (see `ledger`). Each order's gross is split
+/// into the partner's delivery fee (a fixed amount per order), then the rest between the
+/// platform (`platform_fee_bps` of it) and the creator, by largest remainder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlementTerms {
+    /// The platform's share of each order's gross after the delivery fee, in basis points.
+    pub platform_fee_bps: u32,
+    /// Paid to the fulfilment partner per order, in minor units of the SKU's currency.
+    pub delivery_fee_minor_units: i64,
+    /// How long after delivery a buyer may return the goods; the creator's earnings stay
+    /// pending until it has passed.
+    pub return_window_ms: u64,
+}
+
+impl Default for SettlementTerms {
+    fn default() -> Self {
+        SettlementTerms {
+            platform_fee_bps: DEFAULT_PLATFORM_FEE_BPS,
+            delivery_fee_minor_units: 0,
+            return_window_ms: DEFAULT_RETURN_WINDOW_MS,
+        }
+    }
+}
+
+impl SettlementTerms {
+    /// Problems with the terms, with field paths under `prefix`.
+    pub fn violations(&self, prefix: &str) -> Vec<FieldViolation> {
+        let mut out = Vec::new();
+        if self.platform_fee_bps > 10_000 {
+            out.push(FieldViolation::new(
+                format!("{prefix}.platform_fee_bps"),
+                "must be between 0 and 10000 (100 %)",
+            ));
+        }
+        if !(0..=PRICE_MINOR_UNITS_MAX).contains(&self.delivery_fee_minor_units) {
+            out.push(FieldViolation::new(
+                format!("{prefix}.delivery_fee_minor_units"),
+                format!("must be between 0 and {PRICE_MINOR_UNITS_MAX}"),
+            ));
+        }
+        if self.return_window_ms > RETURN_WINDOW_MS_MAX {
+            out.push(FieldViolation::new(
+                format!("{prefix}.return_window_seconds"),
+                format!("must be at most {} days", RETURN_WINDOW_MS_MAX / 86_400_000),
+            ));
+        }
+        out
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropSpec {
     pub drop_id: DropId,
@@ -38,6 +88,7 @@ pub struct DropSpec {
     pub closes_at: UnixMillis,
     pub hold_ttl_ms: u64,
     pub skus: Vec<SkuSpec>,
+    pub terms: SettlementTerms,
 }
 
 impl DropSpec {
@@ -66,6 +117,7 @@ impl DropSpec {
                 ),
             ));
         }
+        out.extend(self.terms.violations("settlement"));
         if self.skus.is_empty() {
             out.push(FieldViolation::new("skus", "a drop needs at least one SKU"));
         }
@@ -94,6 +146,11 @@ impl DropSpec {
                 out.push(FieldViolation::new(
                     at("price.minor_units"),
                     format!("must be between 1 and {PRICE_MINOR_UNITS_MAX}"),
+                ));
+            } else if sku.price.minor_units < self.terms.delivery_fee_minor_units {
+                out.push(FieldViolation::new(
+                    at("price.minor_units"),
+                    "must cover the delivery fee of the settlement terms",
                 ));
             }
             if sku.per_buyer_limit == 0 || sku.per_buyer_limit > PER_BUYER_LIMIT_MAX {

@@ -13,9 +13,10 @@
 //!   leaving the hub (suspended, unassigned);
 //! - every dispatch ends delivered, or failed with a remedy, by its give-up time.
 
+use crate::ledger::FulfilmentFacts;
 use crate::limits::{
-    COURIER_TEXT_LEN_MAX, HUB_ALERTS_KEPT, HUB_FINISHED_DISPATCHES_KEPT, HUB_OPEN_DISPATCHES_MAX, SLA_MIN_SAMPLE,
-    SLA_PROBATION_BELOW_BPS, SLA_SUSPEND_BELOW_BPS, SLA_WINDOW,
+    COURIER_TEXT_LEN_MAX, HANDOVER_RETRY_MS, HUB_ALERTS_KEPT, HUB_FINISHED_DISPATCHES_KEPT, HUB_OPEN_DISPATCHES_MAX,
+    SLA_MIN_SAMPLE, SLA_PROBATION_BELOW_BPS, SLA_SUSPEND_BELOW_BPS, SLA_WINDOW,
 };
 use crate::registry::{Capability, HubSetup, HubSpec, PartnerStatus, RosterEntry};
 use crate::sku::Fulfilment;
@@ -323,6 +324,9 @@ pub enum HubCommand {
     /// The order was cancelled: withdraw its dispatch, unless the parcel already left the
     /// hub (picked up or delivered), which is refused.
     Cancel(OrderId),
+    /// The creator's ledger booked these dispatches' facts as they were (see
+    /// `HubState::ledger_outbox`).
+    LedgerSynced(Vec<(OrderId, u32)>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -410,12 +414,23 @@ pub enum HubEvent {
         reason: String,
         at: UnixMillis,
     },
+    /// The creator's ledger booked these dispatches' facts (the marks they had then).
+    LedgerSynced {
+        orders: Vec<(OrderId, u32)>,
+    },
+    /// Facts the ledger has not acknowledged are sent again now; again at `next` if needed.
+    LedgerRetry {
+        next: UnixMillis,
+    },
 }
 
 impl HubEvent {
     pub fn order_id(&self) -> Option<&OrderId> {
         match self {
-            HubEvent::Configured { .. } | HubEvent::StatusRequested { .. } => None,
+            HubEvent::Configured { .. }
+            | HubEvent::StatusRequested { .. }
+            | HubEvent::LedgerSynced { .. }
+            | HubEvent::LedgerRetry { .. } => None,
             HubEvent::Dispatched { order, .. } => Some(&order.order_id),
             HubEvent::Offered { order_id, .. }
             | HubEvent::Accepted { order_id, .. }
@@ -632,6 +647,7 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
             }
             core.open = core.open.saturating_sub(1);
         }
+        HubEvent::LedgerSynced { .. } | HubEvent::LedgerRetry { .. } => {}
         HubEvent::StatusRequested {
             partner,
             status,
@@ -766,7 +782,11 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             d.stage = Stage::Cancelled { at: *at };
             d.updated_at = *at;
         }
-        HubEvent::Configured { .. } | HubEvent::Dispatched { .. } | HubEvent::StatusRequested { .. } => {}
+        HubEvent::Configured { .. }
+        | HubEvent::Dispatched { .. }
+        | HubEvent::StatusRequested { .. }
+        | HubEvent::LedgerSynced { .. }
+        | HubEvent::LedgerRetry { .. } => {}
     }
     match (was_waiting, d.is_waiting()) {
         (false, true) => core.waiting += 1,
@@ -786,6 +806,11 @@ pub struct HubState {
     queue: BTreeSet<(UnixMillis, OrderId)>,
     /// Finished dispatches, oldest first, forgotten beyond `HUB_FINISHED_DISPATCHES_KEPT`.
     finished: VecDeque<OrderId>,
+    /// Dispatches whose money facts (delivery, failure, remedies) the creator's ledger has
+    /// not acknowledged, with their `ledger_mark` when they changed: the hub's outbox to the
+    /// ledgers, sent after every durable change, after a restart and at `ledger_due`.
+    ledger_outbox: BTreeMap<OrderId, u32>,
+    ledger_due: Option<UnixMillis>,
 }
 
 impl HubState {
@@ -810,6 +835,30 @@ impl HubState {
 
     pub fn dispatch(&self, order_id: &OrderId) -> Option<&Dispatch> {
         self.dispatches.get(order_id)
+    }
+
+    /// What the creator's ledger needs to know of a dispatch, and its mark (the ledger's
+    /// acknowledgement carries it, so facts that changed since are sent again).
+    pub fn fulfilment_facts(&self, order_id: &OrderId) -> Option<(CreatorId, FulfilmentFacts, u32)> {
+        let d = self.dispatches.get(order_id)?;
+        let facts = FulfilmentFacts {
+            order_id: order_id.clone(),
+            delivered_at: match &d.stage {
+                Stage::Delivered { at, .. } => Some(*at),
+                _ => None,
+            },
+            failed_at: match &d.stage {
+                Stage::Failed { at, .. } => Some(*at),
+                _ => None,
+            },
+            remedies: d.remedies.clone(),
+        };
+        Some((d.order.creator_id.clone(), facts, ledger_mark(d)))
+    }
+
+    /// Orders whose facts the ledger has not acknowledged.
+    pub fn ledger_outbox(&self) -> impl Iterator<Item = &OrderId> {
+        self.ledger_outbox.keys()
     }
 
     /// Dispatches kept (open, and finished ones up to `HUB_FINISHED_DISPATCHES_KEPT`).
@@ -1330,6 +1379,13 @@ pub fn action_name(action: &CourierAction) -> &'static str {
     }
 }
 
+/// A fingerprint of a dispatch's money facts: it changes with each remedy and when the
+/// dispatch is delivered or fails.
+fn ledger_mark(d: &Dispatch) -> u32 {
+    let finished = matches!(d.stage, Stage::Delivered { .. } | Stage::Failed { .. });
+    d.remedies.len() as u32 * 2 + u32::from(finished)
+}
+
 pub fn stage_name(stage: &Stage) -> &'static str {
     match stage {
         Stage::Placing => "being placed",
@@ -1468,6 +1524,11 @@ impl Aggregate for HubState {
                 }
                 tx.place_waiting();
                 tx.review_partners();
+                if self.ledger_due.is_some_and(|at| at <= now) && !self.ledger_outbox.is_empty() {
+                    tx.events.push(HubEvent::LedgerRetry {
+                        next: UnixMillis(now.0 + HANDOVER_RETRY_MS),
+                    });
+                }
                 HubReply::Done
             }
             HubCommand::Cancel(id) => {
@@ -1488,6 +1549,16 @@ impl Aggregate for HubState {
                 tx.place_waiting();
                 HubReply::Dispatch(Box::new(tx.dispatch(&id).expect("exists").clone()))
             }
+            HubCommand::LedgerSynced(orders) => {
+                let orders: Vec<(OrderId, u32)> = orders
+                    .into_iter()
+                    .filter(|(id, mark)| self.ledger_outbox.get(id) == Some(mark))
+                    .collect();
+                if !orders.is_empty() {
+                    tx.events.push(HubEvent::LedgerSynced { orders });
+                }
+                HubReply::Done
+            }
             HubCommand::Get | HubCommand::GetDispatch(_) | HubCommand::PendingOffers(_) => {
                 unreachable!("reads are answered before a decision starts")
             }
@@ -1497,6 +1568,20 @@ impl Aggregate for HubState {
 
     fn apply(&mut self, event: &HubEvent) {
         apply_core(&mut self.core, event);
+        match event {
+            HubEvent::LedgerSynced { orders } => {
+                for (id, mark) in orders {
+                    if self.ledger_outbox.get(id) == Some(mark) {
+                        self.ledger_outbox.remove(id);
+                    }
+                }
+                if self.ledger_outbox.is_empty() {
+                    self.ledger_due = None;
+                }
+            }
+            HubEvent::LedgerRetry { next } => self.ledger_due = Some(*next),
+            _ => {}
+        }
         let Some(id) = event.order_id() else { return };
         let mut slot = self.dispatches.remove(id);
         let (before_due, before_waiting) = slot.as_ref().map_or((None, false), |d| (d.next_due(), d.is_waiting()));
@@ -1523,11 +1608,28 @@ impl Aggregate for HubState {
             event,
             HubEvent::Delivered { .. } | HubEvent::Failed { .. } | HubEvent::Cancelled { .. }
         );
+        let money_at = match event {
+            HubEvent::Delivered { at, .. } | HubEvent::Failed { at, .. } => Some(*at),
+            HubEvent::WindowMissed { remedy, .. } => Some(remedy.at),
+            _ => None,
+        };
+        if let Some(at) = money_at {
+            self.ledger_outbox.insert(id.clone(), ledger_mark(&d));
+            if self.ledger_due.is_none() {
+                self.ledger_due = Some(UnixMillis(at.0 + HANDOVER_RETRY_MS));
+            }
+        }
         self.dispatches.insert(id.clone(), d);
         if finished {
             self.finished.push_back(id.clone());
-            while self.finished.len() > HUB_FINISHED_DISPATCHES_KEPT {
-                if let Some(old) = self.finished.pop_front() {
+            // Forget the oldest finished dispatches, but none the ledger still needs.
+            let mut kept = 0;
+            while self.finished.len() > HUB_FINISHED_DISPATCHES_KEPT + kept {
+                let Some(old) = self.finished.pop_front() else { break };
+                if self.ledger_outbox.contains_key(&old) {
+                    self.finished.push_back(old);
+                    kept += 1;
+                } else {
                     self.dispatches.remove(&old);
                 }
             }
@@ -1535,6 +1637,8 @@ impl Aggregate for HubState {
     }
 
     fn next_deadline(&self) -> Option<UnixMillis> {
-        self.due.first().map(|(at, _)| *at)
+        let due = self.due.first().map(|(at, _)| *at);
+        let ledger = self.ledger_due.filter(|_| !self.ledger_outbox.is_empty());
+        [due, ledger].into_iter().flatten().min()
     }
 }

@@ -114,3 +114,19 @@ pub const REGISTRY_MAILBOX_CAPACITY: usize = 1_024;
 /// this long while it stays unacknowledged): normally the first hand-over, right after the
 /// confirm, succeeds and this never fires.
 pub const HANDOVER_RETRY_MS: i64 = 30_000;
+
+// Settlement.
+/// The platform's share when a drop names none: 10 %.
+pub const DEFAULT_PLATFORM_FEE_BPS: u32 = 1_000;
+/// The return window when a drop names none: 14 days (the EU's right of withdrawal).
+pub const DEFAULT_RETURN_WINDOW_MS: u64 = 14 * 86_400_000;
+pub const RETURN_WINDOW_MS_MAX: u64 = 90 * 86_400_000;
+/// Inputs (order and fulfilment facts) per ledger command, and lines per statement page.
+pub const LEDGER_BATCH_MAX: usize = 4_096;
+pub const STATEMENT_PAGE_MAX: u32 = 1_000;
+/// Payout idempotency keys kept per creator.
+pub const PAYOUT_KEYS_MAX: usize = 100_000;
+/// Lines a creator's ledger may hold in memory before booking is refused (RESOURCE_EXHAUSTED).
+pub const LEDGER_LINES_MAX: usize = 10_000_000;
+pub const CREATOR_MAILBOX_CAPACITY: usize = 4_096;
+pub const CREATORS_MAX: usize = 1_000_000;

@@ -66,3 +66,47 @@ impl fmt::Display for Money {
         write!(f, "{sign}{}.{:02} {}", abs / 100, abs % 100, self.currency)
     }
 }
+
+/// Splits `total` minor units into parts proportional to `weights` by the largest remainder
+/// method: every part gets the floor of its exact share, then the units left over go one
+/// each to the parts with the largest fractional remainders (ties to the earlier part). The
+/// parts always add up to `total` exactly, and each is within one unit of its exact share.
+/// `total` must be non-negative and the weights must not all be zero.
+pub fn allocate(total: i64, weights: &[u64]) -> Vec<i64> {
+    assert!(total >= 0, "allocate: negative total {total}");
+    let sum: u128 = weights.iter().map(|w| u128::from(*w)).sum();
+    assert!(sum > 0, "allocate: all weights are zero");
+    let total_u = total as u128;
+    let mut parts: Vec<i64> = Vec::with_capacity(weights.len());
+    let mut remainders: Vec<(u128, usize)> = Vec::with_capacity(weights.len());
+    for (i, w) in weights.iter().enumerate() {
+        let exact = total_u * u128::from(*w);
+        parts.push((exact / sum) as i64);
+        remainders.push((exact % sum, i));
+    }
+    let mut left = total - parts.iter().sum::<i64>();
+    // Largest remainder first; equal remainders in part order, so the result is deterministic.
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, i) in remainders {
+        if left == 0 {
+            break;
+        }
+        parts[i] += 1;
+        left -= 1;
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allocate;
+
+    #[test]
+    fn parts_add_up_and_the_largest_remainders_get_the_units_left() {
+        assert_eq!(allocate(100, &[1, 1, 1]), vec![34, 33, 33]);
+        assert_eq!(allocate(10, &[8_500, 1_500]), vec![9, 1]); // 8.5 / 1.5: tie goes to the first
+        assert_eq!(allocate(1_999, &[9_000, 1_000]), vec![1_799, 200]); // 1799.1 / 199.9
+        assert_eq!(allocate(0, &[3, 7]), vec![0, 0]);
+        assert_eq!(allocate(7, &[0, 5]), vec![0, 7]);
+    }
+}

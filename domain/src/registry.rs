@@ -4,8 +4,8 @@
 //! configuration; hub actors own the running part (dispatches, SLA clocks, partner
 //! performance) and receive their configuration from here as a versioned [`HubSetup`].
 
-use crate::limits::{HUBS_MAX, PARTNERS_MAX, PARTNERS_PER_HUB_MAX, TEXT_LEN_MAX};
-use crate::{Aggregate, CityName, FieldViolation, HubId, PartnerId, Rejection, UnixMillis};
+use crate::limits::{CREATORS_MAX, HUBS_MAX, PARTNERS_MAX, PARTNERS_PER_HUB_MAX, TEXT_LEN_MAX};
+use crate::{Aggregate, CityName, CreatorId, FieldViolation, HubId, PartnerId, Rejection, UnixMillis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -265,6 +265,17 @@ pub enum RegistryCommand {
     GetHubSetup(HubId),
     /// Nothing; answers the registry's version (starting the actor fills the directory).
     Load,
+    /// A creator who sells in drops, with the hash of the credential it reads its ledger with.
+    RegisterCreator {
+        creator_id: CreatorId,
+        display_name: String,
+        credential_hash: String,
+    },
+    /// Replaces a creator's credential (a lost or leaked one stops working at once).
+    ResetCreatorCredential {
+        creator_id: CreatorId,
+        credential_hash: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,6 +315,17 @@ pub enum RegistryEvent {
         hub_id: HubId,
         at: UnixMillis,
     },
+    CreatorRegistered {
+        creator_id: CreatorId,
+        display_name: String,
+        credential_hash: String,
+        at: UnixMillis,
+    },
+    CreatorCredentialReset {
+        creator_id: CreatorId,
+        credential_hash: String,
+        at: UnixMillis,
+    },
 }
 
 impl RegistryEvent {
@@ -320,7 +342,9 @@ impl RegistryEvent {
             RegistryEvent::HubCreated { spec, .. } | RegistryEvent::HubUpdated { spec, .. } => {
                 vec![spec.hub_id.clone()]
             }
-            RegistryEvent::PartnerRegistered { .. } => Vec::new(),
+            RegistryEvent::PartnerRegistered { .. }
+            | RegistryEvent::CreatorRegistered { .. }
+            | RegistryEvent::CreatorCredentialReset { .. } => Vec::new(),
             RegistryEvent::PartnerUpdated { spec, .. } => of_partner(&spec.partner_id),
             RegistryEvent::StatusChanged { partner_id, .. } => of_partner(partner_id),
             RegistryEvent::Assigned { hub_id, .. } | RegistryEvent::Unassigned { hub_id, .. } => vec![hub_id.clone()],
@@ -334,12 +358,25 @@ pub enum RegistryReply {
     Partner(PartnerRecord),
     Setup(HubSetup),
     Version(u64),
+    Creator(CreatorRecord),
+}
+
+/// A creator known to the platform. Its ledger lives in its own actor; the registry keeps
+/// only who it is and its credential's hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatorRecord {
+    pub creator_id: CreatorId,
+    pub display_name: String,
+    pub credential_hash: String,
+    pub registered_at: UnixMillis,
+    pub updated_at: UnixMillis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RegistryState {
     pub hubs: BTreeMap<HubId, HubRecord>,
     pub partners: BTreeMap<PartnerId, PartnerRecord>,
+    pub creators: BTreeMap<CreatorId, CreatorRecord>,
     /// Events applied so far (the version of hub setups).
     pub version: u64,
 }
@@ -381,6 +418,17 @@ impl RegistryState {
 
     /// The target's record after `events` (which are all about it): applied to a copy of
     /// that one record, not of the whole registry.
+    fn creator_after(&self, creator_id: &CreatorId, event: &RegistryEvent) -> RegistryReply {
+        let mut skeleton = RegistryState::default();
+        skeleton.creators.extend(
+            self.creators
+                .get_key_value(creator_id)
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        skeleton.apply(event);
+        RegistryReply::Creator(skeleton.creators[creator_id].clone())
+    }
+
     fn reply_after(&self, target: Target, events: &[RegistryEvent]) -> RegistryReply {
         let mut skeleton = RegistryState::default();
         match &target {
@@ -426,6 +474,49 @@ impl Aggregate for RegistryState {
     ) -> Result<(Vec<RegistryEvent>, RegistryReply), Rejection> {
         let (events, target) = match command {
             RegistryCommand::Load => return Ok((vec![], RegistryReply::Version(self.version))),
+            RegistryCommand::RegisterCreator {
+                creator_id,
+                display_name,
+                credential_hash,
+            } => {
+                if display_name.chars().count() > TEXT_LEN_MAX || display_name.chars().any(char::is_control) {
+                    return Err(Rejection::field(
+                        "display_name",
+                        format!("must be at most {TEXT_LEN_MAX} printable characters"),
+                    ));
+                }
+                if self.creators.contains_key(&creator_id) {
+                    // The credential is shown once: a second registration cannot return it.
+                    return Err(Rejection::AlreadyExists {
+                        what: "creator".into(),
+                        id: creator_id.to_string(),
+                    });
+                }
+                if self.creators.len() >= CREATORS_MAX {
+                    return Err(Rejection::Exhausted(format!("at most {CREATORS_MAX} creators")));
+                }
+                let event = RegistryEvent::CreatorRegistered {
+                    creator_id: creator_id.clone(),
+                    display_name,
+                    credential_hash,
+                    at: now,
+                };
+                return Ok((vec![event.clone()], self.creator_after(&creator_id, &event)));
+            }
+            RegistryCommand::ResetCreatorCredential {
+                creator_id,
+                credential_hash,
+            } => {
+                if !self.creators.contains_key(&creator_id) {
+                    return Err(Rejection::not_found("creator", creator_id.as_str()));
+                }
+                let event = RegistryEvent::CreatorCredentialReset {
+                    creator_id: creator_id.clone(),
+                    credential_hash,
+                    at: now,
+                };
+                return Ok((vec![event.clone()], self.creator_after(&creator_id, &event)));
+            }
             RegistryCommand::GetHubSetup(hub_id) => {
                 self.hub(&hub_id)?;
                 return Ok((vec![], RegistryReply::Setup(self.setup(&hub_id).expect("hub exists"))));
@@ -665,6 +756,33 @@ impl Aggregate for RegistryState {
                 if let Some(p) = self.partners.get_mut(partner_id) {
                     p.hubs.remove(hub_id);
                     p.updated_at = *at;
+                }
+            }
+            RegistryEvent::CreatorRegistered {
+                creator_id,
+                display_name,
+                credential_hash,
+                at,
+            } => {
+                self.creators.insert(
+                    creator_id.clone(),
+                    CreatorRecord {
+                        creator_id: creator_id.clone(),
+                        display_name: display_name.clone(),
+                        credential_hash: credential_hash.clone(),
+                        registered_at: *at,
+                        updated_at: *at,
+                    },
+                );
+            }
+            RegistryEvent::CreatorCredentialReset {
+                creator_id,
+                credential_hash,
+                at,
+            } => {
+                if let Some(c) = self.creators.get_mut(creator_id) {
+                    c.credential_hash = credential_hash.clone();
+                    c.updated_at = *at;
                 }
             }
         }

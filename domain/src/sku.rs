@@ -3,8 +3,9 @@
 //! `available + held + sold = allocated`, so a SKU never sells beyond its allocation.
 
 use crate::aggregate::Aggregate;
-use crate::drop::{DropSpec, SaleStatus, SkuSpec};
+use crate::drop::{DropSpec, SaleStatus, SettlementTerms, SkuSpec};
 use crate::ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdempotencyKey, OrderId, SkuId};
+use crate::ledger::SaleFacts;
 use crate::limits::*;
 use crate::money::Money;
 use crate::rejection::Rejection;
@@ -190,10 +191,14 @@ pub enum SkuEvent {
     HandedOver {
         order_ids: Vec<OrderId>,
     },
-    /// Confirmed orders still unacknowledged are sent to their hubs again now; the next
-    /// retry is at `next` if they still are then.
+    /// Confirmed orders still unacknowledged are sent to their hubs (and their creator's
+    /// ledger) again now; the next retry is at `next` if they still are then.
     HandoverRetry {
         next: UnixMillis,
+    },
+    /// The creator's ledger booked these orders as they were (`true`: cancelled).
+    LedgerSynced {
+        orders: Vec<(OrderId, bool)>,
     },
 }
 
@@ -212,7 +217,8 @@ impl SkuEvent {
             | SkuEvent::Refused { .. }
             | SkuEvent::Restocked { .. }
             | SkuEvent::HandedOver { .. }
-            | SkuEvent::HandoverRetry { .. } => None,
+            | SkuEvent::HandoverRetry { .. }
+            | SkuEvent::LedgerSynced { .. } => None,
         }
     }
 }
@@ -264,6 +270,16 @@ pub enum SkuCommand {
     /// The hub acknowledged these confirmed orders (see `SkuState::handover`).
     HandedOver {
         order_ids: Vec<OrderId>,
+    },
+    /// The creator's ledger booked these orders as they were (see `SkuState::ledger_outbox`).
+    LedgerSynced {
+        orders: Vec<(OrderId, bool)>,
+    },
+    /// Confirmed orders (also those cancelled after confirmation) in id order after `after`,
+    /// for reconciliation.
+    ListSales {
+        after: Option<OrderId>,
+        limit: u32,
     },
 }
 
@@ -333,6 +349,8 @@ pub enum SkuReply {
     Reservation(Reservation),
     Order(OrderView),
     Figures(SkuFigures),
+    /// Sales for reconciliation, and whether each is still in the ledger outbox.
+    Sales(Vec<(SaleFacts, bool)>),
     Done,
 }
 
@@ -373,6 +391,11 @@ pub struct SkuState {
     /// When unacknowledged orders are sent again: a deadline like hold expiries, so a SKU
     /// passivated (or crashed) with orders in its outbox is woken to send them.
     pub handover_due: Option<UnixMillis>,
+    pub terms: SettlementTerms,
+    /// Confirmed orders the creator's ledger has not booked as they are now (`true`: the
+    /// order was cancelled after confirmation and must be refunded): the SKU's outbox to
+    /// the ledger, sent like `handover` and retried at the same deadline.
+    pub ledger_outbox: BTreeMap<OrderId, bool>,
 }
 
 impl SkuState {
@@ -412,14 +435,43 @@ impl SkuState {
             creator_id: drop.creator_id.clone(),
             handover: BTreeSet::new(),
             handover_due: None,
+            terms: drop.terms,
+            ledger_outbox: BTreeMap::new(),
         }
+    }
+
+    /// Puts an order in the ledger outbox, with a retry deadline if none is running.
+    fn queue_for_ledger(&mut self, order_id: &OrderId, cancelled: bool, at: UnixMillis) {
+        self.ledger_outbox.insert(order_id.clone(), cancelled);
+        if self.handover_due.is_none() {
+            self.handover_due = Some(UnixMillis(at.0 + HANDOVER_RETRY_MS));
+        }
+    }
+
+    /// Whether anything waits in an outbox (to a hub or to the ledger).
+    pub fn outbox_pending(&self) -> bool {
+        !self.handover.is_empty() || !self.ledger_outbox.is_empty()
+    }
+
+    /// What the creator's ledger needs to know of a confirmed order.
+    pub fn sale_facts(&self, order_id: &OrderId) -> Option<SaleFacts> {
+        let order = self.orders.get(order_id)?;
+        let c = order.confirmation.as_ref()?;
+        Some(SaleFacts {
+            order_id: order_id.clone(),
+            drop_id: self.drop_id.clone(),
+            gross: c.amount,
+            terms: self.terms,
+            confirmed_at: c.confirmed_at,
+            cancelled_at: (order.status == OrderStatus::Cancelled).then_some(order.updated_at),
+        })
     }
 
     /// Takes an order out of the outbox (acknowledged, or cancelled before that); the
     /// retry deadline goes with the last one.
     fn handed_over(&mut self, order_id: &OrderId) {
         self.handover.remove(order_id);
-        if self.handover.is_empty() {
+        if !self.outbox_pending() {
             self.handover_due = None;
         }
     }
@@ -841,6 +893,8 @@ impl SkuState {
             creator_id: self.creator_id.clone(),
             handover: BTreeSet::new(),
             handover_due: None,
+            terms: self.terms,
+            ledger_outbox: BTreeMap::new(),
         }
     }
 
@@ -1114,7 +1168,7 @@ impl Aggregate for SkuState {
             SkuCommand::ExpireDue => {
                 let mut events = self.decide_expire(now);
                 // Orders the hub has not acknowledged yet are sent again (see `handover`).
-                if self.handover_due.is_some_and(|due| due <= now) && !self.handover.is_empty() {
+                if self.handover_due.is_some_and(|due| due <= now) && self.outbox_pending() {
                     events.push(SkuEvent::HandoverRetry {
                         next: UnixMillis(now.0 + HANDOVER_RETRY_MS),
                     });
@@ -1149,11 +1203,48 @@ impl Aggregate for SkuState {
                 };
                 Ok((events, SkuReply::Done))
             }
+            SkuCommand::LedgerSynced { orders } => {
+                let orders: Vec<(OrderId, bool)> = orders
+                    .into_iter()
+                    .filter(|(id, cancelled)| self.ledger_outbox.get(id) == Some(cancelled))
+                    .collect();
+                let events = if orders.is_empty() {
+                    vec![]
+                } else {
+                    vec![SkuEvent::LedgerSynced { orders }]
+                };
+                Ok((events, SkuReply::Done))
+            }
+            SkuCommand::ListSales { after, limit } => {
+                let mut ids: Vec<&OrderId> = self
+                    .orders
+                    .iter()
+                    .filter(|(id, o)| o.confirmation.is_some() && after.as_ref().is_none_or(|a| *id > a))
+                    .map(|(id, _)| id)
+                    .collect();
+                ids.sort();
+                ids.truncate(limit.clamp(1, STATEMENT_PAGE_MAX) as usize);
+                let sales = ids
+                    .into_iter()
+                    .filter_map(|id| Some((self.sale_facts(id)?, self.ledger_outbox.contains_key(id))))
+                    .collect();
+                Ok((vec![], SkuReply::Sales(sales)))
+            }
         }
     }
 
     fn apply(&mut self, event: &SkuEvent) {
         match event {
+            SkuEvent::LedgerSynced { orders } => {
+                for (id, cancelled) in orders {
+                    if self.ledger_outbox.get(id) == Some(cancelled) {
+                        self.ledger_outbox.remove(id);
+                    }
+                }
+                if !self.outbox_pending() {
+                    self.handover_due = None;
+                }
+            }
             SkuEvent::HandedOver { order_ids } => {
                 for id in order_ids {
                     self.handed_over(id);
@@ -1317,11 +1408,9 @@ impl Aggregate for SkuState {
                 );
                 order.status = OrderStatus::Confirmed;
                 order.confirmation = Some(confirmation.clone());
-                self.handover.insert(order_id.clone());
-                if self.handover_due.is_none() {
-                    self.handover_due = Some(UnixMillis(confirmation.confirmed_at.0 + HANDOVER_RETRY_MS));
-                }
                 order.updated_at = confirmation.confirmed_at;
+                self.handover.insert(order_id.clone());
+                self.queue_for_ledger(order_id, false, confirmation.confirmed_at);
                 if let Some(t) = expires_at {
                     self.expiries.remove(&(t, order_id.clone()));
                 }
@@ -1342,6 +1431,7 @@ impl Aggregate for SkuState {
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
                 self.handed_over(order_id);
+                self.queue_for_ledger(order_id, true, *at);
                 self.pools[pool].sold -= quantity;
                 self.pools[pool].available += quantity;
                 self.revenue_minor_units -= amount;

@@ -16,6 +16,7 @@ fn spec(pools: &[(&str, &str, u32)], per_buyer_limit: u32) -> DropSpec {
         opens_at: UnixMillis(1_000),
         closes_at: UnixMillis(10_000_000),
         hold_ttl_ms: 5_000,
+        terms: Default::default(),
         skus: vec![SkuSpec {
             sku_id: SkuId::parse("s1").unwrap(),
             name: "hoodie".into(),
@@ -394,6 +395,21 @@ fn confirmed_orders_stay_in_the_outbox_until_their_hub_acknowledges_them() {
     };
     run(&mut sku, &mut log, ack.clone(), UnixMillis(40_000)).unwrap();
     assert!(sku.handover.is_empty());
+    // The sale still waits for the creator's ledger: the retry deadline stays until it is
+    // booked; an acknowledgement of another state of the order (cancelled) does not count.
+    assert!(sku.next_deadline().is_some());
+    let facts = sku.sale_facts(&id).expect("sale facts of a confirmed order");
+    assert_eq!((facts.gross.minor_units, facts.cancelled_at), (2_500, None));
+    let stale = SkuCommand::LedgerSynced {
+        orders: vec![(id.clone(), true)],
+    };
+    run(&mut sku, &mut log, stale, UnixMillis(40_500)).unwrap();
+    assert!(sku.ledger_outbox.contains_key(&id));
+    let booked = SkuCommand::LedgerSynced {
+        orders: vec![(id.clone(), false)],
+    };
+    run(&mut sku, &mut log, booked, UnixMillis(40_600)).unwrap();
+    assert!(sku.ledger_outbox.is_empty());
     assert_eq!(sku.next_deadline(), None);
     let before = log.len();
     run(&mut sku, &mut log, ack, UnixMillis(41_000)).unwrap();

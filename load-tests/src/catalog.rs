@@ -315,6 +315,7 @@ fn create_drop_request(layout: &Layout, drop: usize) -> CreateDropRequest {
                 allocations: allocations.clone(),
             })
             .collect(),
+        settlement: None,
     }
 }
 

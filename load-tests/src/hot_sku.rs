@@ -209,6 +209,7 @@ async fn create_hot_drop(channel: Channel, drop_id: &str, stock: u32) -> anyhow:
                 quantity: stock,
             }],
         }],
+        settlement: None,
     };
     operator
         .create_drop(request)

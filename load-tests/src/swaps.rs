@@ -171,6 +171,7 @@ async fn measure(args: &SwapsArgs, child: &mut tokio::process::Child, target: &s
                     quantity: args.orders as u32,
                 }],
             }],
+            settlement: None,
         })
         .await
         .context("CreateDrop")?;

@@ -36,6 +36,13 @@ pub mod dispatch {
     }
 }
 
+/// Creator settlement.
+pub mod settlement {
+    pub mod v1 {
+        tonic::include_proto!("dropline.settlement.v1");
+    }
+}
+
 /// The bare echo service used as the gRPC ceiling in load tests.
 pub mod bench {
     pub mod v1 {

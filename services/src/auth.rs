@@ -1,5 +1,5 @@
-//! Credentials. Partners authenticate with the credential shown once at registration;
-//! operators with the operator credential. Both travel as `authorization: Bearer <token>`
+//! Credentials. Partners and creators authenticate with the credential shown once at
+//! registration; operators with the operator credential. Both travel as `authorization: Bearer <token>`
 //! and are stored only as blake3 hashes: the tokens are 256-bit random values (or, for the
 //! operator, chosen by whoever deploys Dropline), so a fast hash is enough: there is nothing
 //! to brute-force that a slow password hash would protect.
@@ -11,8 +11,8 @@
 
 use actors::audit_log::{AuditEntry, AuditLog};
 use actors::projections::Projections;
-use domain::registry::PartnerRecord;
-use domain::UnixMillis;
+use domain::registry::{CreatorRecord, PartnerRecord};
+use domain::{CreatorId, UnixMillis};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +28,11 @@ pub fn hash(token: &str) -> String {
 /// A fresh partner credential: 256 random bits.
 pub fn new_partner_credential() -> String {
     format!("dlp_{}", hex(&rand::random::<[u8; 32]>()))
+}
+
+/// A fresh creator credential: 256 random bits.
+pub fn new_creator_credential() -> String {
+    format!("dlc_{}", hex(&rand::random::<[u8; 32]>()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -94,6 +99,7 @@ pub enum Caller {
     Anonymous,
     Operator,
     Partner(Arc<PartnerRecord>),
+    Creator(Arc<CreatorRecord>),
 }
 
 /// The interceptor of authenticated services.
@@ -120,6 +126,8 @@ impl tonic::service::Interceptor for Authenticator {
                     Caller::Operator
                 } else if let Some(partner) = self.projections.directory.partner_by_credential(&token_hash) {
                     Caller::Partner(partner)
+                } else if let Some(creator) = self.projections.directory.creator_by_credential(&token_hash) {
+                    Caller::Creator(creator)
                 } else {
                     return Err(Status::unauthenticated("unknown credential"));
                 }
@@ -142,7 +150,39 @@ pub fn require_operator<T>(request: &Request<T>) -> Result<(), Status> {
     match caller(request) {
         Caller::Operator => Ok(()),
         Caller::Anonymous => Err(Status::unauthenticated("this call needs the operator credential")),
-        Caller::Partner(_) => Err(Status::permission_denied("this call is for operators")),
+        Caller::Partner(_) | Caller::Creator(_) => Err(Status::permission_denied("this call is for operators")),
+    }
+}
+
+/// Whose ledger a settlement call may touch: an operator names the creator; a creator gets
+/// its own (an empty `creator_id` means "mine", another creator's is PERMISSION_DENIED).
+pub fn creator_scope<T>(request: &Request<T>, creator_id: &str) -> Result<CreatorId, Status> {
+    let parse = |value: &str| {
+        CreatorId::parse(value).map_err(|e| {
+            crate::status::invalid_argument(vec![domain::FieldViolation::new("creator_id", e.to_string())])
+        })
+    };
+    match caller(request) {
+        Caller::Operator => parse(creator_id),
+        Caller::Creator(c) if creator_id.is_empty() || creator_id == c.creator_id.as_str() => Ok(c.creator_id.clone()),
+        Caller::Creator(_) => Err(Status::permission_denied("a creator may read only its own ledger")),
+        Caller::Partner(_) => Err(Status::permission_denied("settlement is for creators and operators")),
+        Caller::Anonymous => Err(Status::unauthenticated(
+            "this call needs a creator or operator credential",
+        )),
+    }
+}
+
+/// Whether the caller is the operator (settlement handlers show some fields to it only).
+pub fn is_operator<T>(request: &Request<T>) -> bool {
+    matches!(caller(request), Caller::Operator)
+}
+
+/// The calling creator, if it is one.
+pub fn calling_creator<T>(request: &Request<T>) -> Option<CreatorId> {
+    match caller(request) {
+        Caller::Creator(c) => Some(c.creator_id.clone()),
+        _ => None,
     }
 }
 
@@ -167,7 +207,7 @@ pub fn require_partner<T>(
             Ok(partner)
         }
         Caller::Anonymous => Err(Status::unauthenticated("this call needs a partner credential")),
-        Caller::Operator => Err(Status::permission_denied("this call is for partners")),
+        Caller::Operator | Caller::Creator(_) => Err(Status::permission_denied("this call is for partners")),
     }
 }
 
@@ -176,7 +216,9 @@ pub fn require_operator_or_partner<T>(request: &Request<T>, partner_id: &str) ->
     match caller(request) {
         Caller::Operator => Ok(()),
         Caller::Partner(p) if p.spec.partner_id.as_str() == partner_id => Ok(()),
-        Caller::Partner(_) => Err(Status::permission_denied("a partner may read only its own record")),
+        Caller::Partner(_) | Caller::Creator(_) => {
+            Err(Status::permission_denied("a partner may read only its own record"))
+        }
         Caller::Anonymous => Err(Status::unauthenticated("this call needs a credential")),
     }
 }

@@ -334,6 +334,11 @@ pub fn drop_with_figures(view: &DropView, skus: &[impl AsRef<SkuFigures>], hubs:
         opens_at: Some(timestamp(spec.opens_at)),
         closes_at: Some(timestamp(spec.closes_at)),
         hold_ttl_seconds: (spec.hold_ttl_ms / 1_000) as u32,
+        settlement: Some(operator::SettlementTerms {
+            platform_fee_bps: spec.terms.platform_fee_bps,
+            delivery_fee_minor_units: spec.terms.delivery_fee_minor_units,
+            return_window_seconds: (spec.terms.return_window_ms / 1_000) as u32,
+        }),
         skus: skus.iter().map(|f| sku_figures(f.as_ref())).collect(),
         revenue: currency.map(|c| money(Money::new(revenue, c))),
         hubs: hubs

@@ -3,7 +3,8 @@
 //! their holds (which expire and return stock), some wait on the waitlist (and are promoted
 //! when stock returns), the operator restocks mid-drop. Simulated couriers work the orders
 //! over the DispatchService (one goes silent mid-drop and is swapped out, then suspended);
-//! the report ends with an oversell check against the journals and the fulfilment figures.
+//! the report ends with an oversell check against the journals, the fulfilment figures and
+//! each creator's settlement (returns, payouts, statement totals) and its reconciliation.
 
 use crate::config::DemoArgs;
 use crate::platform::Platform;
@@ -25,8 +26,11 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::demo_couriers::{self, CourierTally, Labels, HUBS};
+use crate::demo_settlement;
 use proto::registry::v1 as registry;
 use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
+use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
+use proto::settlement::v1::RegisterCreatorRequest;
 
 struct DemoSku {
     id: &'static str,
@@ -74,6 +78,17 @@ const SKUS: [DemoSku; 5] = [
         weight: 15,
     },
 ];
+
+/// The demo's creators: (id, display name).
+const CREATORS: [(&str, &str); 2] = [("creator-ana", "Ana Lima"), ("creator-bea", "Bea Costa")];
+
+/// 12 % to the platform, 3.50 EUR per delivery to the partner, and a return window short
+/// enough that the demo sees earnings become available and paid out.
+const DEMO_TERMS: SettlementTerms = SettlementTerms {
+    platform_fee_bps: 1_200,
+    delivery_fee_minor_units: 350,
+    return_window_seconds: demo_settlement::RETURN_WINDOW_SECONDS,
+};
 
 #[derive(Default)]
 struct Tally {
@@ -142,38 +157,60 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .as_secs()
     );
     let now = std::time::SystemTime::now();
-    let skus = SKUS
-        .iter()
-        .map(|s| SkuSpec {
-            sku_id: s.id.into(),
-            name: s.name.into(),
-            price: Some(Money {
-                minor_units: s.price,
-                currency: "EUR".into(),
-            }),
-            per_buyer_limit: 2,
-            allocations: HUBS
-                .iter()
-                .zip(s.stock)
-                .map(|((hub, city, _), quantity)| Allocation {
-                    hub_id: (*hub).into(),
-                    city: (*city).into(),
-                    quantity,
-                })
-                .collect(),
-        })
-        .collect();
-    operator
-        .create_drop(CreateDropRequest {
-            drop_id: drop_id.clone(),
-            creator_id: "creator-ana".into(),
-            title: "Ana's release-night drop".into(),
-            opens_at: Some(ts(now + Duration::from_secs(3_600))),
-            closes_at: Some(ts(now + Duration::from_secs(7_200))),
-            hold_ttl_seconds: args.hold_ttl_seconds,
-            skus,
-        })
-        .await?;
+    // Two creators sell at once: Ana's main drop, and Bea's smaller one.
+    let mut settlement_client = SettlementServiceClient::with_interceptor(channel.clone(), bearer.clone());
+    let mut creators = Vec::new();
+    for (creator_id, name) in CREATORS {
+        let credential = settlement_client
+            .register_creator(RegisterCreatorRequest {
+                creator_id: creator_id.into(),
+                display_name: name.into(),
+            })
+            .await?
+            .into_inner()
+            .credential;
+        creators.push((creator_id.to_string(), credential));
+    }
+    let drop_b = format!("{drop_id}-bea");
+    let skus = |divisor: u32| -> Vec<SkuSpec> {
+        SKUS.iter()
+            .map(|s| SkuSpec {
+                sku_id: s.id.into(),
+                name: s.name.into(),
+                price: Some(Money {
+                    minor_units: s.price,
+                    currency: "EUR".into(),
+                }),
+                per_buyer_limit: 2,
+                allocations: HUBS
+                    .iter()
+                    .zip(s.stock)
+                    .map(|((hub, city, _), quantity)| Allocation {
+                        hub_id: (*hub).into(),
+                        city: (*city).into(),
+                        quantity: quantity / divisor,
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    for (id, creator_id, title, divisor) in [
+        (&drop_id, CREATORS[0].0, "Ana's release-night drop", 1),
+        (&drop_b, CREATORS[1].0, "Bea's studio drop", 4),
+    ] {
+        operator
+            .create_drop(CreateDropRequest {
+                drop_id: id.clone(),
+                creator_id: creator_id.into(),
+                title: title.into(),
+                opens_at: Some(ts(now + Duration::from_secs(3_600))),
+                closes_at: Some(ts(now + Duration::from_secs(7_200))),
+                hold_ttl_seconds: args.hold_ttl_seconds,
+                skus: skus(divisor),
+                settlement: Some(DEMO_TERMS),
+            })
+            .await?;
+    }
     println!(
         "Dropline demo: drop {drop_id}, {} SKUs in {} hubs across 2 cities (Lisbon, Porto), {} buyers, holds last {} s",
         SKUS.len(),
@@ -182,11 +219,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.hold_ttl_seconds
     );
     // Open early, live on stream: everyone is waiting for this moment.
-    operator
-        .open_drop(OpenDropRequest {
-            drop_id: drop_id.clone(),
-        })
-        .await?;
+    for id in [&drop_id, &drop_b] {
+        operator.open_drop(OpenDropRequest { drop_id: id.clone() }).await?;
+    }
     let opened = Instant::now();
     let opened_wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -205,7 +240,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             index: i,
             rng: StdRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64)),
             checkout: CheckoutServiceClient::new(channel.clone()),
-            drop_id: drop_id.clone(),
+            // One buyer in five shops Bea's drop.
+            drop_id: if i % 5 == 4 { drop_b.clone() } else { drop_id.clone() },
             tally: tally.clone(),
             latency: latency.clone(),
             patience,
@@ -244,11 +280,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     progress.finish_with_message("done");
     let restocked = restock.await?;
     let elapsed = opened.elapsed();
-    operator
-        .close_drop(CloseDropRequest {
-            drop_id: drop_id.clone(),
-        })
-        .await?;
+    for id in [&drop_id, &drop_b] {
+        operator.close_drop(CloseDropRequest { drop_id: id.clone() }).await?;
+    }
     let figures = operator
         .get_drop(GetDropRequest {
             drop_id: drop_id.clone(),
@@ -256,6 +290,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await?
         .into_inner();
     let audit = actors::audit::audit_drop(platform.journal.as_ref(), &domain::DropId::parse(&drop_id)?)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let audit_b = actors::audit::audit_drop(platform.journal.as_ref(), &domain::DropId::parse(&drop_b)?)
         .await
         .map_err(anyhow::Error::msg)?;
 
@@ -319,10 +356,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             sold_out
         );
     }
-    let oversold: u64 = audit.iter().map(|a| a.oversold).sum();
-    let events: usize = audit.iter().map(|a| a.events).sum();
+    let oversold: u64 = audit.iter().chain(&audit_b).map(|a| a.oversold).sum();
+    let events: usize = audit.iter().chain(&audit_b).map(|a| a.events).sum();
     let broken: Vec<String> = audit
         .iter()
+        .chain(&audit_b)
         .filter_map(|a| a.invariants.as_ref().err().map(|e| format!("{}: {e}", a.sku_id)))
         .collect();
     let mismatched: Vec<&str> = audit
@@ -338,8 +376,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .collect();
     println!();
     println!(
-        "journal audit: {} SKUs replayed from {events} events; invariants {}; figures match the journal: {}",
-        audit.len(),
+        "journal audit: {} SKUs of 2 drops replayed from {events} events; invariants {}; figures match the journal: {}",
+        audit.len() + audit_b.len(),
         if broken.is_empty() {
             "hold".to_string()
         } else {
@@ -443,10 +481,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
 
+    let order_ids: Vec<String> = labels.lock().map(|l| l.keys().cloned().collect()).unwrap_or_default();
+    let settled = demo_settlement::report(&channel, &bearer, &creators, &[&drop_id, &drop_b], order_ids).await?;
+
     let _ = stop_tx.send(());
     server_task.await??;
     if oversold > 0 || !broken.is_empty() || !mismatched.is_empty() {
         anyhow::bail!("the journal audit failed");
+    }
+    if !settled {
+        anyhow::bail!("settlement reconciliation found differences");
     }
     Ok(())
 }

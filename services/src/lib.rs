@@ -8,12 +8,15 @@ pub mod config;
 pub mod convert;
 pub mod demo;
 pub mod demo_couriers;
+pub mod demo_settlement;
 pub mod dispatch;
 pub mod levels;
 pub mod operator;
 pub mod platform;
+pub mod reconcile;
 pub mod registry;
 pub mod server;
+pub mod settlement;
 pub mod status;
 
 use config::{Cli, Command, ServeConfig};

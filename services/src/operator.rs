@@ -4,7 +4,7 @@ use crate::auth::require_operator;
 use crate::convert::{self, Check};
 use crate::platform::Platform;
 use crate::status::from_command_error;
-use domain::drop::{DropCommand, DropSpec, DropView, PoolSpec, SaleStatus, SkuSpec};
+use domain::drop::{DropCommand, DropSpec, DropView, PoolSpec, SaleStatus, SettlementTerms, SkuSpec};
 use domain::limits::{WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS};
 use domain::sku::{RestockCommand, SkuCommand, SkuReply};
 use domain::{CityName, CreatorId, DropId, HubId, IdempotencyKey, SkuId};
@@ -149,6 +149,11 @@ fn drop_spec(r: CreateDropRequest) -> Result<DropSpec, Status> {
             closes_at: closes_at?,
             hold_ttl_ms: u64::from(r.hold_ttl_seconds) * 1_000,
             skus,
+            terms: r.settlement.map_or_else(SettlementTerms::default, |t| SettlementTerms {
+                platform_fee_bps: t.platform_fee_bps,
+                delivery_fee_minor_units: t.delivery_fee_minor_units,
+                return_window_ms: u64::from(t.return_window_seconds) * 1_000,
+            }),
         })
     })?;
     // The spec's own rules (windows, prices, limits, duplicates) live in the domain.
@@ -228,12 +233,7 @@ impl OperatorService for Operator {
     async fn get_drop(&self, request: Request<GetDropRequest>) -> Result<Response<Drop>, Status> {
         require_operator(&request)?;
         let drop_id = parse_drop_id(&request.into_inner().drop_id)?;
-        let view = self
-            .platform
-            .bus
-            .drop_command(drop_id, DropCommand::Get)
-            .await
-            .map_err(from_command_error)?;
+        let view = self.platform.drop_view(drop_id).await?;
         Ok(Response::new(self.drop_reply(&view).await?))
     }
 

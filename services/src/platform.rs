@@ -88,6 +88,26 @@ impl Platform {
         }
     }
 
+    /// A command to a creator's ledger, as a gRPC result.
+    pub async fn ledger(
+        &self,
+        creator: &domain::CreatorId,
+        command: domain::ledger::LedgerCommand,
+    ) -> Result<domain::ledger::LedgerReply, Status> {
+        self.bus
+            .creator_command(creator.clone(), command)
+            .await
+            .map_err(from_command_error)
+    }
+
+    /// A drop as its actor knows it, as a gRPC result.
+    pub async fn drop_view(&self, drop_id: DropId) -> Result<domain::drop::DropView, Status> {
+        self.bus
+            .drop_command(drop_id, DropCommand::Get)
+            .await
+            .map_err(from_command_error)
+    }
+
     pub fn begin_shutdown(&self) {
         self.shutdown_tx.send_replace(true);
     }

@@ -1,4 +1,5 @@
-//! The gRPC server: checkout, operator, partner registry and dispatch services, grpc.health.v1 and server reflection,
+//! The gRPC server: checkout, operator, partner registry, dispatch and settlement services,
+//! grpc.health.v1 and server reflection,
 //! bounded concurrency, and a graceful shutdown that turns health to NOT_SERVING first and
 //! then drains in-flight calls for at most `SHUTDOWN_DRAIN_MS`.
 
@@ -8,6 +9,7 @@ use crate::dispatch::Couriers;
 use crate::operator::Operator;
 use crate::platform::Platform;
 use crate::registry::Registry;
+use crate::settlement::Settlement;
 use domain::limits::{
     GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX, SHUTDOWN_DRAIN_MS,
 };
@@ -15,6 +17,7 @@ use proto::checkout::v1::checkout_service_server::CheckoutServiceServer;
 use proto::dispatch::v1::dispatch_service_server::DispatchServiceServer;
 use proto::operator::v1::operator_service_server::OperatorServiceServer;
 use proto::registry::v1::partner_registry_service_server::PartnerRegistryServiceServer;
+use proto::settlement::v1::settlement_service_server::SettlementServiceServer;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -41,11 +44,13 @@ pub async fn serve(
         auth.clone(),
     );
     let registry = PartnerRegistryServiceServer::with_interceptor(Registry::new(platform.clone()), auth.clone());
-    let dispatch = DispatchServiceServer::with_interceptor(Couriers::new(platform.clone()), auth);
+    let dispatch = DispatchServiceServer::with_interceptor(Couriers::new(platform.clone()), auth.clone());
+    let settlement = SettlementServiceServer::with_interceptor(Settlement::new(platform.clone()), auth);
     health.set_serving::<CheckoutServiceServer<Checkout>>().await;
     health.set_serving::<OperatorServiceServer<Operator>>().await;
     health.set_serving::<PartnerRegistryServiceServer<Registry>>().await;
     health.set_serving::<DispatchServiceServer<Couriers>>().await;
+    health.set_serving::<SettlementServiceServer<Settlement>>().await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
@@ -74,6 +79,7 @@ pub async fn serve(
             health.set_not_serving::<OperatorServiceServer<Operator>>().await;
             health.set_not_serving::<PartnerRegistryServiceServer<Registry>>().await;
             health.set_not_serving::<DispatchServiceServer<Couriers>>().await;
+            health.set_not_serving::<SettlementServiceServer<Settlement>>().await;
             platform.begin_shutdown();
             let _ = drained_tx.send(());
         }
@@ -91,6 +97,7 @@ pub async fn serve(
         .add_service(operator)
         .add_service(registry)
         .add_service(dispatch)
+        .add_service(settlement)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
     info!(addr = %local, "listening on {local}");
     tokio::pin!(server);

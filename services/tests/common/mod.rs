@@ -218,6 +218,7 @@ pub fn drop_request(
                 }],
             })
             .collect(),
+        settlement: None,
     }
 }
 

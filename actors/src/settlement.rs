@@ -1,0 +1,147 @@
+//! The settlement side of the actor platform: live statement lines for creators watching
+//! their ledger, and the outboxes that carry order and fulfilment facts from SKU and hub
+//! actors to the creators' ledgers (at least once; the ledger books each fact once).
+
+use crate::bus::CommandBus;
+use domain::ledger::{Entry, FulfilmentFacts, LedgerCommand, LedgerInput, LedgerReply, SaleFacts};
+use domain::limits::LEDGER_BATCH_MAX;
+use domain::sku::SkuCommand;
+use domain::{CreatorId, DropId, HubId, OrderId, SkuId};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use tokio::sync::broadcast;
+use tracing::warn;
+
+/// Lines buffered per creator for live watchers; a watcher that falls further behind reads
+/// the lines it missed from the ledger (nothing is lost, see `WatchSettlement`).
+pub const SETTLEMENT_FEED_BUFFER: usize = 1_024;
+/// Creators with live watchers at once.
+pub const SETTLEMENT_FEEDS_MAX: usize = 100_000;
+
+/// New statement lines, by creator, for WatchSettlement.
+#[derive(Default)]
+pub struct SettlementFeed {
+    feeds: Mutex<HashMap<CreatorId, broadcast::Sender<Arc<Entry>>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("too many settlement watches ({SETTLEMENT_FEEDS_MAX} creators at most)")]
+pub struct TooManyFeeds;
+
+impl SettlementFeed {
+    pub fn subscribe(&self, creator: &CreatorId) -> Result<broadcast::Receiver<Arc<Entry>>, TooManyFeeds> {
+        let mut feeds = self.feeds.lock().expect("feeds lock");
+        if let Some(sender) = feeds.get(creator) {
+            return Ok(sender.subscribe());
+        }
+        if feeds.len() >= SETTLEMENT_FEEDS_MAX {
+            feeds.retain(|_, s| s.receiver_count() > 0);
+            if feeds.len() >= SETTLEMENT_FEEDS_MAX {
+                return Err(TooManyFeeds);
+            }
+        }
+        let (sender, receiver) = broadcast::channel(SETTLEMENT_FEED_BUFFER);
+        feeds.insert(creator.clone(), sender);
+        Ok(receiver)
+    }
+
+    pub fn is_watched(&self, creator: &CreatorId) -> bool {
+        self.feeds
+            .lock()
+            .expect("feeds lock")
+            .get(creator)
+            .is_some_and(|s| s.receiver_count() > 0)
+    }
+
+    pub fn publish(&self, creator: &CreatorId, entries: Vec<Arc<Entry>>) {
+        let mut feeds = self.feeds.lock().expect("feeds lock");
+        let Some(sender) = feeds.get(creator) else { return };
+        if sender.receiver_count() == 0 {
+            feeds.remove(creator);
+            return;
+        }
+        for entry in entries {
+            let _ = sender.send(entry);
+        }
+    }
+}
+
+/// Sends a SKU's sales to their creator's ledger, then records in the SKU what the ledger
+/// acknowledged. A failure leaves them in the SKU's outbox, sent again at its retry deadline.
+pub async fn send_sales(
+    bus: Weak<dyn CommandBus>,
+    drop_id: DropId,
+    sku_id: SkuId,
+    creator: CreatorId,
+    sales: Vec<SaleFacts>,
+) {
+    let mut synced = Vec::with_capacity(sales.len());
+    for chunk in sales.chunks(LEDGER_BATCH_MAX) {
+        let Some(bus) = bus.upgrade() else { return };
+        let cancelled: HashMap<OrderId, bool> = chunk
+            .iter()
+            .map(|f| (f.order_id.clone(), f.cancelled_at.is_some()))
+            .collect();
+        let inputs = chunk.iter().cloned().map(LedgerInput::Sale).collect();
+        match bus.creator_command(creator.clone(), LedgerCommand::Sync(inputs)).await {
+            Ok(LedgerReply::Synced { acked, .. }) => {
+                synced.extend(acked.into_iter().filter_map(|id| {
+                    let was_cancelled = *cancelled.get(&id)?;
+                    Some((id, was_cancelled))
+                }));
+            }
+            Ok(other) => warn!(?other, "unexpected ledger reply"),
+            Err(e) => warn!(%creator, error = %e, "sales not booked yet; sent again at the SKU's retry deadline"),
+        }
+    }
+    if synced.is_empty() {
+        return;
+    }
+    let Some(bus) = bus.upgrade() else { return };
+    if let Err(e) = bus
+        .sku_command(drop_id, sku_id, SkuCommand::LedgerSynced { orders: synced })
+        .await
+    {
+        // Harmless: the ledger ignores them when they are sent again.
+        warn!(error = %e, "could not record the ledger's acknowledgement");
+    }
+}
+
+/// Sends a hub's fulfilment facts to the creators' ledgers, then records in the hub what
+/// they acknowledged (with the mark each fact had, so facts that changed since stay).
+pub async fn send_fulfilment(bus: Weak<dyn CommandBus>, hub_id: HubId, facts: Vec<(CreatorId, FulfilmentFacts, u32)>) {
+    let mut by_creator: BTreeMap<CreatorId, Vec<(FulfilmentFacts, u32)>> = BTreeMap::new();
+    for (creator, f, mark) in facts {
+        by_creator.entry(creator).or_default().push((f, mark));
+    }
+    let mut synced = Vec::new();
+    for (creator, facts) in by_creator {
+        for chunk in facts.chunks(LEDGER_BATCH_MAX) {
+            let Some(bus) = bus.upgrade() else { return };
+            let marks: HashMap<OrderId, u32> = chunk.iter().map(|(f, m)| (f.order_id.clone(), *m)).collect();
+            let inputs = chunk.iter().map(|(f, _)| LedgerInput::Fulfilment(f.clone())).collect();
+            match bus.creator_command(creator.clone(), LedgerCommand::Sync(inputs)).await {
+                Ok(LedgerReply::Synced { acked, .. }) => {
+                    synced.extend(acked.into_iter().filter_map(|id| {
+                        let mark = *marks.get(&id)?;
+                        Some((id, mark))
+                    }));
+                }
+                Ok(other) => warn!(?other, "unexpected ledger reply"),
+                Err(e) => {
+                    warn!(%creator, error = %e, "fulfilment not booked yet; sent again at the hub's retry deadline")
+                }
+            }
+        }
+    }
+    if synced.is_empty() {
+        return;
+    }
+    let Some(bus) = bus.upgrade() else { return };
+    if let Err(e) = bus
+        .hub_command(hub_id, domain::hub::HubCommand::LedgerSynced(synced))
+        .await
+    {
+        warn!(error = %e, "could not record the ledgers' acknowledgement");
+    }
+}
