@@ -29,7 +29,9 @@
 //!   Remedies`) or the platform when no partner held it (`PlatformFees → Remedies`). The
 //!   creator is not at fault for logistics: an order never delivered is refunded to the
 //!   buyer in full by its remedies, and the creator's share is released at once (there is
-//!   nothing to return).
+//!   nothing to return). A buyer is refunded in full once: an order already reversed gets
+//!   no never-delivered credit, and a failed order is not reversed again when its
+//!   cancellation arrives (a late-delivery credit is compensation and is kept).
 //! - **Payout**: `CreatorAvailable → PaidOut`, never more than is available, idempotent by
 //!   key.
 //!
@@ -828,6 +830,11 @@ impl<'a> Tx<'a> {
             return;
         };
         for (index, remedy) in f.remedies.iter().enumerate().skip(o.remedies_booked as usize) {
+            // An order already refunded in full (cancelled, returned, refunded) is not
+            // refunded again by the credit for never being delivered.
+            if remedy.kind == RemedyKind::NotDelivered && o.reversed.is_some() {
+                continue;
+            }
             let at_fault = match &remedy.at_fault {
                 Fault::Partner(_) => Account::PartnerFees,
                 Fault::Platform => Account::PlatformFees,
@@ -956,8 +963,10 @@ impl Aggregate for LedgerState {
                                 tx.book_sale(&f);
                             }
                             let o = tx.order(&f.order_id).cloned().expect("booked above");
+                            // A failed order's buyer was refunded in full by its remedies.
                             if f.cancelled_at.is_some()
                                 && o.reversed.is_none()
+                                && o.failed_at.is_none()
                                 && tx
                                     .reverse(&f.order_id, Reversal::Refunded(RefundReason::Cancelled))
                                     .is_err()

@@ -23,6 +23,54 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a scripted multi-city drop against an embedded platform and print a report.
     Demo(DemoArgs),
+    /// Creators' settlement against a running server: statements and reconciliation.
+    Settlement(SettlementArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SettlementArgs {
+    /// The server's gRPC address.
+    #[arg(
+        long,
+        env = "DROPLINE_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub server: String,
+    /// A creator credential, or the operator credential [default: $DROPLINE_OPERATOR_TOKEN].
+    #[arg(long, env = "DROPLINE_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: SettlementCommand,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum SettlementCommand {
+    /// Print a creator's statement for a period, or write it as CSV.
+    Statement {
+        /// The creator (a creator's own credential may leave it out).
+        #[arg(long)]
+        creator: Option<String>,
+        /// First day (YYYY-MM-DD, UTC) or instant (RFC 3339) of the period [default: the first line].
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, included (YYYY-MM-DD, UTC), or end instant, excluded (RFC 3339) [default: now].
+        #[arg(long)]
+        to: Option<String>,
+        /// Write CSV (amounts in minor units) instead of a table.
+        #[arg(long)]
+        csv: bool,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Compare every confirmed order with the creators' ledgers; book what is missing and
+    /// refund what cannot be reconciled (operator credential).
+    Reconcile {
+        /// Only list the differences.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Args, Clone)]

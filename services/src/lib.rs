@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod server;
 pub mod settlement;
+pub mod settlement_cli;
 pub mod status;
 
 use config::{Cli, Command, ServeConfig};
@@ -59,6 +60,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => {
             init_tracing("warn");
             demo::run(args).await
+        }
+        Command::Settlement(args) => {
+            init_tracing("warn");
+            settlement_cli::run(args).await
         }
     }
 }

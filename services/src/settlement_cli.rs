@@ -1,0 +1,254 @@
+//! `dropline settlement`: a creator's statement as a table or CSV, and reconciliation,
+//! through the SettlementService of a running server.
+
+use crate::auth::Bearer;
+use crate::config::{SettlementArgs, SettlementCommand};
+use proto::settlement::v1 as pb;
+use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
+use std::io::Write;
+use time::format_description::well_known::Rfc3339;
+use time::{Date, OffsetDateTime, Time};
+
+/// A period bound: a day (UTC midnight; `end` moves it to the next midnight, so the day is
+/// included) or an RFC 3339 instant.
+pub fn parse_bound(value: &str, end: bool) -> anyhow::Result<prost_types::Timestamp> {
+    let at = if let Ok(day) = Date::parse(value, time::macros::format_description!("[year]-[month]-[day]")) {
+        let day = if end {
+            day.next_day()
+                .ok_or_else(|| anyhow::anyhow!("{value} is the last day there is"))?
+        } else {
+            day
+        };
+        day.with_time(Time::MIDNIGHT).assume_utc()
+    } else {
+        OffsetDateTime::parse(value, &Rfc3339)
+            .map_err(|_| anyhow::anyhow!("{value:?} is neither a day (2026-11-23) nor an RFC 3339 instant"))?
+    };
+    Ok(prost_types::Timestamp {
+        seconds: at.unix_timestamp(),
+        nanos: at.nanosecond() as i32,
+    })
+}
+
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
+    ts.and_then(|t| OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn amount(minor: i64) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02}", minor.unsigned_abs() / 100, minor.unsigned_abs() % 100)
+}
+
+fn kind(k: i32) -> &'static str {
+    match pb::LineKind::try_from(k) {
+        Ok(pb::LineKind::Sale) => "sale",
+        Ok(pb::LineKind::Release) => "release",
+        Ok(pb::LineKind::Return) => "return",
+        Ok(pb::LineKind::Refund) => "refund",
+        Ok(pb::LineKind::Remedy) => "remedy",
+        Ok(pb::LineKind::Payout) => "payout",
+        _ => "?",
+    }
+}
+
+pub async fn run(args: SettlementArgs) -> anyhow::Result<()> {
+    let token = args
+        .token
+        .or_else(|| std::env::var("DROPLINE_OPERATOR_TOKEN").ok())
+        .ok_or_else(|| anyhow::anyhow!("give a creator or operator credential with --token or DROPLINE_TOKEN"))?;
+    let channel = tonic::transport::Endpoint::from_shared(args.server.clone())?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", args.server))?;
+    let mut client = SettlementServiceClient::with_interceptor(channel, Bearer::new(&token)?);
+    match args.command {
+        SettlementCommand::Statement {
+            creator,
+            from,
+            to,
+            csv,
+            output,
+        } => {
+            let from = from.as_deref().map(|f| parse_bound(f, false)).transpose()?;
+            let to = to.as_deref().map(|t| parse_bound(t, true)).transpose()?;
+            let mut lines = Vec::new();
+            let mut page_token = String::new();
+            let (creator_id, totals) = loop {
+                let page = client
+                    .get_statement(pb::GetStatementRequest {
+                        creator_id: creator.clone().unwrap_or_default(),
+                        from,
+                        to,
+                        page_size: 1_000,
+                        page_token,
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                    .into_inner();
+                lines.extend(page.lines);
+                page_token = page.next_page_token;
+                if page_token.is_empty() {
+                    break (page.creator_id, page.totals);
+                }
+            };
+            let mut out: Box<dyn Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            if csv {
+                write_csv(&mut out, &creator_id, &lines)?;
+            } else {
+                write_table(&mut out, &creator_id, from.as_ref(), to.as_ref(), &lines, &totals)?;
+            }
+            out.flush()?;
+            if let Some(path) = output {
+                eprintln!("{} lines written to {}", lines.len(), path.display());
+            }
+        }
+        SettlementCommand::Reconcile { dry_run } => {
+            let report = client
+                .reconcile(pb::ReconcileRequest { dry_run })
+                .await
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            println!(
+                "{} confirmed orders in {} SKU journals of {} drops against {} ledgers; {} in flight",
+                report.orders, report.skus, report.drops, report.ledgers, report.in_flight
+            );
+            for d in &report.differences {
+                println!(
+                    "{} {} {}: {} -> {}",
+                    d.creator_id, d.order_id, d.kind, d.detail, d.action
+                );
+            }
+            println!(
+                "{} differences, {} booked, {} refunded; balanced: {}",
+                report.differences.len(),
+                report.booked,
+                report.refunded,
+                if report.balanced { "yes" } else { "no" }
+            );
+            if !report.balanced {
+                std::process::exit(2);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_csv(out: &mut dyn Write, creator_id: &str, lines: &[pb::StatementLine]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(out);
+    w.write_record([
+        "creator_id",
+        "seq",
+        "booked_at",
+        "kind",
+        "order_id",
+        "drop_id",
+        "currency",
+        "gross_minor",
+        "platform_fee_minor",
+        "partner_fee_minor",
+        "creator_net_minor",
+        "remedy_minor",
+        "paid_out_minor",
+        "available_change_minor",
+        "reference",
+    ])?;
+    for l in lines {
+        w.write_record([
+            creator_id.to_string(),
+            l.seq.to_string(),
+            rfc3339(l.booked_at.as_ref()),
+            kind(l.kind).to_string(),
+            l.order_id.clone(),
+            l.drop_id.clone(),
+            l.currency.clone(),
+            l.gross.to_string(),
+            l.platform_fee.to_string(),
+            l.partner_fee.to_string(),
+            l.creator_net.to_string(),
+            l.remedy.to_string(),
+            l.paid_out.to_string(),
+            l.available_change.to_string(),
+            l.reference.clone(),
+        ])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn write_table(
+    out: &mut dyn Write,
+    creator_id: &str,
+    from: Option<&prost_types::Timestamp>,
+    to: Option<&prost_types::Timestamp>,
+    lines: &[pb::StatementLine],
+    totals: &[pb::StatementTotals],
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "Statement of {creator_id}, {} to {}",
+        from.map_or("the first line".into(), |t| rfc3339(Some(t))),
+        to.map_or("now".into(), |t| rfc3339(Some(t)))
+    )?;
+    writeln!(
+        out,
+        "{:>6}  {:<20}  {:<7}  {:<34}  {:>10}  {:>9}  {:>9}  {:>10}  {:>8}  {:>10}  reference",
+        "line", "booked at", "kind", "order", "gross", "platform", "partner", "net", "remedy", "paid out"
+    )?;
+    for l in lines {
+        writeln!(
+            out,
+            "{:>6}  {:<20}  {:<7}  {:<34}  {:>10}  {:>9}  {:>9}  {:>10}  {:>8}  {:>10}  {}",
+            l.seq,
+            rfc3339(l.booked_at.as_ref()),
+            kind(l.kind),
+            l.order_id,
+            amount(l.gross),
+            amount(l.platform_fee),
+            amount(l.partner_fee),
+            amount(l.creator_net),
+            amount(l.remedy),
+            amount(l.paid_out),
+            l.reference
+        )?;
+    }
+    for t in totals {
+        writeln!(
+            out,
+            "total {}: {} lines ({} sales); gross {}, platform fees {}, partner fees {}, creator net {}, remedies {}, paid out {}",
+            t.currency,
+            t.lines,
+            t.sales,
+            amount(t.gross),
+            amount(t.platform_fee),
+            amount(t.partner_fee),
+            amount(t.creator_net),
+            amount(t.remedy),
+            amount(t.paid_out)
+        )?;
+    }
+    if totals.is_empty() {
+        writeln!(out, "no lines in this period")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bound;
+
+    #[test]
+    fn a_day_bound_covers_the_whole_day_and_instants_are_exact() {
+        assert_eq!(parse_bound("2026-11-23", false).unwrap().seconds, 1_795_392_000);
+        assert_eq!(parse_bound("2026-11-23", true).unwrap().seconds, 1_795_392_000 + 86_400);
+        assert_eq!(
+            parse_bound("2026-11-23T10:00:00Z", true).unwrap().seconds,
+            1_795_392_000 + 36_000
+        );
+        assert!(parse_bound("23/11/2026", false).is_err());
+    }
+}
