@@ -21,7 +21,7 @@ use tonic::Code;
 const PRICE: i64 = 2_499;
 const FEE_BPS: i64 = 1_250;
 const DELIVERY_FEE: i64 = 333;
-const RETURN_WINDOW_SECS: u32 = 3;
+const RETURN_WINDOW_SECS: u32 = 5;
 
 fn settlement(channel: &Channel, token: &str) -> SettlementServiceClient<Authed> {
     SettlementServiceClient::with_interceptor(channel.clone(), Bearer::new(token).unwrap())
