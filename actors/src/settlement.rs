@@ -66,8 +66,33 @@ impl SettlementFeed {
     }
 }
 
+/// Books `inputs` in a creator's ledger, in batches; returns the acknowledged ones with the
+/// mark each had (what the sender records as booked). A failure leaves the rest unacknowledged.
+async fn book<M: Copy>(
+    bus: &Weak<dyn CommandBus>,
+    creator: &CreatorId,
+    inputs: Vec<(LedgerInput, M)>,
+) -> Vec<(OrderId, M)> {
+    let mut acknowledged = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(LEDGER_BATCH_MAX) {
+        let Some(bus) = bus.upgrade() else { break };
+        let marks: HashMap<&OrderId, M> = chunk.iter().map(|(input, mark)| (input.order_id(), *mark)).collect();
+        let batch = chunk.iter().map(|(input, _)| input.clone()).collect();
+        match bus.creator_command(creator.clone(), LedgerCommand::Sync(batch)).await {
+            Ok(LedgerReply::Synced { acked, .. }) => acknowledged.extend(acked.into_iter().filter_map(|id| {
+                let mark = *marks.get(&id)?;
+                Some((id, mark))
+            })),
+            Ok(other) => warn!(?other, "unexpected ledger reply"),
+            Err(e) => warn!(%creator, error = %e, "facts not booked yet; sent again at the sender's retry deadline"),
+        }
+    }
+    acknowledged
+}
+
 /// Sends a SKU's sales to their creator's ledger, then records in the SKU what the ledger
-/// acknowledged. A failure leaves them in the SKU's outbox, sent again at its retry deadline.
+/// acknowledged (with whether each was cancelled then). A failure leaves them in the SKU's
+/// outbox, sent again at its retry deadline.
 pub async fn send_sales(
     bus: Weak<dyn CommandBus>,
     drop_id: DropId,
@@ -75,25 +100,14 @@ pub async fn send_sales(
     creator: CreatorId,
     sales: Vec<SaleFacts>,
 ) {
-    let mut synced = Vec::with_capacity(sales.len());
-    for chunk in sales.chunks(LEDGER_BATCH_MAX) {
-        let Some(bus) = bus.upgrade() else { return };
-        let cancelled: HashMap<OrderId, bool> = chunk
-            .iter()
-            .map(|f| (f.order_id.clone(), f.cancelled_at.is_some()))
-            .collect();
-        let inputs = chunk.iter().cloned().map(LedgerInput::Sale).collect();
-        match bus.creator_command(creator.clone(), LedgerCommand::Sync(inputs)).await {
-            Ok(LedgerReply::Synced { acked, .. }) => {
-                synced.extend(acked.into_iter().filter_map(|id| {
-                    let was_cancelled = *cancelled.get(&id)?;
-                    Some((id, was_cancelled))
-                }));
-            }
-            Ok(other) => warn!(?other, "unexpected ledger reply"),
-            Err(e) => warn!(%creator, error = %e, "sales not booked yet; sent again at the SKU's retry deadline"),
-        }
-    }
+    let inputs = sales
+        .into_iter()
+        .map(|f| {
+            let cancelled = f.cancelled_at.is_some();
+            (LedgerInput::Sale(f), cancelled)
+        })
+        .collect();
+    let synced = book(&bus, &creator, inputs).await;
     if synced.is_empty() {
         return;
     }
@@ -110,29 +124,16 @@ pub async fn send_sales(
 /// Sends a hub's fulfilment facts to the creators' ledgers, then records in the hub what
 /// they acknowledged (with the mark each fact had, so facts that changed since stay).
 pub async fn send_fulfilment(bus: Weak<dyn CommandBus>, hub_id: HubId, facts: Vec<(CreatorId, FulfilmentFacts, u32)>) {
-    let mut by_creator: BTreeMap<CreatorId, Vec<(FulfilmentFacts, u32)>> = BTreeMap::new();
+    let mut by_creator: BTreeMap<CreatorId, Vec<(LedgerInput, u32)>> = BTreeMap::new();
     for (creator, f, mark) in facts {
-        by_creator.entry(creator).or_default().push((f, mark));
+        by_creator
+            .entry(creator)
+            .or_default()
+            .push((LedgerInput::Fulfilment(f), mark));
     }
     let mut synced = Vec::new();
-    for (creator, facts) in by_creator {
-        for chunk in facts.chunks(LEDGER_BATCH_MAX) {
-            let Some(bus) = bus.upgrade() else { return };
-            let marks: HashMap<OrderId, u32> = chunk.iter().map(|(f, m)| (f.order_id.clone(), *m)).collect();
-            let inputs = chunk.iter().map(|(f, _)| LedgerInput::Fulfilment(f.clone())).collect();
-            match bus.creator_command(creator.clone(), LedgerCommand::Sync(inputs)).await {
-                Ok(LedgerReply::Synced { acked, .. }) => {
-                    synced.extend(acked.into_iter().filter_map(|id| {
-                        let mark = *marks.get(&id)?;
-                        Some((id, mark))
-                    }));
-                }
-                Ok(other) => warn!(?other, "unexpected ledger reply"),
-                Err(e) => {
-                    warn!(%creator, error = %e, "fulfilment not booked yet; sent again at the hub's retry deadline")
-                }
-            }
-        }
+    for (creator, inputs) in by_creator {
+        synced.extend(book(&bus, &creator, inputs).await);
     }
     if synced.is_empty() {
         return;

@@ -79,7 +79,7 @@ impl Settlement {
         let reply = self
             .ledger(&creator, command(order_id.clone(), reason.to_string()))
             .await?;
-        Ok(Response::new(self.order_reply(&creator, &order_id, reply).await?))
+        Ok(Response::new(self.order_reply(&creator, &order_id, reply)?))
     }
 
     /// Registers a creator or replaces its credential: the new credential is shown once.
@@ -104,7 +104,7 @@ impl Settlement {
         }
     }
 
-    async fn order_reply(
+    fn order_reply(
         &self,
         creator: &CreatorId,
         order_id: &OrderId,
@@ -489,7 +489,7 @@ impl SettlementService for Settlement {
         let order_id = parse_order_id(&request.get_ref().order_id)?;
         let creator = self.order_owner(&request, &order_id).await?;
         let reply = self.ledger(&creator, LedgerCommand::GetOrder(order_id.clone())).await?;
-        Ok(Response::new(self.order_reply(&creator, &order_id, reply).await?))
+        Ok(Response::new(self.order_reply(&creator, &order_id, reply)?))
     }
 
     async fn record_return(
