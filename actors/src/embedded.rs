@@ -80,7 +80,7 @@ impl<H: Hosted> Registry<H> {
             match sent {
                 Ok(reply) => return Ok(reply),
                 Err(SendError::HandlerError(e)) => return Err(e),
-                Err(SendError::MailboxFull(_)) => return Err(CommandError::Overloaded("actor mailbox is full")),
+                Err(SendError::MailboxFull(_)) => return Err(CommandError::Overloaded("actor mailbox is full".into())),
                 Err(SendError::Timeout(_)) => return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
                 // The actor stopped (idle) just before our command: start a fresh one.
                 Err(SendError::ActorNotRunning(Cmd(c)) | SendError::ActorRestarting(Cmd(c))) => {
@@ -93,6 +93,21 @@ impl<H: Hosted> Registry<H> {
             }
         }
         Err(CommandError::Unavailable("actor keeps stopping".into()))
+    }
+
+    fn stop_matching(&self, matches: &impl Fn(&str) -> bool) -> usize {
+        let mut actors = self.actors.lock().expect("registry lock");
+        let mut stopped = 0;
+        actors.retain(|key, actor| {
+            if matches(&H::stream(key)) {
+                actor.kill();
+                stopped += 1;
+                false
+            } else {
+                true
+            }
+        });
+        stopped
     }
 
     /// Forgets stopped actors: a reference keeps a stopped actor's mailbox allocated.
@@ -164,24 +179,43 @@ impl LocalActors {
             .collect();
         let actors = Arc::new_cyclic(|weak: &std::sync::Weak<LocalActors>| {
             let bus: std::sync::Weak<dyn CommandBus> = weak.clone();
-            LocalActors {
-                env: Arc::new(Env {
-                    journal,
-                    wakeups: Wakeups::start(bus.clone(), clock.clone(), pending),
-                    audit,
-                    runtime: tokio::runtime::Handle::current(),
-                    clock,
-                    projections,
-                    bus,
-                }),
-                drops: Registry::new(),
-                skus: Registry::new(),
-                hubs: Registry::new(),
-                registry: Registry::new(),
-                creators: Registry::new(),
-            }
+            LocalActors::with_bus(journal, clock, projections, audit, bus, pending)
         });
-        let weak = Arc::downgrade(&actors);
+        LocalActors::start_sweeper(&actors);
+        Ok(actors)
+    }
+
+    /// The actors of this process, asking other actors through `bus` (the cluster's bus
+    /// when this process is one node of a cluster), with `pending` deadlines scheduled.
+    pub fn with_bus(
+        journal: Arc<dyn Journal>,
+        clock: Arc<dyn Clock>,
+        projections: Arc<Projections>,
+        audit: Arc<dyn AuditLog>,
+        bus: std::sync::Weak<dyn CommandBus>,
+        pending: Vec<(String, UnixMillis)>,
+    ) -> LocalActors {
+        LocalActors {
+            env: Arc::new(Env {
+                journal,
+                wakeups: Wakeups::start(bus.clone(), clock.clone(), pending),
+                audit,
+                runtime: tokio::runtime::Handle::current(),
+                clock,
+                projections,
+                bus,
+            }),
+            drops: Registry::new(),
+            skus: Registry::new(),
+            hubs: Registry::new(),
+            registry: Registry::new(),
+            creators: Registry::new(),
+        }
+    }
+
+    /// Forgets stopped actors every `REGISTRY_SWEEP_MS` while `actors` lives.
+    pub fn start_sweeper(actors: &Arc<LocalActors>) {
+        let weak = Arc::downgrade(actors);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis(REGISTRY_SWEEP_MS));
             loop {
@@ -193,7 +227,17 @@ impl LocalActors {
                 actors.creators.sweep();
             }
         });
-        Ok(actors)
+    }
+
+    /// Stops at once every running actor whose journal stream matches (a partition this
+    /// node no longer owns). Appends already handed to the journal still complete, or fail
+    /// its fencing check.
+    pub fn stop_streams(&self, matches: impl Fn(&str) -> bool) -> usize {
+        self.drops.stop_matching(&matches)
+            + self.skus.stop_matching(&matches)
+            + self.hubs.stop_matching(&matches)
+            + self.registry.stop_matching(&matches)
+            + self.creators.stop_matching(&matches)
     }
 
     pub fn env(&self) -> &Arc<Env> {

@@ -65,7 +65,7 @@ impl<H: Hosted> Entity<H> {
     fn execute(&mut self, command: H::Command, actor_ref: &ActorRef<Self>, reply: ReplyFn<H::Reply>) {
         let permit = match self.env.journal.try_reserve() {
             Ok(permit) => permit,
-            Err(JournalError::Full) => return reply(Err(CommandError::Overloaded("journal queue is full"))),
+            Err(JournalError::Full) => return reply(Err(CommandError::Overloaded("journal queue is full".into()))),
             Err(e) => return reply(Err(CommandError::Storage(e.to_string()))),
         };
         let now = self.env.clock.now();

@@ -1,16 +1,20 @@
 //! Why a command did not get a domain reply.
 
 use domain::Rejection;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use thiserror::Error;
 
-#[derive(Debug, Clone, Error)]
+/// Serializable, so that a command routed to another node of a cluster gets the same
+/// error back as it would have in-process.
+#[derive(Debug, Clone, Error, Serialize, Deserialize)]
 pub enum CommandError {
     /// The domain refused the command; nothing changed.
     #[error(transparent)]
     Rejected(#[from] Rejection),
     /// A bounded queue (mailbox or journal) is full; nothing changed.
     #[error("overloaded: {0}")]
-    Overloaded(&'static str),
+    Overloaded(Cow<'static, str>),
     /// No reply within the deadline; the command may or may not have taken effect.
     #[error("no reply within {0} ms")]
     Timeout(u64),

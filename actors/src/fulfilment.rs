@@ -121,7 +121,7 @@ impl Directory {
 }
 
 /// What a subscribed courier receives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum CourierUpdate {
     Offer {
         hub_id: HubId,
@@ -170,7 +170,7 @@ impl Couriers {
 }
 
 /// A hub's load as operators see it in WatchDrop.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HubLoad {
     pub hub_id: HubId,
     pub open: u32,

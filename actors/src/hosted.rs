@@ -7,7 +7,7 @@ use crate::clock::Clock;
 use crate::error::CommandError;
 use crate::fulfilment::{CourierUpdate, HubLoad};
 use crate::journal::{BoxFuture, Journal};
-use crate::projections::Projections;
+use crate::projections::{ProjectionUpdate, Projections};
 use domain::drop::{DropCommand, DropEvent, DropState};
 use domain::hub::{HubCommand, HubEvent, HubState};
 use domain::ledger::{LedgerCommand, LedgerEvent, LedgerState};
@@ -112,7 +112,11 @@ impl Hosted for DropState {
         let just_created = events.iter().any(|e| matches!(e, DropEvent::Created { .. }));
         let projections = env.projections.clone();
         Some(Box::new(move || {
-            projections.availability.put_drop(spec, status, just_created)
+            projections.emit(vec![ProjectionUpdate::Drop {
+                spec,
+                status,
+                just_created,
+            }])
         }))
     }
 }
@@ -158,21 +162,21 @@ impl Hosted for SkuState {
 
     fn publication(&self, events: &[SkuEvent], env: &Env) -> Option<Publication> {
         let figures = self.figures();
-        let watchers = &env.projections.orders;
-        let views: Vec<_> = if watchers.is_empty() {
+        let watchers = &env.projections;
+        let views: Vec<_> = if !watchers.wants_orders() {
             Vec::new()
         } else {
             let mut ids: Vec<_> = events
                 .iter()
                 .filter_map(SkuEvent::order_id)
-                .filter(|id| watchers.is_watched(id))
+                .filter(|id| watchers.wants_order(id))
                 .collect();
             // Promotions and releases move everyone behind in the waitlist.
             if events
                 .iter()
                 .any(|e| matches!(e, SkuEvent::Promoted { .. } | SkuEvent::WaitlistLeft { .. }))
             {
-                ids.extend(self.waitlists.values().flatten().filter(|id| watchers.is_watched(id)));
+                ids.extend(self.waitlists.values().flatten().filter(|id| watchers.wants_order(id)));
             }
             ids.sort();
             ids.dedup();
@@ -230,10 +234,10 @@ impl Hosted for SkuState {
         let runtime = env.runtime.clone();
         let projections = env.projections.clone();
         Some(Box::new(move || {
-            projections.availability.put_sku(figures);
-            for view in views {
-                projections.orders.publish(view);
-            }
+            let mut updates = Vec::with_capacity(1 + views.len());
+            updates.push(ProjectionUpdate::Sku(figures));
+            updates.extend(views.into_iter().map(ProjectionUpdate::Order));
+            projections.emit(updates);
             if let Some(task) = handover {
                 runtime.spawn(task);
             }
@@ -320,15 +324,13 @@ impl Hosted for RegistryState {
         let bus = env.bus.clone();
         let runtime = env.runtime.clone();
         Some(Box::new(move || {
-            for hub in hubs {
-                projections.directory.put_hub(hub);
-            }
-            for partner in partners {
-                projections.directory.put_partner(partner);
-            }
-            for creator in creators {
-                projections.directory.put_creator(creator);
-            }
+            let updates = hubs
+                .into_iter()
+                .map(ProjectionUpdate::Hub)
+                .chain(partners.into_iter().map(ProjectionUpdate::Partner))
+                .chain(creators.into_iter().map(ProjectionUpdate::Creator))
+                .collect();
+            projections.emit(updates);
             write_audit(log.as_ref(), &audit);
             if !setups.is_empty() {
                 runtime.spawn(async move {
@@ -476,7 +478,7 @@ impl Hosted for HubState {
             throttled,
             next_promise: (from, by),
         });
-        let watchers = &env.projections.orders;
+        let watchers = &env.projections;
         let mut courier = Vec::new();
         let mut tracking = Vec::new();
         let mut audit = Vec::new();
@@ -547,7 +549,7 @@ impl Hosted for HubState {
                 _ => {}
             }
             if let Some(id) = event.order_id() {
-                if !watchers.is_empty() && seen.insert(id.clone()) && watchers.is_watched(id) {
+                if watchers.wants_orders() && seen.insert(id.clone()) && watchers.wants_order(id) {
                     if let Some(d) = self.dispatch(id) {
                         tracking.push(Arc::new(d.clone()));
                     }
@@ -586,17 +588,13 @@ impl Hosted for HubState {
             if let Some(task) = ledger {
                 runtime.spawn(task);
             }
-            for (partner, update) in courier {
-                projections.couriers.send(&partner, update);
-            }
-            for dispatch in tracking {
-                projections.orders.publish_tracking(dispatch);
-            }
-            if let Some(load) = load {
-                if projections.hub_loads.put(load) {
-                    projections.availability.touch();
-                }
-            }
+            let updates = courier
+                .into_iter()
+                .map(|(partner, update)| ProjectionUpdate::Courier { partner, update })
+                .chain(tracking.into_iter().map(ProjectionUpdate::Tracking))
+                .chain(load.map(ProjectionUpdate::HubLoad))
+                .collect();
+            projections.emit(updates);
             if !status_requests.is_empty() {
                 runtime.spawn(async move {
                     let Some(bus) = bus.upgrade() else { return };
@@ -764,15 +762,16 @@ impl Hosted for LedgerState {
     }
 
     fn publication(&self, events: &[LedgerEvent], env: &Env) -> Option<Publication> {
-        let feed = &env.projections.settlement;
-        if events.is_empty() || !feed.is_watched(&self.creator_id) {
+        if events.is_empty() || !env.projections.wants_settlement(&self.creator_id) {
             return None;
         }
         let entries: Vec<Arc<domain::ledger::Entry>> =
             events.iter().filter_map(|e| e.entry().cloned().map(Arc::new)).collect();
         let projections = env.projections.clone();
         let creator = self.creator_id.clone();
-        Some(Box::new(move || projections.settlement.publish(&creator, entries)))
+        Some(Box::new(move || {
+            projections.emit(vec![ProjectionUpdate::Settlement { creator, entries }])
+        }))
     }
 
     fn snapshot_weight(&self) -> u64 {

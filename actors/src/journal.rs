@@ -67,12 +67,17 @@ pub trait Journal: Send + Sync + 'static {
 
     /// Names of the streams with events whose name starts with `prefix`, in order, at most
     /// `limit` after `after` (reconciliation walks every drop and SKU this way).
-    fn streams(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, JournalError>;
+    fn streams<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<String>, JournalError>>;
 }
 
 /// Where buyers' delivery addresses are kept, apart from every journal and event: only
 /// fulfilment reads them. A write is durable once any later journal batch is (same store).
 pub trait AddressVault: Send + Sync + 'static {
-    fn put(&self, order_id: &str, address: &[u8]) -> Result<(), JournalError>;
-    fn get(&self, order_id: &str) -> Result<Option<Vec<u8>>, JournalError>;
+    fn put<'a>(&'a self, order_id: &'a str, address: &'a [u8]) -> BoxFuture<'a, Result<(), JournalError>>;
+    fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, JournalError>>;
 }

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod audit_log;
 pub mod bus;
 pub mod clock;
+pub mod cluster;
 pub mod codec;
 pub mod embedded;
 pub mod entity;

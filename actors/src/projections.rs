@@ -3,14 +3,18 @@
 //! mailbox. Staleness is bounded by one group commit: an actor publishes as soon as the
 //! journal has flushed the batch that changed it.
 
+use crate::fulfilment::{CourierUpdate, HubLoad};
 use domain::drop::{DropSpec, SaleStatus};
 use domain::hub::Dispatch;
+use domain::ledger::Entry;
 use domain::limits::ORDER_WATCHERS_MAX;
+use domain::registry::{CreatorRecord, HubRecord, PartnerRecord};
 use domain::sku::{OrderView, SkuFigures, SkuState};
-use domain::{DropId, OrderId, SkuId};
+use domain::{CreatorId, DropId, OrderId, PartnerId, SkuId};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use tokio::sync::watch;
 
 #[derive(Default)]
@@ -21,6 +25,105 @@ pub struct Projections {
     pub couriers: crate::fulfilment::Couriers,
     pub hub_loads: crate::fulfilment::HubLoads,
     pub settlement: crate::settlement::SettlementFeed,
+    /// In a cluster: where updates go so that every other node's projections follow (the
+    /// gRPC call reading them may land on any node). Unset on the embedded platform.
+    remote: OnceLock<Arc<dyn RemoteProjections>>,
+}
+
+/// One change of a projection, as an actor publishes it after a durable batch. In a
+/// cluster it travels to every node, so it is serializable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ProjectionUpdate {
+    Drop {
+        spec: Arc<DropSpec>,
+        status: SaleStatus,
+        just_created: bool,
+    },
+    Sku(SkuFigures),
+    Order(OrderView),
+    Tracking(Arc<Dispatch>),
+    Courier {
+        partner: PartnerId,
+        update: CourierUpdate,
+    },
+    HubLoad(HubLoad),
+    Settlement {
+        creator: CreatorId,
+        entries: Vec<Arc<Entry>>,
+    },
+    Hub(HubRecord),
+    Partner(PartnerRecord),
+    Creator(CreatorRecord),
+}
+
+/// Carries projection updates to the other nodes of a cluster.
+pub trait RemoteProjections: Send + Sync + 'static {
+    fn publish(&self, updates: &[ProjectionUpdate]);
+}
+
+impl Projections {
+    /// Sends every update to the other nodes from now on (cluster mode).
+    pub fn set_remote(&self, remote: Arc<dyn RemoteProjections>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// Whether updates leave this process: then watchers anywhere may want any order's or
+    /// creator's updates, and actors cannot skip them by looking at local watchers only.
+    pub fn is_shared(&self) -> bool {
+        self.remote.get().is_some()
+    }
+
+    /// Whether some watcher (here, or on another node) may want this order's updates.
+    pub fn wants_order(&self, order_id: &OrderId) -> bool {
+        self.is_shared() || self.orders.is_watched(order_id)
+    }
+
+    /// Whether any order may be watched at all (a cheap test before looking at each).
+    pub fn wants_orders(&self) -> bool {
+        self.is_shared() || !self.orders.is_empty()
+    }
+
+    /// Whether some watcher may want this creator's new statement lines.
+    pub fn wants_settlement(&self, creator: &CreatorId) -> bool {
+        self.is_shared() || self.settlement.is_watched(creator)
+    }
+
+    /// Applies updates here and hands them to the other nodes, if any.
+    pub fn emit(&self, updates: Vec<ProjectionUpdate>) {
+        if updates.is_empty() {
+            return;
+        }
+        if let Some(remote) = self.remote.get() {
+            remote.publish(&updates);
+        }
+        for update in updates {
+            self.apply(update);
+        }
+    }
+
+    /// Applies one update to this process's projections only (updates from other nodes).
+    pub fn apply(&self, update: ProjectionUpdate) {
+        match update {
+            ProjectionUpdate::Drop {
+                spec,
+                status,
+                just_created,
+            } => self.availability.put_drop(spec, status, just_created),
+            ProjectionUpdate::Sku(figures) => self.availability.put_sku(figures),
+            ProjectionUpdate::Order(view) => self.orders.publish(view),
+            ProjectionUpdate::Tracking(dispatch) => self.orders.publish_tracking(dispatch),
+            ProjectionUpdate::Courier { partner, update } => self.couriers.send(&partner, update),
+            ProjectionUpdate::HubLoad(load) => {
+                if self.hub_loads.put(load) {
+                    self.availability.touch();
+                }
+            }
+            ProjectionUpdate::Settlement { creator, entries } => self.settlement.publish(&creator, entries),
+            ProjectionUpdate::Hub(record) => self.directory.put_hub(record),
+            ProjectionUpdate::Partner(record) => self.directory.put_partner(record),
+            ProjectionUpdate::Creator(record) => self.directory.put_creator(record),
+        }
+    }
 }
 
 /// What a WatchOrder stream follows: the order (from its SKU) and, once confirmed, its

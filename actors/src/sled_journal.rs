@@ -250,7 +250,18 @@ impl Journal for SledJournal {
         Box::pin(async move { self.read_events(&stream, 0) })
     }
 
-    fn streams(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, JournalError> {
+    fn streams<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<String>, JournalError>> {
+        Box::pin(async move { self.streams_now(prefix, after, limit) })
+    }
+}
+
+impl SledJournal {
+    fn streams_now(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, JournalError> {
         let io = |e: sled::Error| JournalError::Io(e.to_string());
         let key_prefix = [b"e/".as_slice(), prefix.as_bytes()].concat();
         // Event keys are `e/<stream>\0<version>`: after a stream's first key, skip past all
@@ -375,20 +386,24 @@ impl Writer {
 }
 
 impl AddressVault for SledJournal {
-    fn put(&self, order_id: &str, address: &[u8]) -> Result<(), JournalError> {
+    fn put<'a>(&'a self, order_id: &'a str, address: &'a [u8]) -> BoxFuture<'a, Result<(), JournalError>> {
         // Not flushed here: the confirm that follows is acknowledged only after the journal
         // writer's flush, which covers every tree of this database.
-        self.addresses
+        let written = self
+            .addresses
             .insert(order_id.as_bytes(), address)
             .map(|_| ())
-            .map_err(|e| JournalError::Io(e.to_string()))
+            .map_err(|e| JournalError::Io(e.to_string()));
+        Box::pin(async move { written })
     }
 
-    fn get(&self, order_id: &str) -> Result<Option<Vec<u8>>, JournalError> {
-        self.addresses
+    fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, JournalError>> {
+        let read = self
+            .addresses
             .get(order_id.as_bytes())
             .map(|v| v.map(|v| v.to_vec()))
-            .map_err(|e| JournalError::Io(e.to_string()))
+            .map_err(|e| JournalError::Io(e.to_string()));
+        Box::pin(async move { read })
     }
 }
 

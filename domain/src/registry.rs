@@ -265,6 +265,9 @@ pub enum RegistryCommand {
     GetHubSetup(HubId),
     /// Nothing; answers the registry's version (starting the actor fills the directory).
     Load,
+    /// Every hub, partner and creator record: a node joining a cluster fills its directory
+    /// with them (the registry's own start filled the directories of the nodes up then).
+    Directory,
     /// A creator who sells in drops, with the hash of the credential it reads its ledger with.
     RegisterCreator {
         creator_id: CreatorId,
@@ -359,6 +362,11 @@ pub enum RegistryReply {
     Setup(HubSetup),
     Version(u64),
     Creator(CreatorRecord),
+    Directory {
+        hubs: Vec<HubRecord>,
+        partners: Vec<PartnerRecord>,
+        creators: Vec<CreatorRecord>,
+    },
 }
 
 /// A creator known to the platform. Its ledger lives in its own actor; the registry keeps
@@ -474,6 +482,16 @@ impl Aggregate for RegistryState {
     ) -> Result<(Vec<RegistryEvent>, RegistryReply), Rejection> {
         let (events, target) = match command {
             RegistryCommand::Load => return Ok((vec![], RegistryReply::Version(self.version))),
+            RegistryCommand::Directory => {
+                return Ok((
+                    vec![],
+                    RegistryReply::Directory {
+                        hubs: self.hubs.values().cloned().collect(),
+                        partners: self.partners.values().cloned().collect(),
+                        creators: self.creators.values().cloned().collect(),
+                    },
+                ))
+            }
             RegistryCommand::RegisterCreator {
                 creator_id,
                 display_name,

@@ -152,6 +152,7 @@ impl CheckoutService for Checkout {
             self.platform
                 .addresses
                 .put(order_id.as_str(), &encoded)
+                .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
         }
         let command = ConfirmCommand {

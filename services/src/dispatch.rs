@@ -53,23 +53,23 @@ impl Couriers {
             )
             .await
             .map_err(from_command_error)?;
-        Ok(Response::new(self.view(&hub_id, &d, partner)))
+        Ok(Response::new(self.view(&hub_id, &d, partner).await))
     }
 
     /// A dispatch as its partner sees it: the address only once it accepted a delivery.
-    fn view(&self, hub_id: &HubId, d: &Dispatch, partner: &PartnerId) -> pb::Dispatch {
+    async fn view(&self, hub_id: &HubId, d: &Dispatch, partner: &PartnerId) -> pb::Dispatch {
         let mut view = dispatch(hub_id, d);
         let holds =
             d.stage.holder() == Some(partner) && matches!(d.stage, Stage::Accepted { .. } | Stage::PickedUp { .. });
         if holds && d.order.fulfilment == Fulfilment::Delivery {
-            view.address = self.delivery_address(&d.order.order_id);
+            view.address = self.delivery_address(&d.order.order_id).await;
         }
         view
     }
 
     /// The buyer's address from the vault, for the partner delivering the order.
-    fn delivery_address(&self, order_id: &OrderId) -> Option<pb::DeliveryAddress> {
-        let bytes = match self.platform.addresses.get(order_id.as_str()) {
+    async fn delivery_address(&self, order_id: &OrderId) -> Option<pb::DeliveryAddress> {
+        let bytes = match self.platform.addresses.get(order_id.as_str()).await {
             Ok(bytes) => bytes?,
             Err(e) => {
                 warn!(error = %e, "address vault read failed");
@@ -310,6 +310,6 @@ impl DispatchService for Couriers {
                 partner.spec.partner_id
             )));
         }
-        Ok(Response::new(self.view(&hub_id, &d, &partner.spec.partner_id)))
+        Ok(Response::new(self.view(&hub_id, &d, &partner.spec.partner_id).await))
     }
 }

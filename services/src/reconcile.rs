@@ -29,11 +29,12 @@ fn storage(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("reading the journal: {e}"))
 }
 
-fn streams(journal: &dyn Journal, prefix: &str) -> Result<Vec<String>, Status> {
+async fn streams(journal: &dyn Journal, prefix: &str) -> Result<Vec<String>, Status> {
     let mut out: Vec<String> = Vec::new();
     loop {
         let page = journal
             .streams(prefix, out.last().map(String::as_str), STREAMS_PAGE)
+            .await
             .map_err(storage)?;
         let done = page.len() < STREAMS_PAGE;
         out.extend(page);
@@ -211,13 +212,13 @@ pub async fn run(platform: &Platform, dry_run: bool) -> Result<pb::ReconcileRepo
     };
     // Which ledgers: every creator with a ledger or a drop.
     let mut specs = Vec::new();
-    for stream in streams(journal, "drop/")? {
+    for stream in streams(journal, "drop/").await? {
         if let Some(spec) = drop_spec(journal, &stream).await? {
             specs.push(spec);
         }
     }
     let mut creators: BTreeSet<CreatorId> = specs.iter().map(|s| s.creator_id.clone()).collect();
-    for stream in streams(journal, "creator/")? {
+    for stream in streams(journal, "creator/").await? {
         if let Some(id) = stream.strip_prefix("creator/").and_then(|id| CreatorId::parse(id).ok()) {
             creators.insert(id);
         }

@@ -1,0 +1,516 @@
+//! The cluster journal: every actor's stream is a subject of one JetStream stream
+//! (`dl.j.<kind>.<id>…`), appended with `Nats-Expected-Last-Subject-Sequence`, so an owner
+//! that lost its partition (paused, partitioned away) and still believes in it cannot
+//! append after the new owner: its write fails and its actor is stopped (fencing).
+//!
+//! Group commit carries over, per actor: while one append of a stream is in flight, the
+//! batches its actor hands over queue, and go as one message when the first is acknowledged.
+//! Different actors' appends are in flight at once (up to `IN_FLIGHT_STREAMS_MAX`). The
+//! servers run with `sync_interval: always`, so an acknowledged append is on disk.
+//!
+//! Snapshots stay local, in sled, with the sequence they follow: a node that owned the
+//! partition before replays only what came after; a node taking it for the first time
+//! replays the subject from its start. Next deadlines go to a key-value bucket under the
+//! stream's partition, so the node taking a partition schedules its wake-ups.
+
+use super::placement::{self, JOURNAL_STREAM};
+use crate::journal::*;
+use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy, kv, stream::LastRawMessageErrorKind};
+use domain::limits::JOURNAL_QUEUE_MAX;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// Streams with an append in flight at once; beyond it requests wait in the bounded queue.
+const IN_FLIGHT_STREAMS_MAX: usize = 4_096;
+/// A message carries at most this many bytes of events (NATS' default max_payload is 1 MiB).
+const MESSAGE_BYTES_MAX: usize = 512 * 1024;
+/// Reading a stream's journal (an actor's recovery) gives up after this long.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// An append (and its wake-up write) gives up after this long; the actor then restarts
+/// from what is durable.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One message of a journal subject: consecutive events from `first` on.
+#[derive(Serialize, Deserialize)]
+struct Chunk {
+    first: u64,
+    events: Vec<Vec<u8>>,
+}
+
+/// A local snapshot: the state at `version`, and the subject sequence every event up to
+/// `version` is at or before (events after it are read from the subject past `seq`).
+#[derive(Serialize, Deserialize)]
+struct LocalSnapshot {
+    version: u64,
+    seq: u64,
+    state: Vec<u8>,
+}
+
+struct Request {
+    batch: AppendBatch,
+    done: Completion,
+}
+
+pub struct JetStreamJournal {
+    stream: jetstream::stream::Stream,
+    wakeups: kv::Store,
+    snapshots: sled::Tree,
+    /// The last sequence of each stream's subject as this node last read or wrote it: the
+    /// expected sequence of its next append.
+    tails: Arc<Mutex<HashMap<String, u64>>>,
+    tx: mpsc::Sender<Request>,
+    partitions: u32,
+}
+
+fn io(e: impl std::fmt::Display) -> JournalError {
+    JournalError::Io(e.to_string())
+}
+
+impl JetStreamJournal {
+    /// Uses the journal stream and the wake-up bucket (both made by
+    /// [`super::node::ensure_storage`]) and keeps snapshots in a sled database under `dir`.
+    pub async fn open(js: &jetstream::Context, dir: &Path, partitions: u32) -> Result<Arc<Self>, JournalError> {
+        let stream = js.get_stream(JOURNAL_STREAM).await.map_err(io)?;
+        let wakeups = js.get_key_value(placement::WAKEUPS_BUCKET).await.map_err(io)?;
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let db = sled::Config::new()
+            .path(dir.join("snapshots"))
+            .cache_capacity(domain::limits::JOURNAL_CACHE_BYTES)
+            .open()
+            .map_err(io)?;
+        let snapshots = db.open_tree("snapshots").map_err(io)?;
+        let tails = Arc::new(Mutex::new(HashMap::new()));
+        let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_MAX);
+        let writer = Writer {
+            js: js.clone(),
+            wakeups: wakeups.clone(),
+            snapshots: snapshots.clone(),
+            tails: tails.clone(),
+            partitions,
+            queues: HashMap::new(),
+        };
+        tokio::spawn(writer.run(rx));
+        info!(dir = %dir.display(), "cluster journal opened (JetStream, local snapshots)");
+        Ok(Arc::new(JetStreamJournal {
+            stream,
+            wakeups,
+            snapshots,
+            tails,
+            tx,
+            partitions,
+        }))
+    }
+
+    /// The last sequence of a subject, 0 when it has none.
+    async fn last_seq(&self, subject: &str) -> Result<u64, JournalError> {
+        match self.stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => Ok(message.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Events of a subject in messages with sequence in `from..=last`, checked to be
+    /// consecutive versions, skipping versions up to `after_version`.
+    async fn read(
+        &self,
+        stream: &str,
+        subject: &str,
+        from: u64,
+        last: u64,
+        after_version: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+        let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
+        if last < from {
+            return Ok(events);
+        }
+        let reading = async {
+            let consumer = self
+                .stream
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: subject.to_string(),
+                    deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+                    ..Default::default()
+                })
+                .await
+                .map_err(io)?;
+            let mut messages = consumer.messages().await.map_err(io)?;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(io)?;
+                let seq = message.info().map_err(|e| io(e.to_string()))?.stream_sequence;
+                let chunk: Chunk = postcard::from_bytes(&message.payload)
+                    .map_err(|e| JournalError::Corrupt(format!("{stream}: message {seq}: {e}")))?;
+                for (offset, event) in chunk.events.into_iter().enumerate() {
+                    let version = chunk.first + offset as u64;
+                    if version <= after_version {
+                        continue;
+                    }
+                    let expected = events.last().map_or(after_version + 1, |(v, _)| v + 1);
+                    if version != expected {
+                        return Err(JournalError::Corrupt(format!(
+                            "{stream}: version {version} where {expected} was expected (message {seq})"
+                        )));
+                    }
+                    events.push((version, event));
+                }
+                if seq >= last {
+                    break;
+                }
+            }
+            Ok::<_, JournalError>(())
+        };
+        tokio::time::timeout(READ_TIMEOUT, reading)
+            .await
+            .map_err(|_| JournalError::Io(format!("{stream}: reading the journal timed out")))??;
+        Ok(events)
+    }
+
+    fn local_snapshot(&self, stream: &str) -> Result<Option<LocalSnapshot>, JournalError> {
+        match self.snapshots.get(stream.as_bytes()).map_err(io)? {
+            Some(bytes) => postcard::from_bytes(&bytes)
+                .map(Some)
+                .map_err(|e| JournalError::Corrupt(format!("{stream}: local snapshot: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every deadline recorded for the streams of `partition` (a node taking the partition
+    /// schedules them).
+    pub async fn wakeups_of(&self, partition: u32) -> Result<Vec<(String, i64)>, JournalError> {
+        let prefix = format!("p{partition}.");
+        let mut keys = self.wakeups.keys().await.map_err(io)?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(io)?;
+            if !key.starts_with(&prefix) {
+                continue;
+            }
+            let Some(stream) = placement::stream_of_wakeup_key(&key) else { continue };
+            if let Some(value) = self.wakeups.get(&key).await.map_err(io)? {
+                if let Ok(bytes) = <[u8; 8]>::try_from(value.as_ref()) {
+                    out.push((stream, i64::from_be_bytes(bytes)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets what this node knew of the streams of a partition it no longer owns: the
+    /// next owner appends to them, so a later recovery here must read again.
+    pub fn forget_partition(&self, partition: u32) {
+        self.tails
+            .lock()
+            .expect("tails lock")
+            .retain(|stream, _| placement::partition_of(stream, self.partitions) != partition);
+    }
+}
+
+impl Journal for JetStreamJournal {
+    fn try_reserve(&self) -> Result<Box<dyn AppendPermit>, JournalError> {
+        match self.tx.clone().try_reserve_owned() {
+            Ok(permit) => Ok(Box::new(Permit { permit })),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(JournalError::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(JournalError::Closed),
+        }
+    }
+
+    fn load(&self, stream: &str) -> BoxFuture<'_, Result<Recovered, JournalError>> {
+        let stream = stream.to_string();
+        Box::pin(async move {
+            let subject = placement::journal_subject(&stream);
+            let last = self.last_seq(&subject).await?;
+            let mut snapshot = self.local_snapshot(&stream)?;
+            if snapshot.as_ref().is_some_and(|s| s.seq > last) {
+                // Taken against another journal (the stream was recreated): useless here.
+                warn!(%stream, "local snapshot is ahead of the journal; replaying from the start");
+                snapshot = None;
+            }
+            let (from, after_version) = snapshot.as_ref().map_or((1, 0), |s| (s.seq + 1, s.version));
+            let events = self.read(&stream, &subject, from, last, after_version).await?;
+            self.tails.lock().expect("tails lock").insert(stream, last);
+            Ok(Recovered {
+                snapshot: snapshot.map(|s| (s.version, s.state)),
+                events,
+            })
+        })
+    }
+
+    fn wakeups(&self) -> Result<Vec<(String, i64)>, JournalError> {
+        // In a cluster, deadlines are scheduled per partition as the node takes it
+        // (`wakeups_of`), not all at start-up.
+        Ok(Vec::new())
+    }
+
+    fn load_all(&self, stream: &str) -> BoxFuture<'_, Result<Vec<(u64, Vec<u8>)>, JournalError>> {
+        let stream = stream.to_string();
+        Box::pin(async move {
+            let subject = placement::journal_subject(&stream);
+            let last = self.last_seq(&subject).await?;
+            self.read(&stream, &subject, 1, last, 0).await
+        })
+    }
+
+    fn streams<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<String>, JournalError>> {
+        Box::pin(async move {
+            // Kinds are whole subject tokens: `sku/` lists `dl.j.sku.>`.
+            let filter = match prefix.strip_suffix('/') {
+                Some(kind) if !kind.is_empty() && !kind.contains('/') => format!("dl.j.{kind}.>"),
+                _ => placement::JOURNAL_SUBJECTS.to_string(),
+            };
+            let mut info = self.stream.info_with_subjects(filter).await.map_err(io)?;
+            let mut streams = Vec::new();
+            while let Some(item) = info.next().await {
+                let (subject, _count) = item.map_err(io)?;
+                if let Some(stream) = placement::stream_of_journal_subject(&subject) {
+                    if stream.starts_with(prefix) && after.is_none_or(|a| stream.as_str() > a) {
+                        streams.push(stream);
+                    }
+                }
+            }
+            streams.sort();
+            streams.truncate(limit);
+            Ok(streams)
+        })
+    }
+}
+
+struct Permit {
+    permit: mpsc::OwnedPermit<Request>,
+}
+
+impl AppendPermit for Permit {
+    fn append(self: Box<Self>, batch: AppendBatch, done: Completion) {
+        self.permit.send(Request { batch, done });
+    }
+}
+
+/// Batches of one stream waiting behind its append in flight.
+#[derive(Default)]
+struct StreamQueue {
+    in_flight: bool,
+    waiting: VecDeque<Request>,
+}
+
+/// What one append carried, to complete when it is acknowledged.
+struct Group {
+    stream: String,
+    requests: Vec<Request>,
+    /// The subject's sequence before this append (the expected last sequence).
+    before: u64,
+    snapshot: Option<(u64, Vec<u8>)>,
+}
+
+struct Writer {
+    js: jetstream::Context,
+    wakeups: kv::Store,
+    snapshots: sled::Tree,
+    tails: Arc<Mutex<HashMap<String, u64>>>,
+    partitions: u32,
+    queues: HashMap<String, StreamQueue>,
+}
+
+type Appended = (Group, Result<Option<u64>, JournalError>);
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut in_flight: FuturesUnordered<futures::future::BoxFuture<'static, Appended>> = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                request = rx.recv(), if in_flight.len() < IN_FLIGHT_STREAMS_MAX => {
+                    let Some(request) = request else { break };
+                    let stream = request.batch.stream.clone();
+                    let queue = self.queues.entry(stream.clone()).or_default();
+                    queue.waiting.push_back(request);
+                    if !queue.in_flight {
+                        if let Some(append) = self.start(&stream) {
+                            in_flight.push(append);
+                        }
+                    }
+                }
+                Some((group, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                    let stream = group.stream.clone();
+                    let failed = result.is_err();
+                    self.finish(group, result);
+                    if failed {
+                        // The actor is stopped by its failed completion; what it queued
+                        // behind was decided on the same, now doubtful, state.
+                        if let Some(queue) = self.queues.remove(&stream) {
+                            for request in queue.waiting {
+                                (request.done)(Err(JournalError::Io(format!("{stream}: an earlier append failed"))));
+                            }
+                        }
+                        continue;
+                    }
+                    let queue = self.queues.get_mut(&stream).expect("queue of a stream in flight");
+                    queue.in_flight = false;
+                    if queue.waiting.is_empty() {
+                        self.queues.remove(&stream);
+                    } else if let Some(append) = self.start(&stream) {
+                        in_flight.push(append);
+                    }
+                }
+            }
+        }
+        while let Some((group, result)) = in_flight.next().await {
+            self.finish(group, result);
+        }
+    }
+
+    /// Takes the waiting batches of a stream (up to the message size) and starts their
+    /// append; `None` when they completed at once (nothing to write).
+    fn start(&mut self, stream: &str) -> Option<futures::future::BoxFuture<'static, Appended>> {
+        let queue = self.queues.get_mut(stream)?;
+        let mut requests = Vec::new();
+        let mut events: Vec<Vec<u8>> = Vec::new();
+        let mut first = None;
+        let mut bytes = 0;
+        let mut snapshot = None;
+        let mut wakeup = None;
+        while let Some(request) = queue.waiting.front() {
+            let size: usize = request.batch.events.iter().map(Vec::len).sum();
+            if !requests.is_empty() && bytes + size > MESSAGE_BYTES_MAX {
+                break;
+            }
+            let mut request = queue.waiting.pop_front().expect("front exists");
+            if !request.batch.events.is_empty() {
+                let next = first.map(|f: u64| f + events.len() as u64);
+                if next.is_some_and(|n| n != request.batch.first_version) {
+                    // Not consecutive: a bug in the caller; fail this batch alone.
+                    (request.done)(Err(JournalError::Corrupt(format!(
+                        "{stream}: batch at version {} does not follow {}",
+                        request.batch.first_version,
+                        next.unwrap_or_default()
+                    ))));
+                    continue;
+                }
+                first.get_or_insert(request.batch.first_version);
+                bytes += size;
+                events.append(&mut request.batch.events);
+            }
+            if let Some(s) = request.batch.snapshot.take() {
+                snapshot = Some(s);
+            }
+            if let Some(w) = request.batch.wakeup {
+                wakeup = Some(w);
+            }
+            requests.push(request);
+        }
+        if requests.is_empty() {
+            return None;
+        }
+        queue.in_flight = true;
+        let before = self.tails.lock().expect("tails lock").get(stream).copied();
+        let group = Group {
+            stream: stream.to_string(),
+            requests,
+            before: before.unwrap_or(0),
+            snapshot,
+        };
+        let js = self.js.clone();
+        let wakeups = self.wakeups.clone();
+        let partitions = self.partitions;
+        Some(Box::pin(async move {
+            let stream = group.stream.clone();
+            let publish = async {
+                let Some(first) = first else { return Ok(None) };
+                let Some(before) = before else {
+                    return Err(JournalError::Io(format!(
+                        "{stream}: appended before being loaded on this node"
+                    )));
+                };
+                let payload = postcard::to_stdvec(&Chunk { first, events })
+                    .map_err(|e| JournalError::Io(format!("{stream}: encoding: {e}")))?;
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(
+                    async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    before.to_string().as_str(),
+                );
+                let ack = js
+                    .publish_with_headers(placement::journal_subject(&stream), headers, payload.into())
+                    .await
+                    .map_err(io)?
+                    .await
+                    .map_err(|e| match e.kind() {
+                        jetstream::context::PublishErrorKind::WrongLastSequence => JournalError::Io(format!(
+                            "{stream}: fenced: another node appended to this stream (this node lost its partition)"
+                        )),
+                        _ => io(e),
+                    })?;
+                Ok(Some(ack.sequence))
+            };
+            let deadline = async {
+                let Some(change) = wakeup else { return Ok(()) };
+                let key = placement::wakeup_key(placement::partition_of(&stream, partitions), &stream);
+                match change {
+                    Some(at) => wakeups
+                        .put(key, bytes::Bytes::copy_from_slice(&at.to_be_bytes()))
+                        .await
+                        .map(|_| ())
+                        .map_err(io),
+                    None => wakeups.purge(key).await.map_err(io),
+                }
+            };
+            let both = async { futures::try_join!(publish, deadline).map(|(seq, ())| seq) };
+            let result = match tokio::time::timeout(APPEND_TIMEOUT, both).await {
+                Ok(result) => result,
+                Err(_) => Err(JournalError::Io(format!("{stream}: append timed out"))),
+            };
+            (group, result)
+        }))
+    }
+
+    fn finish(&mut self, group: Group, result: Result<Option<u64>, JournalError>) {
+        let Group {
+            stream,
+            requests,
+            before,
+            snapshot,
+        } = group;
+        match result {
+            Ok(seq) => {
+                if let Some(seq) = seq {
+                    self.tails.lock().expect("tails lock").insert(stream.clone(), seq);
+                }
+                if let Some((version, state)) = snapshot {
+                    // Every event up to `version` is at or before the sequence this append
+                    // followed, or in this append (read again and skipped by version).
+                    let record = LocalSnapshot {
+                        version,
+                        seq: before,
+                        state,
+                    };
+                    match postcard::to_stdvec(&record) {
+                        Ok(bytes) => {
+                            if let Err(e) = self.snapshots.insert(stream.as_bytes(), bytes) {
+                                warn!(%stream, error = %e, "local snapshot not written");
+                            }
+                        }
+                        Err(e) => warn!(%stream, error = %e, "local snapshot not encoded"),
+                    }
+                }
+                for request in requests {
+                    (request.done)(Ok(()));
+                }
+            }
+            Err(e) => {
+                warn!(%stream, error = %e, "journal append failed");
+                self.tails.lock().expect("tails lock").remove(&stream);
+                for request in requests {
+                    (request.done)(Err(e.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,689 @@
+//! One node of a Dropline cluster: the actors of the partitions it holds, the [`CommandBus`]
+//! that routes every command to the node owning its actor (NATS request/reply with a
+//! deadline), the server side answering the commands of its partitions, and the projection
+//! updates it exchanges with the other nodes.
+
+use super::journal::JetStreamJournal;
+use super::leases::{LeaseTimings, Leases, PartitionHost};
+use super::placement::{self, partition_of};
+use crate::audit_log::AuditLog;
+use crate::bus::CommandBus;
+use crate::clock::Clock;
+use crate::embedded::LocalActors;
+use crate::error::CommandError;
+use crate::hosted::Hosted;
+use crate::journal::{AddressVault, BoxFuture, JournalError};
+use crate::projections::{ProjectionUpdate, Projections, RemoteProjections};
+use async_nats::jetstream::{self, kv, stream::StorageType};
+use domain::drop::{DropCommand, DropState, DropView, SaleStatus};
+use domain::hub::{HubCommand, HubReply, HubState};
+use domain::ledger::{LedgerCommand, LedgerReply, LedgerState};
+use domain::limits::COMMAND_TIMEOUT_MS;
+use domain::registry::{HubSetup, RegistryCommand, RegistryReply, RegistryState};
+use domain::sku::{SkuCommand, SkuReply, SkuState};
+use domain::{CreatorId, DropId, HubId, SkuId, UnixMillis};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, info, warn};
+
+/// Commands from other nodes handled at once; beyond it they get RESOURCE_EXHAUSTED.
+const REMOTE_COMMANDS_MAX: usize = 8_192;
+/// Projection messages queued for publishing; beyond it updates are dropped (the caches
+/// they feed are refreshed by the next change, and readers can ask the actor).
+const PROJECTION_QUEUE_MAX: usize = 16_384;
+/// First and longest wait before asking a partition again while it has no owner.
+const ROUTE_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ROUTE_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// How a node joins its cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// This node's name, unique in the cluster (the StatefulSet pod name, say).
+    pub node: String,
+    pub partitions: u32,
+    /// Replicas of the journal stream and buckets (3 on a 3-server JetStream cluster).
+    pub replicas: usize,
+    pub timings: LeaseTimings,
+    /// Local directory for snapshots.
+    pub data_dir: PathBuf,
+}
+
+/// A command for the actor of another node, as it travels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Request {
+    Sku {
+        drop_id: DropId,
+        sku_id: SkuId,
+        command: SkuCommand,
+    },
+    Drop {
+        drop_id: DropId,
+        command: DropCommand,
+    },
+    Hub {
+        hub_id: HubId,
+        command: HubCommand,
+    },
+    Registry(RegistryCommand),
+    Creator {
+        creator_id: CreatorId,
+        command: LedgerCommand,
+    },
+    Wake(String),
+    /// Tell the running SKU actors of the drop on that node.
+    SaleStatus {
+        drop_id: DropId,
+        status: SaleStatus,
+    },
+    /// Give a running hub actor its new setup.
+    HubSetup(HubSetup),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Response {
+    Sku(SkuReply),
+    Drop(DropView),
+    Hub(HubReply),
+    Registry(RegistryReply),
+    Creator(LedgerReply),
+    Done,
+    /// The receiving node does not own the partition (any more): ask again.
+    NotOwner,
+}
+
+fn unexpected(response: Response) -> CommandError {
+    CommandError::Unavailable(format!("unexpected reply from the owning node: {response:?}"))
+}
+
+/// Projection updates as they travel, with the node that made them.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    origin: String,
+    updates: Vec<ProjectionUpdate>,
+}
+
+struct NatsProjections {
+    node: String,
+    tx: mpsc::Sender<bytes::Bytes>,
+}
+
+impl RemoteProjections for NatsProjections {
+    fn publish(&self, updates: &[ProjectionUpdate]) {
+        let envelope = Envelope {
+            origin: self.node.clone(),
+            updates: updates.to_vec(),
+        };
+        match postcard::to_stdvec(&envelope) {
+            Ok(bytes) => {
+                if self.tx.try_send(bytes.into()).is_err() {
+                    debug!("projection queue full; an update is not shared");
+                }
+            }
+            Err(e) => warn!(error = %e, "projection update not encodable"),
+        }
+    }
+}
+
+pub struct ClusterNode {
+    pub node: String,
+    pub partitions: u32,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    local: Arc<LocalActors>,
+    journal: Arc<JetStreamJournal>,
+    /// Owned partitions and the task answering each one's commands.
+    owned: RwLock<HashMap<u32, tokio::task::JoinHandle<()>>>,
+    remote_commands: Arc<Semaphore>,
+    stop: watch::Sender<bool>,
+    left: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    this: Weak<ClusterNode>,
+}
+
+/// The journal stream and the buckets, created if missing (any node may be first).
+pub async fn ensure_storage(js: &jetstream::Context, replicas: usize, ttl: Duration) -> Result<(), JournalError> {
+    let io = |e: &dyn std::fmt::Display| JournalError::Io(e.to_string());
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: placement::JOURNAL_STREAM.into(),
+        subjects: vec![placement::JOURNAL_SUBJECTS.into()],
+        storage: StorageType::File,
+        num_replicas: replicas,
+        allow_direct: true,
+        description: Some("Dropline actor journals, one subject per actor".into()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| io(&e))?;
+    let bucket = |name: &str, max_age: Duration, history: i64| kv::Config {
+        bucket: name.into(),
+        history,
+        max_age,
+        storage: StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    };
+    for config in [
+        bucket(placement::LEASES_BUCKET, ttl, 1),
+        bucket(placement::NODES_BUCKET, ttl, 1),
+        bucket(placement::WAKEUPS_BUCKET, Duration::ZERO, 1),
+        bucket(placement::ADDRESSES_BUCKET, Duration::ZERO, 1),
+        bucket(placement::CLUSTER_BUCKET, Duration::ZERO, 1),
+    ] {
+        if js.get_key_value(config.bucket.clone()).await.is_err() {
+            if let Err(e) = js.create_key_value(config.clone()).await {
+                // Another node may have made it meanwhile.
+                js.get_key_value(config.bucket.clone()).await.map_err(|_| io(&e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl ClusterNode {
+    /// Connects, checks the cluster's settings, starts the actors and joins: partitions are
+    /// taken in the background, a first round at once.
+    pub async fn join(
+        config: &ClusterConfig,
+        clock: Arc<dyn Clock>,
+        projections: Arc<Projections>,
+        audit: Arc<dyn AuditLog>,
+    ) -> anyhow::Result<Arc<ClusterNode>> {
+        config.timings.validate().map_err(anyhow::Error::msg)?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("dropline-{}", config.node))
+            .request_timeout(Some(Duration::from_millis(COMMAND_TIMEOUT_MS)))
+            .retry_on_initial_connect()
+            .connect(config.nats_url.as_str())
+            .await?;
+        let js = jetstream::new(client.clone());
+        ensure_storage(&js, config.replicas, config.timings.ttl).await?;
+        let cluster = js.get_key_value(placement::CLUSTER_BUCKET).await?;
+        let recorded = shared_value(&cluster, "partitions", || config.partitions.to_string().into_bytes()).await?;
+        if recorded != config.partitions.to_string().into_bytes() {
+            anyhow::bail!(
+                "this cluster runs {} partitions; the node was started with {}",
+                String::from_utf8_lossy(&recorded),
+                config.partitions
+            );
+        }
+        let journal = JetStreamJournal::open(&js, &config.data_dir.join("snapshots"), config.partitions).await?;
+        let (stop, _) = watch::channel(false);
+        let node = Arc::new_cyclic(|this: &Weak<ClusterNode>| {
+            let bus: Weak<dyn CommandBus> = this.clone();
+            let local = Arc::new(LocalActors::with_bus(
+                journal.clone(),
+                clock,
+                projections.clone(),
+                audit,
+                bus,
+                Vec::new(),
+            ));
+            ClusterNode {
+                node: config.node.clone(),
+                partitions: config.partitions,
+                client: client.clone(),
+                js: js.clone(),
+                local,
+                journal,
+                owned: RwLock::new(HashMap::new()),
+                remote_commands: Arc::new(Semaphore::new(REMOTE_COMMANDS_MAX)),
+                stop,
+                left: Mutex::new(None),
+                this: this.clone(),
+            }
+        });
+        LocalActors::start_sweeper(&node.local);
+        node.share_projections(&projections).await?;
+        let host: Weak<dyn PartitionHost> = node.this.clone();
+        let leases = Leases::new(
+            config.node.clone(),
+            config.partitions,
+            config.timings,
+            js.get_key_value(placement::LEASES_BUCKET).await?,
+            js.get_key_value(placement::NODES_BUCKET).await?,
+            host,
+        );
+        let running = tokio::spawn(leases.run(node.stop.subscribe()));
+        *node.left.lock().expect("left lock") = Some(running);
+        info!(node = %config.node, partitions = config.partitions, "joined the cluster");
+        Ok(node)
+    }
+
+    pub fn local(&self) -> &Arc<LocalActors> {
+        &self.local
+    }
+
+    pub fn journal(&self) -> &Arc<JetStreamJournal> {
+        &self.journal
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Partitions this node owns now.
+    pub fn owned(&self) -> BTreeSet<u32> {
+        self.owned.read().expect("owned lock").keys().copied().collect()
+    }
+
+    fn owns(&self, partition: u32) -> bool {
+        self.owned.read().expect("owned lock").contains_key(&partition)
+    }
+
+    /// Waits until the node owns at least one partition or `within` passes.
+    pub async fn wait_for_partitions(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if !self.owned.read().expect("owned lock").is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Leaves the cluster: releases every partition (stopping their actors) so the others
+    /// take them at once instead of after the lease TTL.
+    pub async fn leave(&self) {
+        self.stop.send_replace(true);
+        let running = self.left.lock().expect("left lock").take();
+        if let Some(running) = running {
+            let _ = running.await;
+        }
+        let _ = self.client.flush().await;
+    }
+
+    /// Sends this node's projection updates to the others and applies theirs here.
+    async fn share_projections(&self, projections: &Arc<Projections>) -> anyhow::Result<()> {
+        let mut incoming = self.client.subscribe(placement::PROJECTIONS_SUBJECT).await?;
+        let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(PROJECTION_QUEUE_MAX);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                if let Err(e) = client.publish(placement::PROJECTIONS_SUBJECT, bytes).await {
+                    debug!(error = %e, "projection update not published");
+                }
+            }
+        });
+        let me = self.node.clone();
+        let weak = Arc::downgrade(projections);
+        tokio::spawn(async move {
+            while let Some(message) = incoming.next().await {
+                let Some(projections) = weak.upgrade() else { return };
+                match postcard::from_bytes::<Envelope>(&message.payload) {
+                    Ok(envelope) if envelope.origin != me => {
+                        for update in envelope.updates {
+                            projections.apply(update);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "undecodable projection update"),
+                }
+            }
+        });
+        projections.set_remote(Arc::new(NatsProjections {
+            node: self.node.clone(),
+            tx,
+        }));
+        Ok(())
+    }
+
+    /// Runs a command here if this node owns its partition, else on the owner, waiting
+    /// out a partition without owner (a takeover) until the command deadline.
+    async fn route(&self, stream: &str, request: Request) -> Result<Response, CommandError> {
+        self.route_to(partition_of(stream, self.partitions), request).await
+    }
+
+    async fn route_to(&self, partition: u32, request: Request) -> Result<Response, CommandError> {
+        let deadline = Instant::now() + Duration::from_millis(COMMAND_TIMEOUT_MS);
+        let mut backoff = ROUTE_BACKOFF_MIN;
+        let payload: bytes::Bytes = postcard::to_stdvec(&request)
+            .map_err(|e| CommandError::Unavailable(format!("command not encodable: {e}")))?
+            .into();
+        loop {
+            if self.owns(partition) {
+                return self.serve(request).await;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(CommandError::Unavailable(format!(
+                    "partition {partition} has had no owner for {COMMAND_TIMEOUT_MS} ms"
+                )));
+            }
+            let asked = self
+                .client
+                .request(placement::command_subject(partition), payload.clone());
+            let retry = match tokio::time::timeout(remaining, asked).await {
+                Err(_) => return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
+                Ok(Err(e)) => match e.kind() {
+                    async_nats::client::RequestErrorKind::NoResponders => true,
+                    async_nats::client::RequestErrorKind::TimedOut => {
+                        return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS))
+                    }
+                    _ => return Err(CommandError::Unavailable(format!("NATS request failed: {e}"))),
+                },
+                Ok(Ok(message)) => match postcard::from_bytes::<Result<Response, CommandError>>(&message.payload) {
+                    Ok(Ok(Response::NotOwner)) => true,
+                    Ok(result) => return result,
+                    Err(e) => return Err(CommandError::Unavailable(format!("undecodable reply: {e}"))),
+                },
+            };
+            debug_assert!(retry);
+            tokio::time::sleep(backoff.min(remaining)).await;
+            backoff = (backoff * 2).min(ROUTE_BACKOFF_MAX);
+        }
+    }
+
+    /// Runs a command on this node's actors.
+    async fn serve(&self, request: Request) -> Result<Response, CommandError> {
+        let local = &self.local;
+        Ok(match request {
+            Request::Sku {
+                drop_id,
+                sku_id,
+                command,
+            } => Response::Sku(local.sku_command(drop_id, sku_id, command).await?),
+            Request::Drop { drop_id, command } => Response::Drop(local.drop_command(drop_id, command).await?),
+            Request::Hub { hub_id, command } => Response::Hub(local.hub_command(hub_id, command).await?),
+            Request::Registry(command) => Response::Registry(local.registry_command(command).await?),
+            Request::Creator { creator_id, command } => {
+                Response::Creator(local.creator_command(creator_id, command).await?)
+            }
+            Request::Wake(stream) => {
+                local.wake(stream).await?;
+                Response::Done
+            }
+            Request::SaleStatus { drop_id, status } => {
+                local.sale_status_changed(drop_id, status).await?;
+                Response::Done
+            }
+            Request::HubSetup(setup) => {
+                local.hub_setup_changed(setup).await?;
+                Response::Done
+            }
+        })
+    }
+
+    /// Answers the commands of `partition` sent by other nodes.
+    async fn answer(self: Arc<Self>, partition: u32) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let mut commands = self
+            .client
+            .queue_subscribe(placement::command_subject(partition), placement::COMMAND_QUEUE.into())
+            .await?;
+        let weak = self.this.clone();
+        Ok(tokio::spawn(async move {
+            while let Some(message) = commands.next().await {
+                let Some(node) = weak.upgrade() else { return };
+                let Some(reply) = message.reply.clone() else { continue };
+                let client = node.client.clone();
+                let Ok(permit) = node.remote_commands.clone().try_acquire_owned() else {
+                    let busy: Result<Response, CommandError> =
+                        Err(CommandError::Overloaded("the owning node has too many commands in flight".into()));
+                    if let Ok(bytes) = postcard::to_stdvec(&busy) {
+                        let _ = client.publish(reply, bytes.into()).await;
+                    }
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let result = match postcard::from_bytes::<Request>(&message.payload) {
+                        Ok(_) if !node.owns(partition) => Ok(Response::NotOwner),
+                        Ok(request) => node.serve(request).await,
+                        Err(e) => Err(CommandError::Unavailable(format!("undecodable command: {e}"))),
+                    };
+                    match postcard::to_stdvec(&result) {
+                        Ok(bytes) => {
+                            if let Err(e) = client.publish(reply, bytes.into()).await {
+                                debug!(error = %e, "reply not sent");
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "reply not encodable"),
+                    }
+                });
+            }
+        }))
+    }
+}
+
+impl PartitionHost for ClusterNode {
+    fn acquired(&self, partition: u32) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(this) = self.this.upgrade() else { return };
+            // Owned first, so this node's own commands for it run here at once.
+            self.owned
+                .write()
+                .expect("owned lock")
+                .insert(partition, tokio::spawn(async {}));
+            match this.answer(partition).await {
+                Ok(task) => {
+                    if let Some(old) = self.owned.write().expect("owned lock").insert(partition, task) {
+                        old.abort();
+                    }
+                }
+                Err(e) => warn!(partition, error = %e, "not answering the partition's commands from other nodes"),
+            }
+            match self.journal.wakeups_of(partition).await {
+                Ok(deadlines) => {
+                    let count = deadlines.len();
+                    for (stream, at) in deadlines {
+                        let mut tries = 0;
+                        while !self.local.env().wakeups.register(stream.clone(), UnixMillis(at)) && tries < 100 {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                    debug!(partition, count, "deadlines of the partition scheduled");
+                }
+                Err(e) => warn!(partition, error = %e, "deadlines of the partition not read"),
+            }
+        })
+    }
+
+    fn released(&self, partition: u32) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(task) = self.owned.write().expect("owned lock").remove(&partition) {
+                task.abort();
+            }
+            let partitions = self.partitions;
+            let stopped = self
+                .local
+                .stop_streams(|stream| partition_of(stream, partitions) == partition);
+            self.journal.forget_partition(partition);
+            info!(partition, stopped, "partition no longer served here");
+        })
+    }
+}
+
+/// A value every node must agree on: created by the first node, read by the others.
+pub async fn shared_value(store: &kv::Store, key: &str, make: impl FnOnce() -> Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    if let Some(value) = store.get(key).await? {
+        return Ok(value.to_vec());
+    }
+    match store.create(key, make().into()).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e.into()),
+    }
+    store
+        .get(key)
+        .await?
+        .map(|v| v.to_vec())
+        .ok_or_else(|| anyhow::anyhow!("cluster setting {key} vanished"))
+}
+
+impl CommandBus for ClusterNode {
+    fn sku_command(
+        &self,
+        drop_id: DropId,
+        sku_id: SkuId,
+        command: SkuCommand,
+    ) -> BoxFuture<'_, Result<SkuReply, CommandError>> {
+        Box::pin(async move {
+            let stream = SkuState::stream(&(drop_id.clone(), sku_id.clone()));
+            match self
+                .route(
+                    &stream,
+                    Request::Sku {
+                        drop_id,
+                        sku_id,
+                        command,
+                    },
+                )
+                .await?
+            {
+                Response::Sku(reply) => Ok(reply),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+
+    fn drop_command(&self, drop_id: DropId, command: DropCommand) -> BoxFuture<'_, Result<DropView, CommandError>> {
+        Box::pin(async move {
+            match self
+                .route(&DropState::stream(&drop_id), Request::Drop { drop_id, command })
+                .await?
+            {
+                Response::Drop(view) => Ok(view),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+
+    fn wake(&self, stream: String) -> BoxFuture<'_, Result<(), CommandError>> {
+        Box::pin(async move {
+            let partition = partition_of(&stream, self.partitions);
+            self.route_to(partition, Request::Wake(stream)).await.map(|_| ())
+        })
+    }
+
+    fn sale_status_changed(&self, drop_id: DropId, status: SaleStatus) -> BoxFuture<'_, Result<(), CommandError>> {
+        Box::pin(async move {
+            // Every partition holding SKUs of the drop is told once; its node tells the SKU
+            // actors of the drop it runs (a node owning several of them hears it more than
+            // once, which changes nothing).
+            let view = self.drop_command(drop_id.clone(), DropCommand::Get).await?;
+            let partitions: BTreeSet<u32> = view
+                .spec
+                .skus
+                .iter()
+                .map(|sku| partition_of(&SkuState::stream(&(drop_id.clone(), sku.sku_id.clone())), self.partitions))
+                .collect();
+            let mut local_done = false;
+            let mut asks = Vec::new();
+            for partition in partitions {
+                if self.owns(partition) {
+                    if !local_done {
+                        local_done = true;
+                        self.local.sale_status_changed(drop_id.clone(), status).await?;
+                    }
+                } else {
+                    asks.push(self.route_to(
+                        partition,
+                        Request::SaleStatus {
+                            drop_id: drop_id.clone(),
+                            status,
+                        },
+                    ));
+                }
+            }
+            for result in futures::future::join_all(asks).await {
+                result?;
+            }
+            Ok(())
+        })
+    }
+
+    fn hub_command(&self, hub_id: HubId, command: HubCommand) -> BoxFuture<'_, Result<HubReply, CommandError>> {
+        Box::pin(async move {
+            match self
+                .route(&HubState::stream(&hub_id), Request::Hub { hub_id, command })
+                .await?
+            {
+                Response::Hub(reply) => Ok(reply),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+
+    fn registry_command(&self, command: RegistryCommand) -> BoxFuture<'_, Result<RegistryReply, CommandError>> {
+        Box::pin(async move {
+            match self
+                .route(&RegistryState::stream(&()), Request::Registry(command))
+                .await?
+            {
+                Response::Registry(reply) => Ok(reply),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+
+    fn hub_setup_changed(&self, setup: HubSetup) -> BoxFuture<'_, Result<(), CommandError>> {
+        Box::pin(async move {
+            let stream = HubState::stream(&setup.spec.hub_id);
+            self.route(&stream, Request::HubSetup(setup)).await.map(|_| ())
+        })
+    }
+
+    fn creator_command(
+        &self,
+        creator_id: CreatorId,
+        command: LedgerCommand,
+    ) -> BoxFuture<'_, Result<LedgerReply, CommandError>> {
+        Box::pin(async move {
+            match self
+                .route(
+                    &LedgerState::stream(&creator_id),
+                    Request::Creator { creator_id, command },
+                )
+                .await?
+            {
+                Response::Creator(reply) => Ok(reply),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+}
+
+/// Buyers' addresses in a key-value bucket, readable by the node delivering the order.
+pub struct KvAddresses {
+    store: kv::Store,
+}
+
+impl KvAddresses {
+    pub async fn open(js: &jetstream::Context) -> Result<KvAddresses, JournalError> {
+        Ok(KvAddresses {
+            store: js
+                .get_key_value(placement::ADDRESSES_BUCKET)
+                .await
+                .map_err(|e| JournalError::Io(e.to_string()))?,
+        })
+    }
+}
+
+impl AddressVault for KvAddresses {
+    fn put<'a>(&'a self, order_id: &'a str, address: &'a [u8]) -> BoxFuture<'a, Result<(), JournalError>> {
+        Box::pin(async move {
+            self.store
+                .put(placement::address_key(order_id), bytes::Bytes::copy_from_slice(address))
+                .await
+                .map(|_| ())
+                .map_err(|e| JournalError::Io(e.to_string()))
+        })
+    }
+
+    fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, JournalError>> {
+        Box::pin(async move {
+            self.store
+                .get(placement::address_key(order_id))
+                .await
+                .map(|v| v.map(|v| v.to_vec()))
+                .map_err(|e| JournalError::Io(e.to_string()))
+        })
+    }
+}
