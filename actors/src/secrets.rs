@@ -37,6 +37,11 @@ impl BuyerHasher {
         }
     }
 
+    /// A hasher with a key from elsewhere (shared by the nodes of a cluster).
+    pub fn from_key(key: [u8; 32]) -> BuyerHasher {
+        BuyerHasher { key }
+    }
+
     pub fn buyer_ref(&self, buyer_id: &str) -> BuyerRef {
         let hash = blake3::keyed_hash(&self.key, buyer_id.as_bytes());
         BuyerRef::from_hash_hex(hash.to_hex()[..32].to_string())

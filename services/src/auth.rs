@@ -87,6 +87,26 @@ impl OperatorCredential {
         Ok((OperatorCredential { hash: hash_hex }, shown))
     }
 
+    /// A credential whose hash is kept elsewhere (a cluster's shared settings).
+    pub fn from_hash(hash: String) -> anyhow::Result<OperatorCredential> {
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            anyhow::bail!("the stored operator credential is not a blake3 hash");
+        }
+        Ok(OperatorCredential { hash })
+    }
+
+    /// A new operator token (256 random bits) to show once.
+    pub fn new_token() -> String {
+        format!("dlo_{}", hex(&rand::random::<[u8; 32]>()))
+    }
+
+    pub fn check_token(token: &str) -> anyhow::Result<()> {
+        if token.len() < OPERATOR_TOKEN_LEN_MIN {
+            anyhow::bail!("the operator token must be at least {OPERATOR_TOKEN_LEN_MIN} characters");
+        }
+        Ok(())
+    }
+
     fn matches(&self, token_hash: &str) -> bool {
         // Both sides are hashes of the token, so comparing them leaks nothing useful.
         self.hash == token_hash

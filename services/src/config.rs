@@ -4,7 +4,20 @@
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use std::net::SocketAddr;
+use actors::cluster::placement::PARTITIONS_DEFAULT;
+use actors::cluster::{ClusterConfig, LeaseTimings};
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Most partitions a cluster may have (each is a lease and a command subscription).
+const PARTITIONS_MAX: u32 = 1_024;
+
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .map_err(|_| anyhow::anyhow!("no --node given and the host name is unknown"))?;
+    Ok(name.trim().replace('.', "-"))
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -91,6 +104,36 @@ pub struct ServeArgs {
     /// it the stored one stays in force, or a new one is made and shown once.
     #[arg(long, env = "DROPLINE_OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Cluster mode: set `--nats` to run as one node of a cluster.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ClusterArgs {
+    /// NATS server URL(s), comma-separated: run as one node of a cluster (journals in
+    /// JetStream, actors spread over the nodes). Without it, the embedded platform runs.
+    #[arg(long, env = "DROPLINE_NATS")]
+    pub nats: Option<String>,
+    /// This node's name, unique in the cluster [default: the host name].
+    #[arg(long, env = "DROPLINE_NODE")]
+    pub node: Option<String>,
+    /// Partitions of the actor keys; the same on every node for the life of the cluster
+    /// [default: 32].
+    #[arg(long, env = "DROPLINE_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// Replicas of the journal stream and buckets: 3 on a 3-server JetStream cluster
+    /// [default: 1].
+    #[arg(long, env = "DROPLINE_REPLICAS")]
+    pub replicas: Option<usize>,
+    /// A node's partition leases lapse this long after its last renewal (takeover time
+    /// after a node dies is about this plus one renewal) [default: 5000].
+    #[arg(long, env = "DROPLINE_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
+    /// How often a node renews its leases and rebalances; at most a third of the TTL
+    /// [default: 1000].
+    #[arg(long, env = "DROPLINE_LEASE_RENEW_MS")]
+    pub lease_renew_ms: Option<u64>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -118,6 +161,12 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     log: Option<String>,
+    nats: Option<String>,
+    node: Option<String>,
+    partitions: Option<u32>,
+    replicas: Option<usize>,
+    lease_ttl_ms: Option<u64>,
+    lease_renew_ms: Option<u64>,
 }
 
 /// The settings `dropline serve` runs with.
@@ -127,6 +176,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub log: String,
     pub operator_token: Option<String>,
+    /// Set when this process is one node of a cluster.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl ServeArgs {
@@ -149,8 +200,51 @@ impl ServeArgs {
                 .clone()
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./data")),
-            log: self.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
+            log: self.log.clone().or(file.log.clone()).unwrap_or_else(|| "info".into()),
             operator_token: self.operator_token.clone(),
+            cluster: None,
+        })
+        .and_then(|mut config| {
+            let c = &self.cluster;
+            let Some(nats) = c.nats.clone().or(file.nats) else {
+                return Ok(config);
+            };
+            let node = match c.node.clone().or(file.node) {
+                Some(node) => node,
+                None => hostname()?,
+            };
+            if node.is_empty() || !node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                anyhow::bail!("the node name {node:?} must be letters, digits, '-' or '_'");
+            }
+            let partitions = c.partitions.or(file.partitions).unwrap_or(PARTITIONS_DEFAULT);
+            if !(1..=PARTITIONS_MAX).contains(&partitions) {
+                anyhow::bail!("--partitions must be between 1 and {PARTITIONS_MAX}");
+            }
+            let replicas = c.replicas.or(file.replicas).unwrap_or(1);
+            if !(1..=5).contains(&replicas) {
+                anyhow::bail!("--replicas must be between 1 and 5");
+            }
+            let defaults = LeaseTimings::default();
+            let timings = LeaseTimings {
+                ttl: c
+                    .lease_ttl_ms
+                    .or(file.lease_ttl_ms)
+                    .map_or(defaults.ttl, Duration::from_millis),
+                renew: c
+                    .lease_renew_ms
+                    .or(file.lease_renew_ms)
+                    .map_or(defaults.renew, Duration::from_millis),
+            };
+            timings.validate().map_err(anyhow::Error::msg)?;
+            config.cluster = Some(ClusterConfig {
+                nats_url: nats,
+                node,
+                partitions,
+                replicas,
+                timings,
+                data_dir: config.data_dir.clone(),
+            });
+            Ok(config)
         })
     }
 }
@@ -170,6 +264,7 @@ mod tests {
             config: Some(path),
             log: None,
             operator_token: None,
+            cluster: ClusterArgs::default(),
         };
         let config = args.resolve().unwrap();
         assert_eq!(config.listen, "127.0.0.1:7000".parse().unwrap());
@@ -183,6 +278,7 @@ mod tests {
             config: Some(bad),
             log: None,
             operator_token: None,
+            cluster: ClusterArgs::default(),
         }
         .resolve()
         .is_err());

@@ -26,7 +26,10 @@ use tracing::info;
 
 /// Runs `dropline serve` until SIGTERM or Ctrl-C.
 pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
-    let platform = platform::Platform::open_embedded(&config.data_dir, config.operator_token.as_deref()).await?;
+    let platform = match &config.cluster {
+        Some(cluster) => platform::Platform::open_cluster(cluster, config.operator_token.as_deref()).await?,
+        None => platform::Platform::open_embedded(&config.data_dir, config.operator_token.as_deref()).await?,
+    };
     if let Some(token) = &platform.new_operator_token {
         // Shown once: only its hash is kept.
         eprintln!(
@@ -37,7 +40,10 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
-    info!(data_dir = %config.data_dir.display(), "embedded platform ready");
+    match &config.cluster {
+        Some(cluster) => info!(node = %cluster.node, nats = %cluster.nats_url, data_dir = %config.data_dir.display(), "cluster node ready"),
+        None => info!(data_dir = %config.data_dir.display(), "embedded platform ready"),
+    }
     server::serve(platform, listener, server::shutdown_signal()).await
 }
 

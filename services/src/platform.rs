@@ -8,12 +8,15 @@ use actors::audit_log::AuditLog;
 use actors::journal::AddressVault;
 use actors::projections::CachedDrop;
 use actors::secrets::BuyerHasher;
+use actors::cluster::node::KvAddresses;
+use actors::cluster::{ClusterConfig, ClusterNode};
+use actors::journal::Journal;
 use actors::sled_journal::SledJournal;
 use actors::CommandError;
 use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
 use domain::drop::DropCommand;
 use domain::hub::{Dispatch, HubCommand, HubReply};
-use domain::registry::RegistryCommand;
+use domain::registry::{RegistryCommand, RegistryReply};
 use domain::sku::SkuCommand;
 use domain::DropId;
 use domain::HubId;
@@ -22,6 +25,11 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::Status;
+
+/// How long a joining node waits for the registry's partition to be served.
+const DIRECTORY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The shared setting holding the operator credential's hash.
+const OPERATOR_HASH_KEY: &str = "operator-token-hash";
 
 /// SKU actors started at once to fill a drop's figures into the cache.
 const FIGURES_LOAD_FAN_OUT: usize = 64;
@@ -33,8 +41,9 @@ pub struct Platform {
     pub clock: Arc<dyn Clock>,
     pub buyers: Arc<BuyerHasher>,
     pub addresses: Arc<dyn AddressVault>,
-    pub journal: Arc<SledJournal>,
-    pub actors: Arc<LocalActors>,
+    pub journal: Arc<dyn Journal>,
+    /// This node, when the platform runs as one node of a cluster.
+    pub cluster: Option<Arc<ClusterNode>>,
     pub audit: Arc<dyn AuditLog>,
     pub operator: OperatorCredential,
     /// A new operator credential made at this start (no token given, none stored): shown
@@ -55,7 +64,8 @@ impl Platform {
         let (operator, new_operator_token) = OperatorCredential::load(&data_dir.join("secrets"), operator_token)?;
         let projections = Arc::new(Projections::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let actors = LocalActors::new(journal.clone(), clock.clone(), projections.clone(), journal.clone())?;
+        let actors: Arc<dyn CommandBus> =
+            LocalActors::new(journal.clone(), clock.clone(), projections.clone(), journal.clone())?;
         // The registry fills the partner directory (credential lookups) when it starts.
         actors
             .registry_command(RegistryCommand::Load)
@@ -72,7 +82,93 @@ impl Platform {
             buyers,
             addresses: journal.clone(),
             journal,
-            actors,
+            cluster: None,
+            shutdown,
+            shutdown_tx: Arc::new(shutdown_tx),
+        })
+    }
+
+    /// One node of a cluster: journals in JetStream, actors spread over the nodes by
+    /// partition leases, commands routed over NATS. Local state (snapshots, this node's
+    /// audit trail) lives under the config's `data_dir`; secrets are shared by the nodes
+    /// through the cluster's key-value bucket (`operator_token`: as for the embedded
+    /// platform, but for every node at once).
+    pub async fn open_cluster(config: &ClusterConfig, operator_token: Option<&str>) -> anyhow::Result<Platform> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let local = SledJournal::open(&config.data_dir.join("local"))?;
+        let projections = Arc::new(Projections::default());
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let node = ClusterNode::join(config, clock.clone(), projections.clone(), local.clone()).await?;
+        let key = node.shared("buyer-hash-key", || rand::random::<[u8; 32]>().to_vec()).await?;
+        let buyers = Arc::new(BuyerHasher::from_key(
+            key.try_into()
+                .map_err(|_| anyhow::anyhow!("the cluster's buyer-hash key is not 32 bytes"))?,
+        ));
+        let (operator, new_operator_token) = match operator_token {
+            Some(token) => {
+                OperatorCredential::check_token(token)?;
+                let hash = crate::auth::hash(token);
+                node.put_shared(OPERATOR_HASH_KEY, hash.clone().into_bytes()).await?;
+                (OperatorCredential::from_hash(hash)?, None)
+            }
+            None => {
+                let mut made = None;
+                let stored = node
+                    .shared(OPERATOR_HASH_KEY, || {
+                        let token = OperatorCredential::new_token();
+                        let hash = crate::auth::hash(&token);
+                        made = Some((token, hash.clone()));
+                        hash.into_bytes()
+                    })
+                    .await?;
+                let stored = String::from_utf8(stored)?;
+                // Shown only by the node whose token was kept (the first to ask).
+                let shown = made.and_then(|(token, hash)| (hash == stored).then_some(token));
+                (OperatorCredential::from_hash(stored)?, shown)
+            }
+        };
+        let addresses = Arc::new(KvAddresses::open(node.jetstream()).await?);
+        let bus: Arc<dyn CommandBus> = node.clone();
+        // The directory (credential lookups) from the registry, wherever it runs; updates
+        // after this come with the projection updates, which this node already receives.
+        let until = std::time::Instant::now() + DIRECTORY_WAIT;
+        loop {
+            match bus.registry_command(RegistryCommand::Directory).await {
+                Ok(RegistryReply::Directory {
+                    hubs,
+                    partners,
+                    creators,
+                }) => {
+                    for hub in hubs {
+                        projections.directory.put_hub(hub);
+                    }
+                    for partner in partners {
+                        projections.directory.put_partner(partner);
+                    }
+                    for creator in creators {
+                        projections.directory.put_creator(creator);
+                    }
+                    break;
+                }
+                Ok(other) => anyhow::bail!("the registry answered {other:?} to a directory request"),
+                Err(e) if std::time::Instant::now() < until => {
+                    tracing::info!(error = %e, "waiting for the registry's partition to be served");
+                }
+                Err(e) => anyhow::bail!("loading the partner directory: {e}"),
+            }
+        }
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        Ok(Platform {
+            audit: local.clone(),
+            operator,
+            new_operator_token,
+            bus,
+            projections,
+            clock,
+            buyers,
+            addresses,
+            journal: node.journal().clone(),
+            cluster: Some(node),
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),
         })
@@ -117,10 +213,18 @@ impl Platform {
         let cached = match self.projections.availability.get(drop_id) {
             Some(cached) => cached,
             None => {
-                self.bus
+                // The actor publishes the drop as it starts; in a cluster it may run on
+                // another node and be running already, so the reply fills the cache too.
+                let view = self
+                    .bus
                     .drop_command(drop_id.clone(), DropCommand::Get)
                     .await
                     .map_err(from_command_error)?;
+                if self.projections.availability.get(drop_id).is_none() {
+                    self.projections
+                        .availability
+                        .put_drop(view.spec.clone(), view.recorded_status, false);
+                }
                 self.projections
                     .availability
                     .get(drop_id)
@@ -130,16 +234,22 @@ impl Platform {
         if cached.missing.is_empty() {
             return Ok(cached);
         }
-        // SKUs not seen since this process started (after a restart, or before first use):
-        // start their actors, which publish their figures from the journal, and read again.
+        // SKUs not seen since this process started (after a restart, before first use, or
+        // whose actors run on another node): ask their actors, and read again.
         let loads: Vec<_> = cached
             .missing
             .into_iter()
             .map(|sku_id| self.bus.sku_command(drop_id.clone(), sku_id, SkuCommand::GetFigures))
             .collect();
+        let availability = &self.projections.availability;
         futures::stream::iter(loads)
             .buffer_unordered(FIGURES_LOAD_FAN_OUT)
-            .try_for_each(|_| async { Ok(()) })
+            .try_for_each(|reply| async move {
+                if let domain::sku::SkuReply::Figures(figures) = reply {
+                    availability.put_sku(figures);
+                }
+                Ok(())
+            })
             .await
             .map_err(from_command_error)?;
         self.projections

@@ -41,7 +41,7 @@ const ROUTE_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ROUTE_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// How a node joins its cluster.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
@@ -265,6 +265,20 @@ impl ClusterNode {
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    /// A setting or secret all nodes share (the buyer-hash key, the operator credential's
+    /// hash): the first node to ask makes it.
+    pub async fn shared(&self, key: &str, make: impl FnOnce() -> Vec<u8>) -> anyhow::Result<Vec<u8>> {
+        let store = self.js.get_key_value(placement::CLUSTER_BUCKET).await?;
+        shared_value(&store, key, make).await
+    }
+
+    /// Replaces a shared setting.
+    pub async fn put_shared(&self, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
+        let store = self.js.get_key_value(placement::CLUSTER_BUCKET).await?;
+        store.put(key, value.into()).await?;
+        Ok(())
     }
 
     /// Partitions this node owns now.
