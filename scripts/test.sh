@@ -9,8 +9,9 @@ if ! cargo fmt --version >/dev/null 2>&1; then
   rustup component add rustfmt
 fi
 
-# Nothing else to install yet: protoc is vendored (protoc-bin-vendored) and storage is
-# embedded (sled). Cluster tests will install their pinned NATS server here.
+# protoc is vendored (protoc-bin-vendored) and the embedded platform's storage is sled; the
+# cluster tests run real NATS servers: the pinned nats-server 2.15.1, installed into .tools/.
+scripts/install-nats.sh
 
 cargo fmt --all --check
 cargo build --workspace --all-targets --locked

@@ -294,7 +294,12 @@ impl<H: Hosted> Actor for Entity<H> {
         if let Some((_, handle)) = self.timer.take() {
             handle.abort();
         }
-        if !matches!(reason, kameo::error::ActorStopReason::Normal) {
+        // Killed: a failed append (logged by the journal) or a partition handed to another
+        // node; neither is news here.
+        if !matches!(
+            reason,
+            kameo::error::ActorStopReason::Normal | kameo::error::ActorStopReason::Killed
+        ) {
             warn!(stream = %self.stream, ?reason, "actor stopped abnormally");
         }
         Ok(())

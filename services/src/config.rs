@@ -1,11 +1,11 @@
 //! Configuration of `dropline`: flags, then environment variables, then an optional TOML
 //! file, then built-in defaults, in that order of precedence.
 
+use actors::cluster::placement::PARTITIONS_DEFAULT;
+use actors::cluster::{ClusterConfig, LeaseTimings};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use std::net::SocketAddr;
-use actors::cluster::placement::PARTITIONS_DEFAULT;
-use actors::cluster::{ClusterConfig, LeaseTimings};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -213,7 +213,11 @@ impl ServeArgs {
                 Some(node) => node,
                 None => hostname()?,
             };
-            if node.is_empty() || !node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            if node.is_empty()
+                || !node
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
                 anyhow::bail!("the node name {node:?} must be letters, digits, '-' or '_'");
             }
             let partitions = c.partitions.or(file.partitions).unwrap_or(PARTITIONS_DEFAULT);

@@ -41,7 +41,9 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
     match &config.cluster {
-        Some(cluster) => info!(node = %cluster.node, nats = %cluster.nats_url, data_dir = %config.data_dir.display(), "cluster node ready"),
+        Some(cluster) => {
+            info!(node = %cluster.node, nats = %cluster.nats_url, data_dir = %config.data_dir.display(), "cluster node ready")
+        }
         None => info!(data_dir = %config.data_dir.display(), "embedded platform ready"),
     }
     server::serve(platform, listener, server::shutdown_signal()).await

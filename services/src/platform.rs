@@ -5,12 +5,12 @@
 use crate::auth::OperatorCredential;
 use crate::status::from_command_error;
 use actors::audit_log::AuditLog;
-use actors::journal::AddressVault;
-use actors::projections::CachedDrop;
-use actors::secrets::BuyerHasher;
 use actors::cluster::node::KvAddresses;
 use actors::cluster::{ClusterConfig, ClusterNode};
+use actors::journal::AddressVault;
 use actors::journal::Journal;
+use actors::projections::CachedDrop;
+use actors::secrets::BuyerHasher;
 use actors::sled_journal::SledJournal;
 use actors::CommandError;
 use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
@@ -99,11 +99,13 @@ impl Platform {
         let projections = Arc::new(Projections::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let node = ClusterNode::join(config, clock.clone(), projections.clone(), local.clone()).await?;
-        let key = node.shared("buyer-hash-key", || rand::random::<[u8; 32]>().to_vec()).await?;
-        let buyers = Arc::new(BuyerHasher::from_key(
-            key.try_into()
-                .map_err(|_| anyhow::anyhow!("the cluster's buyer-hash key is not 32 bytes"))?,
-        ));
+        let key = node
+            .shared("buyer-hash-key", || rand::random::<[u8; 32]>().to_vec())
+            .await?;
+        let buyers =
+            Arc::new(BuyerHasher::from_key(key.try_into().map_err(|_| {
+                anyhow::anyhow!("the cluster's buyer-hash key is not 32 bytes")
+            })?));
         let (operator, new_operator_token) = match operator_token {
             Some(token) => {
                 OperatorCredential::check_token(token)?;

@@ -192,7 +192,9 @@ impl JetStreamJournal {
             if !key.starts_with(&prefix) {
                 continue;
             }
-            let Some(stream) = placement::stream_of_wakeup_key(&key) else { continue };
+            let Some(stream) = placement::stream_of_wakeup_key(&key) else {
+                continue;
+            };
             if let Some(value) = self.wakeups.get(&key).await.map_err(io)? {
                 if let Ok(bytes) = <[u8; 8]>::try_from(value.as_ref()) {
                     out.push((stream, i64::from_be_bytes(bytes)));

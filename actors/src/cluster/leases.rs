@@ -141,7 +141,13 @@ impl Leases {
                 .await
             {
                 Ok(revision) => {
-                    self.held.insert(partition, Held { revision, renewed: sent });
+                    self.held.insert(
+                        partition,
+                        Held {
+                            revision,
+                            renewed: sent,
+                        },
+                    );
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     warn!(partition, "lease taken by another node; dropping the partition");
@@ -187,7 +193,13 @@ impl Leases {
                 }
                 let sent = Instant::now();
                 if let Ok(revision) = self.leases.create(lease_key(partition), self.node.clone().into()).await {
-                    self.held.insert(partition, Held { revision, renewed: sent });
+                    self.held.insert(
+                        partition,
+                        Held {
+                            revision,
+                            renewed: sent,
+                        },
+                    );
                     info!(partition, node = %self.node, "partition acquired");
                     host.acquired(partition).await;
                 }
@@ -198,7 +210,9 @@ impl Leases {
 
     /// Stops serving a partition, then frees its lease for another node.
     async fn release(&mut self, partition: u32) {
-        let Some(held) = self.held.remove(&partition) else { return };
+        let Some(held) = self.held.remove(&partition) else {
+            return;
+        };
         if let Some(host) = self.host.upgrade() {
             host.released(partition).await;
         }

@@ -36,6 +36,8 @@ const REMOTE_COMMANDS_MAX: usize = 8_192;
 /// Projection messages queued for publishing; beyond it updates are dropped (the caches
 /// they feed are refreshed by the next change, and readers can ask the actor).
 const PROJECTION_QUEUE_MAX: usize = 16_384;
+/// How long a starting node waits for JetStream (a new JetStream cluster elects leaders).
+const STORAGE_WAIT: Duration = Duration::from_secs(60);
 /// First and longest wait before asking a partition again while it has no owner.
 const ROUTE_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ROUTE_BACKOFF_MAX: Duration = Duration::from_millis(250);
@@ -199,12 +201,21 @@ impl ClusterNode {
             .name(format!("dropline-{}", config.node))
             .request_timeout(Some(Duration::from_millis(COMMAND_TIMEOUT_MS)))
             .retry_on_initial_connect()
-            .connect(config.nats_url.as_str())
+            .connect(
+                config
+                    .nats_url
+                    .split(',')
+                    .map(|url| url.trim().parse::<async_nats::ServerAddr>())
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
             .await?;
         let js = jetstream::new(client.clone());
-        ensure_storage(&js, config.replicas, config.timings.ttl).await?;
-        let cluster = js.get_key_value(placement::CLUSTER_BUCKET).await?;
-        let recorded = shared_value(&cluster, "partitions", || config.partitions.to_string().into_bytes()).await?;
+        let recorded = patiently("setting up JetStream", || async {
+            ensure_storage(&js, config.replicas, config.timings.ttl).await?;
+            let cluster = js.get_key_value(placement::CLUSTER_BUCKET).await?;
+            shared_value(&cluster, "partitions", || config.partitions.to_string().into_bytes()).await
+        })
+        .await?;
         if recorded != config.partitions.to_string().into_bytes() {
             anyhow::bail!(
                 "this cluster runs {} partitions; the node was started with {}",
@@ -212,7 +223,10 @@ impl ClusterNode {
                 config.partitions
             );
         }
-        let journal = JetStreamJournal::open(&js, &config.data_dir.join("snapshots"), config.partitions).await?;
+        let journal = patiently("opening the journal", || async {
+            Ok(JetStreamJournal::open(&js, &config.data_dir.join("snapshots"), config.partitions).await?)
+        })
+        .await?;
         let (stop, _) = watch::channel(false);
         let node = Arc::new_cyclic(|this: &Weak<ClusterNode>| {
             let bus: Weak<dyn CommandBus> = this.clone();
@@ -270,15 +284,24 @@ impl ClusterNode {
     /// A setting or secret all nodes share (the buyer-hash key, the operator credential's
     /// hash): the first node to ask makes it.
     pub async fn shared(&self, key: &str, make: impl FnOnce() -> Vec<u8>) -> anyhow::Result<Vec<u8>> {
-        let store = self.js.get_key_value(placement::CLUSTER_BUCKET).await?;
-        shared_value(&store, key, make).await
+        // Made up-front (it is cheap); kept only if no node made one before.
+        let made = make();
+        patiently("reading a shared setting", || async {
+            let store = self.js.get_key_value(placement::CLUSTER_BUCKET).await?;
+            let made = made.clone();
+            shared_value(&store, key, move || made).await
+        })
+        .await
     }
 
     /// Replaces a shared setting.
     pub async fn put_shared(&self, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
-        let store = self.js.get_key_value(placement::CLUSTER_BUCKET).await?;
-        store.put(key, value.into()).await?;
-        Ok(())
+        patiently("writing a shared setting", || async {
+            let store = self.js.get_key_value(placement::CLUSTER_BUCKET).await?;
+            store.put(key, value.clone().into()).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Partitions this node owns now.
@@ -437,8 +460,9 @@ impl ClusterNode {
                 let Some(reply) = message.reply.clone() else { continue };
                 let client = node.client.clone();
                 let Ok(permit) = node.remote_commands.clone().try_acquire_owned() else {
-                    let busy: Result<Response, CommandError> =
-                        Err(CommandError::Overloaded("the owning node has too many commands in flight".into()));
+                    let busy: Result<Response, CommandError> = Err(CommandError::Overloaded(
+                        "the owning node has too many commands in flight".into(),
+                    ));
                     if let Ok(bytes) = postcard::to_stdvec(&busy) {
                         let _ = client.publish(reply, bytes.into()).await;
                     }
@@ -514,6 +538,27 @@ impl PartitionHost for ClusterNode {
     }
 }
 
+/// Runs `step` until it succeeds or `STORAGE_WAIT` passes: a JetStream cluster that just
+/// started (or lost a server) elects its stream leaders first and answers "no responders"
+/// meanwhile.
+async fn patiently<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let until = Instant::now() + STORAGE_WAIT;
+    loop {
+        match step().await {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() < until => {
+                debug!(error = %e, "{what}: JetStream not ready yet");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => anyhow::bail!("{what}: JetStream not ready after {STORAGE_WAIT:?}: {e}"),
+        }
+    }
+}
+
 /// A value every node must agree on: created by the first node, read by the others.
 pub async fn shared_value(store: &kv::Store, key: &str, make: impl FnOnce() -> Vec<u8>) -> anyhow::Result<Vec<u8>> {
     if let Some(value) = store.get(key).await? {
@@ -586,7 +631,12 @@ impl CommandBus for ClusterNode {
                 .spec
                 .skus
                 .iter()
-                .map(|sku| partition_of(&SkuState::stream(&(drop_id.clone(), sku.sku_id.clone())), self.partitions))
+                .map(|sku| {
+                    partition_of(
+                        &SkuState::stream(&(drop_id.clone(), sku.sku_id.clone())),
+                        self.partitions,
+                    )
+                })
                 .collect();
             let mut local_done = false;
             let mut asks = Vec::new();

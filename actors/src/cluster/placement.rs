@@ -80,7 +80,10 @@ mod tests {
     #[test]
     fn partitions_are_stable_and_spread() {
         // Pinned: a change of hash would move every actor of a running cluster.
-        assert_eq!(partition_of("sku/drop-1/sku-a", 32), partition_of("sku/drop-1/sku-a", 32));
+        assert_eq!(
+            partition_of("sku/drop-1/sku-a", 32),
+            partition_of("sku/drop-1/sku-a", 32)
+        );
         let mut counts = [0u32; 8];
         for i in 0..8_000 {
             counts[partition_of(&format!("sku/d/s{i}"), 8) as usize] += 1;
@@ -92,7 +95,10 @@ mod tests {
     #[test]
     fn subjects_and_keys_map_back_to_streams() {
         for stream in ["sku/d-1/s_2", "hub/h1", "registry", "creator/ana"] {
-            assert_eq!(stream_of_journal_subject(&journal_subject(stream)).as_deref(), Some(stream));
+            assert_eq!(
+                stream_of_journal_subject(&journal_subject(stream)).as_deref(),
+                Some(stream)
+            );
             assert_eq!(stream_of_wakeup_key(&wakeup_key(3, stream)).as_deref(), Some(stream));
         }
         assert_eq!(journal_subject("sku/d/s"), "dl.j.sku.d.s");

@@ -1,0 +1,170 @@
+//! Local NATS servers for tests and `dropline demo --cluster`: one JetStream server, or a
+//! cluster of them, on free loopback ports with their own store directories, configured as
+//! Dropline needs (`sync_interval: always`: fsync before every acknowledgement), stopped
+//! when dropped.
+//!
+//! The server binary is the pinned NATS 2.15.1 that `scripts/install-nats.sh` puts in
+//! `.tools/nats/bin` (Debian's 2.9 cannot serve async-nats 0.51's key-value API), or the
+//! one named by `DROPLINE_NATS_SERVER`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The NATS server binary to run.
+pub fn server_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("DROPLINE_NATS_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let mut candidates = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/nats/bin/nats-server")];
+    if let Ok(exe) = std::env::current_exe() {
+        // target/<profile>/dropline → <workspace>/.tools
+        for dir in exe.ancestors().skip(1).take(4) {
+            candidates.push(dir.join(".tools/nats/bin/nats-server"));
+        }
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no NATS server found: run scripts/install-nats.sh (pinned nats-server 2.15.1 into .tools/) \
+             or set DROPLINE_NATS_SERVER"
+        )
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Server {
+    name: String,
+    port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+/// NATS servers on loopback; killed when dropped.
+pub struct LocalNats {
+    servers: Vec<Server>,
+    binary: PathBuf,
+    dir: PathBuf,
+}
+
+impl LocalNats {
+    /// Starts `count` JetStream servers under `dir` (a cluster when more than one) and
+    /// waits until each accepts connections.
+    pub fn start(count: usize, dir: &Path) -> anyhow::Result<LocalNats> {
+        let binary = server_binary()?;
+        let ports: Vec<(u16, u16)> = (0..count)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let mut servers = Vec::new();
+        for (i, (port, route_port)) in ports.iter().enumerate() {
+            let name = format!("nats-{i}");
+            let store = dir.join(&name);
+            std::fs::create_dir_all(&store)?;
+            let mut config = format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{port}\n\
+                 jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                store.display()
+            );
+            if count > 1 {
+                let routes: Vec<String> = ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, (_, r))| format!("nats://127.0.0.1:{r}"))
+                    .collect();
+                config.push_str(&format!(
+                    "cluster {{\n  name: dropline\n  listen: 127.0.0.1:{route_port}\n  routes: [{}]\n}}\n",
+                    routes.join(", ")
+                ));
+            }
+            let path = dir.join(format!("{name}.conf"));
+            std::fs::write(&path, config)?;
+            servers.push(Server {
+                name,
+                port: *port,
+                config: path,
+                child: None,
+            });
+        }
+        let mut nats = LocalNats {
+            servers,
+            binary,
+            dir: dir.to_path_buf(),
+        };
+        for i in 0..count {
+            nats.spawn(i)?;
+        }
+        for i in 0..count {
+            nats.wait_ready(i)?;
+        }
+        Ok(nats)
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let server = &mut self.servers[i];
+        let log = std::fs::File::create(self.dir.join(format!("{}.log", server.name)))?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&server.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {}: {e}", self.binary.display()))?;
+        server.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_ready(&self, i: usize) -> anyhow::Result<()> {
+        let until = Instant::now() + Duration::from_secs(20);
+        let port = self.servers[i].port;
+        while Instant::now() < until {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!("NATS server {} did not start on port {port}", self.servers[i].name)
+    }
+
+    /// Client URLs of every server, comma-separated.
+    pub fn url(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    /// Kills server `i` (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts server `i` again on its port and store, and waits until it accepts clients.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i);
+        self.spawn(i)?;
+        self.wait_ready(i)
+    }
+}
+
+impl Drop for LocalNats {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The JetStream journal against a real NATS server (the pinned 2.15.1 from
+//! scripts/install-nats.sh): appends are fenced by the subject's last sequence, so a node
+//! that lost its partition cannot append after the new owner; recovery reads back exactly
+//! what was acknowledged; local snapshots shorten the replay.
+
+use actors::cluster::journal::JetStreamJournal;
+use actors::cluster::natsd::LocalNats;
+use actors::cluster::node::ensure_storage;
+use actors::journal::{AppendBatch, Journal, JournalError};
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn append(journal: &Arc<JetStreamJournal>, batch: AppendBatch) -> Result<(), JournalError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    journal.try_reserve()?.append(
+        batch,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx.await.expect("completion runs")
+}
+
+fn batch(stream: &str, first: u64, events: &[&str]) -> AppendBatch {
+    AppendBatch {
+        stream: stream.into(),
+        first_version: first,
+        events: events.iter().map(|e| e.as_bytes().to_vec()).collect(),
+        ..AppendBatch::default()
+    }
+}
+
+fn texts(events: &[(u64, Vec<u8>)]) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .map(|(v, e)| (*v, String::from_utf8(e.clone()).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owner_cannot_append_after_the_new_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
+    let client = async_nats::connect(nats.url().as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    ensure_storage(&js, 1, Duration::from_secs(5)).await.unwrap();
+    let old = JetStreamJournal::open(&js, &dir.path().join("old"), 8).await.unwrap();
+    let new = JetStreamJournal::open(&js, &dir.path().join("new"), 8).await.unwrap();
+    let stream = "sku/d1/s1";
+
+    // The old owner recovers the stream and appends.
+    assert!(old.load(stream).await.unwrap().events.is_empty());
+    append(&old, batch(stream, 1, &["a1", "a2"])).await.unwrap();
+
+    // Its lease lapses; the new owner recovers what was acknowledged and appends.
+    let recovered = new.load(stream).await.unwrap();
+    assert_eq!(texts(&recovered.events), vec![(1, "a1".into()), (2, "a2".into())]);
+    append(&new, batch(stream, 3, &["b3"])).await.unwrap();
+
+    // The old owner, unaware, appends on its stale view: refused, nothing written.
+    let refused = append(&old, batch(stream, 3, &["stale"])).await.unwrap_err();
+    assert!(refused.to_string().contains("fenced"), "{refused}");
+    let all = new.load_all(stream).await.unwrap();
+    assert_eq!(texts(&all), vec![(1, "a1".into()), (2, "a2".into()), (3, "b3".into())]);
+
+    // Group commit across queued batches, and a barrier with a snapshot.
+    let (a, b) = tokio::join!(
+        append(&new, batch(stream, 4, &["b4"])),
+        append(&new, batch(stream, 5, &["b5", "b6"]))
+    );
+    a.unwrap();
+    b.unwrap();
+    append(
+        &new,
+        AppendBatch {
+            stream: stream.into(),
+            first_version: 7,
+            snapshot: Some((6, b"state@6".to_vec())),
+            ..AppendBatch::default()
+        },
+    )
+    .await
+    .unwrap();
+    append(&new, batch(stream, 7, &["b7"])).await.unwrap();
+    // The new owner replays from its local snapshot: only what came after it.
+    let recovered = new.load(stream).await.unwrap();
+    assert_eq!(recovered.snapshot, Some((6, b"state@6".to_vec())));
+    assert_eq!(texts(&recovered.events), vec![(7, "b7".into())]);
+    // The old owner has no snapshot of the new events: it replays the whole subject.
+    let recovered = old.load(stream).await.unwrap();
+    assert_eq!(recovered.snapshot, None);
+    assert_eq!(recovered.events.len(), 7);
+    // Having recovered, it may append again (it would own the partition again).
+    append(&old, batch(stream, 8, &["a8"])).await.unwrap();
+
+    assert_eq!(new.streams("sku/", None, 10).await.unwrap(), vec![stream.to_string()]);
+    assert!(new.streams("hub/", None, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_are_kept_per_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
+    let client = async_nats::connect(nats.url().as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    ensure_storage(&js, 1, Duration::from_secs(5)).await.unwrap();
+    let journal = JetStreamJournal::open(&js, &dir.path().join("j"), 4).await.unwrap();
+    let streams = ["sku/d/a", "sku/d/b", "hub/h1", "creator/c1"];
+    for (i, stream) in streams.iter().enumerate() {
+        journal.load(stream).await.unwrap();
+        let mut b = batch(stream, 1, &["e"]);
+        b.wakeup = Some(Some(1_000 + i as i64));
+        append(&journal, b).await.unwrap();
+    }
+    // Clearing a deadline removes it.
+    let mut cleared = batch("sku/d/b", 2, &["e"]);
+    cleared.wakeup = Some(None);
+    append(&journal, cleared).await.unwrap();
+    let mut found = Vec::new();
+    for partition in 0..4 {
+        for (stream, at) in journal.wakeups_of(partition).await.unwrap() {
+            assert_eq!(actors::cluster::placement::partition_of(&stream, 4), partition);
+            found.push((stream, at));
+        }
+    }
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            ("creator/c1".to_string(), 1_003),
+            ("hub/h1".to_string(), 1_002),
+            ("sku/d/a".to_string(), 1_000)
+        ]
+    );
+}
