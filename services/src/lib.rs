@@ -46,7 +46,13 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         }
         None => info!(data_dir = %config.data_dir.display(), "embedded platform ready"),
     }
-    server::serve(platform, listener, server::shutdown_signal()).await
+    let cluster = platform.cluster.clone();
+    let served = server::serve(platform, listener, server::shutdown_signal()).await;
+    if let Some(node) = cluster {
+        // Hand this node's partitions over now rather than after the lease TTL.
+        node.leave().await;
+    }
+    served
 }
 
 pub fn init_tracing(filter: &str) {
