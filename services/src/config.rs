@@ -138,6 +138,10 @@ pub struct ClusterArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct DemoArgs {
+    /// Run the drop across a local cluster of this many NATS servers and Dropline nodes
+    /// (2 to 5) and kill -9 one node in the middle of it, instead of the embedded platform.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(2..=5))]
+    pub cluster: Option<u8>,
     /// Simulated buyers bursting in at open.
     #[arg(long, default_value_t = 3_000)]
     pub buyers: usize,

@@ -25,8 +25,10 @@ use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 use tonic::Code;
 
+use crate::demo_cluster::LocalCluster;
 use crate::demo_couriers::{self, CourierTally, Labels, HUBS};
 use crate::demo_settlement;
+use actors::cluster::journal::JetStreamJournal;
 use proto::registry::v1 as registry;
 use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
 use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
@@ -120,16 +122,57 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let temp = tempfile::Builder::new().prefix("dropline-demo-").tempdir()?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     let operator_token = format!("demo-operator-{:032x}", rand::random::<u128>());
-    let platform = Platform::open_embedded(&data_dir, Some(&operator_token)).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_task = tokio::spawn(server::serve(platform.clone(), listener, async {
-        let _ = stop_rx.await;
-    }));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
+    let drop_id = format!(
+        "demo-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+    // The hottest SKU's node is the one killed in a cluster run; clients talk to the others.
+    let hot_stream = format!("sku/{drop_id}/tee-black");
+    let (mut backend, addrs, victim) = match args.cluster {
+        Some(count) => {
+            println!("starting a local cluster: {count} NATS JetStream servers and {count} Dropline nodes on loopback");
+            let cluster = LocalCluster::start(usize::from(count), &data_dir, &operator_token).await?;
+            let victim = cluster
+                .owner_of(&hot_stream)
+                .await
+                .ok_or_else(|| anyhow::anyhow!("no node owns the hot SKU's partition"))?;
+            let addrs: Vec<_> = cluster
+                .addrs()
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| *i != victim)
+                .map(|(_, a)| a)
+                .collect();
+            let journal = JetStreamJournal::open(
+                cluster.jetstream(),
+                &data_dir.join("demo-reader"),
+                actors::cluster::placement::PARTITIONS_DEFAULT,
+            )
+            .await?;
+            (Backend::Cluster { cluster, journal }, addrs, Some(victim))
+        }
+        None => {
+            let platform = Platform::open_embedded(&data_dir, Some(&operator_token)).await?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(server::serve(platform.clone(), listener, async {
+                let _ = stop_rx.await;
+            }));
+            (Backend::Embedded { platform, server, stop }, vec![addr], None)
+        }
+    };
+    let mut channels = Vec::new();
+    for addr in &addrs {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?,
+        );
+    }
+    let channel = channels[0].clone();
     let bearer = crate::auth::Bearer::new(&operator_token)?;
     let mut operator = OperatorServiceClient::with_interceptor(channel.clone(), bearer.clone());
     let mut registry = PartnerRegistryServiceClient::with_interceptor(channel.clone(), bearer.clone());
@@ -140,7 +183,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut courier_tasks = Vec::new();
     for (i, (_, credential, silent_after)) in partners.iter().enumerate() {
         courier_tasks.push(tokio::spawn(demo_couriers::run_courier(
-            channel.clone(),
+            channels[i % channels.len()].clone(),
             credential.clone(),
             *silent_after,
             labels.clone(),
@@ -150,12 +193,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         )));
     }
 
-    let drop_id = format!(
-        "demo-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-    );
     let now = std::time::SystemTime::now();
     // Two creators sell at once: Ana's main drop, and Bea's smaller one.
     let mut settlement_client = SettlementServiceClient::with_interceptor(channel.clone(), bearer.clone());
@@ -239,7 +276,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let buyer = Buyer {
             index: i,
             rng: StdRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64)),
-            checkout: CheckoutServiceClient::new(channel.clone()),
+            checkout: CheckoutServiceClient::new(channels[i % channels.len()].clone()),
             // One buyer in five shops Bea's drop.
             drop_id: if i % 5 == 4 { drop_b.clone() } else { drop_id.clone() },
             tally: tally.clone(),
@@ -274,9 +311,29 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 .map(|r| r.into_inner())
         })
     };
-    for buyer in buyers {
-        buyer.await?;
-    }
+    let buyers_done = async {
+        for buyer in buyers {
+            buyer.await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    // In a cluster: once the drop is in full swing, kill -9 the node owning the hot SKU.
+    let node_loss = async {
+        let (Backend::Cluster { cluster, .. }, Some(victim)) = (&mut backend, victim) else {
+            return None;
+        };
+        let swing = Instant::now();
+        while tally.confirmed.load(Ordering::Relaxed) < (args.buyers as u64 / 20).max(20)
+            && swing.elapsed() < Duration::from_secs(20)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let at = opened.elapsed();
+        let name = cluster.name(victim).to_string();
+        Some((name, at, cluster.kill_and_wait_for_takeover(victim).await))
+    };
+    let (buyers_done, node_loss) = tokio::join!(buyers_done, node_loss);
+    buyers_done?;
     progress.finish_with_message("done");
     let restocked = restock.await?;
     let elapsed = opened.elapsed();
@@ -289,10 +346,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    let audit = actors::audit::audit_drop(platform.journal.as_ref(), &domain::DropId::parse(&drop_id)?)
+    let journal: &dyn actors::Journal = match &backend {
+        Backend::Embedded { platform, .. } => platform.journal.as_ref(),
+        Backend::Cluster { journal, .. } => journal.as_ref(),
+    };
+    let audit = actors::audit::audit_drop(journal, &domain::DropId::parse(&drop_id)?)
         .await
         .map_err(anyhow::Error::msg)?;
-    let audit_b = actors::audit::audit_drop(platform.journal.as_ref(), &domain::DropId::parse(&drop_b)?)
+    let audit_b = actors::audit::audit_drop(journal, &domain::DropId::parse(&drop_b)?)
         .await
         .map_err(anyhow::Error::msg)?;
 
@@ -390,6 +451,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     );
     println!("oversell: {oversold}");
+    let mut lost = Vec::new();
+    if let Some((name, at, takeover)) = node_loss {
+        let (took, held) = takeover?;
+        let acknowledged: Vec<String> = labels.lock().map(|l| l.keys().cloned().collect()).unwrap_or_default();
+        lost = crate::demo_cluster::lost_orders(channel.clone(), &acknowledged).await?;
+        println!(
+            "node loss: kill -9 of {name} (owner of the hot SKU and {held} of {} partitions) {:.2} s into the drop; \
+             every partition served again after {} ms (lease TTL {} ms, renewal {} ms); \
+             acknowledged orders lost: {} of {}",
+            actors::cluster::placement::PARTITIONS_DEFAULT,
+            at.as_secs_f64(),
+            took.as_millis(),
+            crate::demo_cluster::LEASE_TTL_MS,
+            crate::demo_cluster::LEASE_RENEW_MS,
+            lost.len(),
+            acknowledged.len()
+        );
+    }
 
     // Fulfilment: wait for the couriers to finish every confirmed order.
     let confirmed = n(&t.confirmed);
@@ -484,8 +563,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let order_ids: Vec<String> = labels.lock().map(|l| l.keys().cloned().collect()).unwrap_or_default();
     let settled = demo_settlement::report(&channel, &bearer, &creators, &[&drop_id, &drop_b], order_ids).await?;
 
-    let _ = stop_tx.send(());
-    server_task.await??;
+    match backend {
+        Backend::Embedded { stop, server, .. } => {
+            let _ = stop.send(());
+            server.await??;
+        }
+        Backend::Cluster { cluster, .. } => cluster.stop(),
+    }
+    if !lost.is_empty() {
+        anyhow::bail!("acknowledged orders lost in the node loss: {}", lost.join(", "));
+    }
     if oversold > 0 || !broken.is_empty() || !mismatched.is_empty() {
         anyhow::bail!("the journal audit failed");
     }
@@ -493,6 +580,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         anyhow::bail!("settlement reconciliation found differences");
     }
     Ok(())
+}
+
+/// Where the demo's platform runs.
+enum Backend {
+    Embedded {
+        platform: Platform,
+        server: tokio::task::JoinHandle<anyhow::Result<()>>,
+        stop: tokio::sync::oneshot::Sender<()>,
+    },
+    Cluster {
+        cluster: LocalCluster,
+        /// For the journal audit, read from JetStream.
+        journal: std::sync::Arc<JetStreamJournal>,
+    },
 }
 
 struct Buyer {

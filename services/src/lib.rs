@@ -7,6 +7,7 @@ pub mod checkout;
 pub mod config;
 pub mod convert;
 pub mod demo;
+pub mod demo_cluster;
 pub mod demo_couriers;
 pub mod demo_settlement;
 pub mod dispatch;
