@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use crate::burst::{run_burst, BurstStats};
 use crate::{echo, net, open_drop, open_window, unix_millis, HOLD_TTL_SECONDS};
 
-const HOT_SKU: &str = "hot";
+pub(crate) const HOT_SKU: &str = "hot";
 const HUB: &str = "hub-1";
 const CITY: &str = "Loadville";
 
@@ -78,13 +78,13 @@ pub struct EchoOnlyArgs {
 }
 
 /// The hot SKU's figures after the burst, as the server reports them.
-struct StockCheck {
+pub(crate) struct StockCheck {
     allocated: u32,
     held: u32,
     sold: u32,
     /// Units held or sold beyond the allocation, summed over pools (or over the SKU, if
     /// that is larger): anything but zero is a correctness bug.
-    oversold: u64,
+    pub(crate) oversold: u64,
 }
 
 /// Runs `dropline-load hot-sku`.
@@ -184,7 +184,7 @@ pub async fn run_echo_only(args: EchoOnlyArgs) -> anyhow::Result<()> {
 }
 
 /// Creates and opens a drop with the one hot SKU, all its stock in one pool.
-async fn create_hot_drop(channel: Channel, drop_id: &str, stock: u32) -> anyhow::Result<()> {
+pub(crate) async fn create_hot_drop(channel: Channel, drop_id: &str, stock: u32) -> anyhow::Result<()> {
     crate::create_hubs(channel.clone(), &[(HUB.to_owned(), CITY.to_owned())]).await?;
     let mut operator = crate::operator(channel);
     let (opens_at, closes_at) = open_window();
@@ -235,7 +235,7 @@ fn reserve_request(drop_id: &str, index: usize) -> ReserveRequest {
 }
 
 /// The Dropline burst: `attempts` reserves of the hot SKU.
-async fn reserve_burst(
+pub(crate) async fn reserve_burst(
     channels: &[Channel],
     drop_id: &str,
     load: LoadShape,
@@ -278,7 +278,7 @@ async fn echo_burst(drop_id: &str, load: LoadShape) -> anyhow::Result<BurstStats
 }
 
 /// Reads the hot SKU's figures and computes how far, if at all, it is oversold.
-async fn check_stock(channel: Channel, drop_id: &str) -> anyhow::Result<StockCheck> {
+pub(crate) async fn check_stock(channel: Channel, drop_id: &str) -> anyhow::Result<StockCheck> {
     let mut operator = crate::operator(channel);
     let drop = operator
         .get_drop(GetDropRequest {
@@ -309,14 +309,14 @@ async fn check_stock(channel: Channel, drop_id: &str) -> anyhow::Result<StockChe
     })
 }
 
-fn header() -> String {
+pub(crate) fn header() -> String {
     format!(
         "{:<17}{:>8}{:>10}{:>9}{:>10}",
         "", "calls/s", "p50 ms", "p99 ms", "p999 ms"
     )
 }
 
-fn row<O: Ord>(name: &str, stats: &BurstStats<O>) -> String {
+pub(crate) fn row<O: Ord>(name: &str, stats: &BurstStats<O>) -> String {
     format!(
         "{name:<17}{:>8.0}{:>10.1}{:>9.1}{:>10.1}",
         stats.calls_per_second(),

@@ -7,6 +7,7 @@
 
 pub mod burst;
 pub mod catalog;
+pub mod cluster;
 pub mod echo;
 pub mod hot_sku;
 pub mod net;

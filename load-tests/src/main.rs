@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use load_tests::{catalog, echo, hot_sku, swaps};
+use load_tests::{catalog, cluster, echo, hot_sku, swaps};
 
 /// mimalloc: glibc malloc cost ~20 % of the reserve path under load (arena lock contention
 /// and fragmentation across tokio workers); see ARCHITECTURE.md.
@@ -31,6 +31,9 @@ enum Command {
     /// Fulfilment: offer latency to a subscribed courier and swap latency after missed
     /// accept deadlines with many open dispatches at one hub.
     Swaps(swaps::SwapsArgs),
+    /// Cluster mode: the hot-SKU burst through N nodes over NATS against one embedded
+    /// server, and the takeover time after kill -9 of the hot SKU's node, repeated.
+    Cluster(cluster::ClusterArgs),
     /// Only the echo half of hot-sku: checks the generator without a Dropline server.
     #[command(hide = true)]
     EchoOnly(hot_sku::EchoOnlyArgs),
@@ -43,6 +46,7 @@ async fn main() -> ExitCode {
         Command::HotSku(args) => hot_sku::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,
         Command::Swaps(args) => swaps::run(args).await,
+        Command::Cluster(args) => cluster::run(args).await,
         Command::EchoOnly(args) => hot_sku::run_echo_only(args).await,
     };
     match result {

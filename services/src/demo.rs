@@ -161,7 +161,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             let server = tokio::spawn(server::serve(platform.clone(), listener, async {
                 let _ = stop_rx.await;
             }));
-            (Backend::Embedded { platform, server, stop }, vec![addr], None)
+            (
+                Backend::Embedded {
+                    platform: Box::new(platform),
+                    server,
+                    stop,
+                },
+                vec![addr],
+                None,
+            )
         }
     };
     let mut channels = Vec::new();
@@ -585,7 +593,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// Where the demo's platform runs.
 enum Backend {
     Embedded {
-        platform: Platform,
+        platform: Box<Platform>,
         server: tokio::task::JoinHandle<anyhow::Result<()>>,
         stop: tokio::sync::oneshot::Sender<()>,
     },

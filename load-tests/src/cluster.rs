@@ -1,0 +1,279 @@
+//! `dropline-load cluster`: what cluster mode costs and how fast it recovers, in one run.
+//!
+//! 1. The hot-SKU burst against one embedded `dropline serve` (sled, no NATS).
+//! 2. The same burst against N `dropline serve --nats` nodes on N NATS JetStream servers
+//!    (replicas = N, `sync_interval: always`), the clients spread over all nodes, so most
+//!    reserves travel to the SKU's owner over NATS. Reported as a ratio of step 1.
+//! 3. Takeover: kill -9 of the node owning the hot SKU, `--kills` times; each time, the time
+//!    until a call routed to that SKU through a surviving node is answered again; the killed
+//!    node is restarted and the cluster left to rebalance before the next kill.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use actors::cluster::natsd::LocalNats;
+use actors::cluster::placement::{lease_key, partition_of, LEASES_BUCKET, PARTITIONS_DEFAULT};
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::hot_sku::{self, LoadShape};
+use crate::net;
+
+#[derive(Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// The `dropline` binary to run as the embedded server and as the cluster's nodes.
+    #[arg(long)]
+    pub dropline_bin: PathBuf,
+    /// Dropline nodes, and NATS servers (one each).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    #[command(flatten)]
+    pub load: LoadShape,
+    /// Node kills for the takeover percentiles (0: skip).
+    #[arg(long, default_value_t = 20)]
+    pub kills: usize,
+    /// The nodes' lease TTL (ms) [default: the server's, 5000].
+    #[arg(long, default_value_t = 5_000)]
+    pub lease_ttl_ms: u64,
+    /// The nodes' lease renewal interval (ms) [default: the server's, 1000].
+    #[arg(long, default_value_t = 1_000)]
+    pub lease_renew_ms: u64,
+}
+
+struct Node {
+    name: String,
+    addr: String,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+fn spawn_node(args: &ClusterArgs, nats: &LocalNats, node: &Node) -> anyhow::Result<Child> {
+    let mut command = Command::new(&args.dropline_bin);
+    command
+        .args(["serve", "--listen", &node.addr, "--data-dir"])
+        .arg(&node.data_dir)
+        .args(["--nats", &nats.url(), "--node", &node.name])
+        .args(["--replicas", &nats.len().to_string()])
+        .args(["--lease-ttl-ms", &args.lease_ttl_ms.to_string()])
+        .args(["--lease-renew-ms", &args.lease_renew_ms.to_string()])
+        .env("DROPLINE_OPERATOR_TOKEN", crate::operator_token())
+        .env(
+            "DROPLINE_LOG",
+            std::env::var("DROPLINE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+        .spawn()
+        .with_context(|| format!("cannot start {}", args.dropline_bin.display()))
+}
+
+pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    let temp = tempfile::Builder::new().prefix("dropline-load-cluster-").tempdir()?;
+    let stock = u32::try_from(args.load.attempts).context("--attempts must fit a u32")?;
+
+    // 1. Embedded.
+    let listen = format!("127.0.0.1:{}", net::free_local_port()?);
+    let mut embedded = crate::catalog::start_server(&args.dropline_bin, &listen, &temp.path().join("embedded"))?;
+    let target = format!("http://{listen}");
+    net::wait_until_answering(&target, Some(&mut embedded), Duration::from_secs(30)).await?;
+    let channels = net::connect_channels(&target, args.load.connections).await?;
+    let drop_id = format!("load-{}", crate::unix_millis());
+    hot_sku::create_hot_drop(channels[0].clone(), &drop_id, stock).await?;
+    eprintln!(
+        "embedded: {} reserves, {} concurrent",
+        args.load.attempts, args.load.concurrency
+    );
+    let alone = hot_sku::reserve_burst(&channels, &drop_id, args.load).await?;
+    let alone_check = hot_sku::check_stock(channels[0].clone(), &drop_id).await?;
+    drop(channels);
+    net::stop(&mut embedded).await;
+
+    // 2. Cluster.
+    eprintln!("starting {} NATS servers and {} Dropline nodes", args.nodes, args.nodes);
+    let nats = LocalNats::start(args.nodes, &temp.path().join("nats"))?;
+    let mut nodes = Vec::new();
+    for i in 0..args.nodes {
+        let mut node = Node {
+            name: format!("node-{i}"),
+            addr: format!("127.0.0.1:{}", net::free_local_port()?),
+            data_dir: temp.path().join(format!("node-{i}")),
+            child: None,
+        };
+        node.child = Some(spawn_node(&args, &nats, &node)?);
+        nodes.push(node);
+    }
+    for node in &mut nodes {
+        net::wait_until_answering(
+            &format!("http://{}", node.addr),
+            node.child.as_mut(),
+            Duration::from_secs(90),
+        )
+        .await?;
+    }
+    let urls: Vec<async_nats::ServerAddr> = nats.url().split(',').map(str::parse).collect::<Result<_, _>>()?;
+    let js = async_nats::jetstream::new(async_nats::connect(urls).await?);
+    let leases = js.get_key_value(LEASES_BUCKET).await?;
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    settle(&leases, &names).await?;
+    let mut channels = Vec::new();
+    for i in 0..args.load.connections.max(nodes.len()) {
+        channels.extend(net::connect_channels(&format!("http://{}", nodes[i % nodes.len()].addr), 1).await?);
+    }
+    let cluster_drop = format!("load-{}", crate::unix_millis());
+    hot_sku::create_hot_drop(channels[0].clone(), &cluster_drop, stock).await?;
+    eprintln!(
+        "cluster: {} reserves, {} concurrent, over {} nodes",
+        args.load.attempts,
+        args.load.concurrency,
+        nodes.len()
+    );
+    let spread = hot_sku::reserve_burst(&channels, &cluster_drop, args.load).await?;
+    let spread_check = hot_sku::check_stock(channels[0].clone(), &cluster_drop).await?;
+
+    println!(
+        "hot-SKU burst: {} reserves, {} concurrent; embedded vs {} nodes on {} NATS servers (R{})",
+        args.load.attempts,
+        args.load.concurrency,
+        nodes.len(),
+        nats.len(),
+        nats.len()
+    );
+    println!("{}", hot_sku::header());
+    println!("{}", hot_sku::row("embedded", &alone));
+    println!("{}", hot_sku::row("cluster", &spread));
+    println!(
+        "ratio cluster/embedded: {:.2}",
+        spread.calls_per_second() / alone.calls_per_second().max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "oversell: embedded {}, cluster {}; errors: embedded {}, cluster {}",
+        alone_check.oversold,
+        spread_check.oversold,
+        alone.error_count(),
+        spread.error_count()
+    );
+    if alone_check.oversold > 0 || spread_check.oversold > 0 {
+        bail!("oversold");
+    }
+
+    // 3. Takeovers.
+    if args.kills > 0 {
+        let stream = format!("sku/{cluster_drop}/{}", hot_sku::HOT_SKU);
+        let partition = partition_of(&stream, PARTITIONS_DEFAULT);
+        let mut taken = Histogram::<u64>::new_with_bounds(1, 600_000, 3)?;
+        for kill in 0..args.kills {
+            let owner = owner(&leases, partition).await?;
+            let victim = nodes
+                .iter()
+                .position(|n| n.name == owner)
+                .context("owner is not a node")?;
+            let survivor = (victim + 1) % nodes.len();
+            let channel = net::connect_channels(&format!("http://{}", nodes[survivor].addr), 1)
+                .await?
+                .remove(0);
+            if let Some(mut child) = nodes[victim].child.take() {
+                child.start_kill()?;
+                child.wait().await?;
+            }
+            let killed = Instant::now();
+            let took = served_again(channel, &cluster_drop, killed).await?;
+            taken.record(took.as_millis() as u64)?;
+            eprintln!(
+                "kill {}: {owner} — served again after {} ms",
+                kill + 1,
+                took.as_millis()
+            );
+            let node = &mut nodes[victim];
+            node.child = Some(spawn_node(&args, &nats, node)?);
+            net::wait_until_answering(
+                &format!("http://{}", node.addr),
+                node.child.as_mut(),
+                Duration::from_secs(60),
+            )
+            .await?;
+            settle(&leases, &names).await?;
+        }
+        println!(
+            "takeover after kill -9 of the hot SKU's node ({} kills; lease TTL {} ms, renewal {} ms): \
+             p50 {} ms, p99 {} ms, max {} ms",
+            args.kills,
+            args.lease_ttl_ms,
+            args.lease_renew_ms,
+            taken.value_at_quantile(0.5),
+            taken.value_at_quantile(0.99),
+            taken.max()
+        );
+    }
+    for node in &mut nodes {
+        if let Some(child) = node.child.as_mut() {
+            net::stop(child).await;
+        }
+    }
+    drop(nats);
+    Ok(())
+}
+
+async fn owner(leases: &async_nats::jetstream::kv::Store, partition: u32) -> anyhow::Result<String> {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = leases.get(lease_key(partition)).await? {
+            return Ok(String::from_utf8_lossy(&value).into_owned());
+        }
+        if Instant::now() > until {
+            bail!("partition {partition} has no owner");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until every partition has an owner and every node owns some (a fair spread).
+async fn settle(leases: &async_nats::jetstream::kv::Store, names: &[String]) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut owners = std::collections::BTreeMap::<String, usize>::new();
+        let mut free = 0;
+        for partition in 0..PARTITIONS_DEFAULT {
+            match leases.get(lease_key(partition)).await? {
+                Some(value) => *owners.entry(String::from_utf8_lossy(&value).into_owned()).or_default() += 1,
+                None => free += 1,
+            }
+        }
+        let fair = (PARTITIONS_DEFAULT as usize).div_ceil(names.len());
+        if free == 0 && names.iter().all(|n| owners.get(n).is_some_and(|c| *c + 1 >= fair)) {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("the partitions did not settle: {owners:?}, {free} free");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Time from `killed` until a call that needs the hot SKU's actor, made through a surviving
+/// node, is answered again: GetOrder of an order of that SKU that does not exist (NOT_FOUND
+/// comes from the actor itself; availability would come from a cache).
+async fn served_again(channel: Channel, drop_id: &str, killed: Instant) -> anyhow::Result<Duration> {
+    let mut client = CheckoutServiceClient::new(channel);
+    let order_id = format!("{drop_id}.{}.ffffffffffffffff", hot_sku::HOT_SKU);
+    loop {
+        let answer = client
+            .get_order(proto::checkout::v1::GetOrderRequest {
+                order_id: order_id.clone(),
+            })
+            .await;
+        match answer {
+            Ok(_) => return Ok(killed.elapsed()),
+            Err(status) if status.code() == tonic::Code::NotFound => return Ok(killed.elapsed()),
+            Err(_) => {}
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!("the hot SKU was not served again within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
