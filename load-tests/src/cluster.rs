@@ -28,9 +28,13 @@ pub struct ClusterArgs {
     /// The `dropline` binary to run as the embedded server and as the cluster's nodes.
     #[arg(long)]
     pub dropline_bin: PathBuf,
-    /// Dropline nodes, and NATS servers (one each).
+    /// Dropline nodes.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
+    /// NATS JetStream servers (a cluster when more than one); the journal and buckets are
+    /// replicated on all of them [default: --nodes].
+    #[arg(long)]
+    pub nats_servers: Option<usize>,
     #[command(flatten)]
     pub load: LoadShape,
     /// Node kills for the takeover percentiles (0: skip).
@@ -94,8 +98,9 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     net::stop(&mut embedded).await;
 
     // 2. Cluster.
-    eprintln!("starting {} NATS servers and {} Dropline nodes", args.nodes, args.nodes);
-    let nats = LocalNats::start(args.nodes, &temp.path().join("nats"))?;
+    let servers = args.nats_servers.unwrap_or(args.nodes).max(1);
+    eprintln!("starting {servers} NATS servers and {} Dropline nodes", args.nodes);
+    let nats = LocalNats::start(servers, &temp.path().join("nats"))?;
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
         let mut node = Node {

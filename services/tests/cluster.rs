@@ -342,3 +342,215 @@ async fn a_nats_server_restarting_mid_burst_loses_no_acknowledged_order() {
         errors.len()
     );
 }
+
+/// Buys one unit for pickup through `channel`: (order id, pickup code), once acknowledged.
+async fn buy_for_pickup(channel: &Channel, drop_id: &str, buyer: &str) -> Option<(String, String)> {
+    let mut checkout = CheckoutServiceClient::new(channel.clone());
+    let held = checkout
+        .reserve(reserve(drop_id, "hot", buyer, 1))
+        .await
+        .ok()?
+        .into_inner();
+    let confirmed = checkout.confirm(pickup(&held.order_id, 2_500)).await.ok()?.into_inner();
+    let order = confirmed.order?;
+    Some((order.order_id, order.pickup_code))
+}
+
+/// A courier app: takes every offer, picks it up with the code on the label and delivers
+/// it; reconnects when its stream ends or stays quiet (unanswered offers come again then).
+/// Returns how many deliveries each order got acknowledged.
+async fn courier_app(
+    channel: Channel,
+    credential: String,
+    labels: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    delivered: Arc<Mutex<std::collections::BTreeMap<String, u32>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use proto::dispatch::v1::dispatch_update::Update;
+    use proto::dispatch::v1::*;
+    let mut client = courier_client(&channel, &credential);
+    while !*stop.borrow() {
+        let Ok(stream) = client.subscribe(SubscribeRequest {}).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        while let Ok(Ok(Some(message))) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+            let Some(Update::Offer(offer)) = message.update else {
+                continue;
+            };
+            let code = labels.lock().unwrap().get(&offer.order_id).cloned();
+            let Some(code) = code else { continue };
+            let id = offer.dispatch_id.clone();
+            // Each step may hit the takeover: retry it (they are idempotent for the holder).
+            let mut done = false;
+            for _ in 0..100 {
+                let steps = async {
+                    client
+                        .accept(AcceptRequest {
+                            dispatch_id: id.clone(),
+                        })
+                        .await?;
+                    client
+                        .mark_picked_up(MarkPickedUpRequest {
+                            dispatch_id: id.clone(),
+                            pickup_code: code.clone(),
+                        })
+                        .await?;
+                    client
+                        .mark_delivered(MarkDeliveredRequest {
+                            dispatch_id: id.clone(),
+                            proof_reference: "photo".into(),
+                        })
+                        .await?;
+                    Ok::<_, tonic::Status>(())
+                };
+                match steps.await {
+                    Ok(()) => {
+                        done = true;
+                        break;
+                    }
+                    Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    // Already delivered (a retry after an answer that was lost), or no longer ours.
+                    Err(_) => break,
+                }
+            }
+            if done {
+                *delivered.lock().unwrap().entry(offer.order_id.clone()).or_default() += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
+    let (mut nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
+    create_test_hubs(&channels[0]).await;
+    let credential = courier(&channels[0], "courier-1", "hub-1", 1).await;
+    let mut operator = operator_client(&channels[0]);
+    operator
+        .create_drop(drop_request("fulfil", &[("hot", 40)], 1, 600))
+        .await
+        .unwrap();
+    operator
+        .open_drop(proto::operator::v1::OpenDropRequest {
+            drop_id: "fulfil".into(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3 * LEASE_RENEW_MS)).await;
+    // The node running the hub's actor is the one killed; everyone talks to the others.
+    let client = async_nats::connect(
+        nats.url()
+            .split(',')
+            .map(|u| u.parse::<async_nats::ServerAddr>().unwrap())
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let leases = async_nats::jetstream::new(client)
+        .get_key_value(LEASES_BUCKET)
+        .await
+        .unwrap();
+    let hub_partition = partition_of("hub/hub-1", PARTITIONS_DEFAULT);
+    let owner = String::from_utf8(leases.get(lease_key(hub_partition)).await.unwrap().unwrap().to_vec()).unwrap();
+    let victim = nodes.iter().position(|n| n.name == owner).unwrap();
+    let survivors: Vec<Channel> = (0..3).filter(|i| *i != victim).map(|i| channels[i].clone()).collect();
+
+    let labels = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let delivered = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let app = tokio::spawn(courier_app(
+        survivors[1].clone(),
+        credential,
+        labels.clone(),
+        delivered.clone(),
+        stopped,
+    ));
+    let mut orders = Vec::new();
+    for i in 0..40 {
+        if i == 15 {
+            // Mid-fulfilment: the hub's node dies.
+            while delivered.lock().unwrap().len() < 5 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let mut child = nodes[victim].child.take().unwrap();
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        let channel = &survivors[i % 2];
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((order_id, code)) = buy_for_pickup(channel, "fulfil", &format!("buyer-{i}")).await {
+                labels.lock().unwrap().insert(order_id.clone(), code);
+                orders.push(order_id);
+                break;
+            }
+            assert!(Instant::now() < until, "buyer {i} could not buy");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(90);
+    while delivered.lock().unwrap().len() < orders.len() {
+        assert!(
+            Instant::now() < until,
+            "{} of {} delivered",
+            delivered.lock().unwrap().len(),
+            orders.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send_replace(true);
+    app.await.unwrap();
+
+    // One holder per dispatch: each order was delivered once, by the one courier that held it.
+    let delivered = delivered.lock().unwrap().clone();
+    assert!(delivered.values().all(|n| *n == 1), "{delivered:?}");
+    let hub = registry_client(&survivors[0])
+        .get_hub(proto::registry::v1::GetHubRequest { hub_id: "hub-1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hub.delivered, 40, "the hub counts each delivery once");
+    // Each fact booked once: the creator's ledger has exactly the 40 sales, and
+    // reconciliation against the SKU's journal finds nothing to book or refund.
+    let mut settlement = proto::settlement::v1::settlement_service_client::SettlementServiceClient::with_interceptor(
+        survivors[0].clone(),
+        services::auth::Bearer::new(OPERATOR_TOKEN).unwrap(),
+    );
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let balance = settlement
+            .get_balance(proto::settlement::v1::GetBalanceRequest {
+                creator_id: "creator-1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let eur = balance
+            .currencies
+            .iter()
+            .find(|c| c.currency == "EUR")
+            .cloned()
+            .unwrap_or_default();
+        if eur.gross_sales == 40 * 2_500 {
+            assert_eq!(eur.refunds, 0);
+            break;
+        }
+        assert!(eur.gross_sales < 40 * 2_500, "a sale was booked twice: {eur:?}");
+        assert!(Instant::now() < until, "sales not all booked: {eur:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = settlement
+        .reconcile(proto::settlement::v1::ReconcileRequest { dry_run: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.differences.is_empty(), "{:?}", report.differences);
+    assert!(report.balanced);
+    assert_eq!(report.orders, 40);
+}

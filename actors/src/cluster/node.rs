@@ -28,7 +28,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 /// Commands from other nodes handled at once; beyond it they get RESOURCE_EXHAUSTED.
@@ -36,6 +36,15 @@ const REMOTE_COMMANDS_MAX: usize = 8_192;
 /// Projection messages queued for publishing; beyond it updates are dropped (the caches
 /// they feed are refreshed by the next change, and readers can ask the actor).
 const PROJECTION_QUEUE_MAX: usize = 16_384;
+/// Commands for one partition sent to its owner as one NATS request at most, and such
+/// requests in flight per partition at once: under load, commands queued meanwhile go
+/// together, as the journal group-commits (one request/reply per batch, not per buyer).
+const ROUTE_BATCH_MAX: usize = 256;
+const ROUTE_BATCHES_IN_FLIGHT: usize = 4;
+/// Commands waiting for a partition's sender; beyond it RESOURCE_EXHAUSTED.
+const ROUTE_QUEUE_MAX: usize = 8_192;
+/// Publications of projection updates sent as one NATS message at most.
+const PROJECTION_BATCH_MAX: usize = 256;
 /// How long a starting node waits for JetStream (a new JetStream cluster elects leaders).
 const STORAGE_WAIT: Duration = Duration::from_secs(60);
 /// First and longest wait before asking a partition again while it has no owner.
@@ -86,6 +95,8 @@ enum Request {
     },
     /// Give a running hub actor its new setup.
     HubSetup(HubSetup),
+    /// Commands for one partition, sent together (answered by `Response::Batch`).
+    Batch(Vec<Request>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -98,7 +109,11 @@ enum Response {
     Done,
     /// The receiving node does not own the partition (any more): ask again.
     NotOwner,
+    /// The answers to a `Request::Batch`, in its order.
+    Batch(Vec<Result<Response, CommandError>>),
 }
+
+type Pending = (Request, oneshot::Sender<Result<Response, CommandError>>);
 
 fn unexpected(response: Response) -> CommandError {
     CommandError::Unavailable(format!("unexpected reply from the owning node: {response:?}"))
@@ -112,20 +127,41 @@ struct Envelope {
 }
 
 struct NatsProjections {
-    node: String,
-    tx: mpsc::Sender<bytes::Bytes>,
+    tx: mpsc::Sender<Vec<ProjectionUpdate>>,
 }
 
 impl RemoteProjections for NatsProjections {
     fn publish(&self, updates: &[ProjectionUpdate]) {
+        if self.tx.try_send(updates.to_vec()).is_err() {
+            debug!("projection queue full; an update is not shared");
+        }
+    }
+}
+
+/// Publishes queued projection updates, as few messages as possible: whatever is queued
+/// goes as one message (up to `PROJECTION_BATCH_MAX` publications), with only the latest
+/// figures of each SKU (a hot SKU changes them on every reserve; readers want the last).
+async fn publish_projections(client: async_nats::Client, node: String, mut rx: mpsc::Receiver<Vec<ProjectionUpdate>>) {
+    let mut queued = Vec::with_capacity(PROJECTION_BATCH_MAX);
+    while rx.recv_many(&mut queued, PROJECTION_BATCH_MAX).await > 0 {
+        let mut updates: Vec<ProjectionUpdate> = queued.drain(..).flatten().collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut keep = vec![true; updates.len()];
+        for (i, update) in updates.iter().enumerate().rev() {
+            if let ProjectionUpdate::Sku(figures) = update {
+                keep[i] = seen.insert((figures.drop_id.clone(), figures.sku_id.clone()));
+            }
+        }
+        let mut flags = keep.into_iter();
+        updates.retain(|_| flags.next().unwrap_or(true));
         let envelope = Envelope {
-            origin: self.node.clone(),
-            updates: updates.to_vec(),
+            origin: node.clone(),
+            updates,
         };
         match postcard::to_stdvec(&envelope) {
             Ok(bytes) => {
-                if self.tx.try_send(bytes.into()).is_err() {
-                    debug!("projection queue full; an update is not shared");
+                if let Err(e) = client.publish(placement::PROJECTIONS_SUBJECT, bytes.into()).await {
+                    debug!(error = %e, "projection update not published");
                 }
             }
             Err(e) => warn!(error = %e, "projection update not encodable"),
@@ -143,6 +179,8 @@ pub struct ClusterNode {
     /// Owned partitions and the task answering each one's commands.
     owned: RwLock<HashMap<u32, tokio::task::JoinHandle<()>>>,
     remote_commands: Arc<Semaphore>,
+    /// Per partition: commands waiting to travel to its owner.
+    outboxes: Mutex<HashMap<u32, mpsc::Sender<Pending>>>,
     stop: watch::Sender<bool>,
     left: Mutex<Option<tokio::task::JoinHandle<()>>>,
     this: Weak<ClusterNode>,
@@ -247,6 +285,7 @@ impl ClusterNode {
                 journal,
                 owned: RwLock::new(HashMap::new()),
                 remote_commands: Arc::new(Semaphore::new(REMOTE_COMMANDS_MAX)),
+                outboxes: Mutex::new(HashMap::new()),
                 stop,
                 left: Mutex::new(None),
                 this: this.clone(),
@@ -339,15 +378,8 @@ impl ClusterNode {
     /// Sends this node's projection updates to the others and applies theirs here.
     async fn share_projections(&self, projections: &Arc<Projections>) -> anyhow::Result<()> {
         let mut incoming = self.client.subscribe(placement::PROJECTIONS_SUBJECT).await?;
-        let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(PROJECTION_QUEUE_MAX);
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            while let Some(bytes) = rx.recv().await {
-                if let Err(e) = client.publish(placement::PROJECTIONS_SUBJECT, bytes).await {
-                    debug!(error = %e, "projection update not published");
-                }
-            }
-        });
+        let (tx, rx) = mpsc::channel(PROJECTION_QUEUE_MAX);
+        tokio::spawn(publish_projections(self.client.clone(), self.node.clone(), rx));
         let me = self.node.clone();
         let weak = Arc::downgrade(projections);
         tokio::spawn(async move {
@@ -364,10 +396,7 @@ impl ClusterNode {
                 }
             }
         });
-        projections.set_remote(Arc::new(NatsProjections {
-            node: self.node.clone(),
-            tx,
-        }));
+        projections.set_remote(Arc::new(NatsProjections { tx }));
         Ok(())
     }
 
@@ -378,6 +407,48 @@ impl ClusterNode {
     }
 
     async fn route_to(&self, partition: u32, request: Request) -> Result<Response, CommandError> {
+        if self.owns(partition) {
+            return self.serve(request).await;
+        }
+        let outbox = {
+            let mut outboxes = self.outboxes.lock().expect("outboxes lock");
+            outboxes
+                .entry(partition)
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(ROUTE_QUEUE_MAX);
+                    tokio::spawn(send_batches(self.this.clone(), partition, rx));
+                    tx
+                })
+                .clone()
+        };
+        let (tx, rx) = oneshot::channel();
+        outbox
+            .try_send((request, tx))
+            .map_err(|_| CommandError::Overloaded("too many commands waiting for another node".into()))?;
+        rx.await
+            .map_err(|_| CommandError::Unavailable("the node is shutting down".into()))?
+    }
+
+    /// Sends commands to the owner of `partition` as one request, waiting out a partition
+    /// without owner until the command deadline; runs them here if this node took it.
+    async fn send_batch(&self, partition: u32, requests: Vec<Request>) -> Vec<Result<Response, CommandError>> {
+        let count = requests.len();
+        let fail = |e: CommandError| (0..count).map(|_| Err(e.clone())).collect();
+        let request = if count == 1 {
+            requests.into_iter().next().expect("one request")
+        } else {
+            Request::Batch(requests)
+        };
+        match self.send(partition, request).await {
+            Ok(Response::Batch(results)) if results.len() == count => results,
+            Ok(Response::Batch(_)) => fail(CommandError::Unavailable("a batch reply of the wrong length".into())),
+            Ok(response) if count == 1 => vec![Ok(response)],
+            Ok(other) => fail(unexpected(other)),
+            Err(e) => fail(e),
+        }
+    }
+
+    async fn send(&self, partition: u32, request: Request) -> Result<Response, CommandError> {
         let deadline = Instant::now() + Duration::from_millis(COMMAND_TIMEOUT_MS);
         let mut backoff = ROUTE_BACKOFF_MIN;
         let payload: bytes::Bytes = postcard::to_stdvec(&request)
@@ -385,7 +456,7 @@ impl ClusterNode {
             .into();
         loop {
             if self.owns(partition) {
-                return self.serve(request).await;
+                return self.serve_any(request).await;
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -417,6 +488,16 @@ impl ClusterNode {
         }
     }
 
+    /// Runs a command, or a batch of them at once, on this node's actors.
+    async fn serve_any(&self, request: Request) -> Result<Response, CommandError> {
+        match request {
+            Request::Batch(requests) => Ok(Response::Batch(
+                futures::future::join_all(requests.into_iter().map(|r| self.serve(r))).await,
+            )),
+            request => self.serve(request).await,
+        }
+    }
+
     /// Runs a command on this node's actors.
     async fn serve(&self, request: Request) -> Result<Response, CommandError> {
         let local = &self.local;
@@ -444,6 +525,7 @@ impl ClusterNode {
                 local.hub_setup_changed(setup).await?;
                 Response::Done
             }
+            Request::Batch(_) => return Err(CommandError::Unavailable("a batch inside a batch".into())),
         })
     }
 
@@ -472,7 +554,7 @@ impl ClusterNode {
                     let _permit = permit;
                     let result = match postcard::from_bytes::<Request>(&message.payload) {
                         Ok(_) if !node.owns(partition) => Ok(Response::NotOwner),
-                        Ok(request) => node.serve(request).await,
+                        Ok(request) => node.serve_any(request).await,
                         Err(e) => Err(CommandError::Unavailable(format!("undecodable command: {e}"))),
                     };
                     match postcard::to_stdvec(&result) {
@@ -486,6 +568,29 @@ impl ClusterNode {
                 });
             }
         }))
+    }
+}
+
+/// A partition's sender: whatever commands queued while earlier batches travel go together.
+async fn send_batches(node: Weak<ClusterNode>, partition: u32, mut rx: mpsc::Receiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(ROUTE_BATCHES_IN_FLIGHT));
+    let mut queued = Vec::with_capacity(ROUTE_BATCH_MAX);
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        if rx.recv_many(&mut queued, ROUTE_BATCH_MAX).await == 0 {
+            return;
+        }
+        let Some(node) = node.upgrade() else { return };
+        let (requests, replies): (Vec<Request>, Vec<_>) = queued.drain(..).unzip();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let results = node.send_batch(partition, requests).await;
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        });
     }
 }
 
