@@ -195,6 +195,9 @@ impl LocalActors {
         bus: std::sync::Weak<dyn CommandBus>,
         pending: Vec<(String, UnixMillis)>,
     ) -> LocalActors {
+        // Audit entries are projection updates (every node of a cluster keeps the trail);
+        // they land in this process's audit store.
+        projections.set_audit(audit.clone());
         LocalActors {
             env: Arc::new(Env {
                 journal,

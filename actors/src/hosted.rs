@@ -320,7 +320,6 @@ impl Hosted for RegistryState {
         let setups: Vec<_> = touched.iter().filter_map(|h| self.setup(h)).collect();
         let audit: Vec<AuditEntry> = events.iter().filter_map(registry_audit).collect();
         let projections = env.projections.clone();
-        let log = env.audit.clone();
         let bus = env.bus.clone();
         let runtime = env.runtime.clone();
         Some(Box::new(move || {
@@ -329,9 +328,9 @@ impl Hosted for RegistryState {
                 .map(ProjectionUpdate::Hub)
                 .chain(partners.into_iter().map(ProjectionUpdate::Partner))
                 .chain(creators.into_iter().map(ProjectionUpdate::Creator))
+                .chain(audit.into_iter().map(ProjectionUpdate::Audit))
                 .collect();
             projections.emit(updates);
-            write_audit(log.as_ref(), &audit);
             if !setups.is_empty() {
                 runtime.spawn(async move {
                     let Some(bus) = bus.upgrade() else { return };
@@ -348,12 +347,6 @@ impl Hosted for RegistryState {
 
     fn snapshot_weight(&self) -> u64 {
         (self.partners.len() + self.hubs.len()) as u64
-    }
-}
-
-fn write_audit(log: &dyn AuditLog, entries: &[AuditEntry]) {
-    for entry in entries {
-        log.record(entry);
     }
 }
 
@@ -580,17 +573,20 @@ impl Hosted for HubState {
         let ledger =
             (!facts.is_empty()).then(|| crate::settlement::send_fulfilment(env.bus.clone(), hub_id.clone(), facts));
         let projections = env.projections.clone();
-        let log = env.audit.clone();
         let bus = env.bus.clone();
         let runtime = env.runtime.clone();
         Some(Box::new(move || {
-            write_audit(log.as_ref(), &audit);
             if let Some(task) = ledger {
                 runtime.spawn(task);
             }
-            let updates = courier
+            let updates = audit
                 .into_iter()
-                .map(|(partner, update)| ProjectionUpdate::Courier { partner, update })
+                .map(ProjectionUpdate::Audit)
+                .chain(
+                    courier
+                        .into_iter()
+                        .map(|(partner, update)| ProjectionUpdate::Courier { partner, update }),
+                )
                 .chain(tracking.into_iter().map(ProjectionUpdate::Tracking))
                 .chain(load.map(ProjectionUpdate::HubLoad))
                 .collect();

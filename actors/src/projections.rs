@@ -3,6 +3,7 @@
 //! mailbox. Staleness is bounded by one group commit: an actor publishes as soon as the
 //! journal has flushed the batch that changed it.
 
+use crate::audit_log::{AuditEntry, AuditLog};
 use crate::fulfilment::{CourierUpdate, HubLoad};
 use domain::drop::{DropSpec, SaleStatus};
 use domain::hub::Dispatch;
@@ -28,6 +29,8 @@ pub struct Projections {
     /// In a cluster: where updates go so that every other node's projections follow (the
     /// gRPC call reading them may land on any node). Unset on the embedded platform.
     remote: OnceLock<Arc<dyn RemoteProjections>>,
+    /// Where audit entries are written (this process's audit store).
+    audit: OnceLock<Arc<dyn AuditLog>>,
 }
 
 /// One change of a projection, as an actor publishes it after a durable batch. In a
@@ -54,6 +57,8 @@ pub enum ProjectionUpdate {
     Hub(HubRecord),
     Partner(PartnerRecord),
     Creator(CreatorRecord),
+    /// An entry of the operators' audit trail: every node keeps the whole trail.
+    Audit(AuditEntry),
 }
 
 /// Carries projection updates to the other nodes of a cluster.
@@ -62,6 +67,11 @@ pub trait RemoteProjections: Send + Sync + 'static {
 }
 
 impl Projections {
+    /// Writes audit entries to `log` from now on.
+    pub fn set_audit(&self, log: Arc<dyn AuditLog>) {
+        let _ = self.audit.set(log);
+    }
+
     /// Sends every update to the other nodes from now on (cluster mode).
     pub fn set_remote(&self, remote: Arc<dyn RemoteProjections>) {
         let _ = self.remote.set(remote);
@@ -122,6 +132,10 @@ impl Projections {
             ProjectionUpdate::Hub(record) => self.directory.put_hub(record),
             ProjectionUpdate::Partner(record) => self.directory.put_partner(record),
             ProjectionUpdate::Creator(record) => self.directory.put_creator(record),
+            ProjectionUpdate::Audit(entry) => match self.audit.get() {
+                Some(log) => log.record(&entry),
+                None => tracing::warn!(action = %entry.action, "no audit store; entry dropped"),
+            },
         }
     }
 }
@@ -308,5 +322,28 @@ impl OrderWatchers {
         if let Some(sender) = watched.get(&dispatch.order.order_id) {
             sender.send_modify(|w| w.tracking = Some(dispatch));
         }
+    }
+}
+
+/// The audit trail as a node of a cluster writes it: every entry goes to every node (as a
+/// projection update, which also writes it here); reads are served from this node's copy.
+pub struct SharedAudit {
+    pub projections: Arc<Projections>,
+    pub local: Arc<dyn AuditLog>,
+}
+
+impl AuditLog for SharedAudit {
+    fn append(&self, entry: &AuditEntry) -> Result<(), crate::journal::JournalError> {
+        self.projections.emit(vec![ProjectionUpdate::Audit(entry.clone())]);
+        Ok(())
+    }
+
+    fn list(
+        &self,
+        subject: &crate::audit_log::AuditSubject,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<crate::audit_log::AuditPage, crate::journal::JournalError> {
+        self.local.list(subject, before, limit)
     }
 }

@@ -161,7 +161,10 @@ impl Platform {
         }
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(Platform {
-            audit: local.clone(),
+            audit: Arc::new(actors::projections::SharedAudit {
+                projections: projections.clone(),
+                local: local.clone(),
+            }),
             operator,
             new_operator_token,
             bus,

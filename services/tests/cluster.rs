@@ -516,6 +516,29 @@ async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
         .unwrap()
         .into_inner();
     assert_eq!(hub.delivered, 40, "the hub counts each delivery once");
+    // The audit trail is the same on every node: each one shows an order's delivery.
+    for channel in &survivors {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let trail = registry_client(channel)
+                .list_audit_entries(proto::registry::v1::ListAuditEntriesRequest {
+                    subject: Some(proto::registry::v1::list_audit_entries_request::Subject::OrderId(
+                        orders[0].clone(),
+                    )),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let actions: Vec<String> = trail.entries.iter().map(|e| e.action.clone()).collect();
+            if actions.iter().any(|a| a == "delivered") {
+                assert_eq!(actions.iter().filter(|a| *a == "delivered").count(), 1, "{actions:?}");
+                break;
+            }
+            assert!(Instant::now() < until, "no delivery in the trail: {actions:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     // Each fact booked once: the creator's ledger has exactly the 40 sales, and
     // reconciliation against the SKU's journal finds nothing to book or refund.
     let mut settlement = proto::settlement::v1::settlement_service_client::SettlementServiceClient::with_interceptor(

@@ -43,6 +43,13 @@ const ROUTE_BATCH_MAX: usize = 256;
 const ROUTE_BATCHES_IN_FLIGHT: usize = 4;
 /// Commands waiting for a partition's sender; beyond it RESOURCE_EXHAUSTED.
 const ROUTE_QUEUE_MAX: usize = 8_192;
+/// Projection updates stay this long in the events stream, within this many bytes.
+const EVENTS_MAX_AGE: Duration = Duration::from_secs(3_600);
+const EVENTS_MAX_BYTES: i64 = 1 << 30;
+/// Updates delivered to a node and not yet acknowledged, at most.
+const EVENTS_ACK_PENDING_MAX: i64 = 10_000;
+/// Projection messages whose storage acknowledgement is awaited at once.
+const PROJECTION_ACKS_PENDING: usize = 64;
 /// Publications of projection updates sent as one NATS message at most.
 const PROJECTION_BATCH_MAX: usize = 256;
 /// How long a starting node waits for JetStream (a new JetStream cluster elects leaders).
@@ -138,10 +145,14 @@ impl RemoteProjections for NatsProjections {
     }
 }
 
-/// Publishes queued projection updates, as few messages as possible: whatever is queued
-/// goes as one message (up to `PROJECTION_BATCH_MAX` publications), with only the latest
-/// figures of each SKU (a hot SKU changes them on every reserve; readers want the last).
-async fn publish_projections(client: async_nats::Client, node: String, mut rx: mpsc::Receiver<Vec<ProjectionUpdate>>) {
+/// Publishes queued projection updates to the events stream, as few messages as possible:
+/// whatever is queued goes as one message (up to `PROJECTION_BATCH_MAX` publications), with
+/// only the latest figures of each SKU (a hot SKU changes them on every reserve; readers
+/// want the last). Acknowledgements are awaited in windows of `PROJECTION_ACKS_PENDING`
+/// (unawaited JetStream publishes stall the client once too many are pending).
+async fn publish_projections(js: jetstream::Context, node: String, mut rx: mpsc::Receiver<Vec<ProjectionUpdate>>) {
+    let subject = placement::events_subject(&node);
+    let mut acks = futures::stream::FuturesUnordered::new();
     let mut queued = Vec::with_capacity(PROJECTION_BATCH_MAX);
     while rx.recv_many(&mut queued, PROJECTION_BATCH_MAX).await > 0 {
         let mut updates: Vec<ProjectionUpdate> = queued.drain(..).flatten().collect();
@@ -158,13 +169,27 @@ async fn publish_projections(client: async_nats::Client, node: String, mut rx: m
             origin: node.clone(),
             updates,
         };
-        match postcard::to_stdvec(&envelope) {
-            Ok(bytes) => {
-                if let Err(e) = client.publish(placement::PROJECTIONS_SUBJECT, bytes.into()).await {
-                    debug!(error = %e, "projection update not published");
-                }
+        let bytes = match postcard::to_stdvec(&envelope) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "projection update not encodable");
+                continue;
             }
-            Err(e) => warn!(error = %e, "projection update not encodable"),
+        };
+        while acks.len() >= PROJECTION_ACKS_PENDING {
+            if let Some(Err(e)) = acks.next().await {
+                warn!(error = %e, "projection update not stored; other nodes miss it until the next change");
+            }
+        }
+        match js.publish(subject.clone(), bytes.into()).await {
+            Ok(ack) => acks.push(std::future::IntoFuture::into_future(ack)),
+            Err(e) => warn!(error = %e, "projection update not published"),
+        }
+        // Collect the acknowledgements that are already in.
+        while let Some(Some(done)) = futures::FutureExt::now_or_never(acks.next()) {
+            if let Err(e) = done {
+                warn!(error = %e, "projection update not stored; other nodes miss it until the next change");
+            }
         }
     }
 }
@@ -196,6 +221,21 @@ pub async fn ensure_storage(js: &jetstream::Context, replicas: usize, ttl: Durat
         num_replicas: replicas,
         allow_direct: true,
         description: Some("Dropline actor journals, one subject per actor".into()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| io(&e))?;
+    // Projection updates: replayable for a while (a node that was cut off catches up), then
+    // gone (the journals are the truth; caches refill from the actors).
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: placement::EVENTS_STREAM.into(),
+        subjects: vec![placement::EVENTS_SUBJECTS.into()],
+        storage: StorageType::File,
+        num_replicas: replicas,
+        max_age: EVENTS_MAX_AGE,
+        max_bytes: EVENTS_MAX_BYTES,
+        discard: jetstream::stream::DiscardPolicy::Old,
+        description: Some("Dropline projection updates, one subject per node".into()),
         ..Default::default()
     })
     .await
@@ -375,15 +415,39 @@ impl ClusterNode {
         let _ = self.client.flush().await;
     }
 
-    /// Sends this node's projection updates to the others and applies theirs here.
+    /// Sends this node's projection updates to the others and applies theirs here: through
+    /// the events stream, followed by this node's durable consumer with explicit acks (at
+    /// least once: every update is an idempotent upsert, except audit entries, which a
+    /// redelivery after a crash may repeat).
     async fn share_projections(&self, projections: &Arc<Projections>) -> anyhow::Result<()> {
-        let mut incoming = self.client.subscribe(placement::PROJECTIONS_SUBJECT).await?;
+        let stream = self.js.get_stream(placement::EVENTS_STREAM).await?;
+        let consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config> = stream
+            .get_or_create_consumer(
+                &placement::events_consumer(&self.node),
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(placement::events_consumer(&self.node)),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    max_ack_pending: EVENTS_ACK_PENDING_MAX,
+                    inactive_threshold: EVENTS_MAX_AGE,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut incoming = consumer.messages().await?;
         let (tx, rx) = mpsc::channel(PROJECTION_QUEUE_MAX);
-        tokio::spawn(publish_projections(self.client.clone(), self.node.clone(), rx));
+        tokio::spawn(publish_projections(self.js.clone(), self.node.clone(), rx));
         let me = self.node.clone();
         let weak = Arc::downgrade(projections);
         tokio::spawn(async move {
             while let Some(message) = incoming.next().await {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(e) => {
+                        debug!(error = %e, "projection updates: consumer interrupted");
+                        continue;
+                    }
+                };
                 let Some(projections) = weak.upgrade() else { return };
                 match postcard::from_bytes::<Envelope>(&message.payload) {
                     Ok(envelope) if envelope.origin != me => {
@@ -393,6 +457,9 @@ impl ClusterNode {
                     }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "undecodable projection update"),
+                }
+                if let Err(e) = message.ack().await {
+                    debug!(error = %e, "projection update not acknowledged; it comes again");
                 }
             }
         });

@@ -25,8 +25,21 @@ pub const NODES_BUCKET: &str = "dropline_nodes";
 pub const WAKEUPS_BUCKET: &str = "dropline_wakeups";
 pub const ADDRESSES_BUCKET: &str = "dropline_addresses";
 pub const CLUSTER_BUCKET: &str = "dropline_cluster";
-/// Projection updates, published by the node whose actor made them to every other node.
-pub const PROJECTIONS_SUBJECT: &str = "dl.v";
+/// Projection updates (availability, order tracking, courier offers, statement lines,
+/// directory changes, audit entries), published by the node whose actor made them; every
+/// node consumes them with its own durable consumer.
+pub const EVENTS_STREAM: &str = "DROPLINE_EVENTS";
+pub const EVENTS_SUBJECTS: &str = "dl.e.>";
+
+/// The subject of a node's projection updates.
+pub fn events_subject(node: &str) -> String {
+    format!("dl.e.{node}")
+}
+
+/// The durable consumer through which a node follows every node's projection updates.
+pub fn events_consumer(node: &str) -> String {
+    format!("projections-{node}")
+}
 /// Queue group of command subscribers (one node answers a command).
 pub const COMMAND_QUEUE: &str = "dropline";
 
