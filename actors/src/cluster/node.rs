@@ -45,13 +45,16 @@ const ROUTE_BATCHES_IN_FLIGHT: usize = 4;
 const ROUTE_QUEUE_MAX: usize = 8_192;
 /// Projection updates stay this long in the events stream, within this many bytes.
 const EVENTS_MAX_AGE: Duration = Duration::from_secs(3_600);
-const EVENTS_MAX_BYTES: i64 = 1 << 30;
+const EVENTS_MAX_BYTES: i64 = 256 << 20;
 /// Updates delivered to a node and not yet acknowledged, at most.
 const EVENTS_ACK_PENDING_MAX: i64 = 10_000;
 /// Projection messages whose storage acknowledgement is awaited at once.
 const PROJECTION_ACKS_PENDING: usize = 64;
 /// Publications of projection updates sent as one NATS message at most.
-const PROJECTION_BATCH_MAX: usize = 256;
+const PROJECTION_BATCH_MAX: usize = 1_024;
+/// How long the first queued projection update waits for others to share its message: the
+/// staleness it adds to other nodes' caches.
+const PROJECTION_LINGER: Duration = Duration::from_millis(10);
 /// How long a starting node waits for JetStream (a new JetStream cluster elects leaders).
 const STORAGE_WAIT: Duration = Duration::from_secs(60);
 /// First and longest wait before asking a partition again while it has no owner.
@@ -155,6 +158,13 @@ async fn publish_projections(js: jetstream::Context, node: String, mut rx: mpsc:
     let mut acks = futures::stream::FuturesUnordered::new();
     let mut queued = Vec::with_capacity(PROJECTION_BATCH_MAX);
     while rx.recv_many(&mut queued, PROJECTION_BATCH_MAX).await > 0 {
+        // Linger a moment: under load this turns a message per reserve into a few per
+        // second, which matters with every message replicated to three servers.
+        if queued.len() < PROJECTION_BATCH_MAX {
+            tokio::time::sleep(PROJECTION_LINGER).await;
+            let room = PROJECTION_BATCH_MAX - queued.len();
+            rx.recv_many(&mut queued, room).await;
+        }
         let mut updates: Vec<ProjectionUpdate> = queued.drain(..).flatten().collect();
         let mut seen = std::collections::HashSet::new();
         let mut keep = vec![true; updates.len()];
@@ -226,11 +236,12 @@ pub async fn ensure_storage(js: &jetstream::Context, replicas: usize, ttl: Durat
     .await
     .map_err(|e| io(&e))?;
     // Projection updates: replayable for a while (a node that was cut off catches up), then
-    // gone (the journals are the truth; caches refill from the actors).
+    // gone. In memory, replicated but not fsynced: they are derived from the journals (the
+    // truth), and a cache that misses one refills from the actors.
     js.get_or_create_stream(jetstream::stream::Config {
         name: placement::EVENTS_STREAM.into(),
         subjects: vec![placement::EVENTS_SUBJECTS.into()],
-        storage: StorageType::File,
+        storage: StorageType::Memory,
         num_replicas: replicas,
         max_age: EVENTS_MAX_AGE,
         max_bytes: EVENTS_MAX_BYTES,
@@ -853,7 +864,19 @@ impl CommandBus for ClusterNode {
                 .route(&RegistryState::stream(&()), Request::Registry(command))
                 .await?
             {
-                Response::Registry(reply) => Ok(reply),
+                Response::Registry(reply) => {
+                    // Read your writes: the registry may run on another node, whose update
+                    // of the directories arrives here a moment later; a caller that just
+                    // created a hub or a partner here must find it here at once.
+                    let directory = &self.local.env().projections.directory;
+                    match &reply {
+                        RegistryReply::Hub(record) => directory.put_hub(record.clone()),
+                        RegistryReply::Partner(record) => directory.put_partner(record.clone()),
+                        RegistryReply::Creator(record) => directory.put_creator(record.clone()),
+                        _ => {}
+                    }
+                    Ok(reply)
+                }
                 other => Err(unexpected(other)),
             }
         })
