@@ -12,7 +12,7 @@ use crate::wakeups::Wakeups;
 use domain::drop::{DropCommand, DropState, DropView, SaleStatus};
 use domain::hub::{HubCommand, HubReply, HubState};
 use domain::ledger::{LedgerCommand, LedgerReply, LedgerState};
-use domain::limits::{ACTOR_RESTART_RETRIES, COMMAND_TIMEOUT_MS};
+use domain::limits::{ACTOR_RESTART_RETRIES, ACTOR_START_TIMEOUT_MS, COMMAND_TIMEOUT_MS};
 use domain::registry::{HubSetup, RegistryCommand, RegistryReply, RegistryState};
 use domain::sku::{SkuCommand, SkuReply, SkuState};
 use domain::{CreatorId, DropId, HubId, SkuId, UnixMillis};
@@ -65,12 +65,27 @@ impl<H: Hosted> Registry<H> {
         let mut command = command;
         for _ in 0..=ACTOR_RESTART_RETRIES {
             let actor = self.get_or_spawn(key, env);
-            if let Err(e) = actor.wait_for_startup_result().await {
-                self.forget(key, &actor);
-                return Err(match e {
-                    HookError::Error(e) => e,
-                    HookError::Panicked(p) => CommandError::Unavailable(format!("actor failed to start: {p}")),
-                });
+            let started = tokio::time::timeout(
+                Duration::from_millis(ACTOR_START_TIMEOUT_MS),
+                actor.wait_for_startup_result(),
+            )
+            .await;
+            match started {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.forget(key, &actor);
+                    return Err(match e {
+                        HookError::Error(e) => e,
+                        HookError::Panicked(p) => CommandError::Unavailable(format!("actor failed to start: {p}")),
+                    });
+                }
+                Err(_) => {
+                    self.forget(key, &actor);
+                    actor.kill();
+                    return Err(CommandError::Unavailable(format!(
+                        "actor did not start within {ACTOR_START_TIMEOUT_MS} ms"
+                    )));
+                }
             }
             let sent = actor
                 .ask(Cmd::<H>(command))

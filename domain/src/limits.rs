@@ -47,6 +47,10 @@ pub const JOURNAL_QUEUE_MAX: usize = 65_536;
 pub const JOURNAL_BATCH_MAX: usize = 8_192;
 /// How long a caller waits for an actor's reply (queueing, decision, durable write).
 pub const COMMAND_TIMEOUT_MS: u64 = 5_000;
+/// How long a caller waits for an actor to start (recover from its journal). An actor
+/// stopped while starting (its partition handed to another node) never reports, so the
+/// wait must end on its own.
+pub const ACTOR_START_TIMEOUT_MS: u64 = 30_000;
 /// An actor stops (is passivated) after this long without messages; it is rebuilt from its
 /// snapshot and journal on next use, or at its next deadline (see `actors::wakeups`).
 pub const ACTOR_IDLE_STOP_MS: u64 = 30_000;

@@ -79,9 +79,23 @@ async fn start_cluster(nats: &LocalNats, replicas: usize, dir: &std::path::Path)
         .collect();
     let mut channels = Vec::new();
     for node in &nodes {
-        channels.push(connect(([127, 0, 0, 1], node.port).into()).await);
+        channels.push(connect_node(node).await);
     }
     (nodes, channels)
+}
+
+/// A node answers once JetStream is ready (a new 3-server cluster elects its leaders
+/// first, which takes several seconds on a loaded machine) and its directory is loaded.
+async fn connect_node(node: &Node) -> Channel {
+    let until = Instant::now() + Duration::from_secs(90);
+    loop {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", node.port)).unwrap();
+        if let Ok(channel) = endpoint.connect().await {
+            return channel;
+        }
+        assert!(Instant::now() < until, "{} never answered", node.name);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The node holding the lease of the partition of a SKU's actor, if any holds it now.

@@ -108,7 +108,12 @@ impl Leases {
     /// Runs rounds until `stop` turns true, then releases every partition and leaves.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         loop {
-            self.round().await;
+            // A round waits on NATS; one that cannot finish (a server gone mid-call) must
+            // not keep the node from fencing itself.
+            if tokio::time::timeout(self.timings.ttl, self.round()).await.is_err() {
+                warn!(node = %self.node, "a lease round did not finish within the TTL");
+            }
+            self.fence_stale().await;
             tokio::select! {
                 _ = tokio::time::sleep(self.timings.renew) => {}
                 _ = stop.wait_for(|s| *s) => break,
@@ -206,6 +211,22 @@ impl Leases {
             }
         }
         debug!(held = self.held.len(), fair, members = members.len(), took = ?started.elapsed(), "lease round");
+    }
+
+    /// Gives up every lease not renewed for `ttl - renew`: another node may take it soon.
+    async fn fence_stale(&mut self) {
+        let stale: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.renewed.elapsed() >= self.timings.self_fence_after())
+            .map(|(p, _)| *p)
+            .collect();
+        let Some(host) = self.host.upgrade() else { return };
+        for partition in stale {
+            warn!(partition, "lease not renewed in time; dropping the partition");
+            self.held.remove(&partition);
+            host.released(partition).await;
+        }
     }
 
     /// Stops serving a partition, then frees its lease for another node.

@@ -431,47 +431,47 @@ impl ClusterNode {
     /// least once: every update is an idempotent upsert, except audit entries, which a
     /// redelivery after a crash may repeat).
     async fn share_projections(&self, projections: &Arc<Projections>) -> anyhow::Result<()> {
-        let stream = self.js.get_stream(placement::EVENTS_STREAM).await?;
-        let consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config> = stream
-            .get_or_create_consumer(
-                &placement::events_consumer(&self.node),
-                jetstream::consumer::pull::Config {
-                    durable_name: Some(placement::events_consumer(&self.node)),
-                    deliver_policy: jetstream::consumer::DeliverPolicy::New,
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    max_ack_pending: EVENTS_ACK_PENDING_MAX,
-                    inactive_threshold: EVENTS_MAX_AGE,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let mut incoming = consumer.messages().await?;
+        // Created now, so that updates published from here on are delivered to this node.
+        follow_events(&self.js, &self.node).await?;
         let (tx, rx) = mpsc::channel(PROJECTION_QUEUE_MAX);
         tokio::spawn(publish_projections(self.js.clone(), self.node.clone(), rx));
-        let me = self.node.clone();
+        let (js, me) = (self.js.clone(), self.node.clone());
         let weak = Arc::downgrade(projections);
         tokio::spawn(async move {
-            while let Some(message) = incoming.next().await {
-                let message = match message {
-                    Ok(message) => message,
-                    Err(e) => {
-                        debug!(error = %e, "projection updates: consumer interrupted");
-                        continue;
-                    }
-                };
-                let Some(projections) = weak.upgrade() else { return };
-                match postcard::from_bytes::<Envelope>(&message.payload) {
-                    Ok(envelope) if envelope.origin != me => {
-                        for update in envelope.updates {
-                            projections.apply(update);
+            // The consumer's message stream ends or fails when its server goes away (a
+            // restart, a leader change): follow it again, from where this node stopped.
+            loop {
+                match follow_events(&js, &me).await {
+                    Ok(mut incoming) => {
+                        while let Some(message) = incoming.next().await {
+                            let message = match message {
+                                Ok(message) => message,
+                                Err(e) => {
+                                    debug!(error = %e, "projection updates: consumer interrupted");
+                                    break;
+                                }
+                            };
+                            let Some(projections) = weak.upgrade() else { return };
+                            match postcard::from_bytes::<Envelope>(&message.payload) {
+                                Ok(envelope) if envelope.origin != me => {
+                                    for update in envelope.updates {
+                                        projections.apply(update);
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(e) => warn!(error = %e, "undecodable projection update"),
+                            }
+                            if let Err(e) = message.ack().await {
+                                debug!(error = %e, "projection update not acknowledged; it comes again");
+                            }
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "undecodable projection update"),
+                    Err(e) => debug!(error = %e, "projection updates: consumer not available yet"),
                 }
-                if let Err(e) = message.ack().await {
-                    debug!(error = %e, "projection update not acknowledged; it comes again");
+                if weak.strong_count() == 0 {
+                    return;
                 }
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
         projections.set_remote(Arc::new(NatsProjections { tx }));
@@ -647,6 +647,26 @@ impl ClusterNode {
             }
         }))
     }
+}
+
+/// This node's durable consumer of the events stream (created on first use), as a stream
+/// of messages from where the node last acknowledged.
+async fn follow_events(js: &jetstream::Context, node: &str) -> anyhow::Result<jetstream::consumer::pull::Stream> {
+    let stream = js.get_stream(placement::EVENTS_STREAM).await?;
+    let consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config> = stream
+        .get_or_create_consumer(
+            &placement::events_consumer(node),
+            jetstream::consumer::pull::Config {
+                durable_name: Some(placement::events_consumer(node)),
+                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                max_ack_pending: EVENTS_ACK_PENDING_MAX,
+                inactive_threshold: EVENTS_MAX_AGE,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(consumer.messages().await?)
 }
 
 /// A partition's sender: whatever commands queued while earlier batches travel go together.
