@@ -170,13 +170,24 @@ fn burst(
 async fn check_nothing_lost(channel: &Channel, drop_id: &str, acknowledged: &[String], stock: u32) -> u32 {
     let mut checkout = CheckoutServiceClient::new(channel.clone());
     for order_id in acknowledged {
-        let order = checkout
-            .get_order(GetOrderRequest {
-                order_id: order_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        // A read may meet the aftermath of the failure (an actor restarting after a failed
+        // append): UNAVAILABLE says retry, as a client would.
+        let mut tries = 0;
+        let order = loop {
+            match checkout
+                .get_order(GetOrderRequest {
+                    order_id: order_id.clone(),
+                })
+                .await
+            {
+                Ok(order) => break order.into_inner(),
+                Err(status) if status.code() == tonic::Code::Unavailable && tries < 40 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(status) => panic!("{order_id}: {status:?}"),
+            }
+        };
         assert_eq!(
             order.status,
             OrderStatus::Confirmed as i32,
@@ -396,39 +407,53 @@ async fn courier_app(
             let code = labels.lock().unwrap().get(&offer.order_id).cloned();
             let Some(code) = code else { continue };
             let id = offer.dispatch_id.clone();
-            // Each step may hit the takeover: retry it (they are idempotent for the holder).
+            // Each step may hit the takeover. On UNAVAILABLE the app asks again; on any
+            // other answer it reads the dispatch and goes on from its stage (an earlier
+            // attempt may have taken effect although its reply was lost).
             let mut done = false;
-            for _ in 0..100 {
-                let steps = async {
-                    client
+            for _ in 0..200 {
+                let stage = match client
+                    .get_dispatch(GetDispatchRequest {
+                        dispatch_id: id.clone(),
+                    })
+                    .await
+                {
+                    Ok(d) => DispatchStage::try_from(d.into_inner().stage).unwrap_or(DispatchStage::Unspecified),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let step = match stage {
+                    DispatchStage::Offered => client
                         .accept(AcceptRequest {
                             dispatch_id: id.clone(),
                         })
-                        .await?;
-                    client
+                        .await
+                        .map(|_| ()),
+                    DispatchStage::Accepted => client
                         .mark_picked_up(MarkPickedUpRequest {
                             dispatch_id: id.clone(),
                             pickup_code: code.clone(),
                         })
-                        .await?;
-                    client
+                        .await
+                        .map(|_| ()),
+                    DispatchStage::PickedUp => client
                         .mark_delivered(MarkDeliveredRequest {
                             dispatch_id: id.clone(),
                             proof_reference: "photo".into(),
                         })
-                        .await?;
-                    Ok::<_, tonic::Status>(())
-                };
-                match steps.await {
-                    Ok(()) => {
+                        .await
+                        .map(|_| ()),
+                    DispatchStage::Delivered => {
                         done = true;
                         break;
                     }
-                    Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    // Already delivered (a retry after an answer that was lost), or no longer ours.
-                    Err(_) => break,
+                    // Not (or no longer) ours to work.
+                    _ => break,
+                };
+                if step.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
             if done {
