@@ -151,7 +151,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 actors::cluster::placement::PARTITIONS_DEFAULT,
             )
             .await?;
-            (Backend::Cluster { cluster, journal }, addrs, Some(victim))
+            (
+                Backend::Cluster {
+                    cluster: Box::new(cluster),
+                    journal,
+                },
+                addrs,
+                Some(victim),
+            )
         }
         None => {
             let platform = Platform::open_embedded(&data_dir, Some(&operator_token)).await?;
@@ -163,7 +170,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             }));
             (
                 Backend::Embedded {
-                    platform: Box::new(platform),
+                    platform,
                     server,
                     stop,
                 },
@@ -593,12 +600,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// Where the demo's platform runs.
 enum Backend {
     Embedded {
-        platform: Box<Platform>,
+        platform: Platform,
         server: tokio::task::JoinHandle<anyhow::Result<()>>,
         stop: tokio::sync::oneshot::Sender<()>,
     },
     Cluster {
-        cluster: LocalCluster,
+        cluster: Box<LocalCluster>,
         /// For the journal audit, read from JetStream.
         journal: std::sync::Arc<JetStreamJournal>,
     },
