@@ -168,15 +168,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             let server = tokio::spawn(server::serve(platform.clone(), listener, async {
                 let _ = stop_rx.await;
             }));
-            (
-                Backend::Embedded {
-                    platform,
-                    server,
-                    stop,
-                },
-                vec![addr],
-                None,
-            )
+            (Backend::Embedded { platform, server, stop }, vec![addr], None)
         }
     };
     let mut channels = Vec::new();
