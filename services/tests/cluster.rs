@@ -172,9 +172,10 @@ async fn check_nothing_lost(channel: &Channel, drop_id: &str, acknowledged: &[St
 }
 
 /// `figures_catch_up`: also require this node's cached figures to show every acknowledged
-/// sale within 10 s. After a NATS server restart a node's projection consumer does not
-/// always resume in time (a known gap, see the README): orders and oversell are still
-/// checked, through the actors.
+/// sale within 10 s. After a NATS server restart, projection updates published while the
+/// events stream had no leader are lost and a node's consumer must notice its server went
+/// away (heartbeats, about 2 s): the lag is reported there rather than failed, while orders
+/// and oversell are still checked through the actors.
 async fn check_orders_and_figures(
     channel: &Channel,
     drop_id: &str,

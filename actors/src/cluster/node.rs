@@ -46,6 +46,9 @@ const ROUTE_QUEUE_MAX: usize = 8_192;
 /// Projection updates stay this long in the events stream, within this many bytes.
 const EVENTS_MAX_AGE: Duration = Duration::from_secs(3_600);
 const EVENTS_MAX_BYTES: i64 = 256 << 20;
+/// Pull requests of a node's projection consumer last this long, with heartbeats this often.
+const EVENTS_PULL_EXPIRES: Duration = Duration::from_secs(2);
+const EVENTS_PULL_HEARTBEAT: Duration = Duration::from_millis(500);
 /// Updates delivered to a node and not yet acknowledged, at most.
 const EVENTS_ACK_PENDING_MAX: i64 = 10_000;
 /// Projection messages whose storage acknowledgement is awaited at once.
@@ -666,7 +669,15 @@ async fn follow_events(js: &jetstream::Context, node: &str) -> anyhow::Result<je
             },
         )
         .await?;
-    Ok(consumer.messages().await?)
+    // Short pull expiries and heartbeats: a consumer whose server went away (a restart, a
+    // leader change) is noticed within seconds and followed again, not after the 30 s
+    // default.
+    Ok(consumer
+        .stream()
+        .expires(EVENTS_PULL_EXPIRES)
+        .heartbeat(EVENTS_PULL_HEARTBEAT)
+        .messages()
+        .await?)
 }
 
 /// A partition's sender: whatever commands queued while earlier batches travel go together.
