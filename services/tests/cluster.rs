@@ -37,14 +37,6 @@ impl Drop for Node {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_node(nats: &LocalNats, replicas: usize, name: &str, dir: &std::path::Path) -> Node {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_dropline"))

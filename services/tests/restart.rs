@@ -31,14 +31,6 @@ async fn create_and_open(channel: &tonic::transport::Channel, request: proto::op
         .unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
     let dir = tempfile::tempdir().unwrap();

@@ -435,7 +435,7 @@ impl ClusterNode {
     /// redelivery after a crash may repeat).
     async fn share_projections(&self, projections: &Arc<Projections>) -> anyhow::Result<()> {
         // Created now, so that updates published from here on are delivered to this node.
-        follow_events(&self.js, &self.node).await?;
+        let first = follow_events(&self.js, &self.node).await?;
         let (tx, rx) = mpsc::channel(PROJECTION_QUEUE_MAX);
         tokio::spawn(publish_projections(self.js.clone(), self.node.clone(), rx));
         let (js, me) = (self.js.clone(), self.node.clone());
@@ -443,8 +443,13 @@ impl ClusterNode {
         tokio::spawn(async move {
             // The consumer's message stream ends or fails when its server goes away (a
             // restart, a leader change): follow it again, from where this node stopped.
+            let mut next = Some(Ok::<_, anyhow::Error>(first));
             loop {
-                match follow_events(&js, &me).await {
+                let following = match next.take() {
+                    Some(first) => first,
+                    None => follow_events(&js, &me).await,
+                };
+                match following {
                     Ok(mut incoming) => {
                         while let Some(message) = incoming.next().await {
                             let message = match message {
@@ -548,22 +553,22 @@ impl ClusterNode {
             let asked = self
                 .client
                 .request(placement::command_subject(partition), payload.clone());
-            let retry = match tokio::time::timeout(remaining, asked).await {
+            // Falling through: nobody owns the partition right now; ask again shortly.
+            match tokio::time::timeout(remaining, asked).await {
                 Err(_) => return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
                 Ok(Err(e)) => match e.kind() {
-                    async_nats::client::RequestErrorKind::NoResponders => true,
+                    async_nats::client::RequestErrorKind::NoResponders => {}
                     async_nats::client::RequestErrorKind::TimedOut => {
                         return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS))
                     }
                     _ => return Err(CommandError::Unavailable(format!("NATS request failed: {e}"))),
                 },
                 Ok(Ok(message)) => match postcard::from_bytes::<Result<Response, CommandError>>(&message.payload) {
-                    Ok(Ok(Response::NotOwner)) => true,
+                    Ok(Ok(Response::NotOwner)) => {}
                     Ok(result) => return result,
                     Err(e) => return Err(CommandError::Unavailable(format!("undecodable reply: {e}"))),
                 },
-            };
-            debug_assert!(retry);
+            }
             tokio::time::sleep(backoff.min(remaining)).await;
             backoff = (backoff * 2).min(ROUTE_BACKOFF_MAX);
         }

@@ -161,6 +161,15 @@ impl TestServer {
     }
 }
 
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub async fn connect(addr: SocketAddr) -> Channel {
     for _ in 0..200 {
         if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
