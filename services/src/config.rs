@@ -11,6 +11,8 @@ use std::time::Duration;
 
 /// Most partitions a cluster may have (each is a lease and a command subscription).
 const PARTITIONS_MAX: u32 = 1_024;
+/// Longest wait between SIGTERM and the drain.
+const SHUTDOWN_DELAY_MS_MAX: u64 = 60_000;
 
 fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -38,6 +40,32 @@ pub enum Command {
     Demo(DemoArgs),
     /// Creators' settlement against a running server: statements and reconciliation.
     Settlement(SettlementArgs),
+    /// Ask a running server's grpc.health.v1 service; exit 0 when it answers SERVING (for
+    /// exec probes, container health checks and scripts).
+    Health(HealthArgs),
+}
+
+/// The health service names `dropline serve` reports.
+pub mod health_services {
+    /// The whole platform: SERVING once it can take calls, NOT_SERVING from SIGTERM on and,
+    /// on a cluster node, while its NATS connection is down. What readiness checks ask.
+    pub const READY: &str = "";
+    /// The process: SERVING from start until it exits, draining included. What liveness
+    /// checks ask, so that a draining or NATS-less node is not restarted for nothing.
+    pub const LIVE: &str = "liveness";
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct HealthArgs {
+    /// The server's gRPC address.
+    #[arg(long, env = "DROPLINE_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// The health service to ask: "" (the platform, readiness) or `liveness` (the process).
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// Give up after this long.
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -94,7 +122,8 @@ pub struct ServeArgs {
     /// Directory for the journal and secrets [default: ./data].
     #[arg(long, env = "DROPLINE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// A TOML file with `listen` and `data_dir` keys.
+    /// A TOML file with any of the keys `listen`, `data_dir`, `log`, `shutdown_delay_ms`,
+    /// `nats`, `node`, `partitions`, `replicas`, `lease_ttl_ms`, `lease_renew_ms`.
     #[arg(long, env = "DROPLINE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Log filter, e.g. `info` or `dropline=debug` [default: info].
@@ -104,6 +133,11 @@ pub struct ServeArgs {
     /// it the stored one stays in force, or a new one is made and shown once.
     #[arg(long, env = "DROPLINE_OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: Option<String>,
+    /// On SIGTERM, report NOT_SERVING at once but keep serving this long before draining,
+    /// so that load balancers (a Kubernetes Service) stop sending calls first [default: 0;
+    /// at most 60000].
+    #[arg(long, env = "DROPLINE_SHUTDOWN_DELAY_MS")]
+    pub shutdown_delay_ms: Option<u64>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -165,6 +199,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     log: Option<String>,
+    shutdown_delay_ms: Option<u64>,
     nats: Option<String>,
     node: Option<String>,
     partitions: Option<u32>,
@@ -180,6 +215,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub log: String,
     pub operator_token: Option<String>,
+    /// How long the server keeps serving after SIGTERM before it drains.
+    pub shutdown_delay: Duration,
     /// Set when this process is one node of a cluster.
     pub cluster: Option<ClusterConfig>,
 }
@@ -206,9 +243,13 @@ impl ServeArgs {
                 .unwrap_or_else(|| PathBuf::from("./data")),
             log: self.log.clone().or(file.log.clone()).unwrap_or_else(|| "info".into()),
             operator_token: self.operator_token.clone(),
+            shutdown_delay: Duration::from_millis(self.shutdown_delay_ms.or(file.shutdown_delay_ms).unwrap_or(0)),
             cluster: None,
         })
         .and_then(|mut config| {
+            if config.shutdown_delay > Duration::from_millis(SHUTDOWN_DELAY_MS_MAX) {
+                anyhow::bail!("--shutdown-delay-ms must be at most {SHUTDOWN_DELAY_MS_MAX}");
+            }
             let c = &self.cluster;
             let Some(nats) = c.nats.clone().or(file.nats) else {
                 return Ok(config);
@@ -272,6 +313,7 @@ mod tests {
             config: Some(path),
             log: None,
             operator_token: None,
+            shutdown_delay_ms: None,
             cluster: ClusterArgs::default(),
         };
         let config = args.resolve().unwrap();
@@ -286,6 +328,7 @@ mod tests {
             config: Some(bad),
             log: None,
             operator_token: None,
+            shutdown_delay_ms: None,
             cluster: ClusterArgs::default(),
         }
         .resolve()

@@ -48,7 +48,7 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         None => info!(data_dir = %config.data_dir.display(), "embedded platform ready"),
     }
     let cluster = platform.cluster.clone();
-    let served = server::serve(platform, listener, server::shutdown_signal()).await;
+    let served = server::serve_with(platform, listener, server::shutdown_signal(), config.shutdown_delay).await;
     if let Some(node) = cluster {
         // Hand this node's partitions over now rather than after the lease TTL.
         node.leave().await;
@@ -80,5 +80,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing("warn");
             settlement_cli::run(args).await
         }
+        Command::Health(args) => match health_check(&args).await {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => {
+                // A probe's answer, not a crash: one line, no backtrace.
+                eprintln!("dropline health: {e:#}");
+                std::process::exit(1)
+            }
+        },
     }
+}
+
+/// `dropline health`: one grpc.health.v1 Check; prints the status, true for SERVING.
+async fn health_check(args: &config::HealthArgs) -> anyhow::Result<bool> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let timeout = std::time::Duration::from_millis(args.timeout_ms);
+    let endpoint = tonic::transport::Endpoint::from_shared(args.server.clone())
+        .map_err(|e| anyhow::anyhow!("--server {}: {e}", args.server))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("{}: no connection within {} ms", args.server, args.timeout_ms))?
+        .map_err(|e| anyhow::Error::new(e).context(args.server.clone()))?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: args.service.clone(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {} ({:?})", args.server, s.message(), s.code()))?;
+    let status = ServingStatus::try_from(reply.into_inner().status).unwrap_or(ServingStatus::Unknown);
+    println!("{}", status.as_str_name());
+    Ok(status == ServingStatus::Serving)
 }

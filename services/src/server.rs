@@ -1,10 +1,13 @@
 //! The gRPC server: checkout, operator, partner registry, dispatch and settlement services,
 //! grpc.health.v1 and server reflection,
 //! bounded concurrency, and a graceful shutdown that turns health to NOT_SERVING first and
-//! then drains in-flight calls for at most `SHUTDOWN_DRAIN_MS`.
+//! then drains in-flight calls for at most `SHUTDOWN_DRAIN_MS`. Health service "" is
+//! readiness (NOT_SERVING when stopping or, on a cluster node, without NATS); `liveness`
+//! stays SERVING until the process exits.
 
 use crate::auth::Authenticator;
 use crate::checkout::Checkout;
+use crate::config::health_services;
 use crate::dispatch::Couriers;
 use crate::operator::Operator;
 use crate::platform::Platform;
@@ -25,13 +28,31 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+/// How often a cluster node's readiness follows its NATS connection.
+const CONNECTION_CHECK_MS: u64 = 1_000;
+
 /// Serves the platform on `listener` until `shutdown` resolves, then drains.
 pub async fn serve(
     platform: Platform,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with(platform, listener, shutdown, Duration::ZERO).await
+}
+
+/// [`serve`], and when `shutdown` resolves, keeps serving for `shutdown_delay` with health
+/// NOT_SERVING before it drains (load balancers stop routing here during the delay).
+pub async fn serve_with(
+    platform: Platform,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown_delay: Duration,
+) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    // The process is alive until it exits, draining included.
+    health
+        .set_service_status(health_services::LIVE, tonic_health::ServingStatus::Serving)
+        .await;
     let checkout =
         CheckoutServiceServer::new(Checkout::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     // Operator, registry and courier calls carry credentials, resolved by one interceptor.
@@ -52,8 +73,35 @@ pub async fn serve(
     health.set_serving::<DispatchServiceServer<Couriers>>().await;
     health.set_serving::<SettlementServiceServer<Settlement>>().await;
     health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .set_service_status(health_services::READY, tonic_health::ServingStatus::Serving)
         .await;
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    if let Some(node) = platform.cluster.clone() {
+        // A node cut off from NATS can neither journal nor route: not ready until it is back.
+        let health = health.clone();
+        let mut stopping_rx = stopping_rx.clone();
+        tokio::spawn(async move {
+            let mut was_connected = true;
+            loop {
+                tokio::select! {
+                    _ = stopping_rx.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(CONNECTION_CHECK_MS)) => {}
+                }
+                let connected = node.connected();
+                if connected != was_connected && !*stopping_rx.borrow() {
+                    let status = if connected {
+                        info!("NATS connection back: SERVING");
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        warn!("NATS connection lost: NOT_SERVING until it is back");
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    health.set_service_status(health_services::READY, status).await;
+                    was_connected = connected;
+                }
+            }
+        });
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -71,15 +119,20 @@ pub async fn serve(
         let health = health.clone();
         async move {
             shutdown.await;
+            let _ = stopping_tx.send(true);
             info!("shutting down: health NOT_SERVING, draining in-flight calls");
             health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .set_service_status(health_services::READY, tonic_health::ServingStatus::NotServing)
                 .await;
             health.set_not_serving::<CheckoutServiceServer<Checkout>>().await;
             health.set_not_serving::<OperatorServiceServer<Operator>>().await;
             health.set_not_serving::<PartnerRegistryServiceServer<Registry>>().await;
             health.set_not_serving::<DispatchServiceServer<Couriers>>().await;
             health.set_not_serving::<SettlementServiceServer<Settlement>>().await;
+            if !shutdown_delay.is_zero() {
+                info!(delay_ms = shutdown_delay.as_millis() as u64, "still serving while load balancers catch up");
+                tokio::time::sleep(shutdown_delay).await;
+            }
             platform.begin_shutdown();
             let _ = drained_tx.send(());
         }

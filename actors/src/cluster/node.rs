@@ -420,6 +420,12 @@ impl ClusterNode {
 
     /// Leaves the cluster: releases every partition (stopping their actors) so the others
     /// take them at once instead of after the lease TTL.
+    /// Whether this node's NATS connection is up: without it the node can neither journal nor
+    /// route, so the server reports NOT_SERVING to readiness checks until it is back.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     pub async fn leave(&self) {
         self.stop.send_replace(true);
         let running = self.left.lock().expect("left lock").take();
