@@ -138,6 +138,10 @@ pub struct ServeArgs {
     /// at most 60000].
     #[arg(long, env = "DROPLINE_SHUTDOWN_DELAY_MS")]
     pub shutdown_delay_ms: Option<u64>,
+    /// Check the settings (flags, environment, file) and print them, then exit without
+    /// serving: 0 when they are valid.
+    #[arg(long)]
+    pub check_config: bool,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -247,6 +251,12 @@ impl ServeArgs {
             cluster: None,
         })
         .and_then(|mut config| {
+            if let Some(token) = &config.operator_token {
+                let min = crate::auth::OPERATOR_TOKEN_LEN_MIN;
+                if token.len() < min {
+                    anyhow::bail!("the operator token must be at least {min} characters");
+                }
+            }
             if config.shutdown_delay > Duration::from_millis(SHUTDOWN_DELAY_MS_MAX) {
                 anyhow::bail!("--shutdown-delay-ms must be at most {SHUTDOWN_DELAY_MS_MAX}");
             }
@@ -314,6 +324,7 @@ mod tests {
             log: None,
             operator_token: None,
             shutdown_delay_ms: None,
+            check_config: false,
             cluster: ClusterArgs::default(),
         };
         let config = args.resolve().unwrap();
@@ -329,6 +340,7 @@ mod tests {
             log: None,
             operator_token: None,
             shutdown_delay_ms: None,
+            check_config: false,
             cluster: ClusterArgs::default(),
         }
         .resolve()

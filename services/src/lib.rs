@@ -69,6 +69,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = args.resolve()?;
+            if args.check_config {
+                print_config(&config);
+                return Ok(());
+            }
             init_tracing(&config.log);
             run_serve(config).await
         }
@@ -89,6 +93,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         },
+    }
+}
+
+/// `dropline serve --check-config`: the settings a server would run with (no credential).
+fn print_config(config: &ServeConfig) {
+    println!("listen = \"{}\"", config.listen);
+    println!("data_dir = {:?}", config.data_dir.display().to_string());
+    println!("log = {:?}", config.log);
+    println!("shutdown_delay_ms = {}", config.shutdown_delay.as_millis());
+    println!(
+        "operator_token = {}",
+        if config.operator_token.is_some() {
+            "\"(set)\""
+        } else {
+            "\"(none)\""
+        }
+    );
+    match &config.cluster {
+        None => println!("# embedded platform (no nats)"),
+        Some(c) => {
+            println!("nats = {:?}", c.nats_url);
+            println!("node = {:?}", c.node);
+            println!("partitions = {}", c.partitions);
+            println!("replicas = {}", c.replicas);
+            println!("lease_ttl_ms = {}", c.timings.ttl.as_millis());
+            println!("lease_renew_ms = {}", c.timings.renew.as_millis());
+        }
     }
 }
 

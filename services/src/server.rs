@@ -130,7 +130,10 @@ pub async fn serve_with(
             health.set_not_serving::<DispatchServiceServer<Couriers>>().await;
             health.set_not_serving::<SettlementServiceServer<Settlement>>().await;
             if !shutdown_delay.is_zero() {
-                info!(delay_ms = shutdown_delay.as_millis() as u64, "still serving while load balancers catch up");
+                info!(
+                    delay_ms = shutdown_delay.as_millis() as u64,
+                    "still serving while load balancers catch up"
+                );
                 tokio::time::sleep(shutdown_delay).await;
             }
             platform.begin_shutdown();

@@ -1,0 +1,43 @@
+# syntax=docker/dockerfile:1.7
+#
+# The `dropline` binary in a minimal runtime image, running as a non-root user.
+#
+#   docker build -t dropline:0.1.0 .
+#   docker run --rm -p 50051:50051 dropline:0.1.0                       # embedded platform
+#   docker run --rm -e DROPLINE_NATS=nats://nats:4222 dropline:0.1.0    # one cluster node
+#
+# Configuration comes from flags (arguments after the image name replace `serve`), from
+# DROPLINE_* environment variables, and from a TOML file mounted anywhere and named by
+# DROPLINE_CONFIG (the Kubernetes manifests mount /etc/dropline/dropline.toml).
+
+ARG RUST_VERSION=1.95
+
+FROM docker.io/library/rust:${RUST_VERSION}-slim-bookworm AS build
+WORKDIR /src
+# protoc is vendored (protoc-bin-vendored) and mimalloc's C part needs only the gcc that the
+# slim Rust image carries, so nothing else is installed.
+COPY . .
+# The registry and target caches outlive a build (BuildKit); the binary is copied out of
+# them because cache mounts are not part of the image.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p services --bin dropline \
+ && install -D -m 0755 target/release/dropline /out/dropline \
+ && mkdir -p /out/data
+
+# distroless/cc: glibc, libgcc and CA certificates, no shell and no package manager; the
+# `nonroot` tag runs as uid/gid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+COPY --from=build /out/dropline /usr/local/bin/dropline
+COPY --from=build --chown=65532:65532 /out/data /var/lib/dropline
+USER 65532:65532
+ENV DROPLINE_LISTEN=0.0.0.0:50051 \
+    DROPLINE_DATA_DIR=/var/lib/dropline \
+    DROPLINE_LOG=info
+EXPOSE 50051
+VOLUME ["/var/lib/dropline"]
+# For plain Docker; Kubernetes uses its own gRPC probes (see k8s/ and helm/).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=90s \
+    CMD ["/usr/local/bin/dropline", "health", "--service", "liveness"]
+ENTRYPOINT ["/usr/local/bin/dropline"]
+CMD ["serve"]
