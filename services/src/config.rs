@@ -346,4 +346,29 @@ mod tests {
         .resolve()
         .is_err());
     }
+
+    #[test]
+    fn shutdown_delay_and_credential_are_checked_before_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dropline.toml");
+        std::fs::write(&path, "shutdown_delay_ms = 5000\n").unwrap();
+        let args = |delay: Option<u64>, token: Option<&str>| ServeArgs {
+            listen: None,
+            data_dir: None,
+            config: Some(path.clone()),
+            log: None,
+            operator_token: token.map(str::to_string),
+            shutdown_delay_ms: delay,
+            check_config: false,
+            cluster: ClusterArgs::default(),
+        };
+        assert_eq!(
+            args(None, None).resolve().unwrap().shutdown_delay,
+            Duration::from_secs(5)
+        );
+        assert_eq!(args(Some(0), None).resolve().unwrap().shutdown_delay, Duration::ZERO);
+        assert!(args(Some(SHUTDOWN_DELAY_MS_MAX + 1), None).resolve().is_err());
+        assert!(args(None, Some("too-short")).resolve().is_err());
+        assert!(args(None, Some("a-long-enough-operator-token")).resolve().is_ok());
+    }
 }
