@@ -7,8 +7,10 @@
 #   docker run --rm -e DROPLINE_NATS=nats://nats:4222 dropline:0.1.0    # one cluster node
 #
 # Configuration comes from flags (arguments after the image name replace `serve`), from
-# DROPLINE_* environment variables, and from a TOML file mounted anywhere and named by
-# DROPLINE_CONFIG (the Kubernetes manifests mount /etc/dropline/dropline.toml).
+# DROPLINE_* environment variables, and from the TOML file /etc/dropline/dropline.toml
+# (DROPLINE_CONFIG): the image ships services/dropline.image.toml there (listen on all
+# interfaces, data in /var/lib/dropline) and the Kubernetes manifests mount theirs over it.
+# No setting is put in the image's environment: it would beat the mounted file.
 
 ARG RUST_VERSION=1.95
 
@@ -30,10 +32,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 COPY --from=build /out/dropline /usr/local/bin/dropline
 COPY --from=build --chown=65532:65532 /out/data /var/lib/dropline
+COPY services/dropline.image.toml /etc/dropline/dropline.toml
 USER 65532:65532
-ENV DROPLINE_LISTEN=0.0.0.0:50051 \
-    DROPLINE_DATA_DIR=/var/lib/dropline \
-    DROPLINE_LOG=info
+ENV DROPLINE_CONFIG=/etc/dropline/dropline.toml
 EXPOSE 50051
 VOLUME ["/var/lib/dropline"]
 # For plain Docker; Kubernetes uses its own gRPC probes (see k8s/ and helm/).

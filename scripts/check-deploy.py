@@ -297,7 +297,7 @@ def pod_env(facts: dict, tmp: pathlib.Path, nats: str | None, pod_index: int = 0
 # ---------------------------------------------------------------------------------------------
 
 
-def check_dockerfile() -> set[str]:
+def check_dockerfile(dropline: pathlib.Path) -> set[str]:
     section("Dockerfile")
     cmds = dockerfile.parse_file(str(ROOT / "Dockerfile"))
     stages: list[list] = []
@@ -323,7 +323,26 @@ def check_dockerfile() -> set[str]:
     C.ok(bool(health) and "health" in " ".join(health[-1].value), "HEALTHCHECK asks `dropline health`")
     ignore = (ROOT / ".dockerignore").read_text().split()
     C.ok("target/" in ignore and ".tools/" in ignore, ".dockerignore keeps target/ and .tools/ out of the context")
-    return {w for c in runtime if c.cmd == "ENV" for w in c.value if w.startswith("DROPLINE_")}
+    # ENV values come as alternating names and values.
+    env = {}
+    for c in runtime:
+        if c.cmd == "ENV":
+            env.update(zip(c.value[::2], c.value[1::2]))
+    settings = {k for k in env if k.startswith("DROPLINE_")}
+    C.ok(settings == {"DROPLINE_CONFIG"},
+         f"the image's environment names only the config file ({sorted(settings)}): a setting there would beat the mounted TOML")
+    config_path = env.get("DROPLINE_CONFIG", "")
+    shipped = [c.value[0] for c in runtime if c.cmd == "COPY" and not c.flags and len(c.value) == 2 and c.value[1] == config_path]
+    C.ok(len(shipped) == 1, f"the image ships its default config at DROPLINE_CONFIG ({config_path})")
+    if shipped:
+        run = subprocess.run([str(dropline), "serve", "--check-config"], capture_output=True, text=True,
+                             env={"PATH": os.environ.get("PATH", ""), "DROPLINE_CONFIG": str(ROOT / shipped[0])})
+        volumes = {v for c in runtime if c.cmd == "VOLUME" for v in c.value}
+        C.ok(run.returncode == 0 and 'listen = "0.0.0.0:50051"' in run.stdout
+             and any(f'data_dir = "{v}"' in run.stdout for v in volumes),
+             f"{shipped[0]}: --check-config accepts it; it listens on all interfaces on the exposed port, data on the volume "
+             f"({(run.stdout + run.stderr).strip()[-200:]})")
+    return settings
 
 
 def kustomize(path: pathlib.Path) -> list[dict]:
@@ -354,7 +373,7 @@ def check_kustomize(dropline: pathlib.Path) -> tuple[list[list[dict]], dict]:
         if rel.endswith("production"):
             tsc = dropline_statefulset(docs)["spec"]["template"]["spec"]["topologySpreadConstraints"]
             C.ok(any(t["whenUnsatisfiable"] == "DoNotSchedule" and t["topologyKey"] == "kubernetes.io/hostname" for t in tsc),
-                 f"{rel}: one node per machine")
+                 f"{rel}: nodes spread evenly over machines (required)")
             C.ok(not any(d["kind"] == "Secret" for d in docs), f"{rel}: no credential in the manifests")
         if rel == "k8s/base":
             base_facts = facts
@@ -387,6 +406,10 @@ BAD_VALUES = [
     ("more journal replicas than NATS servers", {"cluster": {"journalReplicas": 5}}),
     ("JetStream switched off", {"nats": {"config": {"jetstream": {"enabled": False}}}}),
     ("a service port out of range", {"service": {"port": 70000}}),
+    ("bundled NATS not clustered", {"nats": {"config": {"cluster": {"enabled": False}}}}),
+    ("a single NATS server", {"nats": {"config": {"cluster": {"replicas": 1}}}, "cluster": {"journalReplicas": 1}}),
+    ("memory in millibytes (512m)", {"resources": {"limits": {"memory": "512m"}}}),
+    ("cpu with a memory suffix", {"resources": {"requests": {"cpu": "2Gi"}}}),
 ]
 
 
@@ -425,6 +448,10 @@ def check_helm(dropline: pathlib.Path) -> list[list[dict]]:
             validate_schemas(docs + tests, f"helm {label}")
             existing = merged["operatorToken"]["existingSecret"]
             facts = check_objects(docs, f"helm {label}", {existing} if existing else set())
+            selector = facts["sts"]["spec"]["selector"]["matchLabels"]
+            C.ok(bool(tests) and not any(all(t["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())
+                                         for t in tests),
+                 f"helm {label}: the `helm test` pod is not selected as a node (Services, PDB, spread)")
             C.ok(bool(existing) != any(d["kind"] == "Secret" for d in docs),
                  f"helm {label}: the chart makes the credential's Secret exactly when none is named")
             if not merged["nats"]["enabled"]:
@@ -638,7 +665,7 @@ def main() -> int:
         if not tool.exists():
             print(f"missing {tool}: run scripts/test.sh (it builds dropline and installs the tools)", file=sys.stderr)
             return 2
-    env_in_dockerfile = check_dockerfile()
+    env_in_dockerfile = check_dockerfile(dropline)
     kustomized, base_facts = check_kustomize(dropline)
     charted = check_helm(dropline)
     check_names(dropline, kustomized + charted, env_in_dockerfile)
