@@ -168,39 +168,8 @@ impl<H: Hosted> Entity<H> {
         });
     }
 
-    /// Keeps exactly one timer, for the state's earliest deadline.
-    fn rearm(&mut self, actor_ref: &ActorRef<Self>) {
-        let next = self.state.next_deadline();
-        if let (Some((armed, _)), Some(next)) = (&self.timer, next) {
-            if *armed == next {
-                return;
-            }
-        }
-        if let Some((_, handle)) = self.timer.take() {
-            handle.abort();
-        }
-        let Some(deadline) = next else { return };
-        let delay_ms = (deadline.0 - self.env.clock.now().0).max(0) as u64;
-        let actor = actor_ref.downgrade();
-        let handle = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            loop {
-                let Some(actor) = actor.upgrade() else { return };
-                match actor.tell(Tick).try_send() {
-                    Err(SendError::MailboxFull(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
-                    _ => return,
-                }
-            }
-        });
-        self.timer = Some((deadline, handle));
-    }
-}
-
-impl<H: Hosted> Actor for Entity<H> {
-    type Args = EntityArgs<H>;
-    type Error = CommandError;
-
-    async fn on_start(args: EntityArgs<H>, actor_ref: ActorRef<Self>) -> Result<Self, CommandError> {
+    /// Recovers the actor: snapshot, journal replay, the aggregate's own recovery step.
+    async fn start(args: EntityArgs<H>, actor_ref: ActorRef<Self>) -> Result<Self, CommandError> {
         let EntityArgs { key, env } = args;
         let stream = H::stream(&key);
         let recovered = env
@@ -240,6 +209,45 @@ impl<H: Hosted> Actor for Entity<H> {
         }
         entity.rearm(&actor_ref);
         Ok(entity)
+    }
+
+    /// Keeps exactly one timer, for the state's earliest deadline.
+    fn rearm(&mut self, actor_ref: &ActorRef<Self>) {
+        let next = self.state.next_deadline();
+        if let (Some((armed, _)), Some(next)) = (&self.timer, next) {
+            if *armed == next {
+                return;
+            }
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            handle.abort();
+        }
+        let Some(deadline) = next else { return };
+        let delay_ms = (deadline.0 - self.env.clock.now().0).max(0) as u64;
+        let actor = actor_ref.downgrade();
+        let handle = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            loop {
+                let Some(actor) = actor.upgrade() else { return };
+                match actor.tell(Tick).try_send() {
+                    Err(SendError::MailboxFull(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    _ => return,
+                }
+            }
+        });
+        self.timer = Some((deadline, handle));
+    }
+}
+
+impl<H: Hosted> Actor for Entity<H> {
+    type Args = EntityArgs<H>;
+    type Error = CommandError;
+
+    async fn on_start(args: EntityArgs<H>, actor_ref: ActorRef<Self>) -> Result<Self, CommandError> {
+        // Boxed: kameo keeps this future inside the actor's task for the task's whole life,
+        // so inline it would add its largest await state (journal load, asking the drop)
+        // to every live actor's memory; boxed it costs one allocation, freed once started.
+        Box::pin(Self::start(args, actor_ref)).await
     }
 
     async fn next(

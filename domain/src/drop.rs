@@ -228,7 +228,7 @@ pub enum DropCommand {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DropEvent {
-    Created { spec: DropSpec, at: UnixMillis },
+    Created { spec: Arc<DropSpec>, at: UnixMillis },
     Opened { at: UnixMillis },
     Closed { at: UnixMillis },
 }
@@ -272,10 +272,12 @@ impl Aggregate for DropState {
                 if !violations.is_empty() {
                     return Err(Rejection::InvalidArgument(violations));
                 }
+                // One copy of the spec, shared by the event, the state and the reply.
+                let spec = Arc::new(spec);
                 let view = DropView {
                     status: SaleStatus::Scheduled.effective(spec.opens_at, spec.closes_at, now),
                     recorded_status: SaleStatus::Scheduled,
-                    spec: Arc::new(spec.clone()),
+                    spec: spec.clone(),
                 };
                 Ok((vec![DropEvent::Created { spec, at: now }], view))
             }
@@ -317,7 +319,7 @@ impl Aggregate for DropState {
     fn apply(&mut self, event: &DropEvent) {
         match event {
             DropEvent::Created { spec, .. } => {
-                self.spec = Some(Arc::new(spec.clone()));
+                self.spec = Some(spec.clone());
                 self.status = SaleStatus::Scheduled;
             }
             DropEvent::Opened { .. } => self.status = SaleStatus::Open,

@@ -10,6 +10,7 @@ use domain::sku::{RestockCommand, SkuCommand, SkuReply};
 use domain::{CityName, CreatorId, DropId, HubId, IdempotencyKey, SkuId};
 use proto::operator::v1::operator_service_server::OperatorService;
 use proto::operator::v1::*;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
@@ -110,6 +111,10 @@ fn drop_spec(r: CreateDropRequest) -> Result<DropSpec, Status> {
     let opens_at = check.timestamp("opens_at", r.opens_at.as_ref());
     let closes_at = check.timestamp("closes_at", r.closes_at.as_ref());
     let mut skus = Vec::with_capacity(r.skus.len().min(domain::limits::SKUS_PER_DROP_MAX));
+    // The same few hubs and cities recur in every SKU's pools: each is parsed once and shared
+    // (an `Arc` clone), not allocated again per pool, in the spec and in every SKU's state.
+    let mut hubs: HashMap<&str, HubId> = HashMap::new();
+    let mut cities: HashMap<&str, CityName> = HashMap::new();
     for (i, sku) in r.skus.iter().enumerate().take(domain::limits::SKUS_PER_DROP_MAX + 1) {
         let sku_id = check.parse(&format!("skus[{i}].sku_id"), &sku.sku_id, SkuId::parse);
         let price = check.money(&format!("skus[{i}].price"), sku.price.as_ref());
@@ -120,8 +125,18 @@ fn drop_spec(r: CreateDropRequest) -> Result<DropSpec, Status> {
             .enumerate()
             .take(domain::limits::POOLS_PER_SKU_MAX + 1)
         {
-            let hub_id = check.parse(&format!("skus[{i}].allocations[{j}].hub_id"), &a.hub_id, HubId::parse);
-            let city = check.parse(&format!("skus[{i}].allocations[{j}].city"), &a.city, CityName::parse);
+            let hub_id = match hubs.get(a.hub_id.as_str()) {
+                Some(hub_id) => Some(hub_id.clone()),
+                None => check
+                    .parse(&format!("skus[{i}].allocations[{j}].hub_id"), &a.hub_id, HubId::parse)
+                    .inspect(|hub_id| drop(hubs.insert(&a.hub_id, hub_id.clone()))),
+            };
+            let city = match cities.get(a.city.as_str()) {
+                Some(city) => Some(city.clone()),
+                None => check
+                    .parse(&format!("skus[{i}].allocations[{j}].city"), &a.city, CityName::parse)
+                    .inspect(|city| drop(cities.insert(&a.city, city.clone()))),
+            };
             if let (Some(hub_id), Some(city)) = (hub_id, city) {
                 pools.push(PoolSpec {
                     hub_id,

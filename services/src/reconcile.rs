@@ -48,7 +48,7 @@ async fn drop_spec(journal: &dyn Journal, stream: &str) -> Result<Option<DropSpe
     let events = journal.load_all(stream).await.map_err(storage)?;
     for (_, bytes) in events {
         if let DropEvent::Created { spec, .. } = codec::decode::<DropEvent>(&bytes).map_err(storage)? {
-            return Ok(Some(spec));
+            return Ok(Some(std::sync::Arc::unwrap_or_clone(spec)));
         }
     }
     Ok(None)

@@ -3,7 +3,9 @@
 use clap::Parser;
 
 /// mimalloc: glibc malloc cost ~20 % of the reserve path under load (arena lock contention
-/// and fragmentation across tokio workers); see ARCHITECTURE.md.
+/// and fragmentation across tokio workers); see ARCHITECTURE.md. The `mimalloc` feature is on
+/// by default; without it the system allocator runs, for heap profiling.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
