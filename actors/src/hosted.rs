@@ -248,7 +248,7 @@ impl Hosted for SkuState {
     }
 
     fn snapshot_weight(&self) -> u64 {
-        self.orders.len() as u64
+        self.entries()
     }
 }
 

@@ -65,7 +65,8 @@ pub const WAKEUP_RETRY_MS: u64 = 1_000;
 pub const SNAPSHOT_IDLE_MIN_EVENTS: u64 = 1_000;
 pub const SNAPSHOT_QUIET_MS: u64 = 500;
 /// An actor that is never idle snapshots anyway after this many events, and after at least
-/// `SNAPSHOT_STATE_FACTOR` times as many events as it holds orders, so snapshot cost stays
+/// `SNAPSHOT_STATE_FACTOR` times as many events as its state has entries (orders, keys,
+/// per-buyer counts, deadlines: what a snapshot writes), so snapshot cost stays
 /// O(1) per event however large the state grows and replay after a crash stays bounded.
 pub const SNAPSHOT_BUSY_MIN_EVENTS: u64 = 20_000;
 pub const SNAPSHOT_STATE_FACTOR: u64 = 4;
@@ -82,6 +83,9 @@ pub const GRPC_CONCURRENT_STREAMS_MAX: u32 = 1_024;
 pub const GRPC_REQUESTS_IN_FLIGHT_MAX: usize = 16_384;
 /// Largest gRPC message accepted (a CreateDrop of 10,000 SKUs fits).
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// TCP keepalive on accepted gRPC connections (beside HTTP/2 pings), so connections of
+/// vanished clients behind idle-dropping middleboxes are noticed by the kernel too.
+pub const TCP_KEEPALIVE_SECS: u64 = 60;
 /// Time given to in-flight calls to finish on shutdown.
 pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
 /// sled page cache of the embedded journal.

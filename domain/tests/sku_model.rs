@@ -415,3 +415,35 @@ fn confirmed_orders_stay_in_the_outbox_until_their_hub_acknowledges_them() {
     run(&mut sku, &mut log, ack, UnixMillis(41_000)).unwrap();
     assert_eq!(log.len(), before);
 }
+
+/// `entries` is what spaces an actor's snapshots: it must grow with everything a snapshot
+/// writes, keys and waitlists included, not only with orders.
+#[test]
+fn entries_count_orders_keys_buyers_deadlines_and_waitlists() {
+    let mut sku = new_sku(&[("hub-a1", "Lisbon", 1)], 1);
+    let mut log = Vec::new();
+    assert_eq!(sku.entries(), 0);
+    let reserve = |id: u64, b: u8, key: &str| {
+        SkuCommand::Reserve(ReserveCommand {
+            order_id: OrderId::new(&DropId::parse("d1").unwrap(), &SkuId::parse("s1").unwrap(), id),
+            params: ReserveParams {
+                buyer: buyer(b),
+                city: CityName::parse("Lisbon").unwrap(),
+                hub_id: None,
+                quantity: 1,
+                allow_partial: false,
+                join_waitlist: true,
+            },
+            idempotency_key: Some(IdempotencyKey::parse(key).unwrap()),
+        })
+    };
+    // A hold: its order, its key, its buyer's count and its expiry.
+    run(&mut sku, &mut log, reserve(1, 1, "k-1"), UnixMillis(2_000)).unwrap();
+    assert_eq!(sku.entries(), 4);
+    // A waitlist place: its order, its key, its buyer's count and its place in the queue.
+    run(&mut sku, &mut log, reserve(2, 2, "k-2"), UnixMillis(2_100)).unwrap();
+    assert_eq!(sku.entries(), 8);
+    // A retry with the same key adds nothing.
+    run(&mut sku, &mut log, reserve(3, 2, "k-2"), UnixMillis(2_200)).unwrap();
+    assert_eq!(sku.entries(), 8);
+}

@@ -15,6 +15,7 @@ use crate::registry::Registry;
 use crate::settlement::Settlement;
 use domain::limits::{
     GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX, SHUTDOWN_DRAIN_MS,
+    TCP_KEEPALIVE_SECS,
 };
 use proto::checkout::v1::checkout_service_server::CheckoutServiceServer;
 use proto::dispatch::v1::dispatch_service_server::DispatchServiceServer;
@@ -24,7 +25,7 @@ use proto::settlement::v1::settlement_service_server::SettlementServiceServer;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
@@ -140,12 +141,17 @@ pub async fn serve_with(
             let _ = drained_tx.send(());
         }
     };
+    // `Server::tcp_nodelay` does not apply to a listener handed over with
+    // `serve_with_incoming*`: set it on the incoming stream itself. Without it, Nagle's
+    // algorithm meeting the client's delayed ACK held the last replies of a burst ~40 ms.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(TCP_KEEPALIVE_SECS)));
     let server = Server::builder()
         .max_concurrent_streams(GRPC_CONCURRENT_STREAMS_MAX)
         .concurrency_limit_per_connection(GRPC_REQUESTS_IN_FLIGHT_MAX)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -154,7 +160,7 @@ pub async fn serve_with(
         .add_service(registry)
         .add_service(dispatch)
         .add_service(settlement)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+        .serve_with_incoming_shutdown(incoming, stopping);
     info!(addr = %local, "listening on {local}");
     tokio::pin!(server);
     tokio::select! {
