@@ -48,6 +48,22 @@ fn buyer(i: u8) -> BuyerRef {
     BuyerRef::from_hash_hex(format!("{i:032x}"))
 }
 
+/// One unit for buyer `b` in Lisbon, waitlist allowed, as order `id` of SKU s1.
+fn lisbon_reserve(id: u64, b: u8, key: Option<&str>) -> SkuCommand {
+    SkuCommand::Reserve(ReserveCommand {
+        order_id: OrderId::new(&DropId::parse("d1").unwrap(), &SkuId::parse("s1").unwrap(), id),
+        params: ReserveParams {
+            buyer: buyer(b),
+            city: CityName::parse("Lisbon").unwrap(),
+            hub_id: None,
+            quantity: 1,
+            allow_partial: false,
+            join_waitlist: true,
+        },
+        idempotency_key: key.map(|k| IdempotencyKey::parse(k).unwrap()),
+    })
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Reserve {
@@ -225,20 +241,7 @@ proptest! {
 fn expiry_returns_stock_and_promotes_the_waitlist_head() {
     let mut sku = new_sku(&[("hub-a1", "Lisbon", 1)], 2);
     let mut log = Vec::new();
-    let reserve = |id: u64, b: u8| {
-        SkuCommand::Reserve(ReserveCommand {
-            order_id: OrderId::new(&DropId::parse("d1").unwrap(), &SkuId::parse("s1").unwrap(), id),
-            params: ReserveParams {
-                buyer: buyer(b),
-                city: CityName::parse("Lisbon").unwrap(),
-                hub_id: None,
-                quantity: 1,
-                allow_partial: false,
-                join_waitlist: true,
-            },
-            idempotency_key: None,
-        })
-    };
+    let reserve = |id: u64, b: u8| lisbon_reserve(id, b, None);
     let first = run(&mut sku, &mut log, reserve(1, 1), UnixMillis(2_000)).unwrap();
     let second = run(&mut sku, &mut log, reserve(2, 2), UnixMillis(2_100)).unwrap();
     let SkuReply::Reservation(first) = first else { panic!() };
@@ -423,20 +426,7 @@ fn entries_count_orders_keys_buyers_deadlines_and_waitlists() {
     let mut sku = new_sku(&[("hub-a1", "Lisbon", 1)], 1);
     let mut log = Vec::new();
     assert_eq!(sku.entries(), 0);
-    let reserve = |id: u64, b: u8, key: &str| {
-        SkuCommand::Reserve(ReserveCommand {
-            order_id: OrderId::new(&DropId::parse("d1").unwrap(), &SkuId::parse("s1").unwrap(), id),
-            params: ReserveParams {
-                buyer: buyer(b),
-                city: CityName::parse("Lisbon").unwrap(),
-                hub_id: None,
-                quantity: 1,
-                allow_partial: false,
-                join_waitlist: true,
-            },
-            idempotency_key: Some(IdempotencyKey::parse(key).unwrap()),
-        })
-    };
+    let reserve = |id: u64, b: u8, key: &str| lisbon_reserve(id, b, Some(key));
     // A hold: its order, its key, its buyer's count and its expiry.
     run(&mut sku, &mut log, reserve(1, 1, "k-1"), UnixMillis(2_000)).unwrap();
     assert_eq!(sku.entries(), 4);
