@@ -43,7 +43,9 @@ pub struct EntityArgs<H: Hosted> {
 
 pub struct Entity<H: Hosted> {
     stream: String,
-    state: H,
+    /// Boxed: kameo keeps the actor inside its lifecycle future, in more than one place,
+    /// so an inline state (624 bytes for a SKU) is paid several times per running actor.
+    state: Box<H>,
     /// Number of events in the stream (the version of the last one).
     version: u64,
     events_since_snapshot: u64,
@@ -189,7 +191,7 @@ impl<H: Hosted> Entity<H> {
         debug!(%stream, version, replayed, "actor recovered");
         let mut entity = Entity {
             stream,
-            state,
+            state: Box::new(state),
             version,
             events_since_snapshot: replayed as u64,
             env,
