@@ -6,8 +6,9 @@
 //! while the actor goes on deciding the next commands meanwhile: one fsync per batch, not
 //! per buyer.
 //!
-//! Actors start on first use (snapshot + journal replay), run timers for their deadlines
-//! (hold expiry) and stop when idle with nothing pending.
+//! Actors start on first use (snapshot + journal replay), keep their earliest deadline
+//! (hold expiry, outbox retry) in their own receive loop rather than in a timer task, and
+//! stop when idle with nothing pending.
 
 use crate::codec;
 use crate::error::CommandError;
@@ -15,10 +16,10 @@ use crate::hosted::{Env, Hosted};
 use crate::journal::{AppendBatch, AppendPermit, JournalError};
 use domain::limits::{
     ACTOR_IDLE_STOP_MS, SNAPSHOT_BUSY_MIN_EVENTS, SNAPSHOT_IDLE_MIN_EVENTS, SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR,
+    TIMER_RETRY_MS,
 };
 use domain::UnixMillis;
 use kameo::actor::{ActorRef, WeakActorRef};
-use kameo::error::SendError;
 use kameo::mailbox::{MailboxReceiver, Signal};
 use kameo::message::{Context, Message};
 use kameo::reply::DelegatedReply;
@@ -30,9 +31,6 @@ use tracing::{debug, warn};
 
 /// A command for the hosted aggregate; the reply comes once it is durable.
 pub struct Cmd<H: Hosted>(pub H::Command);
-
-/// A due timer.
-struct Tick;
 
 type ReplyFn<R> = Box<dyn FnOnce(Result<R, CommandError>) + Send>;
 
@@ -50,7 +48,9 @@ pub struct Entity<H: Hosted> {
     version: u64,
     events_since_snapshot: u64,
     env: Arc<Env>,
-    timer: Option<(UnixMillis, tokio::task::JoinHandle<()>)>,
+    /// The deadline whose timer command last ran, and when it may run again if that
+    /// deadline is still the earliest (its command could not go through: journal full).
+    fired: Option<(UnixMillis, UnixMillis)>,
     /// Appends handed to the journal and not yet completed.
     in_flight: Arc<AtomicUsize>,
     /// The next deadline last handed to the journal (`None`: not known yet). An actor stops
@@ -64,7 +64,7 @@ fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<
 
 impl<H: Hosted> Entity<H> {
     /// Decides a command and hands the outcome to the journal; `reply` runs when durable.
-    fn execute(&mut self, command: H::Command, actor_ref: &ActorRef<Self>, reply: ReplyFn<H::Reply>) {
+    fn execute(&mut self, command: H::Command, actor: WeakActorRef<Self>, reply: ReplyFn<H::Reply>) {
         let permit = match self.env.journal.try_reserve() {
             Ok(permit) => permit,
             Err(JournalError::Full) => return reply(Err(CommandError::Overloaded("journal queue is full".into()))),
@@ -96,7 +96,7 @@ impl<H: Hosted> Entity<H> {
             publication = self.state.publication(&events, &self.env);
         }
         batch.wakeup = self.wakeup_change();
-        self.append(permit, batch, actor_ref.downgrade(), move |written| match written {
+        self.append(permit, batch, actor, move |written| match written {
             Ok(()) => {
                 if let Some(publish) = publication {
                     publish();
@@ -195,49 +195,45 @@ impl<H: Hosted> Entity<H> {
             version,
             events_since_snapshot: replayed as u64,
             env,
-            timer: None,
+            fired: None,
             in_flight: Arc::new(AtomicUsize::new(0)),
             // Aggregates without timers never have a deadline to write.
             wakeup_written: if H::timer_command().is_some() { None } else { Some(None) },
         };
         if let Some(command) = entity.state.after_recovery(&entity.env).await? {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            entity.execute(command, &actor_ref, Box::new(move |result| drop(tx.send(result))));
+            entity.execute(
+                command,
+                actor_ref.downgrade(),
+                Box::new(move |result| drop(tx.send(result))),
+            );
             rx.await
                 .map_err(|_| CommandError::Unavailable("journal stopped".into()))??;
         }
         if let Some(publish) = entity.state.publication(&[], &entity.env) {
             publish();
         }
-        entity.rearm(&actor_ref);
         Ok(entity)
     }
 
-    /// Keeps exactly one timer, for the state's earliest deadline.
-    fn rearm(&mut self, actor_ref: &ActorRef<Self>) {
-        let next = self.state.next_deadline();
-        if let (Some((armed, _)), Some(next)) = (&self.timer, next) {
-            if *armed == next {
-                return;
-            }
-        }
-        if let Some((_, handle)) = self.timer.take() {
-            handle.abort();
-        }
-        let Some(deadline) = next else { return };
-        let delay_ms = (deadline.0 - self.env.clock.now().0).max(0) as u64;
-        let actor = actor_ref.downgrade();
-        let handle = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            loop {
-                let Some(actor) = actor.upgrade() else { return };
-                match actor.tell(Tick).try_send() {
-                    Err(SendError::MailboxFull(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
-                    _ => return,
-                }
-            }
-        });
-        self.timer = Some((deadline, handle));
+    /// Milliseconds until the timer command is due (0: now), or `None` without a deadline.
+    fn timer_due_in(&self, now: UnixMillis) -> Option<u64> {
+        H::timer_command()?;
+        let deadline = self.state.next_deadline()?;
+        let at = match self.fired {
+            Some((fired, retry_at)) if fired == deadline => retry_at,
+            _ => deadline,
+        };
+        Some((at.0 - now.0).max(0) as u64)
+    }
+
+    /// Runs the timer command for the earliest deadline (expiring holds, retrying outboxes).
+    fn fire_timer(&mut self, actor: &WeakActorRef<Self>, now: UnixMillis) {
+        let (Some(command), Some(deadline)) = (H::timer_command(), self.state.next_deadline()) else {
+            return;
+        };
+        self.fired = Some((deadline, UnixMillis(now.0 + TIMER_RETRY_MS as i64)));
+        self.execute(command, actor.clone(), Box::new(|_| {}));
     }
 }
 
@@ -257,22 +253,32 @@ impl<H: Hosted> Actor for Entity<H> {
         actor: WeakActorRef<Self>,
         mailbox: &mut MailboxReceiver<Self>,
     ) -> Result<Option<Signal<Self>>, CommandError> {
-        // Under load the next message is usually there already: take it without arming a
-        // timer.
-        if let Ok(signal) = mailbox.try_recv() {
-            return Ok(Some(signal));
-        }
         loop {
+            // A due deadline goes first, between messages, so a busy actor expires holds on
+            // time too.
+            let due_in = self.timer_due_in(self.env.clock.now());
+            if due_in == Some(0) {
+                self.fire_timer(&actor, self.env.clock.now());
+                continue;
+            }
+            // Under load the next message is usually there already: take it without a timer.
+            if let Ok(signal) = mailbox.try_recv() {
+                return Ok(Some(signal));
+            }
             // With enough events since the last snapshot, wait only for a short quiet spell,
             // then write one: snapshots happen between bursts, off the buyers' latency path.
             let snapshot_due = self.events_since_snapshot >= SNAPSHOT_IDLE_MIN_EVENTS;
-            let wait = if snapshot_due {
+            let idle_wait = if snapshot_due {
                 SNAPSHOT_QUIET_MS
             } else {
                 ACTOR_IDLE_STOP_MS
             };
+            let deadline_first = due_in.is_some_and(|ms| ms <= idle_wait);
+            let wait = due_in.map_or(idle_wait, |ms| ms.min(idle_wait));
             match tokio::time::timeout(Duration::from_millis(wait), mailbox.recv()).await {
                 Ok(signal) => return Ok(signal),
+                // The deadline's turn: fired at the top of the loop.
+                Err(_) if deadline_first => continue,
                 Err(_) if snapshot_due => self.write_when_idle(true, actor.clone()),
                 // Passivate: stop with nothing in flight (a restarted actor finds everything
                 // in the journal) and the next deadline durable and handed to the wake-up
@@ -301,9 +307,6 @@ impl<H: Hosted> Actor for Entity<H> {
         _: WeakActorRef<Self>,
         reason: kameo::error::ActorStopReason,
     ) -> Result<(), CommandError> {
-        if let Some((_, handle)) = self.timer.take() {
-            handle.abort();
-        }
         // Killed: a failed append (logged by the journal) or a partition handed to another
         // node; neither is news here.
         if !matches!(
@@ -325,22 +328,7 @@ impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
             Some(sender) => Box::new(move |result| sender.send(result)),
             None => Box::new(|_| {}),
         };
-        let actor_ref = ctx.actor_ref().clone();
-        self.execute(command, &actor_ref, reply);
-        self.rearm(&actor_ref);
+        self.execute(command, ctx.actor_ref().downgrade(), reply);
         delegated
-    }
-}
-
-impl<H: Hosted> Message<Tick> for Entity<H> {
-    type Reply = ();
-
-    async fn handle(&mut self, _: Tick, ctx: &mut Context<Self, Self::Reply>) {
-        self.timer = None;
-        let actor_ref = ctx.actor_ref().clone();
-        if let Some(command) = H::timer_command() {
-            self.execute(command, &actor_ref, Box::new(|_| {}));
-        }
-        self.rearm(&actor_ref);
     }
 }

@@ -60,6 +60,8 @@ pub const WAKEUP_QUEUE_MAX: usize = 65_536;
 pub const WAKE_CONCURRENCY: usize = 64;
 /// A wake that failed (overload) is tried again this much later.
 pub const WAKEUP_RETRY_MS: u64 = 1_000;
+/// A deadline whose timer command could not run (journal full) is tried again this much later.
+pub const TIMER_RETRY_MS: u64 = 100;
 /// An actor snapshots after a quiet spell of `SNAPSHOT_QUIET_MS` without messages once this
 /// many events accumulated since its last snapshot: between bursts, off the latency path.
 pub const SNAPSHOT_IDLE_MIN_EVENTS: u64 = 1_000;
