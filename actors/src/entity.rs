@@ -48,8 +48,9 @@ pub struct Entity<H: Hosted> {
     version: u64,
     events_since_snapshot: u64,
     env: Arc<Env>,
-    /// The deadline whose timer command last ran, and when it may run again if that
-    /// deadline is still the earliest (its command could not go through: journal full).
+    /// The deadline whose timer command last ran, and when it may run again should that
+    /// deadline still be the earliest afterwards (the command did not go through, e.g. the
+    /// journal was full): a retry 100 ms later, not a tight loop.
     fired: Option<(UnixMillis, UnixMillis)>,
     /// Appends handed to the journal and not yet completed.
     in_flight: Arc<AtomicUsize>,
@@ -232,8 +233,20 @@ impl<H: Hosted> Entity<H> {
         let (Some(command), Some(deadline)) = (H::timer_command(), self.state.next_deadline()) else {
             return;
         };
+        if self.fired.is_some_and(|(fired, _)| fired == deadline) {
+            debug!(stream = %self.stream, deadline = deadline.0, "deadline still due after its timer command: retrying");
+        }
         self.fired = Some((deadline, UnixMillis(now.0 + TIMER_RETRY_MS as i64)));
-        self.execute(command, actor.clone(), Box::new(|_| {}));
+        let stream = self.stream.clone();
+        self.execute(
+            command,
+            actor.clone(),
+            Box::new(move |result| {
+                if let Err(e) = result {
+                    warn!(%stream, deadline = deadline.0, error = %e, "timer command failed; retrying in 100 ms");
+                }
+            }),
+        );
     }
 }
 

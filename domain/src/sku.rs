@@ -275,12 +275,6 @@ pub enum SkuCommand {
     LedgerSynced {
         orders: Vec<(OrderId, bool)>,
     },
-    /// Confirmed orders (also those cancelled after confirmation) in id order after `after`,
-    /// for reconciliation.
-    ListSales {
-        after: Option<OrderId>,
-        limit: u32,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,7 +343,8 @@ pub enum SkuReply {
     Reservation(Reservation),
     Order(OrderView),
     Figures(SkuFigures),
-    /// Sales for reconciliation, and whether each is still in the ledger outbox.
+    /// No longer produced (reconciliation folds the journal itself); kept so `Done` keeps its
+    /// wire index between nodes of different versions during a rolling upgrade.
     Sales(Vec<(SaleFacts, bool)>),
     Done,
 }
@@ -1233,21 +1228,6 @@ impl Aggregate for SkuState {
                     vec![SkuEvent::LedgerSynced { orders }]
                 };
                 Ok((events, SkuReply::Done))
-            }
-            SkuCommand::ListSales { after, limit } => {
-                let mut ids: Vec<&OrderId> = self
-                    .orders
-                    .iter()
-                    .filter(|(id, o)| o.confirmation.is_some() && after.as_ref().is_none_or(|a| *id > a))
-                    .map(|(id, _)| id)
-                    .collect();
-                ids.sort();
-                ids.truncate(limit.clamp(1, STATEMENT_PAGE_MAX) as usize);
-                let sales = ids
-                    .into_iter()
-                    .filter_map(|id| Some((self.sale_facts(id)?, self.ledger_outbox.contains_key(id))))
-                    .collect();
-                Ok((vec![], SkuReply::Sales(sales)))
             }
         }
     }
