@@ -217,25 +217,20 @@ impl<H: Hosted> Entity<H> {
         Ok(entity)
     }
 
-    /// Milliseconds until the timer command is due (0: now), or `None` without a deadline.
-    fn timer_due_in(&self, now: UnixMillis) -> Option<u64> {
+    /// The earliest deadline and when its timer command is due (the deadline itself, or a
+    /// retry time if its command already ran and the deadline stayed), or `None`.
+    fn timer_due(&self) -> Option<(UnixMillis, UnixMillis)> {
         H::timer_command()?;
         let deadline = self.state.next_deadline()?;
-        let at = match self.fired {
-            Some((fired, retry_at)) if fired == deadline => retry_at,
-            _ => deadline,
-        };
-        Some((at.0 - now.0).max(0) as u64)
+        match self.fired {
+            Some((fired, retry_at)) if fired == deadline => Some((deadline, retry_at)),
+            _ => Some((deadline, deadline)),
+        }
     }
 
-    /// Runs the timer command for the earliest deadline (expiring holds, retrying outboxes).
-    fn fire_timer(&mut self, actor: &WeakActorRef<Self>, now: UnixMillis) {
-        let (Some(command), Some(deadline)) = (H::timer_command(), self.state.next_deadline()) else {
-            return;
-        };
-        if self.fired.is_some_and(|(fired, _)| fired == deadline) {
-            debug!(stream = %self.stream, deadline = deadline.0, "deadline still due after its timer command: retrying");
-        }
+    /// Runs the timer command for `deadline` (expiring holds, retrying outboxes).
+    fn fire_timer(&mut self, deadline: UnixMillis, actor: &WeakActorRef<Self>, now: UnixMillis) {
+        let Some(command) = H::timer_command() else { return };
         self.fired = Some((deadline, UnixMillis(now.0 + TIMER_RETRY_MS as i64)));
         let stream = self.stream.clone();
         self.execute(
@@ -243,7 +238,7 @@ impl<H: Hosted> Entity<H> {
             actor.clone(),
             Box::new(move |result| {
                 if let Err(e) = result {
-                    warn!(%stream, deadline = deadline.0, error = %e, "timer command failed; retrying in 100 ms");
+                    warn!(%stream, deadline = deadline.0, error = %e, "timer command failed; retrying in {TIMER_RETRY_MS} ms");
                 }
             }),
         );
@@ -269,11 +264,13 @@ impl<H: Hosted> Actor for Entity<H> {
         loop {
             // A due deadline goes first, between messages, so a busy actor expires holds on
             // time too.
-            let due_in = self.timer_due_in(self.env.clock.now());
-            if due_in == Some(0) {
-                self.fire_timer(&actor, self.env.clock.now());
+            let now = self.env.clock.now();
+            let due = self.timer_due();
+            if let Some((deadline, _)) = due.filter(|(_, at)| *at <= now) {
+                self.fire_timer(deadline, &actor, now);
                 continue;
             }
+            let due_in = due.map(|(_, at)| (at.0 - now.0) as u64);
             // Under load the next message is usually there already: take it without a timer.
             if let Ok(signal) = mailbox.try_recv() {
                 return Ok(Some(signal));

@@ -11,6 +11,7 @@ use domain::{Currency, FieldViolation, IdError, Money, UnixMillis};
 use proto::checkout::v1 as checkout;
 use proto::common::v1 as common;
 use proto::operator::v1 as operator;
+use std::collections::HashMap;
 use tonic::Status;
 
 /// Collects every problem of a request, so a client learns them all at once.
@@ -28,6 +29,24 @@ impl Check {
                 None
             }
         }
+    }
+
+    /// Like `parse`, for a value that recurs across a request (a hub or city in every SKU's
+    /// pools): each distinct value is parsed once and then shared from `seen` (an `Arc`
+    /// clone), so the spec and every SKU state hold one allocation per name.
+    pub fn parse_shared<'a, T: Clone>(
+        &mut self,
+        seen: &mut HashMap<&'a str, T>,
+        field: &str,
+        value: &'a str,
+        parse: impl FnOnce(&str) -> Result<T, IdError>,
+    ) -> Option<T> {
+        if let Some(parsed) = seen.get(value) {
+            return Some(parsed.clone());
+        }
+        let parsed = self.parse(field, value, parse)?;
+        seen.insert(value, parsed.clone());
+        Some(parsed)
     }
 
     pub fn optional<T>(

@@ -111,8 +111,7 @@ fn drop_spec(r: CreateDropRequest) -> Result<DropSpec, Status> {
     let opens_at = check.timestamp("opens_at", r.opens_at.as_ref());
     let closes_at = check.timestamp("closes_at", r.closes_at.as_ref());
     let mut skus = Vec::with_capacity(r.skus.len().min(domain::limits::SKUS_PER_DROP_MAX));
-    // The same few hubs and cities recur in every SKU's pools: each is parsed once and shared
-    // (an `Arc` clone), not allocated again per pool, in the spec and in every SKU's state.
+    // The same few hubs and cities recur in every SKU's pools: parsed once each, then shared.
     let mut hubs: HashMap<&str, HubId> = HashMap::new();
     let mut cities: HashMap<&str, CityName> = HashMap::new();
     for (i, sku) in r.skus.iter().enumerate().take(domain::limits::SKUS_PER_DROP_MAX + 1) {
@@ -125,18 +124,18 @@ fn drop_spec(r: CreateDropRequest) -> Result<DropSpec, Status> {
             .enumerate()
             .take(domain::limits::POOLS_PER_SKU_MAX + 1)
         {
-            let hub_id = match hubs.get(a.hub_id.as_str()) {
-                Some(hub_id) => Some(hub_id.clone()),
-                None => check
-                    .parse(&format!("skus[{i}].allocations[{j}].hub_id"), &a.hub_id, HubId::parse)
-                    .inspect(|hub_id| drop(hubs.insert(&a.hub_id, hub_id.clone()))),
-            };
-            let city = match cities.get(a.city.as_str()) {
-                Some(city) => Some(city.clone()),
-                None => check
-                    .parse(&format!("skus[{i}].allocations[{j}].city"), &a.city, CityName::parse)
-                    .inspect(|city| drop(cities.insert(&a.city, city.clone()))),
-            };
+            let hub_id = check.parse_shared(
+                &mut hubs,
+                &format!("skus[{i}].allocations[{j}].hub_id"),
+                &a.hub_id,
+                HubId::parse,
+            );
+            let city = check.parse_shared(
+                &mut cities,
+                &format!("skus[{i}].allocations[{j}].city"),
+                &a.city,
+                CityName::parse,
+            );
             if let (Some(hub_id), Some(city)) = (hub_id, city) {
                 pools.push(PoolSpec {
                     hub_id,

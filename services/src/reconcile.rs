@@ -20,6 +20,7 @@ use domain::sku::{SkuEvent, SkuState};
 use domain::{Aggregate, CreatorId, OrderId};
 use proto::settlement::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use tonic::Status;
 
 /// Streams listed per journal read.
@@ -44,11 +45,11 @@ async fn streams(journal: &dyn Journal, prefix: &str) -> Result<Vec<String>, Sta
     }
 }
 
-async fn drop_spec(journal: &dyn Journal, stream: &str) -> Result<Option<DropSpec>, Status> {
+async fn drop_spec(journal: &dyn Journal, stream: &str) -> Result<Option<Arc<DropSpec>>, Status> {
     let events = journal.load_all(stream).await.map_err(storage)?;
     for (_, bytes) in events {
         if let DropEvent::Created { spec, .. } = codec::decode::<DropEvent>(&bytes).map_err(storage)? {
-            return Ok(Some(std::sync::Arc::unwrap_or_clone(spec)));
+            return Ok(Some(spec));
         }
     }
     Ok(None)
