@@ -21,6 +21,7 @@ pub mod projections;
 pub mod secrets;
 pub mod settlement;
 pub mod sled_journal;
+pub mod sled_parts;
 pub mod wakeups;
 
 pub use bus::CommandBus;

@@ -4,11 +4,13 @@
 //! (fsync), then runs the completions in order. One fsync per batch, not per buyer.
 //!
 //! Keys: `e/<stream>\0<first version, 8 bytes big-endian>` for chunks of consecutive
-//! events, `s/<stream>` for the snapshot (8-byte version, then the state), `w/<stream>` for
-//! the stream's next deadline (8-byte big-endian Unix ms). Streams never contain a NUL byte.
+//! events, `s/<stream>` for the snapshot (8-byte version, then the state; stored in parts,
+//! see [`crate::sled_parts`]), `w/<stream>` for the stream's next deadline (8-byte
+//! big-endian Unix ms). Streams never contain a NUL byte.
 
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
+use crate::sled_parts;
 use domain::limits::{JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX};
 use std::path::Path;
 use std::sync::Arc;
@@ -164,8 +166,9 @@ fn decode_chunk(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
     Ok(events)
 }
 
-/// Chunks stay well under sled's blob threshold (large values become separate files).
-const CHUNK_MAX_BYTES: usize = 32 * 1024;
+/// Chunks are no larger than snapshot parts, for the same reason (see [`sled_parts`]): a
+/// leaf of 16 of them is rewritten inline, never as a blob file.
+const CHUNK_MAX_BYTES: usize = sled_parts::PART_MAX_BYTES;
 
 /// A chunk being built: its first version, the next version it expects, and its bytes.
 struct OpenChunk {
@@ -207,15 +210,14 @@ impl Journal for SledJournal {
     fn load(&self, stream: &str) -> BoxFuture<'_, Result<Recovered, JournalError>> {
         let stream = stream.to_string();
         Box::pin(async move {
-            let snapshot = match self
-                .tree
-                .get(snapshot_key(&stream))
-                .map_err(|e| JournalError::Io(e.to_string()))?
+            let snapshot = match sled_parts::get(&self.tree, &snapshot_key(&stream))
+                .map_err(|e| JournalError::Corrupt(format!("{stream}: snapshot: {e}")))?
             {
-                Some(value) if value.len() >= 8 => Some((
-                    u64::from_be_bytes(value[..8].try_into().expect("8 bytes")),
-                    value[8..].to_vec(),
-                )),
+                Some(mut value) if value.len() >= 8 => {
+                    let version = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
+                    value.drain(..8);
+                    Some((version, value))
+                }
                 Some(_) => return Err(JournalError::Corrupt(format!("{stream}: short snapshot"))),
                 None => None,
             };
@@ -328,6 +330,7 @@ impl Writer {
         // Streams in first-seen order, each with its open chunk.
         let mut chunks: Vec<(&str, OpenChunk)> = Vec::new();
         let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut snapshots: std::collections::HashMap<&str, &(u64, Vec<u8>)> = std::collections::HashMap::new();
         for Request { batch: append, .. } in pending {
             let stream = append.stream.as_str();
             let slot = *index.entry(stream).or_insert_with(|| {
@@ -352,12 +355,9 @@ impl Writer {
                 chunk.bytes.extend_from_slice(event);
                 chunk.next = version + 1;
             }
-            if let Some((version, state)) = &append.snapshot {
-                let mut value = Vec::with_capacity(8 + state.len());
-                value.extend_from_slice(&version.to_be_bytes());
-                value.extend_from_slice(state);
-                batch.insert(snapshot_key(stream), value);
-                writes += 1;
+            if let Some(snapshot) = &append.snapshot {
+                // The latest per stream: the parts are written once the batch is known.
+                snapshots.insert(stream, snapshot);
             }
             match append.wakeup {
                 Some(Some(at)) => batch.insert(wakeup_key(stream), at.to_be_bytes().to_vec()),
@@ -368,6 +368,14 @@ impl Writer {
         }
         for (stream, chunk) in &mut chunks {
             writes += chunk.seal(&mut batch, stream);
+        }
+        for (stream, (version, state)) in snapshots {
+            let mut value = Vec::with_capacity(8 + state.len());
+            value.extend_from_slice(&version.to_be_bytes());
+            value.extend_from_slice(state);
+            sled_parts::put(&self.tree, &mut batch, &snapshot_key(stream), &value)
+                .map_err(|e| JournalError::Io(format!("{stream}: snapshot: {e}")))?;
+            writes += 1;
         }
         self.stats
             .appends
@@ -538,6 +546,45 @@ mod tests {
         let journal = reopened.unwrap();
         assert_eq!(journal.load_all("sku/a/b").await.unwrap(), all);
         assert_eq!(journal.load("sku/a/bc").await.unwrap().events.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn big_snapshots_and_hot_streams_never_make_sled_write_blob_files() {
+        // sled writes any page (a leaf of up to 16 keys, rewritten whole every 10 changes)
+        // above a quarter segment as a blob file: with whole multi-megabyte snapshots, one
+        // append next to them rewrote hundreds of megabytes.
+        let dir = tempfile::tempdir().unwrap();
+        let journal = SledJournal::open(dir.path()).unwrap();
+        for s in 0..20u8 {
+            let state = vec![s; 1 << 20];
+            append(
+                &journal,
+                &format!("sku/d/{s:02}"),
+                1,
+                vec![event(1, 16)],
+                Some((1, state)),
+            )
+            .await;
+        }
+        for i in 0..200 {
+            let v = 2 + 2 * i;
+            append(
+                &journal,
+                "sku/d/05",
+                v,
+                vec![event(v, 3_000), event(v + 1, 3_000)],
+                None,
+            )
+            .await;
+        }
+        // (sled creates the directory on its first blob.)
+        let blobs = std::fs::read_dir(dir.path().join("journal").join("blobs")).map_or(0, |d| d.count());
+        assert_eq!(blobs, 0, "sled wrote {blobs} blob files");
+        for s in 0..20u8 {
+            let recovered = journal.load(&format!("sku/d/{s:02}")).await.unwrap();
+            assert_eq!(recovered.snapshot, Some((1, vec![s; 1 << 20])));
+        }
+        assert_eq!(journal.load_all("sku/d/05").await.unwrap().len(), 1 + 2 * 200);
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@
 
 use super::placement::{self, JOURNAL_STREAM};
 use crate::journal::*;
+use crate::sled_parts;
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy, kv, stream::LastRawMessageErrorKind};
 use domain::limits::JOURNAL_QUEUE_MAX;
 use futures::stream::FuturesUnordered;
@@ -173,7 +174,9 @@ impl JetStreamJournal {
     }
 
     fn local_snapshot(&self, stream: &str) -> Result<Option<LocalSnapshot>, JournalError> {
-        match self.snapshots.get(stream.as_bytes()).map_err(io)? {
+        match sled_parts::get(&self.snapshots, stream.as_bytes())
+            .map_err(|e| JournalError::Corrupt(format!("{stream}: local snapshot: {e}")))?
+        {
             Some(bytes) => postcard::from_bytes(&bytes)
                 .map(Some)
                 .map_err(|e| JournalError::Corrupt(format!("{stream}: local snapshot: {e}"))),
@@ -495,7 +498,11 @@ impl Writer {
                     };
                     match postcard::to_stdvec(&record) {
                         Ok(bytes) => {
-                            if let Err(e) = self.snapshots.insert(stream.as_bytes(), bytes) {
+                            // In parts: see `sled_parts` for what whole values cost sled.
+                            let mut batch = sled::Batch::default();
+                            let written = sled_parts::put(&self.snapshots, &mut batch, stream.as_bytes(), &bytes)
+                                .and_then(|()| self.snapshots.apply_batch(batch).map_err(|e| e.to_string()));
+                            if let Err(e) = written {
                                 warn!(%stream, error = %e, "local snapshot not written");
                             }
                         }
