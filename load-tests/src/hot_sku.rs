@@ -63,6 +63,12 @@ pub struct HotSkuArgs {
     /// Do not run the tonic echo baseline.
     #[arg(long)]
     pub skip_echo: bool,
+    /// Rounds, each a burst on a fresh drop followed by its echo baseline; the report gives
+    /// every round and the median ratio, so one noisy moment of a shared machine does not
+    /// decide the figure. Later rounds also load a server whose journal already holds the
+    /// earlier ones.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Seconds to wait for the target to answer, so the test can be started together with
     /// the server.
     #[arg(long, default_value_t = 30)]
@@ -87,10 +93,30 @@ pub(crate) struct StockCheck {
     pub(crate) oversold: u64,
 }
 
+/// One round of `hot-sku`: the Dropline burst on its own drop, the stock check, and the
+/// echo baseline run right after it.
+struct Round {
+    dropline: BurstStats<ReserveOutcome>,
+    check: StockCheck,
+    echo: Option<anyhow::Result<BurstStats<()>>>,
+}
+
+impl Round {
+    fn ratio(&self) -> Option<f64> {
+        match &self.echo {
+            Some(Ok(echo)) if echo.calls_per_second() > 0.0 => {
+                Some(self.dropline.calls_per_second() / echo.calls_per_second())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Runs `dropline-load hot-sku`.
 pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
     let load = args.load;
     load.validate()?;
+    ensure!(args.rounds > 0, "--rounds must be at least 1");
     let stock = match args.stock {
         Some(stock) => stock,
         None => u32::try_from(load.attempts).context("--attempts does not fit a pool's u32 quantity: give --stock")?,
@@ -99,71 +125,105 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
     let wait = Duration::from_secs(args.wait_secs);
     eprintln!("waiting up to {} s for {} to answer", wait.as_secs(), args.target);
     net::wait_until_answering(&args.target, None, wait).await?;
-    let channels = net::connect_channels(&args.target, load.connections).await?;
-    let drop_id = format!("load-{}", unix_millis());
-    eprintln!("creating drop {drop_id}: SKU `{HOT_SKU}` with {stock} units");
-    create_hot_drop(channels[0].clone(), &drop_id, stock).await?;
-
-    eprintln!(
-        "dropline: {} reserves, {} concurrent, {} connections",
-        load.attempts, load.concurrency, load.connections
-    );
-    let dropline = reserve_burst(&channels, &drop_id, load).await?;
-    let check = check_stock(channels[0].clone(), &drop_id).await?;
-    drop(channels);
-
-    let echo = if args.skip_echo {
-        None
-    } else {
-        eprintln!("tonic echo: the same burst against a bare echo server");
-        Some(echo_burst(&drop_id, load).await)
-    };
+    let mut rounds = Vec::with_capacity(args.rounds);
+    for round in 1..=args.rounds {
+        let channels = net::connect_channels(&args.target, load.connections).await?;
+        let drop_id = format!("load-{}", unix_millis());
+        eprintln!(
+            "round {round}/{}: creating drop {drop_id}: SKU `{HOT_SKU}` with {stock} units",
+            args.rounds
+        );
+        create_hot_drop(channels[0].clone(), &drop_id, stock).await?;
+        eprintln!(
+            "round {round}: dropline: {} reserves, {} concurrent, {} connections",
+            load.attempts, load.concurrency, load.connections
+        );
+        let dropline = reserve_burst(&channels, &drop_id, load).await?;
+        let check = check_stock(channels[0].clone(), &drop_id).await?;
+        drop(channels);
+        let echo = if args.skip_echo {
+            None
+        } else {
+            eprintln!("round {round}: tonic echo: the same burst against a bare echo server");
+            Some(echo_burst(&drop_id, load).await)
+        };
+        rounds.push(Round { dropline, check, echo });
+    }
 
     println!(
-        "hot-SKU burst: {} reserves, {} concurrent, {} connections",
-        load.attempts, load.concurrency, load.connections
+        "hot-SKU burst: {} reserves, {} concurrent, {} connections, {} round(s)",
+        load.attempts,
+        load.concurrency,
+        load.connections,
+        rounds.len()
     );
     println!("{}", header());
-    println!("{}", row("dropline reserve", &dropline));
-    match &echo {
-        Some(Ok(echo)) => {
-            println!("{}", row("tonic echo", echo));
-            let echo_rate = echo.calls_per_second();
-            if echo_rate > 0.0 {
-                println!("ratio dropline/echo: {:.2}", dropline.calls_per_second() / echo_rate);
-            }
+    for (i, round) in rounds.iter().enumerate() {
+        let n = i + 1;
+        println!("{}", row(&format!("dropline #{n}"), &round.dropline));
+        match &round.echo {
+            Some(Ok(echo)) => println!("{}", row(&format!("tonic echo #{n}"), echo)),
+            Some(Err(error)) => println!("{:<17}failed: {error:#}", format!("tonic echo #{n}")),
+            None => {}
         }
-        Some(Err(error)) => println!("{:<17}failed: {error:#}", "tonic echo"),
-        None => {}
-    }
-    println!("outcomes: {}", outcome_summary(&dropline));
-    dropline.error_examples().for_each(|line| println!("{line}"));
-    if let Some(Ok(echo)) = &echo {
-        if echo.error_count() > 0 {
-            println!("echo errors: {}", echo.error_summary());
-            echo.error_examples().for_each(|line| println!("{line}"));
+        if let Some(ratio) = round.ratio() {
+            println!("{:<17}{ratio:>8.2}", format!("ratio #{n}"));
         }
     }
-    println!(
-        "oversell: {} (allocated {}, held {}, sold {})",
-        check.oversold, check.allocated, check.held, check.sold
-    );
-
-    let held_by_clients = dropline.outcome(&ReserveOutcome::Held);
-    if check.oversold > 0 {
-        bail!("the hot SKU is oversold by {} units", check.oversold);
-    }
-    if u64::from(check.held) != held_by_clients {
-        bail!(
-            "the server holds {} units but clients were told HELD {} times",
-            check.held,
-            held_by_clients
+    let mut ratios: Vec<f64> = rounds.iter().filter_map(Round::ratio).collect();
+    ratios.sort_by(f64::total_cmp);
+    if let (Some(min), Some(max)) = (ratios.first(), ratios.last()) {
+        println!(
+            "ratio dropline/echo: median {:.2} (min {min:.2}, max {max:.2}, {} rounds)",
+            median(&ratios),
+            ratios.len()
         );
     }
-    if let Some(Err(error)) = echo {
-        return Err(error.context("the echo baseline failed"));
+    for (i, round) in rounds.iter().enumerate() {
+        let n = i + 1;
+        println!("round {n} outcomes: {}", outcome_summary(&round.dropline));
+        round.dropline.error_examples().for_each(|line| println!("{line}"));
+        if let Some(Ok(echo)) = &round.echo {
+            if echo.error_count() > 0 {
+                println!("round {n} echo errors: {}", echo.error_summary());
+                echo.error_examples().for_each(|line| println!("{line}"));
+            }
+        }
+        let check = &round.check;
+        println!(
+            "round {n} oversell: {} (allocated {}, held {}, sold {})",
+            check.oversold, check.allocated, check.held, check.sold
+        );
+    }
+
+    for (i, round) in rounds.into_iter().enumerate() {
+        let n = i + 1;
+        let held_by_clients = round.dropline.outcome(&ReserveOutcome::Held);
+        if round.check.oversold > 0 {
+            bail!("round {n}: the hot SKU is oversold by {} units", round.check.oversold);
+        }
+        if u64::from(round.check.held) != held_by_clients {
+            bail!(
+                "round {n}: the server holds {} units but clients were told HELD {} times",
+                round.check.held,
+                held_by_clients
+            );
+        }
+        if let Some(Err(error)) = round.echo {
+            return Err(error.context(format!("round {n}: the echo baseline failed")));
+        }
     }
     Ok(())
+}
+
+/// The median of sorted, non-empty `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mid = values.len() / 2;
+    if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
 }
 
 /// Runs the hidden `dropline-load echo-only`.
@@ -352,4 +412,16 @@ fn outcome_summary(stats: &BurstStats<ReserveOutcome>) -> String {
         parts.push(format!("errors {errors} ({})", stats.error_summary()));
     }
     parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[0.5]), 0.5);
+        assert_eq!(median(&[0.4, 0.6, 0.9]), 0.6);
+        assert_eq!(median(&[0.25, 0.5, 1.0, 2.0]), 0.75);
+    }
 }
