@@ -2,20 +2,27 @@
 //! that group-commits. The writer takes whatever is queued (up to `JOURNAL_BATCH_MAX`
 //! appends, from any number of actors), writes it as one atomic sled batch, flushes once
 //! (fsync), then runs the completions in order. One fsync per batch, not per buyer.
+//! Snapshots are written after the batch holding the events they cover, a slice at a time
+//! between batches (see [`crate::sled_parts`]); they need no flush of their own, since a
+//! reply never waits for one.
 //!
 //! Keys: `e/<stream>\0<first version, 8 bytes big-endian>` for chunks of consecutive
-//! events, `s/<stream>` for the snapshot (8-byte version, then the state; stored in parts,
-//! see [`crate::sled_parts`]), `w/<stream>` for the stream's next deadline (8-byte
-//! big-endian Unix ms). Streams never contain a NUL byte.
+//! events; `S/<stream>` for the snapshot's header and `s/<stream>\0<version><part>` for its
+//! parts, the version being the generation (`s/<stream>` alone: a whole snapshot written by
+//! an earlier version); `w/<stream>` for the stream's next deadline (8-byte big-endian Unix
+//! ms). Streams never contain a NUL byte.
 
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
-use crate::sled_parts;
-use domain::limits::{JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX};
+use crate::sled_parts::{self, PartsWrite};
+use domain::limits::{
+    JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, SNAPSHOT_SLICE_PARTS, SNAPSHOT_WRITES_MAX,
+};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 struct Request {
     batch: AppendBatch,
@@ -47,8 +54,14 @@ fn event_key(stream: &str, version: u64) -> Vec<u8> {
     key
 }
 
-fn snapshot_key(stream: &str) -> Vec<u8> {
-    [b"s/".as_slice(), stream.as_bytes()].concat()
+/// Where a stream's snapshot lives: header `S/<stream>`, parts `s/<stream>\0…`, and the
+/// whole value earlier versions kept at `s/<stream>` (8-byte version, then the state).
+fn snapshot_keys(stream: &str) -> sled_parts::Keys {
+    sled_parts::Keys {
+        header: [b"S/".as_slice(), stream.as_bytes()].concat(),
+        parts: [b"s/".as_slice(), stream.as_bytes(), &[0]].concat(),
+        legacy: [b"s/".as_slice(), stream.as_bytes()].concat(),
+    }
 }
 
 fn wakeup_key(stream: &str) -> Vec<u8> {
@@ -210,15 +223,18 @@ impl Journal for SledJournal {
     fn load(&self, stream: &str) -> BoxFuture<'_, Result<Recovered, JournalError>> {
         let stream = stream.to_string();
         Box::pin(async move {
-            let snapshot = match sled_parts::get(&self.tree, &snapshot_key(&stream))
+            // The generation of a snapshot in parts is its version; a legacy whole value
+            // (generation 0) starts with it.
+            let snapshot = match sled_parts::get(&self.tree, &snapshot_keys(&stream))
                 .map_err(|e| JournalError::Corrupt(format!("{stream}: snapshot: {e}")))?
             {
-                Some(mut value) if value.len() >= 8 => {
+                Some((0, mut value)) if value.len() >= 8 => {
                     let version = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
                     value.drain(..8);
                     Some((version, value))
                 }
-                Some(_) => return Err(JournalError::Corrupt(format!("{stream}: short snapshot"))),
+                Some((0, _)) => return Err(JournalError::Corrupt(format!("{stream}: short snapshot"))),
+                Some((version, state)) => Some((version, state)),
                 None => None,
             };
             let after = snapshot.as_ref().map_or(0, |(v, _)| *v);
@@ -302,24 +318,97 @@ struct Writer {
     stats: Arc<WriterStats>,
 }
 
+/// Snapshots being written, oldest first, at most one per stream: a slice of the first is
+/// applied between batches of appends, so no buyer waits behind a big snapshot.
+#[derive(Default)]
+struct SnapshotWrites {
+    queue: VecDeque<(String, PartsWrite)>,
+    streams: HashSet<String>,
+}
+
+impl SnapshotWrites {
+    /// Queues a snapshot whose events are written, replacing one of the same stream still
+    /// being written (the newer generation's cleanup removes whatever the older wrote).
+    fn push(&mut self, stream: String, version: u64, state: Vec<u8>) {
+        let write = PartsWrite::new(snapshot_keys(&stream), version, state);
+        if self.streams.contains(&stream) {
+            if let Some(slot) = self.queue.iter_mut().find(|(s, _)| *s == stream) {
+                slot.1 = write;
+            }
+        } else if self.queue.len() >= SNAPSHOT_WRITES_MAX {
+            // Only the replay after a restart gets longer; the actor snapshots again later.
+            warn!(%stream, version, "snapshot dropped: {SNAPSHOT_WRITES_MAX} snapshots already being written");
+        } else {
+            self.streams.insert(stream.clone());
+            self.queue.push_back((stream, write));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Applies one slice of the oldest snapshot write.
+    fn step(&mut self, tree: &sled::Tree) {
+        let Some((stream, write)) = self.queue.front_mut() else {
+            return;
+        };
+        let finished = match write.step(tree, SNAPSHOT_SLICE_PARTS) {
+            Ok(finished) => finished,
+            Err(e) => {
+                error!(%stream, error = %e, "snapshot write failed; the stream replays from its previous snapshot");
+                true
+            }
+        };
+        if finished {
+            if let Some((stream, _)) = self.queue.pop_front() {
+                self.streams.remove(&stream);
+            }
+        }
+    }
+}
+
 impl Writer {
     fn run(mut self) {
         let mut pending = Vec::with_capacity(JOURNAL_BATCH_MAX);
-        while let Some(first) = self.rx.blocking_recv() {
-            pending.push(first);
-            while pending.len() < JOURNAL_BATCH_MAX {
-                match self.rx.try_recv() {
-                    Ok(request) => pending.push(request),
-                    Err(_) => break,
+        let mut snapshots = SnapshotWrites::default();
+        let mut open = true;
+        while open || !snapshots.is_empty() {
+            // Wait for appends only with no snapshot to write meanwhile.
+            if open && snapshots.is_empty() {
+                match self.rx.blocking_recv() {
+                    Some(request) => pending.push(request),
+                    None => open = false,
                 }
             }
-            let result = self.write(&pending);
-            if let Err(e) = &result {
-                error!(error = %e, appends = pending.len(), "journal write failed");
+            while open && pending.len() < JOURNAL_BATCH_MAX {
+                match self.rx.try_recv() {
+                    Ok(request) => pending.push(request),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
             }
-            for request in pending.drain(..) {
-                (request.done)(result.clone());
+            if !pending.is_empty() {
+                // Snapshots are written after the batch holding the events they cover.
+                let taken: Vec<(String, u64, Vec<u8>)> = pending
+                    .iter_mut()
+                    .filter_map(|r: &mut Request| {
+                        let (version, state) = r.batch.snapshot.take()?;
+                        Some((r.batch.stream.clone(), version, state))
+                    })
+                    .collect();
+                let result = self.write(&pending);
+                match &result {
+                    Ok(()) => taken
+                        .into_iter()
+                        .for_each(|(stream, version, state)| snapshots.push(stream, version, state)),
+                    Err(e) => error!(error = %e, appends = pending.len(), "journal write failed"),
+                }
+                for request in pending.drain(..) {
+                    (request.done)(result.clone());
+                }
             }
+            snapshots.step(&self.tree);
         }
         let _ = self.db.flush();
     }
@@ -329,8 +418,7 @@ impl Writer {
         let mut writes = 0usize;
         // Streams in first-seen order, each with its open chunk.
         let mut chunks: Vec<(&str, OpenChunk)> = Vec::new();
-        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        let mut snapshots: std::collections::HashMap<&str, &(u64, Vec<u8>)> = std::collections::HashMap::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
         for Request { batch: append, .. } in pending {
             let stream = append.stream.as_str();
             let slot = *index.entry(stream).or_insert_with(|| {
@@ -355,10 +443,6 @@ impl Writer {
                 chunk.bytes.extend_from_slice(event);
                 chunk.next = version + 1;
             }
-            if let Some(snapshot) = &append.snapshot {
-                // The latest per stream: the parts are written once the batch is known.
-                snapshots.insert(stream, snapshot);
-            }
             match append.wakeup {
                 Some(Some(at)) => batch.insert(wakeup_key(stream), at.to_be_bytes().to_vec()),
                 Some(None) => batch.remove(wakeup_key(stream)),
@@ -368,14 +452,6 @@ impl Writer {
         }
         for (stream, chunk) in &mut chunks {
             writes += chunk.seal(&mut batch, stream);
-        }
-        for (stream, (version, state)) in snapshots {
-            let mut value = Vec::with_capacity(8 + state.len());
-            value.extend_from_slice(&version.to_be_bytes());
-            value.extend_from_slice(state);
-            sled_parts::put(&self.tree, &mut batch, &snapshot_key(stream), &value)
-                .map_err(|e| JournalError::Io(format!("{stream}: snapshot: {e}")))?;
-            writes += 1;
         }
         self.stats
             .appends
@@ -493,6 +569,19 @@ mod tests {
         rx.await.expect("completion runs").expect("write succeeds");
     }
 
+    /// The stream once its snapshot of `version` is written: snapshots are written after
+    /// their append completes, between later batches.
+    async fn load_with_snapshot(journal: &SledJournal, stream: &str, version: u64) -> Recovered {
+        for _ in 0..500 {
+            let recovered = journal.load(stream).await.unwrap();
+            if recovered.snapshot.as_ref().is_some_and(|(v, _)| *v == version) {
+                return recovered;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{stream}: snapshot {version} not written within 5 s");
+    }
+
     fn event(version: u64, len: usize) -> Vec<u8> {
         let mut bytes = version.to_le_bytes().to_vec();
         bytes.resize(len.max(8), 0xab);
@@ -527,7 +616,7 @@ mod tests {
         }
         // A snapshot whose version falls inside a chunk: only later events come back.
         append(&journal, "sku/a/b", 41, Vec::new(), Some((25, b"state".to_vec()))).await;
-        let recovered = journal.load("sku/a/b").await.unwrap();
+        let recovered = load_with_snapshot(&journal, "sku/a/b", 25).await;
         assert_eq!(recovered.snapshot, Some((25, b"state".to_vec())));
         assert_eq!(
             recovered.events.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
@@ -577,13 +666,13 @@ mod tests {
             )
             .await;
         }
+        for s in 0..20u8 {
+            let recovered = load_with_snapshot(&journal, &format!("sku/d/{s:02}"), 1).await;
+            assert_eq!(recovered.snapshot, Some((1, vec![s; 1 << 20])));
+        }
         // (sled creates the directory on its first blob.)
         let blobs = std::fs::read_dir(dir.path().join("journal").join("blobs")).map_or(0, |d| d.count());
         assert_eq!(blobs, 0, "sled wrote {blobs} blob files");
-        for s in 0..20u8 {
-            let recovered = journal.load(&format!("sku/d/{s:02}")).await.unwrap();
-            assert_eq!(recovered.snapshot, Some((1, vec![s; 1 << 20])));
-        }
         assert_eq!(journal.load_all("sku/d/05").await.unwrap().len(), 1 + 2 * 200);
     }
 

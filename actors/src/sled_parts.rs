@@ -1,88 +1,233 @@
-//! Large values (snapshots) in sled, stored as parts of at most [`PART_MAX_BYTES`].
+//! Large values (snapshots) in sled: stored in parts, written a slice at a time.
 //!
-//! sled 0.34 splits a leaf by its number of keys (more than 16), never by its size, and
-//! rewrites the whole leaf on every consolidation (every 10th change to it) and whenever it
-//! is paged back into its cache. A few multi-megabyte snapshots sharing a leaf with other
-//! keys therefore turned every tenth append near them into a rewrite of hundreds of
-//! megabytes: measured on the embedded journal, a second hot-SKU burst on the same server
-//! fell from 33,000 to 5,200 reserves/s while the journal writer copied 125 MB leaves.
-//! Split into parts, a leaf holds at most 16 parts, so a rewrite is bounded by
-//! `16 × PART_MAX_BYTES` whatever the size of the snapshots around it.
+//! Two properties of sled 0.34 make a whole multi-megabyte value expensive for everything
+//! around it:
+//! - a leaf splits by its number of keys (more than 16), never by its size, and is rewritten
+//!   whole on every consolidation (every 10th change to it) and whenever it is paged back
+//!   into the cache. Whole snapshots sharing leaves with the hot event keys of later drops
+//!   made the journal writer copy 125 MB leaves: a second hot-SKU burst on the same server
+//!   fell from 33,000 to 5,200 reserves/s.
+//! - `apply_batch` holds a process-wide lock that every other read and write waits for. A
+//!   35 MB snapshot of a SKU with 100,000 holds, written as one batch, held it for 180–330
+//!   ms: every buyer of every drop waited that long.
 //!
-//! Layout under a value's `name` (which never contains a NUL byte): `name\0` followed by a
-//! 4-byte big-endian part index. Part 0 is the header (total length, 8 bytes, and number of
-//! parts, 4 bytes, both big-endian); parts 1..=n hold the bytes. A value stored whole under
-//! `name` by an earlier version is still read, and removed when the value is next written.
+//! So a value is split into parts of at most [`PART_MAX_BYTES`] (a leaf of 16 parts is
+//! rewritten inline, never as a blob file) and [`PartsWrite`] applies them a few at a time,
+//! between other batches. The parts of a new value go under its own generation, and a last
+//! small batch switches the header to it, so a reader sees the old value or the new one,
+//! never a mix, and a crash part-way leaves the old one intact; older generations are
+//! removed afterwards, again a few at a time.
+//!
+//! Keys (chosen by the caller, see [`Keys`]): the header holds the generation (8 bytes),
+//! the value's length (8) and its number of parts (4), big-endian; part `i` of generation
+//! `g` is `parts ‖ g (8 bytes BE) ‖ i (4 bytes BE)`. A value an earlier version stored whole
+//! under a legacy key is still read, and removed by the next write's switch.
 
 /// The largest part: 16 of them (a full leaf) stay under sled's inline limit for its
 /// default 512 KiB segments (a quarter segment), so a rewritten leaf is never a blob file.
 pub const PART_MAX_BYTES: usize = 7 * 1024;
 
-const HEADER_LEN: usize = 12;
+const HEADER_LEN: usize = 20;
 
-fn part_key(name: &[u8], part: u32) -> Vec<u8> {
-    let mut key = Vec::with_capacity(name.len() + 5);
-    key.extend_from_slice(name);
-    key.push(0);
-    key.extend_from_slice(&part.to_be_bytes());
-    key
+/// Where one value lives. `parts` must not be a prefix of any other key of the tree than
+/// this value's parts.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub header: Vec<u8>,
+    pub parts: Vec<u8>,
+    pub legacy: Vec<u8>,
 }
 
-fn header(bytes: &[u8]) -> Result<(u64, u32), String> {
-    let bytes: [u8; HEADER_LEN] = bytes.try_into().map_err(|_| "header is not 12 bytes".to_string())?;
-    let len = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
-    let parts = u32::from_be_bytes(bytes[8..].try_into().expect("4 bytes"));
-    Ok((len, parts))
-}
-
-/// Adds to `batch` the writes that replace the value under `name` by `value`: its header,
-/// its parts, and the removal of parts (or a whole legacy value) the previous one had
-/// beyond them. The previous header is read from `tree`, so write one value per name per
-/// batch.
-pub fn put(tree: &sled::Tree, batch: &mut sled::Batch, name: &[u8], value: &[u8]) -> Result<(), String> {
-    let old_parts = match tree.get(part_key(name, 0)).map_err(|e| e.to_string())? {
-        Some(bytes) => header(&bytes)?.1,
-        None => 0,
-    };
-    let parts = u32::try_from(value.len().div_ceil(PART_MAX_BYTES)).map_err(|_| "value too large".to_string())?;
-    let mut head = Vec::with_capacity(HEADER_LEN);
-    head.extend_from_slice(&(value.len() as u64).to_be_bytes());
-    head.extend_from_slice(&parts.to_be_bytes());
-    batch.insert(part_key(name, 0), head);
-    for (i, part) in value.chunks(PART_MAX_BYTES).enumerate() {
-        batch.insert(part_key(name, i as u32 + 1), part);
+impl Keys {
+    fn part(&self, generation: u64, part: u32) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.parts.len() + 12);
+        key.extend_from_slice(&self.parts);
+        key.extend_from_slice(&generation.to_be_bytes());
+        key.extend_from_slice(&part.to_be_bytes());
+        key
     }
-    for stale in parts + 1..=old_parts {
-        batch.remove(part_key(name, stale));
-    }
-    batch.remove(name);
-    Ok(())
 }
 
-/// The value under `name`, if any; an error when its parts do not add up to its header.
-pub fn get(tree: &sled::Tree, name: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let Some(head) = tree.get(part_key(name, 0)).map_err(|e| e.to_string())? else {
-        return tree
-            .get(name)
-            .map(|legacy| legacy.map(|v| v.to_vec()))
-            .map_err(|e| e.to_string());
-    };
-    let (len, parts) = header(&head)?;
-    let mut value = Vec::with_capacity(usize::try_from(len).map_err(|_| "value too large".to_string())?);
-    let mut next = 1u32;
-    for item in tree.range(part_key(name, 1)..=part_key(name, parts)) {
-        let (key, part) = item.map_err(|e| e.to_string())?;
-        let index = u32::from_be_bytes(key[key.len() - 4..].try_into().expect("4-byte suffix"));
-        if index != next {
-            return Err(format!("part {next} of {parts} is missing"));
+fn io(e: sled::Error) -> String {
+    e.to_string()
+}
+
+/// (generation, length, parts) of a header.
+fn header(bytes: &[u8]) -> Result<(u64, u64, u32), String> {
+    let bytes: [u8; HEADER_LEN] = bytes.try_into().map_err(|_| "header is not 20 bytes".to_string())?;
+    Ok((
+        u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
+        u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes")),
+        u32::from_be_bytes(bytes[16..].try_into().expect("4 bytes")),
+    ))
+}
+
+/// The value, if any, with the generation it was written under (0 for a legacy value).
+pub fn get(tree: &sled::Tree, keys: &Keys) -> Result<Option<(u64, Vec<u8>)>, String> {
+    // A write switching generations and removing the old parts may run between reading the
+    // header and reading the parts: read again once the header has moved on.
+    let mut previous = None;
+    for _ in 0..3 {
+        let Some(head) = tree.get(&keys.header).map_err(io)? else {
+            return Ok(tree.get(&keys.legacy).map_err(io)?.map(|v| (0, v.to_vec())));
+        };
+        let (generation, len, parts) = header(&head)?;
+        match read_parts(tree, keys, generation, len, parts)? {
+            Ok(value) => return Ok(Some((generation, value))),
+            Err(missing) if previous == Some(generation) => return Err(missing),
+            Err(_) => previous = Some(generation),
         }
-        value.extend_from_slice(&part);
-        next += 1;
     }
-    if next != parts + 1 || value.len() as u64 != len {
-        return Err(format!("{} of {parts} parts, {} of {len} bytes", next - 1, value.len()));
+    Err("the value kept changing while being read".into())
+}
+
+/// The parts of one generation, or why they do not add up to the header.
+fn read_parts(
+    tree: &sled::Tree,
+    keys: &Keys,
+    generation: u64,
+    len: u64,
+    parts: u32,
+) -> Result<Result<Vec<u8>, String>, String> {
+    let mut value = Vec::with_capacity(usize::try_from(len).map_err(|_| "value too large".to_string())?);
+    let mut next = 0u32;
+    if parts > 0 {
+        for item in tree.range(keys.part(generation, 0)..=keys.part(generation, parts - 1)) {
+            let (key, part) = item.map_err(io)?;
+            let index = u32::from_be_bytes(key[key.len() - 4..].try_into().expect("4-byte suffix"));
+            if index != next {
+                return Ok(Err(format!(
+                    "generation {generation}: part {next} of {parts} is missing"
+                )));
+            }
+            value.extend_from_slice(&part);
+            next += 1;
+        }
     }
-    Ok(Some(value))
+    if next != parts || value.len() as u64 != len {
+        return Ok(Err(format!(
+            "generation {generation}: {next} of {parts} parts, {} of {len} bytes",
+            value.len()
+        )));
+    }
+    Ok(Ok(value))
+}
+
+/// Replacing a value, one slice (a sled batch of at most `slice` writes) per [`step`]:
+/// the new generation's parts, then the switch of the header, then the removal of every
+/// other generation's parts. Only one write per value may run at a time.
+///
+/// [`step`]: PartsWrite::step
+pub struct PartsWrite {
+    keys: Keys,
+    generation: u64,
+    value: Vec<u8>,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Writing parts from this index.
+    Parts(u32),
+    Switch,
+    /// Removing other generations' parts from this key on.
+    Cleanup(Vec<u8>),
+    Done,
+}
+
+impl PartsWrite {
+    /// A write of `value` under `generation`, which must differ from the value's current one
+    /// unless the content is the same (a snapshot's version does).
+    pub fn new(keys: Keys, generation: u64, value: Vec<u8>) -> PartsWrite {
+        PartsWrite {
+            keys,
+            generation,
+            value,
+            stage: Stage::Parts(0),
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn parts(&self) -> u32 {
+        u32::try_from(self.value.len().div_ceil(PART_MAX_BYTES)).expect("fewer than 2^32 parts")
+    }
+
+    /// Applies the next slice; `true` once the write is complete.
+    pub fn step(&mut self, tree: &sled::Tree, slice: usize) -> Result<bool, String> {
+        let slice = slice.max(1);
+        match &self.stage {
+            Stage::Parts(from) => {
+                let from = *from;
+                let mut batch = sled::Batch::default();
+                let mut index = from;
+                for part in self.value.chunks(PART_MAX_BYTES).skip(from as usize).take(slice) {
+                    batch.insert(self.keys.part(self.generation, index), part);
+                    index += 1;
+                }
+                tree.apply_batch(batch).map_err(io)?;
+                self.stage = if index >= self.parts() {
+                    Stage::Switch
+                } else {
+                    Stage::Parts(index)
+                };
+            }
+            Stage::Switch => {
+                let mut head = Vec::with_capacity(HEADER_LEN);
+                head.extend_from_slice(&self.generation.to_be_bytes());
+                head.extend_from_slice(&(self.value.len() as u64).to_be_bytes());
+                head.extend_from_slice(&self.parts().to_be_bytes());
+                let mut batch = sled::Batch::default();
+                batch.insert(self.keys.header.as_slice(), head);
+                batch.remove(self.keys.legacy.as_slice());
+                tree.apply_batch(batch).map_err(io)?;
+                self.value = Vec::new();
+                self.stage = Stage::Cleanup(self.keys.parts.clone());
+            }
+            Stage::Cleanup(from) => {
+                let mut batch = sled::Batch::default();
+                let mut removed = 0;
+                let mut next = None;
+                for item in tree.range(from.clone()..) {
+                    let (key, _) = item.map_err(io)?;
+                    if !key.starts_with(&self.keys.parts) {
+                        break;
+                    }
+                    if removed == slice {
+                        next = Some(key.to_vec());
+                        break;
+                    }
+                    if key[self.keys.parts.len()..self.keys.parts.len() + 8] == self.generation.to_be_bytes() {
+                        // Skip this generation's own parts without reading them.
+                        next = self.generation.checked_add(1).map(|after| {
+                            let mut key = self.keys.parts.clone();
+                            key.extend_from_slice(&after.to_be_bytes());
+                            key
+                        });
+                        break;
+                    }
+                    batch.remove(key);
+                    removed += 1;
+                }
+                if removed > 0 {
+                    tree.apply_batch(batch).map_err(io)?;
+                }
+                self.stage = match next {
+                    Some(key) => Stage::Cleanup(key),
+                    None => Stage::Done,
+                };
+            }
+            Stage::Done => {}
+        }
+        Ok(matches!(self.stage, Stage::Done))
+    }
+
+    /// Runs every remaining step.
+    pub fn finish(&mut self, tree: &sled::Tree, slice: usize) -> Result<(), String> {
+        while !self.step(tree, slice)? {}
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -96,10 +241,18 @@ mod tests {
         (dir, tree)
     }
 
-    fn write(tree: &sled::Tree, name: &[u8], value: &[u8]) {
-        let mut batch = sled::Batch::default();
-        put(tree, &mut batch, name, value).unwrap();
-        tree.apply_batch(batch).unwrap();
+    fn keys(name: &str) -> Keys {
+        Keys {
+            header: format!("S/{name}").into_bytes(),
+            parts: format!("s/{name}\0").into_bytes(),
+            legacy: format!("s/{name}").into_bytes(),
+        }
+    }
+
+    fn write(tree: &sled::Tree, name: &str, generation: u64, value: &[u8]) {
+        PartsWrite::new(keys(name), generation, value.to_vec())
+            .finish(tree, 4)
+            .unwrap();
     }
 
     fn bytes(len: usize, seed: u8) -> Vec<u8> {
@@ -109,51 +262,106 @@ mod tests {
     }
 
     #[test]
-    fn values_of_any_size_round_trip_and_shrinking_leaves_no_stale_parts() {
+    fn values_of_any_size_round_trip_and_old_generations_are_removed() {
         let (_dir, tree) = tree();
-        for len in [
+        let sizes = [
             0,
             1,
             PART_MAX_BYTES - 1,
             PART_MAX_BYTES,
             PART_MAX_BYTES + 1,
             10 * PART_MAX_BYTES + 17,
-        ] {
+        ];
+        for (generation, len) in sizes.into_iter().enumerate() {
             let value = bytes(len, len as u8);
-            write(&tree, b"s/a", &value);
-            assert_eq!(get(&tree, b"s/a").unwrap(), Some(value), "length {len}");
+            write(&tree, "a", generation as u64 + 1, &value);
+            assert_eq!(
+                get(&tree, &keys("a")).unwrap(),
+                Some((generation as u64 + 1, value)),
+                "{len}"
+            );
         }
         // A neighbour whose name extends the first is separate.
-        write(&tree, b"s/ab", b"other");
-        // Shrinking from 11 parts to 1 removes the other 10.
-        write(&tree, b"s/a", b"small");
-        assert_eq!(get(&tree, b"s/a").unwrap(), Some(b"small".to_vec()));
-        assert_eq!(tree.scan_prefix(b"s/a\0").count(), 2, "header and one part");
-        assert_eq!(get(&tree, b"s/ab").unwrap(), Some(b"other".to_vec()));
-        assert_eq!(get(&tree, b"s/none").unwrap(), None);
-        // Each part stays under the limit.
-        write(&tree, b"s/big", &bytes(100 * PART_MAX_BYTES, 3));
+        write(&tree, "ab", 1, b"other");
+        // Only the last generation's 11 parts are left.
+        assert_eq!(tree.scan_prefix(b"s/a\0").count(), 11);
+        write(&tree, "a", 20, b"small");
+        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((20, b"small".to_vec())));
+        assert_eq!(tree.scan_prefix(b"s/a\0").count(), 1);
+        assert_eq!(get(&tree, &keys("ab")).unwrap(), Some((1, b"other".to_vec())));
+        assert_eq!(get(&tree, &keys("none")).unwrap(), None);
+        write(&tree, "big", 1, &bytes(100 * PART_MAX_BYTES, 3));
         assert!(tree
             .scan_prefix(b"s/big\0")
             .all(|item| item.unwrap().1.len() <= PART_MAX_BYTES));
     }
 
     #[test]
+    fn until_the_switch_readers_see_the_old_value_and_each_slice_is_bounded() {
+        let (_dir, tree) = tree();
+        let old = bytes(5 * PART_MAX_BYTES, 1);
+        write(&tree, "a", 1, &old);
+        let new = bytes(9 * PART_MAX_BYTES + 5, 2);
+        let mut writing = PartsWrite::new(keys("a"), 2, new.clone());
+        // Ten parts in slices of 3: four steps, each adding at most 3 keys.
+        for _ in 0..4 {
+            let before = tree.len();
+            assert!(!writing.step(&tree, 3).unwrap());
+            assert!(tree.len() - before <= 3);
+            assert_eq!(get(&tree, &keys("a")).unwrap(), Some((1, old.clone())));
+        }
+        // The switch.
+        assert!(!writing.step(&tree, 3).unwrap());
+        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((2, new.clone())));
+        // Then the old generation's 5 parts go, 3 at most per step.
+        let mut steps = 0;
+        loop {
+            let before = tree.len();
+            let done = writing.step(&tree, 3).unwrap();
+            assert!(before - tree.len() <= 3);
+            steps += 1;
+            if done {
+                break;
+            }
+        }
+        assert!(steps <= 3, "{steps} steps");
+        assert_eq!(tree.scan_prefix(b"s/a\0").count(), 10);
+        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((2, new)));
+    }
+
+    #[test]
+    fn a_write_abandoned_before_its_switch_changes_nothing_and_the_next_one_clears_it() {
+        let (_dir, tree) = tree();
+        write(&tree, "a", 5, b"kept");
+        let mut abandoned = PartsWrite::new(keys("a"), 9, bytes(4 * PART_MAX_BYTES, 7));
+        abandoned.step(&tree, 2).unwrap();
+        drop(abandoned);
+        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((5, b"kept".to_vec())));
+        write(&tree, "a", 7, b"next");
+        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((7, b"next".to_vec())));
+        assert_eq!(
+            tree.scan_prefix(b"s/a\0").count(),
+            1,
+            "generation 9's parts removed too"
+        );
+    }
+
+    #[test]
     fn a_legacy_whole_value_is_read_and_replaced() {
         let (_dir, tree) = tree();
         tree.insert(b"s/old", b"whole value".as_slice()).unwrap();
-        assert_eq!(get(&tree, b"s/old").unwrap(), Some(b"whole value".to_vec()));
-        write(&tree, b"s/old", b"new");
-        assert_eq!(get(&tree, b"s/old").unwrap(), Some(b"new".to_vec()));
+        assert_eq!(get(&tree, &keys("old")).unwrap(), Some((0, b"whole value".to_vec())));
+        write(&tree, "old", 3, b"new");
+        assert_eq!(get(&tree, &keys("old")).unwrap(), Some((3, b"new".to_vec())));
         assert!(tree.get(b"s/old").unwrap().is_none(), "legacy key removed");
     }
 
     #[test]
     fn a_missing_part_is_reported() {
         let (_dir, tree) = tree();
-        write(&tree, b"s/a", &bytes(3 * PART_MAX_BYTES, 1));
-        tree.remove(part_key(b"s/a", 2)).unwrap();
-        let err = get(&tree, b"s/a").unwrap_err();
-        assert!(err.contains("part 2 of 3"), "{err}");
+        write(&tree, "a", 1, &bytes(3 * PART_MAX_BYTES, 1));
+        tree.remove(keys("a").part(1, 1)).unwrap();
+        let err = get(&tree, &keys("a")).unwrap_err();
+        assert!(err.contains("part 1 of 3"), "{err}");
     }
 }

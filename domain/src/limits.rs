@@ -45,6 +45,12 @@ pub const DROP_MAILBOX_CAPACITY: usize = 1_024;
 pub const JOURNAL_QUEUE_MAX: usize = 65_536;
 /// Appends written and flushed together: one fsync for up to this many commands.
 pub const JOURNAL_BATCH_MAX: usize = 8_192;
+/// Snapshot parts (7 KiB each) the embedded journal writes between two batches of appends:
+/// a big snapshot is written a slice at a time, so appends never wait for all of it.
+pub const SNAPSHOT_SLICE_PARTS: usize = 16;
+/// Snapshots queued for writing at once (one per stream); a further one is dropped, which
+/// only lengthens that stream's replay after a restart.
+pub const SNAPSHOT_WRITES_MAX: usize = 4_096;
 /// How long a caller waits for an actor's reply (queueing, decision, durable write).
 pub const COMMAND_TIMEOUT_MS: u64 = 5_000;
 /// How long a caller waits for an actor to start (recover from its journal). An actor
@@ -72,6 +78,9 @@ pub const SNAPSHOT_QUIET_MS: u64 = 500;
 /// O(1) per event however large the state grows and replay after a crash stays bounded.
 pub const SNAPSHOT_BUSY_MIN_EVENTS: u64 = 20_000;
 pub const SNAPSHOT_STATE_FACTOR: u64 = 4;
+/// A state with at least this many entries is encoded for its snapshot off the runtime's
+/// worker (`block_in_place`), so the tasks queued on that worker move to another thread.
+pub const SNAPSHOT_OFF_WORKER_ENTRIES: u64 = 10_000;
 /// Times a command is re-sent to a freshly started actor after it met a stopping one.
 pub const ACTOR_RESTART_RETRIES: usize = 3;
 /// Live WatchOrder subscriptions per process.

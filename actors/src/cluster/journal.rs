@@ -15,9 +15,9 @@
 
 use super::placement::{self, JOURNAL_STREAM};
 use crate::journal::*;
-use crate::sled_parts;
+use crate::sled_parts::{self, PartsWrite};
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy, kv, stream::LastRawMessageErrorKind};
-use domain::limits::JOURNAL_QUEUE_MAX;
+use domain::limits::{JOURNAL_QUEUE_MAX, SNAPSHOT_SLICE_PARTS};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -174,10 +174,10 @@ impl JetStreamJournal {
     }
 
     fn local_snapshot(&self, stream: &str) -> Result<Option<LocalSnapshot>, JournalError> {
-        match sled_parts::get(&self.snapshots, stream.as_bytes())
+        match sled_parts::get(&self.snapshots, &local_snapshot_keys(stream))
             .map_err(|e| JournalError::Corrupt(format!("{stream}: local snapshot: {e}")))?
         {
-            Some(bytes) => postcard::from_bytes(&bytes)
+            Some((_, bytes)) => postcard::from_bytes(&bytes)
                 .map(Some)
                 .map_err(|e| JournalError::Corrupt(format!("{stream}: local snapshot: {e}"))),
             None => Ok(None),
@@ -298,6 +298,16 @@ struct Permit {
 impl AppendPermit for Permit {
     fn append(self: Box<Self>, batch: AppendBatch, done: Completion) {
         self.permit.send(Request { batch, done });
+    }
+}
+
+/// Where a stream's local snapshot lives in the snapshot tree: header `h/<stream>`, parts
+/// `p/<stream>\0…`, and the whole value earlier versions kept under the stream's name.
+fn local_snapshot_keys(stream: &str) -> sled_parts::Keys {
+    sled_parts::Keys {
+        header: [b"h/".as_slice(), stream.as_bytes()].concat(),
+        parts: [b"p/".as_slice(), stream.as_bytes(), &[0]].concat(),
+        legacy: stream.as_bytes().to_vec(),
     }
 }
 
@@ -498,10 +508,10 @@ impl Writer {
                     };
                     match postcard::to_stdvec(&record) {
                         Ok(bytes) => {
-                            // In parts: see `sled_parts` for what whole values cost sled.
-                            let mut batch = sled::Batch::default();
-                            let written = sled_parts::put(&self.snapshots, &mut batch, stream.as_bytes(), &bytes)
-                                .and_then(|()| self.snapshots.apply_batch(batch).map_err(|e| e.to_string()));
+                            // In parts and slices: see `sled_parts` for what whole values
+                            // cost sled. The generation is the version.
+                            let written = PartsWrite::new(local_snapshot_keys(&stream), version, bytes)
+                                .finish(&self.snapshots, SNAPSHOT_SLICE_PARTS);
                             if let Err(e) = written {
                                 warn!(%stream, error = %e, "local snapshot not written");
                             }
