@@ -16,9 +16,9 @@ use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
 use crate::sled_parts::{self, PartsWrite};
 use domain::limits::{
-    JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, SNAPSHOT_SLICE_PARTS, SNAPSHOT_WRITES_MAX,
+    JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS,
 };
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -223,8 +223,8 @@ impl Journal for SledJournal {
     fn load(&self, stream: &str) -> BoxFuture<'_, Result<Recovered, JournalError>> {
         let stream = stream.to_string();
         Box::pin(async move {
-            // The generation of a snapshot in parts is its version; a legacy whole value
-            // (generation 0) starts with it.
+            // A snapshot in parts is tagged with its version; a legacy whole value (tag 0)
+            // starts with it.
             let snapshot = match sled_parts::get(&self.tree, &snapshot_keys(&stream))
                 .map_err(|e| JournalError::Corrupt(format!("{stream}: snapshot: {e}")))?
             {
@@ -318,30 +318,35 @@ struct Writer {
     stats: Arc<WriterStats>,
 }
 
-/// Snapshots being written, oldest first, at most one per stream: a slice of the first is
-/// applied between batches of appends, so no buyer waits behind a big snapshot.
+/// Snapshots being written, oldest first: a slice of the first is applied between batches of
+/// appends, so no buyer waits behind a big snapshot. A newer snapshot of a stream replaces
+/// its queued one if that has not started, else waits behind it.
 #[derive(Default)]
 struct SnapshotWrites {
     queue: VecDeque<(String, PartsWrite)>,
-    streams: HashSet<String>,
+    /// Queued writes per stream.
+    streams: HashMap<String, usize>,
+    bytes: usize,
 }
 
 impl SnapshotWrites {
-    /// Queues a snapshot whose events are written, replacing one of the same stream still
-    /// being written (the newer generation's cleanup removes whatever the older wrote).
-    fn push(&mut self, stream: String, version: u64, state: Vec<u8>) {
-        let write = PartsWrite::new(snapshot_keys(&stream), version, state);
-        if self.streams.contains(&stream) {
-            if let Some(slot) = self.queue.iter_mut().find(|(s, _)| *s == stream) {
+    /// Queues a snapshot whose events are written.
+    fn push(&mut self, stream: String, write: PartsWrite) {
+        if self.streams.contains_key(&stream) {
+            if let Some(slot) = self.queue.iter_mut().find(|(s, w)| *s == stream && !w.started()) {
+                self.bytes = self.bytes - slot.1.bytes() + write.bytes();
                 slot.1 = write;
+                return;
             }
-        } else if self.queue.len() >= SNAPSHOT_WRITES_MAX {
-            // Only the replay after a restart gets longer; the actor snapshots again later.
-            warn!(%stream, version, "snapshot dropped: {SNAPSHOT_WRITES_MAX} snapshots already being written");
-        } else {
-            self.streams.insert(stream.clone());
-            self.queue.push_back((stream, write));
         }
+        if !self.queue.is_empty() && self.bytes + write.bytes() > SNAPSHOT_QUEUE_BYTES_MAX {
+            // Only the replay after a restart gets longer; the actor snapshots again later.
+            warn!(%stream, bytes = write.bytes(), "snapshot dropped: the snapshot queue is full");
+            return;
+        }
+        self.bytes += write.bytes();
+        *self.streams.entry(stream.clone()).or_default() += 1;
+        self.queue.push_back((stream, write));
     }
 
     fn is_empty(&self) -> bool {
@@ -353,6 +358,7 @@ impl SnapshotWrites {
         let Some((stream, write)) = self.queue.front_mut() else {
             return;
         };
+        let before = write.bytes();
         let finished = match write.step(tree, SNAPSHOT_SLICE_PARTS) {
             Ok(finished) => finished,
             Err(e) => {
@@ -360,9 +366,16 @@ impl SnapshotWrites {
                 true
             }
         };
+        self.bytes -= before - write.bytes();
         if finished {
-            if let Some((stream, _)) = self.queue.pop_front() {
-                self.streams.remove(&stream);
+            if let Some((stream, write)) = self.queue.pop_front() {
+                self.bytes -= write.bytes();
+                if let Some(count) = self.streams.get_mut(&stream) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.streams.remove(&stream);
+                    }
+                }
             }
         }
     }
@@ -372,6 +385,7 @@ impl Writer {
     fn run(mut self) {
         let mut pending = Vec::with_capacity(JOURNAL_BATCH_MAX);
         let mut snapshots = SnapshotWrites::default();
+        let mut failed = HashMap::new();
         let mut open = true;
         while open || !snapshots.is_empty() {
             // Wait for appends only with no snapshot to write meanwhile.
@@ -389,28 +403,76 @@ impl Writer {
                 }
             }
             if !pending.is_empty() {
-                // Snapshots are written after the batch holding the events they cover.
-                let taken: Vec<(String, u64, Vec<u8>)> = pending
-                    .iter_mut()
-                    .filter_map(|r: &mut Request| {
-                        let (version, state) = r.batch.snapshot.take()?;
-                        Some((r.batch.stream.clone(), version, state))
-                    })
-                    .collect();
-                let result = self.write(&pending);
-                match &result {
-                    Ok(()) => taken
-                        .into_iter()
-                        .for_each(|(stream, version, state)| snapshots.push(stream, version, state)),
-                    Err(e) => error!(error = %e, appends = pending.len(), "journal write failed"),
-                }
-                for request in pending.drain(..) {
-                    (request.done)(result.clone());
-                }
+                self.write_pending(&mut pending, &mut snapshots, &mut failed);
             }
             snapshots.step(&self.tree);
         }
         let _ = self.db.flush();
+    }
+
+    /// Writes a batch of appends, runs their completions, and queues their snapshots.
+    ///
+    /// `failed` keeps, for each stream whose write failed, the first version that is not
+    /// durable: the actor is being killed, and whatever it sent meanwhile (events or a
+    /// snapshot covering lost events) fails too, until its restart appends at that version.
+    fn write_pending(
+        &self,
+        pending: &mut Vec<Request>,
+        snapshots: &mut SnapshotWrites,
+        failed: &mut HashMap<String, u64>,
+    ) {
+        let mut refused = Vec::new();
+        if !failed.is_empty() {
+            let mut kept = Vec::with_capacity(pending.len());
+            for request in pending.drain(..) {
+                let stream = &request.batch.stream;
+                match failed.get(stream) {
+                    Some(&lost) if request.batch.first_version > lost => refused.push(request),
+                    Some(_) => {
+                        failed.remove(stream);
+                        kept.push(request);
+                    }
+                    None => kept.push(request),
+                }
+            }
+            *pending = kept;
+        }
+        // Snapshots are written after the batch holding the events they cover.
+        let taken: Vec<(String, u64, Vec<u8>)> = pending
+            .iter_mut()
+            .filter_map(|r| {
+                let (version, state) = r.batch.snapshot.take()?;
+                Some((r.batch.stream.clone(), version, state))
+            })
+            .collect();
+        let result = self.write(pending);
+        match &result {
+            Ok(()) => {
+                for (stream, version, state) in taken {
+                    match self.db.generate_id() {
+                        Ok(generation) => snapshots.push(
+                            stream.clone(),
+                            PartsWrite::new(snapshot_keys(&stream), generation, version, state),
+                        ),
+                        Err(e) => error!(%stream, error = %e, "snapshot not written: no generation"),
+                    }
+                }
+            }
+            Err(e) => {
+                error!(error = %e, appends = pending.len(), "journal write failed");
+                for request in pending.iter() {
+                    let lost = failed.entry(request.batch.stream.clone()).or_insert(u64::MAX);
+                    *lost = (*lost).min(request.batch.first_version);
+                }
+            }
+        }
+        for request in pending.drain(..) {
+            (request.done)(result.clone());
+        }
+        for request in refused {
+            let stream = &request.batch.stream;
+            (request.done)(Err(JournalError::Io(format!("{stream}: an earlier append failed"))));
+        }
     }
 
     fn write(&self, pending: &[Request]) -> Result<(), JournalError> {
@@ -572,14 +634,14 @@ mod tests {
     /// The stream once its snapshot of `version` is written: snapshots are written after
     /// their append completes, between later batches.
     async fn load_with_snapshot(journal: &SledJournal, stream: &str, version: u64) -> Recovered {
-        for _ in 0..500 {
+        for _ in 0..3_000 {
             let recovered = journal.load(stream).await.unwrap();
             if recovered.snapshot.as_ref().is_some_and(|(v, _)| *v == version) {
                 return recovered;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        panic!("{stream}: snapshot {version} not written within 5 s");
+        panic!("{stream}: snapshot {version} not written within 30 s");
     }
 
     fn event(version: u64, len: usize) -> Vec<u8> {
@@ -670,7 +732,7 @@ mod tests {
             let recovered = load_with_snapshot(&journal, &format!("sku/d/{s:02}"), 1).await;
             assert_eq!(recovered.snapshot, Some((1, vec![s; 1 << 20])));
         }
-        // (sled creates the directory on its first blob.)
+        // (The directory may not exist: sled creates it at open in some versions.)
         let blobs = std::fs::read_dir(dir.path().join("journal").join("blobs")).map_or(0, |d| d.count());
         assert_eq!(blobs, 0, "sled wrote {blobs} blob files");
         assert_eq!(journal.load_all("sku/d/05").await.unwrap().len(), 1 + 2 * 200);

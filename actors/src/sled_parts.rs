@@ -19,15 +19,18 @@
 //! removed afterwards, again a few at a time.
 //!
 //! Keys (chosen by the caller, see [`Keys`]): the header holds the generation (8 bytes),
-//! the value's length (8) and its number of parts (4), big-endian; part `i` of generation
-//! `g` is `parts ‖ g (8 bytes BE) ‖ i (4 bytes BE)`. A value an earlier version stored whole
-//! under a legacy key is still read, and removed by the next write's switch.
+//! the value's length (8), its number of parts (4) and the caller's tag (8: a snapshot's
+//! version), big-endian; part `i` of generation `g` is `parts ‖ g (8 bytes BE) ‖ i (4
+//! bytes BE)`. Every write has a generation of its own (sled's `generate_id`, unique across
+//! restarts), so a write never touches the parts a reader may be reading, even when it
+//! stores the same tag again. A value an earlier version stored whole under a legacy key is
+//! still read (tag 0), and removed by the next write's switch.
 
 /// The largest part: 16 of them (a full leaf) stay under sled's inline limit for its
 /// default 512 KiB segments (a quarter segment), so a rewritten leaf is never a blob file.
 pub const PART_MAX_BYTES: usize = 7 * 1024;
 
-const HEADER_LEN: usize = 20;
+const HEADER_LEN: usize = 28;
 
 /// Where one value lives. `parts` must not be a prefix of any other key of the tree than
 /// this value's parts.
@@ -52,43 +55,65 @@ fn io(e: sled::Error) -> String {
     e.to_string()
 }
 
-/// (generation, length, parts) of a header.
-fn header(bytes: &[u8]) -> Result<(u64, u64, u32), String> {
-    let bytes: [u8; HEADER_LEN] = bytes.try_into().map_err(|_| "header is not 20 bytes".to_string())?;
-    Ok((
-        u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
-        u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes")),
-        u32::from_be_bytes(bytes[16..].try_into().expect("4 bytes")),
-    ))
+/// A value's header.
+struct Header {
+    generation: u64,
+    len: u64,
+    parts: u32,
+    tag: u64,
 }
 
-/// The value, if any, with the generation it was written under (0 for a legacy value).
+impl Header {
+    fn parse(bytes: &[u8]) -> Result<Header, String> {
+        let bytes: [u8; HEADER_LEN] = bytes.try_into().map_err(|_| "header is not 28 bytes".to_string())?;
+        Ok(Header {
+            generation: u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
+            len: u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes")),
+            parts: u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")),
+            tag: u64::from_be_bytes(bytes[20..].try_into().expect("8 bytes")),
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(HEADER_LEN);
+        bytes.extend_from_slice(&self.generation.to_be_bytes());
+        bytes.extend_from_slice(&self.len.to_be_bytes());
+        bytes.extend_from_slice(&self.parts.to_be_bytes());
+        bytes.extend_from_slice(&self.tag.to_be_bytes());
+        bytes
+    }
+}
+
+/// The value, if any, with its tag (0 for a legacy value).
 pub fn get(tree: &sled::Tree, keys: &Keys) -> Result<Option<(u64, Vec<u8>)>, String> {
-    // A write switching generations and removing the old parts may run between reading the
-    // header and reading the parts: read again once the header has moved on.
+    // A write may switch the header and remove what the reader was about to read (the old
+    // generation's parts, or the legacy value) in between: read again once it has moved on.
     let mut previous = None;
     for _ in 0..3 {
         let Some(head) = tree.get(&keys.header).map_err(io)? else {
-            return Ok(tree.get(&keys.legacy).map_err(io)?.map(|v| (0, v.to_vec())));
+            if let Some(legacy) = tree.get(&keys.legacy).map_err(io)? {
+                return Ok(Some((0, legacy.to_vec())));
+            }
+            if tree.get(&keys.header).map_err(io)?.is_some() {
+                continue;
+            }
+            return Ok(None);
         };
-        let (generation, len, parts) = header(&head)?;
-        match read_parts(tree, keys, generation, len, parts)? {
-            Ok(value) => return Ok(Some((generation, value))),
-            Err(missing) if previous == Some(generation) => return Err(missing),
-            Err(_) => previous = Some(generation),
+        let head = Header::parse(&head)?;
+        match read_parts(tree, keys, &head)? {
+            Ok(value) => return Ok(Some((head.tag, value))),
+            Err(missing) if previous == Some(head.generation) => return Err(missing),
+            Err(_) => previous = Some(head.generation),
         }
     }
     Err("the value kept changing while being read".into())
 }
 
 /// The parts of one generation, or why they do not add up to the header.
-fn read_parts(
-    tree: &sled::Tree,
-    keys: &Keys,
-    generation: u64,
-    len: u64,
-    parts: u32,
-) -> Result<Result<Vec<u8>, String>, String> {
+fn read_parts(tree: &sled::Tree, keys: &Keys, head: &Header) -> Result<Result<Vec<u8>, String>, String> {
+    let Header {
+        generation, len, parts, ..
+    } = *head;
     let mut value = Vec::with_capacity(usize::try_from(len).map_err(|_| "value too large".to_string())?);
     let mut next = 0u32;
     if parts > 0 {
@@ -121,6 +146,7 @@ fn read_parts(
 pub struct PartsWrite {
     keys: Keys,
     generation: u64,
+    tag: u64,
     value: Vec<u8>,
     stage: Stage,
 }
@@ -135,19 +161,26 @@ enum Stage {
 }
 
 impl PartsWrite {
-    /// A write of `value` under `generation`, which must differ from the value's current one
-    /// unless the content is the same (a snapshot's version does).
-    pub fn new(keys: Keys, generation: u64, value: Vec<u8>) -> PartsWrite {
+    /// A write of `value` tagged `tag`, under `generation`: a number no other write of any
+    /// value in the tree has used (from sled's `generate_id`).
+    pub fn new(keys: Keys, generation: u64, tag: u64, value: Vec<u8>) -> PartsWrite {
         PartsWrite {
             keys,
             generation,
+            tag,
             value,
             stage: Stage::Parts(0),
         }
     }
 
-    pub fn keys(&self) -> &Keys {
-        &self.keys
+    /// Whether a slice has been applied already.
+    pub fn started(&self) -> bool {
+        !matches!(self.stage, Stage::Parts(0))
+    }
+
+    /// Bytes still held for writing.
+    pub fn bytes(&self) -> usize {
+        self.value.len()
     }
 
     fn parts(&self) -> u32 {
@@ -174,12 +207,14 @@ impl PartsWrite {
                 };
             }
             Stage::Switch => {
-                let mut head = Vec::with_capacity(HEADER_LEN);
-                head.extend_from_slice(&self.generation.to_be_bytes());
-                head.extend_from_slice(&(self.value.len() as u64).to_be_bytes());
-                head.extend_from_slice(&self.parts().to_be_bytes());
+                let head = Header {
+                    generation: self.generation,
+                    len: self.value.len() as u64,
+                    parts: self.parts(),
+                    tag: self.tag,
+                };
                 let mut batch = sled::Batch::default();
-                batch.insert(self.keys.header.as_slice(), head);
+                batch.insert(self.keys.header.as_slice(), head.encode());
                 batch.remove(self.keys.legacy.as_slice());
                 tree.apply_batch(batch).map_err(io)?;
                 self.value = Vec::new();
@@ -198,7 +233,8 @@ impl PartsWrite {
                         next = Some(key.to_vec());
                         break;
                     }
-                    if key[self.keys.parts.len()..self.keys.parts.len() + 8] == self.generation.to_be_bytes() {
+                    let generation = key.get(self.keys.parts.len()..self.keys.parts.len() + 8);
+                    if generation == Some(self.generation.to_be_bytes().as_slice()) {
                         // Skip this generation's own parts without reading them.
                         next = self.generation.checked_add(1).map(|after| {
                             let mut key = self.keys.parts.clone();
@@ -234,11 +270,17 @@ impl PartsWrite {
 mod tests {
     use super::*;
 
-    fn tree() -> (tempfile::TempDir, sled::Tree) {
+    struct Store {
+        _dir: tempfile::TempDir,
+        db: sled::Db,
+        tree: sled::Tree,
+    }
+
+    fn store() -> Store {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let tree = db.open_tree("t").unwrap();
-        (dir, tree)
+        Store { _dir: dir, db, tree }
     }
 
     fn keys(name: &str) -> Keys {
@@ -249,10 +291,22 @@ mod tests {
         }
     }
 
-    fn write(tree: &sled::Tree, name: &str, generation: u64, value: &[u8]) {
-        PartsWrite::new(keys(name), generation, value.to_vec())
-            .finish(tree, 4)
-            .unwrap();
+    impl Store {
+        fn start(&self, name: &str, tag: u64, value: &[u8]) -> PartsWrite {
+            PartsWrite::new(keys(name), self.db.generate_id().unwrap(), tag, value.to_vec())
+        }
+
+        fn write(&self, name: &str, tag: u64, value: &[u8]) {
+            self.start(name, tag, value).finish(&self.tree, 4).unwrap();
+        }
+
+        fn get(&self, name: &str) -> Option<(u64, Vec<u8>)> {
+            get(&self.tree, &keys(name)).unwrap()
+        }
+
+        fn parts(&self, name: &str) -> usize {
+            self.tree.scan_prefix(keys(name).parts).count()
+        }
     }
 
     fn bytes(len: usize, seed: u8) -> Vec<u8> {
@@ -263,7 +317,7 @@ mod tests {
 
     #[test]
     fn values_of_any_size_round_trip_and_old_generations_are_removed() {
-        let (_dir, tree) = tree();
+        let store = store();
         let sizes = [
             0,
             1,
@@ -272,96 +326,102 @@ mod tests {
             PART_MAX_BYTES + 1,
             10 * PART_MAX_BYTES + 17,
         ];
-        for (generation, len) in sizes.into_iter().enumerate() {
+        for (tag, len) in sizes.into_iter().enumerate() {
             let value = bytes(len, len as u8);
-            write(&tree, "a", generation as u64 + 1, &value);
-            assert_eq!(
-                get(&tree, &keys("a")).unwrap(),
-                Some((generation as u64 + 1, value)),
-                "{len}"
-            );
+            store.write("a", tag as u64 + 1, &value);
+            assert_eq!(store.get("a"), Some((tag as u64 + 1, value)), "{len}");
         }
         // A neighbour whose name extends the first is separate.
-        write(&tree, "ab", 1, b"other");
+        store.write("ab", 1, b"other");
         // Only the last generation's 11 parts are left.
-        assert_eq!(tree.scan_prefix(b"s/a\0").count(), 11);
-        write(&tree, "a", 20, b"small");
-        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((20, b"small".to_vec())));
-        assert_eq!(tree.scan_prefix(b"s/a\0").count(), 1);
-        assert_eq!(get(&tree, &keys("ab")).unwrap(), Some((1, b"other".to_vec())));
-        assert_eq!(get(&tree, &keys("none")).unwrap(), None);
-        write(&tree, "big", 1, &bytes(100 * PART_MAX_BYTES, 3));
-        assert!(tree
+        assert_eq!(store.parts("a"), 11);
+        store.write("a", 20, b"small");
+        assert_eq!(store.get("a"), Some((20, b"small".to_vec())));
+        assert_eq!(store.parts("a"), 1);
+        assert_eq!(store.get("ab"), Some((1, b"other".to_vec())));
+        assert_eq!(store.get("none"), None);
+        store.write("big", 1, &bytes(100 * PART_MAX_BYTES, 3));
+        assert!(store
+            .tree
             .scan_prefix(b"s/big\0")
             .all(|item| item.unwrap().1.len() <= PART_MAX_BYTES));
     }
 
     #[test]
     fn until_the_switch_readers_see_the_old_value_and_each_slice_is_bounded() {
-        let (_dir, tree) = tree();
+        let store = store();
         let old = bytes(5 * PART_MAX_BYTES, 1);
-        write(&tree, "a", 1, &old);
+        store.write("a", 1, &old);
         let new = bytes(9 * PART_MAX_BYTES + 5, 2);
-        let mut writing = PartsWrite::new(keys("a"), 2, new.clone());
+        let mut writing = store.start("a", 2, &new);
         // Ten parts in slices of 3: four steps, each adding at most 3 keys.
         for _ in 0..4 {
-            let before = tree.len();
-            assert!(!writing.step(&tree, 3).unwrap());
-            assert!(tree.len() - before <= 3);
-            assert_eq!(get(&tree, &keys("a")).unwrap(), Some((1, old.clone())));
+            let before = store.tree.len();
+            assert!(!writing.step(&store.tree, 3).unwrap());
+            assert!(store.tree.len() - before <= 3);
+            assert_eq!(store.get("a"), Some((1, old.clone())));
         }
         // The switch.
-        assert!(!writing.step(&tree, 3).unwrap());
-        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((2, new.clone())));
+        assert!(!writing.step(&store.tree, 3).unwrap());
+        assert_eq!(store.get("a"), Some((2, new.clone())));
         // Then the old generation's 5 parts go, 3 at most per step.
         let mut steps = 0;
         loop {
-            let before = tree.len();
-            let done = writing.step(&tree, 3).unwrap();
-            assert!(before - tree.len() <= 3);
+            let before = store.tree.len();
+            let done = writing.step(&store.tree, 3).unwrap();
+            assert!(before - store.tree.len() <= 3);
             steps += 1;
             if done {
                 break;
             }
         }
         assert!(steps <= 3, "{steps} steps");
-        assert_eq!(tree.scan_prefix(b"s/a\0").count(), 10);
-        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((2, new)));
+        assert_eq!(store.parts("a"), 10);
+        assert_eq!(store.get("a"), Some((2, new)));
+    }
+
+    #[test]
+    fn writing_the_same_tag_again_leaves_the_parts_being_read_alone() {
+        // A state encodes to different bytes at the same version (hash maps iterate in
+        // another order): a second write of version 7 must not overwrite the first's parts.
+        let store = store();
+        let first = bytes(3 * PART_MAX_BYTES, 1);
+        store.write("a", 7, &first);
+        let mut again = store.start("a", 7, &bytes(3 * PART_MAX_BYTES, 2));
+        again.step(&store.tree, 2).unwrap();
+        assert_eq!(store.get("a"), Some((7, first)));
     }
 
     #[test]
     fn a_write_abandoned_before_its_switch_changes_nothing_and_the_next_one_clears_it() {
-        let (_dir, tree) = tree();
-        write(&tree, "a", 5, b"kept");
-        let mut abandoned = PartsWrite::new(keys("a"), 9, bytes(4 * PART_MAX_BYTES, 7));
-        abandoned.step(&tree, 2).unwrap();
+        let store = store();
+        store.write("a", 5, b"kept");
+        let mut abandoned = store.start("a", 9, &bytes(4 * PART_MAX_BYTES, 7));
+        abandoned.step(&store.tree, 2).unwrap();
         drop(abandoned);
-        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((5, b"kept".to_vec())));
-        write(&tree, "a", 7, b"next");
-        assert_eq!(get(&tree, &keys("a")).unwrap(), Some((7, b"next".to_vec())));
-        assert_eq!(
-            tree.scan_prefix(b"s/a\0").count(),
-            1,
-            "generation 9's parts removed too"
-        );
+        assert_eq!(store.get("a"), Some((5, b"kept".to_vec())));
+        store.write("a", 7, b"next");
+        assert_eq!(store.get("a"), Some((7, b"next".to_vec())));
+        assert_eq!(store.parts("a"), 1, "the abandoned write's parts removed too");
     }
 
     #[test]
     fn a_legacy_whole_value_is_read_and_replaced() {
-        let (_dir, tree) = tree();
-        tree.insert(b"s/old", b"whole value".as_slice()).unwrap();
-        assert_eq!(get(&tree, &keys("old")).unwrap(), Some((0, b"whole value".to_vec())));
-        write(&tree, "old", 3, b"new");
-        assert_eq!(get(&tree, &keys("old")).unwrap(), Some((3, b"new".to_vec())));
-        assert!(tree.get(b"s/old").unwrap().is_none(), "legacy key removed");
+        let store = store();
+        store.tree.insert(b"s/old", b"whole value".as_slice()).unwrap();
+        assert_eq!(store.get("old"), Some((0, b"whole value".to_vec())));
+        store.write("old", 3, b"new");
+        assert_eq!(store.get("old"), Some((3, b"new".to_vec())));
+        assert!(store.tree.get(b"s/old").unwrap().is_none(), "legacy key removed");
     }
 
     #[test]
     fn a_missing_part_is_reported() {
-        let (_dir, tree) = tree();
-        write(&tree, "a", 1, &bytes(3 * PART_MAX_BYTES, 1));
-        tree.remove(keys("a").part(1, 1)).unwrap();
-        let err = get(&tree, &keys("a")).unwrap_err();
+        let store = store();
+        store.write("a", 1, &bytes(3 * PART_MAX_BYTES, 1));
+        let second = store.tree.scan_prefix(keys("a").parts).nth(1).unwrap().unwrap().0;
+        store.tree.remove(second).unwrap();
+        let err = get(&store.tree, &keys("a")).unwrap_err();
         assert!(err.contains("part 1 of 3"), "{err}");
     }
 }

@@ -48,9 +48,10 @@ pub const JOURNAL_BATCH_MAX: usize = 8_192;
 /// Snapshot parts (7 KiB each) the embedded journal writes between two batches of appends:
 /// a big snapshot is written a slice at a time, so appends never wait for all of it.
 pub const SNAPSHOT_SLICE_PARTS: usize = 16;
-/// Snapshots queued for writing at once (one per stream); a further one is dropped, which
-/// only lengthens that stream's replay after a restart.
-pub const SNAPSHOT_WRITES_MAX: usize = 4_096;
+/// Bytes of snapshots queued for writing at once (a SKU with 100,000 holds: ~36 MB); a
+/// further one is dropped, which only lengthens that stream's replay after a restart. One
+/// snapshot is always accepted into an empty queue, whatever its size.
+pub const SNAPSHOT_QUEUE_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// How long a caller waits for an actor's reply (queueing, decision, durable write).
 pub const COMMAND_TIMEOUT_MS: u64 = 5_000;
 /// How long a caller waits for an actor to start (recover from its journal). An actor

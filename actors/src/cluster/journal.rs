@@ -93,6 +93,7 @@ impl JetStreamJournal {
             js: js.clone(),
             wakeups: wakeups.clone(),
             snapshots: snapshots.clone(),
+            snapshot_db: db.clone(),
             tails: tails.clone(),
             partitions,
             queues: HashMap::new(),
@@ -231,7 +232,11 @@ impl Journal for JetStreamJournal {
         Box::pin(async move {
             let subject = placement::journal_subject(&stream);
             let last = self.last_seq(&subject).await?;
-            let mut snapshot = self.local_snapshot(&stream)?;
+            // The local snapshot is a cache of the journal: unreadable, it is skipped.
+            let mut snapshot = self.local_snapshot(&stream).unwrap_or_else(|e| {
+                warn!(%stream, error = %e, "local snapshot unreadable; replaying from the start");
+                None
+            });
             if snapshot.as_ref().is_some_and(|s| s.seq > last) {
                 // Taken against another journal (the stream was recreated): useless here.
                 warn!(%stream, "local snapshot is ahead of the journal; replaying from the start");
@@ -331,6 +336,8 @@ struct Writer {
     js: jetstream::Context,
     wakeups: kv::Store,
     snapshots: sled::Tree,
+    /// For generations of snapshot writes (`generate_id`).
+    snapshot_db: sled::Db,
     tails: Arc<Mutex<HashMap<String, u64>>>,
     partitions: u32,
     queues: HashMap<String, StreamQueue>,
@@ -509,9 +516,15 @@ impl Writer {
                     match postcard::to_stdvec(&record) {
                         Ok(bytes) => {
                             // In parts and slices: see `sled_parts` for what whole values
-                            // cost sled. The generation is the version.
-                            let written = PartsWrite::new(local_snapshot_keys(&stream), version, bytes)
-                                .finish(&self.snapshots, SNAPSHOT_SLICE_PARTS);
+                            // cost sled.
+                            let written =
+                                self.snapshot_db
+                                    .generate_id()
+                                    .map_err(|e| e.to_string())
+                                    .and_then(|generation| {
+                                        PartsWrite::new(local_snapshot_keys(&stream), generation, version, bytes)
+                                            .finish(&self.snapshots, SNAPSHOT_SLICE_PARTS)
+                                    });
                             if let Err(e) = written {
                                 warn!(%stream, error = %e, "local snapshot not written");
                             }
