@@ -108,6 +108,88 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
 
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 
+/// The same crash once the SKU has a snapshot (written in parts, between batches, after a
+/// quiet spell) and events after it: the restart reads both and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = spawn_server(dir.path(), port);
+    let channel = connect(([127, 0, 0, 1], port).into()).await;
+    create_and_open(&channel, drop_request("snap", &[("sku", 2_000)], 1, 600)).await;
+    let reserve = |i: usize| {
+        let mut checkout = CheckoutServiceClient::new(channel.clone());
+        async move {
+            checkout
+                .reserve(ReserveRequest {
+                    drop_id: "snap".into(),
+                    sku_id: "sku".into(),
+                    buyer_id: format!("b{i}"),
+                    city: "Lisbon".into(),
+                    quantity: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .order_id
+        }
+    };
+    // 1,500 holds (over the 1,000 events after which a quiet spell brings a snapshot).
+    let mut held = Vec::new();
+    for chunk in (0..1_500).collect::<Vec<_>>().chunks(100) {
+        held.extend(futures::future::join_all(chunk.iter().map(|i| reserve(*i))).await);
+    }
+    // The quiet spell (500 ms) and the snapshot's slices.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut checkout = CheckoutServiceClient::new(channel.clone());
+    for (i, order_id) in held.iter().take(100).enumerate() {
+        checkout
+            .confirm(ConfirmRequest {
+                order_id: order_id.clone(),
+                payment_reference: format!("pay-{i}"),
+                amount: eur(2_500),
+                fulfilment: Some(confirm_request::Fulfilment::Pickup(Pickup {})),
+                discreet: false,
+            })
+            .await
+            .unwrap();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let port = free_port();
+    let mut child = spawn_server(dir.path(), port);
+    let channel = connect(([127, 0, 0, 1], port).into()).await;
+    let mut checkout = CheckoutServiceClient::new(channel.clone());
+    for (i, order_id) in held.iter().enumerate() {
+        let order = checkout
+            .get_order(GetOrderRequest {
+                order_id: order_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let expected = if i < 100 {
+            OrderStatus::Confirmed
+        } else {
+            OrderStatus::Held
+        };
+        assert_eq!(order.status, expected as i32, "{order_id}");
+    }
+    let figures = operator_client(&channel)
+        .get_drop(GetDropRequest { drop_id: "snap".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (figures.skus[0].sold, figures.skus[0].held, figures.skus[0].available),
+        (100, 1_400, 500)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// Holds of a crashed process still expire on time after the restart, and the waitlist is
 /// promoted, although no request touches the SKU again: its deadline was durable, and the
 /// wake-up scheduler starts the actor for it.
