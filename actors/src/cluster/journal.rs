@@ -505,6 +505,10 @@ impl Writer {
                 if let Some(seq) = seq {
                     self.tails.lock().expect("tails lock").insert(stream.clone(), seq);
                 }
+                // The replies first: the local snapshot is a cache, nobody waits for it.
+                for request in requests {
+                    (request.done)(Ok(()));
+                }
                 if let Some((version, state)) = snapshot {
                     // Every event up to `version` is at or before the sequence this append
                     // followed, or in this append (read again and skipped by version).
@@ -531,9 +535,6 @@ impl Writer {
                         }
                         Err(e) => warn!(%stream, error = %e, "local snapshot not encoded"),
                     }
-                }
-                for request in requests {
-                    (request.done)(Ok(()));
                 }
             }
             Err(e) => {
