@@ -20,6 +20,18 @@ fn spawn_server(dir: &std::path::Path, port: u16) -> Child {
         .expect("dropline binary starts")
 }
 
+/// Buyer `b{i}` reserves one unit of `sku` in Lisbon.
+fn one_unit(drop_id: &str, i: usize) -> ReserveRequest {
+    ReserveRequest {
+        drop_id: drop_id.into(),
+        sku_id: "sku".into(),
+        buyer_id: format!("b{i}"),
+        city: "Lisbon".into(),
+        quantity: 1,
+        ..Default::default()
+    }
+}
+
 async fn create_and_open(channel: &tonic::transport::Channel, request: proto::operator::v1::CreateDropRequest) {
     create_test_hubs(channel).await;
     let mut operator = operator_client(channel);
@@ -43,18 +55,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
     for i in 0..300 {
         let mut checkout = CheckoutServiceClient::new(channel.clone());
         tasks.push(tokio::spawn(async move {
-            let held = checkout
-                .reserve(ReserveRequest {
-                    drop_id: "crash".into(),
-                    sku_id: "sku".into(),
-                    buyer_id: format!("b{i}"),
-                    city: "Lisbon".into(),
-                    quantity: 1,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let held = checkout.reserve(one_unit("crash", i)).await.unwrap().into_inner();
             let request = ConfirmRequest {
                 order_id: held.order_id.clone(),
                 payment_reference: format!("pay-{i}"),
@@ -121,14 +122,7 @@ async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
         let mut checkout = CheckoutServiceClient::new(channel.clone());
         async move {
             checkout
-                .reserve(ReserveRequest {
-                    drop_id: "snap".into(),
-                    sku_id: "sku".into(),
-                    buyer_id: format!("b{i}"),
-                    city: "Lisbon".into(),
-                    quantity: 1,
-                    ..Default::default()
-                })
+                .reserve(one_unit("snap", i))
                 .await
                 .unwrap()
                 .into_inner()
