@@ -3,7 +3,7 @@
 use crate::audit_log::AuditLog;
 use crate::bus::CommandBus;
 use crate::clock::Clock;
-use crate::entity::{Cmd, Entity, EntityArgs};
+use crate::entity::{Cmd, Entity, EntityArgs, Passivate};
 use crate::error::CommandError;
 use crate::hosted::{Env, Hosted};
 use crate::journal::{BoxFuture, Journal};
@@ -12,7 +12,7 @@ use crate::wakeups::Wakeups;
 use domain::drop::{DropCommand, DropState, DropView, SaleStatus};
 use domain::hub::{HubCommand, HubReply, HubState};
 use domain::ledger::{LedgerCommand, LedgerReply, LedgerState};
-use domain::limits::{ACTOR_RESTART_RETRIES, ACTOR_START_TIMEOUT_MS, COMMAND_TIMEOUT_MS};
+use domain::limits::{ACTOR_RESTART_RETRIES, ACTOR_START_TIMEOUT_MS, COMMAND_TIMEOUT_MS, PASSIVATE_BATCH_DIVISOR};
 use domain::registry::{HubSetup, RegistryCommand, RegistryReply, RegistryState};
 use domain::sku::{SkuCommand, SkuReply, SkuState};
 use domain::{CreatorId, DropId, HubId, SkuId, UnixMillis};
@@ -23,24 +23,105 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Live actors of one kind, by key. The lock is held only to find or insert a reference,
-/// never across a message.
+/// Live actors of one kind, by key, at most `max_live` of them running (see
+/// `LIVE_ACTORS_MAX_DEFAULT`). The lock is held only to find or insert a reference, never
+/// across a message.
 struct Registry<H: Hosted> {
-    actors: Mutex<HashMap<H::Key, ActorRef<Entity<H>>>>,
+    inner: Mutex<Live<H>>,
+    max_live: usize,
+}
+
+struct Live<H: Hosted> {
+    actors: HashMap<H::Key, Running<H>>,
+    /// Counts lookups: an entry's `used` is the count at its last lookup, so the smallest
+    /// values are the least recently used actors.
+    clock: u64,
+    /// Entries asked to passivate and not used since: on their way out, not counted
+    /// against the bound.
+    passivating: usize,
+}
+
+struct Running<H: Hosted> {
+    actor: ActorRef<Entity<H>>,
+    used: u64,
+    passivating: bool,
+}
+
+impl<H: Hosted> Live<H> {
+    fn remove(&mut self, key: &H::Key) {
+        if self.actors.remove(key).is_some_and(|r| r.passivating) {
+            self.passivating -= 1;
+        }
+    }
+
+    /// Drops entries whose actors stopped (a reference keeps a stopped actor's mailbox
+    /// allocated), keeping `passivating` in step.
+    fn forget_stopped(&mut self) {
+        let mut forgotten = 0;
+        self.actors.retain(|_, r| {
+            let keep = r.actor.is_alive();
+            forgotten += usize::from(!keep && r.passivating);
+            keep
+        });
+        self.passivating -= forgotten;
+    }
+
+    /// Asks the least recently used running actors to passivate once more than `max_live`
+    /// run: a batch of them (`1/PASSIVATE_BATCH_DIVISOR` of the bound), so the scan is
+    /// paid once per batch of starts. An actor with a full mailbox is busy, not idle, and
+    /// is left alone.
+    fn bound(&mut self, max_live: usize) {
+        if self.actors.len() - self.passivating <= max_live {
+            return;
+        }
+        self.forget_stopped();
+        let running = self.actors.len() - self.passivating;
+        if running <= max_live {
+            return;
+        }
+        let batch = (running - max_live)
+            .max(max_live / PASSIVATE_BATCH_DIVISOR)
+            .min(running);
+        let mut used: Vec<u64> = self
+            .actors
+            .values()
+            .filter(|r| !r.passivating)
+            .map(|r| r.used)
+            .collect();
+        let (_, &mut threshold, _) = used.select_nth_unstable(batch - 1);
+        for running in self.actors.values_mut() {
+            if !running.passivating && running.used <= threshold && running.actor.tell(Passivate).try_send().is_ok() {
+                running.passivating = true;
+                self.passivating += 1;
+            }
+        }
+    }
 }
 
 impl<H: Hosted> Registry<H> {
-    fn new() -> Self {
+    fn new(max_live: usize) -> Self {
         Registry {
-            actors: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Live {
+                actors: HashMap::new(),
+                clock: 0,
+                passivating: 0,
+            }),
+            max_live: max_live.max(1),
         }
     }
 
     fn get_or_spawn(&self, key: &H::Key, env: &Arc<Env>) -> ActorRef<Entity<H>> {
-        let mut actors = self.actors.lock().expect("registry lock");
-        if let Some(actor) = actors.get(key) {
-            if actor.is_alive() {
-                return actor.clone();
+        let mut live = self.inner.lock().expect("registry lock");
+        live.clock += 1;
+        let now = live.clock;
+        if let Some(running) = live.actors.get_mut(key) {
+            if running.actor.is_alive() {
+                running.used = now;
+                // Used again: no longer on its way out (the command cancels the request).
+                let revived = std::mem::take(&mut running.passivating);
+                let actor = running.actor.clone();
+                live.passivating -= usize::from(revived);
+                return actor;
             }
         }
         let actor = Entity::<H>::spawn_with_mailbox(
@@ -50,14 +131,23 @@ impl<H: Hosted> Registry<H> {
             },
             kameo::mailbox::bounded(H::mailbox_capacity()),
         );
-        actors.insert(key.clone(), actor.clone());
+        live.remove(key);
+        live.actors.insert(
+            key.clone(),
+            Running {
+                actor: actor.clone(),
+                used: now,
+                passivating: false,
+            },
+        );
+        live.bound(self.max_live);
         actor
     }
 
     fn forget(&self, key: &H::Key, actor: &ActorRef<Entity<H>>) {
-        let mut actors = self.actors.lock().expect("registry lock");
-        if actors.get(key).is_some_and(|a| a.id() == actor.id()) {
-            actors.remove(key);
+        let mut live = self.inner.lock().expect("registry lock");
+        if live.actors.get(key).is_some_and(|r| r.actor.id() == actor.id()) {
+            live.remove(key);
         }
     }
 
@@ -111,53 +201,55 @@ impl<H: Hosted> Registry<H> {
     }
 
     fn stop_matching(&self, matches: &impl Fn(&str) -> bool) -> usize {
-        let mut actors = self.actors.lock().expect("registry lock");
-        let mut stopped = 0;
-        actors.retain(|key, actor| {
-            if matches(&H::stream(key)) {
-                actor.kill();
-                stopped += 1;
-                false
-            } else {
-                true
+        let mut live = self.inner.lock().expect("registry lock");
+        let keys: Vec<H::Key> = live
+            .actors
+            .keys()
+            .filter(|key| matches(&H::stream(key)))
+            .cloned()
+            .collect();
+        for key in &keys {
+            if let Some(running) = live.actors.get(key) {
+                running.actor.kill();
             }
-        });
-        stopped
+            live.remove(key);
+        }
+        keys.len()
     }
 
-    /// Forgets stopped actors: a reference keeps a stopped actor's mailbox allocated.
+    /// Forgets stopped actors.
     fn sweep(&self) {
-        self.actors
-            .lock()
-            .expect("registry lock")
-            .retain(|_, actor| actor.is_alive());
+        self.inner.lock().expect("registry lock").forget_stopped();
     }
 
     fn is_live(&self, key: &H::Key) -> bool {
-        self.actors
+        self.inner
             .lock()
             .expect("registry lock")
+            .actors
             .get(key)
-            .is_some_and(|a| a.is_alive())
+            .is_some_and(|r| r.actor.is_alive())
     }
 
     /// Keys of running actors that match `filter`.
     fn live_keys(&self, filter: impl Fn(&H::Key) -> bool) -> Vec<H::Key> {
-        self.actors
+        self.inner
             .lock()
             .expect("registry lock")
+            .actors
             .iter()
-            .filter(|(key, actor)| actor.is_alive() && filter(key))
+            .filter(|(key, r)| r.actor.is_alive() && filter(key))
             .map(|(key, _)| key.clone())
             .collect()
     }
 
     fn live(&self) -> usize {
-        self.actors
+        self.inner
             .lock()
             .expect("registry lock")
+            .actors
             .values()
-            .filter(|a| a.is_alive())
+            .filter(|r| r.actor.is_alive())
             .count()
     }
 }
@@ -179,12 +271,14 @@ pub struct LocalActors {
 }
 
 impl LocalActors {
-    /// Starts the actor system; deadlines recorded in the journal are scheduled at once.
+    /// Starts the actor system, at most `live_actors_max` actors of each kind running;
+    /// deadlines recorded in the journal are scheduled at once.
     pub fn new(
         journal: Arc<dyn Journal>,
         clock: Arc<dyn Clock>,
         projections: Arc<Projections>,
         audit: Arc<dyn AuditLog>,
+        live_actors_max: usize,
     ) -> Result<Arc<LocalActors>, CommandError> {
         let pending: Vec<(String, UnixMillis)> = journal
             .wakeups()
@@ -194,14 +288,15 @@ impl LocalActors {
             .collect();
         let actors = Arc::new_cyclic(|weak: &std::sync::Weak<LocalActors>| {
             let bus: std::sync::Weak<dyn CommandBus> = weak.clone();
-            LocalActors::with_bus(journal, clock, projections, audit, bus, pending)
+            LocalActors::with_bus(journal, clock, projections, audit, bus, pending, live_actors_max)
         });
         LocalActors::start_sweeper(&actors);
         Ok(actors)
     }
 
     /// The actors of this process, asking other actors through `bus` (the cluster's bus
-    /// when this process is one node of a cluster), with `pending` deadlines scheduled.
+    /// when this process is one node of a cluster), with `pending` deadlines scheduled and
+    /// at most `live_actors_max` actors of each kind running.
     pub fn with_bus(
         journal: Arc<dyn Journal>,
         clock: Arc<dyn Clock>,
@@ -209,6 +304,7 @@ impl LocalActors {
         audit: Arc<dyn AuditLog>,
         bus: std::sync::Weak<dyn CommandBus>,
         pending: Vec<(String, UnixMillis)>,
+        live_actors_max: usize,
     ) -> LocalActors {
         // Audit entries are projection updates (every node of a cluster keeps the trail);
         // they land in this process's audit store.
@@ -223,11 +319,11 @@ impl LocalActors {
                 projections,
                 bus,
             }),
-            drops: Registry::new(),
-            skus: Registry::new(),
-            hubs: Registry::new(),
-            registry: Registry::new(),
-            creators: Registry::new(),
+            drops: Registry::new(live_actors_max),
+            skus: Registry::new(live_actors_max),
+            hubs: Registry::new(live_actors_max),
+            registry: Registry::new(live_actors_max),
+            creators: Registry::new(live_actors_max),
         }
     }
 

@@ -15,8 +15,8 @@ use crate::error::CommandError;
 use crate::hosted::{Env, Hosted};
 use crate::journal::{AppendBatch, AppendPermit, JournalError};
 use domain::limits::{
-    ACTOR_IDLE_STOP_MS, SNAPSHOT_BUSY_MIN_EVENTS, SNAPSHOT_IDLE_MIN_EVENTS, SNAPSHOT_OFF_WORKER_ENTRIES,
-    SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR, TIMER_RETRY_MS,
+    ACTOR_IDLE_STOP_MS, PASSIVATE_POLL_MS, SNAPSHOT_BUSY_MIN_EVENTS, SNAPSHOT_IDLE_MIN_EVENTS,
+    SNAPSHOT_OFF_WORKER_ENTRIES, SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR, TIMER_RETRY_MS,
 };
 use domain::UnixMillis;
 use kameo::actor::{ActorRef, WeakActorRef};
@@ -31,6 +31,11 @@ use tracing::{debug, warn};
 
 /// A command for the hosted aggregate; the reply comes once it is durable.
 pub struct Cmd<H: Hosted>(pub H::Command);
+
+/// Asks a running actor to stop as soon as it is idle, without waiting out
+/// `ACTOR_IDLE_STOP_MS`: the registry keeps the number of running actors bounded. A
+/// command arriving first cancels the request.
+pub struct Passivate;
 
 type ReplyFn<R> = Box<dyn FnOnce(Result<R, CommandError>) + Send>;
 
@@ -57,6 +62,8 @@ pub struct Entity<H: Hosted> {
     /// The next deadline last handed to the journal (`None`: not known yet). An actor stops
     /// only once its current deadline is durable there, for the wake-up scheduler.
     wakeup_written: Option<Option<UnixMillis>>,
+    /// Asked to passivate early (see [`Passivate`]) and not used since.
+    passivate: bool,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<T, CommandError> {
@@ -214,6 +221,7 @@ impl<H: Hosted> Entity<H> {
             in_flight: Arc::new(AtomicUsize::new(0)),
             // Aggregates without timers never have a deadline to write.
             wakeup_written: if H::timer_command().is_some() { None } else { Some(None) },
+            passivate: false,
         };
         if let Some(command) = entity.state.after_recovery(&entity.env).await? {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -294,6 +302,8 @@ impl<H: Hosted> Actor for Entity<H> {
             let snapshot_due = self.events_since_snapshot >= SNAPSHOT_IDLE_MIN_EVENTS;
             let idle_wait = if snapshot_due {
                 SNAPSHOT_QUIET_MS
+            } else if self.passivate {
+                PASSIVATE_POLL_MS
             } else {
                 ACTOR_IDLE_STOP_MS
             };
@@ -318,7 +328,11 @@ impl<H: Hosted> Actor for Entity<H> {
                             continue;
                         }
                     }
-                    debug!(stream = %self.stream, ?deadline, "actor idle, passivating");
+                    // A message that came in meanwhile is served: stopping would drop it.
+                    if let Ok(signal) = mailbox.try_recv() {
+                        return Ok(Some(signal));
+                    }
+                    debug!(stream = %self.stream, ?deadline, early = self.passivate, "actor idle, passivating");
                     return Ok(Some(Signal::Stop));
                 }
                 Err(_) => continue,
@@ -347,6 +361,7 @@ impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
     type Reply = DelegatedReply<Result<H::Reply, CommandError>>;
 
     async fn handle(&mut self, Cmd(command): Cmd<H>, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.passivate = false;
         let (delegated, sender) = ctx.reply_sender();
         let reply: ReplyFn<H::Reply> = match sender {
             Some(sender) => Box::new(move |result| sender.send(result)),
@@ -354,5 +369,13 @@ impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
         };
         self.execute(command, ctx.actor_ref().downgrade(), reply);
         delegated
+    }
+}
+
+impl<H: Hosted> Message<Passivate> for Entity<H> {
+    type Reply = ();
+
+    async fn handle(&mut self, _: Passivate, _: &mut Context<Self, Self::Reply>) {
+        self.passivate = true;
     }
 }

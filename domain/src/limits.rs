@@ -61,6 +61,19 @@ pub const ACTOR_START_TIMEOUT_MS: u64 = 30_000;
 /// An actor stops (is passivated) after this long without messages; it is rebuilt from its
 /// snapshot and journal on next use, or at its next deadline (see `actors::wakeups`).
 pub const ACTOR_IDLE_STOP_MS: u64 = 30_000;
+/// Running actors of one kind (SKUs, drops, hubs, creators) a process keeps by default
+/// (`dropline serve --live-actors-max`). Starting one more asks the least recently used
+/// running ones to passivate early, as idle ones do after `ACTOR_IDLE_STOP_MS`, so a burst
+/// over a huge catalog cannot grow memory without end. A running SKU actor with one hold
+/// costs about 10 KiB (kameo's task and mailbox about half of it), so 50,000 of them are
+/// about 500 MiB: with a 100,000-SKU catalog it fits a 1 GiB container.
+pub const LIVE_ACTORS_MAX_DEFAULT: usize = 50_000;
+/// Share of the bound asked to passivate at once when it is exceeded (1/64: ~780 actors
+/// at the default), so the scan for the least recently used runs once per that many starts.
+pub const PASSIVATE_BATCH_DIVISOR: usize = 64;
+/// How often an actor asked to passivate early looks again while it still waits for its
+/// last journal write (or for room in the wake-up queue).
+pub const PASSIVATE_POLL_MS: u64 = 1;
 /// Deadline registrations of stopping actors queued for the wake-up scheduler.
 pub const WAKEUP_QUEUE_MAX: usize = 65_536;
 /// Passivated actors woken for their deadlines at once.

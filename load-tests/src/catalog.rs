@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 
 use crate::burst::run_burst;
 use crate::{net, open_drop, open_window, unix_millis, HOLD_TTL_SECONDS};
+use domain::limits::LIVE_ACTORS_MAX_DEFAULT;
 
 /// Cities the hubs are spread over: hub `i` serves `city-{i % CITIES}`.
 const CITIES: usize = 5;
@@ -63,6 +64,11 @@ pub struct CatalogArgs {
     /// Reserves in flight while every SKU gets its first reserve.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// The server's bound on running actors of each kind (`dropline serve
+    /// --live-actors-max`) [default: the server's own, 50000]. At least `--skus` keeps every
+    /// SKU actor running until it idles out.
+    #[arg(long)]
+    pub live_actors_max: Option<usize>,
 }
 
 /// Names of a catalog run's drops and SKUs, derived from their index so both the creation
@@ -133,7 +139,7 @@ pub async fn run(args: CatalogArgs) -> anyhow::Result<()> {
     };
 
     let listen = format!("127.0.0.1:{}", net::free_local_port()?);
-    let mut child = start_server(&args.dropline_bin, &listen, &data_dir)?;
+    let mut child = start_server(&args.dropline_bin, &listen, &data_dir, args.live_actors_max)?;
     let result = measure(&args, &mut child, &format!("http://{listen}")).await;
     // Stop the server before removing its directory, so it cannot write into it meanwhile.
     net::stop(&mut child).await;
@@ -146,9 +152,19 @@ pub async fn run(args: CatalogArgs) -> anyhow::Result<()> {
     result
 }
 
-pub(crate) fn start_server(bin: &Path, listen: &str, data_dir: &Path) -> anyhow::Result<Child> {
+/// Starts `bin serve` on `listen` and `data_dir`, with the server's default bound on running
+/// actors unless `live_actors_max` is given.
+pub(crate) fn start_server(
+    bin: &Path,
+    listen: &str,
+    data_dir: &Path,
+    live_actors_max: Option<usize>,
+) -> anyhow::Result<Child> {
+    let bound = live_actors_max
+        .map(|n| format!(" --live-actors-max {n}"))
+        .unwrap_or_default();
     eprintln!(
-        "starting {} serve --listen {listen} --data-dir {}",
+        "starting {} serve --listen {listen} --data-dir {}{bound}",
         bin.display(),
         data_dir.display()
     );
@@ -161,6 +177,9 @@ pub(crate) fn start_server(bin: &Path, listen: &str, data_dir: &Path) -> anyhow:
         .arg(data_dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);
+    if let Some(n) = live_actors_max {
+        command.arg("--live-actors-max").arg(n.to_string());
+    }
     // Keep the report readable: the server's info logs would drown it. Warnings and errors
     // still show, and an explicit DROPLINE_LOG (the server's `--log`) wins.
     command.env("DROPLINE_OPERATOR_TOKEN", crate::operator_token());
@@ -218,6 +237,16 @@ async fn measure(args: &CatalogArgs, child: &mut Child, target: &str) -> anyhow:
         "  of which the catalog alone (drops created and opened, no SKU actor started): {} MiB",
         catalog_only.rss_kib.div_ceil(1024)
     );
+    let bound = args.live_actors_max.unwrap_or(LIVE_ACTORS_MAX_DEFAULT);
+    if bound < layout.skus {
+        println!(
+            "  the server runs at most {bound} SKU actors (--live-actors-max): the least recently used \
+             stopped early, their holds kept in the journal; --live-actors-max {} keeps all running",
+            layout.skus
+        );
+    } else {
+        println!("  every SKU actor running (--live-actors-max {bound})");
+    }
     println!(
         "loaded in {:.1} s: {} drops created and opened in {:.1} s, first reserves in {:.1} s ({:.0}/s)",
         loaded_in.as_secs_f64(),

@@ -82,7 +82,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
 
     // 1. Embedded.
     let listen = format!("127.0.0.1:{}", net::free_local_port()?);
-    let mut embedded = crate::catalog::start_server(&args.dropline_bin, &listen, &temp.path().join("embedded"))?;
+    let mut embedded = crate::catalog::start_server(&args.dropline_bin, &listen, &temp.path().join("embedded"), None)?;
     let target = format!("http://{listen}");
     net::wait_until_answering(&target, Some(&mut embedded), Duration::from_secs(30)).await?;
     let channels = net::connect_channels(&target, args.load.connections).await?;

@@ -63,7 +63,7 @@ pub async fn run(args: SwapsArgs) -> anyhow::Result<()> {
     ensure!(args.orders > 0, "--orders must be at least 1");
     let temp = tempfile::Builder::new().prefix("dropline-load-swaps-").tempdir()?;
     let listen = format!("127.0.0.1:{}", net::free_local_port()?);
-    let mut child = catalog::start_server(&args.dropline_bin, &listen, temp.path())?;
+    let mut child = catalog::start_server(&args.dropline_bin, &listen, temp.path(), None)?;
     let result = measure(&args, &mut child, &format!("http://{listen}")).await;
     net::stop(&mut child).await;
     result

@@ -66,7 +66,12 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let dir = tempfile::tempdir()?;
-        let platform = services::platform::Platform::open_embedded(dir.path(), Some(OPERATOR_TOKEN)).await?;
+        let platform = services::platform::Platform::open_embedded(
+            dir.path(),
+            Some(OPERATOR_TOKEN),
+            domain::limits::LIVE_ACTORS_MAX_DEFAULT,
+        )
+        .await?;
         // Booking through the actor, durable.
         let inputs = Arc::new(inputs);
         let started = Instant::now();

@@ -4,6 +4,7 @@
 use actors::cluster::placement::PARTITIONS_DEFAULT;
 use actors::cluster::{ClusterConfig, LeaseTimings};
 use clap::{Args, Parser, Subcommand};
+use domain::limits::LIVE_ACTORS_MAX_DEFAULT;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -123,7 +124,7 @@ pub struct ServeArgs {
     #[arg(long, env = "DROPLINE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// A TOML file with any of the keys `listen`, `data_dir`, `log`, `shutdown_delay_ms`,
-    /// `nats`, `node`, `partitions`, `replicas`, `lease_ttl_ms`, `lease_renew_ms`.
+    /// `live_actors_max`, `nats`, `node`, `partitions`, `replicas`, `lease_ttl_ms`, `lease_renew_ms`.
     #[arg(long, env = "DROPLINE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Log filter, e.g. `info` or `dropline=debug` [default: info].
@@ -138,6 +139,11 @@ pub struct ServeArgs {
     /// at most 60000].
     #[arg(long, env = "DROPLINE_SHUTDOWN_DELAY_MS")]
     pub shutdown_delay_ms: Option<u64>,
+    /// Running actors of each kind (SKUs, drops, hubs, creators) kept at most; starting one
+    /// more asks the least recently used to stop early (they restart from the journal on
+    /// next use). About 10 KiB per running SKU actor [default: 50000].
+    #[arg(long, env = "DROPLINE_LIVE_ACTORS_MAX", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub live_actors_max: Option<u64>,
     /// Check the settings (flags, environment, file) and print them, then exit without
     /// serving: 0 when they are valid.
     #[arg(long)]
@@ -204,6 +210,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     log: Option<String>,
     shutdown_delay_ms: Option<u64>,
+    live_actors_max: Option<u64>,
     nats: Option<String>,
     node: Option<String>,
     partitions: Option<u32>,
@@ -221,6 +228,8 @@ pub struct ServeConfig {
     pub operator_token: Option<String>,
     /// How long the server keeps serving after SIGTERM before it drains.
     pub shutdown_delay: Duration,
+    /// Running actors of each kind kept at most.
+    pub live_actors_max: usize,
     /// Set when this process is one node of a cluster.
     pub cluster: Option<ClusterConfig>,
 }
@@ -248,6 +257,10 @@ impl ServeArgs {
             log: self.log.clone().or(file.log.clone()).unwrap_or_else(|| "info".into()),
             operator_token: self.operator_token.clone(),
             shutdown_delay: Duration::from_millis(self.shutdown_delay_ms.or(file.shutdown_delay_ms).unwrap_or(0)),
+            live_actors_max: self
+                .live_actors_max
+                .or(file.live_actors_max)
+                .map_or(LIVE_ACTORS_MAX_DEFAULT, |n| n as usize),
             cluster: None,
         })
         .and_then(|mut config| {
@@ -259,6 +272,9 @@ impl ServeArgs {
             }
             if config.shutdown_delay > Duration::from_millis(SHUTDOWN_DELAY_MS_MAX) {
                 anyhow::bail!("--shutdown-delay-ms must be at most {SHUTDOWN_DELAY_MS_MAX}");
+            }
+            if config.live_actors_max == 0 {
+                anyhow::bail!("live_actors_max must be at least 1");
             }
             let c = &self.cluster;
             let Some(nats) = c.nats.clone().or(file.nats) else {
@@ -302,6 +318,7 @@ impl ServeArgs {
                 replicas,
                 timings,
                 data_dir: config.data_dir.clone(),
+                live_actors_max: config.live_actors_max,
             });
             Ok(config)
         })
@@ -316,7 +333,11 @@ mod tests {
     fn flags_override_the_file_which_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dropline.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:6000\"\ndata_dir = \"/var/lib/dropline\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:6000\"\ndata_dir = \"/var/lib/dropline\"\nlive_actors_max = 1000\n",
+        )
+        .unwrap();
         let args = ServeArgs {
             listen: Some("127.0.0.1:7000".parse().unwrap()),
             data_dir: None,
@@ -324,6 +345,7 @@ mod tests {
             log: None,
             operator_token: None,
             shutdown_delay_ms: None,
+            live_actors_max: None,
             check_config: false,
             cluster: ClusterArgs::default(),
         };
@@ -331,6 +353,7 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(config.data_dir, PathBuf::from("/var/lib/dropline"));
         assert_eq!(config.log, "info");
+        assert_eq!(config.live_actors_max, 1000);
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "listne = \"x\"\n").unwrap();
         assert!(ServeArgs {
@@ -340,6 +363,7 @@ mod tests {
             log: None,
             operator_token: None,
             shutdown_delay_ms: None,
+            live_actors_max: None,
             check_config: false,
             cluster: ClusterArgs::default(),
         }
@@ -359,6 +383,7 @@ mod tests {
             log: None,
             operator_token: token.map(str::to_string),
             shutdown_delay_ms: delay,
+            live_actors_max: None,
             check_config: false,
             cluster: ClusterArgs::default(),
         };

@@ -9,6 +9,7 @@
 use crate::config::DemoArgs;
 use crate::platform::Platform;
 use crate::server;
+use domain::limits::LIVE_ACTORS_MAX_DEFAULT;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
@@ -161,7 +162,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             )
         }
         None => {
-            let platform = Platform::open_embedded(&data_dir, Some(&operator_token)).await?;
+            let platform = Platform::open_embedded(&data_dir, Some(&operator_token), LIVE_ACTORS_MAX_DEFAULT).await?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -29,7 +29,14 @@ use tracing::info;
 pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
     let platform = match &config.cluster {
         Some(cluster) => platform::Platform::open_cluster(cluster, config.operator_token.as_deref()).await?,
-        None => platform::Platform::open_embedded(&config.data_dir, config.operator_token.as_deref()).await?,
+        None => {
+            platform::Platform::open_embedded(
+                &config.data_dir,
+                config.operator_token.as_deref(),
+                config.live_actors_max,
+            )
+            .await?
+        }
     };
     if let Some(token) = &platform.new_operator_token {
         // Shown once: only its hash is kept.
@@ -102,6 +109,7 @@ fn print_config(config: &ServeConfig) {
     println!("data_dir = {:?}", config.data_dir.display().to_string());
     println!("log = {:?}", config.log);
     println!("shutdown_delay_ms = {}", config.shutdown_delay.as_millis());
+    println!("live_actors_max = {}", config.live_actors_max);
     println!(
         "operator_token = {}",
         if config.operator_token.is_some() {

@@ -37,6 +37,9 @@ const FIGURES_LOAD_FAN_OUT: usize = 64;
 #[derive(Clone)]
 pub struct Platform {
     pub bus: Arc<dyn CommandBus>,
+    /// The actors running in this process (all of them on the embedded platform, this
+    /// node's on a cluster).
+    pub actors: Arc<LocalActors>,
     pub projections: Arc<Projections>,
     pub clock: Arc<dyn Clock>,
     pub buyers: Arc<BuyerHasher>,
@@ -56,16 +59,27 @@ pub struct Platform {
 
 impl Platform {
     /// The embedded platform: journal and secrets under `data_dir`, actors in-process.
-    /// `operator_token`: the operator credential to accept (see [`OperatorCredential::load`]).
-    pub async fn open_embedded(data_dir: &Path, operator_token: Option<&str>) -> anyhow::Result<Platform> {
+    /// `operator_token`: the operator credential to accept (see [`OperatorCredential::load`]);
+    /// `live_actors_max`: running actors of each kind kept at most
+    /// (`domain::limits::LIVE_ACTORS_MAX_DEFAULT`).
+    pub async fn open_embedded(
+        data_dir: &Path,
+        operator_token: Option<&str>,
+        live_actors_max: usize,
+    ) -> anyhow::Result<Platform> {
         std::fs::create_dir_all(data_dir)?;
         let journal = SledJournal::open(data_dir)?;
         let buyers = Arc::new(BuyerHasher::load_or_create(&data_dir.join("secrets"))?);
         let (operator, new_operator_token) = OperatorCredential::load(&data_dir.join("secrets"), operator_token)?;
         let projections = Arc::new(Projections::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let actors: Arc<dyn CommandBus> =
-            LocalActors::new(journal.clone(), clock.clone(), projections.clone(), journal.clone())?;
+        let actors = LocalActors::new(
+            journal.clone(),
+            clock.clone(),
+            projections.clone(),
+            journal.clone(),
+            live_actors_max,
+        )?;
         // The registry fills the partner directory (credential lookups) when it starts.
         actors
             .registry_command(RegistryCommand::Load)
@@ -77,6 +91,7 @@ impl Platform {
             operator,
             new_operator_token,
             bus: actors.clone(),
+            actors,
             projections,
             clock,
             buyers,
@@ -173,6 +188,7 @@ impl Platform {
             buyers,
             addresses,
             journal: node.journal().clone(),
+            actors: node.local().clone(),
             cluster: Some(node),
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),

@@ -463,3 +463,61 @@ async fn restock_promotes_the_waitlist_and_health_and_reflection_answer() {
     );
     server.stop().await;
 }
+
+/// With at most 3 SKU actors running, reserving 12 SKUs one after another asks the least
+/// recently used actors to stop early; their holds stay (each is rebuilt from the journal on
+/// its next command) and can be confirmed, with the bound still kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_live_actor_bound_the_least_recently_used_stop_and_lose_nothing() {
+    const BOUND: usize = 3;
+    let server = TestServer::start_with_live_actors_max(BOUND).await;
+    let skus: Vec<String> = (0..12).map(|i| format!("sku-{i}")).collect();
+    let stock: Vec<(&str, u32)> = skus.iter().map(|sku| (sku.as_str(), 5)).collect();
+    open_drop(&server, drop_request("bounded", &stock, 1, 600)).await;
+    let mut checkout = server.checkout();
+    let mut holds = Vec::new();
+    for sku in &skus {
+        let held = checkout
+            .reserve(reserve("bounded", sku, &format!("buyer-{sku}"), 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(held.outcome(), ReserveOutcome::Held);
+        holds.push(held.order_id);
+    }
+    let running_skus = || server.platform.actors.live_actors().1;
+    let settled = |what: &str| {
+        let what = what.to_owned();
+        async move {
+            // Stopping is asynchronous (a journal write may be in flight); it takes
+            // milliseconds, the wait is bounded.
+            for _ in 0..500 {
+                if running_skus() <= BOUND {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{} SKU actors still running {what}, bound {BOUND}", running_skus());
+        }
+    };
+    settled("after 12 reserves").await;
+    assert!(running_skus() > 0, "the most recently used actors keep running");
+    for order_id in &holds {
+        let confirmed = checkout.confirm(pickup(order_id, 2_500)).await.unwrap().into_inner();
+        assert_eq!(confirmed.order.unwrap().status(), OrderStatus::Confirmed);
+    }
+    settled("after 12 confirms").await;
+    let figures = server
+        .operator()
+        .get_drop(GetDropRequest {
+            drop_id: "bounded".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(figures.skus.len(), 12);
+    for sku in &figures.skus {
+        assert_eq!((sku.held, sku.available, sku.sold), (0, 4, 1), "{}", sku.sku_id);
+    }
+    server.stop().await;
+}

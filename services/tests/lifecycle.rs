@@ -24,9 +24,13 @@ async fn status(channel: &tonic::transport::Channel, service: &str) -> ServingSt
 #[tokio::test]
 async fn readiness_goes_first_liveness_stays_and_calls_are_served_through_the_shutdown_delay() {
     let dir = tempfile::tempdir().unwrap();
-    let platform = services::platform::Platform::open_embedded(dir.path(), Some(common::OPERATOR_TOKEN))
-        .await
-        .unwrap();
+    let platform = services::platform::Platform::open_embedded(
+        dir.path(),
+        Some(common::OPERATOR_TOKEN),
+        domain::limits::LIVE_ACTORS_MAX_DEFAULT,
+    )
+    .await
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -77,6 +77,8 @@ pub struct ClusterConfig {
     pub timings: LeaseTimings,
     /// Local directory for snapshots.
     pub data_dir: PathBuf,
+    /// Running actors of each kind on this node (see `LIVE_ACTORS_MAX_DEFAULT`).
+    pub live_actors_max: usize,
 }
 
 /// A command for the actor of another node, as it travels.
@@ -329,6 +331,7 @@ impl ClusterNode {
                 audit,
                 bus,
                 Vec::new(),
+                config.live_actors_max,
             ));
             ClusterNode {
                 node: config.node.clone(),

@@ -117,8 +117,13 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> TestServer {
+        TestServer::start_with_live_actors_max(domain::limits::LIVE_ACTORS_MAX_DEFAULT).await
+    }
+
+    /// A server keeping at most `live_actors_max` actors of each kind running.
+    pub async fn start_with_live_actors_max(live_actors_max: usize) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let platform = services::platform::Platform::open_embedded(dir.path(), Some(OPERATOR_TOKEN))
+        let platform = services::platform::Platform::open_embedded(dir.path(), Some(OPERATOR_TOKEN), live_actors_max)
             .await
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
