@@ -20,6 +20,7 @@ use futures::{StreamExt, TryStreamExt};
 use kameo::actor::{ActorRef, Spawn};
 use kameo::error::{HookError, SendError};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,12 +45,19 @@ struct Live<H: Hosted> {
 struct Running<H: Hosted> {
     actor: ActorRef<Entity<H>>,
     used: u64,
-    passivating: bool,
+    /// Shared with the actor, written only here under the lock (see `EntityArgs::passivate`).
+    passivate: Arc<AtomicBool>,
+}
+
+impl<H: Hosted> Running<H> {
+    fn passivating(&self) -> bool {
+        self.passivate.load(Ordering::Relaxed)
+    }
 }
 
 impl<H: Hosted> Live<H> {
     fn remove(&mut self, key: &H::Key) {
-        if self.actors.remove(key).is_some_and(|r| r.passivating) {
+        if self.actors.remove(key).is_some_and(|r| r.passivating()) {
             self.passivating -= 1;
         }
     }
@@ -60,7 +68,7 @@ impl<H: Hosted> Live<H> {
         let mut forgotten = 0;
         self.actors.retain(|_, r| {
             let keep = r.actor.is_alive();
-            forgotten += usize::from(!keep && r.passivating);
+            forgotten += usize::from(!keep && r.passivating());
             keep
         });
         self.passivating -= forgotten;
@@ -69,7 +77,8 @@ impl<H: Hosted> Live<H> {
     /// Asks the least recently used running actors to passivate once more than `max_live`
     /// run: a batch of them (`1/PASSIVATE_BATCH_DIVISOR` of the bound), so the scan is
     /// paid once per batch of starts. An actor with a full mailbox is busy, not idle, and
-    /// is left alone.
+    /// is left alone. The bound is soft: an actor asked to stop goes once its last write is
+    /// durable (milliseconds), and one used again meanwhile stays and counts again.
     fn bound(&mut self, max_live: usize) {
         if self.actors.len() - self.passivating <= max_live {
             return;
@@ -85,14 +94,19 @@ impl<H: Hosted> Live<H> {
         let mut used: Vec<u64> = self
             .actors
             .values()
-            .filter(|r| !r.passivating)
+            .filter(|r| !r.passivating())
             .map(|r| r.used)
             .collect();
         let (_, &mut threshold, _) = used.select_nth_unstable(batch - 1);
-        for running in self.actors.values_mut() {
-            if !running.passivating && running.used <= threshold && running.actor.tell(Passivate).try_send().is_ok() {
-                running.passivating = true;
+        for running in self.actors.values() {
+            if running.passivating() || running.used > threshold {
+                continue;
+            }
+            running.passivate.store(true, Ordering::Relaxed);
+            if running.actor.tell(Passivate).try_send().is_ok() {
                 self.passivating += 1;
+            } else {
+                running.passivate.store(false, Ordering::Relaxed);
             }
         }
     }
@@ -117,17 +131,23 @@ impl<H: Hosted> Registry<H> {
         if let Some(running) = live.actors.get_mut(key) {
             if running.actor.is_alive() {
                 running.used = now;
-                // Used again: no longer on its way out (the command cancels the request).
-                let revived = std::mem::take(&mut running.passivating);
+                // Used again: no longer on its way out, unless it already decided to stop
+                // (then the command comes back as not delivered and `ask` starts a new one).
+                let revived = running.passivate.swap(false, Ordering::Relaxed);
                 let actor = running.actor.clone();
-                live.passivating -= usize::from(revived);
+                if revived {
+                    live.passivating -= 1;
+                    live.bound(self.max_live);
+                }
                 return actor;
             }
         }
+        let passivate = Arc::new(AtomicBool::new(false));
         let actor = Entity::<H>::spawn_with_mailbox(
             EntityArgs {
                 key: key.clone(),
                 env: env.clone(),
+                passivate: passivate.clone(),
             },
             kameo::mailbox::bounded(H::mailbox_capacity()),
         );
@@ -137,7 +157,7 @@ impl<H: Hosted> Registry<H> {
             Running {
                 actor: actor.clone(),
                 used: now,
-                passivating: false,
+                passivate,
             },
         );
         live.bound(self.max_live);
@@ -177,27 +197,30 @@ impl<H: Hosted> Registry<H> {
                     )));
                 }
             }
-            let sent = actor
-                .ask(Cmd::<H>(command))
-                .reply_timeout(Duration::from_millis(COMMAND_TIMEOUT_MS))
-                .try_send()
-                .await;
-            match sent {
-                Ok(reply) => return Ok(reply),
-                Err(SendError::HandlerError(e)) => return Err(e),
-                Err(SendError::MailboxFull(_)) => return Err(CommandError::Overloaded("actor mailbox is full".into())),
-                Err(SendError::Timeout(_)) => return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
+            match deliver(&actor, command).await {
+                Ok(replied) => return replied,
                 // The actor stopped (idle) just before our command: start a fresh one.
-                Err(SendError::ActorNotRunning(Cmd(c)) | SendError::ActorRestarting(Cmd(c))) => {
+                Err(c) => {
                     self.forget(key, &actor);
                     command = c;
-                }
-                Err(SendError::ActorStopped) => {
-                    return Err(CommandError::Unavailable("actor stopped before replying".into()))
                 }
             }
         }
         Err(CommandError::Unavailable("actor keeps stopping".into()))
+    }
+
+    /// Gives `command` to the actor of `key` only if it is running (or starting), without
+    /// starting one or counting it as a use: `None` when there is none, or it stopped first.
+    /// For news an actor also reads when it starts.
+    async fn ask_if_running(&self, key: &H::Key, command: H::Command) -> Option<Result<H::Reply, CommandError>> {
+        let actor = {
+            let live = self.inner.lock().expect("registry lock");
+            live.actors.get(key).filter(|r| r.actor.is_alive())?.actor.clone()
+        };
+        match deliver(&actor, command).await {
+            Ok(Err(CommandError::Unavailable(_))) | Err(_) => None,
+            Ok(replied) => Some(replied),
+        }
     }
 
     fn stop_matching(&self, matches: &impl Fn(&str) -> bool) -> usize {
@@ -252,6 +275,27 @@ impl<H: Hosted> Registry<H> {
             .filter(|r| r.actor.is_alive())
             .count()
     }
+}
+
+/// Asks `actor` and waits for its reply; `Err` gives the command back when the actor was
+/// no longer running (it stopped just before), so the caller may start a new one.
+async fn deliver<H: Hosted>(
+    actor: &ActorRef<Entity<H>>,
+    command: H::Command,
+) -> Result<Result<H::Reply, CommandError>, H::Command> {
+    let sent = actor
+        .ask(Cmd::<H>(command))
+        .reply_timeout(Duration::from_millis(COMMAND_TIMEOUT_MS))
+        .try_send()
+        .await;
+    Ok(match sent {
+        Ok(reply) => Ok(reply),
+        Err(SendError::HandlerError(e)) => Err(e),
+        Err(SendError::MailboxFull(_)) => Err(CommandError::Overloaded("actor mailbox is full".into())),
+        Err(SendError::Timeout(_)) => Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
+        Err(SendError::ActorNotRunning(Cmd(c)) | SendError::ActorRestarting(Cmd(c))) => return Err(c),
+        Err(SendError::ActorStopped) => Err(CommandError::Unavailable("actor stopped before replying".into())),
+    })
 }
 
 /// How often stopped actors are forgotten by the registries.
@@ -433,11 +477,16 @@ impl CommandBus for LocalActors {
             // An actor starting right now is already registered, so it is in this list (its
             // start-up read of the drop may predate the change); one registered after this
             // read starts by reading the drop, which already records the change.
+            // Only running actors are told, and telling them is not a use (it would keep
+            // them running past the bound): one that stopped meanwhile reads the status when
+            // it starts again.
             let live = self.skus.live_keys(|(d, _)| *d == drop_id);
-            futures::stream::iter(
-                live.into_iter()
-                    .map(|key| async move { self.skus.ask(&key, &self.env, SkuCommand::SetSaleStatus(status)).await }),
-            )
+            futures::stream::iter(live.into_iter().map(|key| async move {
+                self.skus
+                    .ask_if_running(&key, SkuCommand::SetSaleStatus(status))
+                    .await
+                    .unwrap_or(Ok(SkuReply::Done))
+            }))
             .buffer_unordered(STATUS_FAN_OUT)
             .try_for_each(|_| async { Ok(()) })
             .await

@@ -15,7 +15,7 @@ use crate::error::CommandError;
 use crate::hosted::{Env, Hosted};
 use crate::journal::{AppendBatch, AppendPermit, JournalError};
 use domain::limits::{
-    ACTOR_IDLE_STOP_MS, PASSIVATE_POLL_MS, SNAPSHOT_BUSY_MIN_EVENTS, SNAPSHOT_IDLE_MIN_EVENTS,
+    ACTOR_IDLE_STOP_MS, PASSIVATE_POLL_MS, PASSIVATE_RETRY_MAX_MS, SNAPSHOT_BUSY_MIN_EVENTS, SNAPSHOT_IDLE_MIN_EVENTS,
     SNAPSHOT_OFF_WORKER_ENTRIES, SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR, TIMER_RETRY_MS,
 };
 use domain::UnixMillis;
@@ -24,7 +24,7 @@ use kameo::mailbox::{MailboxReceiver, Signal};
 use kameo::message::{Context, Message};
 use kameo::reply::DelegatedReply;
 use kameo::Actor;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, warn};
@@ -32,9 +32,8 @@ use tracing::{debug, warn};
 /// A command for the hosted aggregate; the reply comes once it is durable.
 pub struct Cmd<H: Hosted>(pub H::Command);
 
-/// Asks a running actor to stop as soon as it is idle, without waiting out
-/// `ACTOR_IDLE_STOP_MS`: the registry keeps the number of running actors bounded. A
-/// command arriving first cancels the request.
+/// Wakes a running actor whose registry set its `passivate` flag (see [`EntityArgs`]), so
+/// it stops as soon as it is idle instead of waiting out `ACTOR_IDLE_STOP_MS`.
 pub struct Passivate;
 
 type ReplyFn<R> = Box<dyn FnOnce(Result<R, CommandError>) + Send>;
@@ -42,6 +41,11 @@ type ReplyFn<R> = Box<dyn FnOnce(Result<R, CommandError>) + Send>;
 pub struct EntityArgs<H: Hosted> {
     pub key: H::Key,
     pub env: Arc<Env>,
+    /// Set and cleared only by the actor's registry, under its lock: set when it asks the
+    /// actor to stop early (the running actors are bounded), cleared when it hands the actor
+    /// a new command. The actor only reads it, so the registry's count of actors on their
+    /// way out stays exact.
+    pub passivate: Arc<AtomicBool>,
 }
 
 pub struct Entity<H: Hosted> {
@@ -62,8 +66,8 @@ pub struct Entity<H: Hosted> {
     /// The next deadline last handed to the journal (`None`: not known yet). An actor stops
     /// only once its current deadline is durable there, for the wake-up scheduler.
     wakeup_written: Option<Option<UnixMillis>>,
-    /// Asked to passivate early (see [`Passivate`]) and not used since.
-    passivate: bool,
+    /// Asked by the registry to stop early (see [`EntityArgs::passivate`]).
+    passivate: Arc<AtomicBool>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<T, CommandError> {
@@ -194,7 +198,7 @@ impl<H: Hosted> Entity<H> {
 
     /// Recovers the actor: snapshot, journal replay, the aggregate's own recovery step.
     async fn start(args: EntityArgs<H>, actor_ref: ActorRef<Self>) -> Result<Self, CommandError> {
-        let EntityArgs { key, env } = args;
+        let EntityArgs { key, env, passivate } = args;
         let stream = H::stream(&key);
         let recovered = env
             .journal
@@ -221,7 +225,7 @@ impl<H: Hosted> Entity<H> {
             in_flight: Arc::new(AtomicUsize::new(0)),
             // Aggregates without timers never have a deadline to write.
             wakeup_written: if H::timer_command().is_some() { None } else { Some(None) },
-            passivate: false,
+            passivate,
         };
         if let Some(command) = entity.state.after_recovery(&entity.env).await? {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -283,6 +287,10 @@ impl<H: Hosted> Actor for Entity<H> {
         actor: WeakActorRef<Self>,
         mailbox: &mut MailboxReceiver<Self>,
     ) -> Result<Option<Signal<Self>>, CommandError> {
+        // Asked to stop early, the actor looks again after 1 ms, then backs off while it
+        // cannot stop yet (a write in flight, a full journal or wake-up queue): no busy loop.
+        let mut passivate_wait = PASSIVATE_POLL_MS;
+        let back_off = |wait: &mut u64| *wait = (*wait * 2).min(PASSIVATE_RETRY_MAX_MS);
         loop {
             // A due deadline goes first, between messages, so a busy actor expires holds on
             // time too.
@@ -300,10 +308,11 @@ impl<H: Hosted> Actor for Entity<H> {
             // With enough events since the last snapshot, wait only for a short quiet spell,
             // then write one: snapshots happen between bursts, off the buyers' latency path.
             let snapshot_due = self.events_since_snapshot >= SNAPSHOT_IDLE_MIN_EVENTS;
+            let early = self.passivate.load(Ordering::Relaxed);
             let idle_wait = if snapshot_due {
                 SNAPSHOT_QUIET_MS
-            } else if self.passivate {
-                PASSIVATE_POLL_MS
+            } else if early {
+                passivate_wait
             } else {
                 ACTOR_IDLE_STOP_MS
             };
@@ -318,13 +327,21 @@ impl<H: Hosted> Actor for Entity<H> {
                 // in the journal) and the next deadline durable and handed to the wake-up
                 // scheduler, which starts the actor again when it comes due.
                 Err(_) if self.in_flight.load(Ordering::SeqCst) == 0 => {
+                    // Stopping early, a deadline due soon (a timer command waiting for its
+                    // retry) runs here first rather than through a restart.
+                    if early && due_in.is_some_and(|ms| ms <= TIMER_RETRY_MS) {
+                        back_off(&mut passivate_wait);
+                        continue;
+                    }
                     let deadline = self.state.next_deadline();
                     if self.wakeup_written != Some(deadline) {
                         self.write_when_idle(false, actor.clone());
+                        back_off(&mut passivate_wait);
                         continue;
                     }
                     if let Some(at) = deadline {
                         if !self.env.wakeups.register(self.stream.clone(), at) {
+                            back_off(&mut passivate_wait);
                             continue;
                         }
                     }
@@ -332,10 +349,10 @@ impl<H: Hosted> Actor for Entity<H> {
                     if let Ok(signal) = mailbox.try_recv() {
                         return Ok(Some(signal));
                     }
-                    debug!(stream = %self.stream, ?deadline, early = self.passivate, "actor idle, passivating");
+                    debug!(stream = %self.stream, ?deadline, early, "actor idle, passivating");
                     return Ok(Some(Signal::Stop));
                 }
-                Err(_) => continue,
+                Err(_) => back_off(&mut passivate_wait),
             }
         }
     }
@@ -361,7 +378,6 @@ impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
     type Reply = DelegatedReply<Result<H::Reply, CommandError>>;
 
     async fn handle(&mut self, Cmd(command): Cmd<H>, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.passivate = false;
         let (delegated, sender) = ctx.reply_sender();
         let reply: ReplyFn<H::Reply> = match sender {
             Some(sender) => Box::new(move |result| sender.send(result)),
@@ -375,7 +391,6 @@ impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
 impl<H: Hosted> Message<Passivate> for Entity<H> {
     type Reply = ();
 
-    async fn handle(&mut self, _: Passivate, _: &mut Context<Self, Self::Reply>) {
-        self.passivate = true;
-    }
+    /// Nothing to do: receiving it ends the actor's wait in `next`, which reads the flag.
+    async fn handle(&mut self, _: Passivate, _: &mut Context<Self, Self::Reply>) {}
 }

@@ -71,9 +71,11 @@ pub const LIVE_ACTORS_MAX_DEFAULT: usize = 50_000;
 /// Share of the bound asked to passivate at once when it is exceeded (1/64: ~780 actors
 /// at the default), so the scan for the least recently used runs once per that many starts.
 pub const PASSIVATE_BATCH_DIVISOR: usize = 64;
-/// How often an actor asked to passivate early looks again while it still waits for its
-/// last journal write (or for room in the wake-up queue).
+/// How soon an actor asked to passivate early looks whether it can stop; while it cannot
+/// (a journal write in flight, a full journal or wake-up queue) the wait doubles up to
+/// `PASSIVATE_RETRY_MAX_MS`.
 pub const PASSIVATE_POLL_MS: u64 = 1;
+pub const PASSIVATE_RETRY_MAX_MS: u64 = 1_000;
 /// Deadline registrations of stopping actors queued for the wake-up scheduler.
 pub const WAKEUP_QUEUE_MAX: usize = 65_536;
 /// Passivated actors woken for their deadlines at once.

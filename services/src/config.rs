@@ -14,6 +14,8 @@ use std::time::Duration;
 const PARTITIONS_MAX: u32 = 1_024;
 /// Longest wait between SIGTERM and the drain.
 const SHUTDOWN_DELAY_MS_MAX: u64 = 60_000;
+/// The largest `live_actors_max` accepted (flag, environment or file).
+const LIVE_ACTORS_MAX_UPPER: u64 = 100_000_000;
 
 fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -142,7 +144,7 @@ pub struct ServeArgs {
     /// Running actors of each kind (SKUs, drops, hubs, creators) kept at most; starting one
     /// more asks the least recently used to stop early (they restart from the journal on
     /// next use). About 10 KiB per running SKU actor [default: 50000].
-    #[arg(long, env = "DROPLINE_LIVE_ACTORS_MAX", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    #[arg(long, env = "DROPLINE_LIVE_ACTORS_MAX", value_parser = clap::value_parser!(u64).range(1..=LIVE_ACTORS_MAX_UPPER))]
     pub live_actors_max: Option<u64>,
     /// Check the settings (flags, environment, file) and print them, then exit without
     /// serving: 0 when they are valid.
@@ -273,8 +275,8 @@ impl ServeArgs {
             if config.shutdown_delay > Duration::from_millis(SHUTDOWN_DELAY_MS_MAX) {
                 anyhow::bail!("--shutdown-delay-ms must be at most {SHUTDOWN_DELAY_MS_MAX}");
             }
-            if config.live_actors_max == 0 {
-                anyhow::bail!("live_actors_max must be at least 1");
+            if !(1..=LIVE_ACTORS_MAX_UPPER as usize).contains(&config.live_actors_max) {
+                anyhow::bail!("live_actors_max must be between 1 and {LIVE_ACTORS_MAX_UPPER}");
             }
             let c = &self.cluster;
             let Some(nats) = c.nats.clone().or(file.nats) else {

@@ -501,7 +501,7 @@ async fn past_the_live_actor_bound_the_least_recently_used_stop_and_lose_nothing
         }
     };
     settled("after 12 reserves").await;
-    assert!(running_skus() > 0, "the most recently used actors keep running");
+    assert_eq!(running_skus(), BOUND, "the most recently used actors keep running");
     for order_id in &holds {
         let confirmed = checkout.confirm(pickup(order_id, 2_500)).await.unwrap().into_inner();
         assert_eq!(confirmed.order.unwrap().status(), OrderStatus::Confirmed);
@@ -519,5 +519,51 @@ async fn past_the_live_actor_bound_the_least_recently_used_stop_and_lose_nothing
     for sku in &figures.skus {
         assert_eq!((sku.held, sku.available, sku.sold), (0, 4, 1), "{}", sku.sku_id);
     }
+    server.stop().await;
+}
+
+/// Holds of SKU actors stopped early for the bound still expire on time: each stopping actor
+/// hands its deadline to the wake-up scheduler, which starts it again to expire the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_of_actors_stopped_for_the_bound_still_expire() {
+    const BOUND: usize = 2;
+    let server = TestServer::start_with_live_actors_max(BOUND).await;
+    let skus: Vec<String> = (0..6).map(|i| format!("sku-{i}")).collect();
+    let stock: Vec<(&str, u32)> = skus.iter().map(|sku| (sku.as_str(), 5)).collect();
+    // The shortest hold the API allows: one second.
+    open_drop(&server, drop_request("expiring", &stock, 1, 1)).await;
+    let mut checkout = server.checkout();
+    for sku in &skus {
+        let held = checkout
+            .reserve(reserve("expiring", sku, &format!("buyer-{sku}"), 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(held.outcome(), ReserveOutcome::Held);
+    }
+    // Waits are bounded; what they wait for (stops, a 1 s expiry) takes far less.
+    let mut expired = false;
+    let mut at_most_bound = false;
+    for _ in 0..1_000 {
+        at_most_bound |= server.platform.actors.live_actors().1 <= BOUND;
+        let figures = server
+            .operator()
+            .get_drop(GetDropRequest {
+                drop_id: "expiring".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if figures.skus.iter().all(|sku| (sku.held, sku.available) == (0, 5)) {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        at_most_bound,
+        "the bound of {BOUND} running SKU actors was never reached"
+    );
+    assert!(expired, "some holds never expired");
     server.stop().await;
 }
