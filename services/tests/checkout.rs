@@ -464,6 +464,26 @@ async fn restock_promotes_the_waitlist_and_health_and_reflection_answer() {
     server.stop().await;
 }
 
+/// Opens `drop_id` with `skus` SKUs of 5 units (`sku-0`, `sku-1`, …) and holds one unit of
+/// each, one SKU after another, each by its own buyer; returns the order ids.
+async fn hold_one_unit_of_each(server: &TestServer, drop_id: &str, skus: usize, hold_ttl_seconds: u32) -> Vec<String> {
+    let skus: Vec<String> = (0..skus).map(|i| format!("sku-{i}")).collect();
+    let stock: Vec<(&str, u32)> = skus.iter().map(|sku| (sku.as_str(), 5)).collect();
+    open_drop(server, drop_request(drop_id, &stock, 1, hold_ttl_seconds)).await;
+    let mut checkout = server.checkout();
+    let mut holds = Vec::new();
+    for sku in &skus {
+        let held = checkout
+            .reserve(reserve(drop_id, sku, &format!("buyer-{sku}"), 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(held.outcome(), ReserveOutcome::Held);
+        holds.push(held.order_id);
+    }
+    holds
+}
+
 /// With at most 3 SKU actors running, reserving 12 SKUs one after another asks the least
 /// recently used actors to stop early; their holds stay (each is rebuilt from the journal on
 /// its next command) and can be confirmed, with the bound still kept.
@@ -471,20 +491,8 @@ async fn restock_promotes_the_waitlist_and_health_and_reflection_answer() {
 async fn past_the_live_actor_bound_the_least_recently_used_stop_and_lose_nothing() {
     const BOUND: usize = 3;
     let server = TestServer::start_with_live_actors_max(BOUND).await;
-    let skus: Vec<String> = (0..12).map(|i| format!("sku-{i}")).collect();
-    let stock: Vec<(&str, u32)> = skus.iter().map(|sku| (sku.as_str(), 5)).collect();
-    open_drop(&server, drop_request("bounded", &stock, 1, 600)).await;
+    let holds = hold_one_unit_of_each(&server, "bounded", 12, 600).await;
     let mut checkout = server.checkout();
-    let mut holds = Vec::new();
-    for sku in &skus {
-        let held = checkout
-            .reserve(reserve("bounded", sku, &format!("buyer-{sku}"), 1))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(held.outcome(), ReserveOutcome::Held);
-        holds.push(held.order_id);
-    }
     let running_skus = || server.platform.actors.live_actors().1;
     let settled = |what: &str| {
         let what = what.to_owned();
@@ -528,19 +536,8 @@ async fn past_the_live_actor_bound_the_least_recently_used_stop_and_lose_nothing
 async fn holds_of_actors_stopped_for_the_bound_still_expire() {
     const BOUND: usize = 2;
     let server = TestServer::start_with_live_actors_max(BOUND).await;
-    let skus: Vec<String> = (0..6).map(|i| format!("sku-{i}")).collect();
-    let stock: Vec<(&str, u32)> = skus.iter().map(|sku| (sku.as_str(), 5)).collect();
     // The shortest hold the API allows: one second.
-    open_drop(&server, drop_request("expiring", &stock, 1, 1)).await;
-    let mut checkout = server.checkout();
-    for sku in &skus {
-        let held = checkout
-            .reserve(reserve("expiring", sku, &format!("buyer-{sku}"), 1))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(held.outcome(), ReserveOutcome::Held);
-    }
+    hold_one_unit_of_each(&server, "expiring", 6, 1).await;
     // Waits are bounded; what they wait for (stops, a 1 s expiry) takes far less.
     let mut expired = false;
     let mut at_most_bound = false;
