@@ -56,10 +56,12 @@ impl<H: Hosted> Running<H> {
 }
 
 impl<H: Hosted> Live<H> {
-    fn remove(&mut self, key: &H::Key) {
-        if self.actors.remove(key).is_some_and(|r| r.passivating()) {
+    fn remove(&mut self, key: &H::Key) -> Option<Running<H>> {
+        let removed = self.actors.remove(key);
+        if removed.as_ref().is_some_and(|r| r.passivating()) {
             self.passivating -= 1;
         }
+        removed
     }
 
     /// Drops entries whose actors stopped (a reference keeps a stopped actor's mailbox
@@ -232,10 +234,9 @@ impl<H: Hosted> Registry<H> {
             .cloned()
             .collect();
         for key in &keys {
-            if let Some(running) = live.actors.get(key) {
+            if let Some(running) = live.remove(key) {
                 running.actor.kill();
             }
-            live.remove(key);
         }
         keys.len()
     }

@@ -36,14 +36,7 @@ async fn burst_of_2000_reserves_for_100_units_holds_exactly_100() {
     }
     assert_eq!(held.len(), 100);
     assert_eq!(sold_out, 1_900);
-    let figures = server
-        .operator()
-        .get_drop(GetDropRequest {
-            drop_id: "burst".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let figures = server.drop_figures("burst").await;
     assert_eq!(
         (figures.skus[0].held, figures.skus[0].available, figures.skus[0].sold),
         (100, 0, 0)
@@ -202,12 +195,7 @@ async fn the_same_idempotency_key_100_times_concurrently_makes_one_hold() {
         ids.insert(task.await.unwrap());
     }
     assert_eq!(ids.len(), 1);
-    let figures = server
-        .operator()
-        .get_drop(GetDropRequest { drop_id: "idem".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let figures = server.drop_figures("idem").await;
     assert_eq!(figures.skus[0].held, 2);
     let reused = server
         .checkout()
@@ -515,14 +503,7 @@ async fn past_the_live_actor_bound_the_least_recently_used_stop_and_lose_nothing
         assert_eq!(confirmed.order.unwrap().status(), OrderStatus::Confirmed);
     }
     settled("after 12 confirms").await;
-    let figures = server
-        .operator()
-        .get_drop(GetDropRequest {
-            drop_id: "bounded".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let figures = server.drop_figures("bounded").await;
     assert_eq!(figures.skus.len(), 12);
     for sku in &figures.skus {
         assert_eq!((sku.held, sku.available, sku.sold), (0, 4, 1), "{}", sku.sku_id);
@@ -543,14 +524,7 @@ async fn holds_of_actors_stopped_for_the_bound_still_expire() {
     let mut at_most_bound = false;
     for _ in 0..1_000 {
         at_most_bound |= server.platform.actors.live_actors().1 <= BOUND;
-        let figures = server
-            .operator()
-            .get_drop(GetDropRequest {
-                drop_id: "expiring".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let figures = server.drop_figures("expiring").await;
         if figures.skus.iter().all(|sku| (sku.held, sku.available) == (0, 5)) {
             expired = true;
             break;

@@ -156,6 +156,17 @@ impl TestServer {
         registry_client(&self.channel)
     }
 
+    /// The operator's view of a drop (GetDrop), which must exist.
+    pub async fn drop_figures(&self, drop_id: &str) -> Drop {
+        self.operator()
+            .get_drop(GetDropRequest {
+                drop_id: drop_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
