@@ -349,6 +349,13 @@ impl<H: Hosted> Actor for Entity<H> {
                     if let Ok(signal) = mailbox.try_recv() {
                         return Ok(Some(signal));
                     }
+                    // Closed before stopping, so no command is lost in the hand-over: from
+                    // here a send fails at once with the command handed back
+                    // (ActorNotRunning) and the registry starts a fresh actor for it, and
+                    // kameo hands back what is still queued the same way. Left open, an ask
+                    // sent after kameo's last look at the mailbox but before the mailbox was
+                    // dropped lost its reply: UNAVAILABLE for a command that never ran.
+                    mailbox.close();
                     debug!(stream = %self.stream, ?deadline, early, "actor idle, passivating");
                     return Ok(Some(Signal::Stop));
                 }
