@@ -158,9 +158,12 @@ impl<H: Hosted> Entity<H> {
         permit.append(
             batch,
             Box::new(move |written| {
-                in_flight.fetch_sub(1, Ordering::SeqCst);
                 let failed = written.is_err();
                 done(written);
+                // Counted out only once `done` has published the batch's figures: an actor
+                // that saw nothing in flight could stop, and its last figures would land
+                // after those of the actor started in its place.
+                in_flight.fetch_sub(1, Ordering::SeqCst);
                 if failed {
                     if let Some(actor) = actor.upgrade() {
                         actor.kill();
