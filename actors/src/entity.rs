@@ -348,7 +348,8 @@ impl<H: Hosted> Actor for Entity<H> {
                             continue;
                         }
                     }
-                    // A message that came in meanwhile is served: stopping would drop it.
+                    // A message that came in meanwhile is served here: stopping would hand
+                    // it back, and the registry would start a fresh actor for it.
                     if let Ok(signal) = mailbox.try_recv() {
                         return Ok(Some(signal));
                     }

@@ -452,12 +452,24 @@ async fn restock_promotes_the_waitlist_and_health_and_reflection_answer() {
     server.stop().await;
 }
 
+/// Opens `drop_id` with SKUs `sku-0`, `sku-1`, … of `units` units each, and returns their ids.
+async fn open_drop_of(
+    server: &TestServer,
+    drop_id: &str,
+    skus: usize,
+    units: u32,
+    hold_ttl_seconds: u32,
+) -> Vec<String> {
+    let skus: Vec<String> = (0..skus).map(|i| format!("sku-{i}")).collect();
+    let stock: Vec<(&str, u32)> = skus.iter().map(|sku| (sku.as_str(), units)).collect();
+    open_drop(server, drop_request(drop_id, &stock, 1, hold_ttl_seconds)).await;
+    skus
+}
+
 /// Opens `drop_id` with `skus` SKUs of 5 units (`sku-0`, `sku-1`, …) and holds one unit of
 /// each, one SKU after another, each by its own buyer; returns the order ids.
 async fn hold_one_unit_of_each(server: &TestServer, drop_id: &str, skus: usize, hold_ttl_seconds: u32) -> Vec<String> {
-    let skus: Vec<String> = (0..skus).map(|i| format!("sku-{i}")).collect();
-    let stock: Vec<(&str, u32)> = skus.iter().map(|sku| (sku.as_str(), 5)).collect();
-    open_drop(server, drop_request(drop_id, &stock, 1, hold_ttl_seconds)).await;
+    let skus = open_drop_of(server, drop_id, skus, 5, hold_ttl_seconds).await;
     let mut checkout = server.checkout();
     let mut holds = Vec::new();
     for sku in &skus {
@@ -549,9 +561,7 @@ async fn commands_racing_an_actor_that_stops_for_the_bound_are_all_served() {
     const BUYERS: usize = 8;
     const RESERVES_PER_BUYER: usize = 40;
     let server = TestServer::start_with_live_actors_max(1).await;
-    let skus: Vec<String> = (0..SKUS).map(|i| format!("sku-{i}")).collect();
-    let stock: Vec<(&str, u32)> = skus.iter().map(|sku| (sku.as_str(), 1_000)).collect();
-    open_drop(&server, drop_request("churn", &stock, 1, 600)).await;
+    let skus = open_drop_of(&server, "churn", SKUS, 1_000, 600).await;
     let mut buyers = tokio::task::JoinSet::new();
     for b in 0..BUYERS {
         let mut checkout = server.checkout();
