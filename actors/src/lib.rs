@@ -18,6 +18,7 @@ pub mod handover;
 pub mod hosted;
 pub mod journal;
 pub mod projections;
+pub mod runtime;
 pub mod secrets;
 pub mod settlement;
 pub mod sled_journal;

@@ -29,6 +29,10 @@ pub struct EchoServerArgs {
     /// Address to listen on; port 0 picks a free port (printed once bound).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// Keep tokio's LIFO slot (`true`, tokio's default: a bare tonic server) or turn it off
+    /// as `dropline serve` does (`false`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub lifo_slot: bool,
 }
 
 struct Echo;
@@ -65,10 +69,17 @@ pub async fn serve(args: EchoServerArgs) -> anyhow::Result<()> {
 /// Starts `dropline-load echo-server` (this same binary) on a free port and returns the
 /// child with its address. The child is killed when the handle is dropped, so an error in
 /// the caller cannot leave it running.
-pub async fn spawn_child() -> anyhow::Result<(Child, SocketAddr)> {
+/// `lifo_slot`: see [`EchoServerArgs::lifo_slot`].
+pub async fn spawn_child(lifo_slot: bool) -> anyhow::Result<(Child, SocketAddr)> {
     let exe = std::env::current_exe().context("cannot locate the dropline-load binary")?;
     let mut child = Command::new(&exe)
-        .args(["echo-server", "--listen", "127.0.0.1:0"])
+        .args([
+            "echo-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--lifo-slot",
+            &lifo_slot.to_string(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true)

@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 
 use crate::burst::{run_burst, BurstStats};
 use crate::{echo, net, open_drop, open_window, unix_millis, HOLD_TTL_SECONDS};
+use actors::runtime::Scheduler;
 
 pub(crate) const HOT_SKU: &str = "hot";
 const HUB: &str = "hub-1";
@@ -73,6 +74,18 @@ pub struct HotSkuArgs {
     /// the server.
     #[arg(long, default_value_t = 30)]
     pub wait_secs: u64,
+    #[command(flatten)]
+    pub echo: EchoScheduler,
+}
+
+/// How the echo baseline's runtime schedules tasks.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct EchoScheduler {
+    /// Run the echo server on tokio's default scheduler (`true`: a bare tonic server, what
+    /// the target is measured against) or, with `false`, with the LIFO slot off as
+    /// `dropline serve` runs: the ceiling tuned the same way.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub echo_lifo_slot: bool,
 }
 
 /// Arguments of the hidden `dropline-load echo-only`: the baseline half of `hot-sku` alone,
@@ -81,6 +94,8 @@ pub struct HotSkuArgs {
 pub struct EchoOnlyArgs {
     #[command(flatten)]
     pub load: LoadShape,
+    #[command(flatten)]
+    pub echo: EchoScheduler,
 }
 
 /// The hot SKU's figures after the burst, as the server reports them.
@@ -145,17 +160,18 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
             None
         } else {
             eprintln!("round {round}: tonic echo: the same burst against a bare echo server");
-            Some(echo_burst(&drop_id, load).await)
+            Some(echo_burst(&drop_id, load, args.echo).await)
         };
         rounds.push(Round { dropline, check, echo });
     }
 
     println!(
-        "hot-SKU burst: {} reserves, {} concurrent, {} connections, {} round(s)",
+        "hot-SKU burst: {} reserves, {} concurrent, {} connections, {} round(s); echo scheduler: {}",
         load.attempts,
         load.concurrency,
         load.connections,
-        rounds.len()
+        rounds.len(),
+        Scheduler::chosen(args.echo.echo_lifo_slot).describe(args.echo.echo_lifo_slot)
     );
     println!("{}", header());
     for (i, round) in rounds.iter().enumerate() {
@@ -230,7 +246,7 @@ fn median(values: &[f64]) -> f64 {
 pub async fn run_echo_only(args: EchoOnlyArgs) -> anyhow::Result<()> {
     let load = args.load;
     load.validate()?;
-    let echo = echo_burst(&format!("load-{}", unix_millis()), load).await?;
+    let echo = echo_burst(&format!("load-{}", unix_millis()), load, args.echo).await?;
     println!(
         "echo burst: {} calls, {} concurrent, {} connections",
         load.attempts, load.concurrency, load.connections
@@ -316,8 +332,8 @@ pub(crate) async fn reserve_burst(
 
 /// The baseline burst: the same calls against a fresh echo server process, each carrying an
 /// encoded reserve request of the same shape, so request sizes match the Dropline run.
-async fn echo_burst(drop_id: &str, load: LoadShape) -> anyhow::Result<BurstStats<()>> {
-    let (mut child, addr) = echo::spawn_child().await?;
+async fn echo_burst(drop_id: &str, load: LoadShape, scheduler: EchoScheduler) -> anyhow::Result<BurstStats<()>> {
+    let (mut child, addr) = echo::spawn_child(scheduler.echo_lifo_slot).await?;
     let result = async {
         let channels = net::connect_channels(&format!("http://{addr}"), load.connections).await?;
         let clients: Arc<[EchoServiceClient<Channel>]> = channels.into_iter().map(EchoServiceClient::new).collect();

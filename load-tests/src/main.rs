@@ -39,9 +39,27 @@ enum Command {
     EchoOnly(hot_sku::EchoOnlyArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The echo server keeps tokio's default scheduler unless told otherwise: it is the bare
+    // tonic baseline. The generator turns the LIFO slot off like `dropline serve`: it is the
+    // same client on both sides of every comparison, and it leaves more of the shared cores
+    // to whichever server it loads (actors/src/runtime.rs).
+    let lifo_slot = match &cli.command {
+        Command::EchoServer(args) => args.lifo_slot,
+        _ => false,
+    };
+    match actors::runtime::multi_thread(lifo_slot) {
+        Ok((runtime, _)) => runtime.block_on(run(cli)),
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
         Command::EchoServer(args) => echo::serve(args).await,
         Command::HotSku(args) => hot_sku::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,

@@ -33,6 +33,11 @@ fn hostname() -> anyhow::Result<String> {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Keep tokio's LIFO slot (a woken task runs next). Off by default: woken tasks run in
+    /// order, so bursts batch (see ARCHITECTURE.md, *Scheduler*). Read before the runtime
+    /// starts, so it is a flag or environment variable, not a setting of the TOML file.
+    #[arg(long, global = true, env = "DROPLINE_TOKIO_LIFO_SLOT")]
+    pub tokio_lifo_slot: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -72,15 +72,19 @@ pub fn init_tracing(filter: &str) {
         .try_init();
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command line's command on the runtime `main` built with `scheduler`.
+pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Result<()> {
+    let scheduler = scheduler.describe(cli.tokio_lifo_slot);
     match cli.command {
         Command::Serve(args) => {
             let config = args.resolve()?;
             if args.check_config {
                 print_config(&config);
+                println!("# scheduler: {scheduler}");
                 return Ok(());
             }
             init_tracing(&config.log);
+            info!(scheduler, "runtime started");
             run_serve(config).await
         }
         Command::Demo(args) => {

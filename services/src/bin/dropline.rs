@@ -11,6 +11,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = services::config::Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(services::run(cli))
+    let (runtime, scheduler) = actors::runtime::multi_thread(cli.tokio_lifo_slot)?;
+    runtime.block_on(services::run(cli, scheduler))
 }
