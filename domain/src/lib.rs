@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod drop;
 pub mod hub;
 pub mod ids;
+pub mod keymap;
 pub mod ledger;
 pub mod limits;
 pub mod money;

@@ -5,6 +5,7 @@
 use crate::aggregate::Aggregate;
 use crate::drop::{DropSpec, SaleStatus, SettlementTerms, SkuSpec};
 use crate::ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdempotencyKey, OrderId, SkuId};
+use crate::keymap::KeyMap;
 use crate::ledger::SaleFacts;
 use crate::limits::*;
 use crate::money::Money;
@@ -371,13 +372,15 @@ pub struct SkuState {
     pub pools: Vec<Pool>,
     /// Ordered maps, not hash maps, for the state that grows with every buyer: a hash map
     /// doubles and rehashes at once, which stalled a hot SKU for 50–150 ms at 28k and 57k
-    /// holds; a B-tree grows a node at a time. Values are boxed so an idle SKU's one-entry
-    /// map is one small node, not eleven records.
-    pub orders: BTreeMap<OrderId, Box<OrderRecord>>,
+    /// holds; a B-tree grows a node at a time. The ones searched on every reserve sort by
+    /// the key's hash first ([`KeyMap`]), so a search does not read every key it passes
+    /// through its pointer. Values are boxed so an idle SKU's one-entry map is one small
+    /// node, not eleven records.
+    pub orders: KeyMap<OrderId, Box<OrderRecord>>,
     pub waitlists: BTreeMap<CityName, VecDeque<OrderId>>,
     pub expiries: BTreeSet<(UnixMillis, OrderId)>,
-    pub buyer_active: BTreeMap<BuyerRef, u32>,
-    idempotency: BTreeMap<IdempotencyKey, Box<IdempotencyEntry>>,
+    pub buyer_active: KeyMap<BuyerRef, u32>,
+    idempotency: KeyMap<IdempotencyKey, Box<IdempotencyEntry>>,
     idempotency_order: VecDeque<(UnixMillis, IdempotencyKey)>,
     restock_keys: HashMap<IdempotencyKey, (HubId, u32)>,
     pub revenue_minor_units: i64,
@@ -421,11 +424,11 @@ impl SkuState {
                     sold: 0,
                 })
                 .collect(),
-            orders: BTreeMap::new(),
+            orders: KeyMap::new(),
             waitlists: BTreeMap::new(),
             expiries: BTreeSet::new(),
-            buyer_active: BTreeMap::new(),
-            idempotency: BTreeMap::new(),
+            buyer_active: KeyMap::new(),
+            idempotency: KeyMap::new(),
             idempotency_order: VecDeque::new(),
             restock_keys: HashMap::new(),
             revenue_minor_units: 0,
@@ -897,8 +900,8 @@ impl SkuState {
                 .collect(),
             waitlists: self.waitlists.clone(),
             expiries: BTreeSet::new(),
-            buyer_active: BTreeMap::new(),
-            idempotency: BTreeMap::new(),
+            buyer_active: KeyMap::new(),
+            idempotency: KeyMap::new(),
             idempotency_order: VecDeque::new(),
             restock_keys: HashMap::new(),
             revenue_minor_units: self.revenue_minor_units,
@@ -1134,7 +1137,7 @@ impl SkuState {
 
     fn add_active(&mut self, buyer: &BuyerRef, quantity: u32) {
         if quantity > 0 {
-            *self.buyer_active.entry(buyer.clone()).or_default() += quantity;
+            *self.buyer_active.get_or_default(buyer) += quantity;
         }
     }
 
