@@ -74,6 +74,12 @@ pub struct HotSkuArgs {
     /// the server.
     #[arg(long, default_value_t = 30)]
     pub wait_secs: u64,
+    /// Seconds to wait after each Dropline burst before its echo baseline. After a burst the
+    /// server snapshots the hot SKU (0.5 s after the last reserve; ~0.75 s of CPU for 100,000
+    /// holds on the benchmark machine): run during the baseline, it would slow the echo and
+    /// flatter the ratio.
+    #[arg(long, default_value_t = 5)]
+    pub settle_secs: u64,
     #[command(flatten)]
     pub echo: EchoScheduler,
 }
@@ -159,7 +165,11 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
         let echo = if args.skip_echo {
             None
         } else {
-            eprintln!("round {round}: tonic echo: the same burst against a bare echo server");
+            eprintln!(
+                "round {round}: tonic echo, after {} s for the server to settle: the same burst against a bare echo server",
+                args.settle_secs
+            );
+            tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
             Some(echo_burst(&drop_id, load, args.echo).await)
         };
         rounds.push(Round { dropline, check, echo });
