@@ -8,8 +8,8 @@
 //! reply to the socket before the next request task queues its reply. With the slot off,
 //! woken tasks queue in order: the actor takes the whole queue of commands in one turn and
 //! the connection writes a batch of replies per system call. Measured on the benchmark
-//! machine: 14–21 % less server CPU per burst and a higher throughput in every one of four
-//! alternating pairs (README, *Benchmarks*).
+//! machine over eight alternating pairs of single-round bursts: 4–23 % (mean 15 %) less
+//! server CPU per run, and a higher throughput in every pair (README, *Benchmarks*).
 //!
 //! Turning the slot off is a tokio API behind `--cfg tokio_unstable`, which the workspace's
 //! `.cargo/config.toml` sets. A build without it (`RUSTFLAGS` set in the environment
