@@ -11,10 +11,12 @@
 //!
 //! It stays a B-tree, not a hash map, for the reason `SkuState` gives: a tree grows a node at
 //! a time, where a hash map rehashes everything at once (a 50–150 ms stall of the hot SKU at
-//! 28k and 57k holds). Iteration is in hash order, deterministic for a build (the hasher has
-//! fixed keys), so replays and property tests see the same order every time. Serialized it is
-//! a plain map of key to value, the same bytes as a `BTreeMap<K, V>` with the entries in
-//! another order, so snapshots written before it read back unchanged; the hashes are
+//! 28k and 57k holds). Iteration is in hash order, the same on every run of a build (the
+//! hasher has fixed keys), so replays and property tests see the same order every time;
+//! another Rust release may hash differently, and nothing compares the order across
+//! processes (lists for clients sort their own ids). Serialized it is a plain map of key to
+//! value, the same bytes as a `BTreeMap<K, V>` with the entries in another order, so
+//! snapshots written before it, or by another build, read back unchanged; the hashes are
 //! computed again on load.
 
 use std::collections::btree_map::{self, BTreeMap};
@@ -35,7 +37,8 @@ struct Hashed<K> {
 }
 
 fn hash_of<Q: Hash + ?Sized>(key: &Q) -> u64 {
-    // `DefaultHasher::new()` has fixed keys: the same hash for the same key on every run.
+    // `DefaultHasher::new()` has fixed keys: the same hash for the same key on every run of
+    // a build (std may change the algorithm between releases; see the module docs).
     let mut hasher = DefaultHasher::new();
     key.hash(&mut hasher);
     hasher.finish()

@@ -176,11 +176,13 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
     }
 
     println!(
-        "hot-SKU burst: {} reserves, {} concurrent, {} connections, {} round(s); echo scheduler: {}",
+        "hot-SKU burst: {} reserves, {} concurrent, {} connections, {} round(s)\n\
+         generator scheduler: {}\necho scheduler: {}",
         load.attempts,
         load.concurrency,
         load.connections,
         rounds.len(),
+        Scheduler::chosen(crate::GENERATOR_LIFO_SLOT).describe(crate::GENERATOR_LIFO_SLOT),
         Scheduler::chosen(args.echo.echo_lifo_slot).describe(args.echo.echo_lifo_slot)
     );
     println!("{}", header());

@@ -104,6 +104,12 @@ pub fn unix_millis() -> u128 {
         .as_millis()
 }
 
+/// The load generator's runtime keeps tokio's LIFO slot (`true`) or turns it off like
+/// `dropline serve` (`false`): it is the same client on both sides of every comparison, and
+/// with the slot off it leaves more of the shared cores to the server it loads
+/// (actors/src/runtime.rs).
+pub const GENERATOR_LIFO_SLOT: bool = false;
+
 /// Hold window given to every load-test drop: the longest the server allows, so no hold
 /// expires (and returns stock) while a test is still counting.
 pub const HOLD_TTL_SECONDS: u32 = 3_600;

@@ -42,12 +42,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The echo server keeps tokio's default scheduler unless told otherwise: it is the bare
-    // tonic baseline. The generator turns the LIFO slot off like `dropline serve`: it is the
-    // same client on both sides of every comparison, and it leaves more of the shared cores
-    // to whichever server it loads (actors/src/runtime.rs).
+    // tonic baseline.
     let lifo_slot = match &cli.command {
         Command::EchoServer(args) => args.lifo_slot,
-        _ => false,
+        _ => load_tests::GENERATOR_LIFO_SLOT,
     };
     match actors::runtime::multi_thread(lifo_slot) {
         Ok((runtime, _)) => runtime.block_on(run(cli)),

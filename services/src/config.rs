@@ -36,7 +36,12 @@ pub struct Cli {
     /// Keep tokio's LIFO slot (a woken task runs next). Off by default: woken tasks run in
     /// order, so bursts batch (see ARCHITECTURE.md, *Scheduler*). Read before the runtime
     /// starts, so it is a flag or environment variable, not a setting of the TOML file.
-    #[arg(long, global = true, env = "DROPLINE_TOKIO_LIFO_SLOT")]
+    #[arg(
+        long,
+        global = true,
+        env = "DROPLINE_TOKIO_LIFO_SLOT",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub tokio_lifo_slot: bool,
 }
 
@@ -335,6 +340,18 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lifo_slot_flag_is_global_and_off_unless_given() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).expect("parses").tokio_lifo_slot;
+        // Tests of this binary never set DROPLINE_TOKIO_LIFO_SLOT, so the default shows.
+        if std::env::var_os("DROPLINE_TOKIO_LIFO_SLOT").is_none() {
+            assert!(!parse(&["dropline", "serve"]));
+        }
+        assert!(parse(&["dropline", "serve", "--tokio-lifo-slot"]));
+        assert!(parse(&["dropline", "--tokio-lifo-slot", "demo"]));
+        assert!(parse(&["dropline", "health", "--tokio-lifo-slot"]));
+    }
 
     #[test]
     fn flags_override_the_file_which_overrides_defaults() {

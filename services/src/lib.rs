@@ -23,7 +23,7 @@ pub mod status;
 
 use config::{Cli, Command, ServeConfig};
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Runs `dropline serve` until SIGTERM or Ctrl-C.
 pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
@@ -74,6 +74,8 @@ pub fn init_tracing(filter: &str) {
 
 /// Runs the command line's command on the runtime `main` built with `scheduler`.
 pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Result<()> {
+    // Asked for the slot off but built without the means to turn it off.
+    let scheduler_falls_back = !cli.tokio_lifo_slot && scheduler == actors::runtime::Scheduler::LifoSlot;
     let scheduler = scheduler.describe(cli.tokio_lifo_slot);
     match cli.command {
         Command::Serve(args) => {
@@ -84,7 +86,11 @@ pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Res
                 return Ok(());
             }
             init_tracing(&config.log);
-            info!(scheduler, "runtime started");
+            if scheduler_falls_back {
+                warn!(scheduler, "runtime started on tokio's default scheduler");
+            } else {
+                info!(scheduler, "runtime started");
+            }
             run_serve(config).await
         }
         Command::Demo(args) => {
