@@ -24,29 +24,34 @@ use std::io;
 /// How the runtime schedules woken tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheduler {
-    /// tokio's default: a woken task runs next (the LIFO slot).
+    /// tokio's default, as asked: a woken task runs next (the LIFO slot).
     LifoSlot,
     /// Woken tasks queue in order: batches form under load.
     Fifo,
+    /// tokio's default although the slot was asked off: this build lacks tokio's unstable
+    /// API.
+    LifoSlotFallback,
 }
 
 impl Scheduler {
-    /// The scheduler a runtime gets when asked for the LIFO slot off (`lifo_slot == false`):
-    /// FIFO when this build has tokio's unstable API, tokio's default otherwise.
+    /// The scheduler a runtime gets for `lifo_slot`: with the slot asked off, FIFO when this
+    /// build has tokio's unstable API, tokio's default otherwise.
     pub fn chosen(lifo_slot: bool) -> Scheduler {
-        if lifo_slot || !cfg!(tokio_unstable) {
+        if lifo_slot {
             Scheduler::LifoSlot
-        } else {
+        } else if cfg!(tokio_unstable) {
             Scheduler::Fifo
+        } else {
+            Scheduler::LifoSlotFallback
         }
     }
 
     /// One line for the startup log.
-    pub fn describe(self, asked_lifo_slot: bool) -> &'static str {
-        match (self, asked_lifo_slot) {
-            (Scheduler::Fifo, _) => "woken tasks run in order (tokio's LIFO slot off)",
-            (Scheduler::LifoSlot, true) => "tokio's default (LIFO slot on, as asked)",
-            (Scheduler::LifoSlot, false) => {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Scheduler::Fifo => "woken tasks run in order (tokio's LIFO slot off)",
+            Scheduler::LifoSlot => "tokio's default (LIFO slot on, as asked)",
+            Scheduler::LifoSlotFallback => {
                 "tokio's default (LIFO slot on): this build lacks --cfg tokio_unstable, so it \
                  cannot be turned off (see .cargo/config.toml)"
             }
@@ -121,7 +126,7 @@ mod tests {
         match scheduler {
             Scheduler::Fifo => assert_eq!(order, [1, 2, 3]),
             // A build without tokio's unstable API: the default, checked below.
-            Scheduler::LifoSlot => assert_eq!(order, [3, 1, 2]),
+            Scheduler::LifoSlot | Scheduler::LifoSlotFallback => assert_eq!(order, [3, 1, 2]),
         }
     }
 

@@ -182,8 +182,8 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
         load.concurrency,
         load.connections,
         rounds.len(),
-        Scheduler::chosen(crate::GENERATOR_LIFO_SLOT).describe(crate::GENERATOR_LIFO_SLOT),
-        Scheduler::chosen(args.echo.echo_lifo_slot).describe(args.echo.echo_lifo_slot)
+        Scheduler::chosen(crate::GENERATOR_LIFO_SLOT).describe(),
+        Scheduler::chosen(args.echo.echo_lifo_slot).describe()
     );
     println!("{}", header());
     for (i, round) in rounds.iter().enumerate() {

@@ -74,9 +74,8 @@ pub fn init_tracing(filter: &str) {
 
 /// Runs the command line's command on the runtime `main` built with `scheduler`.
 pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Result<()> {
-    // Asked for the slot off but built without the means to turn it off.
-    let scheduler_falls_back = !cli.tokio_lifo_slot && scheduler == actors::runtime::Scheduler::LifoSlot;
-    let scheduler = scheduler.describe(cli.tokio_lifo_slot);
+    let scheduler_falls_back = scheduler == actors::runtime::Scheduler::LifoSlotFallback;
+    let scheduler = scheduler.describe();
     match cli.command {
         Command::Serve(args) => {
             let config = args.resolve()?;
