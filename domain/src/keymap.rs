@@ -19,7 +19,7 @@
 //! snapshots written before it, or by another build, read back unchanged; the hashes are
 //! computed again on load.
 
-use std::collections::btree_map::{self, BTreeMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::marker::PhantomData;
@@ -115,10 +115,7 @@ impl<K: Hash + Ord + Clone, V> KeyMap<K, V> {
     where
         V: Default,
     {
-        match self.tree.entry(Self::probe(key)) {
-            btree_map::Entry::Occupied(entry) => entry.into_mut(),
-            btree_map::Entry::Vacant(entry) => entry.insert(V::default()),
-        }
+        self.tree.entry(Self::probe(key)).or_default()
     }
 
     /// Entries in hash order.
