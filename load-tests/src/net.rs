@@ -1,6 +1,6 @@
 //! Connections and child processes shared by the scenarios.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
@@ -89,11 +89,11 @@ async fn probe(target: &str) -> anyhow::Result<()> {
     }
 }
 
-/// A localhost port nothing listens on right now. Another process could take it before the
-/// caller binds it, which is acceptable for a test run on a quiet machine.
+/// A localhost port nothing listens on right now, outside the range outgoing connections
+/// draw from. Another process could still bind it before the caller does, which is
+/// acceptable for a test run on a quiet machine.
 pub fn free_local_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free local port")?;
-    Ok(listener.local_addr()?.port())
+    actors::cluster::natsd::unused_loopback_port().context("cannot find a free local port")
 }
 
 /// Reads the child's stdout until its `listening on <addr>` line and returns the address.

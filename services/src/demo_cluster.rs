@@ -4,7 +4,7 @@
 //! kill -9 of the node owning the hottest SKU, the time until every partition it held has a
 //! new owner, and afterwards the check that no acknowledged order was lost.
 
-use actors::cluster::natsd::LocalNats;
+use actors::cluster::natsd::{self, LocalNats};
 use actors::cluster::placement::{self, lease_key, partition_of, PARTITIONS_DEFAULT};
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::{GetOrderRequest, OrderStatus};
@@ -32,7 +32,7 @@ pub struct LocalCluster {
 }
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    Ok(SocketAddr::from(([127, 0, 0, 1], natsd::unused_loopback_port()?)))
 }
 
 impl LocalCluster {
@@ -67,17 +67,11 @@ impl LocalCluster {
         let urls: Vec<async_nats::ServerAddr> = nats.url().split(',').map(|u| u.parse()).collect::<Result<_, _>>()?;
         let client = async_nats::connect(urls).await?;
         let js = async_nats::jetstream::new(client);
-        let mut cluster = None;
         let until = Instant::now() + Duration::from_secs(90);
-        while cluster.is_none() {
+        let leases = loop {
+            exited(&mut nodes, dir)?;
             if let Ok(leases) = js.get_key_value(placement::LEASES_BUCKET).await {
-                cluster = Some(LocalCluster {
-                    nats,
-                    nodes,
-                    leases,
-                    js: js.clone(),
-                });
-                break;
+                break leases;
             }
             if Instant::now() > until {
                 anyhow::bail!(
@@ -86,10 +80,21 @@ impl LocalCluster {
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let cluster = cluster.expect("set above");
-        for node in &cluster.nodes {
-            wait_for_grpc(node.addr, until).await?;
+        };
+        let mut cluster = LocalCluster {
+            nats,
+            nodes,
+            leases,
+            js: js.clone(),
+        };
+        for i in 0..cluster.nodes.len() {
+            while !answers(cluster.nodes[i].addr).await {
+                exited(&mut cluster.nodes, dir)?;
+                if Instant::now() > until {
+                    anyhow::bail!("{} did not answer in time", cluster.nodes[i].name);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         // Settled: every partition owned, and by every node (fair shares).
         loop {
@@ -202,24 +207,39 @@ impl Drop for LocalCluster {
     }
 }
 
-async fn wait_for_grpc(addr: SocketAddr, until: Instant) -> anyhow::Result<()> {
-    loop {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
-        if let Ok(channel) = endpoint.connect().await {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            if health
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await
-                .is_ok()
-            {
-                return Ok(());
+/// Fails if a node has exited: it will not come back by waiting.
+fn exited(nodes: &mut [Node], dir: &Path) -> anyhow::Result<()> {
+    for node in nodes {
+        if let Some(child) = node.child.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "{} exited while starting ({status}); its log: {}",
+                    node.name,
+                    dir.join(format!("{}.log", node.name)).display()
+                );
             }
         }
-        if Instant::now() > until {
-            anyhow::bail!("node at {addr} did not answer in time");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
+}
+
+/// Whether the node at `addr` answers a health check within 2 s (a node still joining
+/// has its port bound already, and holds callers in the backlog).
+async fn answers(addr: SocketAddr) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return false;
+    };
+    let endpoint = endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2));
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .is_ok()
 }
 
 /// Acknowledged orders whose confirmation cannot be found any more.

@@ -27,6 +27,12 @@ use tracing::{info, warn};
 
 /// Runs `dropline serve` until SIGTERM or Ctrl-C.
 pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
+    // The port first: a node whose address is taken stops at once, before it waits for
+    // JetStream and takes partition leases it could not serve. Connections that arrive
+    // meanwhile wait in the backlog until the platform is open.
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
     let platform = match &config.cluster {
         Some(cluster) => platform::Platform::open_cluster(cluster, config.operator_token.as_deref()).await?,
         None => {
@@ -45,9 +51,6 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
              Send it as `authorization: Bearer <credential>` on operator and registry calls.\n"
         );
     }
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
     match &config.cluster {
         Some(cluster) => {
             info!(node = %cluster.node, nats = %cluster.nats_url, data_dir = %config.data_dir.display(), "cluster node ready")

@@ -66,24 +66,44 @@ fn start_node(nats: &LocalNats, replicas: usize, name: &str, dir: &std::path::Pa
 }
 
 async fn start_cluster(nats: &LocalNats, replicas: usize, dir: &std::path::Path) -> (Vec<Node>, Vec<Channel>) {
-    let nodes: Vec<Node> = (0..3)
+    let mut nodes: Vec<Node> = (0..3)
         .map(|i| start_node(nats, replicas, &format!("node-{i}"), dir))
         .collect();
     let mut channels = Vec::new();
-    for node in &nodes {
+    for node in &mut nodes {
         channels.push(connect_node(node).await);
     }
     (nodes, channels)
 }
 
 /// A node answers once JetStream is ready (a new 3-server cluster elects its leaders
-/// first, which takes several seconds on a loaded machine) and its directory is loaded.
-async fn connect_node(node: &Node) -> Channel {
-    let until = Instant::now() + Duration::from_secs(90);
+/// first, which takes several seconds on a loaded machine) and its directory is loaded;
+/// its port is bound before that, so the health check has a deadline of its own.
+async fn connect_node(node: &mut Node) -> Channel {
+    let started = Instant::now();
+    let until = started + Duration::from_secs(90);
     loop {
+        if let Some(status) = node.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            panic!("{} exited before answering ({status}); its log is above", node.name);
+        }
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", node.port)).unwrap();
-        if let Ok(channel) = endpoint.connect().await {
-            return channel;
+        // The probe's own channel: the one returned has no deadline on its calls.
+        let probe = endpoint
+            .clone()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(2));
+        if let Ok(channel) = probe.connect().await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            if health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .is_ok()
+            {
+                if let Ok(channel) = endpoint.connect().await {
+                    eprintln!("{} answered after {:?}", node.name, started.elapsed());
+                    return channel;
+                }
+            }
         }
         assert!(Instant::now() < until, "{} never answered", node.name);
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -31,8 +31,56 @@ pub fn server_binary() -> anyhow::Result<PathBuf> {
     })
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A loopback port for a server about to be started: free now, outside the kernel's
+/// ephemeral range, and never handed out twice by this process.
+///
+/// The usual `bind("127.0.0.1:0")` trick returns a port from the ephemeral range, the same
+/// range the kernel draws from for every outgoing connection. A child that binds its port
+/// only after connecting to NATS (seconds, on a loaded machine) can find it taken by one of
+/// those connections, a NATS server restarted on its old port likewise; both happened in
+/// CI. Ports below the range are only ever taken by an explicit bind. The `portpicker`
+/// crate also draws below the range, but at random per call, so two servers of one test
+/// could get the same port; here a process-wide cursor walks the range from a random start.
+pub fn unused_loopback_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let (low, high) = outside_ephemeral_range();
+    let span = u32::from(high - low) + 1;
+    if CURSOR.load(Ordering::Relaxed) == u32::MAX {
+        let start = rand::random::<u32>() % span;
+        let _ = CURSOR.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let port = low + (CURSOR.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port in {low}..={high}")
+}
+
+/// Ports no outgoing connection gets: below the ephemeral range when there is room (Linux
+/// defaults to 32768–60999), above it otherwise; never below 10000.
+fn outside_ephemeral_range() -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let bounds: Vec<u16> = range
+        .as_deref()
+        .unwrap_or("32768 60999")
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let (first, last) = match bounds[..] {
+        [first, last] => (first, last),
+        _ => (32768, 60999),
+    };
+    if first >= 12_000 {
+        (10_000, first - 1)
+    } else if last <= 63_000 {
+        (last + 1, 65_535)
+    } else {
+        // The range covers nearly everything: take what the kernel hands out.
+        (10_000, 65_535)
+    }
 }
 
 struct Server {
@@ -55,7 +103,7 @@ impl LocalNats {
     pub fn start(count: usize, dir: &Path) -> anyhow::Result<LocalNats> {
         let binary = server_binary()?;
         let ports: Vec<(u16, u16)> = (0..count)
-            .map(|_| Ok((free_port()?, free_port()?)))
+            .map(|_| Ok((unused_loopback_port()?, unused_loopback_port()?)))
             .collect::<anyhow::Result<_>>()?;
         let mut servers = Vec::new();
         for (i, (port, route_port)) in ports.iter().enumerate() {
@@ -166,5 +214,30 @@ impl Drop for LocalNats {
         for i in 0..self.servers.len() {
             self.kill(i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_for_servers_avoid_the_ephemeral_range_and_never_repeat() {
+        let (low, high) = outside_ephemeral_range();
+        let ports: Vec<u16> = (0..200).map(|_| unused_loopback_port().unwrap()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+        assert!(ports.iter().all(|p| (low..=high).contains(p)));
+        if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+            let bounds: Vec<u16> = range.split_whitespace().map(|n| n.parse().unwrap()).collect();
+            let room = bounds[0] >= 12_000 || bounds[1] <= 63_000;
+            assert!(
+                !room || ports.iter().all(|p| *p < bounds[0] || *p > bounds[1]),
+                "{ports:?} vs the ephemeral range {bounds:?}"
+            );
+        }
+        // Free when handed out: a server can bind it.
+        let port = unused_loopback_port().unwrap();
+        std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     }
 }

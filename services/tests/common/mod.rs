@@ -177,13 +177,10 @@ impl TestServer {
     }
 }
 
-/// A loopback port free right now.
+/// A loopback port free right now, for a server process about to start (see
+/// `unused_loopback_port` for why not port 0).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    actors::cluster::natsd::unused_loopback_port().unwrap()
 }
 
 pub async fn connect(addr: SocketAddr) -> Channel {
