@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -508,10 +509,31 @@ def check_names(dropline: pathlib.Path, rendered: list[list[dict]], dockerfile_e
 # ---------------------------------------------------------------------------------------------
 
 
+_port_cursor: list[int] = []
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range and never handed out twice
+    (as natsd::unused_loopback_port: a port from bind(:0) can be taken by one of the outgoing
+    NATS connections of the starting cluster before its server binds it)."""
+    try:
+        first, last = (int(n) for n in pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        first, last = 32768, 60999
+    low, high = (10000, first - 1) if first >= 12000 else ((last + 1, 65535) if last <= 63000 else (10000, 65535))
+    span = high - low + 1
+    if not _port_cursor:
+        _port_cursor.append(random.randrange(span))
+    for _ in range(span):
+        port = low + _port_cursor[0] % span
+        _port_cursor[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free loopback port in {low}..{high}")
 
 
 def health(dropline: pathlib.Path, port: int, service: str) -> str:
@@ -520,11 +542,15 @@ def health(dropline: pathlib.Path, port: int, service: str) -> str:
     return run.stdout.strip() or "UNREACHABLE"
 
 
-def wait_for(what: str, predicate, timeout: float) -> float | None:
+def wait_for(what: str, predicate, timeout: float, proc: subprocess.Popen | None = None) -> float | None:
+    """Seconds until `predicate` holds, or None after `timeout` (at once if `proc` exits)."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if predicate():
             return time.monotonic() - start
+        if proc is not None and proc.poll() is not None:
+            print(f"  {what}: the process exited with status {proc.returncode}")
+            return None
         time.sleep(0.2)
     return None
 
@@ -603,7 +629,8 @@ def rehearse(dropline: pathlib.Path, docs: list[dict], facts: dict) -> None:
             nodes.append(subprocess.Popen([str(dropline), *facts["container"].get("args", [])], stdout=log, stderr=log, env=env))
             ports.append(port)
         for i, port in enumerate(ports):
-            took = wait_for("startup", lambda: health(dropline, port, "liveness") == "SERVING", startup_budget)
+            took = wait_for("startup", lambda: health(dropline, port, "liveness") == "SERVING", startup_budget,
+                            nodes[i])
             C.ok(took is not None, f"node {i}: the startup probe (liveness) passes within its {startup_budget} s budget")
             if took is not None:
                 print(f"  node {i}: live after {took:.1f} s")

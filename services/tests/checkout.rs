@@ -55,7 +55,9 @@ async fn burst_of_2000_reserves_for_100_units_holds_exactly_100() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_returns_stock_and_promotes_the_waitlist_which_watch_order_sees() {
     let server = TestServer::start().await;
-    open_drop(&server, drop_request("expiry", &[("one", 1)], 1, 1)).await;
+    // Holds last 3 s: the steps before the expiry and after the promotion fit with room
+    // on a loaded machine.
+    open_drop(&server, drop_request("expiry", &[("one", 1)], 1, 3)).await;
     let mut checkout = server.checkout();
     let first = checkout
         .reserve(reserve("expiry", "one", "ana", 1))
@@ -89,10 +91,10 @@ async fn expiry_returns_stock_and_promotes_the_waitlist_which_watch_order_sees()
         .into_inner();
     let now = watch.message().await.unwrap().unwrap();
     assert_eq!(now.status, OrderStatus::Waitlisted as i32);
-    // The first hold lasts 1 s; its expiry promotes the waitlisted buyer.
-    let promoted = tokio::time::timeout(Duration::from_secs(5), watch.message())
+    // The first hold's expiry promotes the waitlisted buyer.
+    let promoted = tokio::time::timeout(Duration::from_secs(10), watch.message())
         .await
-        .expect("promotion within 5 s")
+        .expect("promotion within 10 s")
         .unwrap()
         .unwrap();
     assert_eq!(promoted.status, OrderStatus::Held as i32);

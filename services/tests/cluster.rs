@@ -19,6 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+/// One cluster test at a time: each runs 3 Dropline nodes and 1–3 NATS servers, and two of
+/// them on 2 cores starve the lease rounds whose timing the tests check.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const LEASE_TTL_MS: u64 = 3_000;
 const LEASE_RENEW_MS: u64 = 500;
 
@@ -73,12 +77,41 @@ async fn start_cluster(nats: &LocalNats, replicas: usize, dir: &std::path::Path)
     for node in &mut nodes {
         channels.push(connect_node(node).await);
     }
+    settled(nats, nodes.len()).await;
     (nodes, channels)
+}
+
+/// Waits until every partition has an owner and the nodes hold fair shares, the same over
+/// two reads a renewal round apart: a node that answers first takes every partition and
+/// hands the surplus over in the next rounds, stopping the actors it had started.
+async fn settled(nats: &LocalNats, nodes: usize) {
+    let leases = leases_bucket(nats).await;
+    let fair = PARTITIONS_DEFAULT.div_ceil(nodes as u32) as usize;
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut last = Vec::new();
+    loop {
+        let mut owners = Vec::new();
+        for partition in 0..PARTITIONS_DEFAULT {
+            owners.push(leases.get(lease_key(partition)).await.ok().flatten());
+        }
+        let mut shares = std::collections::HashMap::new();
+        for owner in owners.iter().flatten() {
+            *shares.entry(owner.clone()).or_insert(0usize) += 1;
+        }
+        let fair_now =
+            owners.iter().all(Option::is_some) && shares.len() == nodes && shares.values().all(|n| *n <= fair);
+        if fair_now && owners == last {
+            return;
+        }
+        assert!(Instant::now() < until, "partitions never settled: {shares:?}");
+        last = owners;
+        tokio::time::sleep(Duration::from_millis(2 * LEASE_RENEW_MS)).await;
+    }
 }
 
 /// A node answers once JetStream is ready (a new 3-server cluster elects its leaders
 /// first, which takes several seconds on a loaded machine) and its directory is loaded;
-/// its port is bound before that, so the health check has a deadline of its own.
+/// its port is bound before that, so readiness is a health check (`common::serving`).
 async fn connect_node(node: &mut Node) -> Channel {
     let started = Instant::now();
     let until = started + Duration::from_secs(90);
@@ -86,40 +119,29 @@ async fn connect_node(node: &mut Node) -> Channel {
         if let Some(status) = node.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
             panic!("{} exited before answering ({status}); its log is above", node.name);
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", node.port)).unwrap();
-        // The probe's own channel: the one returned has no deadline on its calls.
-        let probe = endpoint
-            .clone()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(2));
-        if let Ok(channel) = probe.connect().await {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            if health
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await
-                .is_ok()
-            {
-                if let Ok(channel) = endpoint.connect().await {
-                    eprintln!("{} answered after {:?}", node.name, started.elapsed());
-                    return channel;
-                }
-            }
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], node.port));
+        if serving(addr).await {
+            eprintln!("{} answered after {:?}", node.name, started.elapsed());
+            return connect(addr).await;
         }
         assert!(Instant::now() < until, "{} never answered", node.name);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// The node holding the lease of the partition of a SKU's actor, if any holds it now.
-async fn owner_of(nats: &LocalNats, drop_id: &str, sku_id: &str) -> Option<String> {
+/// The leases bucket, through a client of its own.
+async fn leases_bucket(nats: &LocalNats) -> async_nats::jetstream::kv::Store {
     let urls: Vec<async_nats::ServerAddr> = nats.url().split(',').map(|u| u.parse().unwrap()).collect();
-    let client = async_nats::connect(urls).await.unwrap();
-    let leases = async_nats::jetstream::new(client)
+    async_nats::jetstream::new(async_nats::connect(urls).await.unwrap())
         .get_key_value(LEASES_BUCKET)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The node holding the lease of the partition of a SKU's actor, if any holds it now.
+async fn owner_of(leases: &async_nats::jetstream::kv::Store, drop_id: &str, sku_id: &str) -> Option<String> {
     let partition = partition_of(&format!("sku/{drop_id}/{sku_id}"), PARTITIONS_DEFAULT);
-    let owner = leases.get(lease_key(partition)).await.unwrap()?;
+    let owner = leases.get(lease_key(partition)).await.ok()??;
     Some(String::from_utf8(owner.to_vec()).unwrap())
 }
 
@@ -198,8 +220,9 @@ async fn check_orders_and_figures(
     let mut checkout = CheckoutServiceClient::new(channel.clone());
     for order_id in acknowledged {
         // A read may meet the aftermath of the failure (an actor restarting after a failed
-        // append): UNAVAILABLE says retry, as a client would.
-        let mut tries = 0;
+        // append, JetStream electing a leader again): UNAVAILABLE and DEADLINE_EXCEEDED say
+        // retry, as a client would; a read changes nothing.
+        let until = Instant::now() + Duration::from_secs(30);
         let order = loop {
             match checkout
                 .get_order(GetOrderRequest {
@@ -208,8 +231,10 @@ async fn check_orders_and_figures(
                 .await
             {
                 Ok(order) => break order.into_inner(),
-                Err(status) if status.code() == tonic::Code::Unavailable && tries < 40 => {
-                    tries += 1;
+                Err(status)
+                    if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+                        && Instant::now() < until =>
+                {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Err(status) => panic!("{order_id}: {status:?}"),
@@ -272,6 +297,7 @@ async fn create_hot_drop(channel: &Channel, drop_id: &str, stock: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_across_three_nodes_sells_exactly_the_stock() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
     let (_nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
@@ -292,14 +318,14 @@ async fn a_burst_across_three_nodes_sells_exactly_the_stock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
     let (mut nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
     create_hot_drop(&channels[0], "takeover", 400).await;
-    // Let the three nodes settle their shares, so the owner found is the owner killed.
-    tokio::time::sleep(Duration::from_millis(3 * LEASE_RENEW_MS)).await;
+    let leases = leases_bucket(&nats).await;
     let owner = loop {
-        if let Some(owner) = owner_of(&nats, "takeover", "hot").await {
+        if let Some(owner) = owner_of(&leases, "takeover", "hot").await {
             break owner;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -310,6 +336,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
     let (outcome, done) = burst(survivors.clone(), "takeover", 1_500, 32);
     // Mid-burst: some orders are in.
     while outcome.acknowledged.lock().unwrap().len() < 60 {
+        assert!(!done.is_finished(), "the burst ended before 60 orders were in");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut child = nodes[victim].child.take().unwrap();
@@ -326,7 +353,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
             })
             .await
             .is_ok()
-            && owner_of(&nats, "takeover", "hot").await.is_some_and(|o| o != owner)
+            && owner_of(&leases, "takeover", "hot").await.is_some_and(|o| o != owner)
         {
             break;
         }
@@ -368,6 +395,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_restarting_mid_burst_loses_no_acknowledged_order() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut nats = LocalNats::start(3, &dir.path().join("nats")).unwrap();
     let (_nodes, channels) = start_cluster(&nats, 3, dir.path()).await;
@@ -375,6 +403,7 @@ async fn a_nats_server_restarting_mid_burst_loses_no_acknowledged_order() {
 
     let (outcome, done) = burst(channels.clone(), "natsdown", 1_000, 32);
     while outcome.acknowledged.lock().unwrap().len() < 50 {
+        assert!(!done.is_finished(), "the burst ended before 50 orders were in");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     nats.kill(1);
@@ -429,6 +458,7 @@ async fn courier_app(
     use proto::dispatch::v1::dispatch_update::Update;
     use proto::dispatch::v1::*;
     let mut client = courier_client(&channel, &credential);
+    let mut finished = std::collections::HashSet::new();
     while !*stop.borrow() {
         let Ok(stream) = client.subscribe(SubscribeRequest {}).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -439,7 +469,20 @@ async fn courier_app(
             let Some(Update::Offer(offer)) = message.update else {
                 continue;
             };
-            let code = labels.lock().unwrap().get(&offer.order_id).cloned();
+            // A dispatch offered again (a resubscription may meet an offer twice) is not
+            // worked again: what is counted is deliveries of distinct dispatches per order.
+            if finished.contains(&offer.dispatch_id) {
+                continue;
+            }
+            // The offer can overtake the confirm's reply, which brings the label.
+            let mut code = None;
+            for _ in 0..100 {
+                code = labels.lock().unwrap().get(&offer.order_id).cloned();
+                if code.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let Some(code) = code else { continue };
             let id = offer.dispatch_id.clone();
             // Each step may hit the takeover. On UNAVAILABLE the app asks again; on any
@@ -492,6 +535,7 @@ async fn courier_app(
                 }
             }
             if done {
+                finished.insert(offer.dispatch_id.clone());
                 *delivered.lock().unwrap().entry(offer.order_id.clone()).or_default() += 1;
             }
         }
@@ -500,6 +544,7 @@ async fn courier_app(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
     let (mut nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
@@ -516,20 +561,9 @@ async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
         })
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(3 * LEASE_RENEW_MS)).await;
     // The node running the hub's actor is the one killed; everyone talks to the others.
-    let client = async_nats::connect(
-        nats.url()
-            .split(',')
-            .map(|u| u.parse::<async_nats::ServerAddr>().unwrap())
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .unwrap();
-    let leases = async_nats::jetstream::new(client)
-        .get_key_value(LEASES_BUCKET)
-        .await
-        .unwrap();
+    // (Shares settled in `start_cluster`; nothing moves a lease until the kill.)
+    let leases = leases_bucket(&nats).await;
     let hub_partition = partition_of("hub/hub-1", PARTITIONS_DEFAULT);
     let owner = String::from_utf8(leases.get(lease_key(hub_partition)).await.unwrap().unwrap().to_vec()).unwrap();
     let victim = nodes.iter().position(|n| n.name == owner).unwrap();
@@ -549,7 +583,9 @@ async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
     for i in 0..40 {
         if i == 15 {
             // Mid-fulfilment: the hub's node dies.
+            let until = Instant::now() + Duration::from_secs(60);
             while delivered.lock().unwrap().len() < 5 {
+                assert!(Instant::now() < until, "the courier delivered nothing before the kill");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let mut child = nodes[victim].child.take().unwrap();

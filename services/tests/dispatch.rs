@@ -362,6 +362,15 @@ async fn a_full_hub_promises_the_next_slot_at_confirm() {
     let server = TestServer::start().await;
     fast_hub(&server, "hub-small", 2).await;
     open_drop(&server, drop_at("busy", "hub-small", 10)).await;
+    // The earliest slot an order can be promised is the one holding now + the SLA's total
+    // (2 s + 60 s + 600 s here); three buys straddling a slot boundary would see two
+    // different "earliest" slots, so they start clear of one.
+    let sla_total_ms = (2 + 60 + 600) * 1_000;
+    let slot_ms = 3_600_000;
+    let into_slot = (actors::Clock::now(&actors::SystemClock).0 + sla_total_ms).rem_euclid(slot_ms);
+    if into_slot > slot_ms - 30_000 {
+        tokio::time::sleep(Duration::from_millis((slot_ms - into_slot) as u64 + 1_000)).await;
+    }
     let mut windows = Vec::new();
     for buyer in ["a", "b", "c"] {
         let order = buy(&server, "busy", "sku", buyer).await.order.unwrap();

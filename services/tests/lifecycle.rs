@@ -34,7 +34,7 @@ async fn readiness_goes_first_liveness_stays_and_calls_are_served_through_the_sh
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let delay = Duration::from_millis(1_500);
+    let delay = Duration::from_millis(4_000);
     let server = tokio::spawn(services::server::serve_with(
         platform,
         listener,
@@ -50,14 +50,14 @@ async fn readiness_goes_first_liveness_stays_and_calls_are_served_through_the_sh
     let signalled = Instant::now();
     stop.send(()).unwrap();
     let mut not_ready = None;
-    while signalled.elapsed() < Duration::from_millis(500) {
+    while signalled.elapsed() < Duration::from_millis(2_000) {
         if status(&channel, "").await == ServingStatus::NotServing {
             not_ready = Some(signalled.elapsed());
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(not_ready.is_some(), "readiness still SERVING 500 ms after the signal");
+    assert!(not_ready.is_some(), "readiness still SERVING 2 s after the signal");
     assert_eq!(status(&channel, "liveness").await, ServingStatus::Serving);
     // Within the delay the services still answer (here: a real NOT_FOUND from checkout).
     let answer = CheckoutServiceClient::new(channel.clone())

@@ -193,8 +193,10 @@ async fn holds_expire_after_a_crash_without_any_request() {
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
     let channel = connect(([127, 0, 0, 1], port).into()).await;
-    create_and_open(&channel, drop_request("wake", &[("sku", 1)], 1, 2)).await;
+    const HOLD_SECS: u32 = 3;
+    create_and_open(&channel, drop_request("wake", &[("sku", 1)], 1, HOLD_SECS)).await;
     let mut checkout = CheckoutServiceClient::new(channel);
+    let held_at = std::time::Instant::now();
     let mut outcomes = Vec::new();
     for buyer in ["first", "second"] {
         let reply = checkout
@@ -216,7 +218,7 @@ async fn holds_expire_after_a_crash_without_any_request() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    // Restart and send nothing at all; the 2 s hold expires meanwhile.
+    // Restart and send nothing at all; the hold expires meanwhile.
     let restarted_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -224,7 +226,10 @@ async fn holds_expire_after_a_crash_without_any_request() {
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
     connect(([127, 0, 0, 1], port).into()).await;
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    // The expiry plus 4 s for the wake-up scheduler to start the actor and promote.
+    let expired_at = held_at + std::time::Duration::from_secs(u64::from(HOLD_SECS));
+    tokio::time::sleep_until((expired_at.max(std::time::Instant::now()) + std::time::Duration::from_secs(4)).into())
+        .await;
     child.kill().unwrap();
     child.wait().unwrap();
 

@@ -183,14 +183,35 @@ pub fn free_port() -> u16 {
     actors::cluster::natsd::unused_loopback_port().unwrap()
 }
 
+/// Whether the server at `addr` reports SERVING within 2 s. Its port is bound before the
+/// platform opens (callers wait in the backlog), so a TCP connect alone says nothing.
+pub async fn serving(addr: SocketAddr) -> bool {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let probe = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2));
+    let Ok(channel) = probe.connect().await else {
+        return false;
+    };
+    match HealthClient::new(channel).check(HealthCheckRequest::default()).await {
+        Ok(reply) => reply.into_inner().status == ServingStatus::Serving as i32,
+        Err(_) => false,
+    }
+}
+
+/// A channel (no deadline on its calls) to the server at `addr`, once it serves.
 pub async fn connect(addr: SocketAddr) -> Channel {
-    for _ in 0..200 {
-        if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return channel;
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < until {
+        if serving(addr).await {
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+            {
+                return channel;
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
