@@ -20,6 +20,7 @@ use proto::operator::v1::{Allocation, CreateDropRequest, GetDropRequest, SkuSpec
 use tonic::transport::Channel;
 
 use crate::burst::{run_burst, BurstStats};
+use crate::cpu::{self, Meter, Pid, Spent};
 use crate::{echo, net, open_drop, open_window, unix_millis, HOLD_TTL_SECONDS};
 use actors::runtime::Scheduler;
 
@@ -80,6 +81,10 @@ pub struct HotSkuArgs {
     /// flatter the ratio.
     #[arg(long, default_value_t = 5)]
     pub settle_secs: u64,
+    /// Process id of the Dropline server, to report its CPU time per reserve [default: the
+    /// process listening on the target's port, when the target is on this machine].
+    #[arg(long)]
+    pub server_pid: Option<i32>,
     #[command(flatten)]
     pub echo: EchoScheduler,
 }
@@ -118,19 +123,48 @@ pub(crate) struct StockCheck {
 /// echo baseline run right after it.
 struct Round {
     dropline: BurstStats<ReserveOutcome>,
+    dropline_cpu: Spent,
     check: StockCheck,
-    echo: Option<anyhow::Result<BurstStats<()>>>,
+    echo: Option<anyhow::Result<(BurstStats<()>, Spent)>>,
 }
 
 impl Round {
     fn ratio(&self) -> Option<f64> {
         match &self.echo {
-            Some(Ok(echo)) if echo.calls_per_second() > 0.0 => {
+            Some(Ok((echo, _))) if echo.calls_per_second() > 0.0 => {
                 Some(self.dropline.calls_per_second() / echo.calls_per_second())
             }
             _ => None,
         }
     }
+
+    /// The echo server's CPU per call over Dropline's: the throughput ratio a generator on
+    /// cores of its own would see, were both servers CPU-bound on the same cores.
+    fn server_cost_ratio(&self) -> Option<f64> {
+        let Some(Ok((echo, echo_cpu))) = &self.echo else {
+            return None;
+        };
+        let dropline = cpu::per_call_us(self.dropline_cpu.server, self.dropline.attempts)?;
+        let echo = cpu::per_call_us(echo_cpu.server, echo.attempts)?;
+        (dropline > 0.0).then(|| echo / dropline)
+    }
+}
+
+/// The server behind `target` when it runs on this machine: `--server-pid`, else the
+/// process listening on the target's loopback port.
+fn server_process(target: &str, given: Option<i32>) -> Option<Pid> {
+    if let Some(pid) = given {
+        return Some(Pid(pid));
+    }
+    let authority = target
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    let addr: std::net::SocketAddr = authority.replacen("localhost", "127.0.0.1", 1).parse().ok()?;
+    if !addr.ip().is_loopback() {
+        return None;
+    }
+    cpu::listening_on(addr)
 }
 
 /// Runs `dropline-load hot-sku`.
@@ -146,6 +180,11 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
     let wait = Duration::from_secs(args.wait_secs);
     eprintln!("waiting up to {} s for {} to answer", wait.as_secs(), args.target);
     net::wait_until_answering(&args.target, None, wait).await?;
+    let server = server_process(&args.target, args.server_pid);
+    match server {
+        Some(Pid(pid)) => eprintln!("server process: pid {pid} (its CPU time is read around each burst)"),
+        None => eprintln!("server process: not found on this machine; CPU per reserve not reported (see --server-pid)"),
+    }
     let mut rounds = Vec::with_capacity(args.rounds);
     for round in 1..=args.rounds {
         let channels = net::connect_channels(&args.target, load.connections).await?;
@@ -159,7 +198,9 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
             "round {round}: dropline: {} reserves, {} concurrent, {} connections",
             load.attempts, load.concurrency, load.connections
         );
+        let meter = Meter::start(server);
         let dropline = reserve_burst(&channels, &drop_id, load).await?;
+        let dropline_cpu = meter.stop();
         let check = check_stock(channels[0].clone(), &drop_id).await?;
         drop(channels);
         let echo = if args.skip_echo {
@@ -172,7 +213,12 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
             Some(echo_burst(&drop_id, load, args.echo).await)
         };
-        rounds.push(Round { dropline, check, echo });
+        rounds.push(Round {
+            dropline,
+            dropline_cpu,
+            check,
+            echo,
+        });
     }
 
     println!(
@@ -190,7 +236,7 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
         let n = i + 1;
         println!("{}", row(&format!("dropline #{n}"), &round.dropline));
         match &round.echo {
-            Some(Ok(echo)) => println!("{}", row(&format!("tonic echo #{n}"), echo)),
+            Some(Ok((echo, _))) => println!("{}", row(&format!("tonic echo #{n}"), echo)),
             Some(Err(error)) => println!("{:<17}failed: {error:#}", format!("tonic echo #{n}")),
             None => {}
         }
@@ -198,20 +244,13 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
             println!("{:<17}{ratio:>8.2}", format!("ratio #{n}"));
         }
     }
-    let mut ratios: Vec<f64> = rounds.iter().filter_map(Round::ratio).collect();
-    ratios.sort_by(f64::total_cmp);
-    if let (Some(min), Some(max)) = (ratios.first(), ratios.last()) {
-        println!(
-            "ratio dropline/echo: median {:.2} (min {min:.2}, max {max:.2}, {} rounds)",
-            median(&ratios),
-            ratios.len()
-        );
-    }
+    print_spread("ratio dropline/echo", rounds.iter().filter_map(Round::ratio).collect());
+    print_cpu(&rounds);
     for (i, round) in rounds.iter().enumerate() {
         let n = i + 1;
         println!("round {n} outcomes: {}", outcome_summary(&round.dropline));
         round.dropline.error_examples().for_each(|line| println!("{line}"));
-        if let Some(Ok(echo)) = &round.echo {
+        if let Some(Ok((echo, _))) = &round.echo {
             if echo.error_count() > 0 {
                 println!("round {n} echo errors: {}", echo.error_summary());
                 echo.error_examples().for_each(|line| println!("{line}"));
@@ -244,6 +283,46 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU per call on each side of every burst, and the servers' cost ratio.
+fn print_cpu(rounds: &[Round]) {
+    let us = |v: Option<f64>| v.map_or_else(|| format!("{:>10}", "-"), |v| format!("{v:>10.1}"));
+    println!("{:<17}{:>10}{:>10}", "CPU µs per call", "server", "generator");
+    for (i, round) in rounds.iter().enumerate() {
+        let n = i + 1;
+        let calls = round.dropline.attempts;
+        println!(
+            "{:<17}{}{}",
+            format!("dropline #{n}"),
+            us(cpu::per_call_us(round.dropline_cpu.server, calls)),
+            us(cpu::per_call_us(round.dropline_cpu.generator, calls))
+        );
+        if let Some(Ok((echo, spent))) = &round.echo {
+            println!(
+                "{:<17}{}{}",
+                format!("tonic echo #{n}"),
+                us(cpu::per_call_us(spent.server, echo.attempts)),
+                us(cpu::per_call_us(spent.generator, echo.attempts))
+            );
+        }
+    }
+    print_spread(
+        "server CPU per call, echo/dropline",
+        rounds.iter().filter_map(Round::server_cost_ratio).collect(),
+    );
+}
+
+/// `name: median m (min a, max b, n rounds)`, nothing when no round has the figure.
+fn print_spread(name: &str, mut ratios: Vec<f64>) {
+    ratios.sort_by(f64::total_cmp);
+    if let (Some(min), Some(max)) = (ratios.first(), ratios.last()) {
+        println!(
+            "{name}: median {:.2} (min {min:.2}, max {max:.2}, {} rounds)",
+            median(&ratios),
+            ratios.len()
+        );
+    }
+}
+
 /// The median of sorted, non-empty `values` (the mean of the middle two for an even count).
 fn median(values: &[f64]) -> f64 {
     let mid = values.len() / 2;
@@ -258,7 +337,7 @@ fn median(values: &[f64]) -> f64 {
 pub async fn run_echo_only(args: EchoOnlyArgs) -> anyhow::Result<()> {
     let load = args.load;
     load.validate()?;
-    let echo = echo_burst(&format!("load-{}", unix_millis()), load, args.echo).await?;
+    let (echo, _) = echo_burst(&format!("load-{}", unix_millis()), load, args.echo).await?;
     println!(
         "echo burst: {} calls, {} concurrent, {} connections",
         load.attempts, load.concurrency, load.connections
@@ -344,13 +423,19 @@ pub(crate) async fn reserve_burst(
 
 /// The baseline burst: the same calls against a fresh echo server process, each carrying an
 /// encoded reserve request of the same shape, so request sizes match the Dropline run.
-async fn echo_burst(drop_id: &str, load: LoadShape, scheduler: EchoScheduler) -> anyhow::Result<BurstStats<()>> {
+async fn echo_burst(
+    drop_id: &str,
+    load: LoadShape,
+    scheduler: EchoScheduler,
+) -> anyhow::Result<(BurstStats<()>, Spent)> {
     let (mut child, addr) = echo::spawn_child(scheduler.echo_lifo_slot).await?;
+    let pid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid);
     let result = async {
         let channels = net::connect_channels(&format!("http://{addr}"), load.connections).await?;
         let clients: Arc<[EchoServiceClient<Channel>]> = channels.into_iter().map(EchoServiceClient::new).collect();
         let drop_id: Arc<str> = drop_id.into();
-        run_burst(load.attempts, load.concurrency, move |index| {
+        let meter = Meter::start(pid);
+        let stats = run_burst(load.attempts, load.concurrency, move |index| {
             let mut client = clients[index % clients.len()].clone();
             let payload = reserve_request(&drop_id, index).encode_to_vec();
             async move {
@@ -358,7 +443,8 @@ async fn echo_burst(drop_id: &str, load: LoadShape, scheduler: EchoScheduler) ->
                 Ok(())
             }
         })
-        .await
+        .await?;
+        Ok((stats, meter.stop()))
     }
     .await;
     net::stop(&mut child).await;
@@ -444,7 +530,23 @@ fn outcome_summary(stats: &BurstStats<ReserveOutcome>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, server_process};
+    use crate::cpu::Pid;
+
+    #[test]
+    fn the_server_process_is_the_one_given_or_the_local_listener() {
+        assert_eq!(server_process("http://10.1.2.3:50051", Some(42)), Some(Pid(42)));
+        assert_eq!(server_process("http://10.1.2.3:50051", None), None);
+        assert_eq!(server_process("not a url", None), None);
+        #[cfg(target_os = "linux")]
+        {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            for target in [format!("http://127.0.0.1:{port}"), format!("http://localhost:{port}/")] {
+                assert_eq!(server_process(&target, None), Some(Pid::myself()), "{target}");
+            }
+        }
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -8,6 +8,7 @@
 pub mod burst;
 pub mod catalog;
 pub mod cluster;
+pub mod cpu;
 pub mod echo;
 pub mod hot_sku;
 pub mod net;
