@@ -124,6 +124,9 @@ pub(crate) struct StockCheck {
 struct Round {
     dropline: BurstStats<ReserveOutcome>,
     dropline_cpu: Spent,
+    /// The server's CPU while it settled after the burst (the hot SKU's snapshot, the
+    /// journal's last writes): work the burst caused, counted in its cost.
+    aftermath: Option<Duration>,
     check: StockCheck,
     echo: Option<anyhow::Result<(BurstStats<()>, Spent)>>,
 }
@@ -138,13 +141,19 @@ impl Round {
         }
     }
 
-    /// The echo server's CPU per call over Dropline's: the throughput ratio a generator on
-    /// cores of its own would see, were both servers CPU-bound on the same cores.
+    /// Dropline's server CPU for the burst, the aftermath included when it was measured.
+    fn dropline_server_cpu(&self) -> Option<Duration> {
+        Some(self.dropline_cpu.server? + self.aftermath.unwrap_or_default())
+    }
+
+    /// The echo server's CPU per call over Dropline's (the aftermath included): the
+    /// throughput ratio a generator on cores of its own would see, were both servers
+    /// CPU-bound on the same cores.
     fn server_cost_ratio(&self) -> Option<f64> {
         let Some(Ok((echo, echo_cpu))) = &self.echo else {
             return None;
         };
-        let dropline = cpu::per_call_us(self.dropline_cpu.server, self.dropline.attempts)?;
+        let dropline = cpu::per_call_us(self.dropline_server_cpu(), self.dropline.attempts)?;
         let echo = cpu::per_call_us(echo_cpu.server, echo.attempts)?;
         (dropline > 0.0).then(|| echo / dropline)
     }
@@ -201,21 +210,24 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
         let meter = Meter::start(server);
         let dropline = reserve_burst(&channels, &drop_id, load).await?;
         let dropline_cpu = meter.stop();
+        let settling = Meter::start(server);
         let check = check_stock(channels[0].clone(), &drop_id).await?;
         drop(channels);
-        let echo = if args.skip_echo {
-            None
+        let (echo, aftermath) = if args.skip_echo {
+            (None, None)
         } else {
             eprintln!(
                 "round {round}: tonic echo, after {} s for the server to settle: the same burst against a bare echo server",
                 args.settle_secs
             );
             tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
-            Some(echo_burst(&drop_id, load, args.echo).await)
+            let aftermath = settling.stop().server;
+            (Some(echo_burst(&drop_id, load, args.echo).await), aftermath)
         };
         rounds.push(Round {
             dropline,
             dropline_cpu,
+            aftermath,
             check,
             echo,
         });
@@ -286,27 +298,33 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
 /// CPU per call on each side of every burst, and the servers' cost ratio.
 fn print_cpu(rounds: &[Round]) {
     let us = |v: Option<f64>| v.map_or_else(|| format!("{:>10}", "-"), |v| format!("{v:>10.1}"));
-    println!("{:<17}{:>10}{:>10}", "CPU µs per call", "server", "generator");
+    // "settling": the server's CPU after the burst, until the baseline starts.
+    println!(
+        "{:<17}{:>10}{:>10}{:>10}",
+        "CPU µs per call", "server", "settling", "generator"
+    );
     for (i, round) in rounds.iter().enumerate() {
         let n = i + 1;
         let calls = round.dropline.attempts;
         println!(
-            "{:<17}{}{}",
+            "{:<17}{}{}{}",
             format!("dropline #{n}"),
             us(cpu::per_call_us(round.dropline_cpu.server, calls)),
+            us(cpu::per_call_us(round.aftermath, calls)),
             us(cpu::per_call_us(round.dropline_cpu.generator, calls))
         );
         if let Some(Ok((echo, spent))) = &round.echo {
             println!(
-                "{:<17}{}{}",
+                "{:<17}{}{:>10}{}",
                 format!("tonic echo #{n}"),
                 us(cpu::per_call_us(spent.server, echo.attempts)),
+                "-",
                 us(cpu::per_call_us(spent.generator, echo.attempts))
             );
         }
     }
     print_spread(
-        "server CPU per call, echo/dropline",
+        "server CPU per call (settling included), echo/dropline",
         rounds.iter().filter_map(Round::server_cost_ratio).collect(),
     );
 }

@@ -46,7 +46,9 @@ fn endpoint(target: &str) -> anyhow::Result<Endpoint> {
 /// `child` (the server process, when we started it) exits first.
 ///
 /// Any answer to a GetDrop of a drop that does not exist (normally NOT_FOUND) proves the
-/// server is serving; only UNAVAILABLE or a refused connection mean "not yet".
+/// server is serving; UNAVAILABLE, a refused connection or no answer within the probe's
+/// deadline mean "not yet" (`dropline serve` binds its port before the platform opens, so
+/// a call can be accepted and wait).
 pub async fn wait_until_answering(
     target: &str,
     mut child: Option<&mut Child>,
@@ -83,7 +85,14 @@ async fn probe(target: &str) -> anyhow::Result<()> {
         drop_id: "dropline-load-readiness-probe".to_owned(),
     };
     match OperatorServiceClient::new(channel).get_drop(request).await {
-        Err(status) if status.code() == tonic::Code::Unavailable => Err(status.into()),
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) =>
+        {
+            Err(status.into())
+        }
         // Any other answer, NOT_FOUND included, comes from a server that is serving.
         Ok(_) | Err(_) => Ok(()),
     }

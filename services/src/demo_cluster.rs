@@ -196,6 +196,16 @@ impl LocalCluster {
     }
 }
 
+impl Drop for Node {
+    /// A node of a cluster that failed to start is not left running.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {

@@ -33,15 +33,27 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
-    let platform = match &config.cluster {
-        Some(cluster) => platform::Platform::open_cluster(cluster, config.operator_token.as_deref()).await?,
-        None => {
-            platform::Platform::open_embedded(
-                &config.data_dir,
-                config.operator_token.as_deref(),
-                config.live_actors_max,
-            )
-            .await?
+    // SIGTERM is heard from here on: opening can wait up to a minute for JetStream, and as
+    // PID 1 in a container the process would otherwise ignore it until SIGKILL.
+    let mut shutdown = Box::pin(server::shutdown_signal());
+    let open = async {
+        match &config.cluster {
+            Some(cluster) => platform::Platform::open_cluster(cluster, config.operator_token.as_deref()).await,
+            None => {
+                platform::Platform::open_embedded(
+                    &config.data_dir,
+                    config.operator_token.as_deref(),
+                    config.live_actors_max,
+                )
+                .await
+            }
+        }
+    };
+    let platform = tokio::select! {
+        platform = open => platform?,
+        () = &mut shutdown => {
+            info!("stopped while opening the platform");
+            return Ok(());
         }
     };
     if let Some(token) = &platform.new_operator_token {
@@ -58,7 +70,7 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         None => info!(data_dir = %config.data_dir.display(), "embedded platform ready"),
     }
     let cluster = platform.cluster.clone();
-    let served = server::serve_with(platform, listener, server::shutdown_signal(), config.shutdown_delay).await;
+    let served = server::serve_with(platform, listener, shutdown, config.shutdown_delay).await;
     if let Some(node) = cluster {
         // Hand this node's partitions over now rather than after the lease TTL.
         node.leave().await;

@@ -324,10 +324,12 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
     let (mut nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
     create_hot_drop(&channels[0], "takeover", 400).await;
     let leases = leases_bucket(&nats).await;
+    let until = Instant::now() + Duration::from_secs(30);
     let owner = loop {
         if let Some(owner) = owner_of(&leases, "takeover", "hot").await {
             break owner;
         }
+        assert!(Instant::now() < until, "the hot SKU's partition has no owner");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let victim = nodes.iter().position(|n| n.name == owner).unwrap();

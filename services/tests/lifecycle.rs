@@ -81,3 +81,47 @@ async fn readiness_goes_first_liveness_stays_and_calls_are_served_through_the_sh
         "stopped after {stopped_after:?}"
     );
 }
+
+/// A node still waiting for NATS has its port bound (a taken port stops it at once) and
+/// stops cleanly on SIGTERM, rather than ignoring it until the kubelet's SIGKILL.
+#[tokio::test]
+async fn a_node_still_opening_holds_its_port_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let nowhere = common::free_port(); // no NATS server listens there
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dropline"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .args(["--nats", &format!("nats://127.0.0.1:{nowhere}"), "--node", "n1"])
+        .env("DROPLINE_LOG", "warn")
+        .env("DROPLINE_OPERATOR_TOKEN", common::OPERATOR_TOKEN)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "the node exited while opening");
+        assert!(Instant::now() < until, "the port was never bound");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Bound but not serving: a health check gets no answer.
+    assert!(!common::serving(([127, 0, 0, 1], port).into()).await);
+    let signalled = Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("still running 20 s after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+}

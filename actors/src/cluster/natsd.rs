@@ -59,8 +59,10 @@ pub fn unused_loopback_port() -> anyhow::Result<u16> {
     anyhow::bail!("no free loopback port in {low}..={high}")
 }
 
-/// Ports no outgoing connection gets: below the ephemeral range when there is room (Linux
-/// defaults to 32768–60999), above it otherwise; never below 10000.
+/// Ports no outgoing connection gets: from 10000 to just below the ephemeral range when
+/// there is room (Linux defaults to 32768–60999), above it otherwise. A range covering nearly
+/// every port leaves none: then any port from 10000 up, with a warning, since a port may
+/// again be taken by an outgoing connection before its server binds it.
 fn outside_ephemeral_range() -> (u16, u16) {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
     let bounds: Vec<u16> = range
@@ -78,7 +80,14 @@ fn outside_ephemeral_range() -> (u16, u16) {
     } else if last <= 63_000 {
         (last + 1, 65_535)
     } else {
-        // The range covers nearly everything: take what the kernel hands out.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                first,
+                last,
+                "the ephemeral port range leaves no room for local servers' ports; they may collide with outgoing connections"
+            );
+        });
         (10_000, 65_535)
     }
 }

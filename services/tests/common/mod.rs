@@ -202,8 +202,21 @@ pub async fn serving(addr: SocketAddr) -> bool {
 
 /// A channel (no deadline on its calls) to the server at `addr`, once it serves.
 pub async fn connect(addr: SocketAddr) -> Channel {
+    connect_to(addr, None).await
+}
+
+/// As [`connect`], to a server process this test started: fails at once, with its exit
+/// status, should the process exit instead of serving.
+pub async fn connect_process(port: u16, child: &mut std::process::Child) -> Channel {
+    connect_to(SocketAddr::from(([127, 0, 0, 1], port)), Some(child)).await
+}
+
+async fn connect_to(addr: SocketAddr, mut child: Option<&mut std::process::Child>) -> Channel {
     let until = std::time::Instant::now() + Duration::from_secs(60);
     while std::time::Instant::now() < until {
+        if let Some(status) = child.as_deref_mut().and_then(|c| c.try_wait().unwrap()) {
+            panic!("the server at {addr} exited before serving ({status}); its log is above");
+        }
         if serving(addr).await {
             if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
                 .unwrap()
