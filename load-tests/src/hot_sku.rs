@@ -162,18 +162,15 @@ impl Round {
 /// The server behind `target` when it runs on this machine: `--server-pid`, else the
 /// process listening on the target's loopback port.
 fn server_process(target: &str, given: Option<i32>) -> Option<Pid> {
+    use std::net::ToSocketAddrs as _;
     if let Some(pid) = given {
         return Some(Pid(pid));
     }
-    let authority = target
-        .trim_start_matches("http://")
-        .trim_start_matches("https://")
-        .trim_end_matches('/');
-    let addr: std::net::SocketAddr = authority.replacen("localhost", "127.0.0.1", 1).parse().ok()?;
-    if !addr.ip().is_loopback() {
-        return None;
-    }
-    cpu::listening_on(addr)
+    let uri = net::endpoint(target).ok()?.uri().clone();
+    // `Uri::host` keeps an IPv6 literal's brackets.
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let addrs = (host, uri.port_u16()?).to_socket_addrs().ok()?;
+    addrs.filter(|addr| addr.ip().is_loopback()).find_map(cpu::listening_on)
 }
 
 /// Runs `dropline-load hot-sku`.

@@ -35,7 +35,7 @@ pub async fn connect_channels(target: &str, count: usize) -> anyhow::Result<Vec<
     Ok(channels)
 }
 
-fn endpoint(target: &str) -> anyhow::Result<Endpoint> {
+pub(crate) fn endpoint(target: &str) -> anyhow::Result<Endpoint> {
     Ok(Endpoint::from_shared(target.to_owned())
         .with_context(|| format!("invalid target URI {target:?}"))?
         .connect_timeout(CONNECT_TIMEOUT)

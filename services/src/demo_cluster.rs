@@ -88,7 +88,8 @@ impl LocalCluster {
             js: js.clone(),
         };
         for i in 0..cluster.nodes.len() {
-            while !answers(cluster.nodes[i].addr).await {
+            // A node still joining has its port bound already, and holds callers in the backlog.
+            while !crate::server::is_serving(cluster.nodes[i].addr, Duration::from_secs(2)).await {
                 exited(&mut cluster.nodes, dir)?;
                 if Instant::now() > until {
                     anyhow::bail!("{} did not answer in time", cluster.nodes[i].name);
@@ -207,13 +208,9 @@ impl Drop for Node {
 }
 
 impl Drop for LocalCluster {
+    /// The nodes go before the NATS servers (fields drop in declaration order).
     fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        self.nodes.clear();
     }
 }
 
@@ -231,25 +228,6 @@ fn exited(nodes: &mut [Node], dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Whether the node at `addr` answers a health check within 2 s (a node still joining
-/// has its port bound already, and holds callers in the backlog).
-async fn answers(addr: SocketAddr) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
-        return false;
-    };
-    let endpoint = endpoint
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(2));
-    let Ok(channel) = endpoint.connect().await else {
-        return false;
-    };
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    health
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .is_ok()
 }
 
 /// Acknowledged orders whose confirmation cannot be found any more.

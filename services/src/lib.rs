@@ -157,24 +157,8 @@ fn print_config(config: &ServeConfig) {
 
 /// `dropline health`: one grpc.health.v1 Check; prints the status, true for SERVING.
 async fn health_check(args: &config::HealthArgs) -> anyhow::Result<bool> {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let timeout = std::time::Duration::from_millis(args.timeout_ms);
-    let endpoint = tonic::transport::Endpoint::from_shared(args.server.clone())
-        .map_err(|e| anyhow::anyhow!("--server {}: {e}", args.server))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let channel = tokio::time::timeout(timeout, endpoint.connect())
-        .await
-        .map_err(|_| anyhow::anyhow!("{}: no connection within {} ms", args.server, args.timeout_ms))?
-        .map_err(|e| anyhow::Error::new(e).context(args.server.clone()))?;
-    let reply = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: args.service.clone(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: {} ({:?})", args.server, s.message(), s.code()))?;
-    let status = ServingStatus::try_from(reply.into_inner().status).unwrap_or(ServingStatus::Unknown);
+    let status = server::health_status(&args.server, &args.service, timeout).await?;
     println!("{}", status.as_str_name());
-    Ok(status == ServingStatus::Serving)
+    Ok(status == tonic_health::pb::health_check_response::ServingStatus::Serving)
 }

@@ -27,6 +27,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tonic_health::pb::health_check_response::ServingStatus as HealthStatus;
 use tracing::{info, warn};
 
 /// How often a cluster node's readiness follows its NATS connection.
@@ -194,4 +195,33 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+/// Asks the grpc.health.v1 service of the server at `server` (a URI) about `service` ("":
+/// readiness, `liveness`), connection and call each bounded by `timeout`. A server still
+/// opening has its port bound and holds the call in its backlog: that is a timeout here.
+pub async fn health_status(server: &str, service: &str, timeout: Duration) -> anyhow::Result<HealthStatus> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
+        .map_err(|e| anyhow::anyhow!("{server}: {e}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("{server}: no connection within {} ms", timeout.as_millis()))?
+        .map_err(|e| anyhow::Error::new(e).context(server.to_owned()))?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{server}: {} ({:?})", s.message(), s.code()))?;
+    Ok(HealthStatus::try_from(reply.into_inner().status).unwrap_or(HealthStatus::Unknown))
+}
+
+/// Whether the server at `addr` reports SERVING (readiness) within `timeout`.
+pub async fn is_serving(addr: std::net::SocketAddr, timeout: Duration) -> bool {
+    health_status(&format!("http://{addr}"), "", timeout)
+        .await
+        .is_ok_and(|status| status == HealthStatus::Serving)
 }

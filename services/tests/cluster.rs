@@ -114,19 +114,10 @@ async fn settled(nats: &LocalNats, nodes: usize) {
 /// its port is bound before that, so readiness is a health check (`common::serving`).
 async fn connect_node(node: &mut Node) -> Channel {
     let started = Instant::now();
-    let until = started + Duration::from_secs(90);
-    loop {
-        if let Some(status) = node.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-            panic!("{} exited before answering ({status}); its log is above", node.name);
-        }
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], node.port));
-        if serving(addr).await {
-            eprintln!("{} answered after {:?}", node.name, started.elapsed());
-            return connect(addr).await;
-        }
-        assert!(Instant::now() < until, "{} never answered", node.name);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let child = node.child.as_mut().expect("a node just started");
+    let channel = connect_process(node.port, child, Duration::from_secs(90)).await;
+    eprintln!("{} answered after {:?}", node.name, started.elapsed());
+    channel
 }
 
 /// The leases bucket, through a client of its own.

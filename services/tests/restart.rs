@@ -48,7 +48,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child).await;
+    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
     create_and_open(&channel, drop_request("crash", &[("sku", 500)], 1, 600)).await;
 
     let mut tasks = Vec::new();
@@ -77,7 +77,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
 
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child).await;
+    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
     let mut checkout = CheckoutServiceClient::new(channel.clone());
     for order_id in &confirmed {
         let order = checkout
@@ -116,7 +116,7 @@ async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child).await;
+    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
     create_and_open(&channel, drop_request("snap", &[("sku", 2_000)], 1, 600)).await;
     let reserve = |i: usize| {
         let mut checkout = CheckoutServiceClient::new(channel.clone());
@@ -154,7 +154,7 @@ async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
 
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child).await;
+    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
     let mut checkout = CheckoutServiceClient::new(channel.clone());
     for (i, order_id) in held.iter().enumerate() {
         let order = checkout
@@ -192,7 +192,7 @@ async fn holds_expire_after_a_crash_without_any_request() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child).await;
+    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
     const HOLD_SECS: u32 = 3;
     create_and_open(&channel, drop_request("wake", &[("sku", 1)], 1, HOLD_SECS)).await;
     let mut checkout = CheckoutServiceClient::new(channel);
@@ -225,7 +225,7 @@ async fn holds_expire_after_a_crash_without_any_request() {
         .as_millis() as i64;
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
-    connect_process(port, &mut child).await;
+    connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
     // The expiry plus 4 s for the wake-up scheduler to start the actor and promote.
     let expired_at = held_at + std::time::Duration::from_secs(u64::from(HOLD_SECS));
     tokio::time::sleep_until((expired_at.max(std::time::Instant::now()) + std::time::Duration::from_secs(4)).into())

@@ -37,14 +37,15 @@ pub fn server_binary() -> anyhow::Result<PathBuf> {
 /// The usual `bind("127.0.0.1:0")` trick returns a port from the ephemeral range, the same
 /// range the kernel draws from for every outgoing connection. A child that binds its port
 /// only after connecting to NATS (seconds, on a loaded machine) can find it taken by one of
-/// those connections, a NATS server restarted on its old port likewise; both happened in
-/// CI. Ports below the range are only ever taken by an explicit bind. The `portpicker`
+/// those connections (the likeliest cause of a CI failure), and so can a NATS server
+/// restarted on its old port. Ports below the range are only ever taken by an explicit bind. The `portpicker`
 /// crate also draws below the range, but at random per call, so two servers of one test
 /// could get the same port; here a process-wide cursor walks the range from a random start.
 pub fn unused_loopback_port() -> anyhow::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
-    let (low, high) = outside_ephemeral_range();
+    static RANGE: std::sync::OnceLock<(u16, u16)> = std::sync::OnceLock::new();
+    let (low, high) = *RANGE.get_or_init(outside_ephemeral_range);
     let span = u32::from(high - low) + 1;
     if CURSOR.load(Ordering::Relaxed) == u32::MAX {
         let start = rand::random::<u32>() % span;
@@ -80,14 +81,11 @@ fn outside_ephemeral_range() -> (u16, u16) {
     } else if last <= 63_000 {
         (last + 1, 65_535)
     } else {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| {
-            tracing::warn!(
-                first,
-                last,
-                "the ephemeral port range leaves no room for local servers' ports; they may collide with outgoing connections"
-            );
-        });
+        tracing::warn!(
+            first,
+            last,
+            "the ephemeral port range leaves no room for local servers' ports; they may collide with outgoing connections"
+        );
         (10_000, 65_535)
     }
 }

@@ -186,33 +186,22 @@ pub fn free_port() -> u16 {
 /// Whether the server at `addr` reports SERVING within 2 s. Its port is bound before the
 /// platform opens (callers wait in the backlog), so a TCP connect alone says nothing.
 pub async fn serving(addr: SocketAddr) -> bool {
-    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
-    let probe = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(2));
-    let Ok(channel) = probe.connect().await else {
-        return false;
-    };
-    match HealthClient::new(channel).check(HealthCheckRequest::default()).await {
-        Ok(reply) => reply.into_inner().status == ServingStatus::Serving as i32,
-        Err(_) => false,
-    }
+    services::server::is_serving(addr, Duration::from_secs(2)).await
 }
 
 /// A channel (no deadline on its calls) to the server at `addr`, once it serves.
 pub async fn connect(addr: SocketAddr) -> Channel {
-    connect_to(addr, None).await
+    connect_to(addr, None, Duration::from_secs(60)).await
 }
 
-/// As [`connect`], to a server process this test started: fails at once, with its exit
-/// status, should the process exit instead of serving.
-pub async fn connect_process(port: u16, child: &mut std::process::Child) -> Channel {
-    connect_to(SocketAddr::from(([127, 0, 0, 1], port)), Some(child)).await
+/// As [`connect`], to a server process this test started, waiting up to `within`: fails
+/// at once, with its exit status, should the process exit instead of serving.
+pub async fn connect_process(port: u16, child: &mut std::process::Child, within: Duration) -> Channel {
+    connect_to(SocketAddr::from(([127, 0, 0, 1], port)), Some(child), within).await
 }
 
-async fn connect_to(addr: SocketAddr, mut child: Option<&mut std::process::Child>) -> Channel {
-    let until = std::time::Instant::now() + Duration::from_secs(60);
+async fn connect_to(addr: SocketAddr, mut child: Option<&mut std::process::Child>, within: Duration) -> Channel {
+    let until = std::time::Instant::now() + within;
     while std::time::Instant::now() < until {
         if let Some(status) = child.as_deref_mut().and_then(|c| c.try_wait().unwrap()) {
             panic!("the server at {addr} exited before serving ({status}); its log is above");
