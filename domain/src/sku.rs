@@ -1,6 +1,8 @@
 //! One SKU of a drop: its ring-fenced pools (one per hub), holds with their expiry, orders,
 //! per-city waitlists and idempotency keys. The invariant, per pool and at every step:
-//! `available + held + sold = allocated`, so a SKU never sells beyond its allocation.
+//! `available + held + sold = allocated`, so a SKU never sells beyond its allocation. And
+//! while the sale is open, no waitlisted request can be served from free stock (see
+//! `promote` and `check_waitlist`): the waitlist never strands stock.
 
 use crate::aggregate::Aggregate;
 use crate::drop::{DropSpec, SaleStatus, SettlementTerms, SkuSpec};
@@ -65,7 +67,11 @@ pub struct OrderRecord {
     pub order_id: OrderId,
     pub buyer: BuyerRef,
     pub city: CityName,
-    /// Index into `SkuState::pools`; None while waitlisted.
+    /// Index into `SkuState::pools`: the pool holding the order's units once held. While
+    /// waitlisted, the one pool that may serve it if the buyer named a hub (None: any pool of
+    /// its city). The pin lives here rather than in a field of its own because a new field
+    /// would make every snapshot written before it undecodable (postcard is not
+    /// self-describing, and snapshots carry no version).
     pub pool: Option<usize>,
     pub requested: u32,
     pub quantity: u32,
@@ -201,6 +207,22 @@ pub enum SkuEvent {
     LedgerSynced {
         orders: Vec<(OrderId, bool)>,
     },
+    /// Like `Waitlisted`, for a buyer who named a hub: only that hub's pool may serve the
+    /// request. A variant of its own, last in the enum, because the journal's encoding
+    /// (postcard) is not self-describing: a field added to `Waitlisted` would make every
+    /// `Waitlisted` already journaled undecodable, while a new last variant leaves the
+    /// indices of the others as they were. Journals written before it recorded pinned
+    /// requests as `Waitlisted`; those replay unpinned, which is how they were served then.
+    WaitlistedAtHub {
+        order_id: OrderId,
+        buyer: BuyerRef,
+        city: CityName,
+        hub_id: HubId,
+        requested: u32,
+        allow_partial: bool,
+        idempotent: Option<Idempotent>,
+        at: UnixMillis,
+    },
 }
 
 impl SkuEvent {
@@ -209,6 +231,7 @@ impl SkuEvent {
         match self {
             SkuEvent::Held { order_id, .. }
             | SkuEvent::Waitlisted { order_id, .. }
+            | SkuEvent::WaitlistedAtHub { order_id, .. }
             | SkuEvent::Promoted { order_id, .. }
             | SkuEvent::Released { order_id, .. }
             | SkuEvent::WaitlistLeft { order_id, .. }
@@ -498,6 +521,11 @@ impl SkuState {
         self.order_view(self.orders.get(order_id)?).dispatch_order()
     }
 
+    /// Indices of the pools of `city`, in order.
+    fn city_pools(&self, city: &CityName) -> Vec<usize> {
+        (0..self.pools.len()).filter(|&i| &self.pools[i].city == city).collect()
+    }
+
     fn pool_index(&self, hub_id: &HubId) -> Option<usize> {
         self.pools.iter().position(|p| &p.hub_id == hub_id)
     }
@@ -522,7 +550,11 @@ impl SkuState {
             sku_name: self.name.clone(),
             creator_id: self.creator_id.clone(),
             status: order.status,
-            hub_id: order.pool.map(|i| self.pools[i].hub_id.clone()),
+            // A waitlisted order's pool is only its pin: none of its units are there yet.
+            hub_id: order
+                .pool
+                .filter(|_| order.status != OrderStatus::Waitlisted)
+                .map(|i| self.pools[i].hub_id.clone()),
             city: order.city.clone(),
             quantity: order.quantity,
             requested: order.requested,
@@ -610,6 +642,12 @@ impl SkuState {
                 if order.status != OrderStatus::Waitlisted || &order.city != city {
                     return Err(format!("waitlist of {city} holds {id} in status {:?}", order.status));
                 }
+                if order
+                    .pool
+                    .is_some_and(|i| self.pools.get(i).is_none_or(|p| &p.city != city))
+                {
+                    return Err(format!("{id} waits in {city} pinned to a hub of another city"));
+                }
             }
         }
         let expiring = self.orders.values().filter(|o| o.status == OrderStatus::Held).count();
@@ -633,6 +671,33 @@ impl SkuState {
                 "revenue {} != sum of confirmed orders {}",
                 self.revenue_minor_units, revenue
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks the waitlist rule at `now`: while the sale is open, no waitlisted request can be
+    /// served from the stock that is free, so the waitlist never strands stock and a newcomer
+    /// served from free stock passes nobody who could have had it. Apart from
+    /// `check_invariants` because it needs the time (once the sale has closed, returned stock
+    /// is no longer promoted) and because journals written before the rule may break it.
+    /// O(waitlisted × pools). For tests.
+    pub fn check_waitlist(&self, now: UnixMillis) -> Result<(), String> {
+        if self.effective_sale(now) != SaleStatus::Open {
+            return Ok(());
+        }
+        let available = self.available_now();
+        for (city, queue) in &self.waitlists {
+            let city_pools = self.city_pools(city);
+            for id in queue {
+                let order = self.orders.get(id).ok_or("waitlist names an unknown order")?;
+                let free = pools_of(order, &city_pools).map(|i| (i, available[i]));
+                if let Some((pool, quantity)) = serving(order.requested, order.allow_partial, free) {
+                    return Err(format!(
+                        "{id} waits in {city} for {} units while hub {} has {quantity} of them free",
+                        order.requested, self.pools[pool].hub_id
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -700,9 +765,7 @@ impl SkuState {
                 )))
             }
         }
-        let candidates: Vec<usize> = (0..self.pools.len())
-            .filter(|&i| self.pools[i].city == params.city)
-            .collect();
+        let candidates = self.city_pools(&params.city);
         if candidates.is_empty() {
             return Err(Rejection::field(
                 "city",
@@ -732,26 +795,11 @@ impl SkuState {
             key,
             params: params.clone(),
         });
-        // The fullest pool first; ties go to the earlier pool, so the choice is deterministic.
-        let best = candidates
-            .iter()
-            .copied()
-            .max_by_key(|&i| (self.pools[i].available, std::cmp::Reverse(i)))
-            .expect("candidates is not empty");
-        let available = self.pools[best].available;
-        let queue_len = self.waitlists.get(&params.city).map_or(0, VecDeque::len);
-        // Buyers already waiting in this city are served first: stock that comes back goes
-        // to the head of the waitlist, never to a newcomer.
-        let quantity = if queue_len > 0 {
-            0
-        } else if available >= params.quantity {
-            params.quantity
-        } else if params.allow_partial {
-            available
-        } else {
-            0
-        };
-        if quantity > 0 {
+        // A newcomer is served whenever stock it can use is free, waitlist or not: no request
+        // waiting could be served from that stock (see `check_waitlist`), so serving the
+        // newcomer passes nobody who could have had it.
+        let free = candidates.iter().map(|&i| (i, self.pools[i].available));
+        if let Some((best, quantity)) = serving(params.quantity, params.allow_partial, free) {
             let expires_at = now.plus_ms(self.hold_ttl_ms);
             let reply = self.reservation_of(&order_id, quantity, params.quantity, best, expires_at);
             let event = SkuEvent::Held {
@@ -772,6 +820,7 @@ impl SkuState {
         let may_return = candidates
             .iter()
             .any(|&i| self.pools[i].available + self.pools[i].held > 0);
+        let queue_len = self.waitlists.get(&params.city).map_or(0, VecDeque::len);
         if params.join_waitlist && may_return && queue_len < WAITLIST_PER_CITY_MAX {
             let reply = Reservation {
                 outcome: ReserveOutcome::Waitlisted,
@@ -782,14 +831,28 @@ impl SkuState {
                 expires_at: None,
                 waitlist_position: Some(queue_len as u32 + 1),
             };
-            let event = SkuEvent::Waitlisted {
-                order_id,
-                buyer: params.buyer,
-                city: params.city,
-                requested: params.quantity,
-                allow_partial: params.allow_partial,
-                idempotent,
-                at: now,
+            // Unpinned requests keep writing the older variant, so only journals with pinned
+            // requests need a version that knows the new one.
+            let event = match params.hub_id.clone() {
+                None => SkuEvent::Waitlisted {
+                    order_id,
+                    buyer: params.buyer,
+                    city: params.city,
+                    requested: params.quantity,
+                    allow_partial: params.allow_partial,
+                    idempotent,
+                    at: now,
+                },
+                Some(hub_id) => SkuEvent::WaitlistedAtHub {
+                    order_id,
+                    buyer: params.buyer,
+                    city: params.city,
+                    hub_id,
+                    requested: params.quantity,
+                    allow_partial: params.allow_partial,
+                    idempotent,
+                    at: now,
+                },
             };
             return Ok((vec![event], SkuReply::Reservation(reply)));
         }
@@ -916,7 +979,13 @@ impl SkuState {
     }
 
     /// Waitlist promotions in `city` after stock came back, given the pools' availability
-    /// as it will be once the events decided so far are applied.
+    /// as it will be once the events decided so far are applied. Requests are served in
+    /// arrival order among those that can be served now; one that cannot (it wants more than
+    /// any pool it may use has free, or its pinned hub is empty) keeps its place and is
+    /// passed over, so it never strands stock a request behind it could take. One pass
+    /// reaches the fixed point: a promotion only takes stock away, so a request passed over
+    /// stays unservable for the rest of the pass. It is bounded by the city's queue
+    /// (`WAITLIST_PER_CITY_MAX`), and ends early once the city has nothing free.
     fn promote(&self, city: &CityName, available: &mut [u32], now: UnixMillis, events: &mut Vec<SkuEvent>) {
         if self.effective_sale(now) == SaleStatus::Closed {
             return;
@@ -924,6 +993,7 @@ impl SkuState {
         let Some(queue) = self.waitlists.get(city) else {
             return;
         };
+        let city_pools = self.city_pools(city);
         let promoted_already: BTreeSet<&OrderId> = events
             .iter()
             .filter_map(|e| match e {
@@ -933,23 +1003,18 @@ impl SkuState {
             .collect();
         let mut newly = Vec::new();
         for order_id in queue.iter().filter(|id| !promoted_already.contains(id)) {
-            let order = &self.orders[order_id];
-            let best = (0..self.pools.len())
-                .filter(|&i| &self.pools[i].city == city)
-                .max_by_key(|&i| (available[i], std::cmp::Reverse(i)));
-            let Some(best) = best else { break };
-            let quantity = if available[best] >= order.requested {
-                order.requested
-            } else if order.allow_partial && available[best] > 0 {
-                available[best]
-            } else {
-                // Strict FIFO: the head waits for enough stock; nobody behind it jumps ahead.
+            if city_pools.iter().all(|&i| available[i] == 0) {
                 break;
+            }
+            let order = &self.orders[order_id];
+            let free = pools_of(order, &city_pools).map(|i| (i, available[i]));
+            let Some((pool, quantity)) = serving(order.requested, order.allow_partial, free) else {
+                continue;
             };
-            available[best] -= quantity;
+            available[pool] -= quantity;
             newly.push(SkuEvent::Promoted {
                 order_id: order_id.clone(),
-                hub_id: self.pools[best].hub_id.clone(),
+                hub_id: self.pools[pool].hub_id.clone(),
                 quantity,
                 expires_at: now.plus_ms(self.hold_ttl_ms),
                 at: now,
@@ -1172,6 +1237,28 @@ impl SkuState {
     }
 }
 
+/// Where a request for `requested` units is served from and how many units it gets, given
+/// the pools it may use with what each has free: the fullest pool (ties go to the earlier
+/// one, so the choice is deterministic), for all it asked or, if it allows a partial hold,
+/// for what that pool has. None when it cannot be served now.
+fn serving(requested: u32, allow_partial: bool, free: impl Iterator<Item = (usize, u32)>) -> Option<(usize, u32)> {
+    let (pool, available) = free.max_by_key(|&(i, available)| (available, std::cmp::Reverse(i)))?;
+    if available >= requested {
+        Some((pool, requested))
+    } else if allow_partial && available > 0 {
+        Some((pool, available))
+    } else {
+        None
+    }
+}
+
+/// The pools a waitlisted order may be served from, out of its city's (`city_pools`): only
+/// its pinned hub's if the buyer named one.
+fn pools_of<'a>(order: &OrderRecord, city_pools: &'a [usize]) -> impl Iterator<Item = usize> + 'a {
+    let pin = order.pool;
+    city_pools.iter().copied().filter(move |&i| pin.is_none_or(|p| p == i))
+}
+
 impl Aggregate for SkuState {
     type Command = SkuCommand;
     type Event = SkuEvent;
@@ -1302,7 +1389,23 @@ impl Aggregate for SkuState {
                 allow_partial,
                 idempotent,
                 at,
+            }
+            | SkuEvent::WaitlistedAtHub {
+                order_id,
+                buyer,
+                city,
+                requested,
+                allow_partial,
+                idempotent,
+                at,
+                ..
             } => {
+                let pin = match event {
+                    SkuEvent::WaitlistedAtHub { hub_id, .. } => {
+                        Some(self.pool_index(hub_id).expect("waitlisted at a known hub"))
+                    }
+                    _ => None,
+                };
                 let queue = self.waitlists.entry(city.clone()).or_default();
                 queue.push_back(order_id.clone());
                 let position = queue.len() as u32;
@@ -1313,7 +1416,7 @@ impl Aggregate for SkuState {
                         order_id: order_id.clone(),
                         buyer: buyer.clone(),
                         city: city.clone(),
-                        pool: None,
+                        pool: pin,
                         requested: *requested,
                         quantity: 0,
                         allow_partial: *allow_partial,
