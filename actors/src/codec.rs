@@ -2,17 +2,24 @@
 //! serde format (about a third of JSON's size and several times faster to write and read,
 //! which matters because a hot SKU encodes one event per buyer). Every entry starts with a
 //! one-byte format tag so a later format can be introduced beside this one.
+//!
+//! Format 2 added the storefront that made each order, the confirmation's address digest
+//! and the pinned waitlist place. postcard is not self-describing, so entries of format 1
+//! cannot be read as format 2: they are refused with a message that says so, rather than
+//! misread.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The format tag of postcard entries.
+/// The format tag of postcard entries written before storefronts (no longer readable).
 const POSTCARD_V1: u8 = 1;
+/// The format tag of postcard entries.
+const POSTCARD_V2: u8 = 2;
 
 /// Encodes a journal entry.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    out.push(POSTCARD_V1);
+    out.push(POSTCARD_V2);
     postcard::to_io(value, &mut out).expect("journal entries serialize: writing to a Vec cannot fail");
     out
 }
@@ -20,7 +27,10 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// Decodes a journal entry written by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match bytes.split_first() {
-        Some((&POSTCARD_V1, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
+        Some((&POSTCARD_V2, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
+        Some((&POSTCARD_V1, _)) => Err(
+            "entry written by an older Dropline (format 1, before storefronts); this version reads format 2: start from a new data directory".into(),
+        ),
         Some((tag, _)) => Err(format!("unknown journal entry format {tag}")),
         None => Err("empty journal entry".into()),
     }

@@ -1,11 +1,11 @@
-//! Read-side projections of the registry and the hubs: the directory of partners and
-//! creators (credential lookups for every courier and creator call, without asking the
-//! registry actor), the courier channels
+//! Read-side projections of the registry and the hubs: the directory of partners,
+//! creators and storefronts (credential lookups for every courier, creator and checkout
+//! call, without asking the registry actor), the courier channels
 //! that carry offers to subscribed partners, and each hub's load for operators.
 
 use domain::hub::Dispatch;
-use domain::registry::{CreatorRecord, HubRecord, PartnerRecord};
-use domain::{CreatorId, HubId, PartnerId, UnixMillis};
+use domain::registry::{CreatorRecord, HubRecord, PartnerRecord, StorefrontRecord};
+use domain::{CreatorId, HubId, PartnerId, StorefrontId, UnixMillis};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
@@ -23,6 +23,8 @@ struct DirectoryInner {
     hubs: BTreeMap<HubId, Arc<HubRecord>>,
     creators_by_credential: HashMap<String, CreatorId>,
     creators: HashMap<CreatorId, Arc<CreatorRecord>>,
+    storefronts_by_credential: HashMap<String, StorefrontId>,
+    storefronts: HashMap<StorefrontId, Arc<StorefrontRecord>>,
 }
 
 /// Partners and hubs as the registry last published them.
@@ -61,6 +63,25 @@ impl Directory {
         let inner = self.inner.read().expect("directory lock");
         let id = inner.creators_by_credential.get(hash)?;
         inner.creators.get(id).cloned()
+    }
+
+    pub fn put_storefront(&self, record: StorefrontRecord) {
+        let mut inner = self.inner.write().expect("directory lock");
+        if let Some(old) = inner.storefronts.get(&record.storefront_id) {
+            let old_hash = old.credential_hash.clone();
+            inner.storefronts_by_credential.remove(&old_hash);
+        }
+        inner
+            .storefronts_by_credential
+            .insert(record.credential_hash.clone(), record.storefront_id.clone());
+        inner.storefronts.insert(record.storefront_id.clone(), Arc::new(record));
+    }
+
+    /// The storefront a credential hash belongs to.
+    pub fn storefront_by_credential(&self, hash: &str) -> Option<Arc<StorefrontRecord>> {
+        let inner = self.inner.read().expect("directory lock");
+        let id = inner.storefronts_by_credential.get(hash)?;
+        inner.storefronts.get(id).cloned()
     }
 
     pub fn creator(&self, id: &CreatorId) -> Option<Arc<CreatorRecord>> {

@@ -269,6 +269,20 @@ impl Hosted for RegistryState {
     }
 
     fn publication(&self, events: &[RegistryEvent], env: &Env) -> Option<Publication> {
+        let storefronts: Vec<_> = if events.is_empty() {
+            self.storefronts.values().cloned().collect()
+        } else {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    RegistryEvent::StorefrontRegistered { storefront_id, .. }
+                    | RegistryEvent::StorefrontCredentialReset { storefront_id, .. } => {
+                        self.storefronts.get(storefront_id).cloned()
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
         let creators: Vec<_> = if events.is_empty() {
             self.creators.values().cloned().collect()
         } else {
@@ -304,7 +318,10 @@ impl Hosted for RegistryState {
                     | RegistryEvent::Unassigned { partner_id, .. } => {
                         partners.insert(partner_id.clone());
                     }
-                    RegistryEvent::CreatorRegistered { .. } | RegistryEvent::CreatorCredentialReset { .. } => {}
+                    RegistryEvent::CreatorRegistered { .. }
+                    | RegistryEvent::CreatorCredentialReset { .. }
+                    | RegistryEvent::StorefrontRegistered { .. }
+                    | RegistryEvent::StorefrontCredentialReset { .. } => {}
                 }
             }
             (
@@ -328,6 +345,7 @@ impl Hosted for RegistryState {
                 .map(ProjectionUpdate::Hub)
                 .chain(partners.into_iter().map(ProjectionUpdate::Partner))
                 .chain(creators.into_iter().map(ProjectionUpdate::Creator))
+                .chain(storefronts.into_iter().map(ProjectionUpdate::Storefront))
                 .chain(audit.into_iter().map(ProjectionUpdate::Audit))
                 .collect();
             projections.emit(updates);
@@ -364,6 +382,7 @@ fn registry_audit(event: &RegistryEvent) -> Option<AuditEntry> {
         | RegistryEvent::HubUpdated { .. }
         | RegistryEvent::CreatorRegistered { .. }
         | RegistryEvent::CreatorCredentialReset { .. } => return None,
+        RegistryEvent::StorefrontRegistered { .. } | RegistryEvent::StorefrontCredentialReset { .. } => return None,
         RegistryEvent::PartnerRegistered { spec, at, .. } => entry(
             *at,
             "registered",

@@ -5,6 +5,8 @@
 //! changed), applies its events in memory, and hands the batch over with a completion that
 //! runs once the batch is durable. Completions run in append order.
 
+use crate::secrets::SealedAddress;
+use domain::UnixMillis;
 use std::future::Future;
 use std::pin::Pin;
 use thiserror::Error;
@@ -75,9 +77,21 @@ pub trait Journal: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<String>, JournalError>>;
 }
 
-/// Where buyers' delivery addresses are kept, apart from every journal and event: only
-/// fulfilment reads them. A write is durable once any later journal batch is (same store).
+/// Where buyers' delivery addresses are kept, sealed (`secrets::SealedAddress`), apart from
+/// every journal and event: only fulfilment reads them. Each has a time after which it is
+/// shredded: its salt (half of its key) and its ciphertext are deleted.
 pub trait AddressVault: Send + Sync + 'static {
-    fn put<'a>(&'a self, order_id: &'a str, address: &'a [u8]) -> BoxFuture<'a, Result<(), JournalError>>;
-    fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, JournalError>>;
+    /// Stores the address of `order_id` unless one is stored already (`Ok(false)`: nothing
+    /// changed, whatever `sealed` holds). Durable when it returns.
+    fn put_new<'a>(
+        &'a self,
+        order_id: &'a str,
+        sealed: &'a SealedAddress,
+        shred_at: UnixMillis,
+    ) -> BoxFuture<'a, Result<bool, JournalError>>;
+    fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<SealedAddress>, JournalError>>;
+    /// Brings the address's shred time forward to `at` (never later than it was).
+    fn shred_by<'a>(&'a self, order_id: &'a str, at: UnixMillis) -> BoxFuture<'a, Result<(), JournalError>>;
+    /// Shreds addresses due at `now`, at most `limit` of them; answers how many.
+    fn shred_due(&self, now: UnixMillis, limit: usize) -> BoxFuture<'_, Result<usize, JournalError>>;
 }

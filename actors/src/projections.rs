@@ -9,7 +9,7 @@ use domain::drop::{DropSpec, SaleStatus};
 use domain::hub::Dispatch;
 use domain::ledger::Entry;
 use domain::limits::ORDER_WATCHERS_MAX;
-use domain::registry::{CreatorRecord, HubRecord, PartnerRecord};
+use domain::registry::{CreatorRecord, HubRecord, PartnerRecord, StorefrontRecord};
 use domain::sku::{OrderView, SkuFigures, SkuState};
 use domain::{CreatorId, DropId, OrderId, PartnerId, SkuId};
 use serde::{Deserialize, Serialize};
@@ -59,6 +59,7 @@ pub enum ProjectionUpdate {
     Creator(CreatorRecord),
     /// An entry of the operators' audit trail: every node keeps the whole trail.
     Audit(AuditEntry),
+    Storefront(StorefrontRecord),
 }
 
 /// Carries projection updates to the other nodes of a cluster.
@@ -132,6 +133,7 @@ impl Projections {
             ProjectionUpdate::Hub(record) => self.directory.put_hub(record),
             ProjectionUpdate::Partner(record) => self.directory.put_partner(record),
             ProjectionUpdate::Creator(record) => self.directory.put_creator(record),
+            ProjectionUpdate::Storefront(record) => self.directory.put_storefront(record),
             ProjectionUpdate::Audit(entry) => match self.audit.get() {
                 Some(log) => log.record(&entry),
                 None => tracing::warn!(action = %entry.action, "no audit store; entry dropped"),

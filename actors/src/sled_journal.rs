@@ -14,10 +14,12 @@
 
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
+use crate::secrets::SealedAddress;
 use crate::sled_parts::{self, PartsWrite};
 use domain::limits::{
     JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS,
 };
+use domain::UnixMillis;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
@@ -33,6 +35,8 @@ pub struct SledJournal {
     db: sled::Db,
     tree: sled::Tree,
     addresses: sled::Tree,
+    address_keys: sled::Tree,
+    address_shred: sled::Tree,
     audit: sled::Tree,
     tx: mpsc::Sender<Request>,
     stats: Arc<WriterStats>,
@@ -82,6 +86,12 @@ impl SledJournal {
             .map_err(|e| JournalError::Io(e.to_string()))?;
         let tree = db.open_tree("streams").map_err(|e| JournalError::Io(e.to_string()))?;
         let addresses = db.open_tree("addresses").map_err(|e| JournalError::Io(e.to_string()))?;
+        let address_keys = db
+            .open_tree("address_keys")
+            .map_err(|e| JournalError::Io(e.to_string()))?;
+        let address_shred = db
+            .open_tree("address_shred")
+            .map_err(|e| JournalError::Io(e.to_string()))?;
         let audit = db.open_tree("audit").map_err(|e| JournalError::Io(e.to_string()))?;
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
@@ -100,6 +110,8 @@ impl SledJournal {
             db,
             tree,
             addresses,
+            address_keys,
+            address_shred,
             audit,
             tx,
             stats,
@@ -531,25 +543,133 @@ impl Writer {
     }
 }
 
-impl AddressVault for SledJournal {
-    fn put<'a>(&'a self, order_id: &'a str, address: &'a [u8]) -> BoxFuture<'a, Result<(), JournalError>> {
-        // Not flushed here: the confirm that follows is acknowledged only after the journal
-        // writer's flush, which covers every tree of this database.
-        let written = self
-            .addresses
-            .insert(order_id.as_bytes(), address)
-            .map(|_| ())
-            .map_err(|e| JournalError::Io(e.to_string()));
-        Box::pin(async move { written })
+/// Address vault trees: `addresses` holds each order's ciphertext, `address_keys` its salt
+/// and shred time (40 bytes), and `address_shred` the same orders by shred time
+/// (`<shred_at BE><order id>`), so the due ones are a range scan.
+impl SledJournal {
+    fn shred_key(at: i64, order_id: &str) -> Vec<u8> {
+        [(at.max(0) as u64).to_be_bytes().as_slice(), order_id.as_bytes()].concat()
     }
 
-    fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, JournalError>> {
-        let read = self
-            .addresses
-            .get(order_id.as_bytes())
-            .map(|v| v.map(|v| v.to_vec()))
-            .map_err(|e| JournalError::Io(e.to_string()));
+    /// Syncs the vault's writes (sled's flush covers every tree of the database).
+    async fn vault_flush(&self) -> Result<(), JournalError> {
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| JournalError::Io(e.to_string()))
+    }
+}
+
+fn vault_tx_error(e: sled::transaction::TransactionError<()>) -> JournalError {
+    JournalError::Io(format!("address vault: {e:?}"))
+}
+
+impl AddressVault for SledJournal {
+    fn put_new<'a>(
+        &'a self,
+        order_id: &'a str,
+        sealed: &'a SealedAddress,
+        shred_at: UnixMillis,
+    ) -> BoxFuture<'a, Result<bool, JournalError>> {
+        use sled::Transactional;
+        Box::pin(async move {
+            let mut key_record = sealed.salt.to_vec();
+            key_record.extend_from_slice(&shred_at.0.to_be_bytes());
+            let stored = (&self.address_keys, &self.addresses, &self.address_shred)
+                .transaction(|(keys, addresses, shred)| {
+                    if keys.get(order_id.as_bytes())?.is_some() {
+                        return Ok(false);
+                    }
+                    keys.insert(order_id.as_bytes(), key_record.as_slice())?;
+                    addresses.insert(order_id.as_bytes(), sealed.ciphertext.as_slice())?;
+                    shred.insert(SledJournal::shred_key(shred_at.0, order_id), &[])?;
+                    Ok(true)
+                })
+                .map_err(vault_tx_error)?;
+            if stored {
+                self.vault_flush().await?;
+            }
+            Ok(stored)
+        })
+    }
+
+    fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<SealedAddress>, JournalError>> {
+        let io = |e: sled::Error| JournalError::Io(e.to_string());
+        let read = (|| {
+            let Some(key_record) = self.address_keys.get(order_id.as_bytes()).map_err(io)? else {
+                return Ok(None);
+            };
+            let Some(ciphertext) = self.addresses.get(order_id.as_bytes()).map_err(io)? else {
+                return Ok(None);
+            };
+            let salt = key_record
+                .get(..32)
+                .and_then(|s| <[u8; 32]>::try_from(s).ok())
+                .ok_or_else(|| JournalError::Corrupt(format!("address key of {order_id} is too short")))?;
+            Ok(Some(SealedAddress {
+                salt,
+                ciphertext: ciphertext.to_vec(),
+            }))
+        })();
         Box::pin(async move { read })
+    }
+
+    fn shred_by<'a>(&'a self, order_id: &'a str, at: UnixMillis) -> BoxFuture<'a, Result<(), JournalError>> {
+        use sled::Transactional;
+        Box::pin(async move {
+            let changed = (&self.address_keys, &self.address_shred)
+                .transaction(|(keys, shred)| {
+                    let Some(record) = keys.get(order_id.as_bytes())? else {
+                        return Ok(false);
+                    };
+                    if record.len() != 40 {
+                        return Ok(false);
+                    }
+                    let current = i64::from_be_bytes(record[32..40].try_into().expect("8 bytes"));
+                    if current <= at.0 {
+                        return Ok(false);
+                    }
+                    let mut updated = record[..32].to_vec();
+                    updated.extend_from_slice(&at.0.to_be_bytes());
+                    keys.insert(order_id.as_bytes(), updated)?;
+                    shred.remove(SledJournal::shred_key(current, order_id))?;
+                    shred.insert(SledJournal::shred_key(at.0, order_id), &[])?;
+                    Ok(true)
+                })
+                .map_err(vault_tx_error)?;
+            if changed {
+                self.vault_flush().await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn shred_due(&self, now: UnixMillis, limit: usize) -> BoxFuture<'_, Result<usize, JournalError>> {
+        use sled::Transactional;
+        Box::pin(async move {
+            let io = |e: sled::Error| JournalError::Io(e.to_string());
+            let end = SledJournal::shred_key(now.0.saturating_add(1), "");
+            let mut due = Vec::new();
+            for item in self.address_shred.range(..end).take(limit) {
+                due.push(item.map_err(io)?.0);
+            }
+            for index_key in &due {
+                let order_id = &index_key[8..];
+                (&self.address_keys, &self.addresses, &self.address_shred)
+                    .transaction(|(keys, addresses, shred)| {
+                        keys.remove(order_id)?;
+                        addresses.remove(order_id)?;
+                        shred.remove(index_key.as_ref())?;
+                        Ok(())
+                    })
+                    .map_err(vault_tx_error)?;
+            }
+            if !due.is_empty() {
+                self.vault_flush().await?;
+            }
+            Ok(due.len())
+        })
     }
 }
 

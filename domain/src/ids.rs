@@ -82,6 +82,11 @@ slug_id!(
     CreatorId
 );
 slug_id!(
+    /// A storefront: the platform's web or app backend, or a pop-up's till, registered by the
+    /// operator; the only caller that may reserve for a buyer.
+    StorefrontId
+);
+slug_id!(
     /// A fulfilment partner (courier, locker bank, shop) in the partner registry.
     PartnerId
 );

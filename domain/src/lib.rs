@@ -18,7 +18,9 @@ pub mod sku;
 pub mod time;
 
 pub use aggregate::Aggregate;
-pub use ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdError, IdempotencyKey, OrderId, PartnerId, SkuId};
+pub use ids::{
+    BuyerRef, CityName, CreatorId, DropId, HubId, IdError, IdempotencyKey, OrderId, PartnerId, SkuId, StorefrontId,
+};
 pub use money::{Currency, Money};
 pub use rejection::{FieldViolation, Rejection};
 pub use time::UnixMillis;

@@ -165,3 +165,14 @@ pub const PAYOUT_KEYS_MAX: usize = 100_000;
 pub const LEDGER_LINES_MAX: usize = 10_000_000;
 pub const CREATOR_MAILBOX_CAPACITY: usize = 4_096;
 pub const CREATORS_MAX: usize = 1_000_000;
+/// Storefronts the registry keeps (each one a web/app backend or a pop-up till).
+pub const STOREFRONTS_MAX: usize = 100_000;
+
+/// How long a delivery address is kept at most after its order is confirmed: same-day
+/// fulfilment, the default 14-day return window and a margin. Delivery brings it forward
+/// to the drop's return window after delivery; a cancellation, refund or failure to now.
+pub const ADDRESS_RETENTION_MAX_MS: u64 = 30 * 86_400_000;
+/// How often a node shreds the addresses that are due, and how many it shreds at most in
+/// one pass (the rest wait for the next pass; a pass never holds up anything else).
+pub const ADDRESS_SHRED_INTERVAL_MS: u64 = 60_000;
+pub const ADDRESS_SHRED_BATCH_MAX: usize = 10_000;

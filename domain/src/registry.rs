@@ -4,8 +4,8 @@
 //! configuration; hub actors own the running part (dispatches, SLA clocks, partner
 //! performance) and receive their configuration from here as a versioned [`HubSetup`].
 
-use crate::limits::{CREATORS_MAX, HUBS_MAX, PARTNERS_MAX, PARTNERS_PER_HUB_MAX, TEXT_LEN_MAX};
-use crate::{Aggregate, CityName, CreatorId, FieldViolation, HubId, PartnerId, Rejection, UnixMillis};
+use crate::limits::{CREATORS_MAX, HUBS_MAX, PARTNERS_MAX, PARTNERS_PER_HUB_MAX, STOREFRONTS_MAX, TEXT_LEN_MAX};
+use crate::{Aggregate, CityName, CreatorId, FieldViolation, HubId, PartnerId, Rejection, StorefrontId, UnixMillis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -279,6 +279,17 @@ pub enum RegistryCommand {
         creator_id: CreatorId,
         credential_hash: String,
     },
+    /// A storefront that reserves for the buyers it vouches for, with its credential's hash.
+    RegisterStorefront {
+        storefront_id: StorefrontId,
+        display_name: String,
+        credential_hash: String,
+    },
+    /// Replaces a storefront's credential (a lost or leaked one stops working at once).
+    ResetStorefrontCredential {
+        storefront_id: StorefrontId,
+        credential_hash: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,6 +340,17 @@ pub enum RegistryEvent {
         credential_hash: String,
         at: UnixMillis,
     },
+    StorefrontRegistered {
+        storefront_id: StorefrontId,
+        display_name: String,
+        credential_hash: String,
+        at: UnixMillis,
+    },
+    StorefrontCredentialReset {
+        storefront_id: StorefrontId,
+        credential_hash: String,
+        at: UnixMillis,
+    },
 }
 
 impl RegistryEvent {
@@ -347,7 +369,9 @@ impl RegistryEvent {
             }
             RegistryEvent::PartnerRegistered { .. }
             | RegistryEvent::CreatorRegistered { .. }
-            | RegistryEvent::CreatorCredentialReset { .. } => Vec::new(),
+            | RegistryEvent::CreatorCredentialReset { .. }
+            | RegistryEvent::StorefrontRegistered { .. }
+            | RegistryEvent::StorefrontCredentialReset { .. } => Vec::new(),
             RegistryEvent::PartnerUpdated { spec, .. } => of_partner(&spec.partner_id),
             RegistryEvent::StatusChanged { partner_id, .. } => of_partner(partner_id),
             RegistryEvent::Assigned { hub_id, .. } | RegistryEvent::Unassigned { hub_id, .. } => vec![hub_id.clone()],
@@ -362,10 +386,12 @@ pub enum RegistryReply {
     Setup(HubSetup),
     Version(u64),
     Creator(CreatorRecord),
+    Storefront(StorefrontRecord),
     Directory {
         hubs: Vec<HubRecord>,
         partners: Vec<PartnerRecord>,
         creators: Vec<CreatorRecord>,
+        storefronts: Vec<StorefrontRecord>,
     },
 }
 
@@ -380,11 +406,22 @@ pub struct CreatorRecord {
     pub updated_at: UnixMillis,
 }
 
+/// A storefront known to the platform: who it is and its credential's hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorefrontRecord {
+    pub storefront_id: StorefrontId,
+    pub display_name: String,
+    pub credential_hash: String,
+    pub registered_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RegistryState {
     pub hubs: BTreeMap<HubId, HubRecord>,
     pub partners: BTreeMap<PartnerId, PartnerRecord>,
     pub creators: BTreeMap<CreatorId, CreatorRecord>,
+    pub storefronts: BTreeMap<StorefrontId, StorefrontRecord>,
     /// Events applied so far (the version of hub setups).
     pub version: u64,
 }
@@ -437,6 +474,17 @@ impl RegistryState {
         RegistryReply::Creator(skeleton.creators[creator_id].clone())
     }
 
+    fn storefront_after(&self, storefront_id: &StorefrontId, event: &RegistryEvent) -> RegistryReply {
+        let mut skeleton = RegistryState::default();
+        skeleton.storefronts.extend(
+            self.storefronts
+                .get_key_value(storefront_id)
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        skeleton.apply(event);
+        RegistryReply::Storefront(skeleton.storefronts[storefront_id].clone())
+    }
+
     fn reply_after(&self, target: Target, events: &[RegistryEvent]) -> RegistryReply {
         let mut skeleton = RegistryState::default();
         match &target {
@@ -460,6 +508,16 @@ impl RegistryState {
 enum Target {
     Hub(HubId),
     Partner(PartnerId),
+}
+
+fn check_display_name(display_name: &str) -> Result<(), Rejection> {
+    if display_name.chars().count() > TEXT_LEN_MAX || display_name.chars().any(char::is_control) {
+        return Err(Rejection::field(
+            "display_name",
+            format!("must be at most {TEXT_LEN_MAX} printable characters"),
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(violations: Vec<FieldViolation>) -> Result<(), Rejection> {
@@ -489,6 +547,7 @@ impl Aggregate for RegistryState {
                         hubs: self.hubs.values().cloned().collect(),
                         partners: self.partners.values().cloned().collect(),
                         creators: self.creators.values().cloned().collect(),
+                        storefronts: self.storefronts.values().cloned().collect(),
                     },
                 ))
             }
@@ -497,12 +556,7 @@ impl Aggregate for RegistryState {
                 display_name,
                 credential_hash,
             } => {
-                if display_name.chars().count() > TEXT_LEN_MAX || display_name.chars().any(char::is_control) {
-                    return Err(Rejection::field(
-                        "display_name",
-                        format!("must be at most {TEXT_LEN_MAX} printable characters"),
-                    ));
-                }
+                check_display_name(&display_name)?;
                 if self.creators.contains_key(&creator_id) {
                     // The credential is shown once: a second registration cannot return it.
                     return Err(Rejection::AlreadyExists {
@@ -534,6 +588,44 @@ impl Aggregate for RegistryState {
                     at: now,
                 };
                 return Ok((vec![event.clone()], self.creator_after(&creator_id, &event)));
+            }
+            RegistryCommand::RegisterStorefront {
+                storefront_id,
+                display_name,
+                credential_hash,
+            } => {
+                check_display_name(&display_name)?;
+                if self.storefronts.contains_key(&storefront_id) {
+                    // The credential is shown once: a second registration cannot return it.
+                    return Err(Rejection::AlreadyExists {
+                        what: "storefront".into(),
+                        id: storefront_id.to_string(),
+                    });
+                }
+                if self.storefronts.len() >= STOREFRONTS_MAX {
+                    return Err(Rejection::Exhausted(format!("at most {STOREFRONTS_MAX} storefronts")));
+                }
+                let event = RegistryEvent::StorefrontRegistered {
+                    storefront_id: storefront_id.clone(),
+                    display_name,
+                    credential_hash,
+                    at: now,
+                };
+                return Ok((vec![event.clone()], self.storefront_after(&storefront_id, &event)));
+            }
+            RegistryCommand::ResetStorefrontCredential {
+                storefront_id,
+                credential_hash,
+            } => {
+                if !self.storefronts.contains_key(&storefront_id) {
+                    return Err(Rejection::not_found("storefront", storefront_id.as_str()));
+                }
+                let event = RegistryEvent::StorefrontCredentialReset {
+                    storefront_id: storefront_id.clone(),
+                    credential_hash,
+                    at: now,
+                };
+                return Ok((vec![event.clone()], self.storefront_after(&storefront_id, &event)));
             }
             RegistryCommand::GetHubSetup(hub_id) => {
                 self.hub(&hub_id)?;
@@ -801,6 +893,33 @@ impl Aggregate for RegistryState {
                 if let Some(c) = self.creators.get_mut(creator_id) {
                     c.credential_hash = credential_hash.clone();
                     c.updated_at = *at;
+                }
+            }
+            RegistryEvent::StorefrontRegistered {
+                storefront_id,
+                display_name,
+                credential_hash,
+                at,
+            } => {
+                self.storefronts.insert(
+                    storefront_id.clone(),
+                    StorefrontRecord {
+                        storefront_id: storefront_id.clone(),
+                        display_name: display_name.clone(),
+                        credential_hash: credential_hash.clone(),
+                        registered_at: *at,
+                        updated_at: *at,
+                    },
+                );
+            }
+            RegistryEvent::StorefrontCredentialReset {
+                storefront_id,
+                credential_hash,
+                at,
+            } => {
+                if let Some(s) = self.storefronts.get_mut(storefront_id) {
+                    s.credential_hash = credential_hash.clone();
+                    s.updated_at = *at;
                 }
             }
         }

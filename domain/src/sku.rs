@@ -6,7 +6,7 @@
 
 use crate::aggregate::Aggregate;
 use crate::drop::{DropSpec, SaleStatus, SettlementTerms, SkuSpec};
-use crate::ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdempotencyKey, OrderId, SkuId};
+use crate::ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdempotencyKey, OrderId, SkuId, StorefrontId};
 use crate::keymap::KeyMap;
 use crate::ledger::SaleFacts;
 use crate::limits::*;
@@ -58,6 +58,9 @@ pub struct Confirmation {
     pub pickup_code: String,
     pub receipt_token: String,
     pub confirmed_at: UnixMillis,
+    /// A keyed hash of the delivery address (never the address itself): a later Confirm
+    /// with another address is a different confirmation and is refused.
+    pub address_digest: Option<String>,
 }
 
 /// A reservation from its first moment (held or waitlisted) to its end (expired,
@@ -65,6 +68,9 @@ pub struct Confirmation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderRecord {
     pub order_id: OrderId,
+    /// The storefront that reserved it: with the order's token, the only one that may read,
+    /// confirm or cancel it.
+    pub storefront: StorefrontId,
     pub buyer: BuyerRef,
     pub city: CityName,
     /// Index into `SkuState::pools`: the pool holding the order's units once held. While
@@ -82,9 +88,26 @@ pub struct OrderRecord {
     pub updated_at: UnixMillis,
 }
 
+impl OrderRecord {
+    /// A storefront may act only on the orders it reserved (`None`: the caller was checked
+    /// otherwise, by the order's token or as the platform itself).
+    pub fn check_storefront(&self, storefront: Option<&StorefrontId>) -> Result<(), Rejection> {
+        match storefront {
+            Some(caller) if caller != &self.storefront => Err(Rejection::PermissionDenied(format!(
+                "order {} belongs to another storefront",
+                self.order_id
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What a buyer asks for; also what an idempotency key is bound to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReserveParams {
+    /// Who vouches for the buyer. Part of what an idempotency key is bound to, so another
+    /// storefront replaying a key is refused instead of shown the first result.
+    pub storefront: StorefrontId,
     pub buyer: BuyerRef,
     pub city: CityName,
     pub hub_id: Option<HubId>,
@@ -138,6 +161,7 @@ pub enum SkuEvent {
     },
     Held {
         order_id: OrderId,
+        storefront: StorefrontId,
         buyer: BuyerRef,
         city: CityName,
         hub_id: HubId,
@@ -150,6 +174,7 @@ pub enum SkuEvent {
     },
     Waitlisted {
         order_id: OrderId,
+        storefront: StorefrontId,
         buyer: BuyerRef,
         city: CityName,
         requested: u32,
@@ -215,6 +240,7 @@ pub enum SkuEvent {
     /// requests as `Waitlisted`; those replay unpinned, which is how they were served then.
     WaitlistedAtHub {
         order_id: OrderId,
+        storefront: StorefrontId,
         buyer: BuyerRef,
         city: CityName,
         hub_id: HubId,
@@ -258,6 +284,10 @@ pub struct ReserveCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfirmCommand {
     pub order_id: OrderId,
+    /// The storefront confirming, which must be the one that reserved; None when the buyer's
+    /// own order token was checked instead.
+    pub storefront: Option<StorefrontId>,
+    pub address_digest: Option<String>,
     pub payment_reference: String,
     pub amount: Money,
     pub fulfilment: Fulfilment,
@@ -281,6 +311,8 @@ pub enum SkuCommand {
     Confirm(ConfirmCommand),
     Cancel {
         order_id: OrderId,
+        /// As in [`ConfirmCommand::storefront`]; None for the order's token or the platform.
+        storefront: Option<StorefrontId>,
     },
     /// Timer: expire holds that are due, and clear waitlists once the sale has closed.
     ExpireDue,
@@ -304,6 +336,7 @@ pub enum SkuCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderView {
     pub order_id: OrderId,
+    pub storefront: StorefrontId,
     pub drop_id: DropId,
     pub sku_id: SkuId,
     pub sku_name: String,
@@ -545,6 +578,7 @@ impl SkuState {
         };
         OrderView {
             order_id: order.order_id.clone(),
+            storefront: order.storefront.clone(),
             drop_id: self.drop_id.clone(),
             sku_id: self.sku_id.clone(),
             sku_name: self.name.clone(),
@@ -804,6 +838,7 @@ impl SkuState {
             let reply = self.reservation_of(&order_id, quantity, params.quantity, best, expires_at);
             let event = SkuEvent::Held {
                 order_id,
+                storefront: params.storefront,
                 buyer: params.buyer,
                 city: params.city,
                 hub_id: self.pools[best].hub_id.clone(),
@@ -836,6 +871,7 @@ impl SkuState {
             let event = match params.hub_id.clone() {
                 None => SkuEvent::Waitlisted {
                     order_id,
+                    storefront: params.storefront,
                     buyer: params.buyer,
                     city: params.city,
                     requested: params.quantity,
@@ -845,6 +881,7 @@ impl SkuState {
                 },
                 Some(hub_id) => SkuEvent::WaitlistedAtHub {
                     order_id,
+                    storefront: params.storefront,
                     buyer: params.buyer,
                     city: params.city,
                     hub_id,
@@ -877,6 +914,7 @@ impl SkuState {
             .orders
             .get(&cmd.order_id)
             .ok_or_else(|| Rejection::not_found("order", cmd.order_id.as_str()))?;
+        order.check_storefront(cmd.storefront.as_ref())?;
         match order.status {
             OrderStatus::Confirmed => {
                 let existing = order
@@ -886,7 +924,8 @@ impl SkuState {
                 let same = existing.payment_reference == cmd.payment_reference
                     && existing.amount == cmd.amount
                     && existing.fulfilment == cmd.fulfilment
-                    && existing.discreet == cmd.discreet;
+                    && existing.discreet == cmd.discreet
+                    && existing.address_digest == cmd.address_digest;
                 if same {
                     return Ok((vec![], SkuReply::Order(self.order_view(order))));
                 }
@@ -926,6 +965,7 @@ impl SkuState {
                 pickup_code: cmd.pickup_code,
                 receipt_token: cmd.receipt_token,
                 confirmed_at: now,
+                address_digest: cmd.address_digest,
             },
         };
         self.reply_after(vec![event], &cmd.order_id)
@@ -1027,11 +1067,17 @@ impl SkuState {
         self.pools.iter().map(|p| p.available).collect()
     }
 
-    fn decide_cancel(&self, order_id: OrderId, now: UnixMillis) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
+    fn decide_cancel(
+        &self,
+        order_id: OrderId,
+        storefront: Option<&StorefrontId>,
+        now: UnixMillis,
+    ) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
         let order = self
             .orders
             .get(&order_id)
             .ok_or_else(|| Rejection::not_found("order", order_id.as_str()))?;
+        order.check_storefront(storefront)?;
         let mut events = Vec::new();
         match order.status {
             OrderStatus::Held | OrderStatus::Confirmed => {
@@ -1268,7 +1314,7 @@ impl Aggregate for SkuState {
         match command {
             SkuCommand::Reserve(cmd) => self.decide_reserve(cmd, now),
             SkuCommand::Confirm(cmd) => self.decide_confirm(cmd, now),
-            SkuCommand::Cancel { order_id } => self.decide_cancel(order_id, now),
+            SkuCommand::Cancel { order_id, storefront } => self.decide_cancel(order_id, storefront.as_ref(), now),
             SkuCommand::ExpireDue => {
                 let mut events = self.decide_expire(now);
                 // Orders the hub has not acknowledged yet are sent again (see `handover`).
@@ -1346,6 +1392,7 @@ impl Aggregate for SkuState {
             }
             SkuEvent::Held {
                 order_id,
+                storefront,
                 buyer,
                 city,
                 hub_id,
@@ -1363,6 +1410,7 @@ impl Aggregate for SkuState {
                 self.add_active(buyer, *quantity);
                 let record = OrderRecord {
                     order_id: order_id.clone(),
+                    storefront: storefront.clone(),
                     buyer: buyer.clone(),
                     city: city.clone(),
                     pool: Some(pool),
@@ -1383,6 +1431,7 @@ impl Aggregate for SkuState {
             }
             SkuEvent::Waitlisted {
                 order_id,
+                storefront,
                 buyer,
                 city,
                 requested,
@@ -1392,6 +1441,7 @@ impl Aggregate for SkuState {
             }
             | SkuEvent::WaitlistedAtHub {
                 order_id,
+                storefront,
                 buyer,
                 city,
                 requested,
@@ -1414,6 +1464,7 @@ impl Aggregate for SkuState {
                     order_id.clone(),
                     Box::new(OrderRecord {
                         order_id: order_id.clone(),
+                        storefront: storefront.clone(),
                         buyer: buyer.clone(),
                         city: city.clone(),
                         pool: pin,

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use futures::{StreamExt as _, TryStreamExt as _};
-use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::{ReserveOutcome, ReserveRequest};
 use proto::common::v1::Money;
 use proto::operator::v1::{Allocation, CreateDropRequest, SkuSpec};
@@ -354,8 +353,7 @@ async fn first_reserves(
     layout: Arc<Layout>,
     concurrency: usize,
 ) -> anyhow::Result<crate::burst::BurstStats<ReserveOutcome>> {
-    let clients: Arc<[CheckoutServiceClient<Channel>]> =
-        channels.iter().cloned().map(CheckoutServiceClient::new).collect();
+    let clients = crate::storefront_clients(channels).await?;
     let city = Layout::city(0);
     run_burst(layout.skus, concurrency, move |sku| {
         let mut client = clients[sku % clients.len()].clone();

@@ -263,7 +263,8 @@ async fn settle(leases: &async_nats::jetstream::kv::Store, names: &[String]) -> 
 /// node, is answered again: GetOrder of an order of that SKU that does not exist (NOT_FOUND
 /// comes from the actor itself; availability would come from a cache).
 async fn served_again(channel: Channel, drop_id: &str, killed: Instant) -> anyhow::Result<Duration> {
-    let mut client = CheckoutServiceClient::new(channel);
+    // The operator may read any order; an unknown one is NOT_FOUND from the actor itself.
+    let mut client = CheckoutServiceClient::with_interceptor(channel, crate::operator_auth());
     let order_id = format!("{drop_id}.{}.ffffffffffffffff", hot_sku::HOT_SKU);
     loop {
         let answer = client

@@ -13,7 +13,6 @@ use anyhow::{bail, ensure, Context as _};
 use prost::Message as _;
 use proto::bench::v1::echo_service_client::EchoServiceClient;
 use proto::bench::v1::EchoRequest;
-use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::{ReserveOutcome, ReserveRequest};
 use proto::common::v1::Money;
 use proto::operator::v1::{Allocation, CreateDropRequest, GetDropRequest, SkuSpec};
@@ -422,8 +421,7 @@ pub(crate) async fn reserve_burst(
     drop_id: &str,
     load: LoadShape,
 ) -> anyhow::Result<BurstStats<ReserveOutcome>> {
-    let clients: Arc<[CheckoutServiceClient<Channel>]> =
-        channels.iter().cloned().map(CheckoutServiceClient::new).collect();
+    let clients = crate::storefront_clients(channels).await?;
     let drop_id: Arc<str> = drop_id.into();
     run_burst(load.attempts, load.concurrency, move |index| {
         let mut client = clients[index % clients.len()].clone();

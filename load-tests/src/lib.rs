@@ -17,6 +17,7 @@ pub mod swaps;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::operator::v1::operator_service_client::OperatorServiceClient;
 use proto::operator::v1::{DropStatus, GetDropRequest, OpenDropRequest};
 use proto::registry::v1 as registry;
@@ -52,6 +53,28 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 pub type Operator = OperatorServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Checkout = CheckoutServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// The storefront the load tests reserve as.
+pub const STOREFRONT: &str = "load-tests";
+
+/// CheckoutService through `channel` as the storefront whose credential is `credential`.
+pub fn checkout(channel: Channel, credential: &str) -> Checkout {
+    CheckoutServiceClient::with_interceptor(channel, Bearer::new(credential))
+        .max_decoding_message_size(net::MAX_DECODING_BYTES)
+}
+
+/// One checkout client per channel, all as the load tests' storefront.
+pub async fn storefront_clients(channels: &[Channel]) -> anyhow::Result<std::sync::Arc<[Checkout]>> {
+    let credential = storefront(channels).await?;
+    Ok(channels.iter().cloned().map(|c| checkout(c, &credential)).collect())
+}
+
+/// Registers the load tests' storefront (or gives it a new credential when it exists) and
+/// waits until every channel's server accepts the credential.
+pub async fn storefront(channels: &[Channel]) -> anyhow::Result<String> {
+    services::auth::storefront_credential(channels, &operator_token(), STOREFRONT).await
+}
 
 pub fn operator_auth() -> Bearer {
     Bearer::new(&operator_token())

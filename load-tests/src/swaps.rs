@@ -13,7 +13,6 @@ use crate::{catalog, net, open_window, HOLD_TTL_SECONDS};
 use anyhow::{ensure, Context as _};
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
-use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::*;
 use proto::common::v1::Money;
 use proto::dispatch::v1::dispatch_service_client::DispatchServiceClient;
@@ -179,10 +178,11 @@ async fn measure(args: &SwapsArgs, child: &mut tokio::process::Child, target: &s
 
     let confirm_started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let confirm_answered: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let credential = crate::storefront(std::slice::from_ref(&channel)).await?;
     let started = Instant::now();
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..args.orders)
         .map(|i| {
-            let mut checkout = CheckoutServiceClient::new(channel.clone());
+            let mut checkout = crate::checkout(channel.clone(), &credential);
             let drop_id = drop_id.clone();
             let confirm_started = confirm_started.clone();
             let confirm_answered = confirm_answered.clone();

@@ -1,8 +1,10 @@
-//! Credentials. Partners and creators authenticate with the credential shown once at
-//! registration; operators with the operator credential. Both travel as `authorization: Bearer <token>`
-//! and are stored only as blake3 hashes: the tokens are 256-bit random values (or, for the
-//! operator, chosen by whoever deploys Dropline), so a fast hash is enough: there is nothing
-//! to brute-force that a slow password hash would protect.
+//! Credentials. Partners, creators and storefronts authenticate with the credential shown
+//! once at registration; operators with the operator credential; a buyer's device with its
+//! order's token. All travel as `authorization: Bearer <token>`. Registered credentials are
+//! stored only as blake3 hashes: they are 256-bit random values (or, for the operator,
+//! chosen by whoever deploys Dropline), so a fast hash is enough: there is nothing to
+//! brute-force that a slow password hash would protect. Order tokens are not stored at all:
+//! each is a MAC of its order id under a platform key (`actors::secrets`).
 //!
 //! An interceptor on every authenticated service resolves the caller once per call and
 //! puts it in the request's extensions: a wrong or malformed credential is refused there
@@ -11,8 +13,9 @@
 
 use actors::audit_log::{AuditEntry, AuditLog};
 use actors::projections::Projections;
-use domain::registry::{CreatorRecord, PartnerRecord};
-use domain::{CreatorId, UnixMillis};
+use actors::secrets::{PlatformKeys, ORDER_TOKEN_PREFIX};
+use domain::registry::{CreatorRecord, PartnerRecord, StorefrontRecord};
+use domain::{CreatorId, OrderId, StorefrontId, UnixMillis};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +23,10 @@ use tonic::{Request, Status};
 
 /// Shortest operator credential accepted.
 pub const OPERATOR_TOKEN_LEN_MIN: usize = 16;
+/// Longest credential looked at: every credential Dropline issues is 68 characters, and a
+/// chosen operator token has no reason to be longer than this. A longer one is refused
+/// before it is hashed.
+pub const CREDENTIAL_LEN_MAX: usize = 512;
 
 pub fn hash(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
@@ -28,6 +35,11 @@ pub fn hash(token: &str) -> String {
 /// A fresh partner credential: 256 random bits.
 pub fn new_partner_credential() -> String {
     format!("dlp_{}", hex(&rand::random::<[u8; 32]>()))
+}
+
+/// A fresh storefront credential: 256 random bits.
+pub fn new_storefront_credential() -> String {
+    format!("dls_{}", hex(&rand::random::<[u8; 32]>()))
 }
 
 /// A fresh creator credential: 256 random bits.
@@ -120,6 +132,9 @@ pub enum Caller {
     Operator,
     Partner(Arc<PartnerRecord>),
     Creator(Arc<CreatorRecord>),
+    Storefront(Arc<StorefrontRecord>),
+    /// A buyer's device, with the token of one order (checked against the order it names).
+    OrderToken(String),
 }
 
 /// The interceptor of authenticated services.
@@ -141,13 +156,23 @@ impl tonic::service::Interceptor for Authenticator {
                     .map(str::trim)
                     .filter(|t| !t.is_empty())
                     .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <credential>`"))?;
+                if token.len() > CREDENTIAL_LEN_MAX {
+                    return Err(Status::unauthenticated(format!(
+                        "unknown credential (longer than {CREDENTIAL_LEN_MAX} characters)"
+                    )));
+                }
                 let token_hash = hash(token);
-                if self.operator.matches(&token_hash) {
+                if token.starts_with(ORDER_TOKEN_PREFIX) {
+                    // Checked against the order it names by the handler.
+                    Caller::OrderToken(token.to_string())
+                } else if self.operator.matches(&token_hash) {
                     Caller::Operator
                 } else if let Some(partner) = self.projections.directory.partner_by_credential(&token_hash) {
                     Caller::Partner(partner)
                 } else if let Some(creator) = self.projections.directory.creator_by_credential(&token_hash) {
                     Caller::Creator(creator)
+                } else if let Some(storefront) = self.projections.directory.storefront_by_credential(&token_hash) {
+                    Caller::Storefront(storefront)
                 } else {
                     return Err(Status::unauthenticated("unknown credential"));
                 }
@@ -170,7 +195,51 @@ pub fn require_operator<T>(request: &Request<T>) -> Result<(), Status> {
     match caller(request) {
         Caller::Operator => Ok(()),
         Caller::Anonymous => Err(Status::unauthenticated("this call needs the operator credential")),
-        Caller::Partner(_) | Caller::Creator(_) => Err(Status::permission_denied("this call is for operators")),
+        _ => Err(Status::permission_denied("this call is for operators")),
+    }
+}
+
+/// The calling storefront (Reserve: only storefronts reserve, for the buyers they vouch for).
+pub fn require_storefront<T>(request: &Request<T>) -> Result<Arc<StorefrontRecord>, Status> {
+    match caller(request) {
+        Caller::Storefront(storefront) => Ok(storefront),
+        Caller::Anonymous => Err(Status::unauthenticated("this call needs a storefront credential")),
+        _ => Err(Status::permission_denied("this call is for storefronts")),
+    }
+}
+
+/// Who may act on one order, as far as the credential alone tells.
+pub enum OrderAccess {
+    /// The order's own token: everything the buyer may do with this order.
+    Token,
+    /// A storefront, still to be matched with the storefront that made the order.
+    Storefront(StorefrontId),
+    /// The operator: reads only, without the pickup code.
+    Operator,
+}
+
+/// Checks the caller for a call on `order_id`: its token (a token for any other order is
+/// PERMISSION_DENIED), a storefront (matched with the order's own by the caller), or, when
+/// `operator_reads`, the operator.
+pub fn order_access<T>(
+    request: &Request<T>,
+    keys: &PlatformKeys,
+    order_id: &OrderId,
+    operator_reads: bool,
+) -> Result<OrderAccess, Status> {
+    match caller(request) {
+        Caller::OrderToken(token) if keys.order_token_matches(order_id.as_str(), &token) => Ok(OrderAccess::Token),
+        Caller::OrderToken(_) => Err(Status::permission_denied(format!(
+            "this order token is not the token of order {order_id}"
+        ))),
+        Caller::Storefront(storefront) => Ok(OrderAccess::Storefront(storefront.storefront_id.clone())),
+        Caller::Operator if operator_reads => Ok(OrderAccess::Operator),
+        Caller::Anonymous => Err(Status::unauthenticated(
+            "this call needs the order's token or the storefront's credential",
+        )),
+        _ => Err(Status::permission_denied(
+            "orders are for their buyer's storefront and the order's token",
+        )),
     }
 }
 
@@ -186,7 +255,9 @@ pub fn creator_scope<T>(request: &Request<T>, creator_id: &str) -> Result<Creato
         Caller::Operator => parse(creator_id),
         Caller::Creator(c) if creator_id.is_empty() || creator_id == c.creator_id.as_str() => Ok(c.creator_id.clone()),
         Caller::Creator(_) => Err(Status::permission_denied("a creator may read only its own ledger")),
-        Caller::Partner(_) => Err(Status::permission_denied("settlement is for creators and operators")),
+        Caller::Partner(_) | Caller::Storefront(_) | Caller::OrderToken(_) => {
+            Err(Status::permission_denied("settlement is for creators and operators"))
+        }
         Caller::Anonymous => Err(Status::unauthenticated(
             "this call needs a creator or operator credential",
         )),
@@ -227,7 +298,7 @@ pub fn require_partner<T>(
             Ok(partner)
         }
         Caller::Anonymous => Err(Status::unauthenticated("this call needs a partner credential")),
-        Caller::Operator | Caller::Creator(_) => Err(Status::permission_denied("this call is for partners")),
+        _ => Err(Status::permission_denied("this call is for partners")),
     }
 }
 
@@ -236,7 +307,7 @@ pub fn require_operator_or_partner<T>(request: &Request<T>, partner_id: &str) ->
     match caller(request) {
         Caller::Operator => Ok(()),
         Caller::Partner(p) if p.spec.partner_id.as_str() == partner_id => Ok(()),
-        Caller::Partner(_) | Caller::Creator(_) => {
+        Caller::Partner(_) | Caller::Creator(_) | Caller::Storefront(_) | Caller::OrderToken(_) => {
             Err(Status::permission_denied("a partner may read only its own record"))
         }
         Caller::Anonymous => Err(Status::unauthenticated("this call needs a credential")),
@@ -261,4 +332,60 @@ impl tonic::service::Interceptor for Bearer {
         request.metadata_mut().insert("authorization", self.0.clone());
         Ok(request)
     }
+}
+
+/// Client side: registers `storefront_id` through the first of `channels` (or, when it
+/// exists, gives it a new credential), waits until every channel's server accepts the
+/// credential (a cluster's other nodes learn it a moment later), and returns it. For the
+/// demo and tests, which play both the operator and a storefront.
+pub async fn storefront_credential(
+    channels: &[tonic::transport::Channel],
+    operator_token: &str,
+    storefront_id: &str,
+) -> anyhow::Result<String> {
+    use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
+    use proto::operator::v1::operator_service_client::OperatorServiceClient;
+    use proto::operator::v1::{RegisterStorefrontRequest, ResetStorefrontCredentialRequest};
+    let first = channels
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no server to register storefront {storefront_id} with"))?;
+    let mut operator = OperatorServiceClient::with_interceptor(first.clone(), Bearer::new(operator_token)?);
+    let issued = match operator
+        .register_storefront(RegisterStorefrontRequest {
+            storefront_id: storefront_id.into(),
+            display_name: storefront_id.into(),
+        })
+        .await
+    {
+        Err(status) if status.code() == tonic::Code::AlreadyExists => {
+            operator
+                .reset_storefront_credential(ResetStorefrontCredentialRequest {
+                    storefront_id: storefront_id.into(),
+                })
+                .await
+        }
+        other => other,
+    };
+    let credential = issued
+        .map_err(|s| anyhow::anyhow!("registering storefront {storefront_id}: {}", s.message()))?
+        .into_inner()
+        .credential;
+    for channel in channels {
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut checkout = CheckoutServiceClient::with_interceptor(channel.clone(), Bearer::new(&credential)?);
+        // Past authentication, an order that does not exist is NOT_FOUND.
+        while checkout
+            .get_order(proto::checkout::v1::GetOrderRequest {
+                order_id: "d.s.0".into(),
+            })
+            .await
+            .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
+        {
+            if tokio::time::Instant::now() > until {
+                anyhow::bail!("a server did not learn storefront {storefront_id}'s credential within 30 s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    Ok(credential)
 }

@@ -1,5 +1,8 @@
-//! dropline.checkout.v1.CheckoutService: what buyers call during a live drop.
+//! dropline.checkout.v1.CheckoutService: what buyers call during a live drop, through
+//! their storefront (Reserve needs a storefront credential) or, for one order, with that
+//! order's token. A storefront sees only the orders it made.
 
+use crate::auth::{order_access, require_storefront, OrderAccess};
 use crate::convert::{self, opaque_id, Check};
 use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
@@ -8,7 +11,7 @@ use domain::hub::{Dispatch, HubCommand};
 use domain::limits::{PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
 use domain::sku::OrderStatus;
 use domain::sku::{ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, SkuCommand, SkuReply};
-use domain::{CityName, DropId, FieldViolation, HubId, IdempotencyKey, OrderId, SkuId};
+use domain::{CityName, DropId, FieldViolation, HubId, IdempotencyKey, OrderId, SkuId, StorefrontId};
 use proto::checkout::v1::checkout_service_server::CheckoutService;
 use proto::checkout::v1::*;
 use std::pin::Pin;
@@ -45,6 +48,17 @@ impl Checkout {
         expect_order(reply).map_err(from_command_error)
     }
 
+    /// The order as `access` may see it: its own storefront or token (with the pickup code),
+    /// the operator (without); another storefront's order is PERMISSION_DENIED.
+    fn visible(access: &OrderAccess, mut order: Order, view: &domain::sku::OrderView) -> Result<Order, Status> {
+        match access {
+            OrderAccess::Storefront(storefront) => check_owner(storefront, view)?,
+            OrderAccess::Operator => order.pickup_code.clear(),
+            OrderAccess::Token => {}
+        }
+        Ok(order)
+    }
+
     /// The order's dispatch, if its hub has one (confirmed orders).
     async fn dispatch_of(&self, view: &domain::sku::OrderView) -> Option<Dispatch> {
         view.confirmation.as_ref()?;
@@ -65,6 +79,24 @@ fn finished(view: &domain::sku::OrderView, dispatch: Option<&Dispatch>) -> bool 
     }
 }
 
+fn check_owner(storefront: &StorefrontId, view: &domain::sku::OrderView) -> Result<(), Status> {
+    if &view.storefront != storefront {
+        return Err(Status::permission_denied(format!(
+            "order {} belongs to another storefront",
+            view.order_id
+        )));
+    }
+    Ok(())
+}
+
+/// The storefront to hand to the SKU for an ownership check (a token was checked already).
+fn acting_storefront(access: OrderAccess) -> Option<StorefrontId> {
+    match access {
+        OrderAccess::Storefront(storefront) => Some(storefront),
+        OrderAccess::Token | OrderAccess::Operator => None,
+    }
+}
+
 fn parse_order_id(value: &str) -> Result<OrderId, Status> {
     let mut check = Check::default();
     let id = check.parse("order_id", value, OrderId::parse);
@@ -76,6 +108,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
 #[tonic::async_trait]
 impl CheckoutService for Checkout {
     async fn reserve(&self, request: Request<ReserveRequest>) -> Result<Response<ReserveResponse>, Status> {
+        let storefront = require_storefront(&request)?;
+        self.platform
+            .throttle
+            .storefront_call(storefront.storefront_id.as_str())?;
         let r = request.into_inner();
         let mut check = Check::default();
         let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
@@ -88,10 +124,15 @@ impl CheckoutService for Checkout {
             check.fail("quantity", format!("must be between 1 and {PER_BUYER_LIMIT_MAX}"));
         }
         let (drop_id, sku_id, buyer_id, city) = check.finish(|| Some((drop_id?, sku_id?, buyer_id?, city?)))?;
+        let buyer = self.platform.keys.buyer_ref(&buyer_id);
+        self.platform
+            .throttle
+            .buyer_reserve(storefront.storefront_id.as_str(), buyer.as_str())?;
         let command = ReserveCommand {
             order_id: OrderId::new(&drop_id, &sku_id, rand::random()),
             params: ReserveParams {
-                buyer: self.platform.buyers.buyer_ref(&buyer_id),
+                storefront: storefront.storefront_id.clone(),
+                buyer,
                 city,
                 hub_id,
                 quantity: r.quantity,
@@ -107,15 +148,21 @@ impl CheckoutService for Checkout {
             .await
             .map_err(from_command_error)?
         {
-            SkuReply::Reservation(reservation) => Ok(Response::new(convert::reservation(&reservation))),
+            SkuReply::Reservation(reservation) => Ok(Response::new(convert::reservation(&reservation, |id| {
+                self.platform.keys.order_token(id)
+            }))),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
     async fn confirm(&self, request: Request<ConfirmRequest>) -> Result<Response<ConfirmResponse>, Status> {
+        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        let storefront = acting_storefront(order_access(&request, &self.platform.keys, &order_id, false)?);
+        if let Some(storefront) = &storefront {
+            self.platform.throttle.storefront_call(storefront.as_str())?;
+        }
         let r = request.into_inner();
         let mut check = Check::default();
-        let order_id = check.parse("order_id", &r.order_id, OrderId::parse);
         check.text("payment_reference", &r.payment_reference, true);
         let amount = check.money("amount", r.amount.as_ref());
         let (fulfilment, address) = match &r.fulfilment {
@@ -145,18 +192,14 @@ impl CheckoutService for Checkout {
                 }
             },
         };
-        let (order_id, amount, fulfilment) = check.finish(|| Some((order_id?, amount?, fulfilment?)))?;
-        if let Some(address) = address {
-            // Kept apart from the journal, for fulfilment only; never in an event or a log.
-            let encoded = prost::Message::encode_to_vec(&address);
-            self.platform
-                .addresses
-                .put(order_id.as_str(), &encoded)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-        }
+        let (amount, fulfilment) = check.finish(|| Some((amount?, fulfilment?)))?;
+        // The address itself is kept apart from the journal, for fulfilment only; the SKU
+        // gets a keyed digest of it, so another address on a later Confirm is refused.
+        let address = address.map(|a| prost::Message::encode_to_vec(&a));
         let command = ConfirmCommand {
             order_id: order_id.clone(),
+            storefront,
+            address_digest: address.as_deref().map(|a| self.platform.keys.address_digest(a)),
             payment_reference: r.payment_reference,
             amount,
             fulfilment,
@@ -172,6 +215,18 @@ impl CheckoutService for Checkout {
             .await
             .map_err(from_command_error)?;
         let view = expect_order(reply).map_err(from_command_error)?;
+        if let Some(address) = address {
+            // Only now that the confirmation is durable, and only once: a retry of the same
+            // confirmation finds it stored and changes nothing.
+            self.platform
+                .store_address(&order_id, &address)
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!(
+                        "order {order_id} is confirmed but its delivery address was not stored; send the same Confirm again: {e}"
+                    ))
+                })?;
+        }
         debug!(order_id = %view.order_id, quantity = view.quantity, "order confirmed");
         // The hub promises the delivery window now, so the buyer hears it at Confirm. The
         // SKU's outbox hands the order over too (and again after a crash); the hub keeps
@@ -193,9 +248,16 @@ impl CheckoutService for Checkout {
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
-        let order_id = parse_order_id(&request.into_inner().order_id)?;
+        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        let storefront = acting_storefront(order_access(&request, &self.platform.keys, &order_id, false)?);
+        if let Some(storefront) = &storefront {
+            self.platform.throttle.storefront_call(storefront.as_str())?;
+        }
         // A confirmed order can be cancelled only before its parcel leaves the hub.
         let before = self.order_view(&order_id).await?;
+        if let Some(storefront) = &storefront {
+            check_owner(storefront, &before)?;
+        }
         if let Some(d) = self.dispatch_of(&before).await {
             d.check_cancellable().map_err(crate::status::from_rejection)?;
         }
@@ -208,6 +270,7 @@ impl CheckoutService for Checkout {
                 sku_id,
                 SkuCommand::Cancel {
                     order_id: order_id.clone(),
+                    storefront,
                 },
             )
             .await
@@ -226,6 +289,14 @@ impl CheckoutService for Checkout {
                 Err(actors::CommandError::Rejected(domain::Rejection::NotFound { .. })) => {}
                 Err(e) => tracing::warn!(%order_id, error = %e, "cancelled order's dispatch not withdrawn"),
             }
+        }
+        if before
+            .confirmation
+            .as_ref()
+            .is_some_and(|c| c.fulfilment == Fulfilment::Delivery)
+        {
+            // Nothing will be delivered: the address is not needed any more.
+            self.platform.keep_address_for(&order_id, 0).await;
         }
         Ok(Response::new(CancelResponse {
             order: Some(convert::order(&view, dispatch.as_ref())),
@@ -287,23 +358,37 @@ impl CheckoutService for Checkout {
     }
 
     async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
-        let order_id = parse_order_id(&request.into_inner().order_id)?;
+        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        let access = order_access(&request, &self.platform.keys, &order_id, true)?;
         let view = self.order_view(&order_id).await?;
+        if let OrderAccess::Storefront(storefront) = &access {
+            check_owner(storefront, &view)?;
+        }
         let dispatch = self.dispatch_of(&view).await;
-        Ok(Response::new(convert::order(&view, dispatch.as_ref())))
+        Ok(Response::new(Self::visible(
+            &access,
+            convert::order(&view, dispatch.as_ref()),
+            &view,
+        )?))
     }
 
     type WatchOrderStream = WatchStream;
 
     async fn watch_order(&self, request: Request<WatchOrderRequest>) -> Result<Response<WatchStream>, Status> {
-        let order_id = parse_order_id(&request.into_inner().order_id)?;
+        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        let access = order_access(&request, &self.platform.keys, &order_id, true)?;
         let watchers = self.platform.projections.clone();
         // Subscribe before reading the current state, so no change falls in between.
         let mut updates = watchers
             .orders
             .subscribe(&order_id)
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let current = match self.order_view(&order_id).await {
+        let current = match self.order_view(&order_id).await.and_then(|view| {
+            if let OrderAccess::Storefront(storefront) = &access {
+                check_owner(storefront, &view)?;
+            }
+            Ok(view)
+        }) {
             Ok(view) => view,
             Err(status) => {
                 drop(updates);
@@ -319,7 +404,15 @@ impl CheckoutService for Checkout {
             let mut last = (current, dispatch.map(Arc::new));
             let deadline = tokio::time::sleep(Duration::from_millis(WATCH_STREAM_MAX_MS));
             tokio::pin!(deadline);
-            let first = convert::order(&last.0, last.1.as_deref());
+            // The owner was checked above; the operator sees no pickup code.
+            let hide_code = matches!(access, OrderAccess::Operator);
+            let shown = move |mut order: Order| {
+                if hide_code {
+                    order.pickup_code.clear();
+                }
+                order
+            };
+            let first = shown(convert::order(&last.0, last.1.as_deref()));
             if tx.send(Ok(first)).await.is_ok() && !finished(&last.0, last.1.as_deref()) {
                 loop {
                     tokio::select! {
@@ -330,7 +423,7 @@ impl CheckoutService for Checkout {
                             let tracking = watched.tracking.or_else(|| last.1.clone());
                             if view == last.0 && tracking == last.1 { continue; }
                             last = (view, tracking);
-                            let message = convert::order(&last.0, last.1.as_deref());
+                            let message = shown(convert::order(&last.0, last.1.as_deref()));
                             if tx.send(Ok(message)).await.is_err() || finished(&last.0, last.1.as_deref()) { break; }
                         }
                         _ = tx.closed() => break,

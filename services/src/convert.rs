@@ -281,7 +281,8 @@ pub fn receipt(view: &OrderView) -> Option<checkout::Receipt> {
     })
 }
 
-pub fn reservation(r: &Reservation) -> checkout::ReserveResponse {
+/// The reply to Reserve, with the order's token for the buyer's device.
+pub fn reservation(r: &Reservation, order_token: impl FnOnce(&str) -> String) -> checkout::ReserveResponse {
     checkout::ReserveResponse {
         outcome: match r.outcome {
             sku::ReserveOutcome::Held => checkout::ReserveOutcome::Held,
@@ -295,6 +296,11 @@ pub fn reservation(r: &Reservation) -> checkout::ReserveResponse {
         hub_id: r.hub_id.as_ref().map(ToString::to_string).unwrap_or_default(),
         expires_at: r.expires_at.map(timestamp),
         waitlist_position: r.waitlist_position.unwrap_or(0),
+        order_token: r
+            .order_id
+            .as_ref()
+            .map(|id| order_token(id.as_str()))
+            .unwrap_or_default(),
     }
 }
 

@@ -185,6 +185,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut operator = OperatorServiceClient::with_interceptor(channel.clone(), bearer.clone());
     let mut registry = PartnerRegistryServiceClient::with_interceptor(channel.clone(), bearer.clone());
     let partners = demo_couriers::set_up(&mut registry).await?;
+    // The buyers shop through one storefront, as the platform's web backend would.
+    let storefront = crate::auth::storefront_credential(&channels, &operator_token, "demo-shop").await?;
+    let storefront = crate::auth::Bearer::new(&storefront)?;
     let labels: Labels = Arc::default();
     let couriers = Arc::new(CourierTally::default());
     let (stop_couriers, couriers_stop) = tokio::sync::watch::channel(false);
@@ -284,7 +287,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let buyer = Buyer {
             index: i,
             rng: StdRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64)),
-            checkout: CheckoutServiceClient::new(channels[i % channels.len()].clone()),
+            checkout: CheckoutServiceClient::with_interceptor(channels[i % channels.len()].clone(), storefront.clone()),
+            channel: channels[i % channels.len()].clone(),
             // One buyer in five shops Bea's drop.
             drop_id: if i % 5 == 4 { drop_b.clone() } else { drop_id.clone() },
             tally: tally.clone(),
@@ -463,7 +467,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if let Some((name, at, takeover)) = node_loss {
         let (took, held) = takeover?;
         let acknowledged: Vec<String> = labels.lock().map(|l| l.keys().cloned().collect()).unwrap_or_default();
-        lost = crate::demo_cluster::lost_orders(channel.clone(), &acknowledged).await?;
+        lost = crate::demo_cluster::lost_orders(channel.clone(), &operator_token, &acknowledged).await?;
         println!(
             "node loss: kill -9 of {name} (owner of the hot SKU and {held} of {} partitions) {:.2} s into the drop; \
              every partition served again after {} ms (lease TTL {} ms, renewal {} ms); \
@@ -607,7 +611,10 @@ enum Backend {
 struct Buyer {
     index: usize,
     rng: StdRng,
-    checkout: CheckoutServiceClient<Channel>,
+    /// The storefront's client: it reserves, confirms and cancels for this buyer.
+    checkout: CheckoutServiceClient<crate::auth::Authed>,
+    /// For the buyer's own device, which follows its order with the order's token.
+    channel: Channel,
     drop_id: String,
     tally: Arc<Tally>,
     latency: Arc<Mutex<Histogram<u64>>>,
@@ -667,7 +674,10 @@ impl Buyer {
             }
             Ok(ReserveOutcome::Waitlisted) => {
                 bump(&self.tally.waitlisted);
-                if let Some(held) = self.wait_for_promotion(&reservation.order_id).await {
+                if let Some(held) = self
+                    .wait_for_promotion(&reservation.order_id, &reservation.order_token)
+                    .await
+                {
                     if self.confirm(&reservation.order_id, sku, held).await {
                         bump(&self.tally.promoted);
                     }
@@ -679,10 +689,10 @@ impl Buyer {
 
     /// Follows the waitlisted order until it is promoted to a hold (its quantity), ends, or
     /// the buyer's patience runs out (then leaves the waitlist).
-    async fn wait_for_promotion(&mut self, order_id: &str) -> Option<u32> {
+    async fn wait_for_promotion(&mut self, order_id: &str, order_token: &str) -> Option<u32> {
+        let device = crate::auth::Bearer::new(order_token).ok()?;
         let watch = async {
-            let mut stream = self
-                .checkout
+            let mut stream = CheckoutServiceClient::with_interceptor(self.channel.clone(), device)
                 .watch_order(WatchOrderRequest {
                     order_id: order_id.into(),
                 })

@@ -231,8 +231,9 @@ fn exited(nodes: &mut [Node], dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Acknowledged orders whose confirmation cannot be found any more.
-pub async fn lost_orders(channel: Channel, order_ids: &[String]) -> anyhow::Result<Vec<String>> {
-    let mut checkout = CheckoutServiceClient::new(channel);
+/// Read as the operator (who may read every order, without its pickup code).
+pub async fn lost_orders(channel: Channel, operator_token: &str, order_ids: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut checkout = CheckoutServiceClient::with_interceptor(channel, crate::auth::Bearer::new(operator_token)?);
     let mut lost = Vec::new();
     for order_id in order_ids {
         let kept = match checkout

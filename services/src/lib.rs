@@ -20,6 +20,7 @@ pub mod server;
 pub mod settlement;
 pub mod settlement_cli;
 pub mod status;
+pub mod throttle;
 
 use config::{Cli, Command, ServeConfig};
 use tokio::net::TcpListener;

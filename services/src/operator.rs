@@ -6,8 +6,9 @@ use crate::platform::Platform;
 use crate::status::from_command_error;
 use domain::drop::{DropCommand, DropSpec, DropView, PoolSpec, SaleStatus, SettlementTerms, SkuSpec};
 use domain::limits::{WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS};
+use domain::registry::{RegistryCommand, RegistryReply};
 use domain::sku::{RestockCommand, SkuCommand, SkuReply};
-use domain::{CityName, CreatorId, DropId, HubId, IdempotencyKey, SkuId};
+use domain::{CityName, CreatorId, DropId, HubId, IdempotencyKey, SkuId, StorefrontId};
 use proto::operator::v1::operator_service_server::OperatorService;
 use proto::operator::v1::*;
 use std::collections::HashMap;
@@ -25,6 +26,28 @@ pub struct Operator {
 impl Operator {
     pub fn new(platform: Platform) -> Operator {
         Operator { platform }
+    }
+
+    /// Makes a storefront credential, has the registry store its hash, and shows it once.
+    async fn issue_storefront_credential(
+        &self,
+        command: impl FnOnce(String) -> RegistryCommand,
+    ) -> Result<Response<StorefrontCredential>, Status> {
+        let credential = crate::auth::new_storefront_credential();
+        let reply = self
+            .platform
+            .bus
+            .registry_command(command(crate::auth::hash(&credential)))
+            .await
+            .map_err(from_command_error)?;
+        match reply {
+            RegistryReply::Storefront(s) => Ok(Response::new(StorefrontCredential {
+                storefront_id: s.storefront_id.to_string(),
+                display_name: s.display_name,
+                credential,
+            })),
+            other => Err(Status::internal(format!("unexpected registry reply {other:?}"))),
+        }
     }
 
     async fn drop_reply(&self, view: &DropView) -> Result<Drop, Status> {
@@ -305,5 +328,40 @@ impl OperatorService for Operator {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn register_storefront(
+        &self,
+        request: Request<RegisterStorefrontRequest>,
+    ) -> Result<Response<StorefrontCredential>, Status> {
+        require_operator(&request)?;
+        let r = request.into_inner();
+        let mut check = Check::default();
+        let storefront_id = check.parse("storefront_id", &r.storefront_id, StorefrontId::parse);
+        check.text("display_name", &r.display_name, true);
+        let storefront_id = check.finish(|| storefront_id)?;
+        info!(%storefront_id, "storefront registered");
+        self.issue_storefront_credential(|credential_hash| RegistryCommand::RegisterStorefront {
+            storefront_id,
+            display_name: r.display_name,
+            credential_hash,
+        })
+        .await
+    }
+
+    async fn reset_storefront_credential(
+        &self,
+        request: Request<ResetStorefrontCredentialRequest>,
+    ) -> Result<Response<StorefrontCredential>, Status> {
+        require_operator(&request)?;
+        let mut check = Check::default();
+        let storefront_id = check.parse("storefront_id", &request.get_ref().storefront_id, StorefrontId::parse);
+        let storefront_id = check.finish(|| storefront_id)?;
+        info!(%storefront_id, "storefront credential replaced");
+        self.issue_storefront_credential(|credential_hash| RegistryCommand::ResetStorefrontCredential {
+            storefront_id,
+            credential_hash,
+        })
+        .await
     }
 }

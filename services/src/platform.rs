@@ -8,14 +8,15 @@ use actors::audit_log::AuditLog;
 use actors::cluster::node::KvAddresses;
 use actors::cluster::{ClusterConfig, ClusterNode};
 use actors::journal::AddressVault;
-use actors::journal::Journal;
+use actors::journal::{Journal, JournalError};
 use actors::projections::CachedDrop;
-use actors::secrets::BuyerHasher;
+use actors::secrets::PlatformKeys;
 use actors::sled_journal::SledJournal;
 use actors::CommandError;
 use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
 use domain::drop::DropCommand;
 use domain::hub::{Dispatch, HubCommand, HubReply};
+use domain::limits::{ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_BATCH_MAX, ADDRESS_SHRED_INTERVAL_MS};
 use domain::registry::{RegistryCommand, RegistryReply};
 use domain::sku::SkuCommand;
 use domain::DropId;
@@ -42,13 +43,15 @@ pub struct Platform {
     pub actors: Arc<LocalActors>,
     pub projections: Arc<Projections>,
     pub clock: Arc<dyn Clock>,
-    pub buyers: Arc<BuyerHasher>,
+    pub keys: Arc<PlatformKeys>,
     pub addresses: Arc<dyn AddressVault>,
     pub journal: Arc<dyn Journal>,
     /// This node, when the platform runs as one node of a cluster.
     pub cluster: Option<Arc<ClusterNode>>,
     pub audit: Arc<dyn AuditLog>,
     pub operator: OperatorCredential,
+    /// Checkout's call-rate bounds per storefront and per buyer.
+    pub throttle: Arc<crate::throttle::CheckoutThrottle>,
     /// A new operator credential made at this start (no token given, none stored): shown
     /// once by `dropline serve`.
     pub new_operator_token: Option<String>,
@@ -69,7 +72,7 @@ impl Platform {
     ) -> anyhow::Result<Platform> {
         std::fs::create_dir_all(data_dir)?;
         let journal = SledJournal::open(data_dir)?;
-        let buyers = Arc::new(BuyerHasher::load_or_create(&data_dir.join("secrets"))?);
+        let keys = Arc::new(PlatformKeys::load_or_create(&data_dir.join("secrets"))?);
         let (operator, new_operator_token) = OperatorCredential::load(&data_dir.join("secrets"), operator_token)?;
         let projections = Arc::new(Projections::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -86,21 +89,24 @@ impl Platform {
             .await
             .map_err(|e| anyhow::anyhow!("loading the partner registry: {e}"))?;
         let (shutdown_tx, shutdown) = watch::channel(false);
-        Ok(Platform {
+        let platform = Platform {
             audit: journal.clone(),
             operator,
+            throttle: Arc::default(),
             new_operator_token,
             bus: actors.clone(),
             actors,
             projections,
             clock,
-            buyers,
+            keys,
             addresses: journal.clone(),
             journal,
             cluster: None,
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),
-        })
+        };
+        platform.spawn_address_shredder();
+        Ok(platform)
     }
 
     /// One node of a cluster: journals in JetStream, actors spread over the nodes by
@@ -117,8 +123,8 @@ impl Platform {
         let key = node
             .shared("buyer-hash-key", || rand::random::<[u8; 32]>().to_vec())
             .await?;
-        let buyers =
-            Arc::new(BuyerHasher::from_key(key.try_into().map_err(|_| {
+        let keys =
+            Arc::new(PlatformKeys::from_key(key.try_into().map_err(|_| {
                 anyhow::anyhow!("the cluster's buyer-hash key is not 32 bytes")
             })?));
         let (operator, new_operator_token) = match operator_token {
@@ -155,6 +161,7 @@ impl Platform {
                     hubs,
                     partners,
                     creators,
+                    storefronts,
                 }) => {
                     for hub in hubs {
                         projections.directory.put_hub(hub);
@@ -164,6 +171,9 @@ impl Platform {
                     }
                     for creator in creators {
                         projections.directory.put_creator(creator);
+                    }
+                    for storefront in storefronts {
+                        projections.directory.put_storefront(storefront);
                     }
                     break;
                 }
@@ -175,24 +185,27 @@ impl Platform {
             }
         }
         let (shutdown_tx, shutdown) = watch::channel(false);
-        Ok(Platform {
+        let platform = Platform {
             audit: Arc::new(actors::projections::SharedAudit {
                 projections: projections.clone(),
                 local: local.clone(),
             }),
             operator,
+            throttle: Arc::default(),
             new_operator_token,
             bus,
             projections,
             clock,
-            buyers,
+            keys,
             addresses,
             journal: node.journal().clone(),
             actors: node.local().clone(),
             cluster: Some(node),
             shutdown,
             shutdown_tx: Arc::new(shutdown_tx),
-        })
+        };
+        platform.spawn_address_shredder();
+        Ok(platform)
     }
 
     /// A hub command whose reply is a dispatch.
@@ -223,6 +236,57 @@ impl Platform {
             .drop_command(drop_id, DropCommand::Get)
             .await
             .map_err(from_command_error)
+    }
+
+    /// Seals and stores an order's delivery address, unless one is stored already (a retry
+    /// of the confirmation that stored it). Durable when it returns.
+    pub async fn store_address(&self, order_id: &domain::OrderId, encoded: &[u8]) -> Result<(), JournalError> {
+        let sealed = self.keys.seal_address(order_id.as_str(), encoded);
+        let shred_at = self.clock.now().plus_ms(ADDRESS_RETENTION_MAX_MS);
+        self.addresses.put_new(order_id.as_str(), &sealed, shred_at).await?;
+        Ok(())
+    }
+
+    /// An order's delivery address (encoded), if it is still kept.
+    pub async fn address(&self, order_id: &domain::OrderId) -> Result<Option<Vec<u8>>, JournalError> {
+        let Some(sealed) = self.addresses.get(order_id.as_str()).await? else {
+            return Ok(None);
+        };
+        self.keys
+            .open_address(order_id.as_str(), &sealed)
+            .map(Some)
+            .map_err(|e| JournalError::Corrupt(format!("address of order {order_id}: {e}")))
+    }
+
+    /// The address is needed `for_ms` more at most (0: shred it at the next pass). A failure
+    /// is logged, not returned: the retention bound still shreds it.
+    pub async fn keep_address_for(&self, order_id: &domain::OrderId, for_ms: u64) {
+        let at = self.clock.now().plus_ms(for_ms);
+        if let Err(e) = self.addresses.shred_by(order_id.as_str(), at).await {
+            tracing::warn!(%order_id, error = %e, "address shred time not brought forward; the retention bound still applies");
+        }
+    }
+
+    /// Shreds due addresses every `ADDRESS_SHRED_INTERVAL_MS` until shutdown.
+    fn spawn_address_shredder(&self) {
+        let (addresses, clock, mut shutdown) = (self.addresses.clone(), self.clock.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(ADDRESS_SHRED_INTERVAL_MS));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                match addresses.shred_due(clock.now(), ADDRESS_SHRED_BATCH_MAX).await {
+                    Ok(0) => {}
+                    Ok(shredded) => tracing::info!(shredded, "delivery addresses shredded"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "shredding delivery addresses failed; retried at the next pass")
+                    }
+                }
+            }
+        });
     }
 
     pub fn begin_shutdown(&self) {

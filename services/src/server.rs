@@ -55,13 +55,16 @@ pub async fn serve_with(
     health
         .set_service_status(health_services::LIVE, tonic_health::ServingStatus::Serving)
         .await;
-    let checkout =
-        CheckoutServiceServer::new(Checkout::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-    // Operator, registry and courier calls carry credentials, resolved by one interceptor.
+    // Every call but health, reflection and availability levels carries a credential,
+    // resolved by one interceptor.
     let auth = Authenticator {
         operator: platform.operator.clone(),
         projections: platform.projections.clone(),
     };
+    let checkout = tonic::service::interceptor::InterceptedService::new(
+        CheckoutServiceServer::new(Checkout::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        auth.clone(),
+    );
     let operator = tonic::service::interceptor::InterceptedService::new(
         OperatorServiceServer::new(Operator::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         auth.clone(),

@@ -8,6 +8,7 @@ use proto::operator::v1::GetDropRequest;
 use std::collections::HashSet;
 use std::time::Duration;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_2000_reserves_for_100_units_holds_exactly_100() {
@@ -189,21 +190,34 @@ async fn the_same_idempotency_key_100_times_concurrently_makes_one_hold() {
                 idempotency_key: "key-1".into(),
                 ..reserve("idem", "sku", "dan", 2)
             };
-            checkout.reserve(request).await.unwrap().into_inner().order_id
+            checkout.reserve(request).await.map(|r| r.into_inner().order_id)
         }));
     }
+    // One buyer's 100 calls at once: past the per-buyer burst they are told to retry later
+    // (and change nothing); every other answer is the one hold.
     let mut ids = HashSet::new();
+    let mut throttled = 0;
     for task in tasks {
-        ids.insert(task.await.unwrap());
+        match task.await.unwrap() {
+            Ok(id) => {
+                ids.insert(id);
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.get_details_retry_info().is_some(), "{status:?}");
+                throttled += 1;
+            }
+        }
     }
     assert_eq!(ids.len(), 1);
+    assert!(throttled <= 100 - services::throttle::BUYER_RESERVE_BURST_DEFAULT as usize);
     let figures = server.drop_figures("idem").await;
     assert_eq!(figures.skus[0].held, 2);
     let reused = server
         .checkout()
         .reserve(ReserveRequest {
             idempotency_key: "key-1".into(),
-            ..reserve("idem", "sku", "dan", 1)
+            ..reserve("idem", "sku", "eve", 1)
         })
         .await
         .unwrap_err();

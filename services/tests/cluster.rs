@@ -136,9 +136,26 @@ async fn owner_of(leases: &async_nats::jetstream::kv::Store, drop_id: &str, sku_
     Some(String::from_utf8(owner.to_vec()).unwrap())
 }
 
+/// CheckoutService through `channel` with `credential`.
+fn shop(channel: &Channel, credential: &str) -> CheckoutServiceClient<services::auth::Authed> {
+    CheckoutServiceClient::with_interceptor(channel.clone(), services::auth::Bearer::new(credential).unwrap())
+}
+
+/// Registers the storefront `test-web` and waits until every node knows its credential.
+async fn storefront_everywhere(channels: &[Channel]) -> String {
+    services::auth::storefront_credential(channels, OPERATOR_TOKEN, TEST_STOREFRONT)
+        .await
+        .unwrap()
+}
+
 /// Reserves and confirms as `buyer`; the order id once the confirm is acknowledged.
-async fn buy_one(channel: Channel, drop_id: &str, buyer: String) -> Result<Option<String>, tonic::Status> {
-    let mut checkout = CheckoutServiceClient::new(channel);
+async fn buy_one(
+    channel: Channel,
+    storefront: &str,
+    drop_id: &str,
+    buyer: String,
+) -> Result<Option<String>, tonic::Status> {
+    let mut checkout = shop(&channel, storefront);
     let held = checkout.reserve(reserve(drop_id, "hot", &buyer, 1)).await?.into_inner();
     if held.order_id.is_empty() || held.outcome != ReserveOutcome::Held as i32 {
         return Ok(None);
@@ -155,6 +172,7 @@ struct Burst {
 /// `buyers` buyers, `concurrency` at a time, spread over `channels` round-robin.
 fn burst(
     channels: Vec<Channel>,
+    storefront: &str,
     drop_id: &'static str,
     buyers: usize,
     concurrency: usize,
@@ -166,6 +184,7 @@ fn burst(
     for _ in 0..concurrency {
         let (channels, acknowledged, errors, next) =
             (channels.clone(), acknowledged.clone(), errors.clone(), next.clone());
+        let storefront = storefront.to_string();
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -173,7 +192,7 @@ fn burst(
                     return;
                 }
                 let channel = channels[i % channels.len()].clone();
-                match buy_one(channel, drop_id, format!("buyer-{i}")).await {
+                match buy_one(channel, &storefront, drop_id, format!("buyer-{i}")).await {
                     Ok(Some(order)) => acknowledged.lock().unwrap().push(order),
                     Ok(None) => {}
                     Err(status) => errors.lock().unwrap().push(status),
@@ -208,7 +227,8 @@ async fn check_orders_and_figures(
     stock: u32,
     figures_catch_up: bool,
 ) -> u32 {
-    let mut checkout = CheckoutServiceClient::new(channel.clone());
+    // The operator reads orders (without their pickup codes).
+    let mut checkout = shop(channel, OPERATOR_TOKEN);
     for order_id in acknowledged {
         // A read may meet the aftermath of the failure (an actor restarting after a failed
         // append, JetStream electing a leader again): UNAVAILABLE and DEADLINE_EXCEEDED say
@@ -292,9 +312,10 @@ async fn a_burst_across_three_nodes_sells_exactly_the_stock() {
     let dir = tempfile::tempdir().unwrap();
     let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
     let (_nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
+    let storefront = storefront_everywhere(&channels).await;
     create_hot_drop(&channels[0], "burst", 100).await;
 
-    let (outcome, done) = burst(channels.clone(), "burst", 600, 48);
+    let (outcome, done) = burst(channels.clone(), &storefront, "burst", 600, 48);
     done.await.unwrap();
     let acknowledged = outcome.acknowledged.lock().unwrap().clone();
     let errors = outcome.errors.lock().unwrap().clone();
@@ -313,6 +334,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
     let dir = tempfile::tempdir().unwrap();
     let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
     let (mut nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
+    let storefront = storefront_everywhere(&channels).await;
     create_hot_drop(&channels[0], "takeover", 400).await;
     let leases = leases_bucket(&nats).await;
     let until = Instant::now() + Duration::from_secs(30);
@@ -326,7 +348,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
     let victim = nodes.iter().position(|n| n.name == owner).unwrap();
     let survivors: Vec<Channel> = (0..3).filter(|i| *i != victim).map(|i| channels[i].clone()).collect();
 
-    let (outcome, done) = burst(survivors.clone(), "takeover", 1_500, 32);
+    let (outcome, done) = burst(survivors.clone(), &storefront, "takeover", 1_500, 32);
     // Mid-burst: some orders are in.
     while outcome.acknowledged.lock().unwrap().len() < 60 {
         assert!(!done.is_finished(), "the burst ended before 60 orders were in");
@@ -357,7 +379,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
     done.await.unwrap();
     let acknowledged = outcome.acknowledged.lock().unwrap().clone();
     let errors = outcome.errors.lock().unwrap().clone();
-    let served_again = buy_one(survivors[1].clone(), "takeover", "after-takeover".into()).await;
+    let served_again = buy_one(survivors[1].clone(), &storefront, "takeover", "after-takeover".into()).await;
     assert!(served_again.is_ok(), "{served_again:?}");
     let mut acknowledged = acknowledged;
     acknowledged.extend(served_again.unwrap());
@@ -392,9 +414,10 @@ async fn a_nats_server_restarting_mid_burst_loses_no_acknowledged_order() {
     let dir = tempfile::tempdir().unwrap();
     let mut nats = LocalNats::start(3, &dir.path().join("nats")).unwrap();
     let (_nodes, channels) = start_cluster(&nats, 3, dir.path()).await;
+    let storefront = storefront_everywhere(&channels).await;
     create_hot_drop(&channels[0], "natsdown", 300).await;
 
-    let (outcome, done) = burst(channels.clone(), "natsdown", 1_000, 32);
+    let (outcome, done) = burst(channels.clone(), &storefront, "natsdown", 1_000, 32);
     while outcome.acknowledged.lock().unwrap().len() < 50 {
         assert!(!done.is_finished(), "the burst ended before 50 orders were in");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -426,8 +449,8 @@ async fn a_nats_server_restarting_mid_burst_loses_no_acknowledged_order() {
 }
 
 /// Buys one unit for pickup through `channel`: (order id, pickup code), once acknowledged.
-async fn buy_for_pickup(channel: &Channel, drop_id: &str, buyer: &str) -> Option<(String, String)> {
-    let mut checkout = CheckoutServiceClient::new(channel.clone());
+async fn buy_for_pickup(channel: &Channel, storefront: &str, drop_id: &str, buyer: &str) -> Option<(String, String)> {
+    let mut checkout = shop(channel, storefront);
     let held = checkout
         .reserve(reserve(drop_id, "hot", buyer, 1))
         .await
@@ -541,6 +564,7 @@ async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
     let dir = tempfile::tempdir().unwrap();
     let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
     let (mut nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
+    let storefront = storefront_everywhere(&channels).await;
     create_test_hubs(&channels[0]).await;
     let credential = courier(&channels[0], "courier-1", "hub-1", 1).await;
     let mut operator = operator_client(&channels[0]);
@@ -588,7 +612,8 @@ async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
         let channel = &survivors[i % 2];
         let until = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some((order_id, code)) = buy_for_pickup(channel, "fulfil", &format!("buyer-{i}")).await {
+            if let Some((order_id, code)) = buy_for_pickup(channel, &storefront, "fulfil", &format!("buyer-{i}")).await
+            {
                 labels.lock().unwrap().insert(order_id.clone(), code);
                 orders.push(order_id);
                 break;

@@ -50,10 +50,11 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
     let mut child = spawn_server(dir.path(), port);
     let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
     create_and_open(&channel, drop_request("crash", &[("sku", 500)], 1, 600)).await;
+    let storefront = storefront_client(&channel).await;
 
     let mut tasks = Vec::new();
     for i in 0..300 {
-        let mut checkout = CheckoutServiceClient::new(channel.clone());
+        let mut checkout = storefront.clone();
         tasks.push(tokio::spawn(async move {
             let held = checkout.reserve(one_unit("crash", i)).await.unwrap().into_inner();
             let request = ConfirmRequest {
@@ -78,7 +79,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
     let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
-    let mut checkout = CheckoutServiceClient::new(channel.clone());
+    let mut checkout = storefront_client(&channel).await;
     for order_id in &confirmed {
         let order = checkout
             .get_order(GetOrderRequest {
@@ -107,8 +108,6 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
     child.wait().unwrap();
 }
 
-use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
-
 /// The same crash once the SKU has a snapshot (written in parts, between batches, after a
 /// quiet spell) and events after it: the restart reads both and loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,8 +117,9 @@ async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
     let mut child = spawn_server(dir.path(), port);
     let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
     create_and_open(&channel, drop_request("snap", &[("sku", 2_000)], 1, 600)).await;
+    let storefront = storefront_client(&channel).await;
     let reserve = |i: usize| {
-        let mut checkout = CheckoutServiceClient::new(channel.clone());
+        let mut checkout = storefront.clone();
         async move {
             checkout
                 .reserve(one_unit("snap", i))
@@ -136,7 +136,7 @@ async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
     }
     // The quiet spell (500 ms) and the snapshot's slices.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    let mut checkout = CheckoutServiceClient::new(channel.clone());
+    let mut checkout = storefront.clone();
     for (i, order_id) in held.iter().take(100).enumerate() {
         checkout
             .confirm(ConfirmRequest {
@@ -155,7 +155,7 @@ async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
     let port = free_port();
     let mut child = spawn_server(dir.path(), port);
     let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
-    let mut checkout = CheckoutServiceClient::new(channel.clone());
+    let mut checkout = storefront_client(&channel).await;
     for (i, order_id) in held.iter().enumerate() {
         let order = checkout
             .get_order(GetOrderRequest {
@@ -195,7 +195,7 @@ async fn holds_expire_after_a_crash_without_any_request() {
     let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
     const HOLD_SECS: u32 = 3;
     create_and_open(&channel, drop_request("wake", &[("sku", 1)], 1, HOLD_SECS)).await;
-    let mut checkout = CheckoutServiceClient::new(channel);
+    let mut checkout = storefront_client(&channel).await;
     let held_at = std::time::Instant::now();
     let mut outcomes = Vec::new();
     for buyer in ["first", "second"] {

@@ -14,6 +14,7 @@ use crate::error::CommandError;
 use crate::hosted::Hosted;
 use crate::journal::{AddressVault, BoxFuture, JournalError};
 use crate::projections::{ProjectionUpdate, Projections, RemoteProjections};
+use crate::secrets::SealedAddress;
 use async_nats::jetstream::{self, kv, stream::StorageType};
 use domain::drop::{DropCommand, DropState, DropView, SaleStatus};
 use domain::hub::{HubCommand, HubReply, HubState};
@@ -167,8 +168,14 @@ async fn publish_projections(js: jetstream::Context, node: String, mut rx: mpsc:
         // second, which matters with every message replicated to three servers.
         if queued.len() < PROJECTION_BATCH_MAX {
             tokio::time::sleep(PROJECTION_LINGER).await;
-            let room = PROJECTION_BATCH_MAX - queued.len();
-            rx.recv_many(&mut queued, room).await;
+            // Only what is queued by now: `recv_many` would wait for one more update, and a
+            // lone update (a storefront registered on a quiet cluster) would wait with it.
+            while queued.len() < PROJECTION_BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(update) => queued.push(update),
+                    Err(_) => break,
+                }
+            }
         }
         let mut updates: Vec<ProjectionUpdate> = queued.drain(..).flatten().collect();
         let mut seen = std::collections::HashSet::new();
@@ -268,7 +275,12 @@ pub async fn ensure_storage(js: &jetstream::Context, replicas: usize, ttl: Durat
         bucket(placement::LEASES_BUCKET, ttl, 1),
         bucket(placement::NODES_BUCKET, ttl, 1),
         bucket(placement::WAKEUPS_BUCKET, Duration::ZERO, 1),
-        bucket(placement::ADDRESSES_BUCKET, Duration::ZERO, 1),
+        // Addresses never outlive the retention bound, whatever happens to a shredding pass.
+        bucket(
+            placement::ADDRESSES_BUCKET,
+            Duration::from_millis(domain::limits::ADDRESS_RETENTION_MAX_MS),
+            1,
+        ),
         bucket(placement::CLUSTER_BUCKET, Duration::ZERO, 1),
     ] {
         if js.get_key_value(config.bucket.clone()).await.is_err() {
@@ -918,6 +930,7 @@ impl CommandBus for ClusterNode {
                         RegistryReply::Hub(record) => directory.put_hub(record.clone()),
                         RegistryReply::Partner(record) => directory.put_partner(record.clone()),
                         RegistryReply::Creator(record) => directory.put_creator(record.clone()),
+                        RegistryReply::Storefront(record) => directory.put_storefront(record.clone()),
                         _ => {}
                     }
                     Ok(reply)
@@ -970,24 +983,116 @@ impl KvAddresses {
     }
 }
 
+/// A vault record in the bucket: salt (32 bytes), shred time (8, big-endian), ciphertext.
+fn vault_record(sealed: &SealedAddress, shred_at: UnixMillis) -> bytes::Bytes {
+    let mut record = Vec::with_capacity(40 + sealed.ciphertext.len());
+    record.extend_from_slice(&sealed.salt);
+    record.extend_from_slice(&shred_at.0.to_be_bytes());
+    record.extend_from_slice(&sealed.ciphertext);
+    record.into()
+}
+
+fn parse_vault_record(order_id: &str, record: &[u8]) -> Result<(SealedAddress, UnixMillis), JournalError> {
+    if record.len() < 40 {
+        return Err(JournalError::Corrupt(format!(
+            "address record of {order_id} is too short"
+        )));
+    }
+    let salt = record[..32].try_into().expect("32 bytes");
+    let shred_at = UnixMillis(i64::from_be_bytes(record[32..40].try_into().expect("8 bytes")));
+    Ok((
+        SealedAddress {
+            salt,
+            ciphertext: record[40..].to_vec(),
+        },
+        shred_at,
+    ))
+}
+
+/// Records a shredding pass looks at, at most, per address it may shred: the bucket has no
+/// index by time, so a pass reads records until it has found `limit` due ones or this many
+/// times `limit` (the bucket's max age bounds what is left over anyway).
+const SHRED_SCAN_FACTOR: usize = 64;
+
 impl AddressVault for KvAddresses {
-    fn put<'a>(&'a self, order_id: &'a str, address: &'a [u8]) -> BoxFuture<'a, Result<(), JournalError>> {
+    fn put_new<'a>(
+        &'a self,
+        order_id: &'a str,
+        sealed: &'a SealedAddress,
+        shred_at: UnixMillis,
+    ) -> BoxFuture<'a, Result<bool, JournalError>> {
         Box::pin(async move {
-            self.store
-                .put(placement::address_key(order_id), bytes::Bytes::copy_from_slice(address))
+            // JetStream acknowledges a KV write once it is stored on a quorum.
+            match self
+                .store
+                .create(placement::address_key(order_id), vault_record(sealed, shred_at))
                 .await
-                .map(|_| ())
-                .map_err(|e| JournalError::Io(e.to_string()))
+            {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(JournalError::Io(e.to_string())),
+            }
         })
     }
 
-    fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, JournalError>> {
+    fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<SealedAddress>, JournalError>> {
         Box::pin(async move {
-            self.store
+            let record = self
+                .store
                 .get(placement::address_key(order_id))
                 .await
-                .map(|v| v.map(|v| v.to_vec()))
-                .map_err(|e| JournalError::Io(e.to_string()))
+                .map_err(|e| JournalError::Io(e.to_string()))?;
+            match record {
+                Some(record) => Ok(Some(parse_vault_record(order_id, &record)?.0)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn shred_by<'a>(&'a self, order_id: &'a str, at: UnixMillis) -> BoxFuture<'a, Result<(), JournalError>> {
+        Box::pin(async move {
+            let key = placement::address_key(order_id);
+            let io = |e: &dyn std::fmt::Display| JournalError::Io(e.to_string());
+            let Some(entry) = self.store.entry(key.clone()).await.map_err(|e| io(&e))? else {
+                return Ok(());
+            };
+            if entry.operation != kv::Operation::Put {
+                return Ok(());
+            }
+            let (sealed, current) = parse_vault_record(order_id, &entry.value)?;
+            if current <= at {
+                return Ok(());
+            }
+            // Revision-checked: a concurrent change is read again by the next pass.
+            self.store
+                .update(key, vault_record(&sealed, at), entry.revision)
+                .await
+                .map(|_| ())
+                .map_err(|e| io(&e))
+        })
+    }
+
+    fn shred_due(&self, now: UnixMillis, limit: usize) -> BoxFuture<'_, Result<usize, JournalError>> {
+        Box::pin(async move {
+            let io = |e: &dyn std::fmt::Display| JournalError::Io(e.to_string());
+            let mut keys = self.store.keys().await.map_err(|e| io(&e))?;
+            let (mut looked, mut shredded) = (0usize, 0usize);
+            while let Some(key) = keys.next().await {
+                let key = key.map_err(|e| io(&e))?;
+                looked += 1;
+                if shredded >= limit || looked > limit.saturating_mul(SHRED_SCAN_FACTOR) {
+                    break;
+                }
+                let Some(record) = self.store.get(key.clone()).await.map_err(|e| io(&e))? else {
+                    continue;
+                };
+                if parse_vault_record(&key, &record).map_or(true, |(_, at)| at <= now) {
+                    // Purge, not delete: no earlier revision of the record stays behind.
+                    self.store.purge(key).await.map_err(|e| io(&e))?;
+                    shredded += 1;
+                }
+            }
+            Ok(shredded)
         })
     }
 }

@@ -17,6 +17,8 @@ use tonic::transport::Channel;
 
 /// The operator credential of every test server.
 pub const OPERATOR_TOKEN: &str = "test-operator-credential";
+/// The storefront every test server registers; `TestServer::checkout` calls as it.
+pub const TEST_STOREFRONT: &str = "test-web";
 
 pub fn operator_client(channel: &Channel) -> OperatorServiceClient<Authed> {
     OperatorServiceClient::with_interceptor(channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
@@ -24,6 +26,16 @@ pub fn operator_client(channel: &Channel) -> OperatorServiceClient<Authed> {
 
 pub fn registry_client(channel: &Channel) -> PartnerRegistryServiceClient<Authed> {
     PartnerRegistryServiceClient::with_interceptor(channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
+}
+
+/// CheckoutService as the storefront `test-web` of the server behind `channel` (registered,
+/// or given a new credential when it exists).
+pub async fn storefront_client(channel: &Channel) -> CheckoutServiceClient<Authed> {
+    let credential =
+        services::auth::storefront_credential(std::slice::from_ref(channel), OPERATOR_TOKEN, TEST_STOREFRONT)
+            .await
+            .unwrap();
+    CheckoutServiceClient::with_interceptor(channel.clone(), Bearer::new(&credential).unwrap())
 }
 
 pub fn courier_client(channel: &Channel, credential: &str) -> DispatchServiceClient<Authed> {
@@ -113,6 +125,8 @@ pub struct TestServer {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pub dir: tempfile::TempDir,
+    /// The credential of the storefront `test-web`, which the checkout client calls as.
+    pub storefront_credential: String,
 }
 
 impl TestServer {
@@ -134,6 +148,10 @@ impl TestServer {
         }));
         let channel = connect(addr).await;
         create_test_hubs(&channel).await;
+        let storefront_credential =
+            services::auth::storefront_credential(std::slice::from_ref(&channel), OPERATOR_TOKEN, TEST_STOREFRONT)
+                .await
+                .unwrap();
         TestServer {
             addr,
             platform,
@@ -141,10 +159,22 @@ impl TestServer {
             stop: Some(stop),
             task: Some(task),
             dir,
+            storefront_credential,
         }
     }
 
-    pub fn checkout(&self) -> CheckoutServiceClient<Channel> {
+    /// CheckoutService as the storefront `test-web`.
+    pub fn checkout(&self) -> CheckoutServiceClient<Authed> {
+        CheckoutServiceClient::with_interceptor(self.channel.clone(), Bearer::new(&self.storefront_credential).unwrap())
+    }
+
+    /// CheckoutService with another credential (an order token, another storefront's).
+    pub fn checkout_as(&self, credential: &str) -> CheckoutServiceClient<Authed> {
+        CheckoutServiceClient::with_interceptor(self.channel.clone(), Bearer::new(credential).unwrap())
+    }
+
+    /// CheckoutService with no credential at all.
+    pub fn anonymous_checkout(&self) -> CheckoutServiceClient<Channel> {
         CheckoutServiceClient::new(self.channel.clone())
     }
 
