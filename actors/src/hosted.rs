@@ -512,7 +512,7 @@ impl Hosted for HubState {
                     CourierUpdate::Withdrawn {
                         hub_id: hub_id.clone(),
                         order_id: order_id.clone(),
-                        reason: "the order was cancelled".into(),
+                        reason: "the order was cancelled or refunded".into(),
                     },
                 )),
                 HubEvent::Failed {
@@ -705,7 +705,14 @@ fn hub_audit(hub_id: &HubId, event: &HubEvent) -> Option<AuditEntry> {
             "cancelled",
             order_id,
             holder.as_ref(),
-            "the order was cancelled".into(),
+            "the order was cancelled or refunded".into(),
+        ),
+        HubEvent::CancelledBeforeHandOver { order, at } => entry(
+            *at,
+            "cancelled",
+            &order.order_id,
+            None,
+            "the order was cancelled or refunded before it reached the hub; it will not be dispatched".into(),
         ),
         HubEvent::WindowMissed { order_id, remedy } => entry(
             remedy.at,
