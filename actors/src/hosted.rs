@@ -185,17 +185,22 @@ impl Hosted for SkuState {
                 .map(|o| self.order_view(o))
                 .collect()
         };
-        // Confirmed orders go to their hubs (after a restart or at a retry: every one not
-        // acknowledged yet).
+        // Confirmed orders go to their hubs, and cancelled ones are withdrawn from them
+        // (after a restart or at a retry: every one not acknowledged yet).
         let retry = events.iter().any(|e| matches!(e, SkuEvent::HandoverRetry { .. }));
         let handover: Vec<_> = if events.is_empty() || retry {
-            self.handover.iter().filter_map(|id| self.dispatch_order(id)).collect()
+            self.handover
+                .iter()
+                .filter_map(|id| self.handover_command(id))
+                .collect()
         } else {
             events
                 .iter()
                 .filter_map(|e| match e {
-                    SkuEvent::Confirmed { order_id, .. } if self.handover.contains(order_id) => {
-                        self.dispatch_order(order_id)
+                    SkuEvent::Confirmed { order_id, .. } | SkuEvent::OrderCancelled { order_id, .. }
+                        if self.handover.contains(order_id) =>
+                    {
+                        self.handover_command(order_id)
                     }
                     _ => None,
                 })
