@@ -1,14 +1,16 @@
 //! The SKU actor's outbox to the hubs: confirmed orders go to the hub whose pool they were
-//! sold from, and are marked handed over in the SKU's journal once the hub acknowledged
-//! them. A crash or a failed send leaves them in the SKU's `handover` set, and the SKU sends
-//! them again when it next starts and at its durable retry deadline (`handover_due`, every
-//! `HANDOVER_RETRY_MS`); the hub ignores an order it already has. So a confirmed order always
-//! reaches its hub: at least once, and exactly one dispatch.
+//! sold from, orders cancelled after confirmation are withdrawn from it, and each is marked
+//! acknowledged in the SKU's journal once the hub answered. A crash or a failed send leaves
+//! them in the SKU's `handover` set, and the SKU sends them again when it next starts and at
+//! its durable retry deadline (`handover_due`, every `HANDOVER_RETRY_MS`); the hub ignores an
+//! order it already has and a withdrawal it already made. So a confirmed order always reaches
+//! its hub (at least once, and exactly one dispatch), and so does its cancellation.
 
 use crate::bus::CommandBus;
-use domain::hub::{DispatchOrder, HubCommand};
+use crate::CommandError;
+use domain::hub::HubCommand;
 use domain::sku::SkuCommand;
-use domain::{DropId, HubId, SkuId};
+use domain::{DropId, HubId, Rejection, SkuId};
 use std::sync::Weak;
 use std::time::Duration;
 use tracing::warn;
@@ -18,19 +20,29 @@ use tracing::warn;
 const HANDOVER_ATTEMPTS: u32 = 3;
 const HANDOVER_BACKOFF_MS: u64 = 100;
 
-pub async fn hand_over(bus: Weak<dyn CommandBus>, drop_id: DropId, sku_id: SkuId, orders: Vec<(HubId, DispatchOrder)>) {
-    let mut delivered = Vec::with_capacity(orders.len());
-    for (hub_id, order) in orders {
+/// Sends each order's hand-over (`HubCommand::Dispatch`) or withdrawal (`HubCommand::Cancel`)
+/// to its hub and records in the SKU which were acknowledged.
+pub async fn hand_over(bus: Weak<dyn CommandBus>, drop_id: DropId, sku_id: SkuId, orders: Vec<(HubId, HubCommand)>) {
+    let mut acknowledged = Vec::with_capacity(orders.len());
+    for (hub_id, command) in orders {
+        let (order_id, withdrawal) = match &command {
+            HubCommand::Dispatch(order) => (order.order_id.clone(), false),
+            HubCommand::Cancel(order) => (order.order_id.clone(), true),
+            other => unreachable!("the hand-over outbox sends dispatches and withdrawals only, not {other:?}"),
+        };
         let mut backoff = HANDOVER_BACKOFF_MS;
         for attempt in 1..=HANDOVER_ATTEMPTS {
             let Some(bus) = bus.upgrade() else { return };
-            let order_id = order.order_id.clone();
-            match bus
-                .hub_command(hub_id.clone(), HubCommand::Dispatch(order.clone()))
-                .await
-            {
+            match bus.hub_command(hub_id.clone(), command.clone()).await {
                 Ok(_) => {
-                    delivered.push(order_id);
+                    acknowledged.push((order_id, withdrawal));
+                    break;
+                }
+                // The parcel left the hub before the cancel reached it: asking again cannot
+                // change that. Reconciliation reports the order if it was refunded and delivered.
+                Err(CommandError::Rejected(Rejection::FailedPrecondition(why))) if withdrawal => {
+                    warn!(%order_id, %hub_id, reason = %why, "cancelled order's dispatch could not be withdrawn");
+                    acknowledged.push((order_id, withdrawal));
                     break;
                 }
                 Err(e) if attempt == HANDOVER_ATTEMPTS => {
@@ -43,12 +55,12 @@ pub async fn hand_over(bus: Weak<dyn CommandBus>, drop_id: DropId, sku_id: SkuId
             }
         }
     }
-    if delivered.is_empty() {
+    if acknowledged.is_empty() {
         return;
     }
     let Some(bus) = bus.upgrade() else { return };
     if let Err(e) = bus
-        .sku_command(drop_id, sku_id, SkuCommand::HandedOver { order_ids: delivered })
+        .sku_command(drop_id, sku_id, SkuCommand::HandedOver { orders: acknowledged })
         .await
     {
         // Harmless: the hub has them; they are sent again (and ignored) at the retry deadline.

@@ -185,17 +185,22 @@ impl Hosted for SkuState {
                 .map(|o| self.order_view(o))
                 .collect()
         };
-        // Confirmed orders go to their hubs (after a restart or at a retry: every one not
-        // acknowledged yet).
+        // Confirmed orders go to their hubs, and cancelled ones are withdrawn from them
+        // (after a restart or at a retry: every one not acknowledged yet).
         let retry = events.iter().any(|e| matches!(e, SkuEvent::HandoverRetry { .. }));
         let handover: Vec<_> = if events.is_empty() || retry {
-            self.handover.iter().filter_map(|id| self.dispatch_order(id)).collect()
+            self.handover
+                .iter()
+                .filter_map(|id| self.handover_command(id))
+                .collect()
         } else {
             events
                 .iter()
                 .filter_map(|e| match e {
-                    SkuEvent::Confirmed { order_id, .. } if self.handover.contains(order_id) => {
-                        self.dispatch_order(order_id)
+                    SkuEvent::Confirmed { order_id, .. } | SkuEvent::OrderCancelled { order_id, .. }
+                        if self.handover.contains(order_id) =>
+                    {
+                        self.handover_command(order_id)
                     }
                     _ => None,
                 })
@@ -531,7 +536,7 @@ impl Hosted for HubState {
                     CourierUpdate::Withdrawn {
                         hub_id: hub_id.clone(),
                         order_id: order_id.clone(),
-                        reason: "the order was cancelled".into(),
+                        reason: "the order was cancelled or refunded".into(),
                     },
                 )),
                 HubEvent::Failed {
@@ -724,7 +729,14 @@ fn hub_audit(hub_id: &HubId, event: &HubEvent) -> Option<AuditEntry> {
             "cancelled",
             order_id,
             holder.as_ref(),
-            "the order was cancelled".into(),
+            "the order was cancelled or refunded".into(),
+        ),
+        HubEvent::CancelledBeforeHandOver { order, at } => entry(
+            *at,
+            "cancelled",
+            &order.order_id,
+            None,
+            "the order was cancelled or refunded before it reached the hub; it will not be dispatched".into(),
         ),
         HubEvent::WindowMissed { order_id, remedy } => entry(
             remedy.at,

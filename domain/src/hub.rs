@@ -6,12 +6,18 @@
 //! full remedy. Partners' SLA records live here too; a hub asks the registry to demote a
 //! partner whose score falls, or to end a probation that was earned.
 //!
+//! The hub is the authority on whether an order can still be stopped: a cancel or a refund
+//! asks it first (`HubCommand::Cancel`), and it withdraws the dispatch, or refuses once the
+//! parcel has been picked up, in one decision.
+//!
 //! Invariants (checked by `check_invariants` and the model tests):
 //! - a dispatch has at most one holding partner, and a partner's load is exactly the
 //!   number of dispatches it holds;
 //! - a swap happens only after a missed deadline, a decline, a failure, or the partner
 //!   leaving the hub (suspended, unassigned);
-//! - every dispatch ends delivered, or failed with a remedy, by its give-up time.
+//! - every dispatch ends delivered, failed with a remedy, or cancelled, by its give-up time;
+//! - a withdrawn dispatch is never picked up, and an order cancelled before it reached the
+//!   hub is never offered.
 
 use crate::ledger::FulfilmentFacts;
 use crate::limits::{
@@ -83,7 +89,7 @@ pub enum Stage {
         reason: String,
         at: UnixMillis,
     },
-    /// The order was cancelled before it left the hub.
+    /// The order was cancelled or refunded before it left the hub.
     Cancelled {
         at: UnixMillis,
     },
@@ -227,12 +233,12 @@ impl Dispatch {
         Some(due)
     }
 
-    /// An order can be cancelled until its parcel leaves the hub.
+    /// An order can be stopped (cancelled, refunded) until its parcel leaves the hub.
     pub fn check_cancellable(&self) -> Result<(), Rejection> {
         match &self.stage {
             Stage::PickedUp { .. } | Stage::Delivered { .. } | Stage::Failed { .. } => {
                 Err(Rejection::FailedPrecondition(format!(
-                    "order {} can no longer be cancelled: it is {}",
+                    "order {} can no longer be withdrawn from its hub: it is {}",
                     self.order.order_id,
                     stage_name(&self.stage)
                 )))
@@ -321,9 +327,12 @@ pub enum HubCommand {
     GetDispatch(OrderId),
     /// Offers the partner has not answered yet (sent again when a courier reconnects).
     PendingOffers(PartnerId),
-    /// The order was cancelled: withdraw its dispatch, unless the parcel already left the
-    /// hub (picked up or delivered), which is refused.
-    Cancel(OrderId),
+    /// The order is being cancelled or refunded: withdraw its dispatch, unless the parcel
+    /// already left the hub (picked up, delivered, failed), which is refused. The hub is
+    /// asked before anything else changes, so it alone decides whether the order can still
+    /// be stopped, and no pickup can follow a withdrawal. A hub that has not got the order
+    /// yet records it as cancelled, so a hand-over arriving later creates no dispatch.
+    Cancel(DispatchOrder),
     /// The creator's ledger booked these dispatches' facts as they were (see
     /// `HubState::ledger_outbox`).
     LedgerSynced(Vec<(OrderId, u32)>),
@@ -401,7 +410,7 @@ pub enum HubEvent {
         remedy: Remedy,
         at: UnixMillis,
     },
-    /// The order was cancelled before pickup; its holder (if any) is told.
+    /// The order was cancelled or refunded before pickup; its holder (if any) is told.
     Cancelled {
         order_id: OrderId,
         holder: Option<PartnerId>,
@@ -422,6 +431,13 @@ pub enum HubEvent {
     LedgerRetry {
         next: UnixMillis,
     },
+    /// The order was cancelled or refunded before its hand-over reached the hub: it is
+    /// recorded as a cancelled dispatch that was never offered, so a hand-over arriving later
+    /// (one in flight, a retry from the SKU's outbox) finds it and creates nothing.
+    CancelledBeforeHandOver {
+        order: DispatchOrder,
+        at: UnixMillis,
+    },
 }
 
 impl HubEvent {
@@ -431,7 +447,9 @@ impl HubEvent {
             | HubEvent::StatusRequested { .. }
             | HubEvent::LedgerSynced { .. }
             | HubEvent::LedgerRetry { .. } => None,
-            HubEvent::Dispatched { order, .. } => Some(&order.order_id),
+            HubEvent::Dispatched { order, .. } | HubEvent::CancelledBeforeHandOver { order, .. } => {
+                Some(&order.order_id)
+            }
             HubEvent::Offered { order_id, .. }
             | HubEvent::Accepted { order_id, .. }
             | HubEvent::PickedUp { order_id, .. }
@@ -648,6 +666,8 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
             core.open = core.open.saturating_sub(1);
         }
         HubEvent::LedgerSynced { .. } | HubEvent::LedgerRetry { .. } => {}
+        // Never open, never offered: nothing to count.
+        HubEvent::CancelledBeforeHandOver { .. } => {}
         HubEvent::StatusRequested {
             partner,
             status,
@@ -690,6 +710,23 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             swaps: Vec::new(),
             remedies: Vec::new(),
             eta: *promised_from,
+            updated_at: *at,
+        });
+        return;
+    }
+    if let HubEvent::CancelledBeforeHandOver { order, at } = event {
+        // No window was promised: the window and deadlines are the moment it was cancelled.
+        *slot = Some(Dispatch {
+            order: order.clone(),
+            promised_from: *at,
+            promised_by: *at,
+            throttled: false,
+            give_up_at: *at,
+            stage: Stage::Cancelled { at: *at },
+            partners: Vec::new(),
+            swaps: Vec::new(),
+            remedies: Vec::new(),
+            eta: *at,
             updated_at: *at,
         });
         return;
@@ -784,6 +821,7 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
         }
         HubEvent::Configured { .. }
         | HubEvent::Dispatched { .. }
+        | HubEvent::CancelledBeforeHandOver { .. }
         | HubEvent::StatusRequested { .. }
         | HubEvent::LedgerSynced { .. }
         | HubEvent::LedgerRetry { .. } => {}
@@ -1531,11 +1569,13 @@ impl Aggregate for HubState {
                 }
                 HubReply::Done
             }
-            HubCommand::Cancel(id) => {
-                let d = self
-                    .dispatches
-                    .get(&id)
-                    .ok_or_else(|| Rejection::not_found("dispatch", id.as_str()))?;
+            HubCommand::Cancel(order) => {
+                let id = order.order_id.clone();
+                let Some(d) = self.dispatches.get(&id) else {
+                    tx.emit(HubEvent::CancelledBeforeHandOver { order, at: now });
+                    let d = tx.dispatch(&id).expect("just recorded").clone();
+                    return Ok((tx.events, HubReply::Dispatch(Box::new(d))));
+                };
                 if matches!(d.stage, Stage::Cancelled { .. }) {
                     return Ok((vec![], HubReply::Dispatch(Box::new(d.clone()))));
                 }
@@ -1606,7 +1646,10 @@ impl Aggregate for HubState {
         }
         let finished = matches!(
             event,
-            HubEvent::Delivered { .. } | HubEvent::Failed { .. } | HubEvent::Cancelled { .. }
+            HubEvent::Delivered { .. }
+                | HubEvent::Failed { .. }
+                | HubEvent::Cancelled { .. }
+                | HubEvent::CancelledBeforeHandOver { .. }
         );
         let money_at = match event {
             HubEvent::Delivered { at, .. } | HubEvent::Failed { at, .. } => Some(*at),

@@ -219,7 +219,8 @@ pub enum SkuEvent {
         idempotency_key: Option<IdempotencyKey>,
         at: UnixMillis,
     },
-    /// Their hub acknowledged these confirmed orders.
+    /// Their hub acknowledged these orders as they are: a confirmed order handed over, or
+    /// the withdrawal of one cancelled since.
     HandedOver {
         order_ids: Vec<OrderId>,
     },
@@ -323,9 +324,11 @@ pub enum SkuCommand {
         order_id: OrderId,
     },
     GetFigures,
-    /// The hub acknowledged these confirmed orders (see `SkuState::handover`).
+    /// The hub acknowledged these orders (see `SkuState::handover`; `true`: the withdrawal
+    /// of a cancelled order). An acknowledgement of another state of the order, such as a
+    /// hand-over that crossed the order's cancel, leaves it in the outbox.
     HandedOver {
-        order_ids: Vec<OrderId>,
+        orders: Vec<(OrderId, bool)>,
     },
     /// The creator's ledger booked these orders as they were (see `SkuState::ledger_outbox`).
     LedgerSynced {
@@ -443,8 +446,11 @@ pub struct SkuState {
     pub sold_out_at: Option<UnixMillis>,
     pub changed_at: UnixMillis,
     pub creator_id: CreatorId,
-    /// Confirmed orders their hub has not acknowledged yet (the SKU's outbox): sent to the
-    /// hub after every durable confirm and again after every restart until acknowledged.
+    /// Orders their hub has not acknowledged as they are now (the SKU's outbox to hubs): a
+    /// confirmed order is handed over, and one cancelled after confirmation is withdrawn
+    /// (`HubCommand::Cancel`), after every durable change and again after every restart
+    /// until acknowledged. The cancel asks the hub first; this entry makes sure the hub hears
+    /// of it even when that call was lost or the order was confirmed while being cancelled.
     pub handover: BTreeSet<OrderId>,
     /// When unacknowledged orders are sent again: a deadline like hold expiries, so a SKU
     /// passivated (or crashed) with orders in its outbox is woken to send them.
@@ -540,8 +546,8 @@ impl SkuState {
         })
     }
 
-    /// Takes an order out of the outbox (acknowledged, or cancelled before that); the
-    /// retry deadline goes with the last one.
+    /// Takes an acknowledged order out of the outbox; the retry deadline goes with the last
+    /// one.
     fn handed_over(&mut self, order_id: &OrderId) {
         self.handover.remove(order_id);
         if !self.outbox_pending() {
@@ -557,6 +563,17 @@ impl SkuState {
     /// Indices of the pools of `city`, in order.
     fn city_pools(&self, city: &CityName) -> Vec<usize> {
         (0..self.pools.len()).filter(|&i| &self.pools[i].city == city).collect()
+    }
+
+    /// What the hand-over outbox sends an order's hub (see `handover`): a confirmed order to
+    /// fulfil, or the withdrawal of one cancelled since.
+    pub fn handover_command(&self, order_id: &OrderId) -> Option<(HubId, crate::hub::HubCommand)> {
+        let order = self.orders.get(order_id)?;
+        let (hub_id, dispatch) = self.order_view(order).dispatch_order()?;
+        Some(match order.status {
+            OrderStatus::Cancelled => (hub_id, crate::hub::HubCommand::Cancel(dispatch)),
+            _ => (hub_id, crate::hub::HubCommand::Dispatch(dispatch)),
+        })
     }
 
     fn pool_index(&self, hub_id: &HubId) -> Option<usize> {
@@ -1344,8 +1361,15 @@ impl Aggregate for SkuState {
                 Ok((vec![], SkuReply::Order(self.order_view(order))))
             }
             SkuCommand::GetFigures => Ok((vec![], SkuReply::Figures(self.figures()))),
-            SkuCommand::HandedOver { order_ids } => {
-                let order_ids: Vec<OrderId> = order_ids.into_iter().filter(|id| self.handover.contains(id)).collect();
+            SkuCommand::HandedOver { orders } => {
+                let order_ids: Vec<OrderId> = orders
+                    .into_iter()
+                    .filter(|(id, withdrawn)| {
+                        let cancelled = self.orders.get(id).map(|o| o.status == OrderStatus::Cancelled);
+                        self.handover.contains(id) && cancelled == Some(*withdrawn)
+                    })
+                    .map(|(id, _)| id)
+                    .collect();
                 let events = if order_ids.is_empty() {
                     vec![]
                 } else {
@@ -1586,7 +1610,9 @@ impl Aggregate for SkuState {
                 let amount = order.confirmation.as_ref().map_or(0, |c| c.amount.minor_units);
                 order.status = OrderStatus::Cancelled;
                 order.updated_at = *at;
-                self.handed_over(order_id);
+                // Its hub is told to withdraw it (again: the cancel asked it first), and the
+                // ledger to refund it; the retry deadline `queue_for_ledger` sets covers both.
+                self.handover.insert(order_id.clone());
                 self.queue_for_ledger(order_id, true, *at);
                 self.pools[pool].sold -= quantity;
                 self.pools[pool].available += quantity;

@@ -1,9 +1,10 @@
 //! Property tests of the hub state machine: random dispatches, courier answers (right and
 //! wrong partners, wrong pickup codes, retries), SLA timeouts, partner status changes and
-//! restarts. After every step: the invariants hold (one holder per dispatch, loads match),
-//! swaps happen only after a miss, decline, failure or the partner leaving, and a restart
-//! rebuilds the same state. At the end, with time run far ahead, every dispatch is delivered
-//! or failed with a remedy.
+//! restarts, cancels (before and after the hand-over). After every step: the invariants hold
+//! (one holder per dispatch, loads match), swaps happen only after a miss, decline, failure
+//! or the partner leaving, a withdrawn dispatch stays withdrawn, and a restart rebuilds the
+//! same state. At the end, with time run far ahead, every dispatch is delivered, failed with
+//! a remedy, or cancelled.
 
 use domain::hub::*;
 use domain::registry::*;
@@ -299,9 +300,97 @@ fn wrong_pickup_code_changes_nothing() {
     assert!(matches!(wrong, Err(Rejection::InvalidArgument(_))));
 }
 
+#[test]
+fn an_order_cancelled_before_its_hand_over_is_never_dispatched() {
+    let mut h = Harness::new(100, [PartnerStatus::Active; 3]);
+    let o = order(1, Fulfilment::Delivery, false, h.now);
+    let id = o.order_id.clone();
+    // The cancel reaches the hub first: it records the order as cancelled.
+    let (events, reply) = h.run(HubCommand::Cancel(o.clone())).unwrap();
+    assert!(
+        matches!(events.as_slice(), [HubEvent::CancelledBeforeHandOver { .. }]),
+        "{events:?}"
+    );
+    let HubReply::Dispatch(d) = reply else {
+        panic!("{reply:?}")
+    };
+    assert!(matches!(d.stage, Stage::Cancelled { .. }));
+    // The hand-over in flight arrives afterwards: nothing is dispatched, nobody is offered it.
+    let (events, reply) = h.run(HubCommand::Dispatch(o.clone())).unwrap();
+    assert!(events.is_empty(), "{events:?}");
+    let HubReply::Dispatch(d) = reply else {
+        panic!("{reply:?}")
+    };
+    assert!(matches!(d.stage, Stage::Cancelled { .. }) && d.partners.is_empty());
+    let view = h.state.view(h.now).unwrap();
+    assert_eq!((view.open, view.waiting), (0, 0));
+    let (offers, _) = h.run(HubCommand::PendingOffers(partner(0))).unwrap();
+    assert!(offers.is_empty());
+    let taken = h.run(HubCommand::Courier {
+        partner: partner(0),
+        order_id: id.clone(),
+        action: CourierAction::Accept,
+    });
+    assert!(matches!(taken, Err(Rejection::PermissionDenied(_))), "{taken:?}");
+    // A cancel sent again (the SKU's outbox) changes nothing; the timer has nothing to run.
+    let (events, _) = h.run(HubCommand::Cancel(o)).unwrap();
+    assert!(events.is_empty());
+    assert!(h.advance(10 * 24 * 3_600_000).is_empty());
+    assert!(matches!(h.state.dispatch(&id).unwrap().stage, Stage::Cancelled { .. }));
+    h.restart();
+}
+
+#[test]
+fn a_withdrawal_is_refused_once_picked_up_and_no_pickup_follows_one() {
+    let mut h = Harness::new(100, [PartnerStatus::Active; 3]);
+    let courier = |h: &mut Harness, id: &OrderId, action: CourierAction| {
+        let p = holder(&h.state, id).or_else(|| h.state.dispatch(id).unwrap().partners.last().cloned());
+        h.run(HubCommand::Courier {
+            partner: p.unwrap(),
+            order_id: id.clone(),
+            action,
+        })
+    };
+    // Accepted, then withdrawn: its courier's pickup is refused and its load is freed.
+    let first = order(1, Fulfilment::Pickup, false, h.now);
+    let id = first.order_id.clone();
+    h.run(HubCommand::Dispatch(first.clone())).unwrap();
+    let p = holder(&h.state, &id).unwrap();
+    courier(&mut h, &id, CourierAction::Accept).unwrap();
+    let (events, _) = h.run(HubCommand::Cancel(first.clone())).unwrap();
+    assert!(
+        matches!(events.as_slice(), [HubEvent::Cancelled { holder: Some(told), .. }] if *told == p),
+        "{events:?}"
+    );
+    let pickup = CourierAction::PickedUp {
+        pickup_code: first.pickup_code.clone(),
+    };
+    let late = courier(&mut h, &id, pickup);
+    assert!(matches!(late, Err(Rejection::FailedPrecondition(_))), "{late:?}");
+    assert!(matches!(h.state.dispatch(&id).unwrap().stage, Stage::Cancelled { .. }));
+    // Picked up: the withdrawal is refused, names the order, and changes nothing.
+    let second = order(2, Fulfilment::Pickup, false, h.now);
+    let id = second.order_id.clone();
+    h.run(HubCommand::Dispatch(second.clone())).unwrap();
+    courier(&mut h, &id, CourierAction::Accept).unwrap();
+    let pickup = CourierAction::PickedUp {
+        pickup_code: second.pickup_code.clone(),
+    };
+    courier(&mut h, &id, pickup).unwrap();
+    let refused = h.run(HubCommand::Cancel(second.clone())).unwrap_err();
+    assert!(
+        matches!(&refused, Rejection::FailedPrecondition(why) if why.contains(id.as_str()) && why.contains("picked up")),
+        "{refused:?}"
+    );
+    assert!(matches!(h.state.dispatch(&id).unwrap().stage, Stage::PickedUp { .. }));
+    h.restart();
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Cancel(u8),
+    /// A new order whose cancel reaches the hub before its hand-over.
+    CancelBeforeHandOver,
     Dispatch {
         fulfilment: bool,
         discreet: bool,
@@ -328,6 +417,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => prop_oneof![1u64..3_000, 3_000u64..40_000, 40_000u64..400_000].prop_map(Step::Advance),
         1 => (0u8..3, 0u8..3).prop_map(|(partner, status)| Step::Status { partner, status }),
         1 => any::<u8>().prop_map(Step::Cancel),
+        1 => Just(Step::CancelBeforeHandOver),
         1 => Just(Step::Restart),
     ]
 }
@@ -340,6 +430,7 @@ proptest! {
         let mut h = Harness::new(3, [PartnerStatus::Active, PartnerStatus::Active, PartnerStatus::Probation]);
         let mut statuses = [PartnerStatus::Active, PartnerStatus::Active, PartnerStatus::Probation];
         let mut orders: Vec<DispatchOrder> = Vec::new();
+        let mut withdrawn: BTreeSet<OrderId> = BTreeSet::new();
         for step in steps {
             match step {
                 Step::Dispatch { fulfilment, discreet } => {
@@ -414,15 +505,28 @@ proptest! {
                     if orders.is_empty() { continue; }
                     let o = &orders[n as usize % orders.len()];
                     let before = h.state.dispatch(&o.order_id).cloned().unwrap();
-                    let result = h.run(HubCommand::Cancel(o.order_id.clone()));
+                    let result = h.run(HubCommand::Cancel(o.clone()));
                     let left_hub = matches!(before.stage, Stage::PickedUp { .. } | Stage::Delivered { .. } | Stage::Failed { .. });
                     prop_assert_eq!(result.is_err(), left_hub, "cancel refused exactly when the parcel left the hub");
                     if !left_hub {
                         let cancelled = matches!(h.state.dispatch(&o.order_id).unwrap().stage, Stage::Cancelled { .. });
                         prop_assert!(cancelled);
+                        withdrawn.insert(o.order_id.clone());
                     }
                 }
+                Step::CancelBeforeHandOver => {
+                    let o = order(orders.len() as u32, Fulfilment::Delivery, false, h.now);
+                    orders.push(o.clone());
+                    h.run(HubCommand::Cancel(o.clone())).unwrap();
+                    let (events, _) = h.run(HubCommand::Dispatch(o.clone())).unwrap();
+                    prop_assert!(events.is_empty(), "a hand-over after the cancel creates nothing: {:?}", events);
+                    withdrawn.insert(o.order_id);
+                }
                 Step::Restart => h.restart(),
+            }
+            for id in &withdrawn {
+                let stage = &h.state.dispatch(id).unwrap().stage;
+                prop_assert!(matches!(stage, Stage::Cancelled { .. }), "{} was withdrawn, now {:?}", id, stage);
             }
         }
         // Run the clock far ahead: everything ends delivered, or failed with a remedy.

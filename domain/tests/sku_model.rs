@@ -457,6 +457,21 @@ fn reserve_before_open_and_over_the_buyer_limit_is_refused() {
     );
 }
 
+/// Confirms one unit (2,500 EUR) of a held order for pickup with code 123456.
+fn pickup_confirm(order_id: &OrderId) -> SkuCommand {
+    SkuCommand::Confirm(ConfirmCommand {
+        order_id: order_id.clone(),
+        storefront: None,
+        address_digest: None,
+        payment_reference: "p".into(),
+        amount: Money::new(2_500, Currency::parse("EUR").unwrap()),
+        fulfilment: Fulfilment::Pickup,
+        discreet: false,
+        pickup_code: "123456".into(),
+        receipt_token: "t".into(),
+    })
+}
+
 #[test]
 fn confirmed_orders_stay_in_the_outbox_until_their_hub_acknowledges_them() {
     let mut sku = new_sku(&[("hub-a1", "Lisbon", 5)], 2);
@@ -477,18 +492,7 @@ fn confirmed_orders_stay_in_the_outbox_until_their_hub_acknowledges_them() {
         idempotency_key: None,
     });
     run(&mut sku, &mut log, reserve, UnixMillis(2_000)).unwrap();
-    let confirm = ConfirmCommand {
-        order_id: id.clone(),
-        storefront: None,
-        address_digest: None,
-        payment_reference: "p".into(),
-        amount: Money::new(2_500, Currency::parse("EUR").unwrap()),
-        fulfilment: Fulfilment::Pickup,
-        discreet: false,
-        pickup_code: "123456".into(),
-        receipt_token: "t".into(),
-    };
-    run(&mut sku, &mut log, SkuCommand::Confirm(confirm), UnixMillis(3_000)).unwrap();
+    run(&mut sku, &mut log, pickup_confirm(&id), UnixMillis(3_000)).unwrap();
     assert!(sku.handover.contains(&id));
     let (hub, order) = sku.dispatch_order(&id).expect("a confirmed order can be dispatched");
     assert_eq!((hub.as_str(), order.pickup_code.as_str()), ("hub-a1", "123456"));
@@ -500,7 +504,7 @@ fn confirmed_orders_stay_in_the_outbox_until_their_hub_acknowledges_them() {
     assert!(sku.next_deadline().unwrap() > due);
     // Acknowledged: out of the outbox, no deadline left; a duplicate ack changes nothing.
     let ack = SkuCommand::HandedOver {
-        order_ids: vec![id.clone()],
+        orders: vec![(id.clone(), false)],
     };
     run(&mut sku, &mut log, ack.clone(), UnixMillis(40_000)).unwrap();
     assert!(sku.handover.is_empty());
@@ -523,6 +527,47 @@ fn confirmed_orders_stay_in_the_outbox_until_their_hub_acknowledges_them() {
     let before = log.len();
     run(&mut sku, &mut log, ack, UnixMillis(41_000)).unwrap();
     assert_eq!(log.len(), before);
+}
+
+/// A cancel asks the hub first; the SKU's outbox then tells the hub again (at least once), so
+/// a lost call, or an order confirmed while it was being cancelled, still reaches the hub.
+#[test]
+fn a_cancelled_order_stays_in_the_outbox_until_its_hub_acknowledges_the_withdrawal() {
+    let mut sku = new_sku(&[("hub-a1", "Lisbon", 5)], 2);
+    let mut log = Vec::new();
+    let id = OrderId::new(&sku.drop_id, &sku.sku_id, 1);
+    run(&mut sku, &mut log, lisbon_reserve(1, 1, None), UnixMillis(2_000)).unwrap();
+    run(&mut sku, &mut log, pickup_confirm(&id), UnixMillis(3_000)).unwrap();
+    assert!(matches!(
+        sku.handover_command(&id),
+        Some((_, domain::hub::HubCommand::Dispatch(_)))
+    ));
+    let cancel = SkuCommand::Cancel {
+        order_id: id.clone(),
+        storefront: None,
+    };
+    run(&mut sku, &mut log, cancel, UnixMillis(4_000)).unwrap();
+    let Some((hub, domain::hub::HubCommand::Cancel(order))) = sku.handover_command(&id) else {
+        panic!("a cancelled order's hub is told to withdraw it");
+    };
+    assert_eq!((hub.as_str(), &order.order_id), ("hub-a1", &id));
+    // The hand-over that crossed the cancel is acknowledged: the withdrawal stays queued.
+    let crossed = SkuCommand::HandedOver {
+        orders: vec![(id.clone(), false)],
+    };
+    run(&mut sku, &mut log, crossed, UnixMillis(4_100)).unwrap();
+    assert!(sku.handover.contains(&id));
+    assert!(sku.next_deadline().is_some(), "a retry deadline while it waits");
+    let withdrawn = SkuCommand::HandedOver {
+        orders: vec![(id.clone(), true)],
+    };
+    run(&mut sku, &mut log, withdrawn, UnixMillis(4_200)).unwrap();
+    assert!(sku.handover.is_empty());
+    let mut replayed = new_sku(&[("hub-a1", "Lisbon", 5)], 2);
+    for e in &log {
+        replayed.apply(e);
+    }
+    assert_eq!(replayed, sku, "replaying the journal rebuilds the same SKU");
 }
 
 /// `entries` is what spaces an actor's snapshots: it must grow with everything a snapshot

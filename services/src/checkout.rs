@@ -253,13 +253,26 @@ impl CheckoutService for Checkout {
         if let Some(storefront) = &storefront {
             self.platform.throttle.storefront_call(storefront.as_str())?;
         }
-        // A confirmed order can be cancelled only before its parcel leaves the hub.
         let before = self.order_view(&order_id).await?;
         if let Some(storefront) = &storefront {
             check_owner(storefront, &before)?;
         }
-        if let Some(d) = self.dispatch_of(&before).await {
-            d.check_cancellable().map_err(crate::status::from_rejection)?;
+        // A confirmed order is withdrawn from its hub before the SKU cancels it: the hub
+        // decides whether the parcel can still be stopped (after pickup: FAILED_PRECONDITION,
+        // nothing changed), and once it has withdrawn the dispatch no pickup can follow. A hub
+        // that has not got the order yet records it as cancelled, so a hand-over in flight
+        // creates no dispatch. If the SKU cancel then fails, a retry finds the dispatch
+        // withdrawn already and finishes it.
+        let mut dispatch = None;
+        if before.status == OrderStatus::Confirmed {
+            if let Some((hub_id, order)) = before.dispatch_order() {
+                let withdrawn = self
+                    .platform
+                    .hub_dispatch(hub_id, HubCommand::Cancel(order))
+                    .await
+                    .map_err(from_command_error)?;
+                dispatch = Some(withdrawn);
+            }
         }
         let (drop_id, sku_id) = order_id.owner();
         let reply = self
@@ -276,19 +289,10 @@ impl CheckoutService for Checkout {
             .await
             .map_err(from_command_error)?;
         let view = expect_order(reply).map_err(from_command_error)?;
-        // Withdraw the dispatch (NOT_FOUND: the hub never had it; the SKU's outbox no
-        // longer holds it either).
-        let mut dispatch = None;
-        if let (Some(hub_id), true) = (view.hub_id.clone(), before.confirmation.is_some()) {
-            match self
-                .platform
-                .hub_dispatch(hub_id, HubCommand::Cancel(order_id.clone()))
-                .await
-            {
-                Ok(d) => dispatch = Some(d),
-                Err(actors::CommandError::Rejected(domain::Rejection::NotFound { .. })) => {}
-                Err(e) => tracing::warn!(%order_id, error = %e, "cancelled order's dispatch not withdrawn"),
-            }
+        // Confirmed while this cancel ran, or cancelled before: the SKU's outbox withdraws
+        // the dispatch (see `SkuState::handover`); show it as the hub has it now.
+        if dispatch.is_none() {
+            dispatch = self.dispatch_of(&view).await;
         }
         if before
             .confirmation

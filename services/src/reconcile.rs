@@ -4,6 +4,11 @@
 //! with the same amount, and every ledger must balance. Differences are listed line by
 //! line; an order that is missing from its ledger is booked, and one that cannot be
 //! reconciled (unknown, or booked with another amount) is refunded, never silently kept.
+//! Every refund booked here withdraws the order's dispatch first, as a cancel does, and is
+//! not booked if the parcel has left its hub. An order refunded in its ledger must not reach
+//! its buyer either: one its hub delivered (or is delivering) all the same is a difference,
+//! and one whose dispatch is still open (a refund booked before refunds withdrew dispatches)
+//! is withdrawn.
 //!
 //! Ledgers are read before the SKU journals: an order reaches a ledger only after its
 //! confirmation is durable in its SKU's journal, so every booked order is in the journals
@@ -11,13 +16,16 @@
 //! flight, not a difference) or is looked up again in its ledger before it is reported.
 
 use crate::platform::Platform;
+use crate::settlement::withdraw_and_refund;
+use crate::status::from_command_error;
 use actors::codec;
-use actors::Journal;
+use actors::{CommandError, Journal};
 use domain::drop::{DropEvent, DropSpec};
-use domain::ledger::{LedgerCommand, LedgerInput, LedgerReply, OrderBooking, RefundReason, SaleFacts};
+use domain::hub::{DispatchOrder, HubCommand, Stage};
+use domain::ledger::{LedgerCommand, LedgerInput, LedgerReply, OrderBooking, RefundReason, Reversal, SaleFacts};
 use domain::limits::STATEMENT_PAGE_MAX;
 use domain::sku::{SkuEvent, SkuState};
-use domain::{Aggregate, CreatorId, OrderId};
+use domain::{Aggregate, CreatorId, HubId, OrderId, Rejection};
 use proto::settlement::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -55,9 +63,20 @@ async fn drop_spec(journal: &dyn Journal, stream: &str) -> Result<Option<Arc<Dro
     Ok(None)
 }
 
-/// Every confirmed order of a drop's SKUs as its journal records it, and whether each is
-/// still in its SKU's outbox to the ledger.
-async fn sales_of(journal: &dyn Journal, spec: &DropSpec) -> Result<Vec<(SaleFacts, bool)>, Status> {
+/// A confirmed order as its SKU's journal records it.
+struct Sale {
+    facts: SaleFacts,
+    /// Still in its SKU's outbox to the ledger.
+    to_ledger: bool,
+    /// Its hub and what the hub needs of it (to withdraw its dispatch).
+    dispatch: Option<(HubId, DispatchOrder)>,
+    /// Still in its SKU's outbox to its hub (not handed over yet, or a withdrawal the hub
+    /// has not acknowledged).
+    to_hub: bool,
+}
+
+/// Every confirmed order of a drop's SKUs as its journal records it.
+async fn sales_of(journal: &dyn Journal, spec: &DropSpec) -> Result<Vec<Sale>, Status> {
     let mut out = Vec::new();
     for sku in &spec.skus {
         let stream = format!("sku/{}/{}", spec.drop_id, sku.sku_id);
@@ -76,7 +95,12 @@ async fn sales_of(journal: &dyn Journal, spec: &DropSpec) -> Result<Vec<(SaleFac
         ids.sort();
         for id in ids {
             if let Some(facts) = state.sale_facts(id) {
-                out.push((facts, state.ledger_outbox.contains_key(id)));
+                out.push(Sale {
+                    facts,
+                    to_ledger: state.ledger_outbox.contains_key(id),
+                    dispatch: state.dispatch_order(id),
+                    to_hub: state.handover.contains(id),
+                });
             }
         }
     }
@@ -145,11 +169,37 @@ impl Run<'_> {
         });
     }
 
-    /// Books the SKU's facts (a missing sale, or a cancellation not refunded).
-    async fn book(&mut self, creator: &CreatorId, facts: &SaleFacts, kind: &str, detail: String) -> Result<(), Status> {
+    /// Withdraws an order's dispatch before a refund is booked; `Ok(Err(why))` when its hub
+    /// refuses (the parcel has left it).
+    async fn withdraw(&self, dispatch: Option<&(HubId, DispatchOrder)>) -> Result<Result<(), String>, Status> {
+        let Some((hub_id, order)) = dispatch else {
+            return Ok(Ok(()));
+        };
+        match self
+            .platform
+            .hub_dispatch(hub_id.clone(), HubCommand::Cancel(order.clone()))
+            .await
+        {
+            Ok(_) => Ok(Ok(())),
+            Err(CommandError::Rejected(Rejection::FailedPrecondition(why))) => Ok(Err(why)),
+            Err(e) => Err(from_command_error(e)),
+        }
+    }
+
+    /// Books the SKU's facts (a missing sale, or a cancellation not refunded: its dispatch is
+    /// withdrawn first).
+    async fn book(&mut self, creator: &CreatorId, sale: &Sale, kind: &str, detail: String) -> Result<(), Status> {
+        let facts = &sale.facts;
         if self.dry_run {
             self.difference(creator, Some(&facts.order_id), kind, detail, "none");
             return Ok(());
+        }
+        if facts.cancelled_at.is_some() {
+            if let Err(why) = self.withdraw(sale.dispatch.as_ref()).await? {
+                let detail = format!("{detail}; the refund was not booked: {why}");
+                self.difference(creator, Some(&facts.order_id), "refund_blocked", detail, "none");
+                return Ok(());
+            }
         }
         match self
             .ledger(creator, LedgerCommand::Sync(vec![LedgerInput::Sale(facts.clone())]))
@@ -170,11 +220,13 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Refunds an order that cannot be reconciled.
+    /// Refunds an order that cannot be reconciled, once its hub (if a SKU confirmed it)
+    /// has withdrawn its dispatch.
     async fn refund(
         &mut self,
         creator: &CreatorId,
         order_id: &OrderId,
+        dispatch: Option<(HubId, DispatchOrder)>,
         kind: &str,
         detail: String,
     ) -> Result<(), Status> {
@@ -182,11 +234,8 @@ impl Run<'_> {
             self.difference(creator, Some(order_id), kind, detail, "none");
             return Ok(());
         }
-        let command = LedgerCommand::Refund {
-            order_id: order_id.clone(),
-            reason: RefundReason::Unreconciled(detail.clone()),
-        };
-        match self.ledger(creator, command).await {
+        let reason = RefundReason::Unreconciled(detail.clone());
+        match withdraw_and_refund(self.platform, creator, order_id, reason, dispatch).await {
             Ok(_) => {
                 self.report.refunded += 1;
                 self.difference(creator, Some(order_id), kind, detail, "refunded");
@@ -199,6 +248,56 @@ impl Run<'_> {
                 "none",
             ),
             Err(s) => return Err(s),
+        }
+        Ok(())
+    }
+
+    /// An order refunded in its ledger must not reach its buyer: one its hub delivered or
+    /// handed to a courier all the same is a difference for an operator, and a dispatch still
+    /// open (or an order still on its way to its hub) is withdrawn.
+    async fn check_refunded(&mut self, creator: &CreatorId, sale: &Sale, booking: &OrderBooking) -> Result<(), Status> {
+        let Some((Reversal::Refunded(reason), _)) = &booking.reversed else {
+            return Ok(());
+        };
+        let Some((hub_id, _)) = &sale.dispatch else {
+            return Ok(());
+        };
+        let order_id = &sale.facts.order_id;
+        let command = HubCommand::GetDispatch(order_id.clone());
+        let stage = match self.platform.hub_dispatch(hub_id.clone(), command).await {
+            Ok(d) => Some(d.stage),
+            Err(CommandError::Rejected(Rejection::NotFound { .. })) => None,
+            Err(e) => return Err(from_command_error(e)),
+        };
+        let refunded = reason.describe();
+        let order = Some(order_id);
+        match (stage, booking.delivered_at) {
+            (Some(Stage::Delivered { at, .. }), _) | (None, Some(at)) => {
+                let detail = format!("{refunded}, but hub {hub_id} delivered it at {} (unix ms)", at.0);
+                self.difference(creator, order, "refunded_but_delivered", detail, "none");
+            }
+            (Some(Stage::PickedUp { .. }), _) => {
+                let detail = format!("{refunded}, but a courier picked it up at hub {hub_id}");
+                self.difference(creator, order, "refunded_but_picked_up", detail, "none");
+            }
+            (Some(Stage::Cancelled { .. } | Stage::Failed { .. }), _) => {}
+            // The hub acknowledged it and has since forgotten it (finished long ago).
+            (None, None) if !sale.to_hub => {}
+            // Still open at its hub, or on its way there.
+            _ => {
+                let detail = format!("{refunded}, but its dispatch at hub {hub_id} was not withdrawn");
+                if self.dry_run {
+                    self.difference(creator, order, "refunded_not_withdrawn", detail, "none");
+                } else {
+                    match self.withdraw(sale.dispatch.as_ref()).await? {
+                        Ok(()) => self.difference(creator, order, "refunded_not_withdrawn", detail, "withdrawn"),
+                        Err(why) => {
+                            let detail = format!("{refunded}, but {why}");
+                            self.difference(creator, order, "refunded_but_picked_up", detail, "none");
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -235,7 +334,8 @@ pub async fn run(platform: &Platform, dry_run: bool) -> Result<pb::ReconcileRepo
     for spec in &specs {
         run.report.skus += spec.skus.len() as u64;
         let creator = &spec.creator_id;
-        for (facts, in_outbox) in sales_of(journal, spec).await? {
+        for sale in sales_of(journal, spec).await? {
+            let facts = &sale.facts;
             run.report.orders += 1;
             seen.insert(facts.order_id.clone());
             let booked = ledgers.get(creator).and_then(|l| l.get(&facts.order_id)).cloned();
@@ -244,11 +344,15 @@ pub async fn run(platform: &Platform, dry_run: bool) -> Result<pb::ReconcileRepo
                 Some(b) if b.gross != facts.gross => {
                     let detail = format!("booked as {} but the SKU journal says {}", b.gross, facts.gross);
                     if b.reversed.is_none() {
-                        run.refund(creator, &facts.order_id, "amount_mismatch", detail).await?;
+                        let dispatch = sale.dispatch.clone();
+                        run.refund(creator, &facts.order_id, dispatch, "amount_mismatch", detail)
+                            .await?;
+                    } else {
+                        run.check_refunded(creator, &sale, &b).await?;
                     }
                 }
-                Some(b) if in_order(&b) => {}
-                _ if in_outbox => run.report.in_flight += 1,
+                Some(b) if in_order(&b) => run.check_refunded(creator, &sale, &b).await?,
+                _ if sale.to_ledger => run.report.in_flight += 1,
                 _ => {
                     // Booked since the ledger was read?
                     let now = run.booking(creator, &facts.order_id).await?;
@@ -256,11 +360,11 @@ pub async fn run(platform: &Platform, dry_run: bool) -> Result<pb::ReconcileRepo
                         Some(b) if in_order(&b) => {}
                         Some(_) => {
                             let detail = "cancelled after confirmation, but not refunded".to_string();
-                            run.book(creator, &facts, "missing_refund", detail).await?;
+                            run.book(creator, &sale, "missing_refund", detail).await?;
                         }
                         None => {
                             let detail = format!("confirmed for {} but not in the ledger", facts.gross);
-                            run.book(creator, &facts, "missing_sale", detail).await?;
+                            run.book(creator, &sale, "missing_sale", detail).await?;
                         }
                     }
                 }
@@ -275,7 +379,7 @@ pub async fn run(platform: &Platform, dry_run: bool) -> Result<pb::ReconcileRepo
             let known = seen.contains(order_id) && owner.get(&drop_id) == Some(&creator);
             if !known && b.reversed.is_none() {
                 let detail = format!("booked for {} but no SKU journal confirms it for this creator", b.gross);
-                run.refund(creator, order_id, "unknown_order", detail).await?;
+                run.refund(creator, order_id, None, "unknown_order", detail).await?;
             }
         }
     }

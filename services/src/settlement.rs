@@ -1,18 +1,23 @@
 //! dropline.settlement.v1.SettlementService: creators' ledgers as creators and operators
 //! see them. A creator reads (and pays out) its own ledger only; operators see every ledger
-//! and alone register creators, record returns, refund orders and reconcile.
+//! and alone register creators, record returns, refund orders and reconcile. A refund stops
+//! the order's parcel first (`withdraw_and_refund`), so a buyer never keeps both.
 
 use crate::auth::{calling_creator, creator_scope, hash, is_operator, new_creator_credential, require_operator};
 use crate::convert::{self, Check};
 use crate::platform::Platform;
-use crate::status::from_command_error;
+use crate::status::{from_command_error, from_rejection};
+use actors::hosted::expect_order;
+use actors::CommandError;
+use domain::hub::{DispatchOrder, HubCommand};
 use domain::ledger::{
     Account, CurrencyBalance, Entry, EntryKind, LedgerCommand, LedgerReply, OrderBooking, Payout, RefundReason,
     Reversal, Statement, StatementQuery,
 };
 use domain::limits::{STATEMENT_PAGE_MAX, WATCH_STREAM_MAX_MS};
 use domain::registry::{RegistryCommand, RegistryReply};
-use domain::{CreatorId, IdempotencyKey, OrderId, UnixMillis};
+use domain::sku::SkuCommand;
+use domain::{CreatorId, HubId, IdempotencyKey, OrderId, Rejection, UnixMillis};
 use proto::settlement::v1 as pb;
 use proto::settlement::v1::settlement_service_server::SettlementService;
 use std::pin::Pin;
@@ -62,24 +67,35 @@ impl Settlement {
         Ok(owner)
     }
 
-    /// An operator's change to one order's settlement (a return, a refund) with a reason.
-    async fn operator_order_action<T>(
+    /// The order an operator changes the settlement of (a return, a refund) with a reason,
+    /// and the creator whose ledger books it.
+    async fn operator_order<T>(
         &self,
         request: &Request<T>,
         order_id: &str,
         reason: &str,
-        command: impl FnOnce(OrderId, String) -> LedgerCommand,
-    ) -> Result<Response<pb::OrderSettlement>, Status> {
+    ) -> Result<(OrderId, CreatorId), Status> {
         require_operator(request)?;
         let mut check = Check::default();
         let parsed = check.parse("order_id", order_id, OrderId::parse);
         check.text("reason", reason, false);
         let order_id = check.finish(|| parsed)?;
         let creator = self.order_owner(request, &order_id).await?;
-        let reply = self
-            .ledger(&creator, command(order_id.clone(), reason.to_string()))
-            .await?;
-        Ok(Response::new(self.order_reply(&creator, &order_id, reply)?))
+        Ok((order_id, creator))
+    }
+
+    /// The order's hub and what the hub needs of it, as its SKU has it (None: no SKU has
+    /// the order confirmed).
+    async fn order_dispatch(&self, order_id: &OrderId) -> Result<Option<(HubId, DispatchOrder)>, Status> {
+        let (drop_id, sku_id) = order_id.owner();
+        let command = SkuCommand::GetOrder {
+            order_id: order_id.clone(),
+        };
+        match self.platform.bus.sku_command(drop_id, sku_id, command).await {
+            Ok(reply) => Ok(expect_order(reply).map_err(from_command_error)?.dispatch_order()),
+            Err(CommandError::Rejected(Rejection::NotFound { .. })) => Ok(None),
+            Err(e) => Err(from_command_error(e)),
+        }
     }
 
     /// Registers a creator or replaces its credential: the new credential is shown once.
@@ -115,6 +131,51 @@ impl Settlement {
             other => Err(unexpected(other)),
         }
     }
+}
+
+/// Refunds an order in its creator's ledger once its hub has withdrawn the dispatch
+/// (`dispatch`: the order's hub and what it needs, for an order a SKU confirmed). The hub
+/// goes first and alone decides whether the parcel can still be stopped: once it has been
+/// picked up the refund is refused (FAILED_PRECONDITION) and nothing is booked, and no pickup
+/// can follow a withdrawal. An order already reversed (a return recorded, a refund retried)
+/// or one that failed (its remedies refunded the buyer) needs no withdrawal: the ledger
+/// answers for it.
+pub async fn withdraw_and_refund(
+    platform: &Platform,
+    creator: &CreatorId,
+    order_id: &OrderId,
+    reason: RefundReason,
+    dispatch: Option<(HubId, DispatchOrder)>,
+) -> Result<LedgerReply, Status> {
+    let booking = match platform
+        .ledger(creator, LedgerCommand::GetOrder(order_id.clone()))
+        .await?
+    {
+        LedgerReply::Order(o) => o,
+        other => return Err(unexpected(other)),
+    };
+    if let (None, None, Some((hub_id, order))) = (&booking.reversed, booking.failed_at, dispatch) {
+        platform
+            .hub_dispatch(hub_id, HubCommand::Cancel(order))
+            .await
+            .map_err(|e| match e {
+                CommandError::Rejected(Rejection::FailedPrecondition(why)) => {
+                    from_rejection(Rejection::FailedPrecondition(format!(
+                        "{why}; nothing was refunded (a parcel that comes back is refunded by recording its return)"
+                    )))
+                }
+                e => from_command_error(e),
+            })?;
+    }
+    let command = LedgerCommand::Refund {
+        order_id: order_id.clone(),
+        reason,
+    };
+    let reply = platform.ledger(creator, command).await?;
+    // Refunded: nothing will be delivered (or the parcel came back), so the buyer's address
+    // is not needed any more.
+    platform.keep_address_for(order_id, 0).await;
+    Ok(reply)
 }
 
 fn unexpected(reply: LedgerReply) -> Status {
@@ -496,24 +557,26 @@ impl SettlementService for Settlement {
         &self,
         request: Request<pb::RecordReturnRequest>,
     ) -> Result<Response<pb::OrderSettlement>, Status> {
-        let (order_id, reason) = (request.get_ref().order_id.clone(), request.get_ref().reason.clone());
-        self.operator_order_action(&request, &order_id, &reason, |order_id, reason| LedgerCommand::Return {
-            order_id,
-            reason,
-        })
-        .await
+        let r = request.get_ref();
+        let (order_id, creator) = self.operator_order(&request, &r.order_id, &r.reason).await?;
+        let command = LedgerCommand::Return {
+            order_id: order_id.clone(),
+            reason: r.reason.clone(),
+        };
+        let reply = self.ledger(&creator, command).await?;
+        Ok(Response::new(self.order_reply(&creator, &order_id, reply)?))
     }
 
     async fn refund_order(
         &self,
         request: Request<pb::RefundOrderRequest>,
     ) -> Result<Response<pb::OrderSettlement>, Status> {
-        let (order_id, reason) = (request.get_ref().order_id.clone(), request.get_ref().reason.clone());
-        self.operator_order_action(&request, &order_id, &reason, |order_id, reason| LedgerCommand::Refund {
-            order_id,
-            reason: RefundReason::Operator(reason),
-        })
-        .await
+        let r = request.get_ref();
+        let (order_id, creator) = self.operator_order(&request, &r.order_id, &r.reason).await?;
+        let dispatch = self.order_dispatch(&order_id).await?;
+        let reason = RefundReason::Operator(r.reason.clone());
+        let reply = withdraw_and_refund(&self.platform, &creator, &order_id, reason, dispatch).await?;
+        Ok(Response::new(self.order_reply(&creator, &order_id, reply)?))
     }
 
     async fn reconcile(&self, request: Request<pb::ReconcileRequest>) -> Result<Response<pb::ReconcileReport>, Status> {

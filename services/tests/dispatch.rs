@@ -13,21 +13,6 @@ use proto::registry::v1 as registry;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-async fn next_offer(stream: &mut tonic::Streaming<DispatchUpdate>, within: Duration) -> Dispatch {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let message = tokio::time::timeout(left, stream.message())
-            .await
-            .expect("an offer in time")
-            .unwrap()
-            .expect("stream open");
-        if let Some(Update::Offer(d)) = message.update {
-            return d;
-        }
-    }
-}
-
 /// A hub with a 2-second accept deadline and its own drop.
 async fn fast_hub(server: &TestServer, hub_id: &str, capacity: u32) {
     server

@@ -1,14 +1,15 @@
 //! Creator settlement over real gRPC: a drop's orders are delivered, cancelled and returned,
 //! and the creator's statement equals the orders minus fees to the minor unit; payouts are
-//! bounded by what is available and idempotent; a creator sees only its own ledger; and
-//! reconciliation finds nothing to fix, or refunds what it cannot match.
+//! bounded by what is available and idempotent; a creator sees only its own ledger;
+//! reconciliation finds nothing to fix, or refunds what it cannot match; and a refund stops
+//! the parcel (its courier is told) or is refused once the parcel has left its hub, so a
+//! buyer never keeps both parcel and money unnoticed.
 
 mod common;
 
 use common::*;
-use domain::ledger::{LedgerCommand, LedgerInput, SaleFacts};
+use domain::ledger::{LedgerCommand, LedgerInput, RefundReason, SaleFacts};
 use proto::checkout::v1::*;
-use proto::dispatch::v1::dispatch_update::Update;
 use proto::dispatch::v1::*;
 use proto::operator::v1::SettlementTerms;
 use proto::settlement::v1 as pb;
@@ -24,6 +25,8 @@ const DELIVERY_FEE: i64 = 333;
 // Long enough for the deliveries, a refund and a return to be recorded inside the window on
 // a loaded machine; the kept order becomes available once it ends.
 const RETURN_WINDOW_SECS: u32 = 10;
+/// How long a test waits for an offer or a withdrawal on a courier's stream.
+const COURIER_WAIT: Duration = Duration::from_secs(10);
 
 fn settlement(channel: &Channel, token: &str) -> SettlementServiceClient<Authed> {
     SettlementServiceClient::with_interceptor(channel.clone(), Bearer::new(token).unwrap())
@@ -42,21 +45,6 @@ fn expected_split(gross: i64) -> (i64, i64, i64) {
         }
     }
     (creator, platform, DELIVERY_FEE)
-}
-
-async fn next_offer(stream: &mut tonic::Streaming<DispatchUpdate>) -> proto::dispatch::v1::Dispatch {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let message = tokio::time::timeout(left, stream.message())
-            .await
-            .expect("an offer in time")
-            .unwrap()
-            .expect("stream open");
-        if let Some(Update::Offer(d)) = message.update {
-            return d;
-        }
-    }
 }
 
 async fn confirm(server: &TestServer, buyer: &str, quantity: u32) -> Order {
@@ -154,7 +142,7 @@ async fn a_drop_settles_to_the_minor_unit_and_each_creator_sees_only_its_own_led
         .await
         .unwrap();
     for _ in 0..3 {
-        let offer = next_offer(&mut offers).await;
+        let offer = next_offer(&mut offers, COURIER_WAIT).await;
         if offer.order_id == cancelled.order_id {
             continue;
         }
@@ -495,6 +483,317 @@ async fn reconciliation_lists_and_refunds_an_order_no_sku_journal_confirms() {
         clean.differences.is_empty() && clean.balanced,
         "{:?}",
         clean.differences
+    );
+    server.stop().await;
+}
+
+/// A courier subscribed to hub-1's offers, and a drop selling from hub-1.
+async fn courier_and_drop(
+    server: &TestServer,
+    partner_id: &str,
+    drop_id: &str,
+) -> (Courier, tonic::Streaming<DispatchUpdate>) {
+    let token = courier(&server.channel, partner_id, "hub-1", 1).await;
+    let mut client = courier_client(&server.channel, &token);
+    let stream = client.subscribe(SubscribeRequest {}).await.unwrap().into_inner();
+    open_drop(server, drop_request(drop_id, &[("sku", 10)], 5, 600)).await;
+    (client, stream)
+}
+
+type Courier = dispatch_service_client::DispatchServiceClient<Authed>;
+
+/// The courier accepts the dispatch and picks its parcel up.
+async fn pick_up(courier: &mut Courier, dispatch_id: &str, pickup_code: &str) {
+    let dispatch_id = dispatch_id.to_string();
+    courier
+        .accept(AcceptRequest {
+            dispatch_id: dispatch_id.clone(),
+        })
+        .await
+        .unwrap();
+    courier
+        .mark_picked_up(MarkPickedUpRequest {
+            dispatch_id,
+            pickup_code: pickup_code.into(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn deliver(courier: &mut Courier, dispatch_id: &str) {
+    courier
+        .mark_delivered(MarkDeliveredRequest {
+            dispatch_id: dispatch_id.into(),
+            proof_reference: "photo".into(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn tracking_stage(server: &TestServer, order_id: &str) -> i32 {
+    let order = server
+        .checkout()
+        .get_order(GetOrderRequest {
+            order_id: order_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    order.tracking.expect("a confirmed order is tracked").stage
+}
+
+async fn statement_kinds(ops: &mut SettlementServiceClient<Authed>) -> Vec<i32> {
+    let statement = ops
+        .get_statement(pb::GetStatementRequest {
+            creator_id: "creator-1".into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    statement.lines.iter().map(|l| l.kind).collect()
+}
+
+/// A refund booked straight in the ledger, behind the hub's back, as refunds were booked
+/// before they withdrew dispatches.
+async fn refund_in_ledger_only(server: &TestServer, order_id: &str) {
+    let command = LedgerCommand::Refund {
+        order_id: domain::OrderId::parse(order_id).unwrap(),
+        reason: RefundReason::Operator("booked before refunds withdrew dispatches".into()),
+    };
+    let creator = domain::CreatorId::parse("creator-1").unwrap();
+    server.platform.bus.creator_command(creator, command).await.unwrap();
+}
+
+async fn reconcile(ops: &mut SettlementServiceClient<Authed>, dry_run: bool) -> pb::ReconcileReport {
+    ops.reconcile(pb::ReconcileRequest { dry_run })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn difference<'a>(report: &'a pb::ReconcileReport, order_id: &str) -> (&'a str, &'a str) {
+    let d = report
+        .differences
+        .iter()
+        .find(|d| d.order_id == order_id)
+        .unwrap_or_else(|| panic!("no difference for {order_id}: {:?}", report.differences));
+    (d.kind.as_str(), d.action.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunding_an_offered_order_withdraws_it_from_its_courier() {
+    let server = TestServer::start().await;
+    let (mut courier, mut offers) = courier_and_drop(&server, "dora", "refund").await;
+    let order = buy(&server, "refund", "sku", "ana").await.order.unwrap();
+    let offer = next_offer(&mut offers, COURIER_WAIT).await;
+    assert_eq!(offer.order_id, order.order_id);
+    let mut ops = settlement(&server.channel, OPERATOR_TOKEN);
+    settled(&mut ops, &order.order_id, state(pb::SettlementState::AwaitingDelivery)).await;
+
+    let refund = pb::RefundOrderRequest {
+        order_id: order.order_id.clone(),
+        reason: "damaged at the hub".into(),
+    };
+    let refunded = ops.refund_order(refund.clone()).await.unwrap().into_inner();
+    assert_eq!(refunded.state, pb::SettlementState::Refunded as i32);
+    // The courier is told, and can neither accept nor pick up the parcel.
+    let withdrawn = next_withdrawal(&mut offers, COURIER_WAIT).await;
+    assert_eq!(withdrawn.dispatch_id, offer.dispatch_id);
+    let accept = courier
+        .accept(AcceptRequest {
+            dispatch_id: offer.dispatch_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(accept.code(), Code::FailedPrecondition, "{accept:?}");
+    let pickup = courier
+        .mark_picked_up(MarkPickedUpRequest {
+            dispatch_id: offer.dispatch_id.clone(),
+            pickup_code: order.pickup_code.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(pickup.code(), Code::FailedPrecondition, "{pickup:?}");
+    // The buyer sees it cancelled; a retried refund books nothing more.
+    assert_eq!(
+        tracking_stage(&server, &order.order_id).await,
+        TrackingStage::Cancelled as i32
+    );
+    let again = ops.refund_order(refund).await.unwrap().into_inner();
+    assert_eq!(again.state, pb::SettlementState::Refunded as i32);
+    use pb::LineKind::*;
+    assert_eq!(statement_kinds(&mut ops).await, [Sale as i32, Refund as i32]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_after_pickup_is_refused_and_changes_nothing_until_a_return_is_recorded() {
+    let server = TestServer::start().await;
+    let (mut courier, mut offers) = courier_and_drop(&server, "dora", "parcel").await;
+    let order = buy(&server, "parcel", "sku", "ana").await.order.unwrap();
+    let dispatch_id = next_offer(&mut offers, COURIER_WAIT).await.dispatch_id;
+    pick_up(&mut courier, &dispatch_id, &order.pickup_code).await;
+    let mut ops = settlement(&server.channel, OPERATOR_TOKEN);
+    settled(&mut ops, &order.order_id, state(pb::SettlementState::AwaitingDelivery)).await;
+
+    let refund = pb::RefundOrderRequest {
+        order_id: order.order_id.clone(),
+        reason: "the buyer changed their mind".into(),
+    };
+    let refused = ops.refund_order(refund.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains(&order.order_id), "{refused:?}");
+    // Nothing was booked and nothing was withdrawn: the parcel is on its way.
+    let unchanged = ops
+        .get_order_settlement(pb::GetOrderSettlementRequest {
+            order_id: order.order_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unchanged.state, pb::SettlementState::AwaitingDelivery as i32);
+    use pb::LineKind::*;
+    assert_eq!(statement_kinds(&mut ops).await, [Sale as i32]);
+    let held = courier
+        .get_dispatch(GetDispatchRequest {
+            dispatch_id: dispatch_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.stage, DispatchStage::PickedUp as i32);
+    assert_eq!(
+        tracking_stage(&server, &order.order_id).await,
+        TrackingStage::OnItsWay as i32
+    );
+
+    // Delivered, then returned: the return refunds the buyer, and a refund after it is
+    // allowed and books nothing more.
+    deliver(&mut courier, &dispatch_id).await;
+    settled(&mut ops, &order.order_id, state(pb::SettlementState::InReturnWindow)).await;
+    ops.record_return(pb::RecordReturnRequest {
+        order_id: order.order_id.clone(),
+        reason: "came back unopened".into(),
+    })
+    .await
+    .unwrap();
+    let after_return = ops.refund_order(refund).await.unwrap().into_inner();
+    assert_eq!(after_return.state, pb::SettlementState::Returned as i32);
+    assert_eq!(statement_kinds(&mut ops).await, [Sale as i32, Return as i32]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_reports_a_refunded_order_that_was_delivered_and_withdraws_one_still_open() {
+    let server = TestServer::start().await;
+    let (mut courier, mut offers) = courier_and_drop(&server, "eve", "late").await;
+    let delivered = buy(&server, "late", "sku", "ana").await.order.unwrap();
+    let open = buy(&server, "late", "sku", "bea").await.order.unwrap();
+    let (first, second) = (
+        next_offer(&mut offers, COURIER_WAIT).await,
+        next_offer(&mut offers, COURIER_WAIT).await,
+    );
+    let (delivered_offer, open_offer) = if first.order_id == delivered.order_id {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let mut ops = settlement(&server.channel, OPERATOR_TOKEN);
+    for order in [&delivered, &open] {
+        settled(&mut ops, &order.order_id, state(pb::SettlementState::AwaitingDelivery)).await;
+        refund_in_ledger_only(&server, &order.order_id).await;
+    }
+    // One parcel reaches its buyer all the same.
+    pick_up(&mut courier, &delivered_offer.dispatch_id, &delivered.pickup_code).await;
+    deliver(&mut courier, &delivered_offer.dispatch_id).await;
+
+    let dry = reconcile(&mut ops, true).await;
+    assert_eq!(
+        difference(&dry, &delivered.order_id),
+        ("refunded_but_delivered", "none")
+    );
+    assert_eq!(difference(&dry, &open.order_id), ("refunded_not_withdrawn", "none"));
+    assert_eq!(dry.differences.len(), 2, "{:?}", dry.differences);
+    assert!(!dry.balanced);
+    let fixed = reconcile(&mut ops, false).await;
+    assert_eq!(
+        difference(&fixed, &delivered.order_id),
+        ("refunded_but_delivered", "none")
+    );
+    assert_eq!(
+        difference(&fixed, &open.order_id),
+        ("refunded_not_withdrawn", "withdrawn")
+    );
+    assert!(
+        !fixed.balanced,
+        "a refunded order that was delivered stays open for an operator"
+    );
+    // The open dispatch was withdrawn as a cancel withdraws it.
+    assert_eq!(
+        next_withdrawal(&mut offers, COURIER_WAIT).await.dispatch_id,
+        open_offer.dispatch_id
+    );
+    assert_eq!(
+        tracking_stage(&server, &open.order_id).await,
+        TrackingStage::Cancelled as i32
+    );
+    let again = reconcile(&mut ops, true).await;
+    assert_eq!(again.differences.len(), 1, "{:?}", again.differences);
+    assert_eq!(
+        difference(&again, &delivered.order_id),
+        ("refunded_but_delivered", "none")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_withdraws_the_dispatch_of_an_order_it_refunds() {
+    let server = TestServer::start().await;
+    let (_courier, mut offers) = courier_and_drop(&server, "fred", "mismatch").await;
+    let held = server
+        .checkout()
+        .reserve(reserve("mismatch", "sku", "ana", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    // The ledger books the order with another amount before its SKU's facts arrive (say, a
+    // message replayed from elsewhere): reconciliation cannot match it and refunds it.
+    let facts = SaleFacts {
+        order_id: domain::OrderId::parse(&held.order_id).unwrap(),
+        drop_id: domain::DropId::parse("mismatch").unwrap(),
+        gross: domain::Money::new(9_999, domain::Currency::parse("EUR").unwrap()),
+        terms: Default::default(),
+        confirmed_at: domain::UnixMillis(1),
+        cancelled_at: None,
+    };
+    let creator = domain::CreatorId::parse("creator-1").unwrap();
+    server
+        .platform
+        .bus
+        .creator_command(creator, LedgerCommand::Sync(vec![LedgerInput::Sale(facts)]))
+        .await
+        .unwrap();
+    let order = server
+        .checkout()
+        .confirm(pickup(&held.order_id, 2_500))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    let offer = next_offer(&mut offers, COURIER_WAIT).await;
+    let mut ops = settlement(&server.channel, OPERATOR_TOKEN);
+    let report = reconcile(&mut ops, false).await;
+    assert_eq!(difference(&report, &order.order_id), ("amount_mismatch", "refunded"));
+    assert_eq!(
+        next_withdrawal(&mut offers, COURIER_WAIT).await.dispatch_id,
+        offer.dispatch_id
+    );
+    assert_eq!(
+        tracking_stage(&server, &order.order_id).await,
+        TrackingStage::Cancelled as i32
     );
     server.stop().await;
 }

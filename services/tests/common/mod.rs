@@ -250,6 +250,53 @@ async fn connect_to(addr: SocketAddr, mut child: Option<&mut std::process::Child
     panic!("server at {addr} never answered");
 }
 
+/// The next update on a courier's stream that `pick` takes (others are skipped), waiting at
+/// most `within` for it.
+pub async fn next_update<T>(
+    stream: &mut tonic::Streaming<proto::dispatch::v1::DispatchUpdate>,
+    within: Duration,
+    pick: impl Fn(proto::dispatch::v1::dispatch_update::Update) -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let message = tokio::time::timeout(left, stream.message())
+            .await
+            .expect("the update in time")
+            .unwrap()
+            .expect("stream open");
+        if let Some(update) = message.update.and_then(&pick) {
+            return update;
+        }
+    }
+}
+
+/// The next offer on a courier's stream.
+pub async fn next_offer(
+    stream: &mut tonic::Streaming<proto::dispatch::v1::DispatchUpdate>,
+    within: Duration,
+) -> proto::dispatch::v1::Dispatch {
+    use proto::dispatch::v1::dispatch_update::Update;
+    next_update(stream, within, |u| match u {
+        Update::Offer(d) => Some(d),
+        Update::Withdrawn(_) => None,
+    })
+    .await
+}
+
+/// The next withdrawal on a courier's stream.
+pub async fn next_withdrawal(
+    stream: &mut tonic::Streaming<proto::dispatch::v1::DispatchUpdate>,
+    within: Duration,
+) -> proto::dispatch::v1::Withdrawal {
+    use proto::dispatch::v1::dispatch_update::Update;
+    next_update(stream, within, |u| match u {
+        Update::Withdrawn(w) => Some(w),
+        Update::Offer(_) => None,
+    })
+    .await
+}
+
 pub fn ts(offset_secs: i64) -> prost_types::Timestamp {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
     prost_types::Timestamp {
