@@ -145,6 +145,7 @@ impl tonic::service::Interceptor for Authenticator {
                 if self.operator.matches(&token_hash) {
                     Caller::Operator
                 } else if let Some(partner) = self.projections.directory.partner_by_credential(&token_hash) {
+                    crate::tls::check_partner_certificate(&request, partner.spec.partner_id.as_str())?;
                     Caller::Partner(partner)
                 } else if let Some(creator) = self.projections.directory.creator_by_credential(&token_hash) {
                     Caller::Creator(creator)
@@ -171,6 +172,16 @@ pub fn require_operator<T>(request: &Request<T>) -> Result<(), Status> {
         Caller::Operator => Ok(()),
         Caller::Anonymous => Err(Status::unauthenticated("this call needs the operator credential")),
         Caller::Partner(_) | Caller::Creator(_) => Err(Status::permission_denied("this call is for operators")),
+    }
+}
+
+/// The refusal of a caller without the role a call needs: UNAUTHENTICATED only when no
+/// credential came; a known credential of another kind authenticated fine, so it is
+/// PERMISSION_DENIED (a client must not be told to fetch a new credential it does not need).
+pub fn refuse<T>(request: &Request<T>, needed: &str) -> Status {
+    match caller(request) {
+        Caller::Anonymous => Status::unauthenticated(format!("this call needs {needed}")),
+        _ => Status::permission_denied(format!("this call needs {needed}")),
     }
 }
 
