@@ -61,7 +61,7 @@ pub async fn run(args: SettlementArgs) -> anyhow::Result<()> {
     let channel = crate::tls::endpoint(&args.server, &args.tls)?
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", args.server))?;
+        .map_err(|e| anyhow::Error::new(e).context(format!("connecting to {}", args.server)))?;
     let mut client = SettlementServiceClient::with_interceptor(channel, Bearer::new(&token)?);
     match args.command {
         SettlementCommand::Statement {
