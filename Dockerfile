@@ -37,7 +37,8 @@ USER 65532:65532
 ENV DROPLINE_CONFIG=/etc/dropline/dropline.toml
 EXPOSE 50051
 VOLUME ["/var/lib/dropline"]
-# For plain Docker; Kubernetes uses its own gRPC probes (see k8s/ and helm/).
+# For plain Docker; Kubernetes uses its own gRPC probes (see k8s/ and helm/). Served over TLS,
+# give the check its way in too: -e DROPLINE_SERVER=https://localhost:50051 -e DROPLINE_TLS_CA=…
 HEALTHCHECK --interval=10s --timeout=3s --start-period=90s \
     CMD ["/usr/local/bin/dropline", "health", "--service", "liveness"]
 ENTRYPOINT ["/usr/local/bin/dropline"]

@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dropline/bench/v1/echo.proto",
     ];
     tonic_prost_build::configure()
+        // Undecodable requests are INVALID_ARGUMENT, not INTERNAL (see src/codec.rs).
+        .codec_path("crate::codec::StrictProstCodec")
         .file_descriptor_set_path(out_dir.join("dropline_descriptor.bin"))
         .compile_protos(&protos, &[".", well_known.to_str().ok_or("non-utf8 include path")?])?;
     for proto in protos {

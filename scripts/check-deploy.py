@@ -6,12 +6,15 @@ checks what can be checked without them, with the real tools where they exist:
 
 1. Dockerfile: parsed by BuildKit's parser (the `dockerfile` package); multi-stage, a locked
    release build, a non-root runtime user, the entrypoint and port the manifests expect.
-2. k8s/: `kubectl kustomize` of the base and both overlays; every object validated (strict)
+2. k8s/: `kubectl kustomize` of the base and the overlays (production-tls: with the TLS
+   components); every object validated (strict)
    against the Kubernetes 1.27 and 1.37 schemas (kubernetes-validate); then what schemas
    cannot see: selectors that select, references that resolve, probes on grpc.health.v1 with
-   the right service names, a grace period that covers Dropline's drain, resources on every
+   the right service names (kubelet's gRPC probes in plaintext, `dropline health` over TLS),
+   a grace period that covers Dropline's drain, resources on every
    container, non-root pods; nats.conf through `nats-server -t`; the Dropline TOML and env
-   through `dropline serve --check-config`.
+   through `dropline serve --check-config` (with throwaway certificates from `openssl` where
+   they name TLS files).
 3. helm/dropline: Helm 4's own lint, schema check and renderer (helm-python-sdk, no helm
    binary) on the default values and every file in examples/; the rendered objects go
    through the same checks as 2; a list of bad values must each be refused.
@@ -185,8 +188,7 @@ def check_objects(docs: list[dict], label: str, external_secrets: set[str]) -> d
     c = next(c for c in spec["containers"] if c["name"] == "dropline")
     port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
     for probe, service in (("startupProbe", "liveness"), ("livenessProbe", "liveness"), ("readinessProbe", "")):
-        g = c.get(probe, {}).get("grpc")
-        C.ok(g is not None and g["port"] == port and g.get("service", "") == service,
+        C.ok(probe_asks(c.get(probe, {}), port, service),
              f"{label}: dropline {probe} asks grpc.health.v1 on port {port} for service {service!r}")
     env = {e["name"]: e for e in c.get("env", [])}
     C.ok(env.get("DROPLINE_NODE", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
@@ -211,6 +213,30 @@ def check_objects(docs: list[dict], label: str, external_secrets: set[str]) -> d
     C.ok(startup["periodSeconds"] * startup["failureThreshold"] >= 90,
          f"{label}: the startup probe allows 90 s or more (the node waits up to 60 s for JetStream)")
     return {"sts": sts, "container": c, "settings": settings, "toml": toml_text, "port": port}
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value after `flag` (or in `flag=value`) in a command line."""
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def probe_asks(probe: dict, port: int, service: str) -> bool:
+    """Whether a probe asks grpc.health.v1 on `port` for `service`: kubelet's own gRPC probe
+    (plaintext), or, over TLS, `dropline health` run in the container against that port."""
+    if "grpc" in probe:
+        g = probe["grpc"]
+        return g["port"] == port and g.get("service", "") == service
+    command = probe.get("exec", {}).get("command", [])
+    if not command or not command[0].endswith("/dropline") or command[1:2] != ["health"]:
+        return False
+    server = flag_value(command, "--server") or ""
+    return (re.fullmatch(rf"https://(127\.0\.0\.1|localhost):{port}", server) is not None
+            and (flag_value(command, "--service") or "") == service)
 
 
 def nats_conf(docs: list[dict]) -> tuple[str, dict] | None:
@@ -279,11 +305,16 @@ def pod_env(facts: dict, tmp: pathlib.Path, nats: str | None, pod_index: int = 0
         text = re.sub(r'^nats\s*=.*$', f'nats = "{nats}"', text, flags=re.M)
     if listen is not None:
         text = re.sub(r'^listen\s*=.*$', f'listen = "{listen}"', text, flags=re.M)
+    # TLS files come from Secrets the pod mounts: throwaway ones stand in for them here.
+    text = re.sub(r'^(tls_cert|tls_key|tls_client_ca)\s*=.*$',
+                  lambda m: f'{m.group(1)} = "{test_tls_files(tmp)[TLS_KEYS[m.group(1)]]}"', text, flags=re.M)
     config = tmp / f"dropline-{pod_index}.toml"
     config.write_text(text)
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")}
     for e in facts["container"].get("env", []):
-        if "value" in e:
+        if e["name"] in TLS_ENV:
+            env[e["name"]] = str(test_tls_files(tmp)[TLS_ENV[e["name"]]])
+        elif "value" in e:
             env[e["name"]] = e["value"]
         elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
             env[e["name"]] = pod
@@ -291,6 +322,24 @@ def pod_env(facts: dict, tmp: pathlib.Path, nats: str | None, pod_index: int = 0
             env[e["name"]] = "rehearsal-operator-credential-0123456789"
     env["DROPLINE_CONFIG"] = str(config)
     return env, config
+
+
+TLS_KEYS = {"tls_cert": "cert", "tls_key": "key", "tls_client_ca": "ca"}
+TLS_ENV = {"DROPLINE_TLS_CERT": "cert", "DROPLINE_TLS_KEY": "key", "DROPLINE_TLS_CLIENT_CA": "ca"}
+
+
+def test_tls_files(tmp: pathlib.Path) -> dict[str, pathlib.Path]:
+    """A self-signed certificate and its key under tmp/tls (made once), which also serves as
+    the client CA: what `--check-config` reads in place of the pod's Secrets."""
+    d = tmp / "tls"
+    files = {"cert": d / "tls.crt", "key": d / "tls.key", "ca": d / "tls.crt"}
+    if not files["cert"].exists():
+        d.mkdir(exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", str(files["key"]), "-out", str(files["cert"]), "-days", "1",
+                        "-subj", "/CN=dropline", "-addext", "subjectAltName=DNS:localhost"],
+                       check=True, capture_output=True)
+    return files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +406,7 @@ def kustomize(path: pathlib.Path) -> list[dict]:
 def check_kustomize(dropline: pathlib.Path) -> tuple[list[list[dict]], dict]:
     section("k8s/ (kubectl kustomize, Kubernetes schemas, semantics)")
     rendered, base_facts = [], None
-    for rel in ["k8s/base", "k8s/overlays/dev", "k8s/overlays/production"]:
+    for rel in ["k8s/base", "k8s/overlays/dev", "k8s/overlays/production", "k8s/overlays/production-tls"]:
         docs = kustomize(ROOT / rel)
         if not C.ok(bool(docs), f"{rel}: renders"):
             continue
@@ -371,11 +420,15 @@ def check_kustomize(dropline: pathlib.Path) -> tuple[list[list[dict]], dict]:
         if rel.endswith("dev"):
             C.ok(any(d["kind"] == "Secret" for d in docs), f"{rel}: generates its dev-only credential")
             C.ok(dropline_statefulset(docs)["spec"]["replicas"] < 3, f"{rel}: a smaller cluster")
-        if rel.endswith("production"):
+        if "production" in rel:
             tsc = dropline_statefulset(docs)["spec"]["template"]["spec"]["topologySpreadConstraints"]
             C.ok(any(t["whenUnsatisfiable"] == "DoNotSchedule" and t["topologyKey"] == "kubernetes.io/hostname" for t in tsc),
                  f"{rel}: nodes spread evenly over machines (required)")
             C.ok(not any(d["kind"] == "Secret" for d in docs), f"{rel}: no credential in the manifests")
+        if rel.endswith("production-tls"):
+            env = {e["name"] for e in facts["container"].get("env", [])}
+            C.ok({"DROPLINE_TLS_CERT", "DROPLINE_TLS_KEY", "DROPLINE_TLS_CLIENT_CA"} <= env,
+                 f"{rel}: serves over TLS and accepts partners' client certificates")
         if rel == "k8s/base":
             base_facts = facts
         rendered.append(docs)
@@ -411,6 +464,9 @@ BAD_VALUES = [
     ("a single NATS server", {"nats": {"config": {"cluster": {"replicas": 1}}}, "cluster": {"journalReplicas": 1}}),
     ("memory in millibytes (512m)", {"resources": {"limits": {"memory": "512m"}}}),
     ("cpu with a memory suffix", {"resources": {"requests": {"cpu": "2Gi"}}}),
+    ("TLS without its Secret", {"tls": {"enabled": True}}),
+    ("client certificates without TLS", {"tls": {"clientCaSecretName": "partners-ca"}}),
+    ("a Secret name with capitals", {"tls": {"enabled": True, "secretName": "Dropline-TLS"}}),
 ]
 
 
@@ -463,6 +519,14 @@ def check_helm(dropline: pathlib.Path) -> list[list[dict]]:
                 hosts = facts["settings"].get("nats", "").split(",")
                 C.ok(len(hosts) == n and all(re.match(r"^nats://dropline-nats-\d\.dropline-nats-headless:4222$", h) for h in hosts),
                      f"helm {label}: Dropline lists the bundled NATS chart's {n} servers by their stable names")
+            if merged["tls"]["enabled"]:
+                settings = facts["settings"]
+                volumes = {v["name"]: v for v in facts["sts"]["spec"]["template"]["spec"]["volumes"]}
+                C.ok(settings.get("tls_cert", "").startswith("/etc/dropline-tls/")
+                     and volumes.get("tls", {}).get("secret", {}).get("secretName") == merged["tls"]["secretName"],
+                     f"helm {label}: serves over TLS with the certificate from Secret {merged['tls']['secretName']}")
+                C.ok(bool(settings.get("tls_client_ca")) == bool(merged["tls"]["clientCaSecretName"]),
+                     f"helm {label}: asks for client certificates exactly when a client CA is named")
             check_config_with_binary(dropline, facts, f"helm {label}")
             rendered.append(docs)
         for label, values in BAD_VALUES:
@@ -495,6 +559,10 @@ def check_names(dropline: pathlib.Path, rendered: list[list[dict]], dockerfile_e
                     continue
                 used_env |= {e["name"] for e in c.get("env", []) if e["name"].startswith("DROPLINE_")}
                 used_args.append(c.get("args", []))
+                for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    command = c.get(probe, {}).get("exec", {}).get("command", [])
+                    if command and command[0].endswith("/dropline"):
+                        used_args.append(command[1:])
     for name in sorted(used_env):
         C.ok(name in known_env, f"{name} is a `dropline serve` environment variable")
     for args in used_args:

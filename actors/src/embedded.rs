@@ -15,7 +15,7 @@ use domain::ledger::{LedgerCommand, LedgerReply, LedgerState};
 use domain::limits::{ACTOR_RESTART_RETRIES, ACTOR_START_TIMEOUT_MS, COMMAND_TIMEOUT_MS, PASSIVATE_BATCH_DIVISOR};
 use domain::registry::{HubSetup, RegistryCommand, RegistryReply, RegistryState};
 use domain::sku::{SkuCommand, SkuReply, SkuState};
-use domain::{CreatorId, DropId, HubId, SkuId, UnixMillis};
+use domain::{CreatorId, DropId, HubId, Rejection, SkuId, UnixMillis};
 use futures::{StreamExt, TryStreamExt};
 use kameo::actor::{ActorRef, Spawn};
 use kameo::error::{HookError, SendError};
@@ -420,7 +420,15 @@ impl CommandBus for LocalActors {
     }
 
     fn drop_command(&self, drop_id: DropId, command: DropCommand) -> BoxFuture<'_, Result<DropView, CommandError>> {
-        Box::pin(async move { self.drops.ask(&drop_id, &self.env, command).await })
+        Box::pin(async move {
+            self.drops.ask(&drop_id, &self.env, command).await.map_err(|e| match e {
+                // A drop not created yet has no spec, so its state cannot name itself: the key does.
+                CommandError::Rejected(Rejection::NotFound { what, id }) if id.is_empty() => {
+                    CommandError::Rejected(Rejection::not_found(&what, drop_id.as_str()))
+                }
+                e => e,
+            })
+        })
     }
 
     fn wake(&self, stream: String) -> BoxFuture<'_, Result<(), CommandError>> {

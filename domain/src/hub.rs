@@ -1288,6 +1288,16 @@ impl<'a> Tx<'a> {
                     .map_or_else(|| "it was withdrawn".into(), |s| s.reason.describe())
             ))
         };
+        let check_pickup_code = |code: &str| {
+            if code == d.order.pickup_code {
+                Ok(())
+            } else {
+                Err(Rejection::field(
+                    "pickup_code",
+                    "does not match the order's pickup code",
+                ))
+            }
+        };
         let sla = self.spec().sla;
         match (action, &d.stage) {
             (CourierAction::Accept, Stage::Offered { .. }) if holds => {
@@ -1317,12 +1327,7 @@ impl<'a> Tx<'a> {
                 }
             }
             (CourierAction::PickedUp { pickup_code }, Stage::Accepted { .. } | Stage::PickedUp { .. }) if holds => {
-                if pickup_code != d.order.pickup_code {
-                    return Err(Rejection::field(
-                        "pickup_code",
-                        "does not match the order's pickup code",
-                    ));
-                }
+                check_pickup_code(&pickup_code)?;
                 // Picked up already: a retry, nothing changes.
                 if matches!(d.stage, Stage::Accepted { .. }) {
                     let eta = self.eta(&d, sla.deliver_ms);
@@ -1334,6 +1339,11 @@ impl<'a> Tx<'a> {
                         at: now,
                     });
                 }
+            }
+            // Retried after the delivery: the dispatch is returned as it is (updates are
+            // idempotent), still only with the order's pickup code.
+            (CourierAction::PickedUp { pickup_code }, Stage::Delivered { partner: p, .. }) if *p == partner => {
+                check_pickup_code(&pickup_code)?;
             }
             (CourierAction::PickedUp { .. }, Stage::Offered { .. }) if holds => {
                 return Err(Rejection::FailedPrecondition(format!(

@@ -11,7 +11,8 @@ use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum IdError {
-    #[error("must not be empty")]
+    /// The id is missing (an empty string is proto3's unset field).
+    #[error("is required")]
     Empty,
     #[error("must be at most {max} characters, got {len}")]
     TooLong { len: usize, max: usize },

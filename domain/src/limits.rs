@@ -29,7 +29,9 @@ pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 3_600_000;
 /// ... and at most this many per SKU, the oldest forgotten first, so a bot cannot grow a
 /// SKU's memory without bound.
 pub const IDEMPOTENCY_KEYS_PER_SKU_MAX: usize = 1_000_000;
-/// Price of one unit: positive and below ten million major units of any currency.
+/// Price of one unit: positive and at most a billion minor units (ten million euros, a
+/// billion yen, a million Bahraini dinars: prices in circulating ISO 4217 currencies have
+/// 0, 2 or 3 decimals).
 pub const PRICE_MINOR_UNITS_MAX: i64 = 1_000_000_000;
 /// Orders per stock level: a pool with at most this share of its allocation left is LOW.
 pub const LOW_STOCK_PERCENT: u32 = 10;
@@ -110,6 +112,27 @@ pub const GRPC_CONCURRENT_STREAMS_MAX: u32 = 1_024;
 pub const GRPC_REQUESTS_IN_FLIGHT_MAX: usize = 16_384;
 /// Largest gRPC message accepted (a CreateDrop of 10,000 SKUs fits).
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Request metadata HTTP/2 accepts (SETTINGS_MAX_HEADER_LIST_SIZE, decoded, each field
+/// counted as name + value + 32 bytes). Past it h2 refuses the stream itself with HTTP 431
+/// (clients read UNKNOWN) and, past about 1.8 times it, closes the whole connection with
+/// GOAWAY, every other call on it included: h2 has no bound that fails only the one call.
+/// 1 MiB (Go's `DefaultMaxHeaderBytes`) puts that cliff far above any plausible mistake, so
+/// a bloated credential gets a clean status from `GRPC_*_BYTES_MAX` below instead. Memory
+/// stays bounded: h2 holds at most one partial header block per connection.
+pub const HTTP2_HEADER_LIST_BYTES_MAX: u32 = 1 << 20;
+/// Streams of one connection that the server may reset for the client's protocol errors
+/// before it closes the connection (h2's own default, the RUSTSEC-2024-0003 guard; tonic
+/// turns the guard off unless it is set).
+pub const HTTP2_LOCAL_ERROR_RESETS_MAX: usize = 1_024;
+/// Longest `authorization` metadata value: a bearer credential is 68 characters, a JWT a
+/// few KiB. Longer is refused UNAUTHENTICATED before any credential is hashed.
+pub const GRPC_AUTHORIZATION_BYTES_MAX: usize = 8 * 1024;
+/// All metadata of one request, counted as HTTP/2 counts it (name + value + 32 per field):
+/// a gRPC request needs a few hundred bytes. More is RESOURCE_EXHAUSTED for that call only.
+pub const GRPC_METADATA_BYTES_MAX: usize = 16 * 1024;
+/// A TLS handshake not finished in this long is dropped, so a client that opens a
+/// connection and stays silent does not hold it (and its memory) open.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// TCP keepalive on accepted gRPC connections (beside HTTP/2 pings), so connections of
 /// vanished clients behind idle-dropping middleboxes are noticed by the kernel too.
 pub const TCP_KEEPALIVE_SECS: u64 = 60;
@@ -117,6 +140,11 @@ pub const TCP_KEEPALIVE_SECS: u64 = 60;
 pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
 /// sled page cache of the embedded journal.
 pub const JOURNAL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+// Compile-time checks between related bounds: our per-call bounds must sit below what HTTP/2
+// accepts, or an oversized request would never reach the check that answers it cleanly.
+const _: () = assert!(GRPC_AUTHORIZATION_BYTES_MAX < GRPC_METADATA_BYTES_MAX);
+const _: () = assert!(GRPC_METADATA_BYTES_MAX < HTTP2_HEADER_LIST_BYTES_MAX as usize);
 
 // Registry and hubs.
 

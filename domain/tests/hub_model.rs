@@ -386,6 +386,87 @@ fn a_withdrawal_is_refused_once_picked_up_and_no_pickup_follows_one() {
     h.restart();
 }
 
+/// Runs a courier action of `who` on `id`, returning the dispatch of the reply and the events.
+fn act(h: &mut Harness, who: &PartnerId, id: &OrderId, action: CourierAction) -> (Dispatch, Vec<HubEvent>) {
+    let (events, reply) = h
+        .run(HubCommand::Courier {
+            partner: who.clone(),
+            order_id: id.clone(),
+            action,
+        })
+        .unwrap_or_else(|e| panic!("refused: {e}"));
+    let HubReply::Dispatch(d) = reply else {
+        panic!("a courier action replies with its dispatch")
+    };
+    (*d, events)
+}
+
+#[test]
+fn a_couriers_repeated_updates_return_the_dispatch_as_it_is() {
+    let mut h = Harness::new(100, [PartnerStatus::Active; 3]);
+    let o = order(9, Fulfilment::Delivery, false, h.now);
+    let (id, code) = (o.order_id.clone(), o.pickup_code.clone());
+    h.run(HubCommand::Dispatch(o)).unwrap();
+    let p = holder(&h.state, &id).unwrap();
+    let accept = || CourierAction::Accept;
+    let pick_up = || CourierAction::PickedUp {
+        pickup_code: code.clone(),
+    };
+    let deliver = || CourierAction::Delivered {
+        proof: "photo-9".into(),
+    };
+
+    let (accepted, events) = act(&mut h, &p, &id, accept());
+    assert!(!events.is_empty());
+    h.now = UnixMillis(h.now.0 + 1_000);
+    let (again, events) = act(&mut h, &p, &id, accept());
+    assert!(events.is_empty(), "a retried accept changes nothing: {events:?}");
+    assert_eq!(again, accepted);
+
+    let (picked_up, _) = act(&mut h, &p, &id, pick_up());
+    let (again, events) = act(&mut h, &p, &id, pick_up());
+    assert!(events.is_empty(), "a retried pickup changes nothing: {events:?}");
+    assert_eq!(again, picked_up);
+    let (again, events) = act(&mut h, &p, &id, accept());
+    assert!(events.is_empty(), "an accept retried after the pickup changes nothing");
+    assert_eq!(again, picked_up);
+
+    h.now = UnixMillis(h.now.0 + 1_000);
+    let (delivered, _) = act(&mut h, &p, &id, deliver());
+    assert!(matches!(delivered.stage, Stage::Delivered { .. }));
+    h.now = UnixMillis(h.now.0 + 60_000);
+    for retry in [deliver(), pick_up(), accept()] {
+        let name = action_name(&retry);
+        let (again, events) = act(&mut h, &p, &id, retry);
+        assert!(
+            events.is_empty(),
+            "a {name} retried after the delivery changes nothing: {events:?}"
+        );
+        assert_eq!(
+            again, delivered,
+            "a {name} retried after the delivery returns the dispatch as it is"
+        );
+    }
+    // A retry is still checked: the wrong pickup code is refused after the delivery too.
+    let wrong = h.run(HubCommand::Courier {
+        partner: p.clone(),
+        order_id: id.clone(),
+        action: CourierAction::PickedUp {
+            pickup_code: "nope".into(),
+        },
+    });
+    assert!(matches!(wrong, Err(Rejection::InvalidArgument(_))), "{wrong:?}");
+    // Another partner of the hub never had it.
+    let stranger = if p == partner(1) { partner(2) } else { partner(1) };
+    let other = h.run(HubCommand::Courier {
+        partner: stranger,
+        order_id: id,
+        action: CourierAction::Accept,
+    });
+    assert!(matches!(other, Err(Rejection::PermissionDenied(_))), "{other:?}");
+    h.restart();
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Cancel(u8),
@@ -469,6 +550,15 @@ proptest! {
                                 prop_assert!(answered, "swapped by {:?}", action);
                             }
                         }
+                    }
+                    // Every update is idempotent: repeated at once, it returns the dispatch as it is.
+                    if let Ok((_, HubReply::Dispatch(first))) = &result {
+                        let again = h.run(HubCommand::Courier { partner: who.clone(), order_id: o.order_id.clone(), action: action.clone() });
+                        let Ok((events, HubReply::Dispatch(second))) = again else {
+                            return Err(TestCaseError::fail(format!("{action:?} repeated was refused: {again:?}")));
+                        };
+                        prop_assert!(events.is_empty(), "{:?} repeated changed {:?}", action, events);
+                        prop_assert_eq!(first, &second);
                     }
                     // Only the holder moves a dispatch forward.
                     if before.as_ref().and_then(|d| d.stage.holder()) != Some(&who) {

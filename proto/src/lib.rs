@@ -1,5 +1,8 @@
 //! Generated protobuf and gRPC types for every Dropline context (`dropline.<context>.v1`),
-//! plus the encoded file descriptor set that server reflection serves.
+//! plus the encoded file descriptor set that server reflection serves, and the codec they
+//! all use.
+
+pub mod codec;
 
 /// Shared types: money.
 pub mod common {

@@ -168,6 +168,7 @@ impl tonic::service::Interceptor for Authenticator {
                 } else if self.operator.matches(&token_hash) {
                     Caller::Operator
                 } else if let Some(partner) = self.projections.directory.partner_by_credential(&token_hash) {
+                    crate::tls::check_partner_certificate(&request, partner.spec.partner_id.as_str())?;
                     Caller::Partner(partner)
                 } else if let Some(creator) = self.projections.directory.creator_by_credential(&token_hash) {
                     Caller::Creator(creator)
@@ -240,6 +241,16 @@ pub fn order_access<T>(
         _ => Err(Status::permission_denied(
             "orders are for their buyer's storefront and the order's token",
         )),
+    }
+}
+
+/// The refusal of a caller without the role a call needs: UNAUTHENTICATED only when no
+/// credential came; a known credential of another kind authenticated fine, so it is
+/// PERMISSION_DENIED (a client must not be told to fetch a new credential it does not need).
+pub fn refuse<T>(request: &Request<T>, needed: &str) -> Status {
+    match caller(request) {
+        Caller::Anonymous => Status::unauthenticated(format!("this call needs {needed}")),
+        _ => Status::permission_denied(format!("this call needs {needed}")),
     }
 }
 

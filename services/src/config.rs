@@ -70,9 +70,11 @@ pub mod health_services {
 
 #[derive(Debug, Args, Clone)]
 pub struct HealthArgs {
-    /// The server's gRPC address.
+    /// The server's gRPC address: http://… in plaintext, https://… over TLS.
     #[arg(long, env = "DROPLINE_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// The health service to ask: "" (the platform, readiness) or `liveness` (the process).
     #[arg(long, default_value = "")]
     pub service: String,
@@ -81,9 +83,22 @@ pub struct HealthArgs {
     pub timeout_ms: u64,
 }
 
+/// How a client of the command line reaches an https:// server.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// PEM file of the CA that signed the server's certificate, for an https:// server
+    /// [default: the system's trusted roots].
+    #[arg(long, env = "DROPLINE_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it is not the host of --server
+    /// (e.g. `--server https://127.0.0.1:50051 --tls-server-name dropline.example.com`).
+    #[arg(long, env = "DROPLINE_TLS_SERVER_NAME", global = true)]
+    pub tls_server_name: Option<String>,
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct SettlementArgs {
-    /// The server's gRPC address.
+    /// The server's gRPC address: http://… in plaintext, https://… over TLS.
     #[arg(
         long,
         env = "DROPLINE_SERVER",
@@ -91,6 +106,8 @@ pub struct SettlementArgs {
         global = true
     )]
     pub server: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// A creator credential, or the operator credential [default: $DROPLINE_OPERATOR_TOKEN].
     #[arg(long, env = "DROPLINE_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
@@ -136,7 +153,8 @@ pub struct ServeArgs {
     #[arg(long, env = "DROPLINE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// A TOML file with any of the keys `listen`, `data_dir`, `log`, `shutdown_delay_ms`,
-    /// `live_actors_max`, `nats`, `node`, `partitions`, `replicas`, `lease_ttl_ms`, `lease_renew_ms`.
+    /// `live_actors_max`, `tls_cert`, `tls_key`, `tls_client_ca`, `nats`, `node`,
+    /// `partitions`, `replicas`, `lease_ttl_ms`, `lease_renew_ms`.
     #[arg(long, env = "DROPLINE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Log filter, e.g. `info` or `dropline=debug` [default: info].
@@ -161,7 +179,26 @@ pub struct ServeArgs {
     #[arg(long)]
     pub check_config: bool,
     #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    #[command(flatten)]
     pub cluster: ClusterArgs,
+}
+
+/// TLS: set `--tls-cert` and `--tls-key` to serve over TLS instead of plaintext.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ServerTlsArgs {
+    /// PEM certificate chain of the server (its own certificate first); with --tls-key,
+    /// gRPC is served over TLS only.
+    #[arg(long, env = "DROPLINE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DROPLINE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA of partners' client certificates: a client may present one signed by it, and
+    /// a partner call that does must carry the partner id as its subject CN or a DNS SAN
+    /// (else PERMISSION_DENIED). Clients without a certificate are still accepted.
+    #[arg(long, env = "DROPLINE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// Cluster mode: set `--nats` to run as one node of a cluster.
@@ -223,6 +260,9 @@ struct FileConfig {
     log: Option<String>,
     shutdown_delay_ms: Option<u64>,
     live_actors_max: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     nats: Option<String>,
     node: Option<String>,
     partitions: Option<u32>,
@@ -242,8 +282,29 @@ pub struct ServeConfig {
     pub shutdown_delay: Duration,
     /// Running actors of each kind kept at most.
     pub live_actors_max: usize,
+    /// Set to serve over TLS.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Set when this process is one node of a cluster.
     pub cluster: Option<ClusterConfig>,
+}
+
+impl ServerTlsArgs {
+    /// The TLS files from the flags (or environment), else the file; a certificate needs its
+    /// key and the reverse, and client certificates need TLS.
+    fn resolve(&self, file: &FileConfig) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        let cert = self.tls_cert.clone().or(file.tls_cert.clone());
+        let key = self.tls_key.clone().or(file.tls_key.clone());
+        let client_ca = self.tls_client_ca.clone().or(file.tls_client_ca.clone());
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsFiles { cert, key, client_ca })),
+            (None, None) if client_ca.is_some() => {
+                anyhow::bail!("--tls-client-ca needs TLS: set --tls-cert and --tls-key too")
+            }
+            (None, None) => Ok(None),
+            (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key"),
+            (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert"),
+        }
+    }
 }
 
 impl ServeArgs {
@@ -256,6 +317,7 @@ impl ServeArgs {
             }
             None => FileConfig::default(),
         };
+        let tls = self.tls.resolve(&file)?;
         Ok(ServeConfig {
             listen: self
                 .listen
@@ -273,6 +335,7 @@ impl ServeArgs {
                 .live_actors_max
                 .or(file.live_actors_max)
                 .map_or(LIVE_ACTORS_MAX_DEFAULT, |n| n as usize),
+            tls,
             cluster: None,
         })
         .and_then(|mut config| {
@@ -371,6 +434,7 @@ mod tests {
             shutdown_delay_ms: None,
             live_actors_max: None,
             check_config: false,
+            tls: ServerTlsArgs::default(),
             cluster: ClusterArgs::default(),
         };
         let config = args.resolve().unwrap();
@@ -389,10 +453,70 @@ mod tests {
             shutdown_delay_ms: None,
             live_actors_max: None,
             check_config: false,
+            tls: ServerTlsArgs::default(),
             cluster: ClusterArgs::default(),
         }
         .resolve()
         .is_err());
+    }
+
+    #[test]
+    fn tls_files_come_from_flags_or_the_file_and_go_in_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dropline.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/etc/dropline/tls/tls.crt\"\ntls_key = \"/etc/dropline/tls/tls.key\"\n",
+        )
+        .unwrap();
+        let args = |config: Option<PathBuf>, tls: ServerTlsArgs| ServeArgs {
+            listen: None,
+            data_dir: None,
+            config,
+            log: None,
+            operator_token: None,
+            shutdown_delay_ms: None,
+            live_actors_max: None,
+            check_config: false,
+            tls,
+            cluster: ClusterArgs::default(),
+        };
+        let from_file = args(Some(path.clone()), ServerTlsArgs::default()).resolve().unwrap();
+        assert_eq!(
+            from_file.tls,
+            Some(crate::tls::TlsFiles {
+                cert: "/etc/dropline/tls/tls.crt".into(),
+                key: "/etc/dropline/tls/tls.key".into(),
+                client_ca: None,
+            })
+        );
+        let flagged = args(
+            Some(path),
+            ServerTlsArgs {
+                tls_cert: Some("/run/cert.pem".into()),
+                tls_key: None,
+                tls_client_ca: Some("/run/partners-ca.pem".into()),
+            },
+        )
+        .resolve()
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(flagged.cert, PathBuf::from("/run/cert.pem"), "the flag beats the file");
+        assert_eq!(flagged.key, PathBuf::from("/etc/dropline/tls/tls.key"));
+        assert_eq!(flagged.client_ca, Some(PathBuf::from("/run/partners-ca.pem")));
+        let lone = |tls| args(None, tls).resolve().unwrap_err().to_string();
+        assert!(lone(ServerTlsArgs {
+            tls_cert: Some("c".into()),
+            ..Default::default()
+        })
+        .contains("--tls-key"));
+        assert!(lone(ServerTlsArgs {
+            tls_client_ca: Some("ca".into()),
+            ..Default::default()
+        })
+        .contains("needs TLS"));
+        assert_eq!(args(None, ServerTlsArgs::default()).resolve().unwrap().tls, None);
     }
 
     #[test]
@@ -409,6 +533,7 @@ mod tests {
             shutdown_delay_ms: delay,
             live_actors_max: None,
             check_config: false,
+            tls: ServerTlsArgs::default(),
             cluster: ClusterArgs::default(),
         };
         assert_eq!(

@@ -409,24 +409,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<12} {:>9} {:>6} {:>6} {:>9} {:>12}  {}",
+        "{:<12} {:>9} {:>6} {:>6} {:>9} {:>16}  {}",
         "SKU", "allocated", "sold", "held", "available", "revenue", "sold out after"
     );
     for sku in &figures.skus {
         let sold_out = sku.sold_out_at.as_ref().map_or("-".to_string(), |at| {
             format!("{:.2} s", at.seconds as f64 + f64::from(at.nanos) / 1e9 - opened_wall)
         });
-        let revenue = sku.price.as_ref().map_or(0, |p| p.minor_units) * i64::from(sku.sold);
+        let revenue = sku.price.as_ref().map_or_else(String::new, |p| {
+            let minor_units = p.minor_units * i64::from(sku.sold);
+            let amount = domain::money::format_minor_units(minor_units, domain::money::exponent_of(&p.currency));
+            format!("{amount} {}", p.currency)
+        });
         println!(
-            "{:<12} {:>9} {:>6} {:>6} {:>9} {:>9}.{:02} EUR  {}",
-            sku.sku_id,
-            sku.allocated,
-            sku.sold,
-            sku.held,
-            sku.available,
-            revenue / 100,
-            revenue % 100,
-            sold_out
+            "{:<12} {:>9} {:>6} {:>6} {:>9} {:>16}  {}",
+            sku.sku_id, sku.allocated, sku.sold, sku.held, sku.available, revenue, sold_out
         );
     }
     let oversold: u64 = audit.iter().chain(&audit_b).map(|a| a.oversold).sum();

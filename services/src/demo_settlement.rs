@@ -15,9 +15,10 @@ pub const RETURN_WINDOW_SECONDS: u32 = 8;
 /// Returns recorded per creator.
 const RETURNS_PER_CREATOR: usize = 2;
 
-fn eur(minor: i64) -> String {
-    let sign = if minor < 0 { "-" } else { "" };
-    format!("{sign}{}.{:02}", minor.unsigned_abs() / 100, minor.unsigned_abs() % 100)
+/// An amount in major units of `currency` (the demo sells in EUR, but a ledger prints what
+/// it holds): `3.50`, `1000` for JPY.
+fn amount(minor_units: i64, currency: &str) -> String {
+    domain::money::format_minor_units(minor_units, domain::money::exponent_of(currency))
 }
 
 /// Runs the act and prints its report; false if reconciliation found differences.
@@ -74,7 +75,7 @@ pub async fn report(
     println!(
         "settlement ({}% platform fee, {} EUR delivery fee, {} s return window; {} returns recorded):",
         12,
-        eur(350),
+        amount(350, "EUR"),
         RETURN_WINDOW_SECONDS,
         returned.len()
     );
@@ -127,6 +128,7 @@ pub async fn report(
                 .cloned()
                 .unwrap_or_default();
             let earnings = b.pending + b.available + b.paid_out;
+            let eur = |minor_units| amount(minor_units, &t.currency);
             // Double entry, read from the balances and from the lines.
             let balances_hold = b.gross_sales - b.refunds == b.platform_fees + b.partner_fees + b.remedies + earnings;
             let lines_hold = t.gross == t.platform_fee + t.partner_fee + t.creator_net + t.remedy + t.paid_out;

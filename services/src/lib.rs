@@ -12,6 +12,7 @@ pub mod demo_couriers;
 pub mod demo_settlement;
 pub mod dispatch;
 pub mod levels;
+pub mod metadata_bounds;
 pub mod operator;
 pub mod platform;
 pub mod reconcile;
@@ -21,6 +22,7 @@ pub mod settlement;
 pub mod settlement_cli;
 pub mod status;
 pub mod throttle;
+pub mod tls;
 
 use config::{Cli, Command, ServeConfig};
 use tokio::net::TcpListener;
@@ -31,6 +33,9 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
     // The port first: a node whose address is taken stops at once, before it waits for
     // JetStream and takes partition leases it could not serve. Connections that arrive
     // meanwhile wait in the backlog until the platform is open.
+    // The TLS files before anything else: a bad one is a configuration error, not a
+    // failure of every handshake later.
+    let tls = config.tls.as_ref().map(tls::TlsFiles::load).transpose()?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
@@ -71,7 +76,11 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         None => info!(data_dir = %config.data_dir.display(), "embedded platform ready"),
     }
     let cluster = platform.cluster.clone();
-    let served = server::serve_with(platform, listener, shutdown, config.shutdown_delay).await;
+    let options = server::ServeOptions {
+        shutdown_delay: config.shutdown_delay,
+        tls,
+    };
+    let served = server::serve_with_options(platform, listener, shutdown, options).await;
     if let Some(node) = cluster {
         // Hand this node's partitions over now rather than after the lease TTL.
         node.leave().await;
@@ -96,6 +105,9 @@ pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Res
         Command::Serve(args) => {
             let config = args.resolve()?;
             if args.check_config {
+                if let Some(files) = &config.tls {
+                    files.load()?;
+                }
                 print_config(&config);
                 println!("# scheduler: {scheduler}");
                 return Ok(());
@@ -143,6 +155,17 @@ fn print_config(config: &ServeConfig) {
             "\"(none)\""
         }
     );
+    match &config.tls {
+        None => println!("# plaintext (no tls_cert / tls_key)"),
+        Some(tls) => {
+            println!("tls_cert = {:?}", tls.cert.display().to_string());
+            println!("tls_key = {:?}", tls.key.display().to_string());
+            match &tls.client_ca {
+                Some(ca) => println!("tls_client_ca = {:?}", ca.display().to_string()),
+                None => println!("# no client certificates (no tls_client_ca)"),
+            }
+        }
+    }
     match &config.cluster {
         None => println!("# embedded platform (no nats)"),
         Some(c) => {
@@ -159,7 +182,7 @@ fn print_config(config: &ServeConfig) {
 /// `dropline health`: one grpc.health.v1 Check; prints the status, true for SERVING.
 async fn health_check(args: &config::HealthArgs) -> anyhow::Result<bool> {
     let timeout = std::time::Duration::from_millis(args.timeout_ms);
-    let status = server::health_status(&args.server, &args.service, timeout).await?;
+    let status = server::health_status(&args.server, &args.tls, &args.service, timeout).await?;
     println!("{}", status.as_str_name());
     Ok(status == tonic_health::pb::health_check_response::ServingStatus::Serving)
 }

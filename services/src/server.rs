@@ -1,6 +1,6 @@
 //! The gRPC server: checkout, operator, partner registry, dispatch and settlement services,
-//! grpc.health.v1 and server reflection,
-//! bounded concurrency, and a graceful shutdown that turns health to NOT_SERVING first and
+//! grpc.health.v1 and server reflection, in plaintext or over TLS (`tls`), with bounded
+//! concurrency and request metadata (`metadata_bounds`), and a graceful shutdown that turns health to NOT_SERVING first and
 //! then drains in-flight calls for at most `SHUTDOWN_DRAIN_MS`. Health service "" is
 //! readiness (NOT_SERVING when stopping or, on a cluster node, without NATS); `liveness`
 //! stays SERVING until the process exits.
@@ -14,8 +14,8 @@ use crate::platform::Platform;
 use crate::registry::Registry;
 use crate::settlement::Settlement;
 use domain::limits::{
-    GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX, SHUTDOWN_DRAIN_MS,
-    TCP_KEEPALIVE_SECS,
+    GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX, HTTP2_HEADER_LIST_BYTES_MAX,
+    HTTP2_LOCAL_ERROR_RESETS_MAX, SHUTDOWN_DRAIN_MS, TCP_KEEPALIVE_SECS,
 };
 use proto::checkout::v1::checkout_service_server::CheckoutServiceServer;
 use proto::dispatch::v1::dispatch_service_server::DispatchServiceServer;
@@ -26,7 +26,7 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus as HealthStatus;
 use tracing::{info, warn};
 
@@ -50,6 +50,30 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     shutdown_delay: Duration,
 ) -> anyhow::Result<()> {
+    let options = ServeOptions {
+        shutdown_delay,
+        tls: None,
+    };
+    serve_with_options(platform, listener, shutdown, options).await
+}
+
+/// How [`serve_with_options`] serves, beyond the platform and the port.
+#[derive(Default)]
+pub struct ServeOptions {
+    /// See [`serve_with`].
+    pub shutdown_delay: Duration,
+    /// TLS (from `tls::TlsFiles::load`); plaintext without it.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// [`serve_with`], over TLS when `options.tls` is set.
+pub async fn serve_with_options(
+    platform: Platform,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: ServeOptions,
+) -> anyhow::Result<()> {
+    let ServeOptions { shutdown_delay, tls } = options;
     let (health, health_service) = tonic_health::server::health_reporter();
     // The process is alive until it exits, draining included.
     health
@@ -151,11 +175,21 @@ pub async fn serve_with(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(TCP_KEEPALIVE_SECS)));
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .max_concurrent_streams(GRPC_CONCURRENT_STREAMS_MAX)
         .concurrency_limit_per_connection(GRPC_REQUESTS_IN_FLIGHT_MAX)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Metadata up to 1 MiB reaches `metadata_bounds`, which fails that call alone;
+        // beyond, h2 answers 431 or closes the connection (see the limit's comment).
+        .http2_max_header_list_size(HTTP2_HEADER_LIST_BYTES_MAX)
+        // tonic passes "no limit" to h2 unless this is set.
+        .http2_max_local_error_reset_streams(Some(HTTP2_LOCAL_ERROR_RESETS_MAX))
+        .layer(crate::metadata_bounds::layer())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -203,10 +237,14 @@ pub async fn shutdown_signal() {
 /// Asks the grpc.health.v1 service of the server at `server` (a URI) about `service` ("":
 /// readiness, `liveness`), connection and call each bounded by `timeout`. A server still
 /// opening has its port bound and holds the call in its backlog: that is a timeout here.
-pub async fn health_status(server: &str, service: &str, timeout: Duration) -> anyhow::Result<HealthStatus> {
+pub async fn health_status(
+    server: &str,
+    tls: &crate::config::ClientTlsArgs,
+    service: &str,
+    timeout: Duration,
+) -> anyhow::Result<HealthStatus> {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
-        .map_err(|e| anyhow::anyhow!("{server}: {e}"))?
+    let endpoint = crate::tls::endpoint(server, tls)?
         .connect_timeout(timeout)
         .timeout(timeout);
     let channel = tokio::time::timeout(timeout, endpoint.connect())
@@ -224,7 +262,7 @@ pub async fn health_status(server: &str, service: &str, timeout: Duration) -> an
 
 /// Whether the server at `addr` reports SERVING (readiness) within `timeout`.
 pub async fn is_serving(addr: std::net::SocketAddr, timeout: Duration) -> bool {
-    health_status(&format!("http://{addr}"), "", timeout)
+    health_status(&format!("http://{addr}"), &Default::default(), "", timeout)
         .await
         .is_ok_and(|status| status == HealthStatus::Serving)
 }

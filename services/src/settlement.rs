@@ -3,7 +3,9 @@
 //! and alone register creators, record returns, refund orders and reconcile. A refund stops
 //! the order's parcel first (`withdraw_and_refund`), so a buyer never keeps both.
 
-use crate::auth::{calling_creator, creator_scope, hash, is_operator, new_creator_credential, require_operator};
+use crate::auth::{
+    calling_creator, creator_scope, hash, is_operator, new_creator_credential, refuse, require_operator,
+};
 use crate::convert::{self, Check};
 use crate::platform::Platform;
 use crate::status::{from_command_error, from_rejection};
@@ -55,14 +57,15 @@ impl Settlement {
     /// The creator whose ledger books an order (from the order's drop), after checking the
     /// caller may see it: the operator, or that creator.
     async fn order_owner<T>(&self, request: &Request<T>, order_id: &OrderId) -> Result<CreatorId, Status> {
+        // The role first: who may not ask learns nothing about the order, not even whether it exists.
+        if !is_operator(request) && calling_creator(request).is_none() {
+            return Err(refuse(request, "a creator or operator credential"));
+        }
         let (drop_id, _) = order_id.owner();
         let view = self.platform.drop_view(drop_id).await?;
         let owner = view.spec.creator_id.clone();
         if !is_operator(request) && calling_creator(request).as_ref() != Some(&owner) {
-            return Err(match calling_creator(request) {
-                Some(_) => Status::permission_denied("a creator may read only its own orders"),
-                None => Status::unauthenticated("this call needs a creator or operator credential"),
-            });
+            return Err(Status::permission_denied("a creator may read only its own orders"));
         }
         Ok(owner)
     }

@@ -36,9 +36,9 @@ fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
-fn amount(minor: i64) -> String {
-    let sign = if minor < 0 { "-" } else { "" };
-    format!("{sign}{}.{:02}", minor.unsigned_abs() / 100, minor.unsigned_abs() % 100)
+/// An amount in major units of its line's currency: `12.50` (EUR), `1000` (JPY), `1.250` (BHD).
+fn amount(minor_units: i64, currency: &str) -> String {
+    domain::money::format_minor_units(minor_units, domain::money::exponent_of(currency))
 }
 
 fn kind(k: i32) -> &'static str {
@@ -58,10 +58,10 @@ pub async fn run(args: SettlementArgs) -> anyhow::Result<()> {
         .token
         .or_else(|| std::env::var("DROPLINE_OPERATOR_TOKEN").ok())
         .ok_or_else(|| anyhow::anyhow!("give a creator or operator credential with --token or DROPLINE_TOKEN"))?;
-    let channel = tonic::transport::Endpoint::from_shared(args.server.clone())?
+    let channel = crate::tls::endpoint(&args.server, &args.tls)?
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", args.server))?;
+        .map_err(|e| anyhow::Error::new(e).context(format!("connecting to {}", args.server)))?;
     let mut client = SettlementServiceClient::with_interceptor(channel, Bearer::new(&token)?);
     match args.command {
         SettlementCommand::Statement {
@@ -196,17 +196,19 @@ fn write_table(
     )?;
     writeln!(
         out,
-        "{:>6}  {:<20}  {:<7}  {:<34}  {:>10}  {:>9}  {:>9}  {:>10}  {:>8}  {:>10}  reference",
-        "line", "booked at", "kind", "order", "gross", "platform", "partner", "net", "remedy", "paid out"
+        "{:>6}  {:<20}  {:<7}  {:<34}  {:<3}  {:>10}  {:>9}  {:>9}  {:>10}  {:>8}  {:>10}  reference",
+        "line", "booked at", "kind", "order", "cur", "gross", "platform", "partner", "net", "remedy", "paid out"
     )?;
     for l in lines {
+        let amount = |minor_units| amount(minor_units, &l.currency);
         writeln!(
             out,
-            "{:>6}  {:<20}  {:<7}  {:<34}  {:>10}  {:>9}  {:>9}  {:>10}  {:>8}  {:>10}  {}",
+            "{:>6}  {:<20}  {:<7}  {:<34}  {:<3}  {:>10}  {:>9}  {:>9}  {:>10}  {:>8}  {:>10}  {}",
             l.seq,
             rfc3339(l.booked_at.as_ref()),
             kind(l.kind),
             l.order_id,
+            l.currency,
             amount(l.gross),
             amount(l.platform_fee),
             amount(l.partner_fee),
@@ -217,6 +219,7 @@ fn write_table(
         )?;
     }
     for t in totals {
+        let amount = |minor_units| amount(minor_units, &t.currency);
         writeln!(
             out,
             "total {}: {} lines ({} sales); gross {}, platform fees {}, partner fees {}, creator net {}, remedies {}, paid out {}",
@@ -239,7 +242,42 @@ fn write_table(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bound;
+    use super::{parse_bound, write_table};
+    use proto::settlement::v1 as pb;
+
+    #[test]
+    fn a_statement_prints_each_amount_in_its_own_currency() {
+        let line = |seq, currency: &str, gross| pb::StatementLine {
+            seq,
+            kind: pb::LineKind::Sale as i32,
+            currency: currency.into(),
+            gross,
+            ..Default::default()
+        };
+        let totals = |currency: &str, gross| pb::StatementTotals {
+            currency: currency.into(),
+            lines: 1,
+            sales: 1,
+            gross,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        write_table(
+            &mut out,
+            "creator-1",
+            None,
+            None,
+            &[line(1, "JPY", 1_000), line(2, "BHD", 1_250), line(3, "EUR", 1_000)],
+            &[totals("JPY", 1_000), totals("BHD", 1_250), totals("EUR", 1_000)],
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("total JPY: 1 lines (1 sales); gross 1000,"), "{text}");
+        assert!(text.contains("total BHD: 1 lines (1 sales); gross 1.250,"), "{text}");
+        assert!(text.contains("total EUR: 1 lines (1 sales); gross 10.00,"), "{text}");
+        let jpy_line = text.lines().find(|l| l.contains(" JPY ")).unwrap();
+        assert!(jpy_line.contains(" 1000 ") && !jpy_line.contains("10.00"), "{jpy_line}");
+    }
 
     #[test]
     fn a_day_bound_covers_the_whole_day_and_instants_are_exact() {

@@ -30,7 +30,11 @@ pub fn from_rejection(rejection: Rejection) -> Status {
     let message = rejection.to_string();
     match rejection {
         Rejection::InvalidArgument(violations) => invalid_argument(violations),
-        Rejection::NotFound { .. } => Status::not_found(message),
+        Rejection::NotFound { id, .. } => {
+            // A NOT_FOUND tells the client which id: an empty one means a layer lost it.
+            debug_assert!(!id.is_empty(), "NOT_FOUND without its id: {message}");
+            Status::not_found(message)
+        }
         Rejection::FailedPrecondition(_) => Status::failed_precondition(message),
         Rejection::BuyerLimitReached { limit, .. } => Status::with_error_details(
             Code::ResourceExhausted,

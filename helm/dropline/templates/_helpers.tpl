@@ -49,6 +49,29 @@ app.kubernetes.io/part-of: dropline
 {{- default (printf "%s-operator" (include "dropline.fullname" .)) .Values.operatorToken.existingSecret }}
 {{- end }}
 
+{{/* The name of the server certificate that the probes and `helm test` check. */}}
+{{- define "dropline.tlsServerName" -}}
+{{- default (printf "%s.%s.svc" (include "dropline.fullname" .) .Release.Namespace) .Values.tls.serverName }}
+{{- end }}
+
+{{/* `dropline health` against the server at `server`, over TLS, asking `service` (a list, for
+an exec probe or a container's args). */}}
+{{- define "dropline.tlsHealthArgs" -}}
+- health
+- --server
+- {{ .server }}
+{{- if .root.Values.tls.caKey }}
+- --tls-ca
+- /etc/dropline-tls/{{ .root.Values.tls.caKey }}
+{{- end }}
+- --tls-server-name
+- {{ include "dropline.tlsServerName" .root }}
+- --service
+- {{ .service | quote }}
+- --timeout-ms
+- {{ .timeoutMs | quote }}
+{{- end }}
+
 {{/* The bundled NATS chart's full name, computed as that chart does. */}}
 {{- define "dropline.natsFullname" -}}
 {{- $nats := .Values.nats | default dict }}
@@ -91,6 +114,12 @@ app.kubernetes.io/part-of: dropline
 {{- end }}
 {{- if and .Values.nats.enabled (gt (int .Values.cluster.journalReplicas) (int .Values.nats.config.cluster.replicas)) }}
 {{- fail "cluster.journalReplicas cannot exceed the NATS servers (nats.config.cluster.replicas)" }}
+{{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
+{{- fail "tls.enabled needs tls.secretName: a Secret with tls.crt and tls.key" }}
+{{- end }}
+{{- if and .Values.tls.clientCaSecretName (not .Values.tls.enabled) }}
+{{- fail "tls.clientCaSecretName needs tls.enabled" }}
 {{- end }}
 {{- $needed := add (div (int .Values.shutdownDelayMs) 1000) 10 (div (int .Values.cluster.leaseTtlMs) 1000) }}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (int $needed) }}

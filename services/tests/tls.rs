@@ -1,0 +1,232 @@
+//! The real server over TLS, with certificates made for the test (a CA, the server's, and
+//! partners' client certificates): health, operator and settlement calls from the command
+//! line's clients with `--tls-ca`; a partner presenting a certificate issued to its own id is
+//! served, one presenting another's is PERMISSION_DENIED, one presenting none is served;
+//! plaintext clients and certificates of another CA do not get in.
+
+mod common;
+
+use common::*;
+use proto::dispatch::v1::SubscribeRequest;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use services::config::{ClientTlsArgs, SettlementArgs, SettlementCommand};
+use services::server::ServeOptions;
+use services::tls::TlsFiles;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+/// A certificate and its key, as PEM.
+struct Pem {
+    cert: String,
+    key: String,
+}
+
+/// A test CA that issues server and client certificates.
+struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        TestCa {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A leaf with subject CN `common_name` and the DNS SANs `names`.
+    fn issue(&self, common_name: &str, names: &[&str]) -> Pem {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Pem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A TLS channel to the server at 127.0.0.1:`port`, whose certificate names `localhost`,
+/// presenting `identity` if given.
+async fn tls_channel(port: u16, ca: &str, identity: Option<&Pem>) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some(pem) = identity {
+        tls = tls.identity(Identity::from_pem(&pem.cert, &pem.key));
+    }
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_partners_may_prove_themselves_with_a_certificate_of_their_own_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("dropline test CA");
+    let server_pem = ca.issue("dropline", &["localhost"]);
+    let files = TlsFiles {
+        cert: write(dir.path(), "server.crt", &server_pem.cert),
+        key: write(dir.path(), "server.key", &server_pem.key),
+        client_ca: Some(write(dir.path(), "partners-ca.crt", &ca.pem())),
+    };
+    let ca_path = write(dir.path(), "ca.crt", &ca.pem());
+    let platform = services::platform::Platform::open_embedded(
+        &dir.path().join("data"),
+        Some(OPERATOR_TOKEN),
+        domain::limits::LIVE_ACTORS_MAX_DEFAULT,
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = ServeOptions {
+        tls: Some(files.load().unwrap()),
+        ..ServeOptions::default()
+    };
+    let server = tokio::spawn(services::server::serve_with_options(
+        platform,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        options,
+    ));
+
+    // `dropline health --server https://… --tls-ca … --tls-server-name localhost`.
+    let client_tls = ClientTlsArgs {
+        tls_ca: Some(ca_path.clone()),
+        tls_server_name: Some("localhost".into()),
+    };
+    let url = format!("https://127.0.0.1:{port}");
+    let mut health = None;
+    for _ in 0..100 {
+        health = services::server::health_status(&url, &client_tls, "", Duration::from_secs(2))
+            .await
+            .ok();
+        if health.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        health,
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
+    );
+
+    // The operator, with no client certificate, sets up a hub and a courier partner.
+    let channel = tls_channel(port, &ca.pem(), None).await.unwrap();
+    create_test_hubs(&channel).await;
+    let credential = courier(&channel, "courier-1", "hub-1", 1).await;
+
+    // The partner's own certificate (its id as CN) is accepted; so is one naming it only
+    // as a DNS SAN; and a partner may still come without one.
+    let own_cn = ca.issue("courier-1", &[]);
+    let own_san = ca.issue("courier fleet", &["courier-1"]);
+    for identity in [Some(&own_cn), Some(&own_san), None] {
+        let channel = tls_channel(port, &ca.pem(), identity).await.unwrap();
+        courier_client(&channel, &credential)
+            .subscribe(SubscribeRequest {})
+            .await
+            .expect("the partner is served");
+    }
+    // Another party's certificate from the same CA: the credential alone does not get in.
+    let someone_else = ca.issue("someone-else", &["someone-else"]);
+    let channel = tls_channel(port, &ca.pem(), Some(&someone_else)).await.unwrap();
+    let refused = courier_client(&channel, &credential)
+        .subscribe(SubscribeRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("someone-else"), "{refused:?}");
+    // The operator's calls do not look at certificates.
+    registry_client(&channel)
+        .get_partner(proto::registry::v1::GetPartnerRequest {
+            partner_id: "courier-1".into(),
+        })
+        .await
+        .expect("an operator call with a certificate");
+
+    // A certificate from a CA the server does not trust fails the handshake.
+    let stranger_ca = TestCa::new("another CA");
+    let stranger = stranger_ca.issue("courier-1", &["courier-1"]);
+    let handshake = match tls_channel(port, &ca.pem(), Some(&stranger)).await {
+        Err(e) => Err(e.to_string()),
+        Ok(channel) => courier_client(&channel, &credential)
+            .subscribe(SubscribeRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|s| s.to_string()),
+    };
+    assert!(handshake.is_err(), "a certificate of another CA was accepted");
+    // Nor does a plaintext client get an answer.
+    let plain = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await;
+    if let Ok(plain) = plain {
+        let answer = registry_client(&plain)
+            .get_partner(proto::registry::v1::GetPartnerRequest {
+                partner_id: "courier-1".into(),
+            })
+            .await;
+        assert!(answer.is_err(), "a plaintext call was answered");
+    }
+
+    // `dropline settlement --server https://… --tls-ca … reconcile --dry-run`.
+    services::settlement_cli::run(SettlementArgs {
+        server: url,
+        tls: client_tls,
+        token: Some(OPERATOR_TOKEN.into()),
+        command: SettlementCommand::Reconcile { dry_run: true },
+    })
+    .await
+    .expect("the settlement CLI over TLS");
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[test]
+fn tls_files_that_do_not_parse_or_match_are_refused_before_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("dropline test CA");
+    let one = ca.issue("dropline", &["localhost"]);
+    let other = ca.issue("dropline", &["localhost"]);
+    let files = |cert: &str, key: &str| TlsFiles {
+        cert: write(dir.path(), "tls.crt", cert),
+        key: write(dir.path(), "tls.key", key),
+        client_ca: None,
+    };
+    assert!(files(&one.cert, &one.key).load().is_ok());
+    let garbage = files("not a certificate", &one.key).load().unwrap_err().to_string();
+    assert!(garbage.contains("tls.crt"), "{garbage}");
+    let mismatched = files(&one.cert, &other.key).load();
+    assert!(mismatched.is_err(), "a key of another certificate was accepted");
+    let missing = TlsFiles {
+        cert: dir.path().join("absent.crt"),
+        key: dir.path().join("absent.key"),
+        client_ca: None,
+    };
+    assert!(missing.load().unwrap_err().to_string().contains("absent.crt"));
+}
