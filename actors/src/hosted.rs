@@ -694,6 +694,30 @@ fn hub_audit(hub_id: &HubId, event: &HubEvent) -> Option<AuditEntry> {
         HubEvent::Accepted {
             order_id, partner, at, ..
         } => entry(*at, "accepted", order_id, Some(partner), String::new()),
+        // The codes themselves are never written to the trail.
+        HubEvent::PickupCodeRefused {
+            order_id,
+            partner,
+            failures,
+            at,
+        } => entry(
+            *at,
+            if *failures >= domain::limits::PICKUP_CODE_TRIES_MAX {
+                "pickup_locked"
+            } else {
+                "pickup_code_refused"
+            },
+            order_id,
+            Some(partner),
+            format!("wrong pickup code ({failures} in a row)"),
+        ),
+        HubEvent::PickupCodeReissued { order_id, at, .. } => entry(
+            *at,
+            "pickup_code_reissued",
+            order_id,
+            None,
+            "a new pickup code was issued to the buyer".into(),
+        ),
         HubEvent::PickedUp {
             order_id, partner, at, ..
         } => entry(*at, "picked_up", order_id, Some(partner), String::new()),

@@ -17,12 +17,14 @@
 //!   leaving the hub (suspended, unassigned);
 //! - every dispatch ends delivered, failed with a remedy, or cancelled, by its give-up time;
 //! - a withdrawn dispatch is never picked up, and an order cancelled before it reached the
-//!   hub is never offered.
+//!   hub is never offered;
+//! - a dispatch is picked up only with its order's current pickup code, and not at all
+//!   after `PICKUP_CODE_TRIES_MAX` wrong codes until a new code is issued.
 
 use crate::ledger::FulfilmentFacts;
 use crate::limits::{
     COURIER_TEXT_LEN_MAX, HANDOVER_RETRY_MS, HUB_ALERTS_KEPT, HUB_FINISHED_DISPATCHES_KEPT, HUB_OPEN_DISPATCHES_MAX,
-    SLA_MIN_SAMPLE, SLA_PROBATION_BELOW_BPS, SLA_SUSPEND_BELOW_BPS, SLA_WINDOW,
+    PICKUP_CODE_TRIES_MAX, SLA_MIN_SAMPLE, SLA_PROBATION_BELOW_BPS, SLA_SUSPEND_BELOW_BPS, SLA_WINDOW,
 };
 use crate::registry::{Capability, HubSetup, HubSpec, PartnerStatus, RosterEntry};
 use crate::sku::Fulfilment;
@@ -199,9 +201,17 @@ pub struct Dispatch {
     /// Current delivery estimate told to the buyer.
     pub eta: UnixMillis,
     pub updated_at: UnixMillis,
+    /// Wrong pickup codes since the order's code was last issued; at
+    /// `PICKUP_CODE_TRIES_MAX` the dispatch is locked for pickup until a new code is issued.
+    pub pickup_failures: u32,
 }
 
 impl Dispatch {
+    /// Too many wrong pickup codes: no pickup until the buyer's side issues a new code.
+    pub fn pickup_locked(&self) -> bool {
+        self.pickup_failures >= PICKUP_CODE_TRIES_MAX
+    }
+
     /// Offers made so far.
     pub fn attempt(&self) -> u32 {
         self.partners.len() as u32
@@ -336,6 +346,12 @@ pub enum HubCommand {
     /// The creator's ledger booked these dispatches' facts as they were (see
     /// `HubState::ledger_outbox`).
     LedgerSynced(Vec<(OrderId, u32)>),
+    /// The buyer's side issued a new pickup code (the old one stops working, and a dispatch
+    /// locked by wrong codes can be picked up again). Refused once the parcel left the hub.
+    ReissuePickupCode {
+        order_id: OrderId,
+        pickup_code: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -438,6 +454,19 @@ pub enum HubEvent {
         order: DispatchOrder,
         at: UnixMillis,
     },
+    /// A courier gave a wrong pickup code (`failures` in a row since the code was issued).
+    PickupCodeRefused {
+        order_id: OrderId,
+        partner: PartnerId,
+        failures: u32,
+        at: UnixMillis,
+    },
+    /// A new pickup code replaced the order's code.
+    PickupCodeReissued {
+        order_id: OrderId,
+        pickup_code: String,
+        at: UnixMillis,
+    },
 }
 
 impl HubEvent {
@@ -459,7 +488,9 @@ impl HubEvent {
             | HubEvent::Waiting { order_id, .. }
             | HubEvent::WindowMissed { order_id, .. }
             | HubEvent::Cancelled { order_id, .. }
-            | HubEvent::Failed { order_id, .. } => Some(order_id),
+            | HubEvent::Failed { order_id, .. }
+            | HubEvent::PickupCodeRefused { order_id, .. }
+            | HubEvent::PickupCodeReissued { order_id, .. } => Some(order_id),
         }
     }
 }
@@ -493,6 +524,8 @@ pub enum HubReply {
     Dispatch(Box<Dispatch>),
     Offers(Vec<Dispatch>),
     Done,
+    /// Refused, with events recorded all the same (a wrong pickup code is counted).
+    Refused(Rejection),
 }
 
 /// The small part of a hub's state (everything but the dispatches), cloned by `decide`.
@@ -667,7 +700,24 @@ fn apply_core(core: &mut Core, event: &HubEvent) {
         }
         HubEvent::LedgerSynced { .. } | HubEvent::LedgerRetry { .. } => {}
         // Never open, never offered: nothing to count.
-        HubEvent::CancelledBeforeHandOver { .. } => {}
+        HubEvent::CancelledBeforeHandOver { .. } | HubEvent::PickupCodeReissued { .. } => {}
+        HubEvent::PickupCodeRefused {
+            order_id,
+            partner,
+            failures,
+            at,
+        } => {
+            if *failures == PICKUP_CODE_TRIES_MAX {
+                core.alert(
+                    *at,
+                    Some(order_id),
+                    Some(partner),
+                    format!(
+                        "{order_id} locked for pickup after {failures} wrong pickup codes from {partner}; the buyer's storefront can issue a new code"
+                    ),
+                );
+            }
+        }
         HubEvent::StatusRequested {
             partner,
             status,
@@ -711,6 +761,7 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             remedies: Vec::new(),
             eta: *promised_from,
             updated_at: *at,
+            pickup_failures: 0,
         });
         return;
     }
@@ -728,6 +779,7 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             remedies: Vec::new(),
             eta: *at,
             updated_at: *at,
+            pickup_failures: 0,
         });
         return;
     }
@@ -817,6 +869,15 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
         }
         HubEvent::Cancelled { at, .. } => {
             d.stage = Stage::Cancelled { at: *at };
+            d.updated_at = *at;
+        }
+        HubEvent::PickupCodeRefused { failures, at, .. } => {
+            d.pickup_failures = *failures;
+            d.updated_at = *at;
+        }
+        HubEvent::PickupCodeReissued { pickup_code, at, .. } => {
+            d.order.pickup_code = pickup_code.clone();
+            d.pickup_failures = 0;
             d.updated_at = *at;
         }
         HubEvent::Configured { .. }
@@ -994,6 +1055,8 @@ struct Tx<'a> {
     touched: BTreeMap<OrderId, Option<Dispatch>>,
     events: Vec<HubEvent>,
     now: UnixMillis,
+    /// A refusal that still records events (a wrong pickup code counts towards the lock).
+    refusal: Option<Rejection>,
 }
 
 impl<'a> Tx<'a> {
@@ -1004,6 +1067,7 @@ impl<'a> Tx<'a> {
             touched: BTreeMap::new(),
             events: Vec::new(),
             now,
+            refusal: None,
         }
     }
 
@@ -1288,14 +1352,12 @@ impl<'a> Tx<'a> {
                     .map_or_else(|| "it was withdrawn".into(), |s| s.reason.describe())
             ))
         };
+        let wrong_code = || Rejection::field("pickup_code", "does not match the order's pickup code");
         let check_pickup_code = |code: &str| {
-            if code == d.order.pickup_code {
+            if codes_match(code, &d.order.pickup_code) {
                 Ok(())
             } else {
-                Err(Rejection::field(
-                    "pickup_code",
-                    "does not match the order's pickup code",
-                ))
+                Err(wrong_code())
             }
         };
         let sla = self.spec().sla;
@@ -1325,6 +1387,25 @@ impl<'a> Tx<'a> {
                 {
                     return Err(withdrawn());
                 }
+            }
+            (CourierAction::PickedUp { .. }, Stage::Accepted { .. }) if holds && d.pickup_locked() => {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "dispatch {id} is locked for pickup after {} wrong pickup codes; the buyer's storefront can issue a new code",
+                    d.pickup_failures
+                )));
+            }
+            (CourierAction::PickedUp { pickup_code }, Stage::Accepted { .. })
+                if holds && !codes_match(&pickup_code, &d.order.pickup_code) =>
+            {
+                // Counted, so that guessing stops after a few tries; the courier is refused.
+                self.emit(HubEvent::PickupCodeRefused {
+                    order_id: id,
+                    partner,
+                    failures: d.pickup_failures + 1,
+                    at: now,
+                });
+                self.refusal = Some(wrong_code());
+                return Ok(());
             }
             (CourierAction::PickedUp { pickup_code }, Stage::Accepted { .. } | Stage::PickedUp { .. }) if holds => {
                 check_pickup_code(&pickup_code)?;
@@ -1402,6 +1483,17 @@ impl<'a> Tx<'a> {
         self.review_partners();
         Ok(())
     }
+}
+
+/// Compares pickup codes in constant time for codes of equal length (a code's length is not
+/// secret: every code has six digits), so timing tells a guesser nothing about the digits.
+fn codes_match(given: &str, expected: &str) -> bool {
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
 }
 
 /// Waiting dispatches tried at once after a partner frees up (bounds one decision's work).
@@ -1558,7 +1650,10 @@ impl Aggregate for HubState {
                 action,
             } => {
                 tx.courier(partner, order_id.clone(), action)?;
-                HubReply::Dispatch(Box::new(tx.dispatch(&order_id).expect("exists").clone()))
+                match tx.refusal.take() {
+                    Some(refusal) => HubReply::Refused(refusal),
+                    None => HubReply::Dispatch(Box::new(tx.dispatch(&order_id).expect("exists").clone())),
+                }
             }
             HubCommand::ExpireDue => {
                 let due: Vec<OrderId> = self
@@ -1578,6 +1673,27 @@ impl Aggregate for HubState {
                     });
                 }
                 HubReply::Done
+            }
+            HubCommand::ReissuePickupCode { order_id, pickup_code } => {
+                let d = self
+                    .dispatches
+                    .get(&order_id)
+                    .ok_or_else(|| Rejection::not_found("dispatch", order_id.as_str()))?;
+                if !matches!(
+                    d.stage,
+                    Stage::Placing | Stage::Waiting | Stage::Offered { .. } | Stage::Accepted { .. }
+                ) {
+                    return Err(Rejection::FailedPrecondition(format!(
+                        "order {order_id} is {}: its pickup code can no longer change",
+                        stage_name(&d.stage)
+                    )));
+                }
+                tx.emit(HubEvent::PickupCodeReissued {
+                    order_id: order_id.clone(),
+                    pickup_code,
+                    at: now,
+                });
+                HubReply::Dispatch(Box::new(tx.dispatch(&order_id).expect("exists").clone()))
             }
             HubCommand::Cancel(order) => {
                 let id = order.order_id.clone();

@@ -161,6 +161,9 @@ pub const HUB_OPEN_DISPATCHES_MAX: usize = 200_000;
 pub const HUB_FINISHED_DISPATCHES_KEPT: usize = 100_000;
 /// Operator alerts a hub keeps (newest first).
 pub const HUB_ALERTS_KEPT: usize = 100;
+/// Wrong pickup codes a dispatch takes before it is locked for pickup: with six-digit codes
+/// a guesser's chance before the lock is 5 in a million, and a courier who mistypes has room.
+pub const PICKUP_CODE_TRIES_MAX: u32 = 5;
 /// Outcomes a partner's SLA score is computed over (the most recent ones), the fewest
 /// outcomes before a score counts, and the score thresholds (basis points of on-time
 /// outcomes) below which a partner is put on probation or suspended automatically.

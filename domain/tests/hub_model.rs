@@ -7,6 +7,7 @@
 //! a remedy, or cancelled.
 
 use domain::hub::*;
+use domain::limits::PICKUP_CODE_TRIES_MAX;
 use domain::registry::*;
 use domain::sku::Fulfilment;
 use domain::*;
@@ -278,26 +279,73 @@ fn a_partner_that_keeps_missing_is_suspended_and_probation_is_earned() {
 }
 
 #[test]
-fn wrong_pickup_code_changes_nothing() {
+fn wrong_pickup_codes_are_counted_lock_the_dispatch_and_a_new_code_opens_it() {
     let mut h = Harness::new(100, [PartnerStatus::Active; 3]);
     let o = order(7, Fulfilment::Pickup, false, h.now);
-    let id = o.order_id.clone();
+    let (id, code) = (o.order_id.clone(), o.pickup_code.clone());
     h.run(HubCommand::Dispatch(o)).unwrap();
     let p = holder(&h.state, &id).unwrap();
+    let pick_up = |h: &mut Harness, code: &str| {
+        h.run(HubCommand::Courier {
+            partner: p.clone(),
+            order_id: id.clone(),
+            action: CourierAction::PickedUp {
+                pickup_code: code.into(),
+            },
+        })
+    };
     h.run(HubCommand::Courier {
         partner: p.clone(),
         order_id: id.clone(),
         action: CourierAction::Accept,
     })
     .unwrap();
-    let wrong = h.run(HubCommand::Courier {
-        partner: p,
-        order_id: id,
-        action: CourierAction::PickedUp {
-            pickup_code: "000000x".into(),
-        },
-    });
-    assert!(matches!(wrong, Err(Rejection::InvalidArgument(_))));
+    for tries in 1..=PICKUP_CODE_TRIES_MAX {
+        // Refused, and counted: the only change is the count.
+        let (events, reply) = pick_up(&mut h, "000000").unwrap();
+        assert!(
+            matches!(reply, HubReply::Refused(Rejection::InvalidArgument(_))),
+            "{reply:?}"
+        );
+        assert!(matches!(&events[..], [HubEvent::PickupCodeRefused { failures, .. }] if *failures == tries));
+        assert!(matches!(h.state.dispatch(&id).unwrap().stage, Stage::Accepted { .. }));
+    }
+    // Locked: even the right code is refused now, and the operator is alerted.
+    assert!(h.state.dispatch(&id).unwrap().pickup_locked());
+    let locked = pick_up(&mut h, &code).unwrap_err();
+    assert!(
+        matches!(&locked, Rejection::FailedPrecondition(why) if why.contains("locked")),
+        "{locked:?}"
+    );
+    let alerts = match h.run(HubCommand::Get).unwrap().1 {
+        HubReply::Hub(view) => view.alerts,
+        other => panic!("{other:?}"),
+    };
+    assert!(alerts
+        .iter()
+        .any(|a| a.order_id.as_ref() == Some(&id) && a.message.contains("locked")));
+    // A new code: the old one no longer works, the new one does, and only once it is issued.
+    h.run(HubCommand::ReissuePickupCode {
+        order_id: id.clone(),
+        pickup_code: "424242".into(),
+    })
+    .unwrap();
+    assert!(!h.state.dispatch(&id).unwrap().pickup_locked());
+    let (_, old) = pick_up(&mut h, &code).unwrap();
+    assert!(matches!(old, HubReply::Refused(_)));
+    let (events, reply) = pick_up(&mut h, "424242").unwrap();
+    assert!(matches!(reply, HubReply::Dispatch(_)));
+    assert!(matches!(&events[..], [HubEvent::PickedUp { .. }]));
+    // The parcel left: its code can no longer change.
+    let late = h
+        .run(HubCommand::ReissuePickupCode {
+            order_id: id.clone(),
+            pickup_code: "111111".into(),
+        })
+        .unwrap_err();
+    assert!(matches!(late, Rejection::FailedPrecondition(_)), "{late:?}");
+    h.restart();
+    assert_eq!(h.state.dispatch(&id).unwrap().order.pickup_code, "424242");
 }
 
 #[test]

@@ -204,7 +204,7 @@ impl CheckoutService for Checkout {
             amount,
             fulfilment,
             discreet: r.discreet,
-            pickup_code: format!("{:06}", rand::random_range(0..1_000_000u32)),
+            pickup_code: new_pickup_code(),
             receipt_token: format!("{:032x}", rand::random::<u128>()),
         };
         let (drop_id, sku_id) = order_id.owner();
@@ -444,4 +444,46 @@ impl CheckoutService for Checkout {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn reissue_pickup_code(&self, request: Request<ReissuePickupCodeRequest>) -> Result<Response<Order>, Status> {
+        let order_id = parse_order_id(&request.get_ref().order_id)?;
+        let access = order_access(&request, &self.platform.keys, &order_id, false)?;
+        if let OrderAccess::Storefront(storefront) = &access {
+            self.platform.throttle.storefront_call(storefront.as_str())?;
+        }
+        let view = self.order_view(&order_id).await?;
+        if let OrderAccess::Storefront(storefront) = &access {
+            check_owner(storefront, &view)?;
+        }
+        let hub_id = match (&view.confirmation, &view.hub_id) {
+            (Some(_), Some(hub_id)) => hub_id.clone(),
+            _ => {
+                return Err(Status::failed_precondition(format!(
+                    "order {order_id} is not confirmed: it has no pickup code yet"
+                )))
+            }
+        };
+        let dispatch = self
+            .platform
+            .hub_dispatch(
+                hub_id,
+                HubCommand::ReissuePickupCode {
+                    order_id: order_id.clone(),
+                    pickup_code: new_pickup_code(),
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                actors::CommandError::Rejected(domain::Rejection::NotFound { .. }) => Status::unavailable(format!(
+                    "order {order_id} has not reached its hub yet; retry in a moment"
+                )),
+                e => from_command_error(e),
+            })?;
+        Ok(Response::new(convert::order(&view, Some(&dispatch))))
+    }
+}
+
+/// A six-digit pickup code, uniformly random.
+fn new_pickup_code() -> String {
+    format!("{:06}", rand::random_range(0..1_000_000u32))
 }

@@ -249,7 +249,13 @@ pub fn order(view: &OrderView, dispatch: Option<&Dispatch>) -> checkout::Order {
             sku::Fulfilment::Pickup => checkout::FulfilmentKind::Pickup,
         }) as i32,
         discreet: confirmation.is_some_and(|c| c.discreet),
-        pickup_code: confirmation.map(|c| c.pickup_code.clone()).unwrap_or_default(),
+        // The hub's code once it has the order: a reissued code replaces the one of the
+        // confirmation there.
+        pickup_code: match (dispatch, confirmation) {
+            (Some(d), Some(_)) => d.order.pickup_code.clone(),
+            (None, Some(c)) => c.pickup_code.clone(),
+            (_, None) => String::new(),
+        },
         updated_at: Some(timestamp(
             view.updated_at.max(dispatch.map_or(view.updated_at, |d| d.updated_at)),
         )),

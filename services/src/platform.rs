@@ -212,6 +212,7 @@ impl Platform {
     pub async fn hub_dispatch(&self, hub_id: HubId, command: HubCommand) -> Result<Dispatch, CommandError> {
         match self.bus.hub_command(hub_id, command).await? {
             HubReply::Dispatch(d) => Ok(*d),
+            HubReply::Refused(rejection) => Err(CommandError::Rejected(rejection)),
             other => Err(CommandError::Unavailable(format!(
                 "hub answered {other:?} instead of a dispatch"
             ))),

@@ -186,6 +186,8 @@ async fn a_silent_courier_is_swapped_after_its_deadline_and_the_buyer_sees_it() 
             "swapped",
             "offered",
             "accepted",
+            // The wrong code tried above is on the trail (the code itself is not).
+            "pickup_code_refused",
             "picked_up",
             "delivered"
         ]

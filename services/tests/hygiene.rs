@@ -293,7 +293,11 @@ async fn oversized_metadata_fails_only_its_call_and_a_courier_stream_on_the_conn
     checkout
         .metadata_mut()
         .insert("authorization", bearer_of(200_000)[0].1.parse().unwrap());
-    let status = server.anonymous_checkout().get_availability(checkout).await.unwrap_err();
+    let status = server
+        .anonymous_checkout()
+        .get_availability(checkout)
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     // Many headers, each small: RESOURCE_EXHAUSTED for that call.
