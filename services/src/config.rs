@@ -153,7 +153,8 @@ pub struct ServeArgs {
     #[arg(long, env = "DROPLINE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// A TOML file with any of the keys `listen`, `data_dir`, `log`, `shutdown_delay_ms`,
-    /// `live_actors_max`, `tls_cert`, `tls_key`, `tls_client_ca`, `nats`, `node`,
+    /// `live_actors_max`, `storefront_calls_per_sec`, `buyer_reserves_per_sec`,
+    /// `buyer_reserve_burst`, `tls_cert`, `tls_key`, `tls_client_ca`, `nats`, `node`,
     /// `partitions`, `replicas`, `lease_ttl_ms`, `lease_renew_ms`.
     #[arg(long, env = "DROPLINE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -174,6 +175,16 @@ pub struct ServeArgs {
     /// next use). About 10 KiB per running SKU actor [default: 50000].
     #[arg(long, env = "DROPLINE_LIVE_ACTORS_MAX", value_parser = clap::value_parser!(u64).range(1..=LIVE_ACTORS_MAX_UPPER))]
     pub live_actors_max: Option<u64>,
+    /// Checkout calls per second one storefront may make on this node (RESOURCE_EXHAUSTED
+    /// with a retry hint past it) [default: 200000].
+    #[arg(long, env = "DROPLINE_STOREFRONT_CALLS_PER_SEC", value_parser = clap::value_parser!(u32).range(1..))]
+    pub storefront_calls_per_sec: Option<u32>,
+    /// Reserves per second one buyer of one storefront may make on this node [default: 5].
+    #[arg(long, env = "DROPLINE_BUYER_RESERVES_PER_SEC", value_parser = clap::value_parser!(u32).range(1..))]
+    pub buyer_reserves_per_sec: Option<u32>,
+    /// Reserves one buyer may make at once before that rate applies [default: 20].
+    #[arg(long, env = "DROPLINE_BUYER_RESERVE_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    pub buyer_reserve_burst: Option<u32>,
     /// Check the settings (flags, environment, file) and print them, then exit without
     /// serving: 0 when they are valid.
     #[arg(long)]
@@ -260,6 +271,9 @@ struct FileConfig {
     log: Option<String>,
     shutdown_delay_ms: Option<u64>,
     live_actors_max: Option<u64>,
+    storefront_calls_per_sec: Option<u32>,
+    buyer_reserves_per_sec: Option<u32>,
+    buyer_reserve_burst: Option<u32>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -282,6 +296,10 @@ pub struct ServeConfig {
     pub shutdown_delay: Duration,
     /// Running actors of each kind kept at most.
     pub live_actors_max: usize,
+    /// Checkout's call-rate bounds: per storefront, and per buyer (rate, burst).
+    pub storefront_calls_per_sec: u32,
+    pub buyer_reserves_per_sec: u32,
+    pub buyer_reserve_burst: u32,
     /// Set to serve over TLS.
     pub tls: Option<crate::tls::TlsFiles>,
     /// Set when this process is one node of a cluster.
@@ -335,6 +353,18 @@ impl ServeArgs {
                 .live_actors_max
                 .or(file.live_actors_max)
                 .map_or(LIVE_ACTORS_MAX_DEFAULT, |n| n as usize),
+            storefront_calls_per_sec: self
+                .storefront_calls_per_sec
+                .or(file.storefront_calls_per_sec)
+                .unwrap_or(crate::throttle::STOREFRONT_CALLS_PER_SEC_DEFAULT),
+            buyer_reserves_per_sec: self
+                .buyer_reserves_per_sec
+                .or(file.buyer_reserves_per_sec)
+                .unwrap_or(crate::throttle::BUYER_RESERVES_PER_SEC_DEFAULT),
+            buyer_reserve_burst: self
+                .buyer_reserve_burst
+                .or(file.buyer_reserve_burst)
+                .unwrap_or(crate::throttle::BUYER_RESERVE_BURST_DEFAULT),
             tls,
             cluster: None,
         })
@@ -350,6 +380,15 @@ impl ServeArgs {
             }
             if !(1..=LIVE_ACTORS_MAX_UPPER as usize).contains(&config.live_actors_max) {
                 anyhow::bail!("live_actors_max must be between 1 and {LIVE_ACTORS_MAX_UPPER}");
+            }
+            for (name, value) in [
+                ("storefront_calls_per_sec", config.storefront_calls_per_sec),
+                ("buyer_reserves_per_sec", config.buyer_reserves_per_sec),
+                ("buyer_reserve_burst", config.buyer_reserve_burst),
+            ] {
+                if value == 0 {
+                    anyhow::bail!("{name} must be at least 1");
+                }
             }
             let c = &self.cluster;
             let Some(nats) = c.nats.clone().or(file.nats) else {
@@ -422,7 +461,7 @@ mod tests {
         let path = dir.path().join("dropline.toml");
         std::fs::write(
             &path,
-            "listen = \"127.0.0.1:6000\"\ndata_dir = \"/var/lib/dropline\"\nlive_actors_max = 1000\n",
+            "listen = \"127.0.0.1:6000\"\ndata_dir = \"/var/lib/dropline\"\nlive_actors_max = 1000\nbuyer_reserve_burst = 7\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -433,6 +472,9 @@ mod tests {
             operator_token: None,
             shutdown_delay_ms: None,
             live_actors_max: None,
+            storefront_calls_per_sec: None,
+            buyer_reserves_per_sec: None,
+            buyer_reserve_burst: None,
             check_config: false,
             tls: ServerTlsArgs::default(),
             cluster: ClusterArgs::default(),
@@ -442,6 +484,18 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("/var/lib/dropline"));
         assert_eq!(config.log, "info");
         assert_eq!(config.live_actors_max, 1000);
+        assert_eq!(
+            (
+                config.storefront_calls_per_sec,
+                config.buyer_reserves_per_sec,
+                config.buyer_reserve_burst
+            ),
+            (
+                crate::throttle::STOREFRONT_CALLS_PER_SEC_DEFAULT,
+                crate::throttle::BUYER_RESERVES_PER_SEC_DEFAULT,
+                7
+            )
+        );
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "listne = \"x\"\n").unwrap();
         assert!(ServeArgs {
@@ -452,6 +506,9 @@ mod tests {
             operator_token: None,
             shutdown_delay_ms: None,
             live_actors_max: None,
+            storefront_calls_per_sec: None,
+            buyer_reserves_per_sec: None,
+            buyer_reserve_burst: None,
             check_config: false,
             tls: ServerTlsArgs::default(),
             cluster: ClusterArgs::default(),
@@ -477,6 +534,9 @@ mod tests {
             operator_token: None,
             shutdown_delay_ms: None,
             live_actors_max: None,
+            storefront_calls_per_sec: None,
+            buyer_reserves_per_sec: None,
+            buyer_reserve_burst: None,
             check_config: false,
             tls,
             cluster: ClusterArgs::default(),
@@ -532,6 +592,9 @@ mod tests {
             operator_token: token.map(str::to_string),
             shutdown_delay_ms: delay,
             live_actors_max: None,
+            storefront_calls_per_sec: None,
+            buyer_reserves_per_sec: None,
+            buyer_reserve_burst: None,
             check_config: false,
             tls: ServerTlsArgs::default(),
             cluster: ClusterArgs::default(),

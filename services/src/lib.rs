@@ -55,13 +55,18 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
             }
         }
     };
-    let platform = tokio::select! {
+    let mut platform = tokio::select! {
         platform = open => platform?,
         () = &mut shutdown => {
             info!("stopped while opening the platform");
             return Ok(());
         }
     };
+    platform.throttle = std::sync::Arc::new(throttle::CheckoutThrottle::new(
+        config.storefront_calls_per_sec,
+        config.buyer_reserves_per_sec,
+        config.buyer_reserve_burst,
+    ));
     if let Some(token) = &platform.new_operator_token {
         // Shown once: only its hash is kept.
         eprintln!(
@@ -147,6 +152,9 @@ fn print_config(config: &ServeConfig) {
     println!("log = {:?}", config.log);
     println!("shutdown_delay_ms = {}", config.shutdown_delay.as_millis());
     println!("live_actors_max = {}", config.live_actors_max);
+    println!("storefront_calls_per_sec = {}", config.storefront_calls_per_sec);
+    println!("buyer_reserves_per_sec = {}", config.buyer_reserves_per_sec);
+    println!("buyer_reserve_burst = {}", config.buyer_reserve_burst);
     println!(
         "operator_token = {}",
         if config.operator_token.is_some() {
