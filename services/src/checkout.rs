@@ -48,6 +48,14 @@ impl Checkout {
         expect_order(reply).map_err(from_command_error)
     }
 
+    /// Takes one write from the caller's bound: its storefront's, or the order token's.
+    fn write_allowed(&self, storefront: Option<&StorefrontId>, order_id: &OrderId) -> Result<(), Status> {
+        match storefront {
+            Some(storefront) => self.platform.throttle.storefront_call(storefront.as_str()),
+            None => self.platform.throttle.order_token_call(order_id.as_str()),
+        }
+    }
+
     /// The order as `access` may see it: its own storefront or token (with the pickup code),
     /// the operator (without); another storefront's order is PERMISSION_DENIED.
     fn visible(access: &OrderAccess, mut order: Order, view: &domain::sku::OrderView) -> Result<Order, Status> {
@@ -158,9 +166,7 @@ impl CheckoutService for Checkout {
     async fn confirm(&self, request: Request<ConfirmRequest>) -> Result<Response<ConfirmResponse>, Status> {
         let order_id = parse_order_id(&request.get_ref().order_id)?;
         let storefront = acting_storefront(order_access(&request, &self.platform.keys, &order_id, false)?);
-        if let Some(storefront) = &storefront {
-            self.platform.throttle.storefront_call(storefront.as_str())?;
-        }
+        self.write_allowed(storefront.as_ref(), &order_id)?;
         let r = request.into_inner();
         let mut check = Check::default();
         check.text("payment_reference", &r.payment_reference, true);
@@ -250,9 +256,7 @@ impl CheckoutService for Checkout {
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
         let order_id = parse_order_id(&request.get_ref().order_id)?;
         let storefront = acting_storefront(order_access(&request, &self.platform.keys, &order_id, false)?);
-        if let Some(storefront) = &storefront {
-            self.platform.throttle.storefront_call(storefront.as_str())?;
-        }
+        self.write_allowed(storefront.as_ref(), &order_id)?;
         let before = self.order_view(&order_id).await?;
         if let Some(storefront) = &storefront {
             check_owner(storefront, &before)?;
@@ -448,9 +452,11 @@ impl CheckoutService for Checkout {
     async fn reissue_pickup_code(&self, request: Request<ReissuePickupCodeRequest>) -> Result<Response<Order>, Status> {
         let order_id = parse_order_id(&request.get_ref().order_id)?;
         let access = order_access(&request, &self.platform.keys, &order_id, false)?;
-        if let OrderAccess::Storefront(storefront) = &access {
-            self.platform.throttle.storefront_call(storefront.as_str())?;
-        }
+        let storefront = match &access {
+            OrderAccess::Storefront(storefront) => Some(storefront),
+            OrderAccess::Token | OrderAccess::Operator => None,
+        };
+        self.write_allowed(storefront, &order_id)?;
         let view = self.order_view(&order_id).await?;
         if let OrderAccess::Storefront(storefront) = &access {
             check_owner(storefront, &view)?;

@@ -89,6 +89,14 @@ impl CheckoutThrottle {
             .map_err(|wait| exhausted(format!("storefront {storefront} is over its call rate"), wait))
     }
 
+    /// One write by the holder of an order's token (a buyer's device): bounded like a
+    /// buyer's reserves, per order.
+    pub fn order_token_call(&self, order_id: &str) -> Result<(), Status> {
+        self.buyers
+            .take(&(String::new(), order_id.to_string()))
+            .map_err(|wait| exhausted(format!("too many calls for order {order_id}"), wait))
+    }
+
     /// One reserve for `buyer` (the opaque buyer reference, never the buyer id itself).
     pub fn buyer_reserve(&self, storefront: &str, buyer: &str) -> Result<(), Status> {
         self.buyers
