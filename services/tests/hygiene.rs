@@ -168,19 +168,7 @@ async fn bytes_that_do_not_decode_are_invalid_argument_on_every_rpc() {
 async fn a_known_credential_of_the_wrong_kind_is_permission_denied_never_unauthenticated() {
     let server = TestServer::start().await;
     let partner = courier(&server.channel, "courier-1", "hub-1", 1).await;
-    let mut settlement = SettlementServiceClient::with_interceptor(
-        server.channel.clone(),
-        services::auth::Bearer::new(OPERATOR_TOKEN).unwrap(),
-    );
-    let creator = settlement
-        .register_creator(settlement::RegisterCreatorRequest {
-            creator_id: "creator-1".into(),
-            display_name: "Creator One".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .credential;
+    let creator = creator(&server.channel, "creator-1").await;
     let credentials = [
         ("operator", format!("Bearer {OPERATOR_TOKEN}")),
         ("partner", format!("Bearer {partner}")),

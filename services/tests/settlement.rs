@@ -502,24 +502,6 @@ async fn courier_and_drop(
 
 type Courier = dispatch_service_client::DispatchServiceClient<Authed>;
 
-/// The courier accepts the dispatch and picks its parcel up.
-async fn pick_up(courier: &mut Courier, dispatch_id: &str, pickup_code: &str) {
-    let dispatch_id = dispatch_id.to_string();
-    courier
-        .accept(AcceptRequest {
-            dispatch_id: dispatch_id.clone(),
-        })
-        .await
-        .unwrap();
-    courier
-        .mark_picked_up(MarkPickedUpRequest {
-            dispatch_id,
-            pickup_code: pickup_code.into(),
-        })
-        .await
-        .unwrap();
-}
-
 async fn deliver(courier: &mut Courier, dispatch_id: &str) {
     courier
         .mark_delivered(MarkDeliveredRequest {

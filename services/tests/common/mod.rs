@@ -10,6 +10,7 @@ use proto::operator::v1::operator_service_client::OperatorServiceClient;
 use proto::operator::v1::*;
 use proto::registry::v1 as registry;
 use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
+use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
 use services::auth::{Authed, Bearer};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -116,6 +117,19 @@ pub async fn courier(channel: &Channel, partner_id: &str, hub_id: &str, rank: u3
         .await
         .unwrap();
     registered.credential
+}
+
+/// Registers a creator; returns its credential.
+pub async fn creator(channel: &Channel, creator_id: &str) -> String {
+    SettlementServiceClient::with_interceptor(channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
+        .register_creator(proto::settlement::v1::RegisterCreatorRequest {
+            creator_id: creator_id.into(),
+            display_name: format!("creator {creator_id}"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credential
 }
 
 pub struct TestServer {
@@ -295,6 +309,23 @@ pub async fn next_withdrawal(
         Update::Offer(_) => None,
     })
     .await
+}
+
+/// The courier accepts the dispatch and picks its parcel up.
+pub async fn pick_up(courier: &mut DispatchServiceClient<Authed>, dispatch_id: &str, pickup_code: &str) {
+    courier
+        .accept(proto::dispatch::v1::AcceptRequest {
+            dispatch_id: dispatch_id.into(),
+        })
+        .await
+        .unwrap();
+    courier
+        .mark_picked_up(proto::dispatch::v1::MarkPickedUpRequest {
+            dispatch_id: dispatch_id.into(),
+            pickup_code: pickup_code.into(),
+        })
+        .await
+        .unwrap();
 }
 
 pub fn ts(offset_secs: i64) -> prost_types::Timestamp {
