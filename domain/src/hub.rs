@@ -1397,14 +1397,22 @@ impl<'a> Tx<'a> {
             (CourierAction::PickedUp { pickup_code }, Stage::Accepted { .. })
                 if holds && !codes_match(&pickup_code, &d.order.pickup_code) =>
             {
-                // Counted, so that guessing stops after a few tries; the courier is refused.
+                // Counted, so that guessing stops after a few tries; the courier is refused,
+                // and told when this wrong code is the one that locks the dispatch.
+                let failures = d.pickup_failures + 1;
+                self.refusal = Some(if failures >= PICKUP_CODE_TRIES_MAX {
+                    Rejection::FailedPrecondition(format!(
+                        "wrong pickup code: dispatch {id} is now locked for pickup after {failures} wrong codes; the buyer's storefront can issue a new code"
+                    ))
+                } else {
+                    wrong_code()
+                });
                 self.emit(HubEvent::PickupCodeRefused {
                     order_id: id,
                     partner,
-                    failures: d.pickup_failures + 1,
+                    failures,
                     at: now,
                 });
-                self.refusal = Some(wrong_code());
                 return Ok(());
             }
             (CourierAction::PickedUp { pickup_code }, Stage::Accepted { .. } | Stage::PickedUp { .. }) if holds => {

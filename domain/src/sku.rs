@@ -946,8 +946,9 @@ impl SkuState {
                 if same {
                     return Ok((vec![], SkuReply::Order(self.order_view(order))));
                 }
-                return Err(Rejection::IdempotencyKeyReused {
-                    key: cmd.order_id.to_string(),
+                return Err(Rejection::AlreadyExists {
+                    what: "confirmed order".into(),
+                    id: cmd.order_id.to_string(),
                 });
             }
             OrderStatus::Waitlisted => {
@@ -955,12 +956,20 @@ impl SkuState {
                     "order is on the waitlist: it can be confirmed once it is held".into(),
                 ))
             }
-            OrderStatus::Expired => return Err(Rejection::FailedPrecondition("hold expired".into())),
+            OrderStatus::Expired => {
+                return Err(Rejection::FailedPrecondition(format!(
+                    "the hold of order {} expired",
+                    cmd.order_id
+                )))
+            }
             OrderStatus::Cancelled => return Err(Rejection::FailedPrecondition("order was cancelled".into())),
             OrderStatus::Held => {}
         }
         if order.expires_at.is_some_and(|t| now >= t) {
-            return Err(Rejection::FailedPrecondition("hold expired".into()));
+            return Err(Rejection::FailedPrecondition(format!(
+                "the hold of order {} expired",
+                cmd.order_id
+            )));
         }
         let due = self
             .price
