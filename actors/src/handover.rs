@@ -27,7 +27,7 @@ pub async fn hand_over(bus: Weak<dyn CommandBus>, drop_id: DropId, sku_id: SkuId
     for (hub_id, command) in orders {
         let (order_id, withdrawal) = match &command {
             HubCommand::Dispatch(order) => (order.order_id.clone(), false),
-            HubCommand::Cancel(order) => (order.order_id.clone(), true),
+            HubCommand::Cancel { order, .. } => (order.order_id.clone(), true),
             other => unreachable!("the hand-over outbox sends dispatches and withdrawals only, not {other:?}"),
         };
         let mut backoff = HANDOVER_BACKOFF_MS;

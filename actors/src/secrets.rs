@@ -99,10 +99,22 @@ impl PlatformKeys {
         presented == blake3::keyed_hash(&self.order_token_key, order_id.as_bytes())
     }
 
-    /// A keyed digest of an encoded address: equal addresses give equal digests, and the
-    /// digest tells nothing about the address without the platform key.
-    pub fn address_digest(&self, address: &[u8]) -> String {
-        blake3::keyed_hash(&self.address_digest_key, address).to_hex()[..32].to_string()
+    /// A keyed digest of an order's encoded address: the same address gives the same digest
+    /// for that order only (the order id is hashed too, so journals do not show which
+    /// orders go to one address), and tells nothing about the address without the key.
+    pub fn address_digest(&self, order_id: &str, address: &[u8]) -> String {
+        let mut hasher = blake3::Hasher::new_keyed(&self.address_digest_key);
+        hasher.update(&(order_id.len() as u64).to_le_bytes());
+        hasher.update(order_id.as_bytes());
+        hasher.update(address);
+        hasher.finalize().to_hex()[..32].to_string()
+    }
+
+    /// Whether `token` has the shape of an order token (`dlt_` and 64 hex digits).
+    pub fn is_order_token(token: &str) -> bool {
+        token
+            .strip_prefix(ORDER_TOKEN_PREFIX)
+            .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
     }
 
     fn order_cipher(&self, order_id: &str, salt: &[u8; 32]) -> ChaCha20Poly1305 {

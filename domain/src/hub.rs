@@ -342,7 +342,13 @@ pub enum HubCommand {
     /// asked before anything else changes, so it alone decides whether the order can still
     /// be stopped, and no pickup can follow a withdrawal. A hub that has not got the order
     /// yet records it as cancelled, so a hand-over arriving later creates no dispatch.
-    Cancel(DispatchOrder),
+    Cancel {
+        order: DispatchOrder,
+        /// The hub acknowledged the order's hand-over before (its SKU's outbox no longer
+        /// holds it): a hub that does not know it then has forgotten its finished dispatch,
+        /// which must not be taken for "not handed over yet" (and cancelled after delivery).
+        handed_over: bool,
+    },
     /// The creator's ledger booked these dispatches' facts as they were (see
     /// `HubState::ledger_outbox`).
     LedgerSynced(Vec<(OrderId, u32)>),
@@ -1703,9 +1709,14 @@ impl Aggregate for HubState {
                 });
                 HubReply::Dispatch(Box::new(tx.dispatch(&order_id).expect("exists").clone()))
             }
-            HubCommand::Cancel(order) => {
+            HubCommand::Cancel { order, handed_over } => {
                 let id = order.order_id.clone();
                 let Some(d) = self.dispatches.get(&id) else {
+                    if handed_over {
+                        return Err(Rejection::FailedPrecondition(format!(
+                            "order {id} was handed to its hub and its dispatch is finished and no longer kept: it can no longer be cancelled (a parcel that comes back is refunded by recording its return)"
+                        )));
+                    }
                     tx.emit(HubEvent::CancelledBeforeHandOver { order, at: now });
                     let d = tx.dispatch(&id).expect("just recorded").clone();
                     return Ok((tx.events, HubReply::Dispatch(Box::new(d))));

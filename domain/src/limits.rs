@@ -203,6 +203,10 @@ pub const STOREFRONTS_MAX: usize = 100_000;
 /// fulfilment, the default 14-day return window and a margin. Delivery brings it forward
 /// to the drop's return window after delivery; a cancellation, refund or failure to now.
 pub const ADDRESS_RETENTION_MAX_MS: u64 = 30 * 86_400_000;
+/// How long after a confirmation a retry of the same Confirm may still store its address
+/// (the first store failed): long enough for a client's retries, too short to bring back an
+/// address shredded after delivery, a refund or a cancellation.
+pub const ADDRESS_STORE_RETRY_MS: u64 = 10 * 60_000;
 /// How often a node shreds the addresses that are due, and how many it shreds at most in
 /// one pass (the rest wait for the next pass; a pass never holds up anything else).
 pub const ADDRESS_SHRED_INTERVAL_MS: u64 = 60_000;

@@ -340,6 +340,8 @@ pub enum SkuCommand {
 pub struct OrderView {
     pub order_id: OrderId,
     pub storefront: StorefrontId,
+    /// Confirmed, and its hub acknowledged the hand-over (nothing for it in the outbox).
+    pub handed_over: bool,
     pub drop_id: DropId,
     pub sku_id: SkuId,
     pub sku_name: String,
@@ -571,7 +573,14 @@ impl SkuState {
         let order = self.orders.get(order_id)?;
         let (hub_id, dispatch) = self.order_view(order).dispatch_order()?;
         Some(match order.status {
-            OrderStatus::Cancelled => (hub_id, crate::hub::HubCommand::Cancel(dispatch)),
+            // Still in the outbox: the hub has not acknowledged a hand-over of it since.
+            OrderStatus::Cancelled => (
+                hub_id,
+                crate::hub::HubCommand::Cancel {
+                    order: dispatch,
+                    handed_over: false,
+                },
+            ),
             _ => (hub_id, crate::hub::HubCommand::Dispatch(dispatch)),
         })
     }
@@ -596,6 +605,7 @@ impl SkuState {
         OrderView {
             order_id: order.order_id.clone(),
             storefront: order.storefront.clone(),
+            handed_over: order.confirmation.is_some() && !self.handover.contains(&order.order_id),
             drop_id: self.drop_id.clone(),
             sku_id: self.sku_id.clone(),
             sku_name: self.name.clone(),

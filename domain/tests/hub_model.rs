@@ -279,6 +279,25 @@ fn a_partner_that_keeps_missing_is_suspended_and_probation_is_earned() {
 }
 
 #[test]
+fn a_cancel_of_an_order_handed_over_but_forgotten_is_refused_not_taken_for_a_new_one() {
+    // The hub keeps a bounded number of finished dispatches: one it no longer knows, whose
+    // hand-over it acknowledged, may have been delivered.
+    let mut h = Harness::new(100, [PartnerStatus::Active; 3]);
+    let o = order(9, Fulfilment::Delivery, false, h.now);
+    let refused = h
+        .run(HubCommand::Cancel {
+            order: o.clone(),
+            handed_over: true,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Rejection::FailedPrecondition(why) if why.contains(o.order_id.as_str()) && why.contains("no longer kept")),
+        "{refused:?}"
+    );
+    assert!(h.state.dispatch(&o.order_id).is_none());
+}
+
+#[test]
 fn wrong_pickup_codes_are_counted_lock_the_dispatch_and_a_new_code_opens_it() {
     let mut h = Harness::new(100, [PartnerStatus::Active; 3]);
     let o = order(7, Fulfilment::Pickup, false, h.now);
@@ -362,7 +381,12 @@ fn an_order_cancelled_before_its_hand_over_is_never_dispatched() {
     let o = order(1, Fulfilment::Delivery, false, h.now);
     let id = o.order_id.clone();
     // The cancel reaches the hub first: it records the order as cancelled.
-    let (events, reply) = h.run(HubCommand::Cancel(o.clone())).unwrap();
+    let (events, reply) = h
+        .run(HubCommand::Cancel {
+            order: o.clone(),
+            handed_over: false,
+        })
+        .unwrap();
     assert!(
         matches!(events.as_slice(), [HubEvent::CancelledBeforeHandOver { .. }]),
         "{events:?}"
@@ -389,7 +413,12 @@ fn an_order_cancelled_before_its_hand_over_is_never_dispatched() {
     });
     assert!(matches!(taken, Err(Rejection::PermissionDenied(_))), "{taken:?}");
     // A cancel sent again (the SKU's outbox) changes nothing; the timer has nothing to run.
-    let (events, _) = h.run(HubCommand::Cancel(o)).unwrap();
+    let (events, _) = h
+        .run(HubCommand::Cancel {
+            order: o,
+            handed_over: false,
+        })
+        .unwrap();
     assert!(events.is_empty());
     assert!(h.advance(10 * 24 * 3_600_000).is_empty());
     assert!(matches!(h.state.dispatch(&id).unwrap().stage, Stage::Cancelled { .. }));
@@ -413,7 +442,12 @@ fn a_withdrawal_is_refused_once_picked_up_and_no_pickup_follows_one() {
     h.run(HubCommand::Dispatch(first.clone())).unwrap();
     let p = holder(&h.state, &id).unwrap();
     courier(&mut h, &id, CourierAction::Accept).unwrap();
-    let (events, _) = h.run(HubCommand::Cancel(first.clone())).unwrap();
+    let (events, _) = h
+        .run(HubCommand::Cancel {
+            order: first.clone(),
+            handed_over: false,
+        })
+        .unwrap();
     assert!(
         matches!(events.as_slice(), [HubEvent::Cancelled { holder: Some(told), .. }] if *told == p),
         "{events:?}"
@@ -433,7 +467,12 @@ fn a_withdrawal_is_refused_once_picked_up_and_no_pickup_follows_one() {
         pickup_code: second.pickup_code.clone(),
     };
     courier(&mut h, &id, pickup).unwrap();
-    let refused = h.run(HubCommand::Cancel(second.clone())).unwrap_err();
+    let refused = h
+        .run(HubCommand::Cancel {
+            order: second.clone(),
+            handed_over: false,
+        })
+        .unwrap_err();
     assert!(
         matches!(&refused, Rejection::FailedPrecondition(why) if why.contains(id.as_str()) && why.contains("picked up")),
         "{refused:?}"
@@ -651,7 +690,10 @@ proptest! {
                     if orders.is_empty() { continue; }
                     let o = &orders[n as usize % orders.len()];
                     let before = h.state.dispatch(&o.order_id).cloned().unwrap();
-                    let result = h.run(HubCommand::Cancel(o.clone()));
+                    let result = h.run(HubCommand::Cancel {
+        order: o.clone(),
+        handed_over: false,
+    });
                     let left_hub = matches!(before.stage, Stage::PickedUp { .. } | Stage::Delivered { .. } | Stage::Failed { .. });
                     prop_assert_eq!(result.is_err(), left_hub, "cancel refused exactly when the parcel left the hub");
                     if !left_hub {
@@ -663,7 +705,10 @@ proptest! {
                 Step::CancelBeforeHandOver => {
                     let o = order(orders.len() as u32, Fulfilment::Delivery, false, h.now);
                     orders.push(o.clone());
-                    h.run(HubCommand::Cancel(o.clone())).unwrap();
+                    h.run(HubCommand::Cancel {
+        order: o.clone(),
+        handed_over: false,
+    }).unwrap();
                     let (events, _) = h.run(HubCommand::Dispatch(o.clone())).unwrap();
                     prop_assert!(events.is_empty(), "a hand-over after the cancel creates nothing: {:?}", events);
                     withdrawn.insert(o.order_id);

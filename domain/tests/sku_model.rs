@@ -550,7 +550,14 @@ fn a_cancelled_order_stays_in_the_outbox_until_its_hub_acknowledges_the_withdraw
         storefront: None,
     };
     run(&mut sku, &mut log, cancel, UnixMillis(4_000)).unwrap();
-    let Some((hub, domain::hub::HubCommand::Cancel(order))) = sku.handover_command(&id) else {
+    let Some((
+        hub,
+        domain::hub::HubCommand::Cancel {
+            order,
+            handed_over: false,
+        },
+    )) = sku.handover_command(&id)
+    else {
         panic!("a cancelled order's hub is told to withdraw it");
     };
     assert_eq!((hub.as_str(), &order.order_id), ("hub-a1", &id));

@@ -65,9 +65,7 @@ impl OperatorCredential {
         std::fs::create_dir_all(secrets)?;
         let (hash_hex, shown) = match token {
             Some(token) => {
-                if token.len() < OPERATOR_TOKEN_LEN_MIN {
-                    anyhow::bail!("the operator token must be at least {OPERATOR_TOKEN_LEN_MIN} characters");
-                }
+                OperatorCredential::check_token(token)?;
                 (hash(token), None)
             }
             None => match std::fs::read_to_string(&path) {
@@ -116,6 +114,12 @@ impl OperatorCredential {
         if token.len() < OPERATOR_TOKEN_LEN_MIN {
             anyhow::bail!("the operator token must be at least {OPERATOR_TOKEN_LEN_MIN} characters");
         }
+        if token.len() > CREDENTIAL_LEN_MAX {
+            anyhow::bail!("the operator token must be at most {CREDENTIAL_LEN_MAX} characters");
+        }
+        if token.starts_with(ORDER_TOKEN_PREFIX) {
+            anyhow::bail!("the operator token must not start with {ORDER_TOKEN_PREFIX} (the prefix of order tokens)");
+        }
         Ok(())
     }
 
@@ -162,7 +166,7 @@ impl tonic::service::Interceptor for Authenticator {
                     )));
                 }
                 let token_hash = hash(token);
-                if token.starts_with(ORDER_TOKEN_PREFIX) {
+                if PlatformKeys::is_order_token(token) {
                     // Checked against the order it names by the handler.
                     Caller::OrderToken(token.to_string())
                 } else if self.operator.matches(&token_hash) {

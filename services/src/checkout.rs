@@ -8,7 +8,7 @@ use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
 use actors::hosted::expect_order;
 use domain::hub::{Dispatch, HubCommand};
-use domain::limits::{PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
+use domain::limits::{ADDRESS_STORE_RETRY_MS, PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
 use domain::sku::OrderStatus;
 use domain::sku::{ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, SkuCommand, SkuReply};
 use domain::{CityName, DropId, FieldViolation, HubId, IdempotencyKey, OrderId, SkuId, StorefrontId};
@@ -165,8 +165,19 @@ impl CheckoutService for Checkout {
 
     async fn confirm(&self, request: Request<ConfirmRequest>) -> Result<Response<ConfirmResponse>, Status> {
         let order_id = parse_order_id(&request.get_ref().order_id)?;
-        let storefront = acting_storefront(order_access(&request, &self.platform.keys, &order_id, false)?);
-        self.write_allowed(storefront.as_ref(), &order_id)?;
+        // Confirm records a payment: only the storefront, which took the payment, may say it
+        // was made. The order's token sits on the buyer's device, which is not to be trusted
+        // with that (it may read, watch and cancel).
+        let storefront = match order_access(&request, &self.platform.keys, &order_id, false)? {
+            OrderAccess::Storefront(storefront) => storefront,
+            OrderAccess::Token | OrderAccess::Operator => {
+                return Err(Status::permission_denied(
+                    "Confirm records a payment: it is for the order's storefront, not its token",
+                ))
+            }
+        };
+        self.write_allowed(Some(&storefront), &order_id)?;
+        let storefront = Some(storefront);
         let r = request.into_inner();
         let mut check = Check::default();
         check.text("payment_reference", &r.payment_reference, true);
@@ -202,16 +213,19 @@ impl CheckoutService for Checkout {
         // The address itself is kept apart from the journal, for fulfilment only; the SKU
         // gets a keyed digest of it, so another address on a later Confirm is refused.
         let address = address.map(|a| prost::Message::encode_to_vec(&a));
+        let receipt_token = format!("{:032x}", rand::random::<u128>());
         let command = ConfirmCommand {
             order_id: order_id.clone(),
             storefront,
-            address_digest: address.as_deref().map(|a| self.platform.keys.address_digest(a)),
+            address_digest: address
+                .as_deref()
+                .map(|a| self.platform.keys.address_digest(order_id.as_str(), a)),
             payment_reference: r.payment_reference,
             amount,
             fulfilment,
             discreet: r.discreet,
             pickup_code: new_pickup_code(),
-            receipt_token: format!("{:032x}", rand::random::<u128>()),
+            receipt_token: receipt_token.clone(),
         };
         let (drop_id, sku_id) = order_id.owner();
         let reply = self
@@ -221,9 +235,18 @@ impl CheckoutService for Checkout {
             .await
             .map_err(from_command_error)?;
         let view = expect_order(reply).map_err(from_command_error)?;
-        if let Some(address) = address {
+        let confirmation = view
+            .confirmation
+            .as_ref()
+            .expect("a confirmed order has its confirmation");
+        // This call made the confirmation (its fresh receipt token was taken), or retries one
+        // made moments ago whose address may not have been stored.
+        let made_here = confirmation.receipt_token == receipt_token;
+        let prompt_retry = self.platform.clock.now() < confirmation.confirmed_at.plus_ms(ADDRESS_STORE_RETRY_MS);
+        if let (Some(address), true) = (address, made_here || prompt_retry) {
             // Only now that the confirmation is durable, and only once: a retry of the same
-            // confirmation finds it stored and changes nothing.
+            // confirmation finds it stored and changes nothing. A later replay stores nothing,
+            // so an address shredded after delivery or a refund does not come back.
             self.platform
                 .store_address(&order_id, &address)
                 .await
@@ -237,8 +260,14 @@ impl CheckoutService for Checkout {
         // The hub promises the delivery window now, so the buyer hears it at Confirm. The
         // SKU's outbox hands the order over too (and again after a crash); the hub keeps
         // one dispatch per order whoever comes first.
+        // Once the hub acknowledged the hand-over it is only asked: a hub that has forgotten
+        // a finished dispatch must not be handed the order again (a second parcel).
+        let command = |order: domain::hub::DispatchOrder| match view.handed_over {
+            false => HubCommand::Dispatch(order),
+            true => HubCommand::GetDispatch(order.order_id),
+        };
         let dispatch = match view.dispatch_order() {
-            Some((hub_id, order)) => match self.platform.hub_dispatch(hub_id, HubCommand::Dispatch(order)).await {
+            Some((hub_id, order)) => match self.platform.hub_dispatch(hub_id, command(order)).await {
                 Ok(d) => Some(d),
                 Err(e) => {
                     debug!(error = %e, "hub did not answer at confirm; the order reaches it through the outbox");
@@ -270,9 +299,13 @@ impl CheckoutService for Checkout {
         let mut dispatch = None;
         if before.status == OrderStatus::Confirmed {
             if let Some((hub_id, order)) = before.dispatch_order() {
+                let command = HubCommand::Cancel {
+                    order,
+                    handed_over: before.handed_over,
+                };
                 let withdrawn = self
                     .platform
-                    .hub_dispatch(hub_id, HubCommand::Cancel(order))
+                    .hub_dispatch(hub_id, command)
                     .await
                     .map_err(from_command_error)?;
                 dispatch = Some(withdrawn);
@@ -298,10 +331,12 @@ impl CheckoutService for Checkout {
         if dispatch.is_none() {
             dispatch = self.dispatch_of(&view).await;
         }
-        if before
-            .confirmation
-            .as_ref()
-            .is_some_and(|c| c.fulfilment == Fulfilment::Delivery)
+        // As the order is now (it may have been confirmed while this cancel ran).
+        if view.status == OrderStatus::Cancelled
+            && view
+                .confirmation
+                .as_ref()
+                .is_some_and(|c| c.fulfilment == Fulfilment::Delivery)
         {
             // Nothing will be delivered: the address is not needed any more.
             self.platform.keep_address_for(&order_id, 0).await;

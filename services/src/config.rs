@@ -370,10 +370,7 @@ impl ServeArgs {
         })
         .and_then(|mut config| {
             if let Some(token) = &config.operator_token {
-                let min = crate::auth::OPERATOR_TOKEN_LEN_MIN;
-                if token.len() < min {
-                    anyhow::bail!("the operator token must be at least {min} characters");
-                }
+                crate::auth::OperatorCredential::check_token(token)?;
             }
             if config.shutdown_delay > Duration::from_millis(SHUTDOWN_DELAY_MS_MAX) {
                 anyhow::bail!("--shutdown-delay-ms must be at most {SHUTDOWN_DELAY_MS_MAX}");

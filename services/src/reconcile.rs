@@ -171,15 +171,15 @@ impl Run<'_> {
 
     /// Withdraws an order's dispatch before a refund is booked; `Ok(Err(why))` when its hub
     /// refuses (the parcel has left it).
-    async fn withdraw(&self, dispatch: Option<&(HubId, DispatchOrder)>) -> Result<Result<(), String>, Status> {
-        let Some((hub_id, order)) = dispatch else {
+    async fn withdraw(&self, sale: &Sale) -> Result<Result<(), String>, Status> {
+        let Some((hub_id, order)) = &sale.dispatch else {
             return Ok(Ok(()));
         };
-        match self
-            .platform
-            .hub_dispatch(hub_id.clone(), HubCommand::Cancel(order.clone()))
-            .await
-        {
+        let command = HubCommand::Cancel {
+            order: order.clone(),
+            handed_over: !sale.to_hub,
+        };
+        match self.platform.hub_dispatch(hub_id.clone(), command).await {
             Ok(_) => Ok(Ok(())),
             Err(CommandError::Rejected(Rejection::FailedPrecondition(why))) => Ok(Err(why)),
             Err(e) => Err(from_command_error(e)),
@@ -195,7 +195,7 @@ impl Run<'_> {
             return Ok(());
         }
         if facts.cancelled_at.is_some() {
-            if let Err(why) = self.withdraw(sale.dispatch.as_ref()).await? {
+            if let Err(why) = self.withdraw(sale).await? {
                 let detail = format!("{detail}; the refund was not booked: {why}");
                 self.difference(creator, Some(&facts.order_id), "refund_blocked", detail, "none");
                 return Ok(());
@@ -226,7 +226,7 @@ impl Run<'_> {
         &mut self,
         creator: &CreatorId,
         order_id: &OrderId,
-        dispatch: Option<(HubId, DispatchOrder)>,
+        dispatch: Option<(HubId, DispatchOrder, bool)>,
         kind: &str,
         detail: String,
     ) -> Result<(), Status> {
@@ -289,7 +289,7 @@ impl Run<'_> {
                 if self.dry_run {
                     self.difference(creator, order, "refunded_not_withdrawn", detail, "none");
                 } else {
-                    match self.withdraw(sale.dispatch.as_ref()).await? {
+                    match self.withdraw(sale).await? {
                         Ok(()) => self.difference(creator, order, "refunded_not_withdrawn", detail, "withdrawn"),
                         Err(why) => {
                             let detail = format!("{refunded}, but {why}");
@@ -344,7 +344,7 @@ pub async fn run(platform: &Platform, dry_run: bool) -> Result<pb::ReconcileRepo
                 Some(b) if b.gross != facts.gross => {
                     let detail = format!("booked as {} but the SKU journal says {}", b.gross, facts.gross);
                     if b.reversed.is_none() {
-                        let dispatch = sale.dispatch.clone();
+                        let dispatch = sale.dispatch.clone().map(|(hub, order)| (hub, order, !sale.to_hub));
                         run.refund(creator, &facts.order_id, dispatch, "amount_mismatch", detail)
                             .await?;
                     } else {

@@ -89,13 +89,16 @@ impl Settlement {
 
     /// The order's hub and what the hub needs of it, as its SKU has it (None: no SKU has
     /// the order confirmed).
-    async fn order_dispatch(&self, order_id: &OrderId) -> Result<Option<(HubId, DispatchOrder)>, Status> {
+    async fn order_dispatch(&self, order_id: &OrderId) -> Result<Option<(HubId, DispatchOrder, bool)>, Status> {
         let (drop_id, sku_id) = order_id.owner();
         let command = SkuCommand::GetOrder {
             order_id: order_id.clone(),
         };
         match self.platform.bus.sku_command(drop_id, sku_id, command).await {
-            Ok(reply) => Ok(expect_order(reply).map_err(from_command_error)?.dispatch_order()),
+            Ok(reply) => {
+                let view = expect_order(reply).map_err(from_command_error)?;
+                Ok(view.dispatch_order().map(|(hub, order)| (hub, order, view.handed_over)))
+            }
             Err(CommandError::Rejected(Rejection::NotFound { .. })) => Ok(None),
             Err(e) => Err(from_command_error(e)),
         }
@@ -148,7 +151,7 @@ pub async fn withdraw_and_refund(
     creator: &CreatorId,
     order_id: &OrderId,
     reason: RefundReason,
-    dispatch: Option<(HubId, DispatchOrder)>,
+    dispatch: Option<(HubId, DispatchOrder, bool)>,
 ) -> Result<LedgerReply, Status> {
     let booking = match platform
         .ledger(creator, LedgerCommand::GetOrder(order_id.clone()))
@@ -157,9 +160,15 @@ pub async fn withdraw_and_refund(
         LedgerReply::Order(o) => o,
         other => return Err(unexpected(other)),
     };
-    if let (None, None, Some((hub_id, order))) = (&booking.reversed, booking.failed_at, dispatch) {
+    if booking.reversed.is_none() && booking.delivered_at.is_some() {
+        // The ledger knows the parcel reached the buyer: only its return refunds it.
+        return Err(Status::failed_precondition(format!(
+            "order {order_id} was delivered; nothing was refunded (a parcel that comes back is refunded by recording its return)"
+        )));
+    }
+    if let (None, None, Some((hub_id, order, handed_over))) = (&booking.reversed, booking.failed_at, dispatch) {
         platform
-            .hub_dispatch(hub_id, HubCommand::Cancel(order))
+            .hub_dispatch(hub_id, HubCommand::Cancel { order, handed_over })
             .await
             .map_err(|e| match e {
                 CommandError::Rejected(Rejection::FailedPrecondition(why)) => {

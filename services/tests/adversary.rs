@@ -520,6 +520,14 @@ async fn checkout_knows_its_caller_and_each_caller_reaches_only_its_own_orders()
         Code::PermissionDenied,
         &y,
     );
+    // The order's own token may read it, but not confirm it: Confirm records a payment,
+    // which only the storefront took (the token sits on the buyer's device).
+    refused(
+        device_x.confirm(pickup(&x, PRICE)).await,
+        Code::PermissionDenied,
+        "storefront",
+    );
+    assert_eq!(order_as(&mut checkout, &x).await, order_x);
     // Nor with the operator's credential, beyond reading.
     let mut operator = server.checkout_as(OPERATOR_TOKEN);
     refused(
