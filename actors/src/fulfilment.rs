@@ -16,18 +16,43 @@ pub const COURIER_STREAM_BUFFER: usize = 1_024;
 /// Streams one partner may have open at once (devices of one courier company).
 pub const COURIER_STREAMS_PER_PARTNER: usize = 16;
 
+/// Whose credential a hash is: the one lookup every authenticated call makes.
+#[derive(Clone)]
+pub enum Principal {
+    Partner(Arc<PartnerRecord>),
+    Creator(Arc<CreatorRecord>),
+    Storefront(Arc<StorefrontRecord>),
+}
+
+/// A credential's blake3 hash, as the registry stores it (64 hex digits), in bytes. A stored
+/// hash that is not one (impossible through the registry's commands) matches nothing.
+fn hash_bytes(hex: &str) -> Option<[u8; 32]> {
+    blake3::Hash::from_hex(hex).ok().map(|h| *h.as_bytes())
+}
+
 #[derive(Default)]
 struct DirectoryInner {
-    by_credential: HashMap<String, PartnerId>,
+    /// Credential hash → whose it is; each record's entry is replaced when its credential is.
+    by_credential: HashMap<[u8; 32], Principal>,
     partners: BTreeMap<PartnerId, Arc<PartnerRecord>>,
     hubs: BTreeMap<HubId, Arc<HubRecord>>,
-    creators_by_credential: HashMap<String, CreatorId>,
     creators: HashMap<CreatorId, Arc<CreatorRecord>>,
-    storefronts_by_credential: HashMap<String, StorefrontId>,
     storefronts: HashMap<StorefrontId, Arc<StorefrontRecord>>,
 }
 
-/// Partners and hubs as the registry last published them.
+impl DirectoryInner {
+    /// Indexes `new_hash` for `principal`, dropping the record's previous credential.
+    fn index(&mut self, old_hash: Option<&str>, new_hash: &str, principal: Principal) {
+        if let Some(old) = old_hash.and_then(hash_bytes) {
+            self.by_credential.remove(&old);
+        }
+        if let Some(new) = hash_bytes(new_hash) {
+            self.by_credential.insert(new, principal);
+        }
+    }
+}
+
+/// Partners, hubs, creators and storefronts as the registry last published them.
 #[derive(Default)]
 pub struct Directory {
     inner: RwLock<DirectoryInner>,
@@ -36,52 +61,57 @@ pub struct Directory {
 impl Directory {
     pub fn put_partner(&self, record: PartnerRecord) {
         let mut inner = self.inner.write().expect("directory lock");
-        if let Some(old) = inner.partners.get(&record.spec.partner_id) {
-            let old_hash = old.credential_hash.clone();
-            inner.by_credential.remove(&old_hash);
-        }
-        inner
-            .by_credential
-            .insert(record.credential_hash.clone(), record.spec.partner_id.clone());
-        inner.partners.insert(record.spec.partner_id.clone(), Arc::new(record));
+        let old = inner
+            .partners
+            .get(&record.spec.partner_id)
+            .map(|o| o.credential_hash.clone());
+        let record = Arc::new(record);
+        inner.index(
+            old.as_deref(),
+            &record.credential_hash,
+            Principal::Partner(record.clone()),
+        );
+        inner.partners.insert(record.spec.partner_id.clone(), record);
     }
 
     pub fn put_creator(&self, record: CreatorRecord) {
         let mut inner = self.inner.write().expect("directory lock");
-        if let Some(old) = inner.creators.get(&record.creator_id) {
-            let old_hash = old.credential_hash.clone();
-            inner.creators_by_credential.remove(&old_hash);
-        }
-        inner
-            .creators_by_credential
-            .insert(record.credential_hash.clone(), record.creator_id.clone());
-        inner.creators.insert(record.creator_id.clone(), Arc::new(record));
-    }
-
-    /// The creator a credential hash belongs to.
-    pub fn creator_by_credential(&self, hash: &str) -> Option<Arc<CreatorRecord>> {
-        let inner = self.inner.read().expect("directory lock");
-        let id = inner.creators_by_credential.get(hash)?;
-        inner.creators.get(id).cloned()
+        let old = inner
+            .creators
+            .get(&record.creator_id)
+            .map(|o| o.credential_hash.clone());
+        let record = Arc::new(record);
+        inner.index(
+            old.as_deref(),
+            &record.credential_hash,
+            Principal::Creator(record.clone()),
+        );
+        inner.creators.insert(record.creator_id.clone(), record);
     }
 
     pub fn put_storefront(&self, record: StorefrontRecord) {
         let mut inner = self.inner.write().expect("directory lock");
-        if let Some(old) = inner.storefronts.get(&record.storefront_id) {
-            let old_hash = old.credential_hash.clone();
-            inner.storefronts_by_credential.remove(&old_hash);
-        }
-        inner
-            .storefronts_by_credential
-            .insert(record.credential_hash.clone(), record.storefront_id.clone());
-        inner.storefronts.insert(record.storefront_id.clone(), Arc::new(record));
+        let old = inner
+            .storefronts
+            .get(&record.storefront_id)
+            .map(|o| o.credential_hash.clone());
+        let record = Arc::new(record);
+        inner.index(
+            old.as_deref(),
+            &record.credential_hash,
+            Principal::Storefront(record.clone()),
+        );
+        inner.storefronts.insert(record.storefront_id.clone(), record);
     }
 
-    /// The storefront a credential hash belongs to.
-    pub fn storefront_by_credential(&self, hash: &str) -> Option<Arc<StorefrontRecord>> {
-        let inner = self.inner.read().expect("directory lock");
-        let id = inner.storefronts_by_credential.get(hash)?;
-        inner.storefronts.get(id).cloned()
+    /// Whose credential hashes to `hash`, if anyone's.
+    pub fn by_credential(&self, hash: &[u8; 32]) -> Option<Principal> {
+        self.inner
+            .read()
+            .expect("directory lock")
+            .by_credential
+            .get(hash)
+            .cloned()
     }
 
     pub fn creator(&self, id: &CreatorId) -> Option<Arc<CreatorRecord>> {
@@ -91,13 +121,6 @@ impl Directory {
     pub fn put_hub(&self, record: HubRecord) {
         let mut inner = self.inner.write().expect("directory lock");
         inner.hubs.insert(record.spec.hub_id.clone(), Arc::new(record));
-    }
-
-    /// The partner a credential hash belongs to.
-    pub fn partner_by_credential(&self, hash: &str) -> Option<Arc<PartnerRecord>> {
-        let inner = self.inner.read().expect("directory lock");
-        let id = inner.by_credential.get(hash)?;
-        inner.partners.get(id).cloned()
     }
 
     pub fn partner(&self, id: &PartnerId) -> Option<Arc<PartnerRecord>> {

@@ -12,6 +12,7 @@
 //! (UNAUTHENTICATED without a credential, PERMISSION_DENIED with the wrong one).
 
 use actors::audit_log::{AuditEntry, AuditLog};
+use actors::fulfilment::Principal;
 use actors::projections::Projections;
 use actors::secrets::{PlatformKeys, ORDER_TOKEN_PREFIX};
 use domain::registry::{CreatorRecord, PartnerRecord, StorefrontRecord};
@@ -54,7 +55,7 @@ fn hex(bytes: &[u8]) -> String {
 /// The operator credential's hash, kept in `<secrets>/operator-token.blake3`.
 #[derive(Clone)]
 pub struct OperatorCredential {
-    hash: String,
+    hash: blake3::Hash,
 }
 
 impl OperatorCredential {
@@ -69,15 +70,10 @@ impl OperatorCredential {
                 (hash(token), None)
             }
             None => match std::fs::read_to_string(&path) {
-                Ok(stored) if stored.trim().len() == 64 => {
-                    return Ok((
-                        OperatorCredential {
-                            hash: stored.trim().to_string(),
-                        },
-                        None,
-                    ))
-                }
-                Ok(_) => anyhow::bail!("{} is not a blake3 hash", path.display()),
+                Ok(stored) => match blake3::Hash::from_hex(stored.trim()) {
+                    Ok(hash) => return Ok((OperatorCredential { hash }, None)),
+                    Err(_) => anyhow::bail!("{} is not a blake3 hash", path.display()),
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let token = format!("dlo_{}", hex(&rand::random::<[u8; 32]>()));
                     (hash(&token), Some(token))
@@ -94,15 +90,16 @@ impl OperatorCredential {
         file.write_all(hash_hex.as_bytes())?;
         file.sync_all()?;
         std::fs::rename(&tmp, &path)?;
-        Ok((OperatorCredential { hash: hash_hex }, shown))
+        let hash = blake3::Hash::from_hex(&hash_hex).expect("a hash just made");
+        Ok((OperatorCredential { hash }, shown))
     }
 
     /// A credential whose hash is kept elsewhere (a cluster's shared settings).
     pub fn from_hash(hash: String) -> anyhow::Result<OperatorCredential> {
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            anyhow::bail!("the stored operator credential is not a blake3 hash");
+        match blake3::Hash::from_hex(&hash) {
+            Ok(hash) => Ok(OperatorCredential { hash }),
+            Err(_) => anyhow::bail!("the stored operator credential is not a blake3 hash"),
         }
-        Ok(OperatorCredential { hash })
     }
 
     /// A new operator token (256 random bits) to show once.
@@ -123,9 +120,9 @@ impl OperatorCredential {
         Ok(())
     }
 
-    fn matches(&self, token_hash: &str) -> bool {
-        // Both sides are hashes of the token, so comparing them leaks nothing useful.
-        self.hash == token_hash
+    fn matches(&self, token_hash: &blake3::Hash) -> bool {
+        // Constant time (blake3::Hash's equality), though both sides are hashes anyway.
+        &self.hash == token_hash
     }
 }
 
@@ -150,7 +147,18 @@ pub struct Authenticator {
 
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let caller = match request.metadata().get("authorization") {
+        let caller = self.resolve(&request)?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+impl Authenticator {
+    /// The caller of `request`, from its `authorization` metadata. Checkout calls this
+    /// itself rather than through the interceptor: its hot path (Reserve) saves the
+    /// request's extension map and the interceptor's request rebuilding.
+    pub fn resolve<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        Ok(match request.metadata().get("authorization") {
             None => Caller::Anonymous,
             Some(value) => {
                 let token = value
@@ -165,26 +173,25 @@ impl tonic::service::Interceptor for Authenticator {
                         "unknown credential (longer than {CREDENTIAL_LEN_MAX} characters)"
                     )));
                 }
-                let token_hash = hash(token);
                 if PlatformKeys::is_order_token(token) {
                     // Checked against the order it names by the handler.
-                    Caller::OrderToken(token.to_string())
-                } else if self.operator.matches(&token_hash) {
-                    Caller::Operator
-                } else if let Some(partner) = self.projections.directory.partner_by_credential(&token_hash) {
-                    crate::tls::check_partner_certificate(&request, partner.spec.partner_id.as_str())?;
-                    Caller::Partner(partner)
-                } else if let Some(creator) = self.projections.directory.creator_by_credential(&token_hash) {
-                    Caller::Creator(creator)
-                } else if let Some(storefront) = self.projections.directory.storefront_by_credential(&token_hash) {
-                    Caller::Storefront(storefront)
-                } else {
-                    return Err(Status::unauthenticated("unknown credential"));
+                    return Ok(Caller::OrderToken(token.to_string()));
+                }
+                let token_hash = blake3::hash(token.as_bytes());
+                if self.operator.matches(&token_hash) {
+                    return Ok(Caller::Operator);
+                }
+                match self.projections.directory.by_credential(token_hash.as_bytes()) {
+                    Some(Principal::Partner(partner)) => {
+                        crate::tls::check_partner_certificate(request, partner.spec.partner_id.as_str())?;
+                        Caller::Partner(partner)
+                    }
+                    Some(Principal::Creator(creator)) => Caller::Creator(creator),
+                    Some(Principal::Storefront(storefront)) => Caller::Storefront(storefront),
+                    None => return Err(Status::unauthenticated("unknown credential")),
                 }
             }
-        };
-        request.extensions_mut().insert(caller);
-        Ok(request)
+        })
     }
 }
 
@@ -205,9 +212,9 @@ pub fn require_operator<T>(request: &Request<T>) -> Result<(), Status> {
 }
 
 /// The calling storefront (Reserve: only storefronts reserve, for the buyers they vouch for).
-pub fn require_storefront<T>(request: &Request<T>) -> Result<Arc<StorefrontRecord>, Status> {
-    match caller(request) {
-        Caller::Storefront(storefront) => Ok(storefront),
+pub fn require_storefront(caller: &Caller) -> Result<Arc<StorefrontRecord>, Status> {
+    match caller {
+        Caller::Storefront(storefront) => Ok(storefront.clone()),
         Caller::Anonymous => Err(Status::unauthenticated("this call needs a storefront credential")),
         _ => Err(Status::permission_denied("this call is for storefronts")),
     }
@@ -226,14 +233,14 @@ pub enum OrderAccess {
 /// Checks the caller for a call on `order_id`: its token (a token for any other order is
 /// PERMISSION_DENIED), a storefront (matched with the order's own by the caller), or, when
 /// `operator_reads`, the operator.
-pub fn order_access<T>(
-    request: &Request<T>,
+pub fn order_access(
+    caller: &Caller,
     keys: &PlatformKeys,
     order_id: &OrderId,
     operator_reads: bool,
 ) -> Result<OrderAccess, Status> {
-    match caller(request) {
-        Caller::OrderToken(token) if keys.order_token_matches(order_id.as_str(), &token) => Ok(OrderAccess::Token),
+    match caller {
+        Caller::OrderToken(token) if keys.order_token_matches(order_id.as_str(), token) => Ok(OrderAccess::Token),
         Caller::OrderToken(_) => Err(Status::permission_denied(format!(
             "this order token is not the token of order {order_id}"
         ))),

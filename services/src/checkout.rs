@@ -2,7 +2,7 @@
 //! their storefront (Reserve needs a storefront credential) or, for one order, with that
 //! order's token. A storefront sees only the orders it made.
 
-use crate::auth::{order_access, require_storefront, OrderAccess};
+use crate::auth::{order_access, require_storefront, Authenticator, OrderAccess};
 use crate::convert::{self, opaque_id, Check};
 use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
@@ -24,11 +24,17 @@ use tracing::debug;
 
 pub struct Checkout {
     platform: Platform,
+    /// Resolves each call's caller (the other services do it in an interceptor).
+    auth: Authenticator,
 }
 
 impl Checkout {
     pub fn new(platform: Platform) -> Checkout {
-        Checkout { platform }
+        let auth = Authenticator {
+            operator: platform.operator.clone(),
+            projections: platform.projections.clone(),
+        };
+        Checkout { platform, auth }
     }
 
     async fn order_view(&self, order_id: &OrderId) -> Result<domain::sku::OrderView, Status> {
@@ -116,7 +122,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
 #[tonic::async_trait]
 impl CheckoutService for Checkout {
     async fn reserve(&self, request: Request<ReserveRequest>) -> Result<Response<ReserveResponse>, Status> {
-        let storefront = require_storefront(&request)?;
+        let storefront = require_storefront(&self.auth.resolve(&request)?)?;
         self.platform
             .throttle
             .storefront_call(storefront.storefront_id.as_str())?;
@@ -164,11 +170,12 @@ impl CheckoutService for Checkout {
     }
 
     async fn confirm(&self, request: Request<ConfirmRequest>) -> Result<Response<ConfirmResponse>, Status> {
+        let caller = self.auth.resolve(&request)?;
         let order_id = parse_order_id(&request.get_ref().order_id)?;
         // Confirm records a payment: only the storefront, which took the payment, may say it
         // was made. The order's token sits on the buyer's device, which is not to be trusted
         // with that (it may read, watch and cancel).
-        let storefront = match order_access(&request, &self.platform.keys, &order_id, false)? {
+        let storefront = match order_access(&caller, &self.platform.keys, &order_id, false)? {
             OrderAccess::Storefront(storefront) => storefront,
             OrderAccess::Token | OrderAccess::Operator => {
                 return Err(Status::permission_denied(
@@ -283,8 +290,9 @@ impl CheckoutService for Checkout {
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let caller = self.auth.resolve(&request)?;
         let order_id = parse_order_id(&request.get_ref().order_id)?;
-        let storefront = acting_storefront(order_access(&request, &self.platform.keys, &order_id, false)?);
+        let storefront = acting_storefront(order_access(&caller, &self.platform.keys, &order_id, false)?);
         self.write_allowed(storefront.as_ref(), &order_id)?;
         let before = self.order_view(&order_id).await?;
         if let Some(storefront) = &storefront {
@@ -350,6 +358,8 @@ impl CheckoutService for Checkout {
         &self,
         request: Request<GetAvailabilityRequest>,
     ) -> Result<Response<GetAvailabilityResponse>, Status> {
+        // Public, but an unknown or malformed credential is refused as on every call.
+        self.auth.resolve(&request)?;
         let r = request.into_inner();
         let mut check = Check::default();
         let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
@@ -401,8 +411,9 @@ impl CheckoutService for Checkout {
     }
 
     async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
+        let caller = self.auth.resolve(&request)?;
         let order_id = parse_order_id(&request.get_ref().order_id)?;
-        let access = order_access(&request, &self.platform.keys, &order_id, true)?;
+        let access = order_access(&caller, &self.platform.keys, &order_id, true)?;
         let view = self.order_view(&order_id).await?;
         if let OrderAccess::Storefront(storefront) = &access {
             check_owner(storefront, &view)?;
@@ -418,8 +429,9 @@ impl CheckoutService for Checkout {
     type WatchOrderStream = WatchStream;
 
     async fn watch_order(&self, request: Request<WatchOrderRequest>) -> Result<Response<WatchStream>, Status> {
+        let caller = self.auth.resolve(&request)?;
         let order_id = parse_order_id(&request.get_ref().order_id)?;
-        let access = order_access(&request, &self.platform.keys, &order_id, true)?;
+        let access = order_access(&caller, &self.platform.keys, &order_id, true)?;
         let watchers = self.platform.projections.clone();
         // Subscribe before reading the current state, so no change falls in between.
         let mut updates = watchers
@@ -485,8 +497,9 @@ impl CheckoutService for Checkout {
     }
 
     async fn reissue_pickup_code(&self, request: Request<ReissuePickupCodeRequest>) -> Result<Response<Order>, Status> {
+        let caller = self.auth.resolve(&request)?;
         let order_id = parse_order_id(&request.get_ref().order_id)?;
-        let access = order_access(&request, &self.platform.keys, &order_id, false)?;
+        let access = order_access(&caller, &self.platform.keys, &order_id, false)?;
         let storefront = match &access {
             OrderAccess::Storefront(storefront) => Some(storefront),
             OrderAccess::Token | OrderAccess::Operator => None,

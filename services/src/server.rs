@@ -85,10 +85,9 @@ pub async fn serve_with_options(
         operator: platform.operator.clone(),
         projections: platform.projections.clone(),
     };
-    let checkout = tonic::service::interceptor::InterceptedService::new(
-        CheckoutServiceServer::new(Checkout::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
-        auth.clone(),
-    );
+    // Checkout resolves its callers itself (the same Authenticator), off the interceptor.
+    let checkout =
+        CheckoutServiceServer::new(Checkout::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let operator = tonic::service::interceptor::InterceptedService::new(
         OperatorServiceServer::new(Operator::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         auth.clone(),

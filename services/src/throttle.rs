@@ -6,8 +6,8 @@
 //! Each key has a GCRA bucket (the "theoretical arrival time" form of a token bucket: one
 //! instant per key, no refill timer). Time is tokio's, so paused-time tests drive it.
 
+use domain::limits::STOREFRONTS_MAX;
 use std::collections::HashMap;
-use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -27,65 +27,104 @@ pub const BUYER_RESERVE_BURST_DEFAULT: u32 = 20;
 /// buyer ids must not lock real buyers out.
 pub const BUYER_BUCKETS_MAX: usize = 500_000;
 
-/// Keyed GCRA buckets with a bounded table.
-pub struct Buckets<K> {
-    interval: Duration,
-    tolerance: Duration,
-    capacity: usize,
-    arrivals: Mutex<HashMap<K, Instant>>,
+/// A bucket's key: 64 bits of a keyed hash (buyer references are keyed hashes already),
+/// so the tables hold no strings and hash nothing again.
+type Key = u64;
+
+/// Spreads already-random 64-bit keys over a table without hashing them again.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
-impl<K: Hash + Eq + Clone> Buckets<K> {
-    /// `per_sec` calls a second on average, up to `burst` at once; at most `capacity` keys.
-    pub fn new(per_sec: u32, burst: u32, capacity: usize) -> Buckets<K> {
+type Table = HashMap<Key, Instant, std::hash::BuildHasherDefault<KeyHasher>>;
+
+/// Locks the table is split over, so concurrent calls seldom wait for one another.
+const SHARDS: usize = 16;
+
+/// Keyed GCRA buckets with a bounded table, split over `SHARDS` locks.
+pub struct Buckets {
+    interval: Duration,
+    tolerance: Duration,
+    capacity_per_shard: usize,
+    shards: Vec<Mutex<Table>>,
+}
+
+impl Buckets {
+    /// `per_sec` calls a second on average, up to `burst` at once; at most about
+    /// `capacity` keys.
+    pub fn new(per_sec: u32, burst: u32, capacity: usize) -> Buckets {
         let interval = Duration::from_secs(1) / per_sec.max(1);
         Buckets {
             interval,
             tolerance: interval * burst.max(1).saturating_sub(1),
-            capacity,
-            arrivals: Mutex::new(HashMap::new()),
+            capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
+            shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
         }
     }
 
     /// Takes one call for `key`, or says how long until one is allowed.
-    pub fn take(&self, key: &K) -> Result<(), Duration> {
+    pub fn take(&self, key: Key) -> Result<(), Duration> {
         let now = Instant::now();
-        let mut arrivals = self.arrivals.lock().expect("throttle lock");
-        if !arrivals.contains_key(key) && arrivals.len() >= self.capacity {
-            arrivals.retain(|_, at| *at > now);
-            if arrivals.len() >= self.capacity {
+        let mut table = self.shards[(key as usize) % SHARDS].lock().expect("throttle lock");
+        if table.len() >= self.capacity_per_shard && !table.contains_key(&key) {
+            table.retain(|_, at| *at > now);
+            if table.len() >= self.capacity_per_shard {
                 return Ok(());
             }
         }
-        let arrival = arrivals.get(key).copied().unwrap_or(now).max(now);
-        let wait = arrival.saturating_duration_since(now);
+        let arrival = table.entry(key).or_insert(now);
+        let start = (*arrival).max(now);
+        let wait = start.saturating_duration_since(now);
         if wait > self.tolerance {
             return Err(wait - self.tolerance);
         }
-        arrivals.insert(key.clone(), arrival + self.interval);
+        *arrival = start + self.interval;
         Ok(())
     }
 }
 
 /// The checkout bounds of one node.
 pub struct CheckoutThrottle {
-    storefronts: Buckets<String>,
-    buyers: Buckets<(String, String)>,
+    /// SipHash with keys random per process: bucket keys nobody outside can aim at.
+    keys: std::hash::RandomState,
+    storefronts: Buckets,
+    buyers: Buckets,
 }
 
 impl CheckoutThrottle {
     pub fn new(storefront_per_sec: u32, buyer_per_sec: u32, buyer_burst: u32) -> CheckoutThrottle {
         CheckoutThrottle {
+            keys: std::hash::RandomState::new(),
             // A storefront may spend one second's worth at once.
-            storefronts: Buckets::new(storefront_per_sec, storefront_per_sec, usize::MAX),
+            storefronts: Buckets::new(storefront_per_sec, storefront_per_sec, STOREFRONTS_MAX),
             buyers: Buckets::new(buyer_per_sec, buyer_burst, BUYER_BUCKETS_MAX),
         }
+    }
+
+    fn key(&self, parts: &[&str]) -> Key {
+        use std::hash::BuildHasher;
+        self.keys.hash_one(parts)
     }
 
     /// One checkout call by `storefront`.
     pub fn storefront_call(&self, storefront: &str) -> Result<(), Status> {
         self.storefronts
-            .take(&storefront.to_string())
+            .take(self.key(&[storefront]))
             .map_err(|wait| exhausted(format!("storefront {storefront} is over its call rate"), wait))
     }
 
@@ -93,14 +132,14 @@ impl CheckoutThrottle {
     /// buyer's reserves, per order.
     pub fn order_token_call(&self, order_id: &str) -> Result<(), Status> {
         self.buyers
-            .take(&(String::new(), order_id.to_string()))
+            .take(self.key(&["", order_id]))
             .map_err(|wait| exhausted(format!("too many calls for order {order_id}"), wait))
     }
 
     /// One reserve for `buyer` (the opaque buyer reference, never the buyer id itself).
     pub fn buyer_reserve(&self, storefront: &str, buyer: &str) -> Result<(), Status> {
         self.buyers
-            .take(&(storefront.to_string(), buyer.to_string()))
+            .take(self.key(&[storefront, buyer]))
             .map_err(|wait| exhausted("this buyer is reserving too fast".to_string(), wait))
     }
 }
@@ -132,35 +171,38 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_bucket_allows_its_burst_then_its_rate() {
         let buckets = Buckets::new(10, 3, 100);
+        let (a, b) = (1, 2);
         for _ in 0..3 {
-            assert_eq!(buckets.take(&"a"), Ok(()));
+            assert_eq!(buckets.take(a), Ok(()));
         }
-        let wait = buckets.take(&"a").unwrap_err();
+        let wait = buckets.take(a).unwrap_err();
         assert!(wait <= Duration::from_millis(100), "{wait:?}");
         // Another key has its own bucket.
-        assert_eq!(buckets.take(&"b"), Ok(()));
+        assert_eq!(buckets.take(b), Ok(()));
         tokio::time::advance(wait).await;
-        assert_eq!(buckets.take(&"a"), Ok(()));
-        assert!(buckets.take(&"a").is_err());
+        assert_eq!(buckets.take(a), Ok(()));
+        assert!(buckets.take(a).is_err());
         tokio::time::advance(Duration::from_secs(1)).await;
         for _ in 0..3 {
-            assert_eq!(buckets.take(&"a"), Ok(()));
+            assert_eq!(buckets.take(a), Ok(()));
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_full_table_drops_refilled_buckets_and_never_locks_newcomers_out() {
-        let buckets = Buckets::new(1, 1, 2);
-        assert_eq!(buckets.take(&1), Ok(()));
-        assert_eq!(buckets.take(&2), Ok(()));
+        // Keys of one shard, so that shard's table (two keys) fills.
+        let (one, two, three) = (SHARDS as u64, 2 * SHARDS as u64, 3 * SHARDS as u64);
+        let buckets = Buckets::new(1, 1, 2 * SHARDS);
+        assert_eq!(buckets.take(one), Ok(()));
+        assert_eq!(buckets.take(two), Ok(()));
         // Full, and nobody has refilled: a newcomer passes untracked, again and again.
-        assert_eq!(buckets.take(&3), Ok(()));
-        assert_eq!(buckets.take(&3), Ok(()));
-        assert!(buckets.take(&1).is_err());
+        assert_eq!(buckets.take(three), Ok(()));
+        assert_eq!(buckets.take(three), Ok(()));
+        assert!(buckets.take(one).is_err());
         tokio::time::advance(Duration::from_secs(2)).await;
         // Refilled buckets make room: the newcomer is tracked now.
-        assert_eq!(buckets.take(&3), Ok(()));
-        assert!(buckets.take(&3).is_err());
+        assert_eq!(buckets.take(three), Ok(()));
+        assert!(buckets.take(three).is_err());
     }
 
     #[tokio::test(start_paused = true)]
