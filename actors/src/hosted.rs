@@ -500,10 +500,29 @@ impl Hosted for HubState {
         let mut tracking = Vec::new();
         let mut audit = Vec::new();
         let mut status_requests = Vec::new();
+        let mut ended = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for event in events {
             if let Some(entry) = hub_audit(&hub_id, event) {
                 audit.push(entry);
+            }
+            let end = match event {
+                HubEvent::Delivered { order_id, .. } => Some((order_id, true)),
+                HubEvent::Failed { order_id, .. }
+                | HubEvent::Cancelled { order_id, .. }
+                | HubEvent::CancelledBeforeHandOver {
+                    order: domain::hub::DispatchOrder { order_id, .. },
+                    ..
+                } => Some((order_id, false)),
+                _ => None,
+            };
+            if let Some((order_id, delivered)) = end {
+                if self
+                    .dispatch(order_id)
+                    .is_some_and(|d| d.order.fulfilment == domain::sku::Fulfilment::Delivery)
+                {
+                    ended.push((order_id.clone(), delivered));
+                }
             }
             match event {
                 HubEvent::Offered { order_id, partner, .. } => {
@@ -615,6 +634,9 @@ impl Hosted for HubState {
                 .chain(load.map(ProjectionUpdate::HubLoad))
                 .collect();
             projections.emit(updates);
+            for (order_id, delivered) in &ended {
+                projections.fulfilment_ended(order_id, *delivered);
+            }
             if !status_requests.is_empty() {
                 runtime.spawn(async move {
                     let Some(bus) = bus.upgrade() else { return };

@@ -31,7 +31,13 @@ pub struct Projections {
     remote: OnceLock<Arc<dyn RemoteProjections>>,
     /// Where audit entries are written (this process's audit store).
     audit: OnceLock<Arc<dyn AuditLog>>,
+    /// Told, on the node of the order's hub, when a delivery's fulfilment ended (delivered:
+    /// `true`; failed or withdrawn: `false`): the address vault's retention follows it.
+    fulfilment_ended: OnceLock<FulfilmentEndedHook>,
 }
+
+/// See [`Projections::set_fulfilment_ended`].
+pub type FulfilmentEndedHook = Arc<dyn Fn(&OrderId, bool) + Send + Sync>;
 
 /// One change of a projection, as an actor publishes it after a durable batch. In a
 /// cluster it travels to every node, so it is serializable.
@@ -71,6 +77,18 @@ impl Projections {
     /// Writes audit entries to `log` from now on.
     pub fn set_audit(&self, log: Arc<dyn AuditLog>) {
         let _ = self.audit.set(log);
+    }
+
+    /// Calls `hook` whenever a hub of this process ends a delivery's fulfilment.
+    pub fn set_fulfilment_ended(&self, hook: FulfilmentEndedHook) {
+        let _ = self.fulfilment_ended.set(hook);
+    }
+
+    /// A hub ended the fulfilment of delivery `order_id` (`delivered` or not).
+    pub fn fulfilment_ended(&self, order_id: &OrderId, delivered: bool) {
+        if let Some(hook) = self.fulfilment_ended.get() {
+            hook(order_id, delivered);
+        }
     }
 
     /// Sends every update to the other nodes from now on (cluster mode).

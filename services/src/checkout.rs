@@ -339,16 +339,6 @@ impl CheckoutService for Checkout {
         if dispatch.is_none() {
             dispatch = self.dispatch_of(&view).await;
         }
-        // As the order is now (it may have been confirmed while this cancel ran).
-        if view.status == OrderStatus::Cancelled
-            && view
-                .confirmation
-                .as_ref()
-                .is_some_and(|c| c.fulfilment == Fulfilment::Delivery)
-        {
-            // Nothing will be delivered: the address is not needed any more.
-            self.platform.keep_address_for(&order_id, 0).await;
-        }
         Ok(Response::new(CancelResponse {
             order: Some(convert::order(&view, dispatch.as_ref())),
         }))

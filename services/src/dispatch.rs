@@ -53,33 +53,7 @@ impl Couriers {
             )
             .await
             .map_err(from_command_error)?;
-        self.retain_address(&d).await;
         Ok(Response::new(self.view(&hub_id, &d, partner).await))
-    }
-
-    /// Once a parcel is delivered its address is kept only for the drop's return window (a
-    /// return is collected from it); once fulfilment failed, not at all.
-    async fn retain_address(&self, d: &Dispatch) {
-        if d.order.fulfilment != Fulfilment::Delivery {
-            return;
-        }
-        let order_id = &d.order.order_id;
-        match d.stage {
-            Stage::Delivered { .. } => {
-                let (drop_id, _) = order_id.owner();
-                let window = match self.platform.projections.availability.spec(&drop_id) {
-                    Some(spec) => spec.terms.return_window_ms,
-                    None => match self.platform.drop_view(drop_id).await {
-                        Ok(view) => view.spec.terms.return_window_ms,
-                        // The retention bound still applies.
-                        Err(_) => return,
-                    },
-                };
-                self.platform.keep_address_for(order_id, window).await;
-            }
-            Stage::Failed { .. } => self.platform.keep_address_for(order_id, 0).await,
-            _ => {}
-        }
     }
 
     /// A dispatch as its partner sees it: the address only once it accepted a delivery.

@@ -106,6 +106,7 @@ impl Platform {
             shutdown_tx: Arc::new(shutdown_tx),
         };
         platform.spawn_address_shredder();
+        platform.follow_fulfilment_for_addresses();
         Ok(platform)
     }
 
@@ -205,6 +206,7 @@ impl Platform {
             shutdown_tx: Arc::new(shutdown_tx),
         };
         platform.spawn_address_shredder();
+        platform.follow_fulfilment_for_addresses();
         Ok(platform)
     }
 
@@ -266,6 +268,37 @@ impl Platform {
         if let Err(e) = self.addresses.shred_by(order_id.as_str(), at).await {
             tracing::warn!(%order_id, error = %e, "address shred time not brought forward; the retention bound still applies");
         }
+    }
+
+    /// Brings an address's shred time forward when its order's hub ends the fulfilment,
+    /// however it ends (a courier's call, the hub's own give-up timer, a withdrawal by a
+    /// cancel, a refund, the SKU's outbox or reconciliation): once delivered, kept for the
+    /// drop's return window (a return is collected from it); otherwise not at all.
+    fn follow_fulfilment_for_addresses(&self) {
+        let addresses = self.addresses.clone();
+        let clock = self.clock.clone();
+        // Weak: the hook lives in the projections it reads.
+        let projections = Arc::downgrade(&self.projections);
+        let runtime = tokio::runtime::Handle::current();
+        self.projections
+            .set_fulfilment_ended(Arc::new(move |order_id: &domain::OrderId, delivered: bool| {
+                let keep_ms = if delivered {
+                    let (drop_id, _) = order_id.owner();
+                    projections
+                        .upgrade()
+                        .and_then(|p| p.availability.spec(&drop_id))
+                        .map_or(domain::limits::RETURN_WINDOW_MS_MAX, |spec| spec.terms.return_window_ms)
+                } else {
+                    0
+                };
+                let at = clock.now().plus_ms(keep_ms);
+                let (addresses, order_id) = (addresses.clone(), order_id.clone());
+                runtime.spawn(async move {
+                    if let Err(e) = addresses.shred_by(order_id.as_str(), at).await {
+                        tracing::warn!(%order_id, error = %e, "address shred time not brought forward; the retention bound still applies");
+                    }
+                });
+            }));
     }
 
     /// Shreds due addresses every `ADDRESS_SHRED_INTERVAL_MS` until shutdown.

@@ -890,3 +890,77 @@ async fn a_delivery_address_is_never_at_rest_in_the_clear_and_is_gone_once_shred
     );
     server.stop().await;
 }
+
+/// Shreds what is due at `now + ahead_ms` (the vault's time driven, not waited for) until
+/// `order_id` is gone, for at most `budget` of the server's own work (the hub's hook runs
+/// just after its events are durable).
+async fn shredded_by(server: &TestServer, order_id: &str, ahead_ms: u64, budget: Duration) -> bool {
+    let until = tokio::time::Instant::now() + budget;
+    while tokio::time::Instant::now() < until {
+        let at = server.platform.clock.now().plus_ms(ahead_ms);
+        server.platform.addresses.shred_due(at, 1_000).await.unwrap();
+        if !in_vault(server, order_id).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_follows_its_fulfilment_kept_through_the_return_window_once_delivered_and_gone_once_withdrawn() {
+    let server = TestServer::start().await;
+    let (_, mut courier, mut offers) = subscribed_courier(&server, "wes", "hub-1").await;
+    open_drop(&server, drop_request("retain", &[("sku", 10)], 2, 600)).await;
+    let mut checkout = server.checkout();
+    let window = domain::limits::DEFAULT_RETURN_WINDOW_MS;
+
+    // Delivered: kept for the return window (a return is collected from it), then shredded.
+    let delivered = hold(&server, "retain", "dee").await.order_id;
+    let order = confirmed(
+        &mut checkout,
+        delivery(
+            &delivered,
+            PRICE,
+            &address("Dee Livered", "1 Rua Entregue", "+351 900 000 010"),
+        ),
+    )
+    .await;
+    let offer = next_offer(&mut offers, WITHIN).await;
+    assert_eq!(offer.order_id, delivered);
+    pick_up(&mut courier, &offer.dispatch_id, &order.pickup_code).await;
+    courier
+        .mark_delivered(MarkDeliveredRequest {
+            dispatch_id: offer.dispatch_id.clone(),
+            proof_reference: "photo-10".into(),
+        })
+        .await
+        .unwrap();
+    // A hook that shredded at once would do so within milliseconds of the delivery.
+    let inside = shredded_by(&server, &delivered, window - 60_000, Duration::from_millis(500)).await;
+    assert!(!inside, "shredded inside the return window");
+    let after = shredded_by(&server, &delivered, window + 60_000, WITHIN).await;
+    assert!(after, "kept past the return window");
+
+    // Withdrawn by a cancel before pickup: gone at once (not at the 30-day bound).
+    let cancelled = hold(&server, "retain", "cal").await.order_id;
+    confirmed(
+        &mut checkout,
+        delivery(
+            &cancelled,
+            PRICE,
+            &address("Cal Celled", "2 Rua Anulada", "+351 900 000 011"),
+        ),
+    )
+    .await;
+    assert_eq!(next_offer(&mut offers, WITHIN).await.order_id, cancelled);
+    checkout
+        .cancel(CancelRequest {
+            order_id: cancelled.clone(),
+        })
+        .await
+        .unwrap();
+    let gone = shredded_by(&server, &cancelled, 1_000, WITHIN).await;
+    assert!(gone, "kept after its dispatch was withdrawn");
+    server.stop().await;
+}
