@@ -62,6 +62,16 @@ impl Checkout {
         }
     }
 
+    /// Takes one read from the caller's bound, as a write would (the operator's reads are
+    /// not bounded here).
+    fn read_allowed(&self, access: &OrderAccess, order_id: &OrderId) -> Result<(), Status> {
+        match access {
+            OrderAccess::Storefront(storefront) => self.write_allowed(Some(storefront), order_id),
+            OrderAccess::Token => self.write_allowed(None, order_id),
+            OrderAccess::Operator => Ok(()),
+        }
+    }
+
     /// The order as `access` may see it: its own storefront or token (with the pickup code),
     /// the operator (without); another storefront's order is PERMISSION_DENIED.
     fn visible(access: &OrderAccess, mut order: Order, view: &domain::sku::OrderView) -> Result<Order, Status> {
@@ -404,6 +414,7 @@ impl CheckoutService for Checkout {
         let caller = self.auth.resolve(&request)?;
         let order_id = parse_order_id(&request.get_ref().order_id)?;
         let access = order_access(&caller, &self.platform.keys, &order_id, true)?;
+        self.read_allowed(&access, &order_id)?;
         let view = self.order_view(&order_id).await?;
         if let OrderAccess::Storefront(storefront) = &access {
             check_owner(storefront, &view)?;
@@ -422,6 +433,7 @@ impl CheckoutService for Checkout {
         let caller = self.auth.resolve(&request)?;
         let order_id = parse_order_id(&request.get_ref().order_id)?;
         let access = order_access(&caller, &self.platform.keys, &order_id, true)?;
+        self.read_allowed(&access, &order_id)?;
         let watchers = self.platform.projections.clone();
         // Subscribe before reading the current state, so no change falls in between.
         let mut updates = watchers
