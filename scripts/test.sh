@@ -4,9 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# rustfmt is part of the check; rustup installs it when the toolchain lacks it.
+# rustfmt and clippy are part of the check; rustup installs them when the toolchain lacks them.
 if ! cargo fmt --version >/dev/null 2>&1; then
   rustup component add rustfmt
+fi
+if ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add clippy
 fi
 
 # protoc is vendored (protoc-bin-vendored) and the embedded platform's storage is sled; the
@@ -19,6 +22,8 @@ scripts/install-deploy-tools.sh
 command -v openssl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openssl; }
 
 cargo fmt --all --check
+# The workspace's lints ([workspace.lints] in Cargo.toml) and clippy's defaults: a warning fails.
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
 # Deployment files: rendered, validated and rehearsed with the binary just built.
 python3 scripts/check-deploy.py --dropline target/debug/dropline

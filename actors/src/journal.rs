@@ -40,6 +40,9 @@ pub struct AppendBatch {
     pub wakeup: Option<Option<i64>>,
 }
 
+/// An encoded event with its version in its stream.
+pub type Versioned = (u64, Vec<u8>);
+
 /// Runs once the batch is durable (Ok) or failed (Err).
 pub type Completion = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
 
@@ -65,7 +68,7 @@ pub trait Journal: Send + Sync + 'static {
     fn wakeups(&self) -> Result<Vec<(String, i64)>, JournalError>;
 
     /// Every event of a stream from version 1, ignoring snapshots (audits, reconciliation).
-    fn load_all(&self, stream: &str) -> BoxFuture<'_, Result<Vec<(u64, Vec<u8>)>, JournalError>>;
+    fn load_all(&self, stream: &str) -> BoxFuture<'_, Result<Vec<Versioned>, JournalError>>;
 
     /// Names of the streams with events whose name starts with `prefix`, in order, at most
     /// `limit` after `after` (reconciliation walks every drop and SKU this way).

@@ -722,10 +722,8 @@ impl SkuState {
         let revenue: i64 = self
             .orders
             .values()
-            .filter_map(|o| {
-                (o.status == OrderStatus::Confirmed)
-                    .then(|| o.confirmation.as_ref().map_or(0, |c| c.amount.minor_units))
-            })
+            .filter(|&o| o.status == OrderStatus::Confirmed)
+            .map(|o| o.confirmation.as_ref().map_or(0, |c| c.amount.minor_units))
             .sum();
         if revenue != self.revenue_minor_units {
             return Err(format!(

@@ -38,7 +38,7 @@ fn creator() -> CreatorId {
 }
 
 fn drop_of(i: usize) -> DropId {
-    DropId::parse(if i % 2 == 0 { "d1" } else { "d2" }).unwrap()
+    DropId::parse(if i.is_multiple_of(2) { "d1" } else { "d2" }).unwrap()
 }
 
 fn order_id(i: usize) -> OrderId {
@@ -426,13 +426,13 @@ impl Model {
 
     fn release_due(&mut self, plan: &[PlanOrder], now: UnixMillis) -> usize {
         let mut released = 0;
-        for i in 0..self.orders.len() {
+        for (i, plan_order) in plan.iter().enumerate().take(self.orders.len()) {
             let o = &self.orders[i];
             if o.booked && !o.released && o.reversed.is_none() && o.release_at.is_some_and(|at| at <= now) {
                 let amount = o.creator;
                 self.orders[i].released = true;
                 self.transfer(
-                    plan[i].currency(),
+                    plan_order.currency(),
                     Account::CreatorPending,
                     Account::CreatorAvailable,
                     amount,
@@ -648,7 +648,7 @@ fn check_history_totals(state: &LedgerState, plan: &[PlanOrder]) -> Result<(), T
 /// four among all, to ask for unknown ones too).
 fn pick_order(model: &Model, pick: usize, n: usize, wanted: impl Fn(&ModelOrder) -> bool) -> usize {
     let mut candidates: Vec<usize> = (0..n).filter(|&i| wanted(&model.orders[i])).collect();
-    if candidates.is_empty() && pick % 4 != 0 {
+    if candidates.is_empty() && !pick.is_multiple_of(4) {
         candidates = (0..n).filter(|&i| model.orders[i].booked).collect();
     }
     if candidates.is_empty() {

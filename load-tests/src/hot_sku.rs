@@ -340,7 +340,7 @@ fn print_spread(name: &str, mut ratios: Vec<f64>) {
 /// The median of sorted, non-empty `values` (the mean of the middle two for an even count).
 fn median(values: &[f64]) -> f64 {
     let mid = values.len() / 2;
-    if values.len() % 2 == 0 {
+    if values.len().is_multiple_of(2) {
         (values[mid - 1] + values[mid]) / 2.0
     } else {
         values[mid]

@@ -409,8 +409,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<12} {:>9} {:>6} {:>6} {:>9} {:>16}  {}",
-        "SKU", "allocated", "sold", "held", "available", "revenue", "sold out after"
+        "{:<12} {:>9} {:>6} {:>6} {:>9} {:>16}  sold out after",
+        "SKU", "allocated", "sold", "held", "available", "revenue"
     );
     for sku in &figures.skus {
         let sold_out = sku.sold_out_at.as_ref().map_or("-".to_string(), |at| {

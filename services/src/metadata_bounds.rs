@@ -12,9 +12,12 @@ use tonic::{Request, Status};
 const FIELD_OVERHEAD_BYTES: usize = 32;
 
 /// The layer to put on the whole server (`Server::builder().layer(..)`).
-pub fn layer() -> InterceptorLayer<fn(Request<()>) -> Result<Request<()>, Status>> {
-    InterceptorLayer::new(check as fn(Request<()>) -> Result<Request<()>, Status>)
+pub fn layer() -> InterceptorLayer<Check> {
+    InterceptorLayer::new(check as Check)
 }
+
+/// The interceptor function's type.
+pub type Check = fn(Request<()>) -> Result<Request<()>, Status>;
 
 /// UNAUTHENTICATED for an `authorization` value longer than any credential, then
 /// RESOURCE_EXHAUSTED for metadata larger than a request needs.

@@ -255,7 +255,7 @@ async fn nobody_but_the_first_confirmation_sets_a_delivery_address_and_refused_c
     assert!(!in_vault(&server, &live).await);
     assert_eq!(order_as(&mut checkout, &live).await.status(), OrderStatus::Held);
     // An expired hold:
-    let expires_at = expiring.expires_at.clone().expect("a hold expires");
+    let expires_at = expiring.expires_at.expect("a hold expires");
     let left_ms = services::convert::millis(&expires_at) - actors::Clock::now(&actors::SystemClock).0;
     assert!(left_ms <= 1_000, "a one-second hold, {left_ms} ms left");
     tokio::time::sleep(Duration::from_millis(left_ms.max(0) as u64 + 50)).await;
@@ -504,7 +504,7 @@ async fn checkout_knows_its_caller_and_each_caller_reaches_only_its_own_orders()
         &x,
     );
     let watch = stranger.watch_order(WatchOrderRequest { order_id: x.clone() }).await;
-    let status = watch.err().expect("the watch is refused");
+    let status = watch.expect_err("the watch is refused");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains(&x), "{status:?}");
     // Nor with one order's token on another order.

@@ -78,10 +78,7 @@ async fn a_silent_courier_is_swapped_after_its_deadline_and_the_buyer_sees_it() 
         "swap arrived {} ms after the deadline",
         now_ms - deadline_ms
     );
-    let missed = swapped
-        .previous_deadline_missed
-        .clone()
-        .expect("the missed deadline is stated");
+    let missed = swapped.previous_deadline_missed.expect("the missed deadline is stated");
     assert_eq!(missed, deadline);
 
     // The silent courier is told and can no longer take it.
