@@ -21,32 +21,16 @@
 //! - a dispatch is picked up only with its order's current pickup code, and not at all
 //!   after `PICKUP_CODE_TRIES_MAX` wrong codes until a new code is issued.
 
-use crate::ledger::FulfilmentFacts;
+pub use crate::facts::{DispatchOrder, Fault, Remedy, RemedyKind};
+use crate::facts::{Fulfilment, FulfilmentFacts};
 use crate::limits::{
     COURIER_TEXT_LEN_MAX, HANDOVER_RETRY_MS, HUB_ALERTS_KEPT, HUB_FINISHED_DISPATCHES_KEPT, HUB_OPEN_DISPATCHES_MAX,
     PICKUP_CODE_TRIES_MAX, SLA_MIN_SAMPLE, SLA_PROBATION_BELOW_BPS, SLA_SUSPEND_BELOW_BPS, SLA_WINDOW,
 };
 use crate::registry::{Capability, HubSetup, HubSpec, PartnerStatus, RosterEntry};
-use crate::sku::Fulfilment;
 use crate::{Aggregate, CreatorId, HubId, Money, OrderId, PartnerId, Rejection, UnixMillis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-
-/// What the hub needs to know of a confirmed order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DispatchOrder {
-    pub order_id: OrderId,
-    pub creator_id: CreatorId,
-    /// The SKU's name, for the courier (left out of offers for discreet orders).
-    pub item: String,
-    pub quantity: u32,
-    pub amount: Money,
-    pub fulfilment: Fulfilment,
-    pub discreet: bool,
-    /// The buyer's pickup code; a partner proves it holds the parcel with it.
-    pub pickup_code: String,
-    pub confirmed_at: UnixMillis,
-}
 
 /// Capabilities a partner needs for an order.
 pub fn required_capabilities(order: &DispatchOrder) -> BTreeSet<Capability> {
@@ -156,31 +140,6 @@ pub struct Swap {
     pub reason: SwapReason,
     /// The deadline that was missed, for swaps after a miss.
     pub missed_deadline: Option<UnixMillis>,
-    pub at: UnixMillis,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RemedyKind {
-    /// Delivered (or still underway) after the promised window: a credit.
-    LateDelivery,
-    /// Never delivered: the rest of the order amount.
-    NotDelivered,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Fault {
-    Partner(PartnerId),
-    /// No partner held the dispatch (none eligible): the platform pays.
-    Platform,
-}
-
-/// A credit owed to the buyer, booked by the creator's settlement ledger. The party at
-/// fault is the partner holding the dispatch when the window was missed, else the platform.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Remedy {
-    pub kind: RemedyKind,
-    pub amount: Money,
-    pub at_fault: Fault,
     pub at: UnixMillis,
 }
 

@@ -41,7 +41,8 @@
 
 use crate::aggregate::Aggregate;
 use crate::drop::SettlementTerms;
-use crate::hub::{Fault, Remedy, RemedyKind};
+use crate::facts::{Fault, RemedyKind};
+pub use crate::facts::{FulfilmentFacts, SaleFacts};
 use crate::ids::{CreatorId, DropId, IdempotencyKey, OrderId};
 use crate::limits::{LEDGER_BATCH_MAX, LEDGER_LINES_MAX, PAYOUT_KEYS_MAX, STATEMENT_PAGE_MAX};
 use crate::money::{allocate, Currency, Money};
@@ -222,28 +223,6 @@ impl Posted {
     pub fn balance(&self) -> i64 {
         self.credits - self.debits
     }
-}
-
-/// What the SKU knows of a confirmed order (sent from its outbox, at least once).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SaleFacts {
-    pub order_id: OrderId,
-    pub drop_id: DropId,
-    pub gross: Money,
-    pub terms: SettlementTerms,
-    pub confirmed_at: UnixMillis,
-    /// Cancelled after it was confirmed: refunded.
-    pub cancelled_at: Option<UnixMillis>,
-}
-
-/// What the hub knows of an order's fulfilment (sent from its outbox, at least once).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FulfilmentFacts {
-    pub order_id: OrderId,
-    pub delivered_at: Option<UnixMillis>,
-    pub failed_at: Option<UnixMillis>,
-    /// Every remedy of the dispatch so far, in order (the ledger books those it has not).
-    pub remedies: Vec<Remedy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

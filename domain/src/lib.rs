@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 pub mod drop;
+pub mod facts;
 pub mod hub;
 pub mod ids;
 pub mod keymap;

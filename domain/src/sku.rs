@@ -6,9 +6,10 @@
 
 use crate::aggregate::Aggregate;
 use crate::drop::{DropSpec, SaleStatus, SettlementTerms, SkuSpec};
+pub use crate::facts::Fulfilment;
+use crate::facts::SaleFacts;
 use crate::ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdempotencyKey, OrderId, SkuId, StorefrontId};
 use crate::keymap::KeyMap;
-use crate::ledger::SaleFacts;
 use crate::limits::*;
 use crate::money::Money;
 use crate::rejection::Rejection;
@@ -40,13 +41,6 @@ impl OrderStatus {
     pub fn is_final(self) -> bool {
         matches!(self, OrderStatus::Expired | OrderStatus::Cancelled)
     }
-}
-
-/// How the buyer gets the goods. The address itself is PII and never enters the domain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Fulfilment {
-    Delivery,
-    Pickup,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,11 +354,11 @@ pub struct OrderView {
 
 impl OrderView {
     /// What the order's hub needs to fulfil it, and which hub: for confirmed orders only.
-    pub fn dispatch_order(&self) -> Option<(HubId, crate::hub::DispatchOrder)> {
+    pub fn dispatch_order(&self) -> Option<(HubId, crate::facts::DispatchOrder)> {
         let c = self.confirmation.as_ref()?;
         Some((
             self.hub_id.clone()?,
-            crate::hub::DispatchOrder {
+            crate::facts::DispatchOrder {
                 order_id: self.order_id.clone(),
                 creator_id: self.creator_id.clone(),
                 item: self.sku_name.clone(),
@@ -558,7 +552,7 @@ impl SkuState {
     }
 
     /// What the hub needs to fulfil a confirmed order, and which hub.
-    pub fn dispatch_order(&self, order_id: &OrderId) -> Option<(HubId, crate::hub::DispatchOrder)> {
+    pub fn dispatch_order(&self, order_id: &OrderId) -> Option<(HubId, crate::facts::DispatchOrder)> {
         self.order_view(self.orders.get(order_id)?).dispatch_order()
     }
 
