@@ -1,6 +1,7 @@
 //! Configuration of `dropline`: flags, then environment variables, then an optional TOML
 //! file, then built-in defaults, in that order of precedence.
 
+pub use crate::tls::ClientTlsArgs;
 use actors::cluster::placement::PARTITIONS_DEFAULT;
 use actors::cluster::{ClusterConfig, LeaseTimings};
 use clap::{Args, Parser, Subcommand};
@@ -81,19 +82,6 @@ pub struct HealthArgs {
     /// Give up after this long.
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub timeout_ms: u64,
-}
-
-/// How a client of the command line reaches an https:// server.
-#[derive(Debug, Args, Clone, Default)]
-pub struct ClientTlsArgs {
-    /// PEM file of the CA that signed the server's certificate, for an https:// server
-    /// [default: the system's trusted roots].
-    #[arg(long, env = "DROPLINE_TLS_CA", global = true)]
-    pub tls_ca: Option<PathBuf>,
-    /// The name the server's certificate must carry, when it is not the host of --server
-    /// (e.g. `--server https://127.0.0.1:50051 --tls-server-name dropline.example.com`).
-    #[arg(long, env = "DROPLINE_TLS_SERVER_NAME", global = true)]
-    pub tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -27,7 +27,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::demo_cluster::LocalCluster;
-use crate::demo_couriers::{self, CourierTally, Labels, HUBS};
+use crate::demo_couriers::{self, bump, CourierTally, Labels, HUBS};
 use crate::demo_settlement;
 use actors::cluster::journal::JetStreamJournal;
 use proto::registry::v1 as registry;
@@ -105,10 +105,6 @@ struct Tally {
     abandoned: AtomicU64,
     too_late: AtomicU64,
     errors: AtomicU64,
-}
-
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 fn ts(at: std::time::SystemTime) -> prost_types::Timestamp {

@@ -16,6 +16,7 @@ pub mod metadata_bounds;
 pub mod operator;
 pub mod platform;
 pub mod reconcile;
+pub mod refunds;
 pub mod registry;
 pub mod server;
 pub mod settlement;

@@ -16,7 +16,7 @@
 //! flight, not a difference) or is looked up again in its ledger before it is reported.
 
 use crate::platform::Platform;
-use crate::settlement::withdraw_and_refund;
+use crate::refunds::withdraw_and_refund;
 use crate::status::from_command_error;
 use actors::codec;
 use actors::{CommandError, Journal};

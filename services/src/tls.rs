@@ -13,12 +13,25 @@
 //! Clients connect in plaintext to `http://` servers and over TLS to `https://` ones,
 //! trusting the CA of `--tls-ca`, else the system's roots.
 
-use crate::config::ClientTlsArgs;
+use clap::Args;
 use domain::limits::TLS_HANDSHAKE_TIMEOUT_MS;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
+
+/// How a client of the command line reaches an https:// server.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// PEM file of the CA that signed the server's certificate, for an https:// server
+    /// [default: the system's trusted roots].
+    #[arg(long, env = "DROPLINE_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it is not the host of --server
+    /// (e.g. `--server https://127.0.0.1:50051 --tls-server-name dropline.example.com`).
+    #[arg(long, env = "DROPLINE_TLS_SERVER_NAME", global = true)]
+    pub tls_server_name: Option<String>,
+}
 
 /// The server's TLS files, as configured (flags > environment > TOML).
 #[derive(Debug, Clone, PartialEq, Eq)]
