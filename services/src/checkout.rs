@@ -72,17 +72,6 @@ impl Checkout {
         }
     }
 
-    /// The order as `access` may see it: its own storefront or token (with the pickup code),
-    /// the operator (without); another storefront's order is PERMISSION_DENIED.
-    fn visible(access: &OrderAccess, mut order: Order, view: &domain::sku::OrderView) -> Result<Order, Status> {
-        match access {
-            OrderAccess::Storefront(storefront) => check_owner(storefront, view)?,
-            OrderAccess::Operator => order.pickup_code.clear(),
-            OrderAccess::Token => {}
-        }
-        Ok(order)
-    }
-
     /// The order's dispatch, if its hub has one (confirmed orders).
     async fn dispatch_of(&self, view: &domain::sku::OrderView) -> Option<Dispatch> {
         view.confirmation.as_ref()?;
@@ -101,6 +90,14 @@ fn finished(view: &domain::sku::OrderView, dispatch: Option<&Dispatch>) -> bool 
         OrderStatus::Confirmed => dispatch.is_some_and(|d| d.stage.is_finished()),
         status => status.is_final(),
     }
+}
+
+/// An order as a caller already checked may see it: the operator without its pickup code.
+fn shown_to(access: &OrderAccess, mut order: Order) -> Order {
+    if matches!(access, OrderAccess::Operator) {
+        order.pickup_code.clear();
+    }
+    order
 }
 
 fn check_owner(storefront: &StorefrontId, view: &domain::sku::OrderView) -> Result<(), Status> {
@@ -265,7 +262,7 @@ impl CheckoutService for Checkout {
             // confirmation finds it stored and changes nothing. A later replay stores nothing,
             // so an address shredded after delivery or a refund does not come back.
             self.platform
-                .store_address(&order_id, &address)
+                .store_address(&order_id, &address, confirmation.confirmed_at)
                 .await
                 .map_err(|e| {
                     Status::unavailable(format!(
@@ -420,11 +417,10 @@ impl CheckoutService for Checkout {
             check_owner(storefront, &view)?;
         }
         let dispatch = self.dispatch_of(&view).await;
-        Ok(Response::new(Self::visible(
+        Ok(Response::new(shown_to(
             &access,
             convert::order(&view, dispatch.as_ref()),
-            &view,
-        )?))
+        )))
     }
 
     type WatchOrderStream = WatchStream;
@@ -461,14 +457,8 @@ impl CheckoutService for Checkout {
             let mut last = (current, dispatch.map(Arc::new));
             let deadline = tokio::time::sleep(Duration::from_millis(WATCH_STREAM_MAX_MS));
             tokio::pin!(deadline);
-            // The owner was checked above; the operator sees no pickup code.
-            let hide_code = matches!(access, OrderAccess::Operator);
-            let shown = move |mut order: Order| {
-                if hide_code {
-                    order.pickup_code.clear();
-                }
-                order
-            };
+            // The owner was checked above.
+            let shown = move |order: Order| shown_to(&access, order);
             let first = shown(convert::order(&last.0, last.1.as_deref()));
             if tx.send(Ok(first)).await.is_ok() && !finished(&last.0, last.1.as_deref()) {
                 loop {

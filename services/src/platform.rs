@@ -243,9 +243,15 @@ impl Platform {
 
     /// Seals and stores an order's delivery address, unless one is stored already (a retry
     /// of the confirmation that stored it). Durable when it returns.
-    pub async fn store_address(&self, order_id: &domain::OrderId, encoded: &[u8]) -> Result<(), JournalError> {
+    /// The retention bound counts from `confirmed_at`, the confirmation's own time.
+    pub async fn store_address(
+        &self,
+        order_id: &domain::OrderId,
+        encoded: &[u8],
+        confirmed_at: domain::UnixMillis,
+    ) -> Result<(), JournalError> {
         let sealed = self.keys.seal_address(order_id.as_str(), encoded);
-        let shred_at = self.clock.now().plus_ms(ADDRESS_RETENTION_MAX_MS);
+        let shred_at = confirmed_at.plus_ms(ADDRESS_RETENTION_MAX_MS);
         self.addresses.put_new(order_id.as_str(), &sealed, shred_at).await?;
         Ok(())
     }
