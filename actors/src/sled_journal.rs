@@ -552,12 +552,20 @@ impl SledJournal {
     }
 
     /// Syncs the vault's writes (sled's flush covers every tree of the database).
+    /// Waits for the journal writer's next flush, which covers every tree of the database.
+    /// Not `flush_async`: one of those per call ties up a thread of sled's pool waiting for
+    /// stability, and enough of them at once (a burst of deliveries) starved the pool of the
+    /// thread that writes the buffer they wait for: a deadlock seen in the demo.
     async fn vault_flush(&self) -> Result<(), JournalError> {
-        self.db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(|e| JournalError::Io(e.to_string()))
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        // A batch without events is a barrier (see `AppendBatch`).
+        self.try_reserve()?.append(
+            AppendBatch::default(),
+            Box::new(move |result| {
+                let _ = done_tx.send(result);
+            }),
+        );
+        done_rx.await.map_err(|_| JournalError::Closed)?
     }
 }
 
@@ -618,7 +626,7 @@ impl AddressVault for SledJournal {
     fn shred_by<'a>(&'a self, order_id: &'a str, at: UnixMillis) -> BoxFuture<'a, Result<(), JournalError>> {
         use sled::Transactional;
         Box::pin(async move {
-            let changed = (&self.address_keys, &self.address_shred)
+            (&self.address_keys, &self.address_shred)
                 .transaction(|(keys, shred)| {
                     let Some(record) = keys.get(order_id.as_bytes())? else {
                         return Ok(false);
@@ -638,9 +646,8 @@ impl AddressVault for SledJournal {
                     Ok(true)
                 })
                 .map_err(vault_tx_error)?;
-            if changed {
-                self.vault_flush().await?;
-            }
+            // Not waited for: a shred time lost in a crash falls back to the retention
+            // bound, and the writer's next flush makes it durable anyway.
             Ok(())
         })
     }
