@@ -493,6 +493,13 @@ pub enum HubReply {
     Refused(Rejection),
 }
 
+crate::reply_shapes!(HubReply {
+    Hub(box HubView),
+    Dispatch(box Dispatch),
+    Offers(Vec<Dispatch>),
+    Done,
+});
+
 /// The small part of a hub's state (everything but the dispatches), cloned by `decide`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 struct Core {
