@@ -500,6 +500,18 @@ crate::reply_shapes!(HubReply {
     Done,
 });
 
+/// A courier's action answers with the dispatch, or refuses with events recorded all the
+/// same (`HubReply::Refused`).
+impl crate::reply::FromReply<HubReply> for Result<Dispatch, Rejection> {
+    fn from_reply(reply: HubReply) -> Result<Self, HubReply> {
+        match reply {
+            HubReply::Dispatch(dispatch) => Ok(Ok(*dispatch)),
+            HubReply::Refused(rejection) => Ok(Err(rejection)),
+            other => Err(other),
+        }
+    }
+}
+
 /// The small part of a hub's state (everything but the dispatches), cloned by `decide`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 struct Core {

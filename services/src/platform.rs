@@ -15,14 +15,14 @@ use actors::sled_journal::SledJournal;
 use actors::CommandError;
 use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
 use domain::drop::{DropCommand, DropState};
-use domain::hub::{Dispatch, HubCommand, HubReply, HubState};
+use domain::hub::{Dispatch, HubCommand, HubState};
 use domain::ledger::{LedgerReply, LedgerState};
 use domain::limits::{ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_BATCH_MAX, ADDRESS_SHRED_INTERVAL_MS};
 use domain::registry::{Directory, RegistryCommand, RegistryState};
 use domain::reply::FromReply;
 use domain::sku::{SkuCommand, SkuFigures, SkuState};
-use domain::DropId;
 use domain::HubId;
+use domain::{DropId, Rejection};
 use futures::{StreamExt, TryStreamExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -216,11 +216,10 @@ impl Platform {
 
     /// A hub command whose reply is a dispatch.
     pub async fn hub_dispatch(&self, hub_id: HubId, command: HubCommand) -> Result<Dispatch, CommandError> {
-        match self.bus.ask::<HubState>(hub_id, command).await? {
-            HubReply::Refused(rejection) => Err(CommandError::Rejected(rejection)),
-            reply => Dispatch::from_reply(reply)
-                .map_err(|other| CommandError::Unavailable(format!("hub answered {other:?} instead of a dispatch"))),
-        }
+        self.bus
+            .ask_for::<HubState, Result<Dispatch, Rejection>>(hub_id, command)
+            .await?
+            .map_err(CommandError::Rejected)
     }
 
     /// A command to a creator's ledger, as a gRPC result in the shape the command answers
