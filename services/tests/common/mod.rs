@@ -154,6 +154,38 @@ impl TestServer {
         let platform = services::platform::Platform::open_embedded(dir.path(), Some(OPERATOR_TOKEN), live_actors_max)
             .await
             .unwrap();
+        TestServer::serve(platform, dir).await
+    }
+
+    /// A server on an in-memory journal whose clock follows tokio's time from the wall-clock
+    /// time now (`actors::TokioClock`): in a `#[tokio::test(start_paused = true)]`, hold
+    /// expiries, SLA deadlines and swaps come at their exact times without real waiting.
+    /// (Not sled: its writer is a thread whose flushes tokio cannot see, so paused time
+    /// would jump ahead while one is under way.)
+    pub async fn start_driven() -> TestServer {
+        TestServer::start_driven_with_live_actors_max(domain::limits::LIVE_ACTORS_MAX_DEFAULT).await
+    }
+
+    /// [`TestServer::start_driven`], keeping at most `live_actors_max` actors of each kind
+    /// running.
+    pub async fn start_driven_with_live_actors_max(live_actors_max: usize) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = std::sync::Arc::new(actors::TokioClock::from_system());
+        let journal = actors::memory_journal::MemoryJournal::new(clock.clone());
+        let storage = services::platform::EmbeddedStorage::all_in(journal);
+        let platform = services::platform::Platform::open_embedded_on(
+            dir.path(),
+            Some(OPERATOR_TOKEN),
+            live_actors_max,
+            storage,
+            clock,
+        )
+        .await
+        .unwrap();
+        TestServer::serve(platform, dir).await
+    }
+
+    async fn serve(platform: services::platform::Platform, dir: tempfile::TempDir) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
