@@ -10,7 +10,8 @@ use actors::memory_journal::MemoryJournal;
 use actors::{Clock, CommandBus, CommandError, LocalActors, Projections, TokioClock};
 use domain::drop::{DropCommand, DropSpec, DropState, DropView, PoolSpec, SettlementTerms, SkuSpec};
 use domain::limits::{
-    ACTOR_IDLE_STOP_MS, LIVE_ACTORS_MAX_DEFAULT, SNAPSHOT_IDLE_MIN_EVENTS, SNAPSHOT_QUIET_MS, TIMER_RETRY_MS,
+    ACTOR_IDLE_STOP_MS, LIVE_ACTORS_MAX_DEFAULT, PASSIVATE_RETRY_MAX_MS, SNAPSHOT_IDLE_MIN_EVENTS, SNAPSHOT_QUIET_MS,
+    TIMER_RETRY_MS,
 };
 use domain::money::{Currency, Money};
 use domain::reply::FromReply;
@@ -411,6 +412,31 @@ async fn replies_wait_for_the_durable_write_and_share_one_group_commit() {
         .map(|(at, _)| at)
         .collect();
     assert_eq!(committed, vec![T0.plus_ms(1_000); 2]);
+}
+
+/// An actor that comes to the end of its idle spell with a write still in flight (a slow
+/// disk) stops as soon as that write is durable, not a whole idle spell later.
+#[tokio::test(start_paused = true)]
+async fn an_idle_actor_with_a_write_in_flight_stops_once_it_is_durable() {
+    let shell = Arc::new(Shell::start(3_600_000, &[("sku", 5)]).await);
+    shell.figures("sku").await; // the actor is running
+    shell.journal.hold_writes(true);
+    let reserve = {
+        let shell = shell.clone();
+        tokio::spawn(async move { shell.reserve("sku", 1).await })
+    };
+    at(&shell.clock, T0.plus_ms(ACTOR_IDLE_STOP_MS + 1_000)).await;
+    assert_eq!(shell.running_skus(), 1, "a write in flight keeps the actor running");
+    // The caller gave up long ago (the command deadline); the write is still in flight.
+    assert!(matches!(reserve.await.unwrap(), Err(CommandError::Timeout(_))));
+    shell.journal.hold_writes(false);
+    within(PASSIVATE_RETRY_MAX_MS + 1, "stopped once nothing is in flight", async {
+        while shell.running_skus() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert_eq!(shell.figures("sku").await.pools[0].pool.held, 1, "the write landed");
 }
 
 /// After `SNAPSHOT_IDLE_MIN_EVENTS` events an actor writes a snapshot once it has had
