@@ -14,9 +14,9 @@ use crate::codec;
 use crate::error::CommandError;
 use crate::hosted::{Env, Hosted};
 use crate::journal::{AppendBatch, AppendPermit, JournalError};
-use domain::limits::{
-    ACTOR_IDLE_STOP_MS, PASSIVATE_POLL_MS, PASSIVATE_RETRY_MAX_MS, SNAPSHOT_BUSY_MIN_EVENTS, SNAPSHOT_IDLE_MIN_EVENTS,
-    SNAPSHOT_OFF_WORKER_ENTRIES, SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR, TIMER_RETRY_MS,
+use crate::limits::{
+    ACTOR_IDLE_STOP_MS, INVARIANT_CHECK_SHARE, PASSIVATE_POLL_MS, PASSIVATE_RETRY_MAX_MS, SNAPSHOT_BUSY_MIN_EVENTS,
+    SNAPSHOT_IDLE_MIN_EVENTS, SNAPSHOT_OFF_WORKER_ENTRIES, SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR, TIMER_RETRY_MS,
 };
 use domain::UnixMillis;
 use kameo::actor::{ActorRef, WeakActorRef};
@@ -71,12 +71,6 @@ pub struct Entity<H: Hosted> {
     /// Events applied since the invariants were last checked (debug builds, see `check`).
     unchecked: u64,
 }
-
-/// A state of n entries is checked at most once every n / `INVARIANT_CHECK_SHARE` events:
-/// a check costs O(n), so this bounds it to O(`INVARIANT_CHECK_SHARE`) per event and keeps
-/// debug builds usable with a hot SKU of 100,000 holds, while a small state (every state in
-/// the unit and service tests but the largest) is checked after every batch.
-const INVARIANT_CHECK_SHARE: u64 = 16;
 
 fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<T, CommandError> {
     codec::decode(bytes).map_err(|e| CommandError::Storage(format!("{stream}: undecodable journal entry: {e}")))

@@ -17,6 +17,7 @@ pub mod fulfilment;
 pub mod handover;
 pub mod hosted;
 pub mod journal;
+pub mod limits;
 pub mod projections;
 pub mod runtime;
 pub mod secrets;

@@ -3,6 +3,7 @@
 //! actors to the creators' ledgers (at least once; the ledger books each fact once).
 
 use crate::bus::CommandBus;
+use crate::limits::{SETTLEMENT_FEEDS_MAX, SETTLEMENT_FEED_BUFFER};
 use domain::hub::HubState;
 use domain::ledger::{Entry, FulfilmentFacts, LedgerCommand, LedgerInput, LedgerState, SaleFacts, Synced};
 use domain::limits::LEDGER_BATCH_MAX;
@@ -12,12 +13,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::broadcast;
 use tracing::warn;
-
-/// Lines buffered per creator for live watchers; a watcher that falls further behind reads
-/// the lines it missed from the ledger (nothing is lost, see `WatchSettlement`).
-pub const SETTLEMENT_FEED_BUFFER: usize = 1_024;
-/// Creators with live watchers at once.
-pub const SETTLEMENT_FEEDS_MAX: usize = 100_000;
 
 /// New statement lines, by creator, for WatchSettlement.
 #[derive(Default)]

@@ -14,11 +14,11 @@
 
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
-use crate::secrets::SealedAddress;
-use crate::sled_parts::{self, PartsWrite};
-use domain::limits::{
+use crate::limits::{
     JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS,
 };
+use crate::secrets::SealedAddress;
+use crate::sled_parts::{self, PartsWrite};
 use domain::UnixMillis;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;

@@ -13,7 +13,7 @@
 
 use crate::bus::CommandBus;
 use crate::clock::Clock;
-use domain::limits::{WAKEUP_QUEUE_MAX, WAKEUP_RETRY_MS, WAKE_CONCURRENCY};
+use crate::limits::{WAKEUP_QUEUE_MAX, WAKEUP_RETRY_MS, WAKE_CONCURRENCY};
 use domain::UnixMillis;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
