@@ -115,6 +115,12 @@ impl<H: Hosted> Live<H> {
                 running.passivate.store(false, Ordering::Relaxed);
             }
         }
+        // The count of actors on their way out is kept exact (flags are written only under
+        // this lock), or the bound would count them wrongly from here on. O(n), as the scan.
+        debug_assert_eq!(
+            self.passivating,
+            self.actors.values().filter(|r| r.passivating()).count()
+        );
     }
 }
 

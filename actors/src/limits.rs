@@ -36,8 +36,9 @@ pub const ACTOR_START_TIMEOUT_MS: u64 = 30_000;
 /// Times a command is re-sent to a freshly started actor after it met a stopping one.
 pub const ACTOR_RESTART_RETRIES: usize = 3;
 
-// Recovering a large actor (replaying its journal) may take longer than any one command:
-// the start is given at least as long, or a big SKU could fail to start every time.
+// Recovering a large actor (replaying its journal) may take longer than a command may wait:
+// the start outlives the command that caused it and serves the next one, instead of being
+// given up before the command's own deadline.
 const _: () = assert!(COMMAND_TIMEOUT_MS <= ACTOR_START_TIMEOUT_MS);
 
 // The journal.
@@ -154,8 +155,8 @@ const fn handover_attempts_ms() -> u64 {
     total
 }
 
-// The quick attempts are over before the durable retry deadline sends the same orders
-// again, so a SKU's hand-over tasks do not pile up.
+// One order's quick attempts are over (while its hub runs) before the durable retry
+// deadline sends the order again: the retry follows them rather than running beside them.
 const _: () = assert!(HANDOVER_ATTEMPTS >= 1 && handover_attempts_ms() < HANDOVER_RETRY_MS as u64);
 
 // Projections.

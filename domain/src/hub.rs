@@ -766,6 +766,14 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             at,
             ..
         } => {
+            // A dispatch is offered only while no partner holds it (placing it, or waiting):
+            // an offer over a holder would leave two partners holding one dispatch.
+            assert!(
+                d.stage.holder().is_none(),
+                "{}: offered to {partner} while {:?} holds it",
+                d.order.order_id,
+                d.stage.holder()
+            );
             d.stage = Stage::Offered {
                 partner: partner.clone(),
                 offered_at: *at,
