@@ -10,12 +10,14 @@ use crate::entity::{Cmd, Entity, EntityArgs, Passivate};
 use crate::error::CommandError;
 use crate::hosted::{kind_of_stream, Env, Hosted};
 use crate::journal::{BoxFuture, Journal};
+use crate::limits::{
+    ACTOR_RESTART_RETRIES, ACTOR_START_TIMEOUT_MS, COMMAND_TIMEOUT_MS, PASSIVATE_BATCH_DIVISOR, REGISTRY_SWEEP_MS,
+};
 use crate::projections::Projections;
 use crate::wakeups::Wakeups;
 use domain::drop::DropState;
 use domain::hub::HubState;
 use domain::ledger::LedgerState;
-use domain::limits::{ACTOR_RESTART_RETRIES, ACTOR_START_TIMEOUT_MS, COMMAND_TIMEOUT_MS, PASSIVATE_BATCH_DIVISOR};
 use domain::registry::RegistryState;
 use domain::sku::SkuState;
 use domain::UnixMillis;
@@ -114,6 +116,12 @@ impl<H: Hosted> Live<H> {
                 running.passivate.store(false, Ordering::Relaxed);
             }
         }
+        // The count of actors on their way out is kept exact (flags are written only under
+        // this lock), or the bound would count them wrongly from here on. O(n), as the scan.
+        debug_assert_eq!(
+            self.passivating,
+            self.actors.values().filter(|r| r.passivating()).count()
+        );
     }
 }
 
@@ -388,9 +396,6 @@ impl<H: Hosted> Host for Registry<H> {
         Registry::live(self)
     }
 }
-
-/// How often stopped actors are forgotten by the registries.
-const REGISTRY_SWEEP_MS: u64 = 5_000;
 
 /// Every actor of this process, by kind: the embedded [`CommandBus`], and the local part
 /// of a cluster node.

@@ -14,9 +14,9 @@ use crate::codec;
 use crate::error::CommandError;
 use crate::hosted::{Env, Hosted};
 use crate::journal::{AppendBatch, AppendPermit, JournalError};
-use domain::limits::{
-    ACTOR_IDLE_STOP_MS, PASSIVATE_POLL_MS, PASSIVATE_RETRY_MAX_MS, SNAPSHOT_BUSY_MIN_EVENTS, SNAPSHOT_IDLE_MIN_EVENTS,
-    SNAPSHOT_OFF_WORKER_ENTRIES, SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR, TIMER_RETRY_MS,
+use crate::limits::{
+    ACTOR_IDLE_STOP_MS, INVARIANT_CHECK_SHARE, PASSIVATE_POLL_MS, PASSIVATE_RETRY_MAX_MS, SNAPSHOT_BUSY_MIN_EVENTS,
+    SNAPSHOT_IDLE_MIN_EVENTS, SNAPSHOT_OFF_WORKER_ENTRIES, SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR, TIMER_RETRY_MS,
 };
 use domain::UnixMillis;
 use kameo::actor::{ActorRef, WeakActorRef};
@@ -24,7 +24,7 @@ use kameo::mailbox::{MailboxReceiver, Signal};
 use kameo::message::{Context, Message};
 use kameo::reply::DelegatedReply;
 use kameo::Actor;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, warn};
@@ -63,6 +63,8 @@ pub struct Entity<H: Hosted> {
     fired: Option<(UnixMillis, UnixMillis)>,
     /// Appends handed to the journal and not yet completed.
     in_flight: Arc<AtomicUsize>,
+    /// The version the next completed batch starts at (debug builds: see `append`).
+    next_completed: Arc<AtomicU64>,
     /// The next deadline last handed to the journal (`None`: not known yet). An actor stops
     /// only once its current deadline is durable there, for the wake-up scheduler.
     wakeup_written: Option<Option<UnixMillis>>,
@@ -71,12 +73,6 @@ pub struct Entity<H: Hosted> {
     /// Events applied since the invariants were last checked (debug builds, see `check`).
     unchecked: u64,
 }
-
-/// A state of n entries is checked at most once every n / `INVARIANT_CHECK_SHARE` events:
-/// a check costs O(n), so this bounds it to O(`INVARIANT_CHECK_SHARE`) per event and keeps
-/// debug builds usable with a hot SKU of 100,000 holds, while a small state (every state in
-/// the unit and service tests but the largest) is checked after every batch.
-const INVARIANT_CHECK_SHARE: u64 = 16;
 
 fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<T, CommandError> {
     codec::decode(bytes).map_err(|e| CommandError::Storage(format!("{stream}: undecodable journal entry: {e}")))
@@ -184,9 +180,24 @@ impl<H: Hosted> Entity<H> {
     ) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let in_flight = self.in_flight.clone();
+        // The journal completes an actor's batches in the order they were handed over (its
+        // port's contract): replies, publications and the count in flight rely on it.
+        let order = cfg!(debug_assertions).then(|| {
+            let next = batch.first_version + batch.events.len() as u64;
+            (
+                self.next_completed.clone(),
+                batch.stream.clone(),
+                batch.first_version,
+                next,
+            )
+        });
         permit.append(
             batch,
             Box::new(move |written| {
+                if let Some((next_completed, stream, first, next)) = order {
+                    let expected = next_completed.swap(next, Ordering::SeqCst);
+                    debug_assert_eq!(first, expected, "{stream}: a batch completed out of order");
+                }
                 let failed = written.is_err();
                 done(written);
                 // Counted out only once `done` has published the batch's figures: an actor
@@ -243,6 +254,14 @@ impl<H: Hosted> Entity<H> {
         };
         let replayed = recovered.events.len();
         for (event_version, bytes) in &recovered.events {
+            // The journal hands back the events right after the snapshot, in order (its
+            // port's contract): the next append's version is counted from them, and a gap
+            // or a repeat would be written into the stream as it is.
+            assert_eq!(
+                *event_version,
+                version + 1,
+                "{stream}: recovered events are not consecutive"
+            );
             state.apply(&decode::<H::Event>(&stream, bytes)?);
             version = *event_version;
         }
@@ -255,6 +274,7 @@ impl<H: Hosted> Entity<H> {
             env,
             fired: None,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            next_completed: Arc::new(AtomicU64::new(version + 1)),
             // Aggregates without timers never have a deadline to write.
             wakeup_written: if H::timer_command().is_some() { None } else { Some(None) },
             passivate,

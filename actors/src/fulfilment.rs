@@ -3,18 +3,13 @@
 //! call, without asking the registry actor), the courier channels
 //! that carry offers to subscribed partners, and each hub's load for operators.
 
+use crate::limits::{COURIER_STREAMS_PER_PARTNER, COURIER_STREAM_BUFFER};
 use domain::hub::Dispatch;
 use domain::registry::{CreatorRecord, HubRecord, PartnerRecord, StorefrontRecord};
 use domain::{CreatorId, HubId, PartnerId, StorefrontId, UnixMillis};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
-
-/// Offers and withdrawals queued per courier stream; a courier that falls this far behind
-/// is disconnected (it gets its unanswered offers again when it reconnects).
-pub const COURIER_STREAM_BUFFER: usize = 1_024;
-/// Streams one partner may have open at once (devices of one courier company).
-pub const COURIER_STREAMS_PER_PARTNER: usize = 16;
 
 /// Whose credential a hash is: the one lookup every authenticated call makes.
 #[derive(Clone)]

@@ -7,6 +7,7 @@
 //! its hub (at least once, and exactly one dispatch), and so does its cancellation.
 
 use crate::bus::CommandBus;
+use crate::limits::{HANDOVER_ATTEMPTS, HANDOVER_BACKOFF_MS};
 use crate::CommandError;
 use domain::hub::{HubCommand, HubState};
 use domain::sku::{SkuCommand, SkuState};
@@ -14,11 +15,6 @@ use domain::{DropId, HubId, Rejection, SkuId};
 use std::sync::Weak;
 use std::time::Duration;
 use tracing::warn;
-
-/// Quick attempts per order (a burst can fill a hub's mailbox for a moment), and the first
-/// back-off; beyond them the durable retry deadline takes over, so tasks never pile up.
-const HANDOVER_ATTEMPTS: u32 = 3;
-const HANDOVER_BACKOFF_MS: u64 = 100;
 
 /// Sends each order's hand-over (`HubCommand::Dispatch`) or withdrawal (`HubCommand::Cancel`)
 /// to its hub and records in the SKU which were acknowledged.

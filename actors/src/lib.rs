@@ -18,6 +18,7 @@ pub mod fulfilment;
 pub mod handover;
 pub mod hosted;
 pub mod journal;
+pub mod limits;
 pub mod memory_journal;
 pub mod projections;
 pub mod runtime;

@@ -21,8 +21,8 @@
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::clock::Clock;
 use crate::journal::*;
+use crate::limits::{JOURNAL_BATCH_MAX, JOURNAL_QUEUE_MAX};
 use crate::secrets::SealedAddress;
-use domain::limits::{JOURNAL_BATCH_MAX, JOURNAL_QUEUE_MAX};
 use domain::UnixMillis;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -5,10 +5,10 @@
 
 use crate::audit_log::{AuditEntry, AuditLog};
 use crate::fulfilment::{CourierUpdate, HubLoad};
+use crate::limits::ORDER_WATCHERS_MAX;
 use domain::drop::{DropSpec, SaleStatus};
 use domain::hub::Dispatch;
 use domain::ledger::Entry;
-use domain::limits::ORDER_WATCHERS_MAX;
 use domain::registry::{CreatorRecord, HubRecord, PartnerRecord, StorefrontRecord};
 use domain::sku::{OrderView, SkuFigures, SkuState};
 use domain::{CreatorId, DropId, OrderId, PartnerId, SkuId};

@@ -1,17 +1,12 @@
 //! Live statement lines for creators watching their ledger (WatchSettlement): a projection
 //! the ledger actors publish to once their batch is durable.
 
+use crate::limits::{SETTLEMENT_FEEDS_MAX, SETTLEMENT_FEED_BUFFER};
 use domain::ledger::Entry;
 use domain::CreatorId;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
-
-/// Lines buffered per creator for live watchers; a watcher that falls further behind reads
-/// the lines it missed from the ledger (nothing is lost, see `WatchSettlement`).
-pub const SETTLEMENT_FEED_BUFFER: usize = 1_024;
-/// Creators with live watchers at once.
-pub const SETTLEMENT_FEEDS_MAX: usize = 100_000;
 
 /// New statement lines, by creator, for WatchSettlement.
 #[derive(Default)]

@@ -14,11 +14,11 @@
 
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
-use crate::secrets::SealedAddress;
-use crate::sled_parts::{self, PartsWrite};
-use domain::limits::{
+use crate::limits::{
     JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS,
 };
+use crate::secrets::SealedAddress;
+use crate::sled_parts::{self, PartsWrite};
 use domain::UnixMillis;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -389,6 +389,9 @@ impl SnapshotWrites {
                     }
                 }
             }
+            // The byte and per-stream counts follow the queue exactly (the byte bound is
+            // checked against them): nothing queued, nothing counted.
+            debug_assert!(!self.queue.is_empty() || (self.bytes == 0 && self.streams.is_empty()));
         }
     }
 }
@@ -507,6 +510,16 @@ impl Writer {
                 chunks.len() - 1
             });
             let chunk = &mut chunks[slot].1;
+            // An actor hands over its batches in version order, each right after the last
+            // (`Entity`), and a killed actor's later ones were refused above: a gap or an
+            // overlap here would be written as a stream no reader can load again.
+            assert_eq!(
+                append.first_version,
+                chunk.next,
+                "{stream}: an append at version {} follows version {} in one batch",
+                append.first_version,
+                chunk.next.wrapping_sub(1)
+            );
             for (i, event) in append.events.iter().enumerate() {
                 let version = append.first_version + i as u64;
                 if version != chunk.next || chunk.bytes.len() + 4 + event.len() > CHUNK_MAX_BYTES {

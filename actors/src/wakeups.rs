@@ -13,7 +13,7 @@
 
 use crate::bus::CommandBus;
 use crate::clock::Clock;
-use domain::limits::{WAKEUP_QUEUE_MAX, WAKEUP_RETRY_MS, WAKE_CONCURRENCY};
+use crate::limits::{WAKEUP_QUEUE_MAX, WAKEUP_RETRY_MS, WAKE_CONCURRENCY};
 use domain::UnixMillis;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
@@ -56,6 +56,8 @@ impl Schedule {
             self.due.remove(&(old, stream.clone()));
         }
         self.due.insert((at, stream));
+        // One entry per stream: the bound on entries (no more than streams) rests on it.
+        debug_assert_eq!(self.due.len(), self.by_stream.len());
     }
 
     fn next(&self) -> Option<UnixMillis> {
@@ -72,6 +74,7 @@ impl Schedule {
             self.by_stream.remove(&stream);
             streams.push(stream);
         }
+        debug_assert_eq!(self.due.len(), self.by_stream.len());
         streams
     }
 }

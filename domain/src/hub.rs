@@ -25,7 +25,8 @@ pub use crate::facts::{DispatchOrder, Fault, Remedy, RemedyKind};
 use crate::facts::{Fulfilment, FulfilmentFacts};
 use crate::limits::{
     COURIER_TEXT_LEN_MAX, HANDOVER_RETRY_MS, HUB_ALERTS_KEPT, HUB_FINISHED_DISPATCHES_KEPT, HUB_OPEN_DISPATCHES_MAX,
-    PICKUP_CODE_TRIES_MAX, SLA_MIN_SAMPLE, SLA_PROBATION_BELOW_BPS, SLA_SUSPEND_BELOW_BPS, SLA_WINDOW,
+    PICKUP_CODE_TRIES_MAX, PLACE_WAITING_MAX, SLA_MIN_SAMPLE, SLA_PROBATION_BELOW_BPS, SLA_SUSPEND_BELOW_BPS,
+    SLA_WINDOW,
 };
 use crate::registry::{Capability, HubSetup, HubSpec, PartnerStatus, RosterEntry};
 use crate::{Aggregate, CreatorId, HubId, Money, OrderId, PartnerId, Rejection, UnixMillis};
@@ -777,6 +778,14 @@ fn apply_dispatch(slot: &mut Option<Dispatch>, core: &mut Core, event: &HubEvent
             at,
             ..
         } => {
+            // A dispatch is offered only while no partner holds it (placing it, or waiting):
+            // an offer over a holder would leave two partners holding one dispatch.
+            assert!(
+                d.stage.holder().is_none(),
+                "{}: offered to {partner} while {:?} holds it",
+                d.order.order_id,
+                d.stage.holder()
+            );
             d.stage = Stage::Offered {
                 partner: partner.clone(),
                 offered_at: *at,
@@ -1487,9 +1496,6 @@ fn codes_match(given: &str, expected: &str) -> bool {
             .fold(0u8, |diff, (a, b)| diff | (a ^ b))
             == 0
 }
-
-/// Waiting dispatches tried at once after a partner frees up (bounds one decision's work).
-const PLACE_WAITING_MAX: usize = 1_000;
 
 fn check_text(field: &str, text: &str) -> Result<(), Rejection> {
     if text.chars().count() > COURIER_TEXT_LEN_MAX {

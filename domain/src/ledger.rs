@@ -675,6 +675,8 @@ pub fn split(gross: i64, terms: &SettlementTerms) -> (i64, i64, i64) {
     let rest = gross.max(0) - delivery;
     let bps = u64::from(terms.platform_fee_bps.min(10_000));
     let parts = allocate(rest, &[10_000 - bps, bps]);
+    // The sale's legs move exactly what the buyer paid, no more and no less.
+    assert_eq!(parts[0] + parts[1] + delivery, gross.max(0), "split of {gross}");
     (parts[0], parts[1], delivery)
 }
 
@@ -721,6 +723,12 @@ impl<'a> Tx<'a> {
         currency: Currency,
         legs: &[(Account, Account, i64)],
     ) -> Entry {
+        // Legs of nothing are left out; a negative one would be left out too, and the money
+        // it stands for with it.
+        assert!(
+            legs.iter().all(|&(_, _, amount)| amount >= 0),
+            "{kind:?} entry with a negative leg: {legs:?}"
+        );
         let entry = Entry {
             seq: self.seq,
             at: self.now,
@@ -1125,6 +1133,13 @@ impl Aggregate for LedgerState {
     fn apply(&mut self, event: &LedgerEvent) {
         if let Some(entry) = event.entry() {
             for t in &entry.transfers {
+                // Each transfer moves money between two accounts: posted as a debit and a
+                // credit of the same amount, it keeps Σdebits = Σcredits.
+                assert!(
+                    t.amount > 0 && t.debit != t.credit,
+                    "entry {}: transfer {t:?} moves nothing",
+                    entry.seq
+                );
                 self.posted.entry((entry.currency, t.debit)).or_default().debits += t.amount;
                 self.posted.entry((entry.currency, t.credit)).or_default().credits += t.amount;
             }

@@ -1,5 +1,12 @@
-//! Every bound in Dropline, in one place, with the reason it exists. Nothing is unbounded:
-//! a full queue or table answers RESOURCE_EXHAUSTED instead of growing or waiting forever.
+//! Every bound the domain decides with, in one place, with the reason it exists: what a
+//! command may ask for (lengths, counts, units, durations, money) and how large an
+//! aggregate's state may grow. Nothing is unbounded: a full queue or table answers
+//! RESOURCE_EXHAUSTED instead of growing or waiting forever. The bounds of the actor shell
+//! (mailboxes, the journal, timeouts) are in `actors::limits`, those of the gRPC server in
+//! `services::limits`.
+//!
+//! Relations the code relies on between these bounds are checked at compile time below
+//! each group: changing one bound alone cannot break them unnoticed.
 
 /// Longest id (drop, SKU, hub, creator, buyer): long enough for UUIDs and slugs, short
 /// enough that ids never dominate memory or journal size.
@@ -33,36 +40,18 @@ pub const IDEMPOTENCY_KEYS_PER_SKU_MAX: usize = 1_000_000;
 /// billion yen, a million Bahraini dinars: prices in circulating ISO 4217 currencies have
 /// 0, 2 or 3 decimals).
 pub const PRICE_MINOR_UNITS_MAX: i64 = 1_000_000_000;
-/// Orders per stock level: a pool with at most this share of its allocation left is LOW.
-pub const LOW_STOCK_PERCENT: u32 = 10;
 
-// Limits of the actor shell and the services (the domain only names them).
+// A drop's reservation window is checked to lie between the two: some window does.
+const _: () = assert!(HOLD_TTL_MS_MIN < HOLD_TTL_MS_MAX);
+// A SKU's revenue (every unit of every pool sold at the highest price) fits in an i64:
+// `SkuState` adds confirmed amounts up without overflow checks.
+const _: () =
+    assert!(PRICE_MINOR_UNITS_MAX as i128 * POOL_UNITS_MAX as i128 * POOLS_PER_SKU_MAX as i128 <= i64::MAX as i128);
 
-/// Mailbox of one SKU actor: room for a burst of 4,096 concurrent buyers on one hot SKU;
-/// beyond that a buyer is told RESOURCE_EXHAUSTED at once instead of queueing for seconds.
-pub const SKU_MAILBOX_CAPACITY: usize = 4_096;
-/// Mailbox of one drop actor (operator commands and SKU start-ups).
-pub const DROP_MAILBOX_CAPACITY: usize = 1_024;
-/// Appends waiting for the journal writer, all actors together.
-pub const JOURNAL_QUEUE_MAX: usize = 65_536;
-/// Appends written and flushed together: one fsync for up to this many commands.
-pub const JOURNAL_BATCH_MAX: usize = 8_192;
-/// Snapshot parts (7 KiB each) the embedded journal writes between two batches of appends:
-/// a big snapshot is written a slice at a time, so appends never wait for all of it.
-pub const SNAPSHOT_SLICE_PARTS: usize = 16;
-/// Bytes of snapshots queued for writing at once (a SKU with 100,000 holds: ~36 MB); a
-/// further one is dropped, which only lengthens that stream's replay after a restart. One
-/// snapshot is always accepted into an empty queue, whatever its size.
-pub const SNAPSHOT_QUEUE_BYTES_MAX: usize = 256 * 1024 * 1024;
-/// How long a caller waits for an actor's reply (queueing, decision, durable write).
-pub const COMMAND_TIMEOUT_MS: u64 = 5_000;
-/// How long a caller waits for an actor to start (recover from its journal). An actor
-/// stopped while starting (its partition handed to another node) never reports, so the
-/// wait must end on its own.
-pub const ACTOR_START_TIMEOUT_MS: u64 = 30_000;
-/// An actor stops (is passivated) after this long without messages; it is rebuilt from its
-/// snapshot and journal on next use, or at its next deadline (see `actors::wakeups`).
-pub const ACTOR_IDLE_STOP_MS: u64 = 30_000;
+// The bound on running actors belongs to the actor shell (see `actors::limits`); it is still
+// named here because the demo, the integration tests' harness, the benchmarks and the load
+// generator pass it to the servers they start by this path.
+
 /// Running actors of one kind (SKUs, drops, hubs, creators) a process keeps by default
 /// (`dropline serve --live-actors-max`). Starting one more asks the least recently used
 /// running ones to passivate early, as idle ones do after `ACTOR_IDLE_STOP_MS`, so a burst
@@ -70,81 +59,6 @@ pub const ACTOR_IDLE_STOP_MS: u64 = 30_000;
 /// costs about 10 KiB (kameo's task and mailbox about half of it), so 50,000 of them are
 /// about 500 MiB: with a 100,000-SKU catalog it fits a 1 GiB container.
 pub const LIVE_ACTORS_MAX_DEFAULT: usize = 50_000;
-/// Share of the bound asked to passivate at once when it is exceeded (1/64: ~780 actors
-/// at the default), so the scan for the least recently used runs once per that many starts.
-pub const PASSIVATE_BATCH_DIVISOR: usize = 64;
-/// How soon an actor asked to passivate early looks whether it can stop; while it cannot
-/// (a journal write in flight, a full journal or wake-up queue) the wait doubles up to
-/// `PASSIVATE_RETRY_MAX_MS`.
-pub const PASSIVATE_POLL_MS: u64 = 1;
-pub const PASSIVATE_RETRY_MAX_MS: u64 = 1_000;
-/// Deadline registrations of stopping actors queued for the wake-up scheduler.
-pub const WAKEUP_QUEUE_MAX: usize = 65_536;
-/// Passivated actors woken for their deadlines at once.
-pub const WAKE_CONCURRENCY: usize = 64;
-/// A wake that failed (overload) is tried again this much later.
-pub const WAKEUP_RETRY_MS: u64 = 1_000;
-/// A deadline whose timer command could not run (journal full) is tried again this much later.
-pub const TIMER_RETRY_MS: u64 = 100;
-/// An actor snapshots after a quiet spell of `SNAPSHOT_QUIET_MS` without messages once this
-/// many events accumulated since its last snapshot: between bursts, off the latency path.
-pub const SNAPSHOT_IDLE_MIN_EVENTS: u64 = 1_000;
-pub const SNAPSHOT_QUIET_MS: u64 = 500;
-/// An actor that is never idle snapshots anyway after this many events, and after at least
-/// `SNAPSHOT_STATE_FACTOR` times as many events as its state has entries (orders, keys,
-/// per-buyer counts, deadlines: what a snapshot writes), so snapshot cost stays
-/// O(1) per event however large the state grows and replay after a crash stays bounded.
-pub const SNAPSHOT_BUSY_MIN_EVENTS: u64 = 20_000;
-pub const SNAPSHOT_STATE_FACTOR: u64 = 4;
-/// A state with at least this many entries is encoded for its snapshot off the runtime's
-/// worker (`block_in_place`), so the tasks queued on that worker move to another thread.
-pub const SNAPSHOT_OFF_WORKER_ENTRIES: u64 = 10_000;
-/// Times a command is re-sent to a freshly started actor after it met a stopping one.
-pub const ACTOR_RESTART_RETRIES: usize = 3;
-/// Live WatchOrder subscriptions per process.
-pub const ORDER_WATCHERS_MAX: usize = 100_000;
-/// WatchDrop sends at most one update per this interval, coalescing changes in between.
-pub const WATCH_DROP_INTERVAL_MS: u64 = 250;
-/// Longest a server stream (WatchOrder, WatchDrop) stays open before the client must reconnect.
-pub const WATCH_STREAM_MAX_MS: u64 = 3_600_000;
-/// Concurrent gRPC streams per connection and concurrent requests per server.
-pub const GRPC_CONCURRENT_STREAMS_MAX: u32 = 1_024;
-pub const GRPC_REQUESTS_IN_FLIGHT_MAX: usize = 16_384;
-/// Largest gRPC message accepted (a CreateDrop of 10,000 SKUs fits).
-pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
-/// Request metadata HTTP/2 accepts (SETTINGS_MAX_HEADER_LIST_SIZE, decoded, each field
-/// counted as name + value + 32 bytes). Past it h2 refuses the stream itself with HTTP 431
-/// (clients read UNKNOWN) and, past about 1.8 times it, closes the whole connection with
-/// GOAWAY, every other call on it included: h2 has no bound that fails only the one call.
-/// 1 MiB (Go's `DefaultMaxHeaderBytes`) puts that cliff far above any plausible mistake, so
-/// a bloated credential gets a clean status from `GRPC_*_BYTES_MAX` below instead. Memory
-/// stays bounded: h2 holds at most one partial header block per connection.
-pub const HTTP2_HEADER_LIST_BYTES_MAX: u32 = 1 << 20;
-/// Streams of one connection that the server may reset for the client's protocol errors
-/// before it closes the connection (h2's own default, the RUSTSEC-2024-0003 guard; tonic
-/// turns the guard off unless it is set).
-pub const HTTP2_LOCAL_ERROR_RESETS_MAX: usize = 1_024;
-/// Longest `authorization` metadata value: a bearer credential is 68 characters, a JWT a
-/// few KiB. Longer is refused UNAUTHENTICATED before any credential is hashed.
-pub const GRPC_AUTHORIZATION_BYTES_MAX: usize = 8 * 1024;
-/// All metadata of one request, counted as HTTP/2 counts it (name + value + 32 per field):
-/// a gRPC request needs a few hundred bytes. More is RESOURCE_EXHAUSTED for that call only.
-pub const GRPC_METADATA_BYTES_MAX: usize = 16 * 1024;
-/// A TLS handshake not finished in this long is dropped, so a client that opens a
-/// connection and stays silent does not hold it (and its memory) open.
-pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-/// TCP keepalive on accepted gRPC connections (beside HTTP/2 pings), so connections of
-/// vanished clients behind idle-dropping middleboxes are noticed by the kernel too.
-pub const TCP_KEEPALIVE_SECS: u64 = 60;
-/// Time given to in-flight calls to finish on shutdown.
-pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
-/// sled page cache of the embedded journal.
-pub const JOURNAL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
-
-// Compile-time checks between related bounds: our per-call bounds must sit below what HTTP/2
-// accepts, or an oversized request would never reach the check that answers it cleanly.
-const _: () = assert!(GRPC_AUTHORIZATION_BYTES_MAX < GRPC_METADATA_BYTES_MAX);
-const _: () = assert!(GRPC_METADATA_BYTES_MAX < HTTP2_HEADER_LIST_BYTES_MAX as usize);
 
 // Registry and hubs.
 
@@ -173,13 +87,35 @@ pub const SLA_PROBATION_BELOW_BPS: u32 = 8_000;
 pub const SLA_SUSPEND_BELOW_BPS: u32 = 5_000;
 /// Longest reason text a courier may give for a decline or failure, and proof reference.
 pub const COURIER_TEXT_LEN_MAX: usize = 200;
-/// Mailbox of one hub actor and of the registry actor.
-pub const HUB_MAILBOX_CAPACITY: usize = 8_192;
-pub const REGISTRY_MAILBOX_CAPACITY: usize = 1_024;
+/// Waiting dispatches tried at once after a partner frees up (bounds one decision's work).
+pub const PLACE_WAITING_MAX: usize = 1_000;
 /// A confirmed order its hub has not acknowledged is sent again this long after (and every
 /// this long while it stays unacknowledged): normally the first hand-over, right after the
 /// confirm, succeeds and this never fires.
 pub const HANDOVER_RETRY_MS: i64 = 30_000;
+/// A hub's delivery slot lasts between a minute and a day, and holds at most this many
+/// dispatches.
+pub const SLOT_MS_MIN: u64 = 60_000;
+pub const SLOT_MS_MAX: u64 = 24 * 3_600_000;
+pub const SLOT_CAPACITY_MAX: u32 = 1_000_000;
+/// Each step of a hub's SLA (accept, pick up, deliver) takes between a second and a day.
+pub const SLA_STEP_MS_MIN: u64 = 1_000;
+pub const SLA_STEP_MS_MAX: u64 = 24 * 3_600_000;
+/// A hub gives up an undelivered dispatch at most a week after its promised window.
+pub const GIVE_UP_AFTER_MS_MAX: u64 = 7 * 24 * 3_600_000;
+/// On-time deliveries a hub may ask of a partner on probation before it becomes active.
+pub const PROBATION_EXIT_DELIVERIES_MAX: u32 = 10_000;
+/// Dispatches a partner may hold at once at one hub, at most (its own `max_open_dispatches`
+/// is below this).
+pub const MAX_OPEN_DISPATCHES_MAX: u32 = 100_000;
+
+// A partner's recent outcomes are kept as the bits of one u64 (`PartnerStats::recent`), and
+// a score needs no more outcomes than that window holds.
+const _: () = assert!(SLA_MIN_SAMPLE <= SLA_WINDOW && SLA_WINDOW <= u64::BITS);
+// A falling score puts a partner on probation before it suspends it.
+const _: () = assert!(SLA_SUSPEND_BELOW_BPS < SLA_PROBATION_BELOW_BPS && SLA_PROBATION_BELOW_BPS <= 10_000);
+// A hub's slot and SLA steps are checked to lie in these ranges: some value does.
+const _: () = assert!(SLOT_MS_MIN < SLOT_MS_MAX && SLA_STEP_MS_MIN < SLA_STEP_MS_MAX);
 
 // Settlement.
 /// The platform's share when a drop names none: 10 %.
@@ -194,20 +130,9 @@ pub const STATEMENT_PAGE_MAX: u32 = 1_000;
 pub const PAYOUT_KEYS_MAX: usize = 100_000;
 /// Lines a creator's ledger may hold in memory before booking is refused (RESOURCE_EXHAUSTED).
 pub const LEDGER_LINES_MAX: usize = 10_000_000;
-pub const CREATOR_MAILBOX_CAPACITY: usize = 4_096;
 pub const CREATORS_MAX: usize = 1_000_000;
 /// Storefronts the registry keeps (each one a web/app backend or a pop-up till).
 pub const STOREFRONTS_MAX: usize = 100_000;
 
-/// How long a delivery address is kept at most after its order is confirmed: same-day
-/// fulfilment, the default 14-day return window and a margin. Delivery brings it forward
-/// to the drop's return window after delivery; a cancellation, refund or failure to now.
-pub const ADDRESS_RETENTION_MAX_MS: u64 = 30 * 86_400_000;
-/// How long after a confirmation a retry of the same Confirm may still store its address
-/// (the first store failed): long enough for a client's retries, too short to bring back an
-/// address shredded after delivery, a refund or a cancellation.
-pub const ADDRESS_STORE_RETRY_MS: u64 = 10 * 60_000;
-/// How often a node shreds the addresses that are due, and how many it shreds at most in
-/// one pass (the rest wait for the next pass; a pass never holds up anything else).
-pub const ADDRESS_SHRED_INTERVAL_MS: u64 = 60_000;
-pub const ADDRESS_SHRED_BATCH_MAX: usize = 10_000;
+// A drop without terms of its own gets terms a drop could name.
+const _: () = assert!(DEFAULT_RETURN_WINDOW_MS <= RETURN_WINDOW_MS_MAX && DEFAULT_PLATFORM_FEE_BPS <= 10_000);

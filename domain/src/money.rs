@@ -145,6 +145,9 @@ pub fn allocate(total: i64, weights: &[u64]) -> Vec<i64> {
         parts[i] += 1;
         left -= 1;
     }
+    // The units left over are fewer than the parts (each floor lost less than one), so all
+    // were handed out: the parts add up to the total, as every ledger entry relies on.
+    assert_eq!(left, 0, "allocate: {left} of {total} minor units not allocated");
     parts
 }
 

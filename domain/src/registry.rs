@@ -4,7 +4,11 @@
 //! configuration; hub actors own the running part (dispatches, SLA clocks, partner
 //! performance) and receive their configuration from here as a versioned [`HubSetup`].
 
-use crate::limits::{CREATORS_MAX, HUBS_MAX, PARTNERS_MAX, PARTNERS_PER_HUB_MAX, STOREFRONTS_MAX, TEXT_LEN_MAX};
+use crate::limits::{
+    CREATORS_MAX, GIVE_UP_AFTER_MS_MAX, HUBS_MAX, MAX_OPEN_DISPATCHES_MAX, PARTNERS_MAX, PARTNERS_PER_HUB_MAX,
+    PROBATION_EXIT_DELIVERIES_MAX, SLA_STEP_MS_MAX, SLA_STEP_MS_MIN, SLOT_CAPACITY_MAX, SLOT_MS_MAX, SLOT_MS_MIN,
+    STOREFRONTS_MAX, TEXT_LEN_MAX,
+};
 use crate::{Aggregate, CityName, CreatorId, FieldViolation, HubId, PartnerId, Rejection, StorefrontId, UnixMillis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -97,14 +101,6 @@ pub struct HubSpec {
     pub give_up_after_ms: u64,
 }
 
-pub const SLOT_MS_MIN: u64 = 60_000;
-pub const SLOT_MS_MAX: u64 = 24 * 3_600_000;
-pub const SLOT_CAPACITY_MAX: u32 = 1_000_000;
-pub const SLA_STEP_MS_MIN: u64 = 1_000;
-pub const SLA_STEP_MS_MAX: u64 = 24 * 3_600_000;
-pub const GIVE_UP_AFTER_MS_MAX: u64 = 7 * 24 * 3_600_000;
-pub const PROBATION_EXIT_DELIVERIES_MAX: u32 = 10_000;
-
 impl HubSpec {
     /// Every problem with the spec, by CreateHub field name.
     pub fn violations(&self) -> Vec<FieldViolation> {
@@ -176,8 +172,6 @@ pub struct PartnerSpec {
     /// Dispatches the partner may hold at once at one hub (offered or in progress).
     pub max_open_dispatches: u32,
 }
-
-pub const MAX_OPEN_DISPATCHES_MAX: u32 = 100_000;
 
 impl PartnerSpec {
     pub fn violations(&self) -> Vec<FieldViolation> {

@@ -1279,6 +1279,28 @@ impl SkuState {
             self.idempotency.remove(key);
             self.idempotency_order.pop_front();
         }
+        // One queue entry per stored key (a key is recorded once: a repeat is answered from
+        // the map), so forgetting the oldest entry forgets exactly one key.
+        debug_assert_eq!(self.idempotency.len(), self.idempotency_order.len());
+        debug_assert!(self.idempotency.len() <= IDEMPOTENCY_KEYS_PER_SKU_MAX);
+    }
+
+    /// Asserts the pool invariant after a change of `pool`'s counters: every unit of its
+    /// allocation is available, held or sold, once. O(1), so it runs on every change: a
+    /// broken count (an overflow in a release build) would sell units that do not exist.
+    fn assert_pool(&self, pool: usize) {
+        let p = &self.pools[pool];
+        assert!(
+            u64::from(p.available) + u64::from(p.held) + u64::from(p.sold) == u64::from(p.allocated),
+            "{}/{} pool {}: available {} + held {} + sold {} != allocated {}",
+            self.drop_id,
+            self.sku_id,
+            p.hub_id,
+            p.available,
+            p.held,
+            p.sold,
+            p.allocated
+        );
     }
 
     fn add_active(&mut self, buyer: &BuyerRef, quantity: u32) {
@@ -1448,6 +1470,7 @@ impl Aggregate for SkuState {
                 let pool = self.pool_index(hub_id).expect("held from a known pool");
                 self.pools[pool].available -= quantity;
                 self.pools[pool].held += quantity;
+                self.assert_pool(pool);
                 self.expiries.insert((*expires_at, order_id.clone()));
                 self.add_active(buyer, *quantity);
                 let record = OrderRecord {
@@ -1564,6 +1587,7 @@ impl Aggregate for SkuState {
                 self.remove_active(&buyer, unused);
                 self.pools[pool].available -= quantity;
                 self.pools[pool].held += quantity;
+                self.assert_pool(pool);
                 self.expiries.insert((*expires_at, order_id.clone()));
                 self.changed_at = *at;
             }
@@ -1585,6 +1609,7 @@ impl Aggregate for SkuState {
                 }
                 self.pools[pool].held -= quantity;
                 self.pools[pool].available += quantity;
+                self.assert_pool(pool);
                 self.remove_active(&buyer, quantity);
                 self.changed_at = *at;
             }
@@ -1614,6 +1639,7 @@ impl Aggregate for SkuState {
                 }
                 self.pools[pool].held -= quantity;
                 self.pools[pool].sold += quantity;
+                self.assert_pool(pool);
                 self.revenue_minor_units += confirmation.amount.minor_units;
                 self.changed_at = confirmation.confirmed_at;
                 self.update_sold_out(confirmation.confirmed_at);
@@ -1634,6 +1660,7 @@ impl Aggregate for SkuState {
                 self.queue_for_ledger(order_id, true, *at);
                 self.pools[pool].sold -= quantity;
                 self.pools[pool].available += quantity;
+                self.assert_pool(pool);
                 self.revenue_minor_units -= amount;
                 self.remove_active(&buyer, quantity);
                 self.changed_at = *at;
@@ -1646,20 +1673,25 @@ impl Aggregate for SkuState {
                 idempotency_key,
                 at,
             } => {
-                match self.pool_index(hub_id) {
+                let pool = match self.pool_index(hub_id) {
                     Some(i) => {
                         self.pools[i].allocated += quantity;
                         self.pools[i].available += quantity;
+                        i
                     }
-                    None => self.pools.push(Pool {
-                        hub_id: hub_id.clone(),
-                        city: city.clone(),
-                        allocated: *quantity,
-                        available: *quantity,
-                        held: 0,
-                        sold: 0,
-                    }),
-                }
+                    None => {
+                        self.pools.push(Pool {
+                            hub_id: hub_id.clone(),
+                            city: city.clone(),
+                            allocated: *quantity,
+                            available: *quantity,
+                            held: 0,
+                            sold: 0,
+                        });
+                        self.pools.len() - 1
+                    }
+                };
+                self.assert_pool(pool);
                 if let Some(key) = idempotency_key {
                     self.restock_keys.insert(key.clone(), (hub_id.clone(), *quantity));
                 }

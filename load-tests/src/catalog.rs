@@ -33,9 +33,9 @@ const CONNECTIONS: usize = 4;
 /// CreateDrop calls in flight: each carries a whole drop, so a few keep the server busy
 /// without queueing megabytes of requests.
 const CREATE_CONCURRENCY: usize = 4;
-/// The server stops SKU actors idle this long (`domain::limits::ACTOR_IDLE_STOP_MS`); a
-/// slower load may see early actors stopped before memory is read.
-const ACTOR_IDLE_STOP: Duration = Duration::from_secs(30);
+/// The server stops SKU actors idle this long; a slower load may see early actors stopped
+/// before memory is read.
+const ACTOR_IDLE_STOP: Duration = Duration::from_millis(actors::limits::ACTOR_IDLE_STOP_MS);
 
 /// Arguments of `dropline-load catalog`.
 #[derive(Debug, clap::Args)]

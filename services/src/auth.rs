@@ -11,6 +11,7 @@
 //! (UNAUTHENTICATED) before any handler runs; handlers then demand the role they need
 //! (UNAUTHENTICATED without a credential, PERMISSION_DENIED with the wrong one).
 
+use crate::limits::{CREDENTIAL_LEN_MAX, OPERATOR_TOKEN_LEN_MIN};
 use actors::audit_log::{AuditEntry, AuditLog};
 use actors::fulfilment::Principal;
 use actors::projections::Projections;
@@ -21,13 +22,6 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use tonic::{Request, Status};
-
-/// Shortest operator credential accepted.
-pub const OPERATOR_TOKEN_LEN_MIN: usize = 16;
-/// Longest credential looked at: every credential Dropline issues is 68 characters, and a
-/// chosen operator token has no reason to be longer than this. A longer one is refused
-/// before it is hashed.
-pub const CREDENTIAL_LEN_MAX: usize = 512;
 
 pub fn hash(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()

@@ -4,10 +4,11 @@
 
 use crate::auth::{order_access, require_storefront, Authenticator, OrderAccess};
 use crate::convert::{self, opaque_id, Check};
+use crate::limits::{ADDRESS_STORE_RETRY_MS, WATCH_STREAM_MAX_MS};
 use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
 use domain::hub::{Dispatch, HubCommand};
-use domain::limits::{ADDRESS_STORE_RETRY_MS, PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
+use domain::limits::PER_BUYER_LIMIT_MAX;
 use domain::sku::OrderStatus;
 use domain::sku::{
     ConfirmCommand, Fulfilment, OrderView, Reservation, ReserveCommand, ReserveParams, SkuCommand, SkuState,

@@ -1,6 +1,10 @@
 //! Configuration of `dropline`: flags, then environment variables, then an optional TOML
 //! file, then built-in defaults, in that order of precedence.
 
+use crate::limits::{
+    BUYER_RESERVES_PER_SEC_DEFAULT, BUYER_RESERVE_BURST_DEFAULT, LIVE_ACTORS_MAX_UPPER, PARTITIONS_MAX,
+    SHUTDOWN_DELAY_MS_MAX, STOREFRONT_CALLS_PER_SEC_DEFAULT,
+};
 pub use crate::tls::ClientTlsArgs;
 use actors::cluster::placement::PARTITIONS_DEFAULT;
 use actors::cluster::{ClusterConfig, LeaseTimings};
@@ -10,13 +14,6 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// Most partitions a cluster may have (each is a lease and a command subscription).
-const PARTITIONS_MAX: u32 = 1_024;
-/// Longest wait between SIGTERM and the drain.
-const SHUTDOWN_DELAY_MS_MAX: u64 = 60_000;
-/// The largest `live_actors_max` accepted (flag, environment or file).
-const LIVE_ACTORS_MAX_UPPER: u64 = 100_000_000;
 
 fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -344,15 +341,15 @@ impl ServeArgs {
             storefront_calls_per_sec: self
                 .storefront_calls_per_sec
                 .or(file.storefront_calls_per_sec)
-                .unwrap_or(crate::throttle::STOREFRONT_CALLS_PER_SEC_DEFAULT),
+                .unwrap_or(STOREFRONT_CALLS_PER_SEC_DEFAULT),
             buyer_reserves_per_sec: self
                 .buyer_reserves_per_sec
                 .or(file.buyer_reserves_per_sec)
-                .unwrap_or(crate::throttle::BUYER_RESERVES_PER_SEC_DEFAULT),
+                .unwrap_or(BUYER_RESERVES_PER_SEC_DEFAULT),
             buyer_reserve_burst: self
                 .buyer_reserve_burst
                 .or(file.buyer_reserve_burst)
-                .unwrap_or(crate::throttle::BUYER_RESERVE_BURST_DEFAULT),
+                .unwrap_or(BUYER_RESERVE_BURST_DEFAULT),
             tls,
             cluster: None,
         })
@@ -475,11 +472,7 @@ mod tests {
                 config.buyer_reserves_per_sec,
                 config.buyer_reserve_burst
             ),
-            (
-                crate::throttle::STOREFRONT_CALLS_PER_SEC_DEFAULT,
-                crate::throttle::BUYER_RESERVES_PER_SEC_DEFAULT,
-                7
-            )
+            (STOREFRONT_CALLS_PER_SEC_DEFAULT, BUYER_RESERVES_PER_SEC_DEFAULT, 7)
         );
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "listne = \"x\"\n").unwrap();

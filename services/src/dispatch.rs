@@ -3,11 +3,11 @@
 
 use crate::auth::require_partner;
 use crate::convert::{timestamp, Check};
+use crate::limits::WATCH_STREAM_MAX_MS;
 use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
 use actors::fulfilment::CourierUpdate;
 use domain::hub::{CourierAction, Dispatch, HubCommand, HubState, Stage};
-use domain::limits::WATCH_STREAM_MAX_MS;
 use domain::registry::PartnerRecord;
 use domain::sku::Fulfilment;
 use domain::{FieldViolation, HubId, OrderId, PartnerId};

@@ -1,7 +1,7 @@
 //! Stock levels shown to buyers: coarse on purpose, so bots learn little from polling.
 
+use crate::limits::LOW_STOCK_PERCENT;
 use domain::drop::SaleStatus;
-use domain::limits::LOW_STOCK_PERCENT;
 use proto::checkout::v1::Level;
 
 pub fn level(sale: SaleStatus, allocated: u64, available: u64, held: u64) -> Level {

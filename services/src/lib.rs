@@ -12,6 +12,7 @@ pub mod demo_couriers;
 pub mod demo_settlement;
 pub mod dispatch;
 pub mod levels;
+pub mod limits;
 pub mod metadata_bounds;
 pub mod operator;
 pub mod platform;

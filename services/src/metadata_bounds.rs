@@ -1,10 +1,10 @@
 //! The server-wide bound on request metadata. HTTP/2 accepts up to
-//! `HTTP2_HEADER_LIST_BYTES_MAX` (see `domain::limits`); this layer answers anything above
+//! `HTTP2_HEADER_LIST_BYTES_MAX` (see `crate::limits`); this layer answers anything above
 //! our own, much smaller bounds with a status for that call alone, before any service,
 //! interceptor or credential hash runs: checkout, health and reflection included, which the
 //! `Authenticator` does not cover.
 
-use domain::limits::{GRPC_AUTHORIZATION_BYTES_MAX, GRPC_METADATA_BYTES_MAX};
+use crate::limits::{GRPC_AUTHORIZATION_BYTES_MAX, GRPC_METADATA_BYTES_MAX};
 use tonic::service::InterceptorLayer;
 use tonic::{Request, Status};
 

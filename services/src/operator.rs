@@ -2,11 +2,11 @@
 
 use crate::auth::require_operator;
 use crate::convert::{self, Check};
+use crate::limits::{WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS};
 use crate::platform::Platform;
 use crate::status::from_command_error;
 use actors::hosted::announce_sale_status;
 use domain::drop::{DropCommand, DropSpec, DropState, DropView, PoolSpec, SaleStatus, SettlementTerms, SkuSpec};
-use domain::limits::{WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS};
 use domain::registry::{RegistryCommand, RegistryState, StorefrontRecord};
 use domain::sku::{RestockCommand, SkuCommand, SkuState};
 use domain::{CityName, CreatorId, DropId, HubId, IdempotencyKey, SkuId, StorefrontId};

@@ -3,12 +3,14 @@
 //! in-process actors).
 
 use crate::auth::OperatorCredential;
+use crate::limits::{ADDRESS_SHRED_BATCH_MAX, ADDRESS_SHRED_INTERVAL_MS, DIRECTORY_WAIT, FIGURES_LOAD_FAN_OUT};
 use crate::status::from_command_error;
 use actors::audit_log::AuditLog;
 use actors::cluster::node::KvAddresses;
 use actors::cluster::{ClusterConfig, ClusterNode};
 use actors::journal::AddressVault;
 use actors::journal::{Journal, JournalError};
+use actors::limits::ADDRESS_RETENTION_MAX_MS;
 use actors::projections::CachedDrop;
 use actors::secrets::PlatformKeys;
 use actors::sled_journal::SledJournal;
@@ -17,7 +19,6 @@ use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
 use domain::drop::{DropCommand, DropState};
 use domain::hub::{Dispatch, HubCommand, HubState};
 use domain::ledger::{LedgerReply, LedgerState};
-use domain::limits::{ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_BATCH_MAX, ADDRESS_SHRED_INTERVAL_MS};
 use domain::registry::{Directory, RegistryCommand, RegistryState};
 use domain::reply::FromReply;
 use domain::sku::{SkuCommand, SkuFigures, SkuState};
@@ -29,13 +30,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::Status;
 
-/// How long a joining node waits for the registry's partition to be served.
-const DIRECTORY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The shared setting holding the operator credential's hash.
 const OPERATOR_HASH_KEY: &str = "operator-token-hash";
-
-/// SKU actors started at once to fill a drop's figures into the cache.
-const FIGURES_LOAD_FAN_OUT: usize = 64;
 
 /// Where an embedded platform keeps its journal, audit trail and delivery addresses: the
 /// sled journal holds all three (`Platform::open_embedded`), and so does the in-memory one

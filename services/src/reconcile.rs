@@ -15,6 +15,7 @@
 //! read afterwards. An order confirmed meanwhile is either still in its SKU's outbox (in
 //! flight, not a difference) or is looked up again in its ledger before it is reported.
 
+use crate::limits::RECONCILE_STREAMS_PAGE;
 use crate::platform::Platform;
 use crate::refunds::withdraw_and_refund;
 use crate::status::from_command_error;
@@ -34,9 +35,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tonic::Status;
 
-/// Streams listed per journal read.
-const STREAMS_PAGE: usize = 1_000;
-
 fn storage(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("reading the journal: {e}"))
 }
@@ -45,10 +43,10 @@ async fn streams(journal: &dyn Journal, prefix: &str) -> Result<Vec<String>, Sta
     let mut out: Vec<String> = Vec::new();
     loop {
         let page = journal
-            .streams(prefix, out.last().map(String::as_str), STREAMS_PAGE)
+            .streams(prefix, out.last().map(String::as_str), RECONCILE_STREAMS_PAGE)
             .await
             .map_err(storage)?;
-        let done = page.len() < STREAMS_PAGE;
+        let done = page.len() < RECONCILE_STREAMS_PAGE;
         out.extend(page);
         if done {
             return Ok(out);

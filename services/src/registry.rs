@@ -3,6 +3,7 @@
 
 use crate::auth::{self, require_operator, require_operator_or_partner};
 use crate::convert::{duration, timestamp, Check};
+use crate::limits::{REGISTRY_PAGE_SIZE_DEFAULT, REGISTRY_PAGE_SIZE_MAX};
 use crate::platform::Platform;
 use crate::status::from_command_error;
 use actors::audit_log::{AuditEntry, AuditSubject};
@@ -25,9 +26,14 @@ pub const DEFAULT_PROBATION_EXIT_DELIVERIES: u32 = 5;
 pub const DEFAULT_LATE_CREDIT_PERCENT: u32 = 10;
 pub const DEFAULT_GIVE_UP_AFTER_MS: u64 = 12 * 3_600_000;
 pub const DEFAULT_MAX_OPEN_DISPATCHES: u32 = 10;
-/// Page sizes of list calls.
-pub const PAGE_SIZE_DEFAULT: usize = 100;
-pub const PAGE_SIZE_MAX: usize = 1_000;
+
+// A spec that leaves a field out gets a value the domain accepts (`HubSpec::violations`,
+// `PartnerSpec::violations`), or every such CreateHub or RegisterPartner would be refused.
+const _: () = assert!(DEFAULT_PROBATION_SHARE_PERCENT <= 100 && DEFAULT_LATE_CREDIT_PERCENT <= 100);
+const _: () = assert!(DEFAULT_PROBATION_EXIT_DELIVERIES <= domain::limits::PROBATION_EXIT_DELIVERIES_MAX);
+const _: () = assert!(0 < DEFAULT_GIVE_UP_AFTER_MS && DEFAULT_GIVE_UP_AFTER_MS <= domain::limits::GIVE_UP_AFTER_MS_MAX);
+const _: () =
+    assert!(0 < DEFAULT_MAX_OPEN_DISPATCHES && DEFAULT_MAX_OPEN_DISPATCHES <= domain::limits::MAX_OPEN_DISPATCHES_MAX);
 
 pub struct Registry {
     platform: Platform,
@@ -373,8 +379,8 @@ fn audit_entry(e: &AuditEntry) -> pb::AuditEntry {
 
 fn page_size(requested: u32) -> usize {
     match requested as usize {
-        0 => PAGE_SIZE_DEFAULT,
-        n => n.min(PAGE_SIZE_MAX),
+        0 => REGISTRY_PAGE_SIZE_DEFAULT,
+        n => n.min(REGISTRY_PAGE_SIZE_MAX),
     }
 }
 

@@ -9,14 +9,14 @@ use crate::auth::Authenticator;
 use crate::checkout::Checkout;
 use crate::config::health_services;
 use crate::dispatch::Couriers;
+use crate::limits::{
+    GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX, HTTP2_HEADER_LIST_BYTES_MAX,
+    HTTP2_LOCAL_ERROR_RESETS_MAX, NATS_CONNECTION_CHECK_MS, SHUTDOWN_DRAIN_MS, TCP_KEEPALIVE_SECS,
+};
 use crate::operator::Operator;
 use crate::platform::Platform;
 use crate::registry::Registry;
 use crate::settlement::Settlement;
-use domain::limits::{
-    GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX, HTTP2_HEADER_LIST_BYTES_MAX,
-    HTTP2_LOCAL_ERROR_RESETS_MAX, SHUTDOWN_DRAIN_MS, TCP_KEEPALIVE_SECS,
-};
 use proto::checkout::v1::checkout_service_server::CheckoutServiceServer;
 use proto::dispatch::v1::dispatch_service_server::DispatchServiceServer;
 use proto::operator::v1::operator_service_server::OperatorServiceServer;
@@ -29,9 +29,6 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus as HealthStatus;
 use tracing::{info, warn};
-
-/// How often a cluster node's readiness follows its NATS connection.
-const CONNECTION_CHECK_MS: u64 = 1_000;
 
 /// Serves the platform on `listener` until `shutdown` resolves, then drains.
 pub async fn serve(
@@ -113,7 +110,7 @@ pub async fn serve_with_options(
             loop {
                 tokio::select! {
                     _ = stopping_rx.changed() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(CONNECTION_CHECK_MS)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(NATS_CONNECTION_CHECK_MS)) => {}
                 }
                 let connected = node.connected();
                 if connected != was_connected && !*stopping_rx.borrow() {

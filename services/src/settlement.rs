@@ -7,6 +7,7 @@ use crate::auth::{
     calling_creator, creator_scope, hash, is_operator, new_creator_credential, refuse, require_operator,
 };
 use crate::convert::{self, Check};
+use crate::limits::{SETTLEMENT_WATCH_BUFFER, STATEMENT_PAGE_DEFAULT, WATCH_STREAM_MAX_MS};
 use crate::platform::Platform;
 use crate::refunds::withdraw_and_refund;
 use crate::status::from_command_error;
@@ -16,7 +17,7 @@ use domain::ledger::{
     Account, CurrencyBalance, Entry, EntryKind, LedgerCommand, LedgerReply, OrderBooking, Payout, PayoutPage,
     RefundReason, Reversal, Statement, StatementQuery,
 };
-use domain::limits::{STATEMENT_PAGE_MAX, WATCH_STREAM_MAX_MS};
+use domain::limits::STATEMENT_PAGE_MAX;
 use domain::registry::{CreatorRecord, RegistryCommand, RegistryState};
 use domain::reply::FromReply;
 use domain::sku::{OrderView, SkuCommand, SkuState};
@@ -29,11 +30,6 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-
-/// Lines per page when the client names no page size.
-const STATEMENT_PAGE_DEFAULT: u32 = 100;
-/// Lines queued for one WatchSettlement client before the stream waits for it.
-const WATCH_BUFFER: usize = 256;
 
 pub struct Settlement {
     platform: Platform,
@@ -392,7 +388,7 @@ impl SettlementService for Settlement {
             .settlement
             .subscribe(&creator)
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let (tx, rx) = tokio::sync::mpsc::channel(SETTLEMENT_WATCH_BUFFER);
         let this = Settlement {
             platform: self.platform.clone(),
         };

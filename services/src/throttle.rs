@@ -6,6 +6,7 @@
 //! Each key has a GCRA bucket (the "theoretical arrival time" form of a token bucket: one
 //! instant per key, no refill timer). Time is tokio's, so paused-time tests drive it.
 
+use crate::limits::BUYER_BUCKETS_MAX;
 use domain::limits::STOREFRONTS_MAX;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,18 +15,10 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// Default sustained checkout calls per second for one storefront: well above what one
-/// node serves (the hot-SKU benchmark peaks near 60,000/s), so it only stops a runaway.
-pub const STOREFRONT_CALLS_PER_SEC_DEFAULT: u32 = 200_000;
-/// Default sustained reserves per second for one buyer of one storefront, and the burst a
-/// buyer may use at once (a person reserving several SKUs the second a drop opens).
-pub const BUYER_RESERVES_PER_SEC_DEFAULT: u32 = 5;
-pub const BUYER_RESERVE_BURST_DEFAULT: u32 = 20;
-/// Buyers tracked at once per node. When the table is full, buckets that have refilled are
-/// dropped (they hold no information); if none has, a new buyer is let through untracked
-/// rather than refused: the storefront bound still applies, and an attacker flooding fresh
-/// buyer ids must not lock real buyers out.
-pub const BUYER_BUCKETS_MAX: usize = 500_000;
+/// The bounds' defaults (`crate::limits`), also named here beside the throttle they set.
+pub use crate::limits::{
+    BUYER_RESERVES_PER_SEC_DEFAULT, BUYER_RESERVE_BURST_DEFAULT, STOREFRONT_CALLS_PER_SEC_DEFAULT,
+};
 
 /// A bucket's key: 64 bits of a keyed hash (buyer references are keyed hashes already),
 /// so the tables hold no strings and hash nothing again.

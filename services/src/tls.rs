@@ -13,8 +13,8 @@
 //! Clients connect in plaintext to `http://` servers and over TLS to `https://` ones,
 //! trusting the CA of `--tls-ca`, else the system's roots.
 
+use crate::limits::TLS_HANDSHAKE_TIMEOUT_MS;
 use clap::Args;
-use domain::limits::TLS_HANDSHAKE_TIMEOUT_MS;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};

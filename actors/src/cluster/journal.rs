@@ -5,7 +5,7 @@
 //!
 //! Group commit carries over, per actor: while one append of a stream is in flight, the
 //! batches its actor hands over queue, and go as one message when the first is acknowledged.
-//! Different actors' appends are in flight at once (up to `IN_FLIGHT_STREAMS_MAX`). The
+//! Different actors' appends are in flight at once (up to `JOURNAL_STREAMS_IN_FLIGHT_MAX`). The
 //! servers run with `sync_interval: always`, so an acknowledged append is on disk.
 //!
 //! Snapshots stay local, in sled, with the sequence they follow: a node that owned the
@@ -15,28 +15,20 @@
 
 use super::placement::{self, JOURNAL_STREAM};
 use crate::journal::*;
+use crate::limits::{
+    JOURNAL_APPEND_TIMEOUT, JOURNAL_CACHE_BYTES, JOURNAL_MESSAGE_BYTES_MAX, JOURNAL_QUEUE_MAX, JOURNAL_READ_TIMEOUT,
+    JOURNAL_STREAMS_IN_FLIGHT_MAX, SNAPSHOT_SLICE_PARTS,
+};
 use crate::sled_parts::{self, PartsWrite};
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy, kv, stream::LastRawMessageErrorKind};
-use domain::limits::{JOURNAL_QUEUE_MAX, SNAPSHOT_SLICE_PARTS};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-
-/// Streams with an append in flight at once; beyond it requests wait in the bounded queue.
-const IN_FLIGHT_STREAMS_MAX: usize = 4_096;
-/// A message carries at most this many bytes of events (NATS' default max_payload is 1 MiB).
-const MESSAGE_BYTES_MAX: usize = 512 * 1024;
-/// Reading a stream's journal (an actor's recovery) gives up after this long.
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// An append (and its wake-up write) gives up after this long; the actor then restarts
-/// from what is durable.
-const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One message of a journal subject: consecutive events from `first` on.
 #[derive(Serialize, Deserialize)]
@@ -83,7 +75,7 @@ impl JetStreamJournal {
         std::fs::create_dir_all(dir).map_err(io)?;
         let db = sled::Config::new()
             .path(dir.join("snapshots"))
-            .cache_capacity(domain::limits::JOURNAL_CACHE_BYTES)
+            .cache_capacity(JOURNAL_CACHE_BYTES)
             .open()
             .map_err(io)?;
         let snapshots = db.open_tree("snapshots").map_err(io)?;
@@ -168,7 +160,7 @@ impl JetStreamJournal {
             }
             Ok::<_, JournalError>(())
         };
-        tokio::time::timeout(READ_TIMEOUT, reading)
+        tokio::time::timeout(JOURNAL_READ_TIMEOUT, reading)
             .await
             .map_err(|_| JournalError::Io(format!("{stream}: reading the journal timed out")))??;
         Ok(events)
@@ -350,7 +342,7 @@ impl Writer {
         let mut in_flight: FuturesUnordered<futures::future::BoxFuture<'static, Appended>> = FuturesUnordered::new();
         loop {
             tokio::select! {
-                request = rx.recv(), if in_flight.len() < IN_FLIGHT_STREAMS_MAX => {
+                request = rx.recv(), if in_flight.len() < JOURNAL_STREAMS_IN_FLIGHT_MAX => {
                     let Some(request) = request else { break };
                     let stream = request.batch.stream.clone();
                     let queue = self.queues.entry(stream.clone()).or_default();
@@ -402,7 +394,7 @@ impl Writer {
         let mut wakeup = None;
         while let Some(request) = queue.waiting.front() {
             let size: usize = request.batch.events.iter().map(Vec::len).sum();
-            if !requests.is_empty() && bytes + size > MESSAGE_BYTES_MAX {
+            if !requests.is_empty() && bytes + size > JOURNAL_MESSAGE_BYTES_MAX {
                 break;
             }
             let mut request = queue.waiting.pop_front().expect("front exists");
@@ -485,7 +477,7 @@ impl Writer {
                 }
             };
             let both = async { futures::try_join!(publish, deadline).map(|(seq, ())| seq) };
-            let result = match tokio::time::timeout(APPEND_TIMEOUT, both).await {
+            let result = match tokio::time::timeout(JOURNAL_APPEND_TIMEOUT, both).await {
                 Ok(result) => result,
                 Err(_) => Err(JournalError::Io(format!("{stream}: append timed out"))),
             };

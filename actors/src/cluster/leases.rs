@@ -17,6 +17,7 @@
 
 use super::placement::lease_key;
 use crate::journal::BoxFuture;
+use crate::limits::{LEASE_FENCE_MARGIN_MS_MIN, LEASE_RENEW_MS_DEFAULT, LEASE_TTL_MS_DEFAULT, LEASE_TTL_RENEWALS_MIN};
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,8 +38,8 @@ pub struct LeaseTimings {
 impl Default for LeaseTimings {
     fn default() -> Self {
         LeaseTimings {
-            ttl: Duration::from_secs(5),
-            renew: Duration::from_secs(1),
+            ttl: Duration::from_millis(LEASE_TTL_MS_DEFAULT),
+            renew: Duration::from_millis(LEASE_RENEW_MS_DEFAULT),
         }
     }
 }
@@ -47,13 +48,14 @@ impl LeaseTimings {
     /// A held lease is given up this long after its last successful renewal, before the
     /// bucket can hand it to another node.
     pub fn self_fence_after(&self) -> Duration {
-        self.ttl.saturating_sub(self.renew.max(Duration::from_millis(500)))
+        self.ttl
+            .saturating_sub(self.renew.max(Duration::from_millis(LEASE_FENCE_MARGIN_MS_MIN)))
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.renew.is_zero() || self.ttl < self.renew * 3 {
+        if self.renew.is_zero() || self.ttl < self.renew * LEASE_TTL_RENEWALS_MIN {
             return Err(format!(
-                "lease ttl ({:?}) must be at least three renewal intervals ({:?})",
+                "lease ttl ({:?}) must be at least {LEASE_TTL_RENEWALS_MIN} renewal intervals ({:?})",
                 self.ttl, self.renew
             ));
         }

@@ -12,10 +12,15 @@ use crate::clock::Clock;
 use crate::embedded::LocalActors;
 use crate::error::CommandError;
 use crate::journal::{AddressVault, BoxFuture, JournalError};
+use crate::limits::{
+    ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_SCAN_FACTOR, COMMAND_TIMEOUT_MS, EVENTS_ACK_PENDING_MAX, EVENTS_MAX_AGE,
+    EVENTS_MAX_BYTES, EVENTS_PULL_EXPIRES, EVENTS_PULL_HEARTBEAT, PROJECTION_ACKS_PENDING, PROJECTION_BATCH_MAX,
+    PROJECTION_LINGER, PROJECTION_QUEUE_MAX, REMOTE_COMMANDS_MAX, ROUTE_BACKOFF_MAX, ROUTE_BACKOFF_MIN,
+    ROUTE_BATCHES_IN_FLIGHT, ROUTE_BATCH_MAX, ROUTE_QUEUE_MAX, STORAGE_WAIT,
+};
 use crate::projections::{ProjectionUpdate, Projections, RemoteProjections};
 use crate::secrets::SealedAddress;
 use async_nats::jetstream::{self, kv, stream::StorageType};
-use domain::limits::COMMAND_TIMEOUT_MS;
 use domain::UnixMillis;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -25,39 +30,6 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
-
-/// Commands from other nodes handled at once; beyond it they get RESOURCE_EXHAUSTED.
-const REMOTE_COMMANDS_MAX: usize = 8_192;
-/// Projection messages queued for publishing; beyond it updates are dropped (the caches
-/// they feed are refreshed by the next change, and readers can ask the actor).
-const PROJECTION_QUEUE_MAX: usize = 16_384;
-/// Commands for one partition sent to its owner as one NATS request at most, and such
-/// requests in flight per partition at once: under load, commands queued meanwhile go
-/// together, as the journal group-commits (one request/reply per batch, not per buyer).
-const ROUTE_BATCH_MAX: usize = 256;
-const ROUTE_BATCHES_IN_FLIGHT: usize = 4;
-/// Commands waiting for a partition's sender; beyond it RESOURCE_EXHAUSTED.
-const ROUTE_QUEUE_MAX: usize = 8_192;
-/// Projection updates stay this long in the events stream, within this many bytes.
-const EVENTS_MAX_AGE: Duration = Duration::from_secs(3_600);
-const EVENTS_MAX_BYTES: i64 = 256 << 20;
-/// Pull requests of a node's projection consumer last this long, with heartbeats this often.
-const EVENTS_PULL_EXPIRES: Duration = Duration::from_secs(2);
-const EVENTS_PULL_HEARTBEAT: Duration = Duration::from_millis(500);
-/// Updates delivered to a node and not yet acknowledged, at most.
-const EVENTS_ACK_PENDING_MAX: i64 = 10_000;
-/// Projection messages whose storage acknowledgement is awaited at once.
-const PROJECTION_ACKS_PENDING: usize = 64;
-/// Publications of projection updates sent as one NATS message at most.
-const PROJECTION_BATCH_MAX: usize = 1_024;
-/// How long the first queued projection update waits for others to share its message: the
-/// staleness it adds to other nodes' caches.
-const PROJECTION_LINGER: Duration = Duration::from_millis(10);
-/// How long a starting node waits for JetStream (a new JetStream cluster elects leaders).
-const STORAGE_WAIT: Duration = Duration::from_secs(60);
-/// First and longest wait before asking a partition again while it has no owner.
-const ROUTE_BACKOFF_MIN: Duration = Duration::from_millis(10);
-const ROUTE_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// How a node joins its cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,7 +224,7 @@ pub async fn ensure_storage(js: &jetstream::Context, replicas: usize, ttl: Durat
         // Addresses never outlive the retention bound, whatever happens to a shredding pass.
         bucket(
             placement::ADDRESSES_BUCKET,
-            Duration::from_millis(domain::limits::ADDRESS_RETENTION_MAX_MS),
+            Duration::from_millis(ADDRESS_RETENTION_MAX_MS),
             1,
         ),
         bucket(placement::CLUSTER_BUCKET, Duration::ZERO, 1),
@@ -858,11 +830,6 @@ fn parse_vault_record(order_id: &str, record: &[u8]) -> Result<(SealedAddress, U
     ))
 }
 
-/// Records a shredding pass looks at, at most, per address it may shred: the bucket has no
-/// index by time, so a pass reads records until it has found `limit` due ones or this many
-/// times `limit` (the bucket's max age bounds what is left over anyway).
-const SHRED_SCAN_FACTOR: usize = 64;
-
 impl AddressVault for KvAddresses {
     fn put_new<'a>(
         &'a self,
@@ -929,7 +896,7 @@ impl AddressVault for KvAddresses {
             while let Some(key) = keys.next().await {
                 let key = key.map_err(|e| io(&e))?;
                 looked += 1;
-                if shredded >= limit || looked > limit.saturating_mul(SHRED_SCAN_FACTOR) {
+                if shredded >= limit || looked > limit.saturating_mul(ADDRESS_SHRED_SCAN_FACTOR) {
                     break;
                 }
                 let Some(record) = self.store.get(key.clone()).await.map_err(|e| io(&e))? else {

@@ -4,15 +4,12 @@ use super::{Env, Hosted, Publication};
 use crate::bus::CommandBus;
 use crate::error::CommandError;
 use crate::journal::BoxFuture;
+use crate::limits::{DROP_MAILBOX_CAPACITY, SALE_STATUS_FAN_OUT};
 use crate::projections::ProjectionUpdate;
 use domain::drop::{DropEvent, DropSpec, DropState, SaleStatus};
-use domain::limits::DROP_MAILBOX_CAPACITY;
 use domain::sku::{SkuCommand, SkuState};
 use domain::{DropId, Rejection};
 use futures::{StreamExt, TryStreamExt};
-
-/// SKU actors told about a status change at once.
-const STATUS_FAN_OUT: usize = 64;
 
 impl Hosted for DropState {
     const KIND: &'static str = "drop";
@@ -77,7 +74,7 @@ pub async fn announce_sale_status(
         })
         .collect();
     futures::stream::iter(tells)
-        .buffer_unordered(STATUS_FAN_OUT)
+        .buffer_unordered(SALE_STATUS_FAN_OUT)
         .try_collect::<()>()
         .await
 }

@@ -3,9 +3,9 @@
 use super::{Env, Hosted, Publication};
 use crate::error::CommandError;
 use crate::journal::BoxFuture;
+use crate::limits::CREATOR_MAILBOX_CAPACITY;
 use crate::projections::ProjectionUpdate;
 use domain::ledger::{LedgerCommand, LedgerEvent, LedgerState};
-use domain::limits::CREATOR_MAILBOX_CAPACITY;
 use domain::CreatorId;
 use std::sync::Arc;
 

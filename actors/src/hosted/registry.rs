@@ -5,9 +5,9 @@ use super::{Env, Hosted, Publication};
 use crate::audit_log::{self, AuditEntry};
 use crate::error::CommandError;
 use crate::journal::BoxFuture;
+use crate::limits::REGISTRY_MAILBOX_CAPACITY;
 use crate::projections::{ProjectionUpdate, Projections};
 use domain::hub::{HubCommand, HubState};
-use domain::limits::REGISTRY_MAILBOX_CAPACITY;
 use domain::registry::{RegistryEvent, RegistryReply, RegistryState};
 use domain::HubId;
 

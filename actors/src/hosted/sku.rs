@@ -4,9 +4,9 @@
 use super::{Env, Hosted, Publication};
 use crate::error::CommandError;
 use crate::journal::BoxFuture;
+use crate::limits::SKU_MAILBOX_CAPACITY;
 use crate::projections::ProjectionUpdate;
 use domain::drop::{DropCommand, DropState};
-use domain::limits::SKU_MAILBOX_CAPACITY;
 use domain::sku::{SkuCommand, SkuEvent, SkuState};
 use domain::{DropId, Rejection, SkuId};
 

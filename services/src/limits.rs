@@ -1,0 +1,157 @@
+//! Bounds of the gRPC server and the services on it (HTTP/2 and request metadata, TLS and
+//! TCP, shutdown, credentials, checkout call rates, server streams and pages, address
+//! shredding, configuration ranges), each with the reason it exists. What a command may
+//! ask for is bounded in `domain::limits`, the actor shell in `actors::limits`.
+//!
+//! Relations the code relies on between these bounds (and the other crates') are checked at
+//! compile time below each group: changing one bound alone cannot break them unnoticed.
+
+use actors::cluster::placement::PARTITIONS_DEFAULT;
+use actors::limits::ADDRESS_RETENTION_MAX_MS;
+use domain::limits::{LIVE_ACTORS_MAX_DEFAULT, STATEMENT_PAGE_MAX};
+
+// HTTP/2 and gRPC.
+
+/// Concurrent gRPC streams per connection and concurrent requests per server.
+pub const GRPC_CONCURRENT_STREAMS_MAX: u32 = 1_024;
+pub const GRPC_REQUESTS_IN_FLIGHT_MAX: usize = 16_384;
+/// Largest gRPC message accepted (a CreateDrop of 10,000 SKUs fits).
+pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Request metadata HTTP/2 accepts (SETTINGS_MAX_HEADER_LIST_SIZE, decoded, each field
+/// counted as name + value + 32 bytes). Past it h2 refuses the stream itself with HTTP 431
+/// (clients read UNKNOWN) and, past about 1.8 times it, closes the whole connection with
+/// GOAWAY, every other call on it included: h2 has no bound that fails only the one call.
+/// 1 MiB (Go's `DefaultMaxHeaderBytes`) puts that cliff far above any plausible mistake, so
+/// a bloated credential gets a clean status from `GRPC_*_BYTES_MAX` below instead. Memory
+/// stays bounded: h2 holds at most one partial header block per connection.
+pub const HTTP2_HEADER_LIST_BYTES_MAX: u32 = 1 << 20;
+/// Streams of one connection that the server may reset for the client's protocol errors
+/// before it closes the connection (h2's own default, the RUSTSEC-2024-0003 guard; tonic
+/// turns the guard off unless it is set).
+pub const HTTP2_LOCAL_ERROR_RESETS_MAX: usize = 1_024;
+/// Longest `authorization` metadata value: a bearer credential is 68 characters, a JWT a
+/// few KiB. Longer is refused UNAUTHENTICATED before any credential is hashed.
+pub const GRPC_AUTHORIZATION_BYTES_MAX: usize = 8 * 1024;
+/// All metadata of one request, counted as HTTP/2 counts it (name + value + 32 per field):
+/// a gRPC request needs a few hundred bytes. More is RESOURCE_EXHAUSTED for that call only.
+pub const GRPC_METADATA_BYTES_MAX: usize = 16 * 1024;
+
+// Our per-call bounds sit below what HTTP/2 accepts, or an oversized request would never
+// reach the check that answers it cleanly.
+const _: () = assert!(GRPC_AUTHORIZATION_BYTES_MAX < GRPC_METADATA_BYTES_MAX);
+const _: () = assert!(GRPC_METADATA_BYTES_MAX < HTTP2_HEADER_LIST_BYTES_MAX as usize);
+
+// Connections and shutdown.
+
+/// A TLS handshake not finished in this long is dropped, so a client that opens a
+/// connection and stays silent does not hold it (and its memory) open.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// TCP keepalive on accepted gRPC connections (beside HTTP/2 pings), so connections of
+/// vanished clients behind idle-dropping middleboxes are noticed by the kernel too.
+pub const TCP_KEEPALIVE_SECS: u64 = 60;
+/// Time given to in-flight calls to finish on shutdown.
+pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
+/// Longest wait between SIGTERM and the drain (`--shutdown-delay-ms`).
+pub const SHUTDOWN_DELAY_MS_MAX: u64 = 60_000;
+/// How often a cluster node's readiness follows its NATS connection.
+pub const NATS_CONNECTION_CHECK_MS: u64 = 1_000;
+
+// Credentials.
+
+/// Shortest operator credential accepted.
+pub const OPERATOR_TOKEN_LEN_MIN: usize = 16;
+/// Longest credential looked at: every credential Dropline issues is 68 characters, and a
+/// chosen operator token has no reason to be longer than this. A longer one is refused
+/// before it is hashed.
+pub const CREDENTIAL_LEN_MAX: usize = 512;
+
+// Some operator token is long enough and short enough.
+const _: () = assert!(OPERATOR_TOKEN_LEN_MIN <= CREDENTIAL_LEN_MAX);
+// Every credential the authenticator would look at passes the metadata bound first (as
+// `Bearer <credential>`), so that bound never refuses a credential the server issued.
+const _: () = assert!("Bearer ".len() + CREDENTIAL_LEN_MAX <= GRPC_AUTHORIZATION_BYTES_MAX);
+
+// Checkout call rates (`services::throttle`).
+
+/// Default sustained checkout calls per second for one storefront: well above what one
+/// node serves (the hot-SKU benchmark peaks near 60,000/s), so it only stops a runaway.
+pub const STOREFRONT_CALLS_PER_SEC_DEFAULT: u32 = 200_000;
+/// Default sustained reserves per second for one buyer of one storefront, and the burst a
+/// buyer may use at once (a person reserving several SKUs the second a drop opens).
+pub const BUYER_RESERVES_PER_SEC_DEFAULT: u32 = 5;
+pub const BUYER_RESERVE_BURST_DEFAULT: u32 = 20;
+/// Buyers tracked at once per node. When the table is full, buckets that have refilled are
+/// dropped (they hold no information); if none has, a new buyer is let through untracked
+/// rather than refused: the storefront bound still applies, and an attacker flooding fresh
+/// buyer ids must not lock real buyers out.
+pub const BUYER_BUCKETS_MAX: usize = 500_000;
+
+// The configuration refuses a rate or burst of 0: the defaults must pass its check.
+const _: () = assert!(
+    STOREFRONT_CALLS_PER_SEC_DEFAULT >= 1 && BUYER_RESERVES_PER_SEC_DEFAULT >= 1 && BUYER_RESERVE_BURST_DEFAULT >= 1
+);
+
+// Server streams and pages.
+
+/// Longest a server stream (WatchOrder, WatchDrop, WatchSettlement, a courier's dispatch
+/// stream) stays open before the client must reconnect.
+pub const WATCH_STREAM_MAX_MS: u64 = 3_600_000;
+/// WatchDrop sends at most one update per this interval, coalescing changes in between.
+pub const WATCH_DROP_INTERVAL_MS: u64 = 250;
+/// Lines queued for one WatchSettlement client before the stream waits for it.
+pub const SETTLEMENT_WATCH_BUFFER: usize = 256;
+/// Statement lines per page when the client names no page size.
+pub const STATEMENT_PAGE_DEFAULT: u32 = 100;
+/// Page sizes of the registry's list calls.
+pub const REGISTRY_PAGE_SIZE_DEFAULT: usize = 100;
+pub const REGISTRY_PAGE_SIZE_MAX: usize = 1_000;
+/// Streams listed per journal read while reconciling.
+pub const RECONCILE_STREAMS_PAGE: usize = 1_000;
+
+// A watched drop gets more than one update before its stream must be opened again.
+const _: () = assert!(WATCH_DROP_INTERVAL_MS < WATCH_STREAM_MAX_MS);
+// A default page is a page the domain serves whole.
+const _: () = assert!(STATEMENT_PAGE_DEFAULT <= STATEMENT_PAGE_MAX);
+const _: () = assert!(REGISTRY_PAGE_SIZE_DEFAULT <= REGISTRY_PAGE_SIZE_MAX);
+// Reconciliation reads pages until one comes back short: an empty page size never would.
+const _: () = assert!(RECONCILE_STREAMS_PAGE > 0);
+
+// The platform.
+
+/// How long a joining node waits for the registry's partition to be served.
+pub const DIRECTORY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// SKU actors started at once to fill a drop's figures into the cache.
+pub const FIGURES_LOAD_FAN_OUT: usize = 64;
+/// Most partitions a cluster may have (each is a lease and a command subscription).
+pub const PARTITIONS_MAX: u32 = 1_024;
+/// The largest `live_actors_max` accepted (flag, environment or file).
+pub const LIVE_ACTORS_MAX_UPPER: u64 = 100_000_000;
+
+// The defaults pass the configuration's own range checks.
+const _: () = assert!(1 <= PARTITIONS_DEFAULT && PARTITIONS_DEFAULT <= PARTITIONS_MAX);
+const _: () = assert!(1 <= LIVE_ACTORS_MAX_DEFAULT && LIVE_ACTORS_MAX_DEFAULT as u64 <= LIVE_ACTORS_MAX_UPPER);
+
+// Buyers' delivery addresses (the vault's retention bound is `actors::limits`).
+
+/// How long after a confirmation a retry of the same Confirm may still store its address
+/// (the first store failed): long enough for a client's retries, too short to bring back an
+/// address shredded after delivery, a refund or a cancellation.
+pub const ADDRESS_STORE_RETRY_MS: u64 = 10 * 60_000;
+/// How often a node shreds the addresses that are due, and how many it shreds at most in
+/// one pass (the rest wait for the next pass; a pass never holds up anything else).
+pub const ADDRESS_SHRED_INTERVAL_MS: u64 = 60_000;
+pub const ADDRESS_SHRED_BATCH_MAX: usize = 10_000;
+
+// A due address waits at most one pass, a small part of the retention bound (and a zero
+// period would make the shredder's interval panic).
+const _: () = assert!(0 < ADDRESS_SHRED_INTERVAL_MS && ADDRESS_SHRED_INTERVAL_MS < ADDRESS_RETENTION_MAX_MS);
+// A pass shreds something, or addresses would outlive the bound in the embedded vault.
+const _: () = assert!(ADDRESS_SHRED_BATCH_MAX > 0);
+
+// What buyers see.
+
+/// Orders per stock level: a pool with at most this share of its allocation left is LOW.
+pub const LOW_STOCK_PERCENT: u32 = 10;
+
+// A pool with all of its allocation left is IN_STOCK, not LOW.
+const _: () = assert!(LOW_STOCK_PERCENT < 100);
