@@ -1,27 +1,29 @@
 //! The embedded platform's bus: every actor in this process, found or started by key.
+//! One [`Registry`] per hosted kind, found by the kind's name; nothing here names an
+//! aggregate but the list of kinds every platform hosts ([`LocalActors::with_bus`]).
 
 use crate::audit_log::AuditLog;
-use crate::bus::CommandBus;
+use crate::bus::{wire_decode, wire_encode, AnyReply, CommandBus, Letter, Parcel};
 use crate::clock::Clock;
 use crate::entity::{Cmd, Entity, EntityArgs, Passivate};
 use crate::error::CommandError;
-use crate::hosted::{Env, Hosted};
+use crate::hosted::{kind_of_stream, Env, Hosted};
 use crate::journal::{BoxFuture, Journal};
 use crate::projections::Projections;
 use crate::wakeups::Wakeups;
-use domain::drop::{DropCommand, DropState, DropView, SaleStatus};
-use domain::hub::{HubCommand, HubReply, HubState};
-use domain::ledger::{LedgerCommand, LedgerReply, LedgerState};
+use domain::drop::DropState;
+use domain::hub::HubState;
+use domain::ledger::LedgerState;
 use domain::limits::{ACTOR_RESTART_RETRIES, ACTOR_START_TIMEOUT_MS, COMMAND_TIMEOUT_MS, PASSIVATE_BATCH_DIVISOR};
-use domain::registry::{HubSetup, RegistryCommand, RegistryReply, RegistryState};
-use domain::sku::{SkuCommand, SkuReply, SkuState};
-use domain::{CreatorId, DropId, HubId, Rejection, SkuId, UnixMillis};
-use futures::{StreamExt, TryStreamExt};
+use domain::registry::RegistryState;
+use domain::sku::SkuState;
+use domain::UnixMillis;
 use kameo::actor::{ActorRef, Spawn};
 use kameo::error::{HookError, SendError};
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// Live actors of one kind, by key, at most `max_live` of them running (see
@@ -174,6 +176,13 @@ impl<H: Hosted> Registry<H> {
     }
 
     async fn ask(&self, key: &H::Key, env: &Arc<Env>, command: H::Command) -> Result<H::Reply, CommandError> {
+        self.ask_started(key, env, command).await.map_err(|e| match e {
+            CommandError::Rejected(rejection) => CommandError::Rejected(H::name_rejection(key, rejection)),
+            e => e,
+        })
+    }
+
+    async fn ask_started(&self, key: &H::Key, env: &Arc<Env>, command: H::Command) -> Result<H::Reply, CommandError> {
         let mut command = command;
         for _ in 0..=ACTOR_RESTART_RETRIES {
             let actor = self.get_or_spawn(key, env);
@@ -211,21 +220,24 @@ impl<H: Hosted> Registry<H> {
         Err(CommandError::Unavailable("actor keeps stopping".into()))
     }
 
-    /// Gives `command` to the actor of `key` only if it is running (or starting), without
-    /// starting one or counting it as a use: `None` when there is none, or it stopped first.
-    /// For news an actor also reads when it starts.
-    async fn ask_if_running(&self, key: &H::Key, command: H::Command) -> Option<Result<H::Reply, CommandError>> {
+    /// Hands `command` to the actor of `key` if it is running (or starting), without waiting
+    /// for its reply, starting one or counting it as a use. For news an actor also reads
+    /// when it starts: one that is not running, or stops first, learns it then.
+    fn tell(&self, key: &H::Key, command: H::Command) -> Result<(), CommandError> {
         let actor = {
             let live = self.inner.lock().expect("registry lock");
-            live.actors.get(key).filter(|r| r.actor.is_alive())?.actor.clone()
+            match live.actors.get(key).filter(|r| r.actor.is_alive()) {
+                Some(running) => running.actor.clone(),
+                None => return Ok(()),
+            }
         };
-        match deliver(&actor, command).await {
-            Ok(Err(CommandError::Unavailable(_))) | Err(_) => None,
-            Ok(replied) => Some(replied),
+        match actor.tell(Cmd::<H>(command)).try_send() {
+            Err(SendError::MailboxFull(_)) => Err(CommandError::Overloaded("actor mailbox is full".into())),
+            Ok(()) | Err(_) => Ok(()),
         }
     }
 
-    fn stop_matching(&self, matches: &impl Fn(&str) -> bool) -> usize {
+    fn stop_matching(&self, matches: &dyn Fn(&str) -> bool) -> usize {
         let mut live = self.inner.lock().expect("registry lock");
         let keys: Vec<H::Key> = live
             .actors
@@ -244,27 +256,6 @@ impl<H: Hosted> Registry<H> {
     /// Forgets stopped actors.
     fn sweep(&self) {
         self.inner.lock().expect("registry lock").forget_stopped();
-    }
-
-    fn is_live(&self, key: &H::Key) -> bool {
-        self.inner
-            .lock()
-            .expect("registry lock")
-            .actors
-            .get(key)
-            .is_some_and(|r| r.actor.is_alive())
-    }
-
-    /// Keys of running actors that match `filter`.
-    fn live_keys(&self, filter: impl Fn(&H::Key) -> bool) -> Vec<H::Key> {
-        self.inner
-            .lock()
-            .expect("registry lock")
-            .actors
-            .iter()
-            .filter(|(key, r)| r.actor.is_alive() && filter(key))
-            .map(|(key, _)| key.clone())
-            .collect()
     }
 
     fn live(&self) -> usize {
@@ -299,20 +290,114 @@ async fn deliver<H: Hosted>(
     })
 }
 
+/// One hosted kind's registry, its aggregate's type erased: what the bus and the cluster
+/// need to reach actors of a kind they know only by name.
+trait Host: Send + Sync + 'static {
+    /// Runs a [`Letter`] of this kind.
+    fn ask<'a>(
+        &'a self,
+        env: &'a Arc<Env>,
+        letter: Box<dyn Any + Send>,
+    ) -> BoxFuture<'a, Result<AnyReply, CommandError>>;
+    /// Hands a [`Letter`] of this kind to its actor if it runs.
+    fn tell(&self, letter: Box<dyn Any + Send>) -> Result<(), CommandError>;
+    /// Runs the timer command of the actor of `stream`.
+    fn wake<'a>(&'a self, env: &'a Arc<Env>, stream: &'a str) -> BoxFuture<'a, Result<(), CommandError>>;
+    /// Runs (or, with `tell`, hands over) an encoded command for the actor of `stream`, and
+    /// encodes its reply (empty for `tell`).
+    fn serve<'a>(
+        &'a self,
+        env: &'a Arc<Env>,
+        stream: &'a str,
+        command: &'a [u8],
+        tell: bool,
+    ) -> BoxFuture<'a, Result<Vec<u8>, CommandError>>;
+    fn stop_matching(&self, matches: &dyn Fn(&str) -> bool) -> usize;
+    fn sweep(&self);
+    fn live(&self) -> usize;
+}
+
+fn letter<H: Hosted>(letter: Box<dyn Any + Send>) -> Result<Letter<H>, CommandError> {
+    letter.downcast::<Letter<H>>().map(|letter| *letter).map_err(|_| {
+        CommandError::Unavailable(format!(
+            "a command for kind {} is of another type: two kinds share the name",
+            H::KIND
+        ))
+    })
+}
+
+fn key_of<H: Hosted>(stream: &str) -> Result<H::Key, CommandError> {
+    H::key_of_stream(stream)
+        .ok_or_else(|| CommandError::Unavailable(format!("{stream} is not a stream of kind {}", H::KIND)))
+}
+
+impl<H: Hosted> Host for Registry<H> {
+    fn ask<'a>(
+        &'a self,
+        env: &'a Arc<Env>,
+        parcel: Box<dyn Any + Send>,
+    ) -> BoxFuture<'a, Result<AnyReply, CommandError>> {
+        Box::pin(async move {
+            let Letter { key, command } = letter::<H>(parcel)?;
+            let reply = Registry::ask(self, &key, env, command).await?;
+            Ok(Box::new(reply) as AnyReply)
+        })
+    }
+
+    fn tell(&self, parcel: Box<dyn Any + Send>) -> Result<(), CommandError> {
+        let Letter { key, command } = letter::<H>(parcel)?;
+        Registry::tell(self, &key, command)
+    }
+
+    fn wake<'a>(&'a self, env: &'a Arc<Env>, stream: &'a str) -> BoxFuture<'a, Result<(), CommandError>> {
+        Box::pin(async move {
+            let command = H::timer_command()
+                .ok_or_else(|| CommandError::Storage(format!("no actor has deadlines in stream {stream}")))?;
+            Registry::ask(self, &key_of::<H>(stream)?, env, command).await.map(drop)
+        })
+    }
+
+    fn serve<'a>(
+        &'a self,
+        env: &'a Arc<Env>,
+        stream: &'a str,
+        command: &'a [u8],
+        tell: bool,
+    ) -> BoxFuture<'a, Result<Vec<u8>, CommandError>> {
+        Box::pin(async move {
+            let key = key_of::<H>(stream)?;
+            let command: H::Command = wire_decode(command)?;
+            if tell {
+                Registry::tell(self, &key, command)?;
+                return Ok(Vec::new());
+            }
+            wire_encode(&Registry::ask(self, &key, env, command).await?)
+        })
+    }
+
+    fn stop_matching(&self, matches: &dyn Fn(&str) -> bool) -> usize {
+        Registry::stop_matching(self, matches)
+    }
+
+    fn sweep(&self) {
+        Registry::sweep(self)
+    }
+
+    fn live(&self) -> usize {
+        Registry::live(self)
+    }
+}
+
 /// How often stopped actors are forgotten by the registries.
 const REGISTRY_SWEEP_MS: u64 = 5_000;
 
-/// SKU actors told about a status change at once.
-const STATUS_FAN_OUT: usize = 64;
-
-/// All drop and SKU actors of this process: the embedded [`CommandBus`].
+/// Every actor of this process, by kind: the embedded [`CommandBus`], and the local part
+/// of a cluster node.
 pub struct LocalActors {
     env: Arc<Env>,
-    drops: Registry<DropState>,
-    skus: Registry<SkuState>,
-    hubs: Registry<HubState>,
-    registry: Registry<RegistryState>,
-    creators: Registry<LedgerState>,
+    /// By [`Hosted::KIND`]; written only when a kind is added.
+    hosts: RwLock<HashMap<&'static str, Arc<dyn Host>>>,
+    live_actors_max: usize,
 }
 
 impl LocalActors {
@@ -341,7 +426,8 @@ impl LocalActors {
 
     /// The actors of this process, asking other actors through `bus` (the cluster's bus
     /// when this process is one node of a cluster), with `pending` deadlines scheduled and
-    /// at most `live_actors_max` actors of each kind running.
+    /// at most `live_actors_max` actors of each kind running. Hosts the platform's kinds:
+    /// drops, SKUs, hubs, the partner registry and creators' ledgers.
     pub fn with_bus(
         journal: Arc<dyn Journal>,
         clock: Arc<dyn Clock>,
@@ -354,7 +440,7 @@ impl LocalActors {
         // Audit entries are projection updates (every node of a cluster keeps the trail);
         // they land in this process's audit store.
         projections.set_audit(audit.clone());
-        LocalActors {
+        let actors = LocalActors {
             env: Arc::new(Env {
                 journal,
                 wakeups: Wakeups::start(bus.clone(), clock.clone(), pending),
@@ -364,12 +450,38 @@ impl LocalActors {
                 projections,
                 bus,
             }),
-            drops: Registry::new(live_actors_max),
-            skus: Registry::new(live_actors_max),
-            hubs: Registry::new(live_actors_max),
-            registry: Registry::new(live_actors_max),
-            creators: Registry::new(live_actors_max),
-        }
+            hosts: RwLock::new(HashMap::new()),
+            live_actors_max,
+        };
+        actors.host::<DropState>();
+        actors.host::<SkuState>();
+        actors.host::<HubState>();
+        actors.host::<RegistryState>();
+        actors.host::<LedgerState>();
+        actors
+    }
+
+    /// Hosts the actors of `H` here (if not yet): commands for them are run here, and, in a
+    /// cluster, commands for them from other nodes are decoded here. Every node of a cluster
+    /// must host the same kinds.
+    pub fn host<H: Hosted>(&self) {
+        let mut hosts = self.hosts.write().expect("hosts lock");
+        hosts
+            .entry(H::KIND)
+            .or_insert_with(|| Arc::new(Registry::<H>::new(self.live_actors_max)));
+    }
+
+    fn host_of(&self, kind: &str) -> Result<Arc<dyn Host>, CommandError> {
+        self.hosts
+            .read()
+            .expect("hosts lock")
+            .get(kind)
+            .cloned()
+            .ok_or_else(|| CommandError::Unavailable(format!("no actor of kind {kind} is hosted here")))
+    }
+
+    fn hosts(&self) -> Vec<Arc<dyn Host>> {
+        self.hosts.read().expect("hosts lock").values().cloned().collect()
     }
 
     /// Forgets stopped actors every `REGISTRY_SWEEP_MS` while `actors` lives.
@@ -380,10 +492,9 @@ impl LocalActors {
             loop {
                 every.tick().await;
                 let Some(actors) = weak.upgrade() else { return };
-                actors.drops.sweep();
-                actors.skus.sweep();
-                actors.hubs.sweep();
-                actors.creators.sweep();
+                for host in actors.hosts() {
+                    host.sweep();
+                }
             }
         });
     }
@@ -392,113 +503,42 @@ impl LocalActors {
     /// node no longer owns). Appends already handed to the journal still complete, or fail
     /// its fencing check.
     pub fn stop_streams(&self, matches: impl Fn(&str) -> bool) -> usize {
-        self.drops.stop_matching(&matches)
-            + self.skus.stop_matching(&matches)
-            + self.hubs.stop_matching(&matches)
-            + self.registry.stop_matching(&matches)
-            + self.creators.stop_matching(&matches)
+        self.hosts().iter().map(|host| host.stop_matching(&matches)).sum()
     }
 
     pub fn env(&self) -> &Arc<Env> {
         &self.env
     }
 
+    /// Number of running actors of kind `H`.
+    pub fn live<H: Hosted>(&self) -> usize {
+        self.host_of(H::KIND).map_or(0, |host| host.live())
+    }
+
     /// Number of running actors (drops, SKUs).
     pub fn live_actors(&self) -> (usize, usize) {
-        (self.drops.live(), self.skus.live())
+        (self.live::<DropState>(), self.live::<SkuState>())
+    }
+
+    /// Runs an encoded command from another node (see [`Host::serve`]).
+    pub async fn serve(&self, kind: &str, stream: &str, command: &[u8], tell: bool) -> Result<Vec<u8>, CommandError> {
+        self.host_of(kind)?.serve(&self.env, stream, command, tell).await
     }
 }
 
 impl CommandBus for LocalActors {
-    fn sku_command(
-        &self,
-        drop_id: DropId,
-        sku_id: SkuId,
-        command: SkuCommand,
-    ) -> BoxFuture<'_, Result<SkuReply, CommandError>> {
-        Box::pin(async move { self.skus.ask(&(drop_id, sku_id), &self.env, command).await })
+    fn ask_parcel(&self, parcel: Box<dyn Parcel>) -> BoxFuture<'_, Result<AnyReply, CommandError>> {
+        Box::pin(async move {
+            let host = self.host_of(parcel.kind())?;
+            host.ask(&self.env, parcel.into_any()).await
+        })
     }
 
-    fn drop_command(&self, drop_id: DropId, command: DropCommand) -> BoxFuture<'_, Result<DropView, CommandError>> {
-        Box::pin(async move {
-            self.drops.ask(&drop_id, &self.env, command).await.map_err(|e| match e {
-                // A drop not created yet has no spec, so its state cannot name itself: the key does.
-                CommandError::Rejected(Rejection::NotFound { what, id }) if id.is_empty() => {
-                    CommandError::Rejected(Rejection::not_found(&what, drop_id.as_str()))
-                }
-                e => e,
-            })
-        })
+    fn tell_parcel(&self, parcel: Box<dyn Parcel>) -> BoxFuture<'_, Result<(), CommandError>> {
+        Box::pin(async move { self.host_of(parcel.kind())?.tell(parcel.into_any()) })
     }
 
     fn wake(&self, stream: String) -> BoxFuture<'_, Result<(), CommandError>> {
-        Box::pin(async move {
-            if let Some(key) = SkuState::key_of_stream(&stream) {
-                return self.skus.ask(&key, &self.env, SkuCommand::ExpireDue).await.map(|_| ());
-            }
-            if let Some(key) = HubState::key_of_stream(&stream) {
-                return self.hubs.ask(&key, &self.env, HubCommand::ExpireDue).await.map(|_| ());
-            }
-            if let Some(key) = LedgerState::key_of_stream(&stream) {
-                return self
-                    .creators
-                    .ask(&key, &self.env, LedgerCommand::ReleaseDue)
-                    .await
-                    .map(|_| ());
-            }
-            Err(CommandError::Storage(format!(
-                "no actor has deadlines in stream {stream}"
-            )))
-        })
-    }
-
-    fn hub_command(&self, hub_id: HubId, command: HubCommand) -> BoxFuture<'_, Result<HubReply, CommandError>> {
-        Box::pin(async move { self.hubs.ask(&hub_id, &self.env, command).await })
-    }
-
-    fn registry_command(&self, command: RegistryCommand) -> BoxFuture<'_, Result<RegistryReply, CommandError>> {
-        Box::pin(async move { self.registry.ask(&(), &self.env, command).await })
-    }
-
-    fn hub_setup_changed(&self, setup: HubSetup) -> BoxFuture<'_, Result<(), CommandError>> {
-        Box::pin(async move {
-            let hub_id = setup.spec.hub_id.clone();
-            if !self.hubs.is_live(&hub_id) {
-                return Ok(());
-            }
-            self.hubs
-                .ask(&hub_id, &self.env, HubCommand::Setup(setup))
-                .await
-                .map(|_| ())
-        })
-    }
-
-    fn creator_command(
-        &self,
-        creator_id: CreatorId,
-        command: LedgerCommand,
-    ) -> BoxFuture<'_, Result<LedgerReply, CommandError>> {
-        Box::pin(async move { self.creators.ask(&creator_id, &self.env, command).await })
-    }
-
-    fn sale_status_changed(&self, drop_id: DropId, status: SaleStatus) -> BoxFuture<'_, Result<(), CommandError>> {
-        Box::pin(async move {
-            // An actor starting right now is already registered, so it is in this list (its
-            // start-up read of the drop may predate the change); one registered after this
-            // read starts by reading the drop, which already records the change.
-            // Only running actors are told, and telling them is not a use (it would keep
-            // them running past the bound): one that stopped meanwhile reads the status when
-            // it starts again.
-            let live = self.skus.live_keys(|(d, _)| *d == drop_id);
-            futures::stream::iter(live.into_iter().map(|key| async move {
-                self.skus
-                    .ask_if_running(&key, SkuCommand::SetSaleStatus(status))
-                    .await
-                    .unwrap_or(Ok(SkuReply::Done))
-            }))
-            .buffer_unordered(STATUS_FAN_OUT)
-            .try_for_each(|_| async { Ok(()) })
-            .await
-        })
+        Box::pin(async move { self.host_of(kind_of_stream(&stream))?.wake(&self.env, &stream).await })
     }
 }

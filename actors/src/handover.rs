@@ -8,8 +8,8 @@
 
 use crate::bus::CommandBus;
 use crate::CommandError;
-use domain::hub::HubCommand;
-use domain::sku::SkuCommand;
+use domain::hub::{HubCommand, HubState};
+use domain::sku::{SkuCommand, SkuState};
 use domain::{DropId, HubId, Rejection, SkuId};
 use std::sync::Weak;
 use std::time::Duration;
@@ -33,7 +33,7 @@ pub async fn hand_over(bus: Weak<dyn CommandBus>, drop_id: DropId, sku_id: SkuId
         let mut backoff = HANDOVER_BACKOFF_MS;
         for attempt in 1..=HANDOVER_ATTEMPTS {
             let Some(bus) = bus.upgrade() else { return };
-            match bus.hub_command(hub_id.clone(), command.clone()).await {
+            match bus.ask::<HubState>(hub_id.clone(), command.clone()).await {
                 Ok(_) => {
                     acknowledged.push((order_id, withdrawal));
                     break;
@@ -60,7 +60,7 @@ pub async fn hand_over(bus: Weak<dyn CommandBus>, drop_id: DropId, sku_id: SkuId
     }
     let Some(bus) = bus.upgrade() else { return };
     if let Err(e) = bus
-        .sku_command(drop_id, sku_id, SkuCommand::HandedOver { orders: acknowledged })
+        .ask::<SkuState>((drop_id, sku_id), SkuCommand::HandedOver { orders: acknowledged })
         .await
     {
         // Harmless: the hub has them; they are sent again (and ignored) at the retry deadline.

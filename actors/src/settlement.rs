@@ -3,9 +3,10 @@
 //! actors to the creators' ledgers (at least once; the ledger books each fact once).
 
 use crate::bus::CommandBus;
-use domain::ledger::{Entry, FulfilmentFacts, LedgerCommand, LedgerInput, LedgerReply, SaleFacts};
+use domain::hub::HubState;
+use domain::ledger::{Entry, FulfilmentFacts, LedgerCommand, LedgerInput, LedgerState, SaleFacts, Synced};
 use domain::limits::LEDGER_BATCH_MAX;
-use domain::sku::SkuCommand;
+use domain::sku::{SkuCommand, SkuState};
 use domain::{CreatorId, DropId, HubId, OrderId, SkuId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -78,12 +79,14 @@ async fn book<M: Copy>(
         let Some(bus) = bus.upgrade() else { break };
         let marks: HashMap<&OrderId, M> = chunk.iter().map(|(input, mark)| (input.order_id(), *mark)).collect();
         let batch = chunk.iter().map(|(input, _)| input.clone()).collect();
-        match bus.creator_command(creator.clone(), LedgerCommand::Sync(batch)).await {
-            Ok(LedgerReply::Synced { acked, .. }) => acknowledged.extend(acked.into_iter().filter_map(|id| {
+        match bus
+            .ask_for::<LedgerState, Synced>(creator.clone(), LedgerCommand::Sync(batch))
+            .await
+        {
+            Ok(Synced { acked, .. }) => acknowledged.extend(acked.into_iter().filter_map(|id| {
                 let mark = *marks.get(&id)?;
                 Some((id, mark))
             })),
-            Ok(other) => warn!(?other, "unexpected ledger reply"),
             Err(e) => warn!(%creator, error = %e, "facts not booked yet; sent again at the sender's retry deadline"),
         }
     }
@@ -113,7 +116,7 @@ pub async fn send_sales(
     }
     let Some(bus) = bus.upgrade() else { return };
     if let Err(e) = bus
-        .sku_command(drop_id, sku_id, SkuCommand::LedgerSynced { orders: synced })
+        .ask::<SkuState>((drop_id, sku_id), SkuCommand::LedgerSynced { orders: synced })
         .await
     {
         // Harmless: the ledger ignores them when they are sent again.
@@ -140,7 +143,7 @@ pub async fn send_fulfilment(bus: Weak<dyn CommandBus>, hub_id: HubId, facts: Ve
     }
     let Some(bus) = bus.upgrade() else { return };
     if let Err(e) = bus
-        .hub_command(hub_id, domain::hub::HubCommand::LedgerSynced(synced))
+        .ask::<HubState>(hub_id, domain::hub::HubCommand::LedgerSynced(synced))
         .await
     {
         warn!(error = %e, "could not record the ledgers' acknowledgement");

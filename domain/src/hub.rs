@@ -493,6 +493,25 @@ pub enum HubReply {
     Refused(Rejection),
 }
 
+crate::reply_shapes!(HubReply {
+    Hub(box HubView),
+    Dispatch(box Dispatch),
+    Offers(Vec<Dispatch>),
+    Done,
+});
+
+/// A courier's action answers with the dispatch, or refuses with events recorded all the
+/// same (`HubReply::Refused`).
+impl crate::reply::FromReply<HubReply> for Result<Dispatch, Rejection> {
+    fn from_reply(reply: HubReply) -> Result<Self, HubReply> {
+        match reply {
+            HubReply::Dispatch(dispatch) => Ok(Ok(*dispatch)),
+            HubReply::Refused(rejection) => Ok(Err(rejection)),
+            other => Err(other),
+        }
+    }
+}
+
 /// The small part of a hub's state (everything but the dispatches), cloned by `decide`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 struct Core {

@@ -471,6 +471,48 @@ pub enum LedgerReply {
     Done,
 }
 
+crate::reply_shapes!(LedgerReply {
+    Order(box OrderBooking),
+    Payout(Payout),
+    Balance(Vec<CurrencyBalance>),
+    Statement(Statement),
+    Orders(Vec<(OrderId, OrderBooking)>),
+    Problems(Vec<String>),
+    Done,
+});
+
+/// What a ledger synced: `LedgerReply::Synced`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Synced {
+    pub acked: Vec<OrderId>,
+    pub deferred: Vec<OrderId>,
+}
+
+impl crate::reply::FromReply<LedgerReply> for Synced {
+    fn from_reply(reply: LedgerReply) -> Result<Synced, LedgerReply> {
+        match reply {
+            LedgerReply::Synced { acked, deferred } => Ok(Synced { acked, deferred }),
+            other => Err(other),
+        }
+    }
+}
+
+/// A page of payouts: `LedgerReply::Payouts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayoutPage {
+    pub payouts: Vec<Payout>,
+    pub next_before: Option<u64>,
+}
+
+impl crate::reply::FromReply<LedgerReply> for PayoutPage {
+    fn from_reply(reply: LedgerReply) -> Result<PayoutPage, LedgerReply> {
+        match reply {
+            LedgerReply::Payouts { payouts, next_before } => Ok(PayoutPage { payouts, next_before }),
+            other => Err(other),
+        }
+    }
+}
+
 /// State of one creator's ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerState {

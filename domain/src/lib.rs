@@ -15,6 +15,7 @@ pub mod limits;
 pub mod money;
 pub mod registry;
 pub mod rejection;
+pub mod reply;
 pub mod sku;
 pub mod time;
 

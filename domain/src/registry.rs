@@ -395,6 +395,43 @@ pub enum RegistryReply {
     },
 }
 
+crate::reply_shapes!(RegistryReply {
+    Hub(HubRecord),
+    Partner(PartnerRecord),
+    Setup(HubSetup),
+    Version(u64),
+    Creator(CreatorRecord),
+    Storefront(StorefrontRecord),
+});
+
+/// Everything the registry knows: `RegistryReply::Directory`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Directory {
+    pub hubs: Vec<HubRecord>,
+    pub partners: Vec<PartnerRecord>,
+    pub creators: Vec<CreatorRecord>,
+    pub storefronts: Vec<StorefrontRecord>,
+}
+
+impl crate::reply::FromReply<RegistryReply> for Directory {
+    fn from_reply(reply: RegistryReply) -> Result<Directory, RegistryReply> {
+        match reply {
+            RegistryReply::Directory {
+                hubs,
+                partners,
+                creators,
+                storefronts,
+            } => Ok(Directory {
+                hubs,
+                partners,
+                creators,
+                storefronts,
+            }),
+            other => Err(other),
+        }
+    }
+}
+
 /// A creator known to the platform. Its ledger lives in its own actor; the registry keeps
 /// only who it is and its credential's hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

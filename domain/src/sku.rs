@@ -405,6 +405,13 @@ pub enum SkuReply {
     Done,
 }
 
+crate::reply_shapes!(SkuReply {
+    Reservation(Reservation),
+    Order(OrderView),
+    Figures(SkuFigures),
+    Done,
+});
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct IdempotencyEntry {
     params: ReserveParams,

@@ -8,7 +8,7 @@
 //!
 //! Environment: LEDGER_BENCH_SALES (default 120000), LEDGER_BENCH_BATCH (default 500).
 
-use domain::ledger::{LedgerCommand, LedgerInput, LedgerReply, LedgerState, SaleFacts};
+use domain::ledger::{LedgerCommand, LedgerInput, LedgerState, SaleFacts, Synced};
 use domain::{Aggregate, CreatorId, Currency, DropId, Money, OrderId, UnixMillis};
 use hdrhistogram::Histogram;
 use proto::settlement::v1 as pb;
@@ -82,10 +82,10 @@ fn main() -> anyhow::Result<()> {
                 let chunks: Vec<_> = inputs.chunks(batch).skip(sender).step_by(SENDERS).collect();
                 for chunk in chunks {
                     match bus
-                        .creator_command(creator.clone(), LedgerCommand::Sync(chunk.to_vec()))
+                        .ask_for::<LedgerState, Synced>(creator.clone(), LedgerCommand::Sync(chunk.to_vec()))
                         .await
                     {
-                        Ok(LedgerReply::Synced { acked, .. }) if acked.len() == chunk.len() => {}
+                        Ok(Synced { acked, .. }) if acked.len() == chunk.len() => {}
                         other => anyhow::bail!("booking failed: {other:?}"),
                     }
                 }
@@ -96,14 +96,10 @@ fn main() -> anyhow::Result<()> {
             t.await??;
         }
         let elapsed = started.elapsed().as_secs_f64();
-        let problems = match platform
+        let problems: Vec<String> = platform
             .bus
-            .creator_command(creator.clone(), LedgerCommand::Check)
-            .await?
-        {
-            LedgerReply::Problems(p) => p,
-            other => anyhow::bail!("unexpected {other:?}"),
-        };
+            .ask_for::<LedgerState, _>(creator.clone(), LedgerCommand::Check)
+            .await?;
         anyhow::ensure!(problems.is_empty(), "ledger broken: {problems:?}");
         // Each sale is one statement line of three transfers (creator, platform, partner).
         println!(

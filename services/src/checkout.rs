@@ -6,11 +6,12 @@ use crate::auth::{order_access, require_storefront, Authenticator, OrderAccess};
 use crate::convert::{self, opaque_id, Check};
 use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
-use actors::hosted::expect_order;
 use domain::hub::{Dispatch, HubCommand};
 use domain::limits::{ADDRESS_STORE_RETRY_MS, PER_BUYER_LIMIT_MAX, WATCH_STREAM_MAX_MS};
 use domain::sku::OrderStatus;
-use domain::sku::{ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, SkuCommand, SkuReply};
+use domain::sku::{
+    ConfirmCommand, Fulfilment, OrderView, Reservation, ReserveCommand, ReserveParams, SkuCommand, SkuState,
+};
 use domain::{CityName, DropId, FieldViolation, HubId, IdempotencyKey, OrderId, SkuId, StorefrontId};
 use proto::checkout::v1::checkout_service_server::CheckoutService;
 use proto::checkout::v1::*;
@@ -39,19 +40,16 @@ impl Checkout {
 
     async fn order_view(&self, order_id: &OrderId) -> Result<domain::sku::OrderView, Status> {
         let (drop_id, sku_id) = order_id.owner();
-        let reply = self
-            .platform
+        self.platform
             .bus
-            .sku_command(
-                drop_id,
-                sku_id,
+            .ask_for::<SkuState, OrderView>(
+                (drop_id, sku_id),
                 SkuCommand::GetOrder {
                     order_id: order_id.clone(),
                 },
             )
             .await
-            .map_err(from_command_error)?;
-        expect_order(reply).map_err(from_command_error)
+            .map_err(from_command_error)
     }
 
     /// Takes one write from the caller's bound: its storefront's, or the order token's.
@@ -162,18 +160,15 @@ impl CheckoutService for Checkout {
             },
             idempotency_key: key,
         };
-        match self
+        let reservation: Reservation = self
             .platform
             .bus
-            .sku_command(drop_id, sku_id, SkuCommand::Reserve(command))
+            .ask_for::<SkuState, _>((drop_id, sku_id), SkuCommand::Reserve(command))
             .await
-            .map_err(from_command_error)?
-        {
-            SkuReply::Reservation(reservation) => Ok(Response::new(convert::reservation(&reservation, |id| {
-                self.platform.keys.order_token(id)
-            }))),
-            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
-        }
+            .map_err(from_command_error)?;
+        Ok(Response::new(convert::reservation(&reservation, |id| {
+            self.platform.keys.order_token(id)
+        })))
     }
 
     async fn confirm(&self, request: Request<ConfirmRequest>) -> Result<Response<ConfirmResponse>, Status> {
@@ -242,13 +237,12 @@ impl CheckoutService for Checkout {
             receipt_token: receipt_token.clone(),
         };
         let (drop_id, sku_id) = order_id.owner();
-        let reply = self
+        let view: OrderView = self
             .platform
             .bus
-            .sku_command(drop_id, sku_id, SkuCommand::Confirm(command))
+            .ask_for::<SkuState, _>((drop_id, sku_id), SkuCommand::Confirm(command))
             .await
             .map_err(from_command_error)?;
-        let view = expect_order(reply).map_err(from_command_error)?;
         let confirmation = view
             .confirmation
             .as_ref()
@@ -327,12 +321,11 @@ impl CheckoutService for Checkout {
             }
         }
         let (drop_id, sku_id) = order_id.owner();
-        let reply = self
+        let view: OrderView = self
             .platform
             .bus
-            .sku_command(
-                drop_id,
-                sku_id,
+            .ask_for::<SkuState, _>(
+                (drop_id, sku_id),
                 SkuCommand::Cancel {
                     order_id: order_id.clone(),
                     storefront,
@@ -340,7 +333,6 @@ impl CheckoutService for Checkout {
             )
             .await
             .map_err(from_command_error)?;
-        let view = expect_order(reply).map_err(from_command_error)?;
         // Confirmed while this cancel ran, or cancelled before: the SKU's outbox withdraws
         // the dispatch (see `SkuState::handover`); show it as the hub has it now.
         if dispatch.is_none() {

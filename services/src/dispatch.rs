@@ -6,7 +6,7 @@ use crate::convert::{timestamp, Check};
 use crate::platform::Platform;
 use crate::status::{from_command_error, invalid_argument};
 use actors::fulfilment::CourierUpdate;
-use domain::hub::{CourierAction, Dispatch, HubCommand, HubReply, Stage};
+use domain::hub::{CourierAction, Dispatch, HubCommand, HubState, Stage};
 use domain::limits::WATCH_STREAM_MAX_MS;
 use domain::registry::PartnerRecord;
 use domain::sku::Fulfilment;
@@ -175,13 +175,10 @@ impl DispatchService for Couriers {
             match self
                 .platform
                 .bus
-                .hub_command(hub_id.clone(), HubCommand::PendingOffers(partner_id.clone()))
+                .ask_for::<HubState, Vec<Dispatch>>(hub_id.clone(), HubCommand::PendingOffers(partner_id.clone()))
                 .await
             {
-                Ok(HubReply::Offers(offers)) => {
-                    pending.extend(offers.into_iter().map(|d| (hub_id.clone(), d)));
-                }
-                Ok(_) => {}
+                Ok(offers) => pending.extend(offers.into_iter().map(|d| (hub_id.clone(), d))),
                 Err(e) => warn!(%hub_id, error = %e, "pending offers not read"),
             }
         }

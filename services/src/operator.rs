@@ -4,10 +4,11 @@ use crate::auth::require_operator;
 use crate::convert::{self, Check};
 use crate::platform::Platform;
 use crate::status::from_command_error;
-use domain::drop::{DropCommand, DropSpec, DropView, PoolSpec, SaleStatus, SettlementTerms, SkuSpec};
+use actors::hosted::announce_sale_status;
+use domain::drop::{DropCommand, DropSpec, DropState, DropView, PoolSpec, SaleStatus, SettlementTerms, SkuSpec};
 use domain::limits::{WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS};
-use domain::registry::{RegistryCommand, RegistryReply};
-use domain::sku::{RestockCommand, SkuCommand, SkuReply};
+use domain::registry::{RegistryCommand, RegistryState, StorefrontRecord};
+use domain::sku::{RestockCommand, SkuCommand, SkuState};
 use domain::{CityName, CreatorId, DropId, HubId, IdempotencyKey, SkuId, StorefrontId};
 use proto::operator::v1::operator_service_server::OperatorService;
 use proto::operator::v1::*;
@@ -34,20 +35,17 @@ impl Operator {
         command: impl FnOnce(String) -> RegistryCommand,
     ) -> Result<Response<StorefrontCredential>, Status> {
         let credential = crate::auth::new_storefront_credential();
-        let reply = self
+        let storefront: StorefrontRecord = self
             .platform
             .bus
-            .registry_command(command(crate::auth::hash(&credential)))
+            .ask_for::<RegistryState, _>((), command(crate::auth::hash(&credential)))
             .await
             .map_err(from_command_error)?;
-        match reply {
-            RegistryReply::Storefront(s) => Ok(Response::new(StorefrontCredential {
-                storefront_id: s.storefront_id.to_string(),
-                display_name: s.display_name,
-                credential,
-            })),
-            other => Err(Status::internal(format!("unexpected registry reply {other:?}"))),
-        }
+        Ok(Response::new(StorefrontCredential {
+            storefront_id: storefront.storefront_id.to_string(),
+            display_name: storefront.display_name,
+            credential,
+        }))
     }
 
     async fn drop_reply(&self, view: &DropView) -> Result<Drop, Status> {
@@ -70,12 +68,10 @@ impl Operator {
         let view = self
             .platform
             .bus
-            .drop_command(drop_id.clone(), command)
+            .ask::<DropState>(drop_id.clone(), command)
             .await
             .map_err(from_command_error)?;
-        self.platform
-            .bus
-            .sale_status_changed(drop_id.clone(), status)
+        announce_sale_status(&*self.platform.bus, &view.spec, status)
             .await
             .map_err(from_command_error)?;
         info!(%drop_id, ?status, "drop status changed");
@@ -214,7 +210,7 @@ impl OperatorService for Operator {
         let view = self
             .platform
             .bus
-            .drop_command(drop_id.clone(), DropCommand::Create(spec))
+            .ask::<DropState>(drop_id.clone(), DropCommand::Create(spec))
             .await
             .map_err(from_command_error)?;
         info!(%drop_id, skus, "drop created");
@@ -252,19 +248,14 @@ impl OperatorService for Operator {
             quantity: r.quantity,
             idempotency_key: key,
         };
-        match self
+        let figures: domain::sku::SkuFigures = self
             .platform
             .bus
-            .sku_command(drop_id.clone(), sku_id.clone(), SkuCommand::Restock(command))
+            .ask_for::<SkuState, _>((drop_id.clone(), sku_id.clone()), SkuCommand::Restock(command))
             .await
-            .map_err(from_command_error)?
-        {
-            SkuReply::Figures(figures) => {
-                info!(%drop_id, %sku_id, quantity = r.quantity, "restocked");
-                Ok(Response::new(convert::sku_figures(&figures)))
-            }
-            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
-        }
+            .map_err(from_command_error)?;
+        info!(%drop_id, %sku_id, quantity = r.quantity, "restocked");
+        Ok(Response::new(convert::sku_figures(&figures)))
     }
 
     async fn get_drop(&self, request: Request<GetDropRequest>) -> Result<Response<Drop>, Status> {
@@ -283,7 +274,7 @@ impl OperatorService for Operator {
         let view = self
             .platform
             .bus
-            .drop_command(drop_id.clone(), DropCommand::Get)
+            .ask::<DropState>(drop_id.clone(), DropCommand::Get)
             .await
             .map_err(from_command_error)?;
         let first = self.drop_reply(&view).await?;

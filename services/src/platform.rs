@@ -14,13 +14,15 @@ use actors::secrets::PlatformKeys;
 use actors::sled_journal::SledJournal;
 use actors::CommandError;
 use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
-use domain::drop::DropCommand;
-use domain::hub::{Dispatch, HubCommand, HubReply};
+use domain::drop::{DropCommand, DropState};
+use domain::hub::{Dispatch, HubCommand, HubState};
+use domain::ledger::{LedgerReply, LedgerState};
 use domain::limits::{ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_BATCH_MAX, ADDRESS_SHRED_INTERVAL_MS};
-use domain::registry::{RegistryCommand, RegistryReply};
-use domain::sku::SkuCommand;
-use domain::DropId;
+use domain::registry::{Directory, RegistryCommand, RegistryState};
+use domain::reply::FromReply;
+use domain::sku::{SkuCommand, SkuFigures, SkuState};
 use domain::HubId;
+use domain::{DropId, Rejection};
 use futures::{StreamExt, TryStreamExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -84,8 +86,8 @@ impl Platform {
             live_actors_max,
         )?;
         // The registry fills the partner directory (credential lookups) when it starts.
-        actors
-            .registry_command(RegistryCommand::Load)
+        (actors.clone() as Arc<dyn CommandBus>)
+            .ask::<RegistryState>((), RegistryCommand::Load)
             .await
             .map_err(|e| anyhow::anyhow!("loading the partner registry: {e}"))?;
         let (shutdown_tx, shutdown) = watch::channel(false);
@@ -157,8 +159,11 @@ impl Platform {
         // after this come with the projection updates, which this node already receives.
         let until = std::time::Instant::now() + DIRECTORY_WAIT;
         loop {
-            match bus.registry_command(RegistryCommand::Directory).await {
-                Ok(RegistryReply::Directory {
+            match bus
+                .ask_for::<RegistryState, Directory>((), RegistryCommand::Directory)
+                .await
+            {
+                Ok(Directory {
                     hubs,
                     partners,
                     creators,
@@ -178,7 +183,6 @@ impl Platform {
                     }
                     break;
                 }
-                Ok(other) => anyhow::bail!("the registry answered {other:?} to a directory request"),
                 Err(e) if std::time::Instant::now() < until => {
                     tracing::info!(error = %e, "waiting for the registry's partition to be served");
                 }
@@ -212,23 +216,21 @@ impl Platform {
 
     /// A hub command whose reply is a dispatch.
     pub async fn hub_dispatch(&self, hub_id: HubId, command: HubCommand) -> Result<Dispatch, CommandError> {
-        match self.bus.hub_command(hub_id, command).await? {
-            HubReply::Dispatch(d) => Ok(*d),
-            HubReply::Refused(rejection) => Err(CommandError::Rejected(rejection)),
-            other => Err(CommandError::Unavailable(format!(
-                "hub answered {other:?} instead of a dispatch"
-            ))),
-        }
+        self.bus
+            .ask_for::<HubState, Result<Dispatch, Rejection>>(hub_id, command)
+            .await?
+            .map_err(CommandError::Rejected)
     }
 
-    /// A command to a creator's ledger, as a gRPC result.
-    pub async fn ledger(
+    /// A command to a creator's ledger, as a gRPC result in the shape the command answers
+    /// with.
+    pub async fn ledger<T: FromReply<LedgerReply>>(
         &self,
         creator: &domain::CreatorId,
         command: domain::ledger::LedgerCommand,
-    ) -> Result<domain::ledger::LedgerReply, Status> {
+    ) -> Result<T, Status> {
         self.bus
-            .creator_command(creator.clone(), command)
+            .ask_for::<LedgerState, T>(creator.clone(), command)
             .await
             .map_err(from_command_error)
     }
@@ -236,7 +238,7 @@ impl Platform {
     /// A drop as its actor knows it, as a gRPC result.
     pub async fn drop_view(&self, drop_id: DropId) -> Result<domain::drop::DropView, Status> {
         self.bus
-            .drop_command(drop_id, DropCommand::Get)
+            .ask::<DropState>(drop_id, DropCommand::Get)
             .await
             .map_err(from_command_error)
     }
@@ -342,7 +344,7 @@ impl Platform {
                 // another node and be running already, so the reply fills the cache too.
                 let view = self
                     .bus
-                    .drop_command(drop_id.clone(), DropCommand::Get)
+                    .ask::<DropState>(drop_id.clone(), DropCommand::Get)
                     .await
                     .map_err(from_command_error)?;
                 if self.projections.availability.get(drop_id).is_none() {
@@ -364,15 +366,16 @@ impl Platform {
         let loads: Vec<_> = cached
             .missing
             .into_iter()
-            .map(|sku_id| self.bus.sku_command(drop_id.clone(), sku_id, SkuCommand::GetFigures))
+            .map(|sku_id| {
+                self.bus
+                    .ask_for::<SkuState, SkuFigures>((drop_id.clone(), sku_id), SkuCommand::GetFigures)
+            })
             .collect();
         let availability = &self.projections.availability;
         futures::stream::iter(loads)
             .buffer_unordered(FIGURES_LOAD_FAN_OUT)
-            .try_for_each(|reply| async move {
-                if let domain::sku::SkuReply::Figures(figures) = reply {
-                    availability.put_sku(figures);
-                }
+            .try_for_each(|figures| async move {
+                availability.put_sku(figures);
                 Ok(())
             })
             .await

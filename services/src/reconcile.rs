@@ -22,8 +22,11 @@ use actors::codec;
 use actors::{CommandError, Journal};
 use domain::drop::{DropEvent, DropSpec};
 use domain::hub::{DispatchOrder, HubCommand, Stage};
-use domain::ledger::{LedgerCommand, LedgerInput, LedgerReply, OrderBooking, RefundReason, Reversal, SaleFacts};
+use domain::ledger::{
+    LedgerCommand, LedgerInput, LedgerReply, OrderBooking, RefundReason, Reversal, SaleFacts, Synced,
+};
 use domain::limits::STATEMENT_PAGE_MAX;
+use domain::reply::FromReply;
 use domain::sku::{SkuEvent, SkuState};
 use domain::{Aggregate, CreatorId, HubId, OrderId, Rejection};
 use proto::settlement::v1 as pb;
@@ -114,7 +117,11 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    async fn ledger(&self, creator: &CreatorId, command: LedgerCommand) -> Result<LedgerReply, Status> {
+    async fn ledger<T: FromReply<LedgerReply>>(
+        &self,
+        creator: &CreatorId,
+        command: LedgerCommand,
+    ) -> Result<T, Status> {
         self.platform.ledger(creator, command).await
     }
 
@@ -122,7 +129,7 @@ impl Run<'_> {
         let mut out = BTreeMap::new();
         let mut after = None;
         loop {
-            let reply = self
+            let page: Vec<(OrderId, OrderBooking)> = self
                 .ledger(
                     creator,
                     LedgerCommand::Orders {
@@ -131,9 +138,6 @@ impl Run<'_> {
                     },
                 )
                 .await?;
-            let LedgerReply::Orders(page) = reply else {
-                return Err(Status::internal("unexpected ledger reply"));
-            };
             let done = page.len() < STATEMENT_PAGE_MAX as usize;
             after = page.last().map(|(id, _)| id.clone());
             out.extend(page);
@@ -145,8 +149,7 @@ impl Run<'_> {
 
     async fn booking(&self, creator: &CreatorId, order_id: &OrderId) -> Result<Option<OrderBooking>, Status> {
         match self.ledger(creator, LedgerCommand::GetOrder(order_id.clone())).await {
-            Ok(LedgerReply::Order(o)) => Ok(Some(*o)),
-            Ok(_) => Err(Status::internal("unexpected ledger reply")),
+            Ok(booking) => Ok(Some(booking)),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
             Err(s) => Err(s),
         }
@@ -201,11 +204,11 @@ impl Run<'_> {
                 return Ok(());
             }
         }
-        match self
+        let synced: Synced = self
             .ledger(creator, LedgerCommand::Sync(vec![LedgerInput::Sale(facts.clone())]))
-            .await?
-        {
-            LedgerReply::Synced { acked, .. } if acked.contains(&facts.order_id) => {
+            .await?;
+        match synced {
+            Synced { acked, .. } if acked.contains(&facts.order_id) => {
                 self.report.booked += 1;
                 self.difference(creator, Some(&facts.order_id), kind, detail, "booked");
             }
@@ -386,11 +389,10 @@ pub async fn run(platform: &Platform, dry_run: bool) -> Result<pb::ReconcileRepo
     // Every ledger must balance, after the repairs above.
     let mut sound = true;
     for creator in &creators {
-        if let LedgerReply::Problems(problems) = run.ledger(creator, LedgerCommand::Check).await? {
-            for p in problems {
-                sound = false;
-                run.difference(creator, None, "ledger_invariant", p, "none");
-            }
+        let problems: Vec<String> = run.ledger(creator, LedgerCommand::Check).await?;
+        for p in problems {
+            sound = false;
+            run.difference(creator, None, "ledger_invariant", p, "none");
         }
     }
     run.report.balanced = sound && run.report.differences.iter().all(|d| d.action != "none");

@@ -5,7 +5,7 @@ use crate::platform::Platform;
 use crate::status::{from_command_error, from_rejection};
 use actors::CommandError;
 use domain::hub::{DispatchOrder, HubCommand};
-use domain::ledger::{LedgerCommand, LedgerReply, RefundReason};
+use domain::ledger::{LedgerCommand, OrderBooking, RefundReason};
 use domain::{CreatorId, HubId, OrderId, Rejection};
 use tonic::Status;
 
@@ -22,14 +22,10 @@ pub async fn withdraw_and_refund(
     order_id: &OrderId,
     reason: RefundReason,
     dispatch: Option<(HubId, DispatchOrder, bool)>,
-) -> Result<LedgerReply, Status> {
-    let booking = match platform
+) -> Result<OrderBooking, Status> {
+    let booking: OrderBooking = platform
         .ledger(creator, LedgerCommand::GetOrder(order_id.clone()))
-        .await?
-    {
-        LedgerReply::Order(o) => o,
-        other => return Err(Status::internal(format!("unexpected ledger reply {other:?}"))),
-    };
+        .await?;
     if booking.reversed.is_none() && booking.delivered_at.is_some() {
         // The ledger knows the parcel reached the buyer: only its return refunds it.
         return Err(Status::failed_precondition(format!(
@@ -53,9 +49,9 @@ pub async fn withdraw_and_refund(
         order_id: order_id.clone(),
         reason,
     };
-    let reply = platform.ledger(creator, command).await?;
+    let booking = platform.ledger(creator, command).await?;
     // Refunded: nothing will be delivered (or the parcel came back), so the buyer's address
     // is not needed any more.
     platform.keep_address_for(order_id, 0).await;
-    Ok(reply)
+    Ok(booking)
 }

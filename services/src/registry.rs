@@ -6,11 +6,12 @@ use crate::convert::{duration, timestamp, Check};
 use crate::platform::Platform;
 use crate::status::from_command_error;
 use actors::audit_log::{AuditEntry, AuditSubject};
-use domain::hub::{HubCommand, HubReply, HubView, PartnerStats};
+use domain::hub::{HubCommand, HubState, HubView, PartnerStats};
 use domain::registry::{
     Capability, HubRecord, HubSpec, PartnerKind, PartnerRecord, PartnerSpec, PartnerStatus, RegistryCommand,
-    RegistryReply, SlaTargets, StatusSource,
+    RegistryReply, RegistryState, SlaTargets, StatusSource,
 };
+use domain::reply::FromReply;
 use domain::{CityName, HubId, PartnerId};
 use proto::registry::v1 as pb;
 use proto::registry::v1::partner_registry_service_server::PartnerRegistryService;
@@ -37,32 +38,23 @@ impl Registry {
         Registry { platform }
     }
 
-    async fn command(&self, command: RegistryCommand) -> Result<RegistryReply, Status> {
+    /// A registry command, its reply in the shape `T` it answers with.
+    async fn command<T: FromReply<RegistryReply>>(&self, command: RegistryCommand) -> Result<T, Status> {
         self.platform
             .bus
-            .registry_command(command)
+            .ask_for::<RegistryState, T>((), command)
             .await
             .map_err(from_command_error)
     }
 
     /// A registry command whose reply is a partner.
     async fn partner_command(&self, command: RegistryCommand) -> Result<PartnerRecord, Status> {
-        match self.command(command).await? {
-            RegistryReply::Partner(record) => Ok(record),
-            other => Err(Status::internal(format!(
-                "registry answered {other:?} instead of a partner"
-            ))),
-        }
+        self.command(command).await
     }
 
     /// A registry command whose reply is a hub.
     async fn hub_command(&self, command: RegistryCommand) -> Result<HubRecord, Status> {
-        match self.command(command).await? {
-            RegistryReply::Hub(record) => Ok(record),
-            other => Err(Status::internal(format!(
-                "registry answered {other:?} instead of a hub"
-            ))),
-        }
+        self.command(command).await
     }
 
     async fn partner_reply(&self, command: RegistryCommand) -> Result<Response<pb::Partner>, Status> {
@@ -87,11 +79,11 @@ impl Registry {
     }
 
     async fn hub_view(&self, hub_id: &HubId) -> Result<HubView, Status> {
-        match self.platform.bus.hub_command(hub_id.clone(), HubCommand::Get).await {
-            Ok(HubReply::Hub(view)) => Ok(*view),
-            Ok(other) => Err(Status::internal(format!("hub answered {other:?} instead of its view"))),
-            Err(e) => Err(from_command_error(e)),
-        }
+        self.platform
+            .bus
+            .ask_for::<HubState, HubView>(hub_id.clone(), HubCommand::Get)
+            .await
+            .map_err(from_command_error)
     }
 }
 

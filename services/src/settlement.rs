@@ -10,16 +10,16 @@ use crate::convert::{self, Check};
 use crate::platform::Platform;
 use crate::refunds::withdraw_and_refund;
 use crate::status::from_command_error;
-use actors::hosted::expect_order;
 use actors::CommandError;
 use domain::hub::DispatchOrder;
 use domain::ledger::{
-    Account, CurrencyBalance, Entry, EntryKind, LedgerCommand, LedgerReply, OrderBooking, Payout, RefundReason,
-    Reversal, Statement, StatementQuery,
+    Account, CurrencyBalance, Entry, EntryKind, LedgerCommand, LedgerReply, OrderBooking, Payout, PayoutPage,
+    RefundReason, Reversal, Statement, StatementQuery,
 };
 use domain::limits::{STATEMENT_PAGE_MAX, WATCH_STREAM_MAX_MS};
-use domain::registry::{RegistryCommand, RegistryReply};
-use domain::sku::SkuCommand;
+use domain::registry::{CreatorRecord, RegistryCommand, RegistryState};
+use domain::reply::FromReply;
+use domain::sku::{OrderView, SkuCommand, SkuState};
 use domain::{CreatorId, HubId, IdempotencyKey, OrderId, Rejection, UnixMillis};
 use proto::settlement::v1 as pb;
 use proto::settlement::v1::settlement_service_server::SettlementService;
@@ -44,15 +44,16 @@ impl Settlement {
         Settlement { platform }
     }
 
-    async fn ledger(&self, creator: &CreatorId, command: LedgerCommand) -> Result<LedgerReply, Status> {
+    async fn ledger<T: FromReply<LedgerReply>>(
+        &self,
+        creator: &CreatorId,
+        command: LedgerCommand,
+    ) -> Result<T, Status> {
         self.platform.ledger(creator, command).await
     }
 
     async fn statement(&self, creator: &CreatorId, query: StatementQuery) -> Result<Statement, Status> {
-        match self.ledger(creator, LedgerCommand::Statement(query)).await? {
-            LedgerReply::Statement(s) => Ok(s),
-            other => Err(unexpected(other)),
-        }
+        self.ledger(creator, LedgerCommand::Statement(query)).await
     }
 
     /// The creator whose ledger books an order (from the order's drop), after checking the
@@ -95,11 +96,13 @@ impl Settlement {
         let command = SkuCommand::GetOrder {
             order_id: order_id.clone(),
         };
-        match self.platform.bus.sku_command(drop_id, sku_id, command).await {
-            Ok(reply) => {
-                let view = expect_order(reply).map_err(from_command_error)?;
-                Ok(view.dispatch_order().map(|(hub, order)| (hub, order, view.handed_over)))
-            }
+        match self
+            .platform
+            .bus
+            .ask_for::<SkuState, OrderView>((drop_id, sku_id), command)
+            .await
+        {
+            Ok(view) => Ok(view.dispatch_order().map(|(hub, order)| (hub, order, view.handed_over))),
             Err(CommandError::Rejected(Rejection::NotFound { .. })) => Ok(None),
             Err(e) => Err(from_command_error(e)),
         }
@@ -111,37 +114,22 @@ impl Settlement {
         command: impl FnOnce(String) -> RegistryCommand,
     ) -> Result<Response<pb::CreatorCredential>, Status> {
         let credential = new_creator_credential();
-        let reply = self
+        let creator: CreatorRecord = self
             .platform
             .bus
-            .registry_command(command(hash(&credential)))
+            .ask_for::<RegistryState, _>((), command(hash(&credential)))
             .await
             .map_err(from_command_error)?;
-        match reply {
-            RegistryReply::Creator(c) => Ok(Response::new(pb::CreatorCredential {
-                creator_id: c.creator_id.to_string(),
-                display_name: c.display_name,
-                credential,
-            })),
-            other => Err(Status::internal(format!("unexpected registry reply {other:?}"))),
-        }
+        Ok(Response::new(pb::CreatorCredential {
+            creator_id: creator.creator_id.to_string(),
+            display_name: creator.display_name,
+            credential,
+        }))
     }
 
-    fn order_reply(
-        &self,
-        creator: &CreatorId,
-        order_id: &OrderId,
-        reply: LedgerReply,
-    ) -> Result<pb::OrderSettlement, Status> {
-        match reply {
-            LedgerReply::Order(o) => Ok(order_settlement(creator, order_id, &o, self.platform.clock.now())),
-            other => Err(unexpected(other)),
-        }
+    fn order_reply(&self, creator: &CreatorId, order_id: &OrderId, booking: OrderBooking) -> pb::OrderSettlement {
+        order_settlement(creator, order_id, &booking, self.platform.clock.now())
     }
-}
-
-fn unexpected(reply: LedgerReply) -> Status {
-    Status::internal(format!("unexpected ledger reply {reply:?}"))
 }
 
 fn parse_order_id(value: &str) -> Result<OrderId, Status> {
@@ -349,13 +337,11 @@ impl SettlementService for Settlement {
 
     async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::Balance>, Status> {
         let creator = creator_scope(&request, &request.get_ref().creator_id)?;
-        match self.ledger(&creator, LedgerCommand::GetBalance).await? {
-            LedgerReply::Balance(balances) => Ok(Response::new(pb::Balance {
-                creator_id: creator.to_string(),
-                currencies: balances.iter().map(currency_balance).collect(),
-            })),
-            other => Err(unexpected(other)),
-        }
+        let balances: Vec<CurrencyBalance> = self.ledger(&creator, LedgerCommand::GetBalance).await?;
+        Ok(Response::new(pb::Balance {
+            creator_id: creator.to_string(),
+            currencies: balances.iter().map(currency_balance).collect(),
+        }))
     }
 
     async fn get_statement(
@@ -480,13 +466,11 @@ impl SettlementService for Settlement {
             before: (!r.page_token.is_empty()).then_some(before),
             limit: page_size(r.page_size),
         };
-        match self.ledger(&creator, command).await? {
-            LedgerReply::Payouts { payouts, next_before } => Ok(Response::new(pb::ListPayoutsResponse {
-                payouts: payouts.iter().map(|p| payout(&creator, p)).collect(),
-                next_page_token: next_before.map(|n| n.to_string()).unwrap_or_default(),
-            })),
-            other => Err(unexpected(other)),
-        }
+        let PayoutPage { payouts, next_before } = self.ledger(&creator, command).await?;
+        Ok(Response::new(pb::ListPayoutsResponse {
+            payouts: payouts.iter().map(|p| payout(&creator, p)).collect(),
+            next_page_token: next_before.map(|n| n.to_string()).unwrap_or_default(),
+        }))
     }
 
     async fn request_payout(&self, request: Request<pb::RequestPayoutRequest>) -> Result<Response<pb::Payout>, Status> {
@@ -496,13 +480,9 @@ impl SettlementService for Settlement {
         let amount = check.money("amount", r.amount.as_ref());
         let key = check.parse("idempotency_key", &r.idempotency_key, IdempotencyKey::parse);
         let (amount, key) = check.finish(|| Some((amount?, key?)))?;
-        match self.ledger(&creator, LedgerCommand::Payout { key, amount }).await? {
-            LedgerReply::Payout(p) => {
-                tracing::info!(%creator, payout = %p.payout_id, amount = %p.amount, "payout");
-                Ok(Response::new(payout(&creator, &p)))
-            }
-            other => Err(unexpected(other)),
-        }
+        let p: Payout = self.ledger(&creator, LedgerCommand::Payout { key, amount }).await?;
+        tracing::info!(%creator, payout = %p.payout_id, amount = %p.amount, "payout");
+        Ok(Response::new(payout(&creator, &p)))
     }
 
     async fn get_order_settlement(
@@ -511,8 +491,8 @@ impl SettlementService for Settlement {
     ) -> Result<Response<pb::OrderSettlement>, Status> {
         let order_id = parse_order_id(&request.get_ref().order_id)?;
         let creator = self.order_owner(&request, &order_id).await?;
-        let reply = self.ledger(&creator, LedgerCommand::GetOrder(order_id.clone())).await?;
-        Ok(Response::new(self.order_reply(&creator, &order_id, reply)?))
+        let booking = self.ledger(&creator, LedgerCommand::GetOrder(order_id.clone())).await?;
+        Ok(Response::new(self.order_reply(&creator, &order_id, booking)))
     }
 
     async fn record_return(
@@ -525,8 +505,8 @@ impl SettlementService for Settlement {
             order_id: order_id.clone(),
             reason: r.reason.clone(),
         };
-        let reply = self.ledger(&creator, command).await?;
-        Ok(Response::new(self.order_reply(&creator, &order_id, reply)?))
+        let booking = self.ledger(&creator, command).await?;
+        Ok(Response::new(self.order_reply(&creator, &order_id, booking)))
     }
 
     async fn refund_order(
@@ -537,8 +517,8 @@ impl SettlementService for Settlement {
         let (order_id, creator) = self.operator_order(&request, &r.order_id, &r.reason).await?;
         let dispatch = self.order_dispatch(&order_id).await?;
         let reason = RefundReason::Operator(r.reason.clone());
-        let reply = withdraw_and_refund(&self.platform, &creator, &order_id, reason, dispatch).await?;
-        Ok(Response::new(self.order_reply(&creator, &order_id, reply)?))
+        let booking = withdraw_and_refund(&self.platform, &creator, &order_id, reason, dispatch).await?;
+        Ok(Response::new(self.order_reply(&creator, &order_id, booking)))
     }
 
     async fn reconcile(&self, request: Request<pb::ReconcileRequest>) -> Result<Response<pb::ReconcileReport>, Status> {

@@ -7,22 +7,16 @@ use super::journal::JetStreamJournal;
 use super::leases::{LeaseTimings, Leases, PartitionHost};
 use super::placement::{self, partition_of};
 use crate::audit_log::AuditLog;
-use crate::bus::CommandBus;
+use crate::bus::{AnyReply, CommandBus, Parcel};
 use crate::clock::Clock;
 use crate::embedded::LocalActors;
 use crate::error::CommandError;
-use crate::hosted::Hosted;
 use crate::journal::{AddressVault, BoxFuture, JournalError};
 use crate::projections::{ProjectionUpdate, Projections, RemoteProjections};
 use crate::secrets::SealedAddress;
 use async_nats::jetstream::{self, kv, stream::StorageType};
-use domain::drop::{DropCommand, DropState, DropView, SaleStatus};
-use domain::hub::{HubCommand, HubReply, HubState};
-use domain::ledger::{LedgerCommand, LedgerReply, LedgerState};
 use domain::limits::COMMAND_TIMEOUT_MS;
-use domain::registry::{HubSetup, RegistryCommand, RegistryReply, RegistryState};
-use domain::sku::{SkuCommand, SkuReply, SkuState};
-use domain::{CreatorId, DropId, HubId, SkuId, UnixMillis};
+use domain::UnixMillis;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
@@ -82,47 +76,31 @@ pub struct ClusterConfig {
     pub live_actors_max: usize,
 }
 
-/// A command for the actor of another node, as it travels.
+/// A command for the actor of another node, as it travels: the same envelope for every
+/// kind, decoded by the kind on the serving side (`LocalActors::serve`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Request {
-    Sku {
-        drop_id: DropId,
-        sku_id: SkuId,
-        command: SkuCommand,
+    Command {
+        /// The actor's kind (`Hosted::KIND`).
+        kind: String,
+        /// The actor's journal stream, which names its key.
+        stream: String,
+        /// The command, encoded by the kind.
+        command: Vec<u8>,
+        /// Hand it to the actor if it runs, without starting it or waiting for its reply
+        /// (`CommandBus::tell_parcel`); the reply is then empty.
+        tell: bool,
     },
-    Drop {
-        drop_id: DropId,
-        command: DropCommand,
-    },
-    Hub {
-        hub_id: HubId,
-        command: HubCommand,
-    },
-    Registry(RegistryCommand),
-    Creator {
-        creator_id: CreatorId,
-        command: LedgerCommand,
-    },
+    /// Run the timer command of the actor of this stream.
     Wake(String),
-    /// Tell the running SKU actors of the drop on that node.
-    SaleStatus {
-        drop_id: DropId,
-        status: SaleStatus,
-    },
-    /// Give a running hub actor its new setup.
-    HubSetup(HubSetup),
     /// Commands for one partition, sent together (answered by `Response::Batch`).
     Batch(Vec<Request>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Response {
-    Sku(SkuReply),
-    Drop(DropView),
-    Hub(HubReply),
-    Registry(RegistryReply),
-    Creator(LedgerReply),
-    Done,
+    /// The reply, encoded by the kind (empty for a tell or a wake).
+    Reply(Vec<u8>),
     /// The receiving node does not own the partition (any more): ask again.
     NotOwner,
     /// The answers to a `Request::Batch`, in its order.
@@ -131,13 +109,9 @@ enum Response {
 
 type Pending = (Request, oneshot::Sender<Result<Response, CommandError>>);
 
-fn unexpected(response: Response) -> CommandError {
-    CommandError::Unavailable(format!("unexpected reply from the owning node: {response:?}"))
-}
-
 /// Projection updates as they travel, with the node that made them.
 #[derive(Serialize, Deserialize)]
-struct Envelope {
+struct ProjectionBatch {
     origin: String,
     updates: Vec<ProjectionUpdate>,
 }
@@ -187,11 +161,11 @@ async fn publish_projections(js: jetstream::Context, node: String, mut rx: mpsc:
         }
         let mut flags = keep.into_iter();
         updates.retain(|_| flags.next().unwrap_or(true));
-        let envelope = Envelope {
+        let batch = ProjectionBatch {
             origin: node.clone(),
             updates,
         };
-        let bytes = match postcard::to_stdvec(&envelope) {
+        let bytes = match postcard::to_stdvec(&batch) {
             Ok(bytes) => bytes,
             Err(e) => {
                 warn!(error = %e, "projection update not encodable");
@@ -481,9 +455,9 @@ impl ClusterNode {
                                 }
                             };
                             let Some(projections) = weak.upgrade() else { return };
-                            match postcard::from_bytes::<Envelope>(&message.payload) {
-                                Ok(envelope) if envelope.origin != me => {
-                                    for update in envelope.updates {
+                            match postcard::from_bytes::<ProjectionBatch>(&message.payload) {
+                                Ok(batch) if batch.origin != me => {
+                                    for update in batch.updates {
                                         projections.apply(update);
                                     }
                                 }
@@ -505,12 +479,6 @@ impl ClusterNode {
         });
         projections.set_remote(Arc::new(NatsProjections { tx }));
         Ok(())
-    }
-
-    /// Runs a command here if this node owns its partition, else on the owner, waiting
-    /// out a partition without owner (a takeover) until the command deadline.
-    async fn route(&self, stream: &str, request: Request) -> Result<Response, CommandError> {
-        self.route_to(partition_of(stream, self.partitions), request).await
     }
 
     async fn route_to(&self, partition: u32, request: Request) -> Result<Response, CommandError> {
@@ -550,7 +518,7 @@ impl ClusterNode {
             Ok(Response::Batch(results)) if results.len() == count => results,
             Ok(Response::Batch(_)) => fail(CommandError::Unavailable("a batch reply of the wrong length".into())),
             Ok(response) if count == 1 => vec![Ok(response)],
-            Ok(other) => fail(unexpected(other)),
+            Ok(_) => fail(CommandError::Unavailable("one reply to a batch of commands".into())),
             Err(e) => fail(e),
         }
     }
@@ -607,33 +575,19 @@ impl ClusterNode {
 
     /// Runs a command on this node's actors.
     async fn serve(&self, request: Request) -> Result<Response, CommandError> {
-        let local = &self.local;
-        Ok(match request {
-            Request::Sku {
-                drop_id,
-                sku_id,
+        match request {
+            Request::Command {
+                kind,
+                stream,
                 command,
-            } => Response::Sku(local.sku_command(drop_id, sku_id, command).await?),
-            Request::Drop { drop_id, command } => Response::Drop(local.drop_command(drop_id, command).await?),
-            Request::Hub { hub_id, command } => Response::Hub(local.hub_command(hub_id, command).await?),
-            Request::Registry(command) => Response::Registry(local.registry_command(command).await?),
-            Request::Creator { creator_id, command } => {
-                Response::Creator(local.creator_command(creator_id, command).await?)
-            }
+                tell,
+            } => Ok(Response::Reply(self.local.serve(&kind, &stream, &command, tell).await?)),
             Request::Wake(stream) => {
-                local.wake(stream).await?;
-                Response::Done
+                self.local.wake(stream).await?;
+                Ok(Response::Reply(Vec::new()))
             }
-            Request::SaleStatus { drop_id, status } => {
-                local.sale_status_changed(drop_id, status).await?;
-                Response::Done
-            }
-            Request::HubSetup(setup) => {
-                local.hub_setup_changed(setup).await?;
-                Response::Done
-            }
-            Request::Batch(_) => return Err(CommandError::Unavailable("a batch inside a batch".into())),
-        })
+            Request::Batch(_) => Err(CommandError::Unavailable("a batch inside a batch".into())),
+        }
     }
 
     /// Answers the commands of `partition` sent by other nodes.
@@ -816,153 +770,48 @@ pub async fn shared_value(store: &kv::Store, key: &str, make: impl FnOnce() -> V
         .ok_or_else(|| anyhow::anyhow!("cluster setting {key} vanished"))
 }
 
-impl CommandBus for ClusterNode {
-    fn sku_command(
-        &self,
-        drop_id: DropId,
-        sku_id: SkuId,
-        command: SkuCommand,
-    ) -> BoxFuture<'_, Result<SkuReply, CommandError>> {
-        Box::pin(async move {
-            let stream = SkuState::stream(&(drop_id.clone(), sku_id.clone()));
-            match self
-                .route(
-                    &stream,
-                    Request::Sku {
-                        drop_id,
-                        sku_id,
-                        command,
-                    },
-                )
-                .await?
-            {
-                Response::Sku(reply) => Ok(reply),
-                other => Err(unexpected(other)),
+impl ClusterNode {
+    /// Runs a parcel here if this node owns its partition (as it is, nothing encoded), else
+    /// sends it to the owner as an envelope. A tell's reply is `()`.
+    async fn deliver(&self, parcel: Box<dyn Parcel>, tell: bool) -> Result<AnyReply, CommandError> {
+        let stream = parcel.stream();
+        let partition = partition_of(&stream, self.partitions);
+        if self.owns(partition) {
+            if tell {
+                self.local.tell_parcel(parcel).await?;
+                return Ok(Box::new(()));
             }
-        })
+            return self.local.ask_parcel(parcel).await;
+        }
+        let request = Request::Command {
+            kind: parcel.kind().to_owned(),
+            stream,
+            command: parcel.encode_command()?,
+            tell,
+        };
+        match self.route_to(partition, request).await? {
+            Response::Reply(_) if tell => Ok(Box::new(())),
+            Response::Reply(bytes) => parcel.decode_reply(&bytes, self.local.env()),
+            Response::NotOwner | Response::Batch(_) => {
+                Err(CommandError::Unavailable("the owning node answered out of turn".into()))
+            }
+        }
+    }
+}
+
+impl CommandBus for ClusterNode {
+    fn ask_parcel(&self, parcel: Box<dyn Parcel>) -> BoxFuture<'_, Result<AnyReply, CommandError>> {
+        Box::pin(self.deliver(parcel, false))
     }
 
-    fn drop_command(&self, drop_id: DropId, command: DropCommand) -> BoxFuture<'_, Result<DropView, CommandError>> {
-        Box::pin(async move {
-            match self
-                .route(&DropState::stream(&drop_id), Request::Drop { drop_id, command })
-                .await?
-            {
-                Response::Drop(view) => Ok(view),
-                other => Err(unexpected(other)),
-            }
-        })
+    fn tell_parcel(&self, parcel: Box<dyn Parcel>) -> BoxFuture<'_, Result<(), CommandError>> {
+        Box::pin(async move { self.deliver(parcel, true).await.map(drop) })
     }
 
     fn wake(&self, stream: String) -> BoxFuture<'_, Result<(), CommandError>> {
         Box::pin(async move {
             let partition = partition_of(&stream, self.partitions);
-            self.route_to(partition, Request::Wake(stream)).await.map(|_| ())
-        })
-    }
-
-    fn sale_status_changed(&self, drop_id: DropId, status: SaleStatus) -> BoxFuture<'_, Result<(), CommandError>> {
-        Box::pin(async move {
-            // Every partition holding SKUs of the drop is told once; its node tells the SKU
-            // actors of the drop it runs (a node owning several of them hears it more than
-            // once, which changes nothing).
-            let view = self.drop_command(drop_id.clone(), DropCommand::Get).await?;
-            let partitions: BTreeSet<u32> = view
-                .spec
-                .skus
-                .iter()
-                .map(|sku| {
-                    partition_of(
-                        &SkuState::stream(&(drop_id.clone(), sku.sku_id.clone())),
-                        self.partitions,
-                    )
-                })
-                .collect();
-            let mut local_done = false;
-            let mut asks = Vec::new();
-            for partition in partitions {
-                if self.owns(partition) {
-                    if !local_done {
-                        local_done = true;
-                        self.local.sale_status_changed(drop_id.clone(), status).await?;
-                    }
-                } else {
-                    asks.push(self.route_to(
-                        partition,
-                        Request::SaleStatus {
-                            drop_id: drop_id.clone(),
-                            status,
-                        },
-                    ));
-                }
-            }
-            for result in futures::future::join_all(asks).await {
-                result?;
-            }
-            Ok(())
-        })
-    }
-
-    fn hub_command(&self, hub_id: HubId, command: HubCommand) -> BoxFuture<'_, Result<HubReply, CommandError>> {
-        Box::pin(async move {
-            match self
-                .route(&HubState::stream(&hub_id), Request::Hub { hub_id, command })
-                .await?
-            {
-                Response::Hub(reply) => Ok(reply),
-                other => Err(unexpected(other)),
-            }
-        })
-    }
-
-    fn registry_command(&self, command: RegistryCommand) -> BoxFuture<'_, Result<RegistryReply, CommandError>> {
-        Box::pin(async move {
-            match self
-                .route(&RegistryState::stream(&()), Request::Registry(command))
-                .await?
-            {
-                Response::Registry(reply) => {
-                    // Read your writes: the registry may run on another node, whose update
-                    // of the directories arrives here a moment later; a caller that just
-                    // created a hub or a partner here must find it here at once.
-                    let directory = &self.local.env().projections.directory;
-                    match &reply {
-                        RegistryReply::Hub(record) => directory.put_hub(record.clone()),
-                        RegistryReply::Partner(record) => directory.put_partner(record.clone()),
-                        RegistryReply::Creator(record) => directory.put_creator(record.clone()),
-                        RegistryReply::Storefront(record) => directory.put_storefront(record.clone()),
-                        _ => {}
-                    }
-                    Ok(reply)
-                }
-                other => Err(unexpected(other)),
-            }
-        })
-    }
-
-    fn hub_setup_changed(&self, setup: HubSetup) -> BoxFuture<'_, Result<(), CommandError>> {
-        Box::pin(async move {
-            let stream = HubState::stream(&setup.spec.hub_id);
-            self.route(&stream, Request::HubSetup(setup)).await.map(|_| ())
-        })
-    }
-
-    fn creator_command(
-        &self,
-        creator_id: CreatorId,
-        command: LedgerCommand,
-    ) -> BoxFuture<'_, Result<LedgerReply, CommandError>> {
-        Box::pin(async move {
-            match self
-                .route(
-                    &LedgerState::stream(&creator_id),
-                    Request::Creator { creator_id, command },
-                )
-                .await?
-            {
-                Response::Creator(reply) => Ok(reply),
-                other => Err(unexpected(other)),
-            }
+            self.route_to(partition, Request::Wake(stream)).await.map(drop)
         })
     }
 }

@@ -431,7 +431,7 @@ async fn reconciliation_lists_and_refunds_an_order_no_sku_journal_confirms() {
     server
         .platform
         .bus
-        .creator_command(creator, LedgerCommand::Sync(vec![LedgerInput::Sale(facts)]))
+        .ask::<domain::ledger::LedgerState>(creator, LedgerCommand::Sync(vec![LedgerInput::Sale(facts)]))
         .await
         .unwrap();
     let mut ops = settlement(&server.channel, OPERATOR_TOKEN);
@@ -536,7 +536,12 @@ async fn refund_in_ledger_only(server: &TestServer, order_id: &str) {
         reason: RefundReason::Operator("booked before refunds withdrew dispatches".into()),
     };
     let creator = domain::CreatorId::parse("creator-1").unwrap();
-    server.platform.bus.creator_command(creator, command).await.unwrap();
+    server
+        .platform
+        .bus
+        .ask::<domain::ledger::LedgerState>(creator, command)
+        .await
+        .unwrap();
 }
 
 async fn reconcile(ops: &mut SettlementServiceClient<Authed>, dry_run: bool) -> pb::ReconcileReport {
@@ -745,7 +750,7 @@ async fn reconciliation_withdraws_the_dispatch_of_an_order_it_refunds() {
     server
         .platform
         .bus
-        .creator_command(creator, LedgerCommand::Sync(vec![LedgerInput::Sale(facts)]))
+        .ask::<domain::ledger::LedgerState>(creator, LedgerCommand::Sync(vec![LedgerInput::Sale(facts)]))
         .await
         .unwrap();
     let order = server
