@@ -323,7 +323,10 @@ impl<H: Hosted> Actor for Entity<H> {
     ) -> Result<Option<Signal<Self>>, CommandError> {
         // Asked to stop early, the actor looks again after 1 ms, then backs off while it
         // cannot stop yet (a write in flight, a full journal or wake-up queue): no busy loop.
+        // Once idle long enough to stop, the same short waits apply while it writes what it
+        // owes the journal: it does not wait out another idle spell first.
         let mut passivate_wait = PASSIVATE_POLL_MS;
+        let mut stopping = false;
         let back_off = |wait: &mut u64| *wait = (*wait * 2).min(PASSIVATE_RETRY_MAX_MS);
         loop {
             // A due deadline goes first, between messages, so a busy actor expires holds on
@@ -342,7 +345,7 @@ impl<H: Hosted> Actor for Entity<H> {
             // With enough events since the last snapshot, wait only for a short quiet spell,
             // then write one: snapshots happen between bursts, off the buyers' latency path.
             let snapshot_due = self.events_since_snapshot >= SNAPSHOT_IDLE_MIN_EVENTS;
-            let early = self.passivate.load(Ordering::Relaxed);
+            let early = stopping || self.passivate.load(Ordering::Relaxed);
             let idle_wait = if snapshot_due {
                 SNAPSHOT_QUIET_MS
             } else if early {
@@ -361,6 +364,7 @@ impl<H: Hosted> Actor for Entity<H> {
                 // in the journal) and the next deadline durable and handed to the wake-up
                 // scheduler, which starts the actor again when it comes due.
                 Err(_) if self.in_flight.load(Ordering::SeqCst) == 0 => {
+                    stopping = true;
                     // Stopping early, a deadline due soon (a timer command waiting for its
                     // retry) runs here first rather than through a restart.
                     if early && due_in.is_some_and(|ms| ms <= TIMER_RETRY_MS) {
@@ -394,7 +398,11 @@ impl<H: Hosted> Actor for Entity<H> {
                     debug!(stream = %self.stream, ?deadline, early, "actor idle, passivating");
                     return Ok(Some(Signal::Stop));
                 }
-                Err(_) => back_off(&mut passivate_wait),
+                // Idle long enough, but a write is still in flight: look again shortly.
+                Err(_) => {
+                    stopping = true;
+                    back_off(&mut passivate_wait);
+                }
             }
         }
     }

@@ -98,3 +98,58 @@ pub trait AddressVault: Send + Sync + 'static {
     /// Shreds addresses due at `now`, at most `limit` of them; answers how many.
     fn shred_due(&self, now: UnixMillis, limit: usize) -> BoxFuture<'_, Result<usize, JournalError>>;
 }
+
+/// Checks every implementation of these ports passes (the embedded journal and the
+/// in-memory one run them in their tests).
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+    use crate::audit_log::{AuditEntry, AuditLog, AuditSubject};
+
+    /// The vault keeps the first address of an order, brings shred times forward only, and
+    /// shreds what is due; the audit trail lists a subject's entries newest first, in pages.
+    pub(crate) async fn vault_and_audit_trail(store: &(impl AddressVault + AuditLog)) {
+        let sealed = |byte: u8| SealedAddress {
+            salt: [byte; 32],
+            ciphertext: vec![byte; 40],
+        };
+        assert!(store.put_new("o1", &sealed(1), UnixMillis(100)).await.unwrap());
+        assert!(!store.put_new("o1", &sealed(9), UnixMillis(900)).await.unwrap());
+        assert!(store.put_new("o2", &sealed(2), UnixMillis(500)).await.unwrap());
+        store.shred_by("o2", UnixMillis(50)).await.unwrap();
+        store.shred_by("o1", UnixMillis(900)).await.unwrap(); // never later
+        assert_eq!(store.shred_due(UnixMillis(60), 10).await.unwrap(), 1);
+        assert!(store.get("o2").await.unwrap().is_none());
+        assert_eq!(
+            store.get("o1").await.unwrap(),
+            Some(sealed(1)),
+            "the first address is kept"
+        );
+        assert_eq!(store.shred_due(UnixMillis(99), 10).await.unwrap(), 0);
+        assert_eq!(store.shred_due(UnixMillis(100), 10).await.unwrap(), 1);
+        assert!(store.get("o1").await.unwrap().is_none());
+
+        for i in 0..5 {
+            let entry = AuditEntry {
+                at: UnixMillis(i),
+                action: format!("a{i}"),
+                order_id: Some("o".into()),
+                partner_id: (i % 2 == 0).then(|| "p".to_string()),
+                hub_id: None,
+                detail: String::new(),
+            };
+            AuditLog::append(store, &entry).unwrap();
+        }
+        let actions = |page: &crate::audit_log::AuditPage| -> Vec<String> {
+            page.entries.iter().map(|e| e.action.clone()).collect()
+        };
+        let order = AuditSubject::Order("o".into());
+        let first = store.list(&order, None, 3).unwrap();
+        assert_eq!(actions(&first), ["a4", "a3", "a2"]);
+        let second = store.list(&order, first.next, 3).unwrap();
+        assert_eq!(actions(&second), ["a1", "a0"]);
+        assert_eq!(second.next, None);
+        let partner = store.list(&AuditSubject::Partner("p".into()), None, 10).unwrap();
+        assert_eq!(actions(&partner), ["a4", "a2", "a0"]);
+    }
+}

@@ -17,6 +17,7 @@ pub mod fulfilment;
 pub mod handover;
 pub mod hosted;
 pub mod journal;
+pub mod memory_journal;
 pub mod projections;
 pub mod runtime;
 pub mod secrets;
@@ -26,7 +27,7 @@ pub mod sled_parts;
 pub mod wakeups;
 
 pub use bus::CommandBus;
-pub use clock::{Clock, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use embedded::LocalActors;
 pub use error::CommandError;
 pub use journal::Journal;

@@ -866,6 +866,13 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_vault_and_the_audit_trail_keep_the_ports_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = SledJournal::open(dir.path()).unwrap();
+        crate::journal::contract::vault_and_audit_trail(journal.as_ref()).await;
+    }
+
+    #[tokio::test]
     async fn a_gap_in_versions_is_reported_as_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let journal = SledJournal::open(dir.path()).unwrap();

@@ -37,6 +37,26 @@ const OPERATOR_HASH_KEY: &str = "operator-token-hash";
 /// SKU actors started at once to fill a drop's figures into the cache.
 const FIGURES_LOAD_FAN_OUT: usize = 64;
 
+/// Where an embedded platform keeps its journal, audit trail and delivery addresses: the
+/// sled journal holds all three (`Platform::open_embedded`), and so does the in-memory one
+/// tests use (`actors::memory_journal`).
+pub struct EmbeddedStorage {
+    pub journal: Arc<dyn Journal>,
+    pub audit: Arc<dyn AuditLog>,
+    pub addresses: Arc<dyn AddressVault>,
+}
+
+impl EmbeddedStorage {
+    /// All three in one store.
+    pub fn all_in<S: Journal + AuditLog + AddressVault>(store: Arc<S>) -> EmbeddedStorage {
+        EmbeddedStorage {
+            journal: store.clone(),
+            audit: store.clone(),
+            addresses: store,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Platform {
     pub bus: Arc<dyn CommandBus>,
@@ -73,16 +93,40 @@ impl Platform {
         live_actors_max: usize,
     ) -> anyhow::Result<Platform> {
         std::fs::create_dir_all(data_dir)?;
-        let journal = SledJournal::open(data_dir)?;
+        let storage = EmbeddedStorage::all_in(SledJournal::open(data_dir)?);
+        Platform::open_embedded_on(
+            data_dir,
+            operator_token,
+            live_actors_max,
+            storage,
+            Arc::new(SystemClock),
+        )
+        .await
+    }
+
+    /// [`Platform::open_embedded`] over the given storage (an in-memory journal in tests)
+    /// and clock (one the test drives); only the secrets are kept under `data_dir`.
+    pub async fn open_embedded_on(
+        data_dir: &Path,
+        operator_token: Option<&str>,
+        live_actors_max: usize,
+        storage: EmbeddedStorage,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Platform> {
+        std::fs::create_dir_all(data_dir)?;
+        let EmbeddedStorage {
+            journal,
+            audit,
+            addresses,
+        } = storage;
         let keys = Arc::new(PlatformKeys::load_or_create(&data_dir.join("secrets"))?);
         let (operator, new_operator_token) = OperatorCredential::load(&data_dir.join("secrets"), operator_token)?;
         let projections = Arc::new(Projections::default());
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let actors = LocalActors::new(
             journal.clone(),
             clock.clone(),
             projections.clone(),
-            journal.clone(),
+            audit.clone(),
             live_actors_max,
         )?;
         // The registry fills the partner directory (credential lookups) when it starts.
@@ -92,7 +136,7 @@ impl Platform {
             .map_err(|e| anyhow::anyhow!("loading the partner registry: {e}"))?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let platform = Platform {
-            audit: journal.clone(),
+            audit,
             operator,
             throttle: Arc::default(),
             new_operator_token,
@@ -101,7 +145,7 @@ impl Platform {
             projections,
             clock,
             keys,
-            addresses: journal.clone(),
+            addresses,
             journal,
             cluster: None,
             shutdown,

@@ -50,9 +50,45 @@ impl TestServer {
     /// A test server keeping at most `live_actors_max` actors of each kind running.
     pub async fn start_with_live_actors_max(live_actors_max: usize) -> TestServer {
         let temporary = tempfile::tempdir().unwrap();
-        let mut server = TestServer::open(temporary.path(), OPERATOR_TOKEN, live_actors_max)
+        let platform = Platform::open_embedded(temporary.path(), Some(OPERATOR_TOKEN), live_actors_max)
             .await
             .unwrap();
+        TestServer::with_fixtures(platform, temporary).await
+    }
+
+    /// A test server on an in-memory journal whose clock follows tokio's time from the
+    /// wall-clock time now (`actors::TokioClock`): in a `#[tokio::test(start_paused = true)]`,
+    /// hold expiries, SLA deadlines and swaps come at their exact times without real
+    /// waiting. (Not sled: its writer is a thread whose flushes tokio cannot see, so paused
+    /// time would jump ahead while one is under way.)
+    pub async fn start_driven() -> TestServer {
+        TestServer::start_driven_with_live_actors_max(domain::limits::LIVE_ACTORS_MAX_DEFAULT).await
+    }
+
+    /// [`TestServer::start_driven`], keeping at most `live_actors_max` actors of each kind
+    /// running.
+    pub async fn start_driven_with_live_actors_max(live_actors_max: usize) -> TestServer {
+        let temporary = tempfile::tempdir().unwrap();
+        let clock = std::sync::Arc::new(actors::TokioClock::from_system());
+        let journal = actors::memory_journal::MemoryJournal::new(clock.clone());
+        let storage = services::platform::EmbeddedStorage::all_in(journal);
+        let platform =
+            Platform::open_embedded_on(temporary.path(), Some(OPERATOR_TOKEN), live_actors_max, storage, clock)
+                .await
+                .unwrap();
+        TestServer::with_fixtures(platform, temporary).await
+    }
+
+    /// A server over `data_dir` with `operator_token` and nothing created in it yet (the
+    /// demo's embedded platform).
+    pub async fn open(data_dir: &Path, operator_token: &str, live_actors_max: usize) -> anyhow::Result<TestServer> {
+        let platform = Platform::open_embedded(data_dir, Some(operator_token), live_actors_max).await?;
+        TestServer::serve(platform, data_dir).await
+    }
+
+    /// `platform` served over `temporary`, with the test hubs and the storefront `test-web`.
+    async fn with_fixtures(platform: Platform, temporary: tempfile::TempDir) -> TestServer {
+        let mut server = TestServer::serve(platform, temporary.path()).await.unwrap();
         server.dir._temporary = Some(temporary);
         create_test_hubs(&server.channel).await;
         server.storefront_credential =
@@ -62,10 +98,8 @@ impl TestServer {
         server
     }
 
-    /// A server over `data_dir` with `operator_token` and nothing created in it yet (the
-    /// demo's embedded platform).
-    pub async fn open(data_dir: &Path, operator_token: &str, live_actors_max: usize) -> anyhow::Result<TestServer> {
-        let platform = Platform::open_embedded(data_dir, Some(operator_token), live_actors_max).await?;
+    /// Serves `platform`, whose data is in `data_dir`, on 127.0.0.1:0.
+    async fn serve(platform: Platform, data_dir: &Path) -> anyhow::Result<TestServer> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

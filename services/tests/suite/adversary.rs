@@ -148,12 +148,12 @@ async fn stock(server: &TestServer, drop_id: &str, sku_id: &str) -> (u32, u32, u
     (sku.allocated, sku.available, sku.held, sku.sold, sku.waitlisted)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn nobody_but_the_first_confirmation_sets_a_delivery_address_and_refused_confirms_store_none() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_driven().await;
     let (courier_credential, mut courier, mut offers) = subscribed_courier(&server, "hal", "hub-1").await;
-    // A hold that expires while the rest of the test runs (the shortest TTL, one second:
-    // the platform's clock is the system's, so this one expiry is waited for).
+    // A hold that expires while the rest of the test runs (the shortest TTL, one second, on
+    // the server's driven clock: its expiry costs no real time).
     open_drop(&server, drop_request("brief", &[("sku", 10)], 1, 1)).await;
     let expiring = hold(&server, "brief", "eli").await;
     open_drop(&server, drop_request("hijack", &[("sku", 10)], 1, 600)).await;
@@ -246,9 +246,9 @@ async fn nobody_but_the_first_confirmation_sets_a_delivery_address_and_refused_c
     assert_eq!(order_as(&mut checkout, &live).await.status(), OrderStatus::Held);
     // An expired hold:
     let expires_at = expiring.expires_at.expect("a hold expires");
-    let left_ms = services::convert::millis(&expires_at) - actors::Clock::now(&actors::SystemClock).0;
+    let left_ms = services::convert::millis(&expires_at) - server.platform.clock.now().0;
     assert!(left_ms <= 1_000, "a one-second hold, {left_ms} ms left");
-    tokio::time::sleep(Duration::from_millis(left_ms.max(0) as u64 + 50)).await;
+    tokio::time::sleep(Duration::from_millis(left_ms.max(0) as u64 + 1)).await;
     refused(
         checkout.confirm(delivery(&expiring.order_id, PRICE, &thief)).await,
         Code::FailedPrecondition,

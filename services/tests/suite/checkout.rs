@@ -51,11 +51,11 @@ async fn burst_of_2000_reserves_for_100_units_holds_exactly_100() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On a driven clock: the expiry comes at the hold's deadline to the millisecond, without
+/// real waiting.
+#[tokio::test(start_paused = true)]
 async fn expiry_returns_stock_and_promotes_the_waitlist_which_watch_order_sees() {
-    let server = TestServer::start().await;
-    // Holds last 3 s: the steps before the expiry and after the promotion fit with room
-    // on a loaded machine.
+    let server = TestServer::start_driven().await;
     open_drop(&server, drop_request("expiry", &[("one", 1)], 1, 3)).await;
     let mut checkout = server.checkout();
     let first = checkout
@@ -96,8 +96,17 @@ async fn expiry_returns_stock_and_promotes_the_waitlist_which_watch_order_sees()
         .expect("promotion within 10 s")
         .unwrap()
         .unwrap();
+    let expired_at = services::convert::millis(first.expires_at.as_ref().unwrap());
+    assert_eq!(
+        server.platform.clock.now().0,
+        expired_at,
+        "promoted at the first hold's deadline"
+    );
     assert_eq!(promoted.status, OrderStatus::Held as i32);
-    assert!(promoted.expires_at.is_some());
+    assert_eq!(
+        promoted.expires_at.as_ref().map(services::convert::millis),
+        Some(expired_at + 3_000)
+    );
     let expired = checkout
         .get_order(GetOrderRequest {
             order_id: first.order_id.clone(),
@@ -539,12 +548,16 @@ async fn past_the_live_actor_bound_the_least_recently_used_stop_and_lose_nothing
 
 /// Holds of SKU actors stopped early for the bound still expire on time: each stopping actor
 /// hands its deadline to the wake-up scheduler, which starts it again to expire the hold.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On a driven clock, so "on time" is checked to the poll's 10 ms.
+#[tokio::test(start_paused = true)]
 async fn holds_of_actors_stopped_for_the_bound_still_expire() {
     const BOUND: usize = 2;
-    let server = TestServer::start_with_live_actors_max(BOUND).await;
+    let server = TestServer::start_driven_with_live_actors_max(BOUND).await;
+    let clock = server.platform.clock.clone();
     // The shortest hold the API allows: one second.
+    let first_held = clock.now();
     hold_one_unit_of_each(&server, "expiring", 6, 1).await;
+    let last_held = clock.now();
     // Waits are bounded; what they wait for (stops, a 1 s expiry) takes far less.
     let mut expired = false;
     let mut at_most_bound = false;
@@ -562,6 +575,13 @@ async fn holds_of_actors_stopped_for_the_bound_still_expire() {
         "the bound of {BOUND} running SKU actors was never reached"
     );
     assert!(expired, "some holds never expired");
+    let seen = clock.now().0;
+    assert!(
+        (first_held.0 + 1_000..=last_held.0 + 1_000 + 10).contains(&seen),
+        "all expired by {seen}, holds made from {} to {}",
+        first_held.0,
+        last_held.0
+    );
     server.stop().await;
 }
 

@@ -19,8 +19,9 @@ use tonic::Code;
 const PRICE: i64 = 2_499;
 const FEE_BPS: i64 = 1_250;
 const DELIVERY_FEE: i64 = 333;
-// Long enough for the deliveries, a refund and a return to be recorded inside the window on
-// a loaded machine; the kept order becomes available once it ends.
+// Long enough for the deliveries, a refund and a return to be recorded inside the window;
+// the kept order becomes available once it ends (on the driven clock of the test that uses
+// it: no real waiting).
 const RETURN_WINDOW_SECS: u32 = 10;
 /// How long a test waits for an offer or a withdrawal on a courier's stream.
 const COURIER_WAIT: Duration = Duration::from_secs(10);
@@ -83,9 +84,9 @@ fn state(s: pb::SettlementState) -> impl Fn(&pb::OrderSettlement) -> bool {
     move |o| o.state == s as i32
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_drop_settles_to_the_minor_unit_and_each_creator_sees_only_its_own_ledger() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_driven().await;
     let mut ops = settlement(&server.channel, OPERATOR_TOKEN);
     let mut credentials = Vec::new();
     for id in ["creator-1", "creator-2"] {
