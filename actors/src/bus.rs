@@ -2,15 +2,14 @@
 //! embedded platform implements it in-process ([`crate::embedded::LocalActors`]); the
 //! cluster implements it over NATS request/reply ([`crate::cluster::node::ClusterNode`]).
 //!
-//! One typed path for every aggregate: `bus.ask::<SkuState>(key, command)` and its
-//! fire-and-forget sibling `bus.tell::<H>(key, command)`. Underneath, the port carries a
-//! [`Parcel`]: the command with its type erased, which an implementation either hands to
-//! a local actor as it is or encodes for another node (kind, stream, command bytes).
+//! The port carries a [`Parcel`]: a command with its aggregate's type erased, which an
+//! implementation either hands to a local actor as it is or encodes for another node
+//! (kind, stream, command bytes). Callers use the typed path over it, `crate::ask`:
+//! `bus.ask::<SkuState>(key, command)` and its fire-and-forget sibling `bus.tell::<H>`.
 
 use crate::error::CommandError;
-use crate::hosted::{Env, Hosted};
 use crate::journal::BoxFuture;
-use domain::reply::FromReply;
+use crate::projections::Projections;
 use std::any::Any;
 
 /// A reply with its type erased (an `H::Reply` for a parcel of kind `H`).
@@ -18,14 +17,14 @@ pub type AnyReply = Box<dyn Any + Send>;
 
 pub trait CommandBus: Send + Sync + 'static {
     /// Delivers a command to the actor of its key, starting the actor if needed, and
-    /// returns its reply once durable. Use [`ask`](trait.CommandBus.html#method.ask).
+    /// returns its reply once durable. Callers use `bus.ask::<H>` (`crate::ask`).
     fn ask_parcel(&self, parcel: Box<dyn Parcel>) -> BoxFuture<'_, Result<AnyReply, CommandError>>;
 
     /// Hands a command to the actor of its key if that actor is running, without waiting
     /// for its reply and without starting it. For news an actor also reads when it starts
     /// (a drop's sale status, a hub's setup): one that is not running learns it then. Once
-    /// this returns the command is queued ahead of any command sent after it. Use
-    /// [`tell`](trait.CommandBus.html#method.tell).
+    /// this returns the command is queued ahead of any command sent after it. Callers use
+    /// `bus.tell::<H>` (`crate::ask`).
     fn tell_parcel(&self, parcel: Box<dyn Parcel>) -> BoxFuture<'_, Result<(), CommandError>>;
 
     /// Wakes the actor of a journal stream for its deadline (it runs its timer command);
@@ -33,49 +32,10 @@ pub trait CommandBus: Send + Sync + 'static {
     fn wake(&self, stream: String) -> BoxFuture<'_, Result<(), CommandError>>;
 }
 
-impl dyn CommandBus {
-    /// Runs `command` on the actor of `key` and returns its reply once it is durable.
-    pub async fn ask<H: Hosted>(&self, key: H::Key, command: H::Command) -> Result<H::Reply, CommandError> {
-        let reply = self.ask_parcel(Box::new(Letter::<H> { key, command })).await?;
-        unwrap_reply::<H>(reply)
-    }
-
-    /// Runs `command` and returns its reply in the shape `T` the command always answers
-    /// with (see `domain::reply`), e.g. `ask_for::<SkuState, OrderView>`.
-    pub async fn ask_for<H: Hosted, T: FromReply<H::Reply>>(
-        &self,
-        key: H::Key,
-        command: H::Command,
-    ) -> Result<T, CommandError> {
-        T::from_reply(self.ask::<H>(key, command).await?).map_err(|other| {
-            CommandError::Unavailable(format!(
-                "a {} command answered {other:?} where {} was expected",
-                H::KIND,
-                std::any::type_name::<T>()
-            ))
-        })
-    }
-
-    /// Hands `command` to the actor of `key` if it runs (see [`CommandBus::tell_parcel`]).
-    pub async fn tell<H: Hosted>(&self, key: H::Key, command: H::Command) -> Result<(), CommandError> {
-        self.tell_parcel(Box::new(Letter::<H> { key, command })).await
-    }
-}
-
-/// The typed reply inside an erased one.
-pub fn unwrap_reply<H: Hosted>(reply: AnyReply) -> Result<H::Reply, CommandError> {
-    reply.downcast::<H::Reply>().map(|reply| *reply).map_err(|_| {
-        CommandError::Unavailable(format!(
-            "a {} command got a reply of another type: two kinds share the name",
-            H::KIND
-        ))
-    })
-}
-
 /// A command on its way to its actor, its aggregate's type erased so that one bus method
 /// carries every kind.
 pub trait Parcel: Send + 'static {
-    /// The kind of the actor it is for ([`Hosted::KIND`]).
+    /// The kind of the actor it is for (`Hosted::KIND`).
     fn kind(&self) -> &'static str;
 
     /// The journal stream of the actor it is for (where it is routed in a cluster).
@@ -85,41 +45,11 @@ pub trait Parcel: Send + 'static {
     fn encode_command(&self) -> Result<Vec<u8>, CommandError>;
 
     /// The reply to this command from another node's bytes (running the kind's
-    /// read-your-writes step, [`Hosted::replied_elsewhere`]).
-    fn decode_reply(&self, bytes: &[u8], env: &Env) -> Result<AnyReply, CommandError>;
+    /// read-your-writes step on this node's projections, `Hosted::replied_elsewhere`).
+    fn decode_reply(&self, bytes: &[u8], projections: &Projections) -> Result<AnyReply, CommandError>;
 
-    /// The [`Letter`] inside, for the local actor.
+    /// The command itself, for the local actor (a `crate::ask::Letter`).
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
-}
-
-/// A command for the actor of `key`: the one [`Parcel`].
-pub struct Letter<H: Hosted> {
-    pub key: H::Key,
-    pub command: H::Command,
-}
-
-impl<H: Hosted> Parcel for Letter<H> {
-    fn kind(&self) -> &'static str {
-        H::KIND
-    }
-
-    fn stream(&self) -> String {
-        H::stream(&self.key)
-    }
-
-    fn encode_command(&self) -> Result<Vec<u8>, CommandError> {
-        wire_encode(&self.command)
-    }
-
-    fn decode_reply(&self, bytes: &[u8], env: &Env) -> Result<AnyReply, CommandError> {
-        let reply: H::Reply = wire_decode(bytes)?;
-        H::replied_elsewhere(&reply, env);
-        Ok(Box::new(reply))
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
-        self
-    }
 }
 
 /// Commands and replies between nodes: postcard, like the journal.

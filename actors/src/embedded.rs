@@ -2,8 +2,9 @@
 //! One [`Registry`] per hosted kind, found by the kind's name; nothing here names an
 //! aggregate but the list of kinds every platform hosts ([`LocalActors::with_bus`]).
 
+use crate::ask::Letter;
 use crate::audit_log::AuditLog;
-use crate::bus::{wire_decode, wire_encode, AnyReply, CommandBus, Letter, Parcel};
+use crate::bus::{wire_decode, wire_encode, AnyReply, CommandBus, Parcel};
 use crate::clock::Clock;
 use crate::entity::{Cmd, Entity, EntityArgs, Passivate};
 use crate::error::CommandError;

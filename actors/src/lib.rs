@@ -4,6 +4,7 @@
 //! [`bus::CommandBus`] port (in-process here), and feed read-side projections (availability
 //! cache, order watchers) after every durable batch.
 
+pub mod ask;
 pub mod audit;
 pub mod audit_log;
 pub mod bus;
@@ -22,6 +23,7 @@ pub mod projections;
 pub mod runtime;
 pub mod secrets;
 pub mod settlement;
+pub mod settlement_feed;
 pub mod sled_journal;
 pub mod sled_parts;
 pub mod wakeups;

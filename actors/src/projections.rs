@@ -25,7 +25,7 @@ pub struct Projections {
     pub directory: crate::fulfilment::Directory,
     pub couriers: crate::fulfilment::Couriers,
     pub hub_loads: crate::fulfilment::HubLoads,
-    pub settlement: crate::settlement::SettlementFeed,
+    pub settlement: crate::settlement_feed::SettlementFeed,
     /// In a cluster: where updates go so that every other node's projections follow (the
     /// gRPC call reading them may land on any node). Unset on the embedded platform.
     remote: OnceLock<Arc<dyn RemoteProjections>>,

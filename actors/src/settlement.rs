@@ -1,71 +1,15 @@
-//! The settlement side of the actor platform: live statement lines for creators watching
-//! their ledger, and the outboxes that carry order and fulfilment facts from SKU and hub
-//! actors to the creators' ledgers (at least once; the ledger books each fact once).
+//! The outboxes that carry order and fulfilment facts from SKU and hub actors to the
+//! creators' ledgers (at least once; the ledger books each fact once).
 
 use crate::bus::CommandBus;
 use domain::hub::HubState;
-use domain::ledger::{Entry, FulfilmentFacts, LedgerCommand, LedgerInput, LedgerState, SaleFacts, Synced};
+use domain::ledger::{FulfilmentFacts, LedgerCommand, LedgerInput, LedgerState, SaleFacts, Synced};
 use domain::limits::LEDGER_BATCH_MAX;
 use domain::sku::{SkuCommand, SkuState};
 use domain::{CreatorId, DropId, HubId, OrderId, SkuId};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
-use tokio::sync::broadcast;
+use std::sync::Weak;
 use tracing::warn;
-
-/// Lines buffered per creator for live watchers; a watcher that falls further behind reads
-/// the lines it missed from the ledger (nothing is lost, see `WatchSettlement`).
-pub const SETTLEMENT_FEED_BUFFER: usize = 1_024;
-/// Creators with live watchers at once.
-pub const SETTLEMENT_FEEDS_MAX: usize = 100_000;
-
-/// New statement lines, by creator, for WatchSettlement.
-#[derive(Default)]
-pub struct SettlementFeed {
-    feeds: Mutex<HashMap<CreatorId, broadcast::Sender<Arc<Entry>>>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("too many settlement watches ({SETTLEMENT_FEEDS_MAX} creators at most)")]
-pub struct TooManyFeeds;
-
-impl SettlementFeed {
-    pub fn subscribe(&self, creator: &CreatorId) -> Result<broadcast::Receiver<Arc<Entry>>, TooManyFeeds> {
-        let mut feeds = self.feeds.lock().expect("feeds lock");
-        if let Some(sender) = feeds.get(creator) {
-            return Ok(sender.subscribe());
-        }
-        if feeds.len() >= SETTLEMENT_FEEDS_MAX {
-            feeds.retain(|_, s| s.receiver_count() > 0);
-            if feeds.len() >= SETTLEMENT_FEEDS_MAX {
-                return Err(TooManyFeeds);
-            }
-        }
-        let (sender, receiver) = broadcast::channel(SETTLEMENT_FEED_BUFFER);
-        feeds.insert(creator.clone(), sender);
-        Ok(receiver)
-    }
-
-    pub fn is_watched(&self, creator: &CreatorId) -> bool {
-        self.feeds
-            .lock()
-            .expect("feeds lock")
-            .get(creator)
-            .is_some_and(|s| s.receiver_count() > 0)
-    }
-
-    pub fn publish(&self, creator: &CreatorId, entries: Vec<Arc<Entry>>) {
-        let mut feeds = self.feeds.lock().expect("feeds lock");
-        let Some(sender) = feeds.get(creator) else { return };
-        if sender.receiver_count() == 0 {
-            feeds.remove(creator);
-            return;
-        }
-        for entry in entries {
-            let _ = sender.send(entry);
-        }
-    }
-}
 
 /// Books `inputs` in a creator's ledger, in batches; returns the acknowledged ones with the
 /// mark each had (what the sender records as booked). A failure leaves the rest unacknowledged.

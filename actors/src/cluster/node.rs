@@ -791,7 +791,7 @@ impl ClusterNode {
         };
         match self.route_to(partition, request).await? {
             Response::Reply(_) if tell => Ok(Box::new(())),
-            Response::Reply(bytes) => parcel.decode_reply(&bytes, self.local.env()),
+            Response::Reply(bytes) => parcel.decode_reply(&bytes, &self.local.env().projections),
             Response::NotOwner | Response::Batch(_) => {
                 Err(CommandError::Unavailable("the owning node answered out of turn".into()))
             }

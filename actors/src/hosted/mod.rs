@@ -114,7 +114,7 @@ pub trait Hosted:
     /// Runs on a node that got this reply from the node owning the actor (in cluster mode),
     /// before its caller sees it: read-your-writes for the projections the actor's
     /// publication updates on its own node at once and on the others a moment later.
-    fn replied_elsewhere(_reply: &Self::Reply, _env: &Env) {}
+    fn replied_elsewhere(_reply: &Self::Reply, _projections: &Projections) {}
 }
 
 /// The kind a journal stream belongs to (see [`Hosted::KIND`]).

@@ -5,7 +5,7 @@ use super::{Env, Hosted, Publication};
 use crate::audit_log::{self, AuditEntry};
 use crate::error::CommandError;
 use crate::journal::BoxFuture;
-use crate::projections::ProjectionUpdate;
+use crate::projections::{ProjectionUpdate, Projections};
 use domain::hub::{HubCommand, HubState};
 use domain::limits::REGISTRY_MAILBOX_CAPACITY;
 use domain::registry::{RegistryEvent, RegistryReply, RegistryState};
@@ -133,8 +133,8 @@ impl Hosted for RegistryState {
     /// The registry may run on another node, whose update of the directories arrives here
     /// a moment later; a caller that just created a hub or a partner here must find it here
     /// at once.
-    fn replied_elsewhere(reply: &RegistryReply, env: &Env) {
-        let directory = &env.projections.directory;
+    fn replied_elsewhere(reply: &RegistryReply, projections: &Projections) {
+        let directory = &projections.directory;
         match reply {
             RegistryReply::Hub(record) => directory.put_hub(record.clone()),
             RegistryReply::Partner(record) => directory.put_partner(record.clone()),

@@ -1,0 +1,79 @@
+//! The typed command path over the bus: `bus.ask::<H>(key, command)`, `ask_for::<H, T>` for
+//! the one shape `T` of its reply, and the fire-and-forget `tell::<H>`. Each wraps the command
+//! in a [`Letter`], the one [`Parcel`], so every kind travels the same erased way.
+
+use crate::bus::{wire_decode, wire_encode, AnyReply, CommandBus, Parcel};
+use crate::error::CommandError;
+use crate::hosted::Hosted;
+use crate::projections::Projections;
+use domain::reply::FromReply;
+use std::any::Any;
+
+impl dyn CommandBus {
+    /// Runs `command` on the actor of `key` and returns its reply once it is durable.
+    pub async fn ask<H: Hosted>(&self, key: H::Key, command: H::Command) -> Result<H::Reply, CommandError> {
+        let reply = self.ask_parcel(Box::new(Letter::<H> { key, command })).await?;
+        unwrap_reply::<H>(reply)
+    }
+
+    /// Runs `command` and returns its reply in the shape `T` the command always answers
+    /// with (see `domain::reply`), e.g. `ask_for::<SkuState, OrderView>`.
+    pub async fn ask_for<H: Hosted, T: FromReply<H::Reply>>(
+        &self,
+        key: H::Key,
+        command: H::Command,
+    ) -> Result<T, CommandError> {
+        T::from_reply(self.ask::<H>(key, command).await?).map_err(|other| {
+            CommandError::Unavailable(format!(
+                "a {} command answered {other:?} where {} was expected",
+                H::KIND,
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    /// Hands `command` to the actor of `key` if it runs (see `CommandBus::tell_parcel`).
+    pub async fn tell<H: Hosted>(&self, key: H::Key, command: H::Command) -> Result<(), CommandError> {
+        self.tell_parcel(Box::new(Letter::<H> { key, command })).await
+    }
+}
+
+/// The typed reply inside an erased one.
+pub fn unwrap_reply<H: Hosted>(reply: AnyReply) -> Result<H::Reply, CommandError> {
+    reply.downcast::<H::Reply>().map(|reply| *reply).map_err(|_| {
+        CommandError::Unavailable(format!(
+            "a {} command got a reply of another type: two kinds share the name",
+            H::KIND
+        ))
+    })
+}
+
+/// A command for the actor of `key`: the one [`Parcel`].
+pub struct Letter<H: Hosted> {
+    pub key: H::Key,
+    pub command: H::Command,
+}
+
+impl<H: Hosted> Parcel for Letter<H> {
+    fn kind(&self) -> &'static str {
+        H::KIND
+    }
+
+    fn stream(&self) -> String {
+        H::stream(&self.key)
+    }
+
+    fn encode_command(&self) -> Result<Vec<u8>, CommandError> {
+        wire_encode(&self.command)
+    }
+
+    fn decode_reply(&self, bytes: &[u8], projections: &Projections) -> Result<AnyReply, CommandError> {
+        let reply: H::Reply = wire_decode(bytes)?;
+        H::replied_elsewhere(&reply, projections);
+        Ok(Box::new(reply))
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
