@@ -23,7 +23,7 @@ COPY . .
 # them because cache mounts are not part of the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p services --bin dropline \
+    cargo build --release --locked -p client --bin dropline \
  && install -D -m 0755 target/release/dropline /out/dropline \
  && mkdir -p /out/data
 

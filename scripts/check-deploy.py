@@ -582,7 +582,7 @@ _port_cursor: list[int] = []
 
 def free_port() -> int:
     """A loopback port free now, below the kernel's ephemeral range and never handed out twice
-    (as natsd::unused_loopback_port: a port from bind(:0) can be taken by one of the outgoing
+    (as testkit::nats::unused_loopback_port: a port from bind(:0) can be taken by one of the outgoing
     NATS connections of the starting cluster before its server binds it)."""
     try:
         first, last = (int(n) for n in pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())

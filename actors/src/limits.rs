@@ -99,6 +99,14 @@ const _: () = assert!(SNAPSHOT_IDLE_MIN_EVENTS < SNAPSHOT_BUSY_MIN_EVENTS);
 /// An actor stops (is passivated) after this long without messages; it is rebuilt from its
 /// snapshot and journal on next use, or at its next deadline (see `actors::wakeups`).
 pub const ACTOR_IDLE_STOP_MS: u64 = 30_000;
+/// Running actors of one kind (SKUs, drops, hubs, creators) a process keeps by default
+/// (`dropline serve --live-actors-max`). Starting one more asks the least recently used
+/// running ones to passivate early, as idle ones do after `ACTOR_IDLE_STOP_MS`, so a burst
+/// over a huge catalog cannot grow memory without end. A running SKU actor with one hold
+/// costs about 10 KiB (kameo's task and mailbox about half of it), so 50,000 of them are
+/// about 500 MiB: with a 100,000-SKU catalog it fits a 1 GiB container.
+pub const LIVE_ACTORS_MAX_DEFAULT: usize = 50_000;
+
 /// Share of the bound on running actors (`LIVE_ACTORS_MAX_DEFAULT`, `--live-actors-max`)
 /// asked to passivate at once when it is exceeded (1/64: ~780 actors at the default), so the
 /// scan for the least recently used runs once per that many starts.

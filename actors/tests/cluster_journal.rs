@@ -4,11 +4,11 @@
 //! what was acknowledged; local snapshots shorten the replay.
 
 use actors::cluster::journal::JetStreamJournal;
-use actors::cluster::natsd::LocalNats;
 use actors::cluster::node::ensure_storage;
 use actors::journal::{AppendBatch, Journal, JournalError};
 use std::sync::Arc;
 use std::time::Duration;
+use testkit::nats::LocalNats;
 
 async fn append(journal: &Arc<JetStreamJournal>, batch: AppendBatch) -> Result<(), JournalError> {
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -6,13 +6,13 @@
 //! Time moves only when every task waits (tokio's auto-advance) or when a test sleeps, so
 //! "at T nothing has happened yet, at T + 1 ms it has" is an exact statement here.
 
+use actors::limits::LIVE_ACTORS_MAX_DEFAULT;
 use actors::limits::{
     ACTOR_IDLE_STOP_MS, PASSIVATE_RETRY_MAX_MS, SNAPSHOT_IDLE_MIN_EVENTS, SNAPSHOT_QUIET_MS, TIMER_RETRY_MS,
 };
 use actors::memory_journal::MemoryJournal;
 use actors::{Clock, CommandBus, CommandError, LocalActors, Projections, TokioClock};
 use domain::drop::{DropCommand, DropSpec, DropState, DropView, PoolSpec, SettlementTerms, SkuSpec};
-use domain::limits::LIVE_ACTORS_MAX_DEFAULT;
 use domain::money::{Currency, Money};
 use domain::reply::FromReply;
 use domain::sku::{

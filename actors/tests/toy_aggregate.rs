@@ -9,7 +9,6 @@ mod toy {
 }
 
 use actors::cluster::leases::LeaseTimings;
-use actors::cluster::natsd::LocalNats;
 use actors::cluster::placement::partition_of;
 use actors::cluster::{ClusterConfig, ClusterNode};
 use actors::hosted::Hosted;
@@ -18,6 +17,7 @@ use actors::{CommandBus, CommandError, Journal, LocalActors, Projections, System
 use domain::Rejection;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use testkit::nats::LocalNats;
 use toy::counter::{Counter, CounterCommand, LIMIT};
 
 async fn add(bus: &dyn CommandBus, key: &str, by: u64) -> Result<u64, CommandError> {

@@ -48,18 +48,6 @@ const _: () = assert!(HOLD_TTL_MS_MIN < HOLD_TTL_MS_MAX);
 const _: () =
     assert!(PRICE_MINOR_UNITS_MAX as i128 * POOL_UNITS_MAX as i128 * POOLS_PER_SKU_MAX as i128 <= i64::MAX as i128);
 
-// The bound on running actors belongs to the actor shell (see `actors::limits`); it is still
-// named here because the demo, the integration tests' harness, the benchmarks and the load
-// generator pass it to the servers they start by this path.
-
-/// Running actors of one kind (SKUs, drops, hubs, creators) a process keeps by default
-/// (`dropline serve --live-actors-max`). Starting one more asks the least recently used
-/// running ones to passivate early, as idle ones do after `ACTOR_IDLE_STOP_MS`, so a burst
-/// over a huge catalog cannot grow memory without end. A running SKU actor with one hold
-/// costs about 10 KiB (kameo's task and mailbox about half of it), so 50,000 of them are
-/// about 500 MiB: with a 100,000-SKU catalog it fits a 1 GiB container.
-pub const LIVE_ACTORS_MAX_DEFAULT: usize = 50_000;
-
 // Registry and hubs.
 
 /// Hubs in the registry, partners in the registry, and partners assigned to one hub: the

@@ -6,7 +6,6 @@
 //! start on first use, so without it the figure would leave out the state this measures.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,12 +14,12 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use proto::checkout::v1::{ReserveOutcome, ReserveRequest};
 use proto::common::v1::Money;
 use proto::operator::v1::{Allocation, CreateDropRequest, SkuSpec};
-use tokio::process::{Child, Command};
+use testkit::{ServeCommand, ServeProcess};
 use tonic::transport::Channel;
 
 use crate::burst::run_burst;
 use crate::{net, open_drop, open_window, unix_millis, HOLD_TTL_SECONDS};
-use domain::limits::LIVE_ACTORS_MAX_DEFAULT;
+use actors::limits::LIVE_ACTORS_MAX_DEFAULT;
 
 /// Cities the hubs are spread over: hub `i` serves `city-{i % CITIES}`.
 const CITIES: usize = 5;
@@ -137,11 +136,11 @@ pub async fn run(args: CatalogArgs) -> anyhow::Result<()> {
         }
     };
 
-    let listen = format!("127.0.0.1:{}", net::free_local_port()?);
-    let mut child = start_server(&args.dropline_bin, &listen, &data_dir, args.live_actors_max)?;
-    let result = measure(&args, &mut child, &format!("http://{listen}")).await;
+    let mut child = start_server(&args.dropline_bin, &data_dir, args.live_actors_max)?;
+    let target = format!("http://{}", child.addr);
+    let result = measure(&args, &mut child, &target).await;
     // Stop the server before removing its directory, so it cannot write into it meanwhile.
-    net::stop(&mut child).await;
+    child.kill();
     if let Some(temp_dir) = temp_dir {
         let path = temp_dir.path().to_owned();
         if let Err(error) = temp_dir.close() {
@@ -151,48 +150,38 @@ pub async fn run(args: CatalogArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Starts `bin serve` on `listen` and `data_dir`, with the server's default bound on running
-/// actors unless `live_actors_max` is given.
+/// Starts `bin serve` on a free loopback port and `data_dir`, with the server's default
+/// bound on running actors unless `live_actors_max` is given.
 pub(crate) fn start_server(
     bin: &Path,
-    listen: &str,
     data_dir: &Path,
     live_actors_max: Option<usize>,
-) -> anyhow::Result<Child> {
+) -> anyhow::Result<ServeProcess> {
+    let mut command = ServeCommand::new(data_dir)?
+        .exe(bin)
+        .operator_token(&crate::operator_token())
+        // Keep the report readable: the server's info logs would drown it. Warnings and
+        // errors still show, and an explicit DROPLINE_LOG (the server's `--log`) wins.
+        .log_filter(&std::env::var("DROPLINE_LOG").unwrap_or_else(|_| "warn".into()));
+    if let Some(n) = live_actors_max {
+        command = command.args(["--live-actors-max".to_string(), n.to_string()]);
+    }
     let bound = live_actors_max
         .map(|n| format!(" --live-actors-max {n}"))
         .unwrap_or_default();
     eprintln!(
-        "starting {} serve --listen {listen} --data-dir {}{bound}",
+        "starting {} serve --listen {} --data-dir {}{bound}",
         bin.display(),
+        command.listen,
         data_dir.display()
     );
-    let mut command = Command::new(bin);
-    command
-        .arg("serve")
-        .arg("--listen")
-        .arg(listen)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    if let Some(n) = live_actors_max {
-        command.arg("--live-actors-max").arg(n.to_string());
-    }
-    // Keep the report readable: the server's info logs would drown it. Warnings and errors
-    // still show, and an explicit DROPLINE_LOG (the server's `--log`) wins.
-    command.env("DROPLINE_OPERATOR_TOKEN", crate::operator_token());
-    if std::env::var_os("DROPLINE_LOG").is_none() {
-        command.env("DROPLINE_LOG", "warn");
-    }
-    command
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))
+    command.spawn()
 }
 
-async fn measure(args: &CatalogArgs, child: &mut Child, target: &str) -> anyhow::Result<()> {
+async fn measure(args: &CatalogArgs, child: &mut ServeProcess, target: &str) -> anyhow::Result<()> {
     let pid = child.id().context("the server exited at once")?;
-    net::wait_until_answering(target, Some(&mut *child), STARTUP_TIMEOUT).await?;
+    // Fails early should the server exit instead.
+    child.connect(STARTUP_TIMEOUT).await?;
     let channels = net::connect_channels(target, CONNECTIONS).await?;
     let layout = Arc::new(Layout {
         run_id: unix_millis(),

@@ -9,15 +9,12 @@
 //!    node is restarted and the cluster left to rebalance before the next kill.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use actors::cluster::natsd::LocalNats;
-use actors::cluster::placement::{lease_key, partition_of, LEASES_BUCKET, PARTITIONS_DEFAULT};
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
-use tokio::process::{Child, Command};
+use testkit::{ClusterOptions, LocalCluster};
 use tonic::transport::Channel;
 
 use crate::hot_sku::{self, LoadShape};
@@ -48,43 +45,14 @@ pub struct ClusterArgs {
     pub lease_renew_ms: u64,
 }
 
-struct Node {
-    name: String,
-    addr: String,
-    data_dir: PathBuf,
-    child: Option<Child>,
-}
-
-fn spawn_node(args: &ClusterArgs, nats: &LocalNats, node: &Node) -> anyhow::Result<Child> {
-    let mut command = Command::new(&args.dropline_bin);
-    command
-        .args(["serve", "--listen", &node.addr, "--data-dir"])
-        .arg(&node.data_dir)
-        .args(["--nats", &nats.url(), "--node", &node.name])
-        .args(["--replicas", &nats.len().to_string()])
-        .args(["--lease-ttl-ms", &args.lease_ttl_ms.to_string()])
-        .args(["--lease-renew-ms", &args.lease_renew_ms.to_string()])
-        .env("DROPLINE_OPERATOR_TOKEN", crate::operator_token())
-        .env(
-            "DROPLINE_LOG",
-            std::env::var("DROPLINE_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    command
-        .spawn()
-        .with_context(|| format!("cannot start {}", args.dropline_bin.display()))
-}
-
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let temp = tempfile::Builder::new().prefix("dropline-load-cluster-").tempdir()?;
     let stock = u32::try_from(args.load.attempts).context("--attempts must fit a u32")?;
 
     // 1. Embedded.
-    let listen = format!("127.0.0.1:{}", net::free_local_port()?);
-    let mut embedded = crate::catalog::start_server(&args.dropline_bin, &listen, &temp.path().join("embedded"), None)?;
-    let target = format!("http://{listen}");
-    net::wait_until_answering(&target, Some(&mut embedded), Duration::from_secs(30)).await?;
+    let mut embedded = crate::catalog::start_server(&args.dropline_bin, &temp.path().join("embedded"), None)?;
+    let target = format!("http://{}", embedded.addr);
+    embedded.connect(Duration::from_secs(30)).await?;
     let channels = net::connect_channels(&target, args.load.connections).await?;
     let drop_id = format!("load-{}", crate::unix_millis());
     hot_sku::create_hot_drop(channels[0].clone(), &drop_id, stock).await?;
@@ -95,39 +63,25 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let alone = hot_sku::reserve_burst(&channels, &drop_id, args.load).await?;
     let alone_check = hot_sku::check_stock(channels[0].clone(), &drop_id).await?;
     drop(channels);
-    net::stop(&mut embedded).await;
+    embedded.kill();
 
     // 2. Cluster.
     let servers = args.nats_servers.unwrap_or(args.nodes).max(1);
     eprintln!("starting {servers} NATS servers and {} Dropline nodes", args.nodes);
-    let nats = LocalNats::start(servers, &temp.path().join("nats"))?;
-    let mut nodes = Vec::new();
-    for i in 0..args.nodes {
-        let mut node = Node {
-            name: format!("node-{i}"),
-            addr: format!("127.0.0.1:{}", net::free_local_port()?),
-            data_dir: temp.path().join(format!("node-{i}")),
-            child: None,
-        };
-        node.child = Some(spawn_node(&args, &nats, &node)?);
-        nodes.push(node);
-    }
-    for node in &mut nodes {
-        net::wait_until_answering(
-            &format!("http://{}", node.addr),
-            node.child.as_mut(),
-            Duration::from_secs(90),
-        )
-        .await?;
-    }
-    let urls: Vec<async_nats::ServerAddr> = nats.url().split(',').map(str::parse).collect::<Result<_, _>>()?;
-    let js = async_nats::jetstream::new(async_nats::connect(urls).await?);
-    let leases = js.get_key_value(LEASES_BUCKET).await?;
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-    settle(&leases, &names).await?;
+    let options = ClusterOptions {
+        nats_servers: servers,
+        lease_ttl_ms: args.lease_ttl_ms,
+        lease_renew_ms: args.lease_renew_ms,
+        operator_token: crate::operator_token(),
+        exe: Some(args.dropline_bin.clone()),
+        log_filter: std::env::var("DROPLINE_LOG").unwrap_or_else(|_| "warn".into()),
+        ..ClusterOptions::new(args.nodes)
+    };
+    let mut cluster = LocalCluster::start(options, &temp.path().join("cluster")).await?;
+    let addrs = cluster.addrs();
     let mut channels = Vec::new();
-    for i in 0..args.load.connections.max(nodes.len()) {
-        channels.extend(net::connect_channels(&format!("http://{}", nodes[i % nodes.len()].addr), 1).await?);
+    for i in 0..args.load.connections.max(addrs.len()) {
+        channels.extend(net::connect_channels(&format!("http://{}", addrs[i % addrs.len()]), 1).await?);
     }
     let cluster_drop = format!("load-{}", crate::unix_millis());
     hot_sku::create_hot_drop(channels[0].clone(), &cluster_drop, stock).await?;
@@ -135,7 +89,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         "cluster: {} reserves, {} concurrent, over {} nodes",
         args.load.attempts,
         args.load.concurrency,
-        nodes.len()
+        addrs.len()
     );
     let spread = hot_sku::reserve_burst(&channels, &cluster_drop, args.load).await?;
     let spread_check = hot_sku::check_stock(channels[0].clone(), &cluster_drop).await?;
@@ -144,9 +98,9 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         "hot-SKU burst: {} reserves, {} concurrent; embedded vs {} nodes on {} NATS servers (R{})",
         args.load.attempts,
         args.load.concurrency,
-        nodes.len(),
-        nats.len(),
-        nats.len()
+        addrs.len(),
+        cluster.nats_servers(),
+        cluster.nats_servers()
     );
     println!("{}", hot_sku::header());
     println!("{}", hot_sku::row("embedded", &alone));
@@ -169,22 +123,15 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     // 3. Takeovers.
     if args.kills > 0 {
         let stream = format!("sku/{cluster_drop}/{}", hot_sku::HOT_SKU);
-        let partition = partition_of(&stream, PARTITIONS_DEFAULT);
         let mut taken = Histogram::<u64>::new_with_bounds(1, 600_000, 3)?;
         for kill in 0..args.kills {
-            let owner = owner(&leases, partition).await?;
-            let victim = nodes
-                .iter()
-                .position(|n| n.name == owner)
-                .context("owner is not a node")?;
-            let survivor = (victim + 1) % nodes.len();
-            let channel = net::connect_channels(&format!("http://{}", nodes[survivor].addr), 1)
+            let victim = cluster.wait_for_owner_of(&stream, Duration::from_secs(30)).await?;
+            let owner = cluster.name(victim).to_string();
+            let survivor = (victim + 1) % addrs.len();
+            let channel = net::connect_channels(&format!("http://{}", addrs[survivor]), 1)
                 .await?
                 .remove(0);
-            if let Some(mut child) = nodes[victim].child.take() {
-                child.start_kill()?;
-                child.wait().await?;
-            }
+            cluster.kill(victim);
             let killed = Instant::now();
             let took = served_again(channel, &cluster_drop, killed).await?;
             taken.record(took.as_millis() as u64)?;
@@ -193,15 +140,8 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 kill + 1,
                 took.as_millis()
             );
-            let node = &mut nodes[victim];
-            node.child = Some(spawn_node(&args, &nats, node)?);
-            net::wait_until_answering(
-                &format!("http://{}", node.addr),
-                node.child.as_mut(),
-                Duration::from_secs(60),
-            )
-            .await?;
-            settle(&leases, &names).await?;
+            cluster.restart(victim).await?;
+            cluster.settled().await?;
         }
         println!(
             "takeover after kill -9 of the hot SKU's node ({} kills; lease TTL {} ms, renewal {} ms): \
@@ -214,49 +154,9 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             taken.max()
         );
     }
-    for node in &mut nodes {
-        if let Some(child) = node.child.as_mut() {
-            net::stop(child).await;
-        }
-    }
-    drop(nats);
+    // The nodes go first, then the NATS servers.
+    drop(cluster);
     Ok(())
-}
-
-async fn owner(leases: &async_nats::jetstream::kv::Store, partition: u32) -> anyhow::Result<String> {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(value) = leases.get(lease_key(partition)).await? {
-            return Ok(String::from_utf8_lossy(&value).into_owned());
-        }
-        if Instant::now() > until {
-            bail!("partition {partition} has no owner");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until every partition has an owner and every node owns some (a fair spread).
-async fn settle(leases: &async_nats::jetstream::kv::Store, names: &[String]) -> anyhow::Result<()> {
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut owners = std::collections::BTreeMap::<String, usize>::new();
-        let mut free = 0;
-        for partition in 0..PARTITIONS_DEFAULT {
-            match leases.get(lease_key(partition)).await? {
-                Some(value) => *owners.entry(String::from_utf8_lossy(&value).into_owned()).or_default() += 1,
-                None => free += 1,
-            }
-        }
-        let fair = (PARTITIONS_DEFAULT as usize).div_ceil(names.len());
-        if free == 0 && names.iter().all(|n| owners.get(n).is_some_and(|c| *c + 1 >= fair)) {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            bail!("the partitions did not settle: {owners:?}, {free} free");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Time from `killed` until a call that needs the hot SKU's actor, made through a surviving

@@ -184,7 +184,7 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
 
     let wait = Duration::from_secs(args.wait_secs);
     eprintln!("waiting up to {} s for {} to answer", wait.as_secs(), args.target);
-    net::wait_until_answering(&args.target, None, wait).await?;
+    net::wait_until_answering(&args.target, wait).await?;
     let server = server_process(&args.target, args.server_pid);
     match server {
         Some(Pid(pid)) => eprintln!("server process: pid {pid} (its CPU time is read around each burst)"),

@@ -73,7 +73,7 @@ pub async fn storefront_clients(channels: &[Channel]) -> anyhow::Result<std::syn
 /// Registers the load tests' storefront (or gives it a new credential when it exists) and
 /// waits until every channel's server accepts the credential.
 pub async fn storefront(channels: &[Channel]) -> anyhow::Result<String> {
-    services::auth::storefront_credential(channels, &operator_token(), STOREFRONT).await
+    testkit::storefront_credential(channels, &operator_token(), STOREFRONT).await
 }
 
 pub fn operator_auth() -> Bearer {

@@ -42,25 +42,16 @@ pub(crate) fn endpoint(target: &str) -> anyhow::Result<Endpoint> {
         .tcp_nodelay(true))
 }
 
-/// Waits until the Dropline server at `target` answers gRPC calls, failing early if
-/// `child` (the server process, when we started it) exits first.
+/// Waits until the Dropline server at `target` (one this run did not start) answers gRPC
+/// calls.
 ///
 /// Any answer to a GetDrop of a drop that does not exist (normally NOT_FOUND) proves the
 /// server is serving; UNAVAILABLE, a refused connection or no answer within the probe's
 /// deadline mean "not yet" (`dropline serve` binds its port before the platform opens, so
 /// a call can be accepted and wait).
-pub async fn wait_until_answering(
-    target: &str,
-    mut child: Option<&mut Child>,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+pub async fn wait_until_answering(target: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(child) = child.as_deref_mut() {
-            if let Some(status) = child.try_wait().context("cannot poll the server process")? {
-                bail!("the server exited before answering ({status})");
-            }
-        }
         let last_error = match probe(target).await {
             Ok(()) => return Ok(()),
             Err(error) => error,
@@ -96,13 +87,6 @@ async fn probe(target: &str) -> anyhow::Result<()> {
         // Any other answer, NOT_FOUND included, comes from a server that is serving.
         Ok(_) | Err(_) => Ok(()),
     }
-}
-
-/// A localhost port nothing listens on right now, outside the range outgoing connections
-/// draw from. Another process could still bind it before the caller does, which is
-/// acceptable for a test run on a quiet machine.
-pub fn free_local_port() -> anyhow::Result<u16> {
-    actors::cluster::natsd::unused_loopback_port().context("cannot find a free local port")
 }
 
 /// Reads the child's stdout until its `listening on <addr>` line and returns the address.

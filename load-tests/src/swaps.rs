@@ -61,15 +61,15 @@ fn ms(ts: &prost_types::Timestamp) -> i64 {
 pub async fn run(args: SwapsArgs) -> anyhow::Result<()> {
     ensure!(args.orders > 0, "--orders must be at least 1");
     let temp = tempfile::Builder::new().prefix("dropline-load-swaps-").tempdir()?;
-    let listen = format!("127.0.0.1:{}", net::free_local_port()?);
-    let mut child = catalog::start_server(&args.dropline_bin, &listen, temp.path(), None)?;
-    let result = measure(&args, &mut child, &format!("http://{listen}")).await;
-    net::stop(&mut child).await;
+    let mut child = catalog::start_server(&args.dropline_bin, temp.path(), None)?;
+    let target = format!("http://{}", child.addr);
+    let result = measure(&args, &mut child, &target).await;
+    child.kill();
     result
 }
 
-async fn measure(args: &SwapsArgs, child: &mut tokio::process::Child, target: &str) -> anyhow::Result<()> {
-    net::wait_until_answering(target, Some(child), STARTUP_TIMEOUT).await?;
+async fn measure(args: &SwapsArgs, child: &mut testkit::ServeProcess, target: &str) -> anyhow::Result<()> {
+    child.connect(STARTUP_TIMEOUT).await?;
     let channel = net::connect_channels(target, 1).await?.remove(0);
     let mut registry = PartnerRegistryServiceClient::with_interceptor(channel.clone(), crate::operator_auth());
     registry

@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         let platform = services::platform::Platform::open_embedded(
             dir.path(),
             Some(OPERATOR_TOKEN),
-            domain::limits::LIVE_ACTORS_MAX_DEFAULT,
+            actors::limits::LIVE_ACTORS_MAX_DEFAULT,
         )
         .await?;
         // Booking through the actor, durable.

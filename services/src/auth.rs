@@ -333,7 +333,9 @@ pub fn require_operator_or_partner<T>(request: &Request<T>, partner_id: &str) ->
 /// A client channel that sends a credential with every call.
 pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
 
-/// Client side: adds `authorization: Bearer <token>` to every call (demo, tests, tools).
+/// Client side: adds `authorization: Bearer <token>` to every call (the `client` crate's
+/// commands and demo, the test kit, tools); the server's side of the same header is
+/// [`Authenticator`].
 #[derive(Clone)]
 pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
@@ -348,60 +350,4 @@ impl tonic::service::Interceptor for Bearer {
         request.metadata_mut().insert("authorization", self.0.clone());
         Ok(request)
     }
-}
-
-/// Client side: registers `storefront_id` through the first of `channels` (or, when it
-/// exists, gives it a new credential), waits until every channel's server accepts the
-/// credential (a cluster's other nodes learn it a moment later), and returns it. For the
-/// demo and tests, which play both the operator and a storefront.
-pub async fn storefront_credential(
-    channels: &[tonic::transport::Channel],
-    operator_token: &str,
-    storefront_id: &str,
-) -> anyhow::Result<String> {
-    use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
-    use proto::operator::v1::operator_service_client::OperatorServiceClient;
-    use proto::operator::v1::{RegisterStorefrontRequest, ResetStorefrontCredentialRequest};
-    let first = channels
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("no server to register storefront {storefront_id} with"))?;
-    let mut operator = OperatorServiceClient::with_interceptor(first.clone(), Bearer::new(operator_token)?);
-    let issued = match operator
-        .register_storefront(RegisterStorefrontRequest {
-            storefront_id: storefront_id.into(),
-            display_name: storefront_id.into(),
-        })
-        .await
-    {
-        Err(status) if status.code() == tonic::Code::AlreadyExists => {
-            operator
-                .reset_storefront_credential(ResetStorefrontCredentialRequest {
-                    storefront_id: storefront_id.into(),
-                })
-                .await
-        }
-        other => other,
-    };
-    let credential = issued
-        .map_err(|s| anyhow::anyhow!("registering storefront {storefront_id}: {}", s.message()))?
-        .into_inner()
-        .credential;
-    for channel in channels {
-        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut checkout = CheckoutServiceClient::with_interceptor(channel.clone(), Bearer::new(&credential)?);
-        // Past authentication, an order that does not exist is NOT_FOUND.
-        while checkout
-            .get_order(proto::checkout::v1::GetOrderRequest {
-                order_id: "d.s.0".into(),
-            })
-            .await
-            .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
-        {
-            if tokio::time::Instant::now() > until {
-                anyhow::bail!("a server did not learn storefront {storefront_id}'s credential within 30 s");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    }
-    Ok(credential)
 }

@@ -1,15 +1,12 @@
-//! The Dropline services: gRPC checkout and operator APIs over the actor platform, the
-//! `dropline` command line (serve, demo) and the wiring of the embedded platform. Only this
-//! crate (and `proto`) knows protobuf.
+//! The Dropline server: gRPC checkout, operator, registry, dispatch and settlement APIs over
+//! the actor platform, the wiring of the embedded and cluster platforms, and `dropline serve`
+//! ([`serve`]; the `dropline` binary itself is the `client` crate's). Only this crate (and
+//! `proto`) knows protobuf.
 
 pub mod auth;
 pub mod checkout;
 pub mod config;
 pub mod convert;
-pub mod demo;
-pub mod demo_cluster;
-pub mod demo_couriers;
-pub mod demo_settlement;
 pub mod dispatch;
 pub mod levels;
 pub mod limits;
@@ -21,12 +18,11 @@ pub mod refunds;
 pub mod registry;
 pub mod server;
 pub mod settlement;
-pub mod settlement_cli;
 pub mod status;
 pub mod throttle;
 pub mod tls;
 
-use config::{Cli, Command, ServeConfig};
+use config::{ServeArgs, ServeConfig};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -104,47 +100,27 @@ pub fn init_tracing(filter: &str) {
         .try_init();
 }
 
-/// Runs the command line's command on the runtime `main` built with `scheduler`.
-pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Result<()> {
+/// `dropline serve` on the runtime `main` built with `scheduler`: with `--check-config`,
+/// prints the settings and returns; else serves until SIGTERM or Ctrl-C.
+pub async fn serve(args: ServeArgs, scheduler: actors::runtime::Scheduler) -> anyhow::Result<()> {
     let scheduler_falls_back = scheduler == actors::runtime::Scheduler::LifoSlotFallback;
     let scheduler = scheduler.describe();
-    match cli.command {
-        Command::Serve(args) => {
-            let config = args.resolve()?;
-            if args.check_config {
-                if let Some(files) = &config.tls {
-                    files.load()?;
-                }
-                print_config(&config);
-                println!("# scheduler: {scheduler}");
-                return Ok(());
-            }
-            init_tracing(&config.log);
-            if scheduler_falls_back {
-                warn!(scheduler, "runtime started on tokio's default scheduler");
-            } else {
-                info!(scheduler, "runtime started");
-            }
-            run_serve(config).await
+    let config = args.resolve()?;
+    if args.check_config {
+        if let Some(files) = &config.tls {
+            files.load()?;
         }
-        Command::Demo(args) => {
-            init_tracing("warn");
-            demo::run(args).await
-        }
-        Command::Settlement(args) => {
-            init_tracing("warn");
-            settlement_cli::run(args).await
-        }
-        Command::Health(args) => match health_check(&args).await {
-            Ok(true) => Ok(()),
-            Ok(false) => std::process::exit(1),
-            Err(e) => {
-                // A probe's answer, not a crash: one line, no backtrace.
-                eprintln!("dropline health: {e:#}");
-                std::process::exit(1)
-            }
-        },
+        print_config(&config);
+        println!("# scheduler: {scheduler}");
+        return Ok(());
     }
+    init_tracing(&config.log);
+    if scheduler_falls_back {
+        warn!(scheduler, "runtime started on tokio's default scheduler");
+    } else {
+        info!(scheduler, "runtime started");
+    }
+    run_serve(config).await
 }
 
 /// `dropline serve --check-config`: the settings a server would run with (no credential).
@@ -187,12 +163,4 @@ fn print_config(config: &ServeConfig) {
             println!("lease_renew_ms = {}", c.timings.renew.as_millis());
         }
     }
-}
-
-/// `dropline health`: one grpc.health.v1 Check; prints the status, true for SERVING.
-async fn health_check(args: &config::HealthArgs) -> anyhow::Result<bool> {
-    let timeout = std::time::Duration::from_millis(args.timeout_ms);
-    let status = server::health_status(&args.server, &args.tls, &args.service, timeout).await?;
-    println!("{}", status.as_str_name());
-    Ok(status == tonic_health::pb::health_check_response::ServingStatus::Serving)
 }

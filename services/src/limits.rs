@@ -8,7 +8,8 @@
 
 use actors::cluster::placement::PARTITIONS_DEFAULT;
 use actors::limits::ADDRESS_RETENTION_MAX_MS;
-use domain::limits::{LIVE_ACTORS_MAX_DEFAULT, STATEMENT_PAGE_MAX};
+use actors::limits::LIVE_ACTORS_MAX_DEFAULT;
+use domain::limits::STATEMENT_PAGE_MAX;
 
 // HTTP/2 and gRPC.
 

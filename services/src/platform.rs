@@ -82,7 +82,7 @@ impl Platform {
     /// The embedded platform: journal and secrets under `data_dir`, actors in-process.
     /// `operator_token`: the operator credential to accept (see [`OperatorCredential::load`]);
     /// `live_actors_max`: running actors of each kind kept at most
-    /// (`domain::limits::LIVE_ACTORS_MAX_DEFAULT`).
+    /// (`actors::limits::LIVE_ACTORS_MAX_DEFAULT`).
     pub async fn open_embedded(
         data_dir: &Path,
         operator_token: Option<&str>,

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::{Endpoint, Server, ServerTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus as HealthStatus;
 use tracing::{info, warn};
 
@@ -230,19 +230,18 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Asks the grpc.health.v1 service of the server at `server` (a URI) about `service` ("":
-/// readiness, `liveness`), connection and call each bounded by `timeout`. A server still
-/// opening has its port bound and holds the call in its backlog: that is a timeout here.
+/// Asks the grpc.health.v1 service of `server` (named so in errors) at `endpoint` about
+/// `service` ("": readiness, `liveness`), connection and call each bounded by `timeout`. A
+/// server still opening has its port bound and holds the call in its backlog: that is a
+/// timeout here.
 pub async fn health_status(
     server: &str,
-    tls: &crate::config::ClientTlsArgs,
+    endpoint: Endpoint,
     service: &str,
     timeout: Duration,
 ) -> anyhow::Result<HealthStatus> {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let endpoint = crate::tls::endpoint(server, tls)?
-        .connect_timeout(timeout)
-        .timeout(timeout);
+    let endpoint = endpoint.connect_timeout(timeout).timeout(timeout);
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| anyhow::anyhow!("{server}: no connection within {} ms", timeout.as_millis()))?
@@ -256,9 +255,13 @@ pub async fn health_status(
     Ok(HealthStatus::try_from(reply.into_inner().status).unwrap_or(HealthStatus::Unknown))
 }
 
-/// Whether the server at `addr` reports SERVING (readiness) within `timeout`.
+/// Whether the server at `addr` (plaintext) reports SERVING (readiness) within `timeout`.
 pub async fn is_serving(addr: std::net::SocketAddr, timeout: Duration) -> bool {
-    health_status(&format!("http://{addr}"), &Default::default(), "", timeout)
+    let server = format!("http://{addr}");
+    let Ok(endpoint) = Endpoint::from_shared(server.clone()) else {
+        return false;
+    };
+    health_status(&server, endpoint, "", timeout)
         .await
         .is_ok_and(|status| status == HealthStatus::Serving)
 }

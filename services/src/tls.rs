@@ -1,5 +1,4 @@
-//! TLS for `dropline serve` and the clients of the `dropline` command line: rustls (on
-//! ring) through tonic's TLS support.
+//! TLS for `dropline serve`: rustls (on ring) through tonic's TLS support.
 //!
 //! The server takes a certificate chain and key (`--tls-cert`, `--tls-key`) and, with
 //! `--tls-client-ca`, lets clients present a certificate signed by that CA. Presenting one
@@ -10,28 +9,13 @@
 //! machine holding another partner's certificate). Other callers' certificates are not
 //! read.
 //!
-//! Clients connect in plaintext to `http://` servers and over TLS to `https://` ones,
-//! trusting the CA of `--tls-ca`, else the system's roots.
+//! The clients' side (`--tls-ca`, `--tls-server-name`) is the `client` crate's `tls`.
 
 use crate::limits::TLS_HANDSHAKE_TIMEOUT_MS;
-use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
-
-/// How a client of the command line reaches an https:// server.
-#[derive(Debug, Args, Clone, Default)]
-pub struct ClientTlsArgs {
-    /// PEM file of the CA that signed the server's certificate, for an https:// server
-    /// [default: the system's trusted roots].
-    #[arg(long, env = "DROPLINE_TLS_CA", global = true)]
-    pub tls_ca: Option<PathBuf>,
-    /// The name the server's certificate must carry, when it is not the host of --server
-    /// (e.g. `--server https://127.0.0.1:50051 --tls-server-name dropline.example.com`).
-    #[arg(long, env = "DROPLINE_TLS_SERVER_NAME", global = true)]
-    pub tls_server_name: Option<String>,
-}
 
 /// The server's TLS files, as configured (flags > environment > TOML).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,29 +64,6 @@ impl TlsFiles {
             })?;
         Ok(config)
     }
-}
-
-/// The endpoint of `server` (`http://` or `https://`), with TLS set up for `https://`.
-pub fn endpoint(server: &str, tls: &ClientTlsArgs) -> anyhow::Result<Endpoint> {
-    let endpoint = Endpoint::from_shared(server.to_owned()).map_err(|e| anyhow::anyhow!("{server}: {e}"))?;
-    let https = endpoint.uri().scheme_str() == Some("https");
-    if !https {
-        if tls.tls_ca.is_some() || tls.tls_server_name.is_some() {
-            anyhow::bail!("{server}: --tls-ca and --tls-server-name need an https:// server");
-        }
-        return Ok(endpoint);
-    }
-    let mut config = ClientTlsConfig::new();
-    config = match &tls.tls_ca {
-        Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca, "CA")?)),
-        None => config.with_native_roots(),
-    };
-    if let Some(name) = &tls.tls_server_name {
-        config = config.domain_name(name.clone());
-    }
-    endpoint
-        .tls_config(config)
-        .map_err(|e| anyhow::anyhow!("{server}: TLS: {e}"))
 }
 
 /// PERMISSION_DENIED when the call came with a client certificate that is not `partner_id`'s

@@ -6,7 +6,6 @@
 
 pub mod journal;
 pub mod leases;
-pub mod natsd;
 pub mod node;
 pub mod placement;
 

@@ -1,4 +1,4 @@
-//! The `dropline` binary: parses the command line and hands over to `services::run`.
+//! The `dropline` binary: parses the command line and hands over to `client::run`.
 
 use clap::Parser;
 
@@ -10,7 +10,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    let cli = services::config::Cli::parse();
+    let cli = client::cli::Cli::parse();
     let (runtime, scheduler) = actors::runtime::multi_thread(cli.tokio_lifo_slot)?;
-    runtime.block_on(services::run(cli, scheduler))
+    runtime.block_on(client::run(cli, scheduler))
 }

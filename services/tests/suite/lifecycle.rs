@@ -2,8 +2,6 @@
 //! NOT_SERVING from the shutdown signal on, `liveness` SERVING until the end, calls still
 //! answered during the shutdown delay, then the drain.
 
-mod common;
-
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::GetAvailabilityRequest;
 use std::time::{Duration, Instant};
@@ -26,8 +24,8 @@ async fn readiness_goes_first_liveness_stays_and_calls_are_served_through_the_sh
     let dir = tempfile::tempdir().unwrap();
     let platform = services::platform::Platform::open_embedded(
         dir.path(),
-        Some(common::OPERATOR_TOKEN),
-        domain::limits::LIVE_ACTORS_MAX_DEFAULT,
+        Some(testkit::OPERATOR_TOKEN),
+        actors::limits::LIVE_ACTORS_MAX_DEFAULT,
     )
     .await
     .unwrap();
@@ -43,7 +41,7 @@ async fn readiness_goes_first_liveness_stays_and_calls_are_served_through_the_sh
         },
         delay,
     ));
-    let channel = common::connect(addr).await;
+    let channel = testkit::connect(addr).await;
     assert_eq!(status(&channel, "").await, ServingStatus::Serving);
     assert_eq!(status(&channel, "liveness").await, ServingStatus::Serving);
 
@@ -87,18 +85,13 @@ async fn readiness_goes_first_liveness_stays_and_calls_are_served_through_the_sh
 #[tokio::test]
 async fn a_node_still_opening_holds_its_port_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let nowhere = common::free_port(); // no NATS server listens there
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dropline"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.path())
+    let nowhere = testkit::free_port(); // no NATS server listens there
+    let mut child = testkit::ServeCommand::new(dir.path())
+        .unwrap()
         .args(["--nats", &format!("nats://127.0.0.1:{nowhere}"), "--node", "n1"])
-        .env("DROPLINE_LOG", "warn")
-        .env("DROPLINE_OPERATOR_TOKEN", common::OPERATOR_TOKEN)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
         .spawn()
         .unwrap();
+    let port = child.port();
     let until = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(child.try_wait().unwrap().is_none(), "the node exited while opening");
@@ -106,19 +99,15 @@ async fn a_node_still_opening_holds_its_port_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Bound but not serving: a health check gets no answer.
-    assert!(!common::serving(([127, 0, 0, 1], port).into()).await);
+    assert!(!testkit::serving(([127, 0, 0, 1], port).into()).await);
     let signalled = Instant::now();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    child.sigterm().unwrap();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         if signalled.elapsed() > Duration::from_secs(20) {
-            child.kill().unwrap();
+            child.kill();
             panic!("still running 20 s after SIGTERM");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

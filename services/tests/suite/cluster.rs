@@ -5,135 +5,29 @@
 //! again within the lease TTL plus 2 s; a NATS server of a 3-server cluster restarting in the
 //! middle of a burst loses no acknowledged order.
 
-mod common;
-
-use actors::cluster::natsd::LocalNats;
-use actors::cluster::placement::{lease_key, partition_of, LEASES_BUCKET, PARTITIONS_DEFAULT};
-use common::*;
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::*;
 use proto::operator::v1::GetDropRequest;
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use testkit::*;
 use tonic::transport::Channel;
 
 /// One cluster test at a time: each runs 3 Dropline nodes and 1–3 NATS servers, and two of
 /// them on 2 cores starve the lease rounds whose timing the tests check.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const LEASE_TTL_MS: u64 = 3_000;
-const LEASE_RENEW_MS: u64 = 500;
-
-struct Node {
-    name: String,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn start_node(nats: &LocalNats, replicas: usize, name: &str, dir: &std::path::Path) -> Node {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_dropline"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.join(name))
-        .args([
-            "--nats",
-            &nats.url(),
-            "--node",
-            name,
-            "--replicas",
-            &replicas.to_string(),
-        ])
-        .args(["--lease-ttl-ms", &LEASE_TTL_MS.to_string()])
-        .args(["--lease-renew-ms", &LEASE_RENEW_MS.to_string()])
-        .env("DROPLINE_LOG", "warn")
-        .env("DROPLINE_OPERATOR_TOKEN", OPERATOR_TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("dropline binary starts");
-    Node {
-        name: name.into(),
-        port,
-        child: Some(child),
-    }
-}
-
-async fn start_cluster(nats: &LocalNats, replicas: usize, dir: &std::path::Path) -> (Vec<Node>, Vec<Channel>) {
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| start_node(nats, replicas, &format!("node-{i}"), dir))
-        .collect();
-    let mut channels = Vec::new();
-    for node in &mut nodes {
-        channels.push(connect_node(node).await);
-    }
-    settled(nats, nodes.len()).await;
-    (nodes, channels)
-}
-
-/// Waits until every partition has an owner and the nodes hold fair shares, the same over
-/// two reads a renewal round apart: a node that answers first takes every partition and
-/// hands the surplus over in the next rounds, stopping the actors it had started.
-async fn settled(nats: &LocalNats, nodes: usize) {
-    let leases = leases_bucket(nats).await;
-    let fair = PARTITIONS_DEFAULT.div_ceil(nodes as u32) as usize;
-    let until = Instant::now() + Duration::from_secs(60);
-    let mut last = Vec::new();
-    loop {
-        let mut owners = Vec::new();
-        for partition in 0..PARTITIONS_DEFAULT {
-            owners.push(leases.get(lease_key(partition)).await.ok().flatten());
-        }
-        let mut shares = std::collections::HashMap::new();
-        for owner in owners.iter().flatten() {
-            *shares.entry(owner.clone()).or_insert(0usize) += 1;
-        }
-        let fair_now =
-            owners.iter().all(Option::is_some) && shares.len() == nodes && shares.values().all(|n| *n <= fair);
-        if fair_now && owners == last {
-            return;
-        }
-        assert!(Instant::now() < until, "partitions never settled: {shares:?}");
-        last = owners;
-        tokio::time::sleep(Duration::from_millis(2 * LEASE_RENEW_MS)).await;
-    }
-}
-
-/// A node answers once JetStream is ready (a new 3-server cluster elects its leaders
-/// first, which takes several seconds on a loaded machine) and its directory is loaded;
-/// its port is bound before that, so readiness is a health check (`common::serving`).
-async fn connect_node(node: &mut Node) -> Channel {
-    let started = Instant::now();
-    let child = node.child.as_mut().expect("a node just started");
-    let channel = connect_process(node.port, child, Duration::from_secs(90)).await;
-    eprintln!("{} answered after {:?}", node.name, started.elapsed());
-    channel
-}
-
-/// The leases bucket, through a client of its own.
-async fn leases_bucket(nats: &LocalNats) -> async_nats::jetstream::kv::Store {
-    let urls: Vec<async_nats::ServerAddr> = nats.url().split(',').map(|u| u.parse().unwrap()).collect();
-    async_nats::jetstream::new(async_nats::connect(urls).await.unwrap())
-        .get_key_value(LEASES_BUCKET)
-        .await
-        .unwrap()
-}
-
-/// The node holding the lease of the partition of a SKU's actor, if any holds it now.
-async fn owner_of(leases: &async_nats::jetstream::kv::Store, drop_id: &str, sku_id: &str) -> Option<String> {
-    let partition = partition_of(&format!("sku/{drop_id}/{sku_id}"), PARTITIONS_DEFAULT);
-    let owner = leases.get(lease_key(partition)).await.ok()??;
-    Some(String::from_utf8(owner.to_vec()).unwrap())
+/// 3 nodes on `nats_servers` NATS servers under `dir`, the partitions settled over them;
+/// the cluster and a channel to each node.
+async fn start_cluster(nats_servers: usize, dir: &std::path::Path) -> (LocalCluster, Vec<Channel>) {
+    let options = ClusterOptions {
+        nats_servers,
+        ..ClusterOptions::new(3)
+    };
+    let cluster = LocalCluster::start(options, dir).await.unwrap();
+    let channels = cluster.channels();
+    (cluster, channels)
 }
 
 /// CheckoutService through `channel` with `credential`.
@@ -143,7 +37,7 @@ fn shop(channel: &Channel, credential: &str) -> CheckoutServiceClient<services::
 
 /// Registers the storefront `test-web` and waits until every node knows its credential.
 async fn storefront_everywhere(channels: &[Channel]) -> String {
-    services::auth::storefront_credential(channels, OPERATOR_TOKEN, TEST_STOREFRONT)
+    storefront_credential(channels, OPERATOR_TOKEN, TEST_STOREFRONT)
         .await
         .unwrap()
 }
@@ -310,8 +204,7 @@ async fn create_hot_drop(channel: &Channel, drop_id: &str, stock: u32) {
 async fn a_burst_across_three_nodes_sells_exactly_the_stock() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
-    let (_nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
+    let (_cluster, channels) = start_cluster(1, dir.path()).await;
     let storefront = storefront_everywhere(&channels).await;
     create_hot_drop(&channels[0], "burst", 100).await;
 
@@ -332,20 +225,14 @@ async fn a_burst_across_three_nodes_sells_exactly_the_stock() {
 async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
-    let (mut nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
+    let (mut cluster, channels) = start_cluster(1, dir.path()).await;
     let storefront = storefront_everywhere(&channels).await;
     create_hot_drop(&channels[0], "takeover", 400).await;
-    let leases = leases_bucket(&nats).await;
-    let until = Instant::now() + Duration::from_secs(30);
-    let owner = loop {
-        if let Some(owner) = owner_of(&leases, "takeover", "hot").await {
-            break owner;
-        }
-        assert!(Instant::now() < until, "the hot SKU's partition has no owner");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let victim = nodes.iter().position(|n| n.name == owner).unwrap();
+    let victim = cluster
+        .wait_for_owner_of("sku/takeover/hot", Duration::from_secs(30))
+        .await
+        .expect("the hot SKU's partition has an owner");
+    let owner = cluster.name(victim).to_string();
     let survivors: Vec<Channel> = (0..3).filter(|i| *i != victim).map(|i| channels[i].clone()).collect();
 
     let (outcome, done) = burst(survivors.clone(), &storefront, "takeover", 1_500, 32);
@@ -354,9 +241,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
         assert!(!done.is_finished(), "the burst ended before 60 orders were in");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut child = nodes[victim].child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    cluster.kill(victim);
     let killed_at = Instant::now();
     // The SKU is served again once a survivor holds the partition.
     let mut checkout = CheckoutServiceClient::new(survivors[0].clone());
@@ -368,7 +253,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
             })
             .await
             .is_ok()
-            && owner_of(&leases, "takeover", "hot").await.is_some_and(|o| o != owner)
+            && cluster.owner_of("sku/takeover/hot").await.is_some_and(|o| o != victim)
         {
             break;
         }
@@ -384,7 +269,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
     let mut acknowledged = acknowledged;
     acknowledged.extend(served_again.unwrap());
     assert!(
-        taken_over <= Duration::from_millis(LEASE_TTL_MS + 2_000),
+        taken_over <= Duration::from_millis(cluster.options().lease_ttl_ms + 2_000),
         "taken over after {taken_over:?}"
     );
     // Calls caught by the kill fail with a retryable status, never a wrong answer.
@@ -412,8 +297,7 @@ async fn kill_9_of_the_owning_node_mid_burst_loses_no_acknowledged_order() {
 async fn a_nats_server_restarting_mid_burst_loses_no_acknowledged_order() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut nats = LocalNats::start(3, &dir.path().join("nats")).unwrap();
-    let (_nodes, channels) = start_cluster(&nats, 3, dir.path()).await;
+    let (mut cluster, channels) = start_cluster(3, dir.path()).await;
     let storefront = storefront_everywhere(&channels).await;
     create_hot_drop(&channels[0], "natsdown", 300).await;
 
@@ -422,9 +306,9 @@ async fn a_nats_server_restarting_mid_burst_loses_no_acknowledged_order() {
         assert!(!done.is_finished(), "the burst ended before 50 orders were in");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    nats.kill(1);
+    cluster.nats().kill(1);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nats.restart(1).unwrap();
+    cluster.nats().restart(1).unwrap();
     done.await.unwrap();
     let acknowledged = outcome.acknowledged.lock().unwrap().clone();
     let errors = outcome.errors.lock().unwrap().clone();
@@ -562,8 +446,7 @@ async fn courier_app(
 async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
-    let (mut nodes, channels) = start_cluster(&nats, 1, dir.path()).await;
+    let (mut cluster, channels) = start_cluster(1, dir.path()).await;
     let storefront = storefront_everywhere(&channels).await;
     create_test_hubs(&channels[0]).await;
     let credential = courier(&channels[0], "courier-1", "hub-1", 1).await;
@@ -580,10 +463,10 @@ async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
         .unwrap();
     // The node running the hub's actor is the one killed; everyone talks to the others.
     // (Shares settled in `start_cluster`; nothing moves a lease until the kill.)
-    let leases = leases_bucket(&nats).await;
-    let hub_partition = partition_of("hub/hub-1", PARTITIONS_DEFAULT);
-    let owner = String::from_utf8(leases.get(lease_key(hub_partition)).await.unwrap().unwrap().to_vec()).unwrap();
-    let victim = nodes.iter().position(|n| n.name == owner).unwrap();
+    let victim = cluster
+        .owner_of("hub/hub-1")
+        .await
+        .expect("the hub's partition has an owner");
     let survivors: Vec<Channel> = (0..3).filter(|i| *i != victim).map(|i| channels[i].clone()).collect();
 
     let labels = Arc::new(Mutex::new(std::collections::HashMap::new()));
@@ -605,9 +488,7 @@ async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
                 assert!(Instant::now() < until, "the courier delivered nothing before the kill");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let mut child = nodes[victim].child.take().unwrap();
-            child.kill().unwrap();
-            child.wait().unwrap();
+            cluster.kill(victim);
         }
         let channel = &survivors[i % 2];
         let until = Instant::now() + Duration::from_secs(30);

@@ -4,8 +4,6 @@
 //! secondary partner, and the report shows how long after each missed deadline that
 //! happened.
 
-use crate::auth::{Authed, Bearer};
-use crate::convert::{duration, millis};
 use actors::Clock;
 use hdrhistogram::Histogram;
 use proto::dispatch::v1::dispatch_service_client::DispatchServiceClient;
@@ -15,6 +13,8 @@ use proto::registry::v1 as registry;
 use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use services::auth::{Authed, Bearer};
+use services::convert::{duration, millis};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};

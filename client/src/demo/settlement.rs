@@ -4,9 +4,9 @@
 //! statement, one creator is refused the other's ledger, and the operator reconciles the
 //! ledgers with the SKU journals.
 
-use crate::auth::Bearer;
 use proto::settlement::v1 as pb;
 use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
+use services::auth::Bearer;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 

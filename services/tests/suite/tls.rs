@@ -4,16 +4,15 @@
 //! served, one presenting another's is PERMISSION_DENIED, one presenting none is served;
 //! plaintext clients and certificates of another CA do not get in.
 
-mod common;
-
-use common::*;
+use client::cli::{SettlementArgs, SettlementCommand};
+use client::tls::ClientTlsArgs;
 use proto::dispatch::v1::SubscribeRequest;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use services::config::{ClientTlsArgs, SettlementArgs, SettlementCommand};
 use services::server::ServeOptions;
 use services::tls::TlsFiles;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use testkit::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
@@ -92,7 +91,7 @@ async fn over_tls_partners_may_prove_themselves_with_a_certificate_of_their_own_
     let platform = services::platform::Platform::open_embedded(
         &dir.path().join("data"),
         Some(OPERATOR_TOKEN),
-        domain::limits::LIVE_ACTORS_MAX_DEFAULT,
+        actors::limits::LIVE_ACTORS_MAX_DEFAULT,
     )
     .await
     .unwrap();
@@ -120,7 +119,7 @@ async fn over_tls_partners_may_prove_themselves_with_a_certificate_of_their_own_
     let url = format!("https://127.0.0.1:{port}");
     let mut health = None;
     for _ in 0..100 {
-        health = services::server::health_status(&url, &client_tls, "", Duration::from_secs(2))
+        health = client::health::status(&url, &client_tls, "", Duration::from_secs(2))
             .await
             .ok();
         if health.is_some() {
@@ -194,7 +193,7 @@ async fn over_tls_partners_may_prove_themselves_with_a_certificate_of_their_own_
     }
 
     // `dropline settlement --server https://… --tls-ca … reconcile --dry-run`.
-    services::settlement_cli::run(SettlementArgs {
+    client::settlement_cli::run(SettlementArgs {
         server: url,
         tls: client_tls,
         token: Some(OPERATOR_TOKEN.into()),

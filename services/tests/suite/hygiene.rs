@@ -4,17 +4,14 @@
 //! alone, with a clear status, while a courier's live stream on the same connection goes
 //! on; every NOT_FOUND names its id; a currency outside ISO 4217 is refused.
 
-mod common;
-
 use bytes::{Buf, BufMut, Bytes};
-use common::*;
 use prost::Message;
 use proto::dispatch::v1::dispatch_service_client::DispatchServiceClient;
-use proto::dispatch::v1::dispatch_update::Update;
 use proto::dispatch::v1::*;
 use proto::settlement::v1 as settlement;
 use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
 use std::time::Duration;
+use testkit::*;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
@@ -221,20 +218,6 @@ async fn a_known_credential_of_the_wrong_kind_is_permission_denied_never_unauthe
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     server.stop().await;
-}
-
-async fn next_offer(stream: &mut tonic::Streaming<DispatchUpdate>, within: Duration) -> Dispatch {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let message = tokio::time::timeout_at(deadline, stream.message())
-            .await
-            .expect("an offer in time")
-            .expect("the stream is still healthy")
-            .expect("the stream is still open");
-        if let Some(Update::Offer(d)) = message.update {
-            return d;
-        }
-    }
 }
 
 /// A GetDispatch on `channel` carrying `metadata` (name, value) pairs, no other credential.

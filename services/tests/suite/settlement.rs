@@ -5,18 +5,15 @@
 //! the parcel (its courier is told) or is refused once the parcel has left its hub, so a
 //! buyer never keeps both parcel and money unnoticed.
 
-mod common;
-
-use common::*;
 use domain::ledger::{LedgerCommand, LedgerInput, RefundReason, SaleFacts};
 use proto::checkout::v1::*;
 use proto::dispatch::v1::*;
 use proto::operator::v1::SettlementTerms;
 use proto::settlement::v1 as pb;
 use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
-use services::auth::{Authed, Bearer};
+use services::auth::Authed;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
+use testkit::*;
 use tonic::Code;
 
 const PRICE: i64 = 2_499;
@@ -28,10 +25,6 @@ const DELIVERY_FEE: i64 = 333;
 const RETURN_WINDOW_SECS: u32 = 10;
 /// How long a test waits for an offer or a withdrawal on a courier's stream.
 const COURIER_WAIT: Duration = Duration::from_secs(10);
-
-fn settlement(channel: &Channel, token: &str) -> SettlementServiceClient<Authed> {
-    SettlementServiceClient::with_interceptor(channel.clone(), Bearer::new(token).unwrap())
-}
 
 /// The split, computed here independently: delivery fee first, then creator and platform
 /// by largest remainder (ties to the creator).
@@ -500,8 +493,6 @@ async fn courier_and_drop(
     open_drop(server, drop_request(drop_id, &[("sku", 10)], 5, 600)).await;
     (client, stream)
 }
-
-type Courier = dispatch_service_client::DispatchServiceClient<Authed>;
 
 async fn deliver(courier: &mut Courier, dispatch_id: &str) {
     courier

@@ -1,12 +1,10 @@
 //! Checkout and operator flows over real gRPC on 127.0.0.1:0.
 
-mod common;
-
-use common::*;
 use proto::checkout::v1::*;
 use proto::operator::v1::GetDropRequest;
 use std::collections::HashSet;
 use std::time::Duration;
+use testkit::*;
 use tonic::Code;
 use tonic_types::StatusExt;
 

@@ -3,20 +3,16 @@
 //! not the address a courier sees, not a drop's stock, not a creator's ledger, not a
 //! dispatch. (Transport attacks are services/tests/hygiene.rs's.)
 
-mod common;
-
-use common::*;
 use prost::Message;
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::*;
 use proto::dispatch::v1::*;
 use proto::registry::v1 as registry;
 use proto::settlement::v1 as pb;
-use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
-use services::auth::{Authed, Bearer};
+use services::auth::Authed;
 use std::path::Path;
 use std::time::Duration;
-use tonic::transport::Channel;
+use testkit::*;
 use tonic::{Code, Response, Status};
 use tonic_types::StatusExt;
 
@@ -26,7 +22,6 @@ const WITHIN: Duration = Duration::from_secs(10);
 /// The price of every SKU `drop_request` makes.
 const PRICE: i64 = 2_500;
 
-type Courier = dispatch_service_client::DispatchServiceClient<Authed>;
 type Updates = tonic::Streaming<DispatchUpdate>;
 
 /// The refusal of `result`, which must carry `code` and a message naming `named`.
@@ -42,15 +37,10 @@ fn refused<T: std::fmt::Debug>(result: Result<Response<T>, Status>, code: Code, 
 
 /// CheckoutService as another storefront than `test-web`, registered now.
 async fn other_storefront(server: &TestServer, storefront_id: &str) -> CheckoutServiceClient<Authed> {
-    let credential =
-        services::auth::storefront_credential(std::slice::from_ref(&server.channel), OPERATOR_TOKEN, storefront_id)
-            .await
-            .unwrap();
+    let credential = storefront_credential(std::slice::from_ref(&server.channel), OPERATOR_TOKEN, storefront_id)
+        .await
+        .unwrap();
     server.checkout_as(&credential)
-}
-
-fn settlement(channel: &Channel, token: &str) -> SettlementServiceClient<Authed> {
-    SettlementServiceClient::with_interceptor(channel.clone(), Bearer::new(token).unwrap())
 }
 
 /// A courier of `hub_id` and its offers, subscribed before anything is sold.

@@ -3,14 +3,12 @@
 //! gets its unanswered offers again, partners act only on their own dispatches, and a full
 //! hub promises the next slot.
 
-mod common;
-
-use common::*;
 use proto::checkout::v1::*;
 use proto::dispatch::v1::dispatch_update::Update;
 use proto::dispatch::v1::*;
 use proto::registry::v1 as registry;
 use std::time::{Duration, Instant};
+use testkit::*;
 use tonic::Code;
 
 /// A hub with a 2-second accept deadline and its own drop.

@@ -1,10 +1,10 @@
 //! `dropline settlement`: a creator's statement as a table or CSV, and reconciliation,
 //! through the SettlementService of a running server.
 
-use crate::auth::Bearer;
-use crate::config::{SettlementArgs, SettlementCommand};
+use crate::cli::{SettlementArgs, SettlementCommand};
 use proto::settlement::v1 as pb;
 use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
+use services::auth::Bearer;
 use std::io::Write;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime, Time};

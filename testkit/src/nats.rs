@@ -1,4 +1,4 @@
-//! Local NATS servers for tests and `dropline demo --cluster`: one JetStream server, or a
+//! Local NATS servers for tests, `dropline demo --cluster` and the load tests: one JetStream server, or a
 //! cluster of them, on free loopback ports with their own store directories, configured as
 //! Dropline needs (`sync_interval: always`: fsync before every acknowledgement), stopped
 //! when dropped.
@@ -18,7 +18,7 @@ pub fn server_binary() -> anyhow::Result<PathBuf> {
     }
     let mut candidates = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/nats/bin/nats-server")];
     if let Ok(exe) = std::env::current_exe() {
-        // target/<profile>/dropline → <workspace>/.tools
+        // target/<profile>/dropline or target/<profile>/deps/<test> → <workspace>/.tools
         for dir in exe.ancestors().skip(1).take(4) {
             candidates.push(dir.join(".tools/nats/bin/nats-server"));
         }

@@ -1,23 +1,15 @@
 //! Crash safety: kill -9 of a real `dropline serve` process after acknowledged confirms,
 //! then a restart on the same data directory: no acknowledged order is lost.
 
-mod common;
-
-use common::*;
 use proto::checkout::v1::*;
 use proto::operator::v1::GetDropRequest;
-use std::process::{Child, Command, Stdio};
+use testkit::*;
 
-fn spawn_server(dir: &std::path::Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dropline"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir)
-        .env("DROPLINE_LOG", "warn")
-        .env("DROPLINE_OPERATOR_TOKEN", OPERATOR_TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("dropline binary starts")
+/// `dropline serve` on `dir` and a new port, and a channel to it once it serves.
+async fn spawn_server(dir: &std::path::Path) -> (ServeProcess, tonic::transport::Channel) {
+    let mut server = ServeCommand::new(dir).unwrap().spawn().expect("dropline binary starts");
+    let channel = server.connect(std::time::Duration::from_secs(60)).await.unwrap();
+    (server, channel)
 }
 
 /// Buyer `b{i}` reserves one unit of `sku` in Lisbon.
@@ -46,9 +38,7 @@ async fn create_and_open(channel: &tonic::transport::Channel, request: proto::op
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
+    let (mut child, channel) = spawn_server(dir.path()).await;
     create_and_open(&channel, drop_request("crash", &[("sku", 500)], 1, 600)).await;
     let storefront = storefront_client(&channel).await;
 
@@ -73,12 +63,9 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
         confirmed.push(task.await.unwrap());
     }
     // SIGKILL: no shutdown hook runs, nothing is flushed on the way out.
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 
-    let port = free_port();
-    let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
+    let (mut child, channel) = spawn_server(dir.path()).await;
     let mut checkout = storefront_client(&channel).await;
     for order_id in &confirmed {
         let order = checkout
@@ -104,8 +91,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
         .into_inner();
     assert_eq!(figures.skus[0].sold, 300);
     assert_eq!(figures.skus[0].available, 200);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 }
 
 /// The same crash once the SKU has a snapshot (written in parts, between batches, after a
@@ -113,9 +99,7 @@ async fn kill_9_after_acknowledged_confirms_loses_none_of_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
+    let (mut child, channel) = spawn_server(dir.path()).await;
     create_and_open(&channel, drop_request("snap", &[("sku", 2_000)], 1, 600)).await;
     let storefront = storefront_client(&channel).await;
     let reserve = |i: usize| {
@@ -149,12 +133,9 @@ async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
             .await
             .unwrap();
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 
-    let port = free_port();
-    let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
+    let (mut child, channel) = spawn_server(dir.path()).await;
     let mut checkout = storefront_client(&channel).await;
     for (i, order_id) in held.iter().enumerate() {
         let order = checkout
@@ -180,8 +161,7 @@ async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
         (figures.skus[0].sold, figures.skus[0].held, figures.skus[0].available),
         (100, 1_400, 500)
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 }
 
 /// Holds of a crashed process still expire on time after the restart, and the waitlist is
@@ -190,9 +170,7 @@ async fn kill_9_after_a_snapshot_and_later_confirms_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_expire_after_a_crash_without_any_request() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = spawn_server(dir.path(), port);
-    let channel = connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
+    let (mut child, channel) = spawn_server(dir.path()).await;
     const HOLD_SECS: u32 = 3;
     create_and_open(&channel, drop_request("wake", &[("sku", 1)], 1, HOLD_SECS)).await;
     let mut checkout = storefront_client(&channel).await;
@@ -215,23 +193,19 @@ async fn holds_expire_after_a_crash_without_any_request() {
     }
     assert_eq!(outcomes[0].0, ReserveOutcome::Held as i32);
     assert_eq!(outcomes[1].0, ReserveOutcome::Waitlisted as i32);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 
     // Restart and send nothing at all; the hold expires meanwhile.
     let restarted_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    let port = free_port();
-    let mut child = spawn_server(dir.path(), port);
-    connect_process(port, &mut child, std::time::Duration::from_secs(60)).await;
+    let (mut child, _channel) = spawn_server(dir.path()).await;
     // The expiry plus 4 s for the wake-up scheduler to start the actor and promote.
     let expired_at = held_at + std::time::Duration::from_secs(u64::from(HOLD_SECS));
     tokio::time::sleep_until((expired_at.max(std::time::Instant::now()) + std::time::Duration::from_secs(4)).into())
         .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 
     let journal = actors::sled_journal::SledJournal::open(dir.path()).unwrap();
     use actors::journal::Journal as _;

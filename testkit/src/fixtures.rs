@@ -1,7 +1,7 @@
-//! Test harness: a real server on 127.0.0.1:0 over a temporary data directory, and clients.
+//! The gRPC fixtures tests share: clients with the test credentials, the test hubs, couriers
+//! and creators, drops and requests, and waiting for what a server does on its own.
 
-#![allow(dead_code)]
-
+use crate::server::TestServer;
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::checkout::v1::*;
 use proto::common::v1::Money;
@@ -13,6 +13,7 @@ use proto::registry::v1::partner_registry_service_client::PartnerRegistryService
 use proto::settlement::v1::settlement_service_client::SettlementServiceClient;
 use services::auth::{Authed, Bearer};
 use std::net::SocketAddr;
+use std::process::ExitStatus;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::transport::Channel;
 
@@ -29,17 +30,77 @@ pub fn registry_client(channel: &Channel) -> PartnerRegistryServiceClient<Authed
     PartnerRegistryServiceClient::with_interceptor(channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
 }
 
+/// SettlementService with `token` (a creator's credential or the operator's).
+pub fn settlement(channel: &Channel, token: &str) -> SettlementServiceClient<Authed> {
+    SettlementServiceClient::with_interceptor(channel.clone(), Bearer::new(token).unwrap())
+}
+
+/// Registers `storefront_id` through the first of `channels` (or, when it exists, gives it
+/// a new credential), waits until every channel's server accepts the credential (a
+/// cluster's other nodes learn it a moment later), and returns it. For the tests, the demo
+/// and the load tests, which play both the operator and a storefront.
+pub async fn storefront_credential(
+    channels: &[Channel],
+    operator_token: &str,
+    storefront_id: &str,
+) -> anyhow::Result<String> {
+    let first = channels
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no server to register storefront {storefront_id} with"))?;
+    let mut operator = OperatorServiceClient::with_interceptor(first.clone(), Bearer::new(operator_token)?);
+    let issued = match operator
+        .register_storefront(RegisterStorefrontRequest {
+            storefront_id: storefront_id.into(),
+            display_name: storefront_id.into(),
+        })
+        .await
+    {
+        Err(status) if status.code() == tonic::Code::AlreadyExists => {
+            operator
+                .reset_storefront_credential(ResetStorefrontCredentialRequest {
+                    storefront_id: storefront_id.into(),
+                })
+                .await
+        }
+        other => other,
+    };
+    let credential = issued
+        .map_err(|s| anyhow::anyhow!("registering storefront {storefront_id}: {}", s.message()))?
+        .into_inner()
+        .credential;
+    for channel in channels {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut checkout = CheckoutServiceClient::with_interceptor(channel.clone(), Bearer::new(&credential)?);
+        // Past authentication, an order that does not exist is NOT_FOUND.
+        while checkout
+            .get_order(GetOrderRequest {
+                order_id: "d.s.0".into(),
+            })
+            .await
+            .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
+        {
+            if tokio::time::Instant::now() > until {
+                anyhow::bail!("a server did not learn storefront {storefront_id}'s credential within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(credential)
+}
+
 /// CheckoutService as the storefront `test-web` of the server behind `channel` (registered,
 /// or given a new credential when it exists).
 pub async fn storefront_client(channel: &Channel) -> CheckoutServiceClient<Authed> {
-    let credential =
-        services::auth::storefront_credential(std::slice::from_ref(channel), OPERATOR_TOKEN, TEST_STOREFRONT)
-            .await
-            .unwrap();
+    let credential = storefront_credential(std::slice::from_ref(channel), OPERATOR_TOKEN, TEST_STOREFRONT)
+        .await
+        .unwrap();
     CheckoutServiceClient::with_interceptor(channel.clone(), Bearer::new(&credential).unwrap())
 }
 
-pub fn courier_client(channel: &Channel, credential: &str) -> DispatchServiceClient<Authed> {
+/// DispatchService as a courier partner.
+pub type Courier = DispatchServiceClient<Authed>;
+
+pub fn courier_client(channel: &Channel, credential: &str) -> Courier {
     DispatchServiceClient::with_interceptor(channel.clone(), Bearer::new(credential).unwrap())
 }
 
@@ -121,7 +182,7 @@ pub async fn courier(channel: &Channel, partner_id: &str, hub_id: &str, rank: u3
 
 /// Registers a creator; returns its credential.
 pub async fn creator(channel: &Channel, creator_id: &str) -> String {
-    SettlementServiceClient::with_interceptor(channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
+    settlement(channel, OPERATOR_TOKEN)
         .register_creator(proto::settlement::v1::RegisterCreatorRequest {
             creator_id: creator_id.into(),
             display_name: format!("creator {creator_id}"),
@@ -132,131 +193,10 @@ pub async fn creator(channel: &Channel, creator_id: &str) -> String {
         .credential
 }
 
-pub struct TestServer {
-    pub addr: SocketAddr,
-    pub platform: services::platform::Platform,
-    pub channel: Channel,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    pub dir: tempfile::TempDir,
-    /// The credential of the storefront `test-web`, which the checkout client calls as.
-    pub storefront_credential: String,
-}
-
-impl TestServer {
-    pub async fn start() -> TestServer {
-        TestServer::start_with_live_actors_max(domain::limits::LIVE_ACTORS_MAX_DEFAULT).await
-    }
-
-    /// A server keeping at most `live_actors_max` actors of each kind running.
-    pub async fn start_with_live_actors_max(live_actors_max: usize) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let platform = services::platform::Platform::open_embedded(dir.path(), Some(OPERATOR_TOKEN), live_actors_max)
-            .await
-            .unwrap();
-        TestServer::serve(platform, dir).await
-    }
-
-    /// A server on an in-memory journal whose clock follows tokio's time from the wall-clock
-    /// time now (`actors::TokioClock`): in a `#[tokio::test(start_paused = true)]`, hold
-    /// expiries, SLA deadlines and swaps come at their exact times without real waiting.
-    /// (Not sled: its writer is a thread whose flushes tokio cannot see, so paused time
-    /// would jump ahead while one is under way.)
-    pub async fn start_driven() -> TestServer {
-        TestServer::start_driven_with_live_actors_max(domain::limits::LIVE_ACTORS_MAX_DEFAULT).await
-    }
-
-    /// [`TestServer::start_driven`], keeping at most `live_actors_max` actors of each kind
-    /// running.
-    pub async fn start_driven_with_live_actors_max(live_actors_max: usize) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = std::sync::Arc::new(actors::TokioClock::from_system());
-        let journal = actors::memory_journal::MemoryJournal::new(clock.clone());
-        let storage = services::platform::EmbeddedStorage::all_in(journal);
-        let platform = services::platform::Platform::open_embedded_on(
-            dir.path(),
-            Some(OPERATOR_TOKEN),
-            live_actors_max,
-            storage,
-            clock,
-        )
-        .await
-        .unwrap();
-        TestServer::serve(platform, dir).await
-    }
-
-    async fn serve(platform: services::platform::Platform, dir: tempfile::TempDir) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(services::server::serve(platform.clone(), listener, async {
-            let _ = stopped.await;
-        }));
-        let channel = connect(addr).await;
-        create_test_hubs(&channel).await;
-        let storefront_credential =
-            services::auth::storefront_credential(std::slice::from_ref(&channel), OPERATOR_TOKEN, TEST_STOREFRONT)
-                .await
-                .unwrap();
-        TestServer {
-            addr,
-            platform,
-            channel,
-            stop: Some(stop),
-            task: Some(task),
-            dir,
-            storefront_credential,
-        }
-    }
-
-    /// CheckoutService as the storefront `test-web`.
-    pub fn checkout(&self) -> CheckoutServiceClient<Authed> {
-        CheckoutServiceClient::with_interceptor(self.channel.clone(), Bearer::new(&self.storefront_credential).unwrap())
-    }
-
-    /// CheckoutService with another credential (an order token, another storefront's).
-    pub fn checkout_as(&self, credential: &str) -> CheckoutServiceClient<Authed> {
-        CheckoutServiceClient::with_interceptor(self.channel.clone(), Bearer::new(credential).unwrap())
-    }
-
-    /// CheckoutService with no credential at all.
-    pub fn anonymous_checkout(&self) -> CheckoutServiceClient<Channel> {
-        CheckoutServiceClient::new(self.channel.clone())
-    }
-
-    pub fn operator(&self) -> OperatorServiceClient<Authed> {
-        operator_client(&self.channel)
-    }
-
-    pub fn registry(&self) -> PartnerRegistryServiceClient<Authed> {
-        registry_client(&self.channel)
-    }
-
-    /// The operator's view of a drop (GetDrop), which must exist.
-    pub async fn drop_figures(&self, drop_id: &str) -> Drop {
-        self.operator()
-            .get_drop(GetDropRequest {
-                drop_id: drop_id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
-        }
-    }
-}
-
 /// A loopback port free right now, for a server process about to start (see
-/// `unused_loopback_port` for why not port 0).
+/// `nats::unused_loopback_port` for why not port 0).
 pub fn free_port() -> u16 {
-    actors::cluster::natsd::unused_loopback_port().unwrap()
+    crate::nats::unused_loopback_port().unwrap()
 }
 
 /// Whether the server at `addr` reports SERVING within 2 s. Its port is bound before the
@@ -267,33 +207,34 @@ pub async fn serving(addr: SocketAddr) -> bool {
 
 /// A channel (no deadline on its calls) to the server at `addr`, once it serves.
 pub async fn connect(addr: SocketAddr) -> Channel {
-    connect_to(addr, None, Duration::from_secs(60)).await
+    connect_when_serving(addr, Duration::from_secs(60), || Ok(None))
+        .await
+        .unwrap()
 }
 
-/// As [`connect`], to a server process this test started, waiting up to `within`: fails
-/// at once, with its exit status, should the process exit instead of serving.
-pub async fn connect_process(port: u16, child: &mut std::process::Child, within: Duration) -> Channel {
-    connect_to(SocketAddr::from(([127, 0, 0, 1], port)), Some(child), within).await
-}
-
-async fn connect_to(addr: SocketAddr, mut child: Option<&mut std::process::Child>, within: Duration) -> Channel {
+/// A channel to the server at `addr` once it serves, waiting up to `within`; fails at once
+/// when `exited` tells that the server's process exited instead.
+pub(crate) async fn connect_when_serving(
+    addr: SocketAddr,
+    within: Duration,
+    mut exited: impl FnMut() -> std::io::Result<Option<ExitStatus>>,
+) -> anyhow::Result<Channel> {
     let until = std::time::Instant::now() + within;
     while std::time::Instant::now() < until {
-        if let Some(status) = child.as_deref_mut().and_then(|c| c.try_wait().unwrap()) {
-            panic!("the server at {addr} exited before serving ({status}); its log is above");
+        if let Some(status) = exited()? {
+            anyhow::bail!("the server at {addr} exited before serving ({status}); its log is above");
         }
         if serving(addr).await {
-            if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .unwrap()
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
                 .connect()
                 .await
             {
-                return channel;
+                return Ok(channel);
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("server at {addr} never answered");
+    anyhow::bail!("the server at {addr} did not serve within {} s", within.as_secs())
 }
 
 /// The next update on a courier's stream that `pick` takes (others are skipped), waiting at
@@ -344,7 +285,7 @@ pub async fn next_withdrawal(
 }
 
 /// The courier accepts the dispatch and picks its parcel up.
-pub async fn pick_up(courier: &mut DispatchServiceClient<Authed>, dispatch_id: &str, pickup_code: &str) {
+pub async fn pick_up(courier: &mut Courier, dispatch_id: &str, pickup_code: &str) {
     courier
         .accept(proto::dispatch::v1::AcceptRequest {
             dispatch_id: dispatch_id.into(),

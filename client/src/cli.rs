@@ -1,0 +1,144 @@
+//! The `dropline` command line: its commands and their flags. `serve`'s own flags are the
+//! server's (`services::config::ServeArgs`).
+
+use crate::tls::ClientTlsArgs;
+use clap::{Args, Parser, Subcommand};
+use services::config::ServeArgs;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dropline",
+    version,
+    about = "Live drops: limited stock, thousands of buyers in the same second, same-day fulfilment"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Keep tokio's LIFO slot (a woken task runs next). Off by default: woken tasks run in
+    /// order, so bursts batch (see ARCHITECTURE.md, *Scheduler*). Read before the runtime
+    /// starts, so it is a flag or environment variable, not a setting of the TOML file.
+    #[arg(
+        long,
+        global = true,
+        env = "DROPLINE_TOKIO_LIFO_SLOT",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub tokio_lifo_slot: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the platform: gRPC checkout and operator services with durable local storage.
+    Serve(ServeArgs),
+    /// Run a scripted multi-city drop against an embedded platform and print a report.
+    Demo(DemoArgs),
+    /// Creators' settlement against a running server: statements and reconciliation.
+    Settlement(SettlementArgs),
+    /// Ask a running server's grpc.health.v1 service; exit 0 when it answers SERVING (for
+    /// exec probes, container health checks and scripts).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct HealthArgs {
+    /// The server's gRPC address: http://… in plaintext, https://… over TLS.
+    #[arg(long, env = "DROPLINE_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    /// The health service to ask: "" (the platform, readiness) or `liveness` (the process).
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// Give up after this long.
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SettlementArgs {
+    /// The server's gRPC address: http://… in plaintext, https://… over TLS.
+    #[arg(
+        long,
+        env = "DROPLINE_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub server: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    /// A creator credential, or the operator credential [default: $DROPLINE_OPERATOR_TOKEN].
+    #[arg(long, env = "DROPLINE_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: SettlementCommand,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum SettlementCommand {
+    /// Print a creator's statement for a period, or write it as CSV.
+    Statement {
+        /// The creator (a creator's own credential may leave it out).
+        #[arg(long)]
+        creator: Option<String>,
+        /// First day (YYYY-MM-DD, UTC) or instant (RFC 3339) of the period [default: the first line].
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, included (YYYY-MM-DD, UTC), or end instant, excluded (RFC 3339) [default: now].
+        #[arg(long)]
+        to: Option<String>,
+        /// Write CSV (amounts in minor units) instead of a table.
+        #[arg(long)]
+        csv: bool,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Compare every confirmed order with the creators' ledgers; book what is missing and
+    /// refund what cannot be reconciled (operator credential).
+    Reconcile {
+        /// Only list the differences.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DemoArgs {
+    /// Run the drop across a local cluster of this many NATS servers and Dropline nodes
+    /// (2 to 5) and kill -9 one node in the middle of it, instead of the embedded platform.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(2..=5))]
+    pub cluster: Option<u8>,
+    /// Simulated buyers bursting in at open.
+    #[arg(long, default_value_t = 3_000)]
+    pub buyers: usize,
+    /// Buyers acting at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Reservation window of the demo drop, in seconds.
+    #[arg(long, default_value_t = 3)]
+    pub hold_ttl_seconds: u32,
+    /// Keep the demo's data here instead of a temporary directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Seed of the buyers' random choices, for a repeatable run.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lifo_slot_flag_is_global_and_off_unless_given() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).expect("parses").tokio_lifo_slot;
+        // Tests of this binary never set DROPLINE_TOKIO_LIFO_SLOT, so the default shows.
+        if std::env::var_os("DROPLINE_TOKIO_LIFO_SLOT").is_none() {
+            assert!(!parse(&["dropline", "serve"]));
+        }
+        assert!(parse(&["dropline", "serve", "--tokio-lifo-slot"]));
+        assert!(parse(&["dropline", "--tokio-lifo-slot", "demo"]));
+        assert!(parse(&["dropline", "health", "--tokio-lifo-slot"]));
+    }
+}

@@ -1,0 +1,13 @@
+//! The services' integration tests, one binary: each module was a test file of its own; they
+//! share the test kit (`testkit`: servers in process and as `dropline serve` processes, a
+//! local cluster, gRPC fixtures).
+
+mod adversary;
+mod checkout;
+mod cluster;
+mod dispatch;
+mod hygiene;
+mod lifecycle;
+mod restart;
+mod settlement;
+mod tls;

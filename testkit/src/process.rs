@@ -1,0 +1,200 @@
+//! The real `dropline serve` as a child process ([`ServeProcess`]), for what only a process
+//! shows: kill -9 and a restart on the same data, SIGTERM, cluster nodes.
+
+use crate::fixtures::{connect_when_serving, OPERATOR_TOKEN};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// The `dropline` binary for tests: `$DROPLINE_EXE`, else the one cargo builds beside the
+/// running test (`target/<profile>/dropline`; `cargo test --workspace` builds it, being a
+/// binary of the `client` package, which has integration tests).
+pub fn dropline_exe() -> PathBuf {
+    if let Some(exe) = std::env::var_os("DROPLINE_EXE") {
+        return PathBuf::from(exe);
+    }
+    // target/<profile>/deps/<test> → target/<profile>/dropline
+    let exe = std::env::current_exe().expect("the running test's path");
+    let built = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join(format!("dropline{}", std::env::consts::EXE_SUFFIX)))
+        .filter(|path| path.is_file());
+    built.unwrap_or_else(|| {
+        panic!(
+            "no dropline binary beside {}: build it (`cargo build -p client`) or set DROPLINE_EXE",
+            exe.display()
+        )
+    })
+}
+
+/// Where a server process's log (standard error) goes.
+#[derive(Clone, Debug)]
+pub enum Log {
+    /// This process's standard error (a test's output shows it when the test fails).
+    Inherit,
+    /// A file, created anew.
+    File(PathBuf),
+}
+
+/// `dropline serve` as it is about to be started; [`ServeCommand::spawn`] starts it.
+#[derive(Clone, Debug)]
+pub struct ServeCommand {
+    /// The `dropline` binary [default: [`dropline_exe`], looked up when it starts].
+    pub exe: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `DROPLINE_OPERATOR_TOKEN`.
+    pub operator_token: String,
+    /// `DROPLINE_LOG`.
+    pub log_filter: String,
+    pub log: Log,
+    /// More flags (`--nats …`, `--live-actors-max …`).
+    pub args: Vec<OsString>,
+}
+
+impl ServeCommand {
+    /// [`dropline_exe`] serving `data_dir` on a free loopback port with the operator
+    /// credential [`OPERATOR_TOKEN`], logging warnings to this process's standard error.
+    pub fn new(data_dir: impl Into<PathBuf>) -> anyhow::Result<ServeCommand> {
+        Ok(ServeCommand {
+            exe: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], crate::nats::unused_loopback_port()?)),
+            data_dir: data_dir.into(),
+            operator_token: OPERATOR_TOKEN.into(),
+            log_filter: "warn".into(),
+            log: Log::Inherit,
+            args: Vec::new(),
+        })
+    }
+
+    pub fn exe(mut self, exe: impl Into<PathBuf>) -> ServeCommand {
+        self.exe = Some(exe.into());
+        self
+    }
+
+    pub fn operator_token(mut self, token: &str) -> ServeCommand {
+        self.operator_token = token.into();
+        self
+    }
+
+    pub fn log_filter(mut self, filter: &str) -> ServeCommand {
+        self.log_filter = filter.into();
+        self
+    }
+
+    pub fn log_to(mut self, path: impl Into<PathBuf>) -> ServeCommand {
+        self.log = Log::File(path.into());
+        self
+    }
+
+    pub fn args<S: Into<OsString>>(mut self, args: impl IntoIterator<Item = S>) -> ServeCommand {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Starts the process; it answers once [`ServeProcess::connect`] says so.
+    pub fn spawn(&self) -> anyhow::Result<ServeProcess> {
+        let stderr = match &self.log {
+            Log::Inherit => Stdio::inherit(),
+            Log::File(path) => std::fs::File::create(path)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?
+                .into(),
+        };
+        let exe = self.exe.clone().unwrap_or_else(dropline_exe);
+        let child = Command::new(&exe)
+            .args(["serve", "--listen", &self.listen.to_string(), "--data-dir"])
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("DROPLINE_LOG", &self.log_filter)
+            .env("DROPLINE_OPERATOR_TOKEN", &self.operator_token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {}: {e}", exe.display()))?;
+        Ok(ServeProcess {
+            addr: self.listen,
+            child: Some(child),
+        })
+    }
+}
+
+/// A running `dropline serve`; killed (SIGKILL) when dropped.
+pub struct ServeProcess {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl ServeProcess {
+    /// A channel to the server once it serves, waiting up to `within`; fails at once should
+    /// the process exit instead.
+    pub async fn connect(&mut self, within: Duration) -> anyhow::Result<Channel> {
+        let child = &mut self.child;
+        connect_when_serving(self.addr, within, || match child.as_mut() {
+            Some(child) => child.try_wait(),
+            None => Err(std::io::Error::other("the server process was stopped")),
+        })
+        .await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Its exit status if it has exited.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait(),
+            None => Err(std::io::Error::other("the server process was stopped")),
+        }
+    }
+
+    /// SIGKILL: no shutdown hook runs, nothing is flushed on the way out. Waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM (std can only SIGKILL; kill(1) sends the SIGTERM a graceful stop needs).
+    pub fn sigterm(&self) -> anyhow::Result<()> {
+        let Some(id) = self.id() else {
+            anyhow::bail!("the server process was stopped")
+        };
+        let status = Command::new("kill").args(["-TERM", &id.to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {id}: {status}");
+        Ok(())
+    }
+
+    /// SIGTERM (the server drains and, as a cluster node, hands its partitions over), then
+    /// SIGKILL if it is still running after `within`.
+    pub fn terminate(&mut self, within: Duration) {
+        if self.sigterm().is_ok() {
+            let until = Instant::now() + within;
+            while Instant::now() < until {
+                if let Ok(Some(_)) = self.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.kill();
+    }
+}
+
+impl Drop for ServeProcess {
+    /// A server a test or a failed start left running is not left behind.
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,171 @@
+//! [`TestServer`]: a real Dropline server in this process, gRPC on 127.0.0.1:0 over a data
+//! directory, the same `services::server::serve` that `dropline serve` runs.
+
+use crate::fixtures::{
+    connect_when_serving, create_test_hubs, operator_client, registry_client, storefront_credential,
+};
+use crate::fixtures::{OPERATOR_TOKEN, TEST_STOREFRONT};
+use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
+use proto::operator::v1::operator_service_client::OperatorServiceClient;
+use proto::operator::v1::{Drop, GetDropRequest};
+use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
+use services::auth::{Authed, Bearer};
+use services::platform::Platform;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tonic::transport::Channel;
+
+/// Where a server keeps its data: a temporary directory (removed when the server is
+/// dropped) unless the caller chose one.
+pub struct DataDir {
+    path: PathBuf,
+    _temporary: Option<tempfile::TempDir>,
+}
+
+impl DataDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub platform: Platform,
+    pub channel: Channel,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub dir: DataDir,
+    /// The credential of the storefront `test-web`, which the checkout client calls as
+    /// (empty on a server from [`TestServer::open`]).
+    pub storefront_credential: String,
+}
+
+impl TestServer {
+    /// A test server: a temporary directory, the operator credential [`OPERATOR_TOKEN`],
+    /// the test hubs (`create_test_hubs`) and the storefront [`TEST_STOREFRONT`].
+    pub async fn start() -> TestServer {
+        TestServer::start_with_live_actors_max(actors::limits::LIVE_ACTORS_MAX_DEFAULT).await
+    }
+
+    /// A test server keeping at most `live_actors_max` actors of each kind running.
+    pub async fn start_with_live_actors_max(live_actors_max: usize) -> TestServer {
+        let temporary = tempfile::tempdir().unwrap();
+        let platform = Platform::open_embedded(temporary.path(), Some(OPERATOR_TOKEN), live_actors_max)
+            .await
+            .unwrap();
+        TestServer::with_fixtures(platform, temporary).await
+    }
+
+    /// A test server on an in-memory journal whose clock follows tokio's time from the
+    /// wall-clock time now (`actors::TokioClock`): in a `#[tokio::test(start_paused = true)]`,
+    /// hold expiries, SLA deadlines and swaps come at their exact times without real
+    /// waiting. (Not sled: its writer is a thread whose flushes tokio cannot see, so paused
+    /// time would jump ahead while one is under way.)
+    pub async fn start_driven() -> TestServer {
+        TestServer::start_driven_with_live_actors_max(actors::limits::LIVE_ACTORS_MAX_DEFAULT).await
+    }
+
+    /// [`TestServer::start_driven`], keeping at most `live_actors_max` actors of each kind
+    /// running.
+    pub async fn start_driven_with_live_actors_max(live_actors_max: usize) -> TestServer {
+        let temporary = tempfile::tempdir().unwrap();
+        let clock = std::sync::Arc::new(actors::TokioClock::from_system());
+        let journal = actors::memory_journal::MemoryJournal::new(clock.clone());
+        let storage = services::platform::EmbeddedStorage::all_in(journal);
+        let platform =
+            Platform::open_embedded_on(temporary.path(), Some(OPERATOR_TOKEN), live_actors_max, storage, clock)
+                .await
+                .unwrap();
+        TestServer::with_fixtures(platform, temporary).await
+    }
+
+    /// A server over `data_dir` with `operator_token` and nothing created in it yet (the
+    /// demo's embedded platform).
+    pub async fn open(data_dir: &Path, operator_token: &str, live_actors_max: usize) -> anyhow::Result<TestServer> {
+        let platform = Platform::open_embedded(data_dir, Some(operator_token), live_actors_max).await?;
+        TestServer::serve(platform, data_dir).await
+    }
+
+    /// `platform` served over `temporary`, with the test hubs and the storefront `test-web`.
+    async fn with_fixtures(platform: Platform, temporary: tempfile::TempDir) -> TestServer {
+        let mut server = TestServer::serve(platform, temporary.path()).await.unwrap();
+        server.dir._temporary = Some(temporary);
+        create_test_hubs(&server.channel).await;
+        server.storefront_credential =
+            storefront_credential(std::slice::from_ref(&server.channel), OPERATOR_TOKEN, TEST_STOREFRONT)
+                .await
+                .unwrap();
+        server
+    }
+
+    /// Serves `platform`, whose data is in `data_dir`, on 127.0.0.1:0.
+    async fn serve(platform: Platform, data_dir: &Path) -> anyhow::Result<TestServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(services::server::serve(platform.clone(), listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(TestServer {
+            addr,
+            platform,
+            channel: connect_when_serving(addr, std::time::Duration::from_secs(60), || Ok(None)).await?,
+            stop: Some(stop),
+            task: Some(task),
+            dir: DataDir {
+                path: data_dir.to_path_buf(),
+                _temporary: None,
+            },
+            storefront_credential: String::new(),
+        })
+    }
+
+    /// CheckoutService as the storefront `test-web`.
+    pub fn checkout(&self) -> CheckoutServiceClient<Authed> {
+        CheckoutServiceClient::with_interceptor(self.channel.clone(), Bearer::new(&self.storefront_credential).unwrap())
+    }
+
+    /// CheckoutService with another credential (an order token, another storefront's).
+    pub fn checkout_as(&self, credential: &str) -> CheckoutServiceClient<Authed> {
+        CheckoutServiceClient::with_interceptor(self.channel.clone(), Bearer::new(credential).unwrap())
+    }
+
+    /// CheckoutService with no credential at all.
+    pub fn anonymous_checkout(&self) -> CheckoutServiceClient<Channel> {
+        CheckoutServiceClient::new(self.channel.clone())
+    }
+
+    pub fn operator(&self) -> OperatorServiceClient<Authed> {
+        operator_client(&self.channel)
+    }
+
+    pub fn registry(&self) -> PartnerRegistryServiceClient<Authed> {
+        registry_client(&self.channel)
+    }
+
+    /// The operator's view of a drop (GetDrop), which must exist.
+    pub async fn drop_figures(&self, drop_id: &str) -> Drop {
+        self.operator()
+            .get_drop(GetDropRequest {
+                drop_id: drop_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Stops serving, drains, and fails if the server failed.
+    pub async fn shut_down(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shut_down().await.unwrap();
+    }
+}
