@@ -1,8 +1,10 @@
-//! The actor shell around the pure domain: one kameo actor per drop and per SKU, each a
-//! thin host for a domain state machine. Actors persist through the [`journal::Journal`]
-//! port (sled in the embedded platform) with group commit, receive commands through the
-//! [`bus::CommandBus`] port (in-process here), and feed read-side projections (availability
-//! cache, order watchers) after every durable batch.
+//! The actor shell around the pure domain: one kameo actor per key of each hosted kind
+//! (drop, SKU, hub, partner registry, creator ledger: `hosted/`), each a thin host for a
+//! domain state machine. Actors persist through the [`journal::Journal`] port (sled in the
+//! embedded platform, JetStream in a cluster) with group commit, receive commands through
+//! the [`bus::CommandBus`] port (`embedded::LocalActors` in process, `cluster::ClusterNode`
+//! across nodes; callers use the typed `ask::<H>` of [`ask`]), and feed read-side
+//! projections after every durable batch.
 
 pub mod ask;
 pub mod audit;

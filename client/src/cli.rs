@@ -31,7 +31,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the platform: gRPC checkout and operator services with durable local storage.
     Serve(ServeArgs),
-    /// Run a scripted multi-city drop against an embedded platform and print a report.
+    /// Run a scripted multi-city drop (embedded, or on a local cluster with --cluster) and print a report.
     Demo(DemoArgs),
     /// Creators' settlement against a running server: statements and reconciliation.
     Settlement(SettlementArgs),

@@ -1,10 +1,11 @@
-//! `dropline demo`: a scripted multi-city live drop against an embedded platform, driven
-//! entirely through the real gRPC API. Thousands of buyers burst in at open; some abandon
-//! their holds (which expire and return stock), some wait on the waitlist (and are promoted
-//! when stock returns), the operator restocks mid-drop. Simulated couriers work the orders
-//! over the DispatchService (one goes silent mid-drop and is swapped out, then suspended);
-//! the report ends with an oversell check against the journals, the fulfilment figures and
-//! each creator's settlement (returns, payouts, statement totals) and its reconciliation.
+//! `dropline demo`: a scripted multi-city live drop against an embedded platform (or a
+//! local cluster with `--cluster N`), driven entirely through the real gRPC API. Thousands
+//! of buyers burst in at open; some abandon their holds (which expire and return stock),
+//! some wait on the waitlist (and are promoted when stock returns), the operator restocks
+//! mid-drop. Simulated couriers work the orders over the DispatchService (one goes silent
+//! mid-drop and is swapped out, then suspended); the report ends with an oversell check
+//! against the journals, the fulfilment figures and each creator's settlement (returns,
+//! payouts, statement totals) and its reconciliation.
 
 mod cluster;
 mod couriers;
