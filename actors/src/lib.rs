@@ -21,6 +21,7 @@ pub mod handover;
 pub mod hosted;
 pub mod journal;
 pub mod limits;
+pub mod log;
 pub mod memory_journal;
 pub mod projections;
 pub mod runtime;

@@ -1,0 +1,367 @@
+//! An append-only, segmented log with one `fdatasync` per group commit: where the journal
+//! puts what must survive a power cut before its reply leaves.
+//!
+//! **Records.** Each record is framed as `[length: u32][crc: u32][kind: u8][payload]` (little
+//! endian). The CRC32C covers the length, kind and payload and is *chained*: it starts from
+//! the previous record's CRC, so a record is valid only right after the record it was written
+//! after. Every opening of the log first appends an *open* record holding a random nonce, so
+//! records written after a recovery chain differently from any stale bytes an earlier life
+//! left beyond the cut point: a torn tail can never be resurrected by a later append that
+//! happens to end where an old record began.
+//!
+//! **Segments.** Files `<index as 16 hex digits>.log` of `segment_bytes`, preallocated, each
+//! starting with a 32-byte header (magic, index, the chain value it continues from, its own
+//! CRC). Appends are buffered and written with one `pwrite` per segment per commit; `sync`
+//! then `fdatasync`s every segment written since the last sync, in order, and the directory
+//! when a segment was created, before it returns.
+//!
+//! **Recovery.** Records are read in order while each is whole and chains; the first that is
+//! not (a zero length, a short or torn record, a CRC mismatch) is the end of the log. A
+//! segment is followed into the next only if the next one's header is valid and continues the
+//! chain exactly; otherwise the later segments held nothing that was synced (a segment is
+//! synced before the next one's records can be), and they are removed. Nothing acknowledged
+//! is lost, nothing torn is returned, and whatever unsynced records survived whole are
+//! returned in order (like any database, a record may survive without its acknowledgement).
+//!
+//! **Compaction** is the caller's: `remove_segments_before` drops whole segments once what
+//! replaces them (snapshots) is itself durable.
+
+pub mod sim;
+pub mod storage;
+
+use std::io;
+use std::sync::Arc;
+use storage::{Storage, StorageFile};
+
+const MAGIC: &[u8; 8] = b"DLLOG\0\0\x01";
+const HEADER_BYTES: u64 = 32;
+/// length + crc + kind.
+const FRAME_BYTES: u64 = 9;
+const KIND_USER: u8 = 0;
+const KIND_OPEN: u8 = 1;
+
+/// Where a record is: its segment, and the offset and length of its frame there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+struct Segment {
+    index: u64,
+    file: Arc<dyn StorageFile>,
+}
+
+/// The log. Not thread-safe by itself: the journal's writer thread owns it.
+pub struct Log {
+    storage: Arc<dyn Storage>,
+    segment_bytes: u64,
+    /// Oldest first; the last is the one appended to.
+    segments: Vec<Segment>,
+    /// End of the last durable-or-buffered record in the last segment.
+    tail: u64,
+    /// The chain value after the last record appended.
+    chain: u32,
+    /// Frames appended since the last write, for the last segment, starting at `buffered_at`.
+    buffer: Vec<u8>,
+    buffered_at: u64,
+    /// Segments written since the last sync (their indexes), and whether one was created.
+    dirty: Vec<u64>,
+    created: bool,
+}
+
+fn segment_name(index: u64) -> String {
+    format!("{index:016x}.log")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".log")?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())?
+}
+
+fn header(index: u64, chain: u32) -> [u8; HEADER_BYTES as usize] {
+    let mut h = [0u8; HEADER_BYTES as usize];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..16].copy_from_slice(&index.to_le_bytes());
+    h[16..20].copy_from_slice(&chain.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..20]);
+    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// The chain value a valid header continues from.
+fn parse_header(h: &[u8], index: u64) -> Option<u32> {
+    let crc = u32::from_le_bytes(h[20..24].try_into().ok()?);
+    (h[..8] == MAGIC[..] && u64::from_le_bytes(h[8..16].try_into().ok()?) == index && crc32c::crc32c(&h[..20]) == crc)
+        .then(|| u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")))
+}
+
+fn frame_crc(chain: u32, len: u32, kind: u8, payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c_append(chain, &len.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc, &[kind]);
+    crc32c::crc32c_append(crc, payload)
+}
+
+fn corrupt(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+impl Log {
+    /// Opens the log in `storage` (creating it when empty), hands every record found to
+    /// `each` in order, cuts a torn tail, and makes a fresh open record durable.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        segment_bytes: u64,
+        mut each: impl FnMut(Position, &[u8]),
+    ) -> io::Result<Log> {
+        assert!(segment_bytes > HEADER_BYTES + FRAME_BYTES + 16, "segments too small");
+        let mut indexes: Vec<u64> = storage.list()?.iter().filter_map(|n| parse_segment_name(n)).collect();
+        indexes.sort_unstable();
+        let mut log = Log {
+            storage,
+            segment_bytes,
+            segments: Vec::new(),
+            tail: HEADER_BYTES,
+            chain: 0,
+            buffer: Vec::new(),
+            buffered_at: HEADER_BYTES,
+            dirty: Vec::new(),
+            created: false,
+        };
+        let mut stale = Vec::new();
+        for (n, &index) in indexes.iter().enumerate() {
+            if !stale.is_empty() {
+                stale.push(index);
+                continue;
+            }
+            let file = log.storage.open(&segment_name(index), false)?;
+            let mut h = [0u8; HEADER_BYTES as usize];
+            let valid = file.size()? >= HEADER_BYTES
+                && file.read_exact_at(0, &mut h).is_ok()
+                && match parse_header(&h, index) {
+                    // The first segment starts the chain; each later one must continue it.
+                    Some(chain) if n == 0 => {
+                        log.chain = chain;
+                        true
+                    }
+                    Some(chain) => chain == log.chain && Some(index) == log.segments.last().map(|s| s.index + 1),
+                    None => false,
+                };
+            if !valid {
+                if n == 0 && indexes.len() > 1 {
+                    return Err(corrupt(format!(
+                        "log segment {} has a corrupt header and later segments exist",
+                        segment_name(index)
+                    )));
+                }
+                stale.push(index);
+                continue;
+            }
+            let end = log.scan(index, &file, &mut each)?;
+            log.segments.push(Segment { index, file });
+            log.tail = end;
+        }
+        // Segments after the end held nothing synced: gone before anything is appended.
+        for index in &stale {
+            log.storage.remove(&segment_name(*index))?;
+        }
+        if log.segments.is_empty() {
+            let index = indexes.first().copied().filter(|_| !stale.is_empty()).unwrap_or(0);
+            log.create_segment(index)?;
+        } else if !stale.is_empty() {
+            log.storage.sync_dir()?;
+        }
+        log.buffered_at = log.tail;
+        let nonce: u64 = rand::random();
+        log.frame(KIND_OPEN, &nonce.to_le_bytes())?;
+        log.sync()?;
+        Ok(log)
+    }
+
+    /// Reads the records of one segment from its header on, handing user records to `each`;
+    /// returns where the valid records end.
+    fn scan(
+        &mut self,
+        index: u64,
+        file: &Arc<dyn StorageFile>,
+        each: &mut impl FnMut(Position, &[u8]),
+    ) -> io::Result<u64> {
+        let size = file.size()?;
+        let mut offset = HEADER_BYTES;
+        let mut head = [0u8; FRAME_BYTES as usize];
+        let mut payload = Vec::new();
+        while offset + FRAME_BYTES <= size {
+            file.read_exact_at(offset, &mut head)?;
+            let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+            let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+            let kind = head[8];
+            if len == 0 || offset + FRAME_BYTES + u64::from(len) > size {
+                break;
+            }
+            payload.resize(len as usize, 0);
+            file.read_exact_at(offset + FRAME_BYTES, &mut payload)?;
+            if frame_crc(self.chain, len, kind, &payload) != crc {
+                break;
+            }
+            self.chain = crc;
+            let frame_len = FRAME_BYTES as u32 + len;
+            if kind == KIND_USER {
+                each(
+                    Position {
+                        segment: index,
+                        offset,
+                        len: frame_len,
+                    },
+                    &payload,
+                );
+            }
+            offset += u64::from(frame_len);
+        }
+        Ok(offset)
+    }
+
+    /// Creates segment `index`, continuing the chain, and makes it the one appended to. Its
+    /// entry and header become durable with the next `sync`.
+    fn create_segment(&mut self, index: u64) -> io::Result<()> {
+        let file = self.storage.open(&segment_name(index), true)?;
+        file.allocate(self.segment_bytes)?;
+        file.write_all_at(0, &header(index, self.chain))?;
+        self.segments.push(Segment { index, file });
+        self.tail = HEADER_BYTES;
+        self.buffered_at = HEADER_BYTES;
+        self.dirty.push(index);
+        self.created = true;
+        Ok(())
+    }
+
+    /// The largest payload a record may carry.
+    pub fn payload_max(&self) -> usize {
+        (self.segment_bytes - HEADER_BYTES - FRAME_BYTES) as usize
+    }
+
+    /// Appends a record; it is durable once `sync` returns.
+    pub fn append(&mut self, payload: &[u8]) -> io::Result<Position> {
+        self.frame(KIND_USER, payload)
+    }
+
+    fn frame(&mut self, kind: u8, payload: &[u8]) -> io::Result<Position> {
+        if payload.is_empty() || payload.len() > self.payload_max() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a log record holds 1 to {} bytes, not {}",
+                    self.payload_max(),
+                    payload.len()
+                ),
+            ));
+        }
+        let len = payload.len() as u32;
+        let frame_len = FRAME_BYTES + u64::from(len);
+        if self.tail + frame_len > self.segment_bytes {
+            // The rest of this segment stays zeros: the end of its records.
+            self.write_buffer()?;
+            let next = self.segments.last().map_or(0, |s| s.index + 1);
+            self.create_segment(next)?;
+        }
+        let crc = frame_crc(self.chain, len, kind, payload);
+        self.buffer.extend_from_slice(&len.to_le_bytes());
+        self.buffer.extend_from_slice(&crc.to_le_bytes());
+        self.buffer.push(kind);
+        self.buffer.extend_from_slice(payload);
+        let position = Position {
+            segment: self.segments.last().expect("a segment").index,
+            offset: self.tail,
+            len: frame_len as u32,
+        };
+        self.chain = crc;
+        self.tail += frame_len;
+        Ok(position)
+    }
+
+    /// Writes what is buffered to the last segment (one `pwrite`).
+    fn write_buffer(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let segment = self.segments.last().expect("a segment");
+        segment.file.write_all_at(self.buffered_at, &self.buffer)?;
+        if self.dirty.last() != Some(&segment.index) {
+            self.dirty.push(segment.index);
+        }
+        self.buffered_at += self.buffer.len() as u64;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Makes every record appended so far durable: writes what is buffered, `fdatasync`s
+    /// each segment written since the last sync, oldest first, and the directory if a
+    /// segment was created. A failure leaves the log unusable: the caller must reopen it
+    /// (recovery then decides what survived).
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.write_buffer()?;
+        for index in std::mem::take(&mut self.dirty) {
+            if let Some(segment) = self.segments.iter().find(|s| s.index == index) {
+                segment.file.sync_data()?;
+            }
+        }
+        if std::mem::take(&mut self.created) {
+            self.storage.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    /// The payload of the record at `position` (appended, or found at opening).
+    pub fn read(&self, position: Position) -> io::Result<Vec<u8>> {
+        let segment = self
+            .segments
+            .iter()
+            .find(|s| s.index == position.segment)
+            .ok_or_else(|| corrupt(format!("log segment {} is gone", position.segment)))?;
+        let mut frame = vec![0u8; position.len as usize];
+        let last = self.segments.last().map(|s| s.index) == Some(position.segment);
+        if last && position.offset >= self.buffered_at {
+            let start = (position.offset - self.buffered_at) as usize;
+            frame.copy_from_slice(&self.buffer[start..start + position.len as usize]);
+        } else {
+            segment.file.read_exact_at(position.offset, &mut frame)?;
+        }
+        let len = u32::from_le_bytes(frame[..4].try_into().expect("4 bytes"));
+        if u64::from(len) + FRAME_BYTES != u64::from(position.len) || frame[8] != KIND_USER {
+            return Err(corrupt(format!("no record at {position:?}")));
+        }
+        Ok(frame.split_off(FRAME_BYTES as usize))
+    }
+
+    /// Indexes of the segments, oldest first.
+    pub fn segments(&self) -> Vec<u64> {
+        self.segments.iter().map(|s| s.index).collect()
+    }
+
+    /// Removes the segments older than `index` (never the one appended to), durably. The
+    /// caller makes sure whatever replaces their records is durable first.
+    pub fn remove_segments_before(&mut self, index: u64) -> io::Result<usize> {
+        let last = self.segments.last().expect("a segment").index;
+        let doomed: Vec<u64> = self
+            .segments
+            .iter()
+            .map(|s| s.index)
+            .filter(|&i| i < index && i != last)
+            .collect();
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        // Oldest first, each removal durable before the next: whatever a power cut undoes,
+        // the segments left start with a contiguous run (recovery treats a gap as the end).
+        for i in &doomed {
+            self.storage.remove(&segment_name(*i))?;
+            self.storage.sync_dir()?;
+            self.segments.retain(|s| s.index != *i);
+        }
+        Ok(doomed.len())
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+}
