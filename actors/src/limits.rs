@@ -47,6 +47,10 @@ const _: () = assert!(COMMAND_TIMEOUT_MS <= ACTOR_START_TIMEOUT_MS);
 pub const JOURNAL_QUEUE_MAX: usize = 65_536;
 /// Appends written and flushed together: one fsync for up to this many commands.
 pub const JOURNAL_BATCH_MAX: usize = 8_192;
+/// Size of a segment of the embedded journal's write-ahead log (preallocated): a checkpoint
+/// (sled flushed and `fsync`ed) follows each full segment, so this is also how much the log
+/// replays into sled at most after a crash, and how often the writer pays a checkpoint.
+pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// sled page cache of the embedded journal (and of a cluster node's local snapshots).
 pub const JOURNAL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Streams with an append in flight at once in the cluster journal; beyond it requests wait

@@ -1,10 +1,16 @@
 //! The embedded journal: every actor's stream in one sled tree, written by one writer thread
 //! that group-commits. The writer takes whatever is queued (up to `JOURNAL_BATCH_MAX`
-//! appends, from any number of actors), writes it as one atomic sled batch, flushes once
-//! (fsync), then runs the completions in order. One fsync per batch, not per buyer.
-//! Snapshots are written after the batch holding the events they cover, a slice at a time
-//! between batches (see [`crate::sled_parts`]); they need no flush of their own, since a
-//! reply never waits for one.
+//! appends, from any number of actors), writes its changes to the streams as one record of
+//! the write-ahead log ([`crate::log`]) and `fdatasync`s it, applies them to sled as one
+//! atomic batch, then runs the completions in order: one `fdatasync` per batch, not per
+//! buyer, and no reply before it. sled's own flush is not an fsync (it uses
+//! `sync_file_range`), so sled is not trusted with durability: at opening, the log's records
+//! are applied to sled again (each is a set of key writes, so applying one twice changes
+//! nothing), and a **checkpoint** — sled flushed, its files `fsync`ed — comes before the
+//! log's older segments are removed. Snapshots are written after the batch holding the events
+//! they cover, a slice at a time between batches (see [`crate::sled_parts`]); they need no
+//! sync of their own: a reply never waits for one, and until a checkpoint covers them the
+//! log still holds every event they summarize.
 //!
 //! Keys: `e/<stream>\0<first version, 8 bytes big-endian>` for chunks of consecutive
 //! events; `S/<stream>` for the snapshot's header and `s/<stream>\0<version><part>` for its
@@ -15,8 +21,11 @@
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
 use crate::limits::{
-    JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS,
+    JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, LOG_SEGMENT_BYTES, SNAPSHOT_QUEUE_BYTES_MAX,
+    SNAPSHOT_SLICE_PARTS,
 };
+use crate::log::storage::{FsStorage, Storage, StorageStats};
+use crate::log::Log;
 use crate::secrets::SealedAddress;
 use crate::sled_parts::{self, PartsWrite};
 use domain::UnixMillis;
@@ -40,6 +49,7 @@ pub struct SledJournal {
     audit: sled::Tree,
     tx: mpsc::Sender<Request>,
     stats: Arc<WriterStats>,
+    log_storage: Arc<dyn Storage>,
 }
 
 /// Counters of the writer, for logs and benchmarks.
@@ -93,19 +103,45 @@ impl SledJournal {
             .open_tree("address_shred")
             .map_err(|e| JournalError::Io(e.to_string()))?;
         let audit = db.open_tree("audit").map_err(|e| JournalError::Io(e.to_string()))?;
+        // What sled may have lost since its last checkpoint comes back from the log.
+        let log_storage: Arc<dyn Storage> =
+            Arc::new(FsStorage::open(&dir.join("log")).map_err(|e| JournalError::Io(format!("write-ahead log: {e}")))?);
+        let mut replayed = 0usize;
+        let mut replay_error = None;
+        let log = Log::open(log_storage.clone(), LOG_SEGMENT_BYTES, |_, record| {
+            if replay_error.is_some() {
+                return;
+            }
+            match decode_ops(record) {
+                Ok(batch) => match tree.apply_batch(batch) {
+                    Ok(()) => replayed += 1,
+                    Err(e) => replay_error = Some(JournalError::Io(e.to_string())),
+                },
+                Err(e) => replay_error = Some(JournalError::Corrupt(format!("write-ahead log: {e}"))),
+            }
+        })
+        .map_err(|e| JournalError::Io(format!("write-ahead log: {e}")))?;
+        if let Some(e) = replay_error {
+            return Err(e);
+        }
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
-        let writer = Writer {
+        let mut writer = Writer {
             db: db.clone(),
             tree: tree.clone(),
             rx,
             stats: stats.clone(),
+            log,
+            sled_dir: dir.join("journal"),
+            broken: None,
         };
+        // Everything replayed is in sled now: make that durable, and the log can start over.
+        writer.checkpoint()?;
         std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| JournalError::Io(e.to_string()))?;
-        info!(dir = %dir.display(), "journal opened");
+        info!(dir = %dir.display(), replayed, "journal opened");
         Ok(Arc::new(SledJournal {
             db,
             tree,
@@ -115,11 +151,17 @@ impl SledJournal {
             audit,
             tx,
             stats,
+            log_storage,
         }))
     }
 
     pub fn stats(&self) -> &WriterStats {
         &self.stats
+    }
+
+    /// What the write-ahead log's storage did (its `fdatasync`s above all).
+    pub fn log_stats(&self) -> &StorageStats {
+        self.log_storage.stats()
     }
 
     /// Bytes used on disk.
@@ -202,9 +244,37 @@ struct OpenChunk {
     bytes: Vec<u8>,
 }
 
+/// The changes of one group commit to the streams tree: written to the log as they are,
+/// then applied to sled as one batch.
+#[derive(Default)]
+struct Ops {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Ops {
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push((key, Some(value)));
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.ops.push((key, None));
+    }
+
+    fn into_sled(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (key, value) in self.ops {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch
+    }
+}
+
 impl OpenChunk {
-    /// Adds the chunk, if not empty, to the sled batch; returns the number of inserts.
-    fn seal(&mut self, batch: &mut sled::Batch, stream: &str) -> usize {
+    /// Adds the chunk, if not empty, to the batch; returns the number of inserts.
+    fn seal(&mut self, batch: &mut Ops, stream: &str) -> usize {
         if self.bytes.is_empty() {
             return 0;
         }
@@ -328,6 +398,83 @@ struct Writer {
     tree: sled::Tree,
     rx: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
+    log: Log,
+    /// sled's directory, whose files a checkpoint `fsync`s.
+    sled_dir: std::path::PathBuf,
+    /// Set when the log failed: nothing is acknowledged any more (a restart recovers).
+    broken: Option<String>,
+}
+
+/// The changes to the streams tree one record of the log holds: `count: u32`, then per key
+/// `len: u32, key, tag: u8` (1: insert, followed by `len: u32, value`; 0: remove).
+fn encode_ops(ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        4 + ops
+            .iter()
+            .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+    for (key, value) in ops {
+        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        out.extend_from_slice(key);
+        match value {
+            Some(value) => {
+                out.push(1);
+                out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                out.extend_from_slice(value);
+            }
+            None => out.push(0),
+        }
+    }
+    out
+}
+
+fn decode_ops(mut bytes: &[u8]) -> Result<sled::Batch, String> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if bytes.len() < n {
+            return Err("record ends early".into());
+        }
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        Ok(head)
+    }
+    fn len(bytes: &mut &[u8]) -> Result<usize, String> {
+        Ok(u32::from_le_bytes(take(bytes, 4)?.try_into().expect("4 bytes")) as usize)
+    }
+    let mut batch = sled::Batch::default();
+    let count = len(&mut bytes)?;
+    for _ in 0..count {
+        let key_len = len(&mut bytes)?;
+        let key = take(&mut bytes, key_len)?.to_vec();
+        match take(&mut bytes, 1)?[0] {
+            1 => {
+                let value_len = len(&mut bytes)?;
+                batch.insert(key, take(&mut bytes, value_len)?);
+            }
+            0 => batch.remove(key),
+            tag => return Err(format!("unknown change tag {tag}")),
+        }
+    }
+    if !bytes.is_empty() {
+        return Err("bytes after the last change".into());
+    }
+    Ok(batch)
+}
+
+/// `fsync`s every file sled keeps under `dir` (its segments, snapshot and configuration,
+/// blobs) and the directories: after `flush`, what sled holds is then durable.
+fn fsync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            fsync_tree(&entry.path())?;
+        } else if kind.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Snapshots being written, oldest first: a slice of the first is applied between batches of
@@ -421,8 +568,30 @@ impl Writer {
                 self.write_pending(&mut pending, &mut snapshots, &mut failed);
             }
             snapshots.step(&self.tree);
+            // A full segment behind the one appended to: sled takes over what it holds.
+            if self.broken.is_none() && self.log.segments().len() > 1 {
+                if let Err(e) = self.checkpoint() {
+                    error!(error = %e, "journal checkpoint failed; the log keeps its segments");
+                }
+            }
         }
-        let _ = self.db.flush();
+        if self.broken.is_none() {
+            if let Err(e) = self.checkpoint() {
+                warn!(error = %e, "journal checkpoint at shutdown failed; the log is replayed at the next start");
+            }
+        }
+    }
+
+    /// Makes everything sled holds durable (its flush, then `fsync` of its files), then
+    /// removes the log's segments before the one appended to: their records are in sled.
+    fn checkpoint(&mut self) -> Result<(), JournalError> {
+        self.db.flush().map_err(|e| JournalError::Io(e.to_string()))?;
+        fsync_tree(&self.sled_dir).map_err(|e| JournalError::Io(format!("checkpoint: {e}")))?;
+        let last = *self.log.segments().last().expect("the log has a segment");
+        self.log
+            .remove_segments_before(last)
+            .map_err(|e| JournalError::Io(format!("checkpoint: {e}")))?;
+        Ok(())
     }
 
     /// Writes a batch of appends, runs their completions, and queues their snapshots.
@@ -431,7 +600,7 @@ impl Writer {
     /// durable: the actor is being killed, and whatever it sent meanwhile (events or a
     /// snapshot covering lost events) fails too, until its restart appends at that version.
     fn write_pending(
-        &self,
+        &mut self,
         pending: &mut Vec<Request>,
         snapshots: &mut SnapshotWrites,
         failed: &mut HashMap<String, u64>,
@@ -490,8 +659,13 @@ impl Writer {
         }
     }
 
-    fn write(&self, pending: &[Request]) -> Result<(), JournalError> {
-        let mut batch = sled::Batch::default();
+    fn write(&mut self, pending: &[Request]) -> Result<(), JournalError> {
+        if let Some(why) = &self.broken {
+            return Err(JournalError::Io(format!(
+                "the write-ahead log failed ({why}); restart to recover"
+            )));
+        }
+        let mut batch = Ops::default();
         let mut writes = 0usize;
         // Streams in first-seen order, each with its open chunk.
         let mut chunks: Vec<(&str, OpenChunk)> = Vec::new();
@@ -544,13 +718,21 @@ impl Writer {
             .appends
             .fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if writes == 0 {
-            // Only barriers: nothing to make durable, earlier batches already are.
+            // Only barriers: what they wait for (the address vault's writes, which sled
+            // holds alone) gets sled's flush, as before; earlier batches are durable already.
+            self.db.flush().map_err(|e| JournalError::Io(e.to_string()))?;
             return Ok(());
         }
+        // Durable first, in the log; then sled, which a restart brings up to date from it.
+        let synced = self.log.append(&encode_ops(&batch.ops)).and_then(|_| self.log.sync());
+        if let Err(e) = synced {
+            // What the failed sync wrote is unknown: only a reopening (recovery) can tell.
+            self.broken = Some(e.to_string());
+            return Err(JournalError::Io(format!("write-ahead log: {e}")));
+        }
         self.tree
-            .apply_batch(batch)
+            .apply_batch(batch.into_sled())
             .map_err(|e| JournalError::Io(e.to_string()))?;
-        self.db.flush().map_err(|e| JournalError::Io(e.to_string()))?;
         self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
