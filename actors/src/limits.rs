@@ -51,6 +51,10 @@ pub const JOURNAL_BATCH_MAX: usize = 8_192;
 /// (sled flushed and `fsync`ed) follows each full segment, so this is also how much the log
 /// replays into sled at most after a crash, and how often the writer pays a checkpoint.
 pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// The longest a record stays in the write-ahead log once written, however little follows
+/// it: after this the writer starts a new segment and checkpoints, so a sealed address or a
+/// shredded one leaves the log within a minute (beside the vault's own retention bound).
+pub const LOG_CHECKPOINT_INTERVAL_MS: u64 = 60_000;
 /// sled page cache of the embedded journal (and of a cluster node's local snapshots).
 pub const JOURNAL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Streams with an append in flight at once in the cluster journal; beyond it requests wait

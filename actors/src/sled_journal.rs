@@ -21,8 +21,8 @@
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
 use crate::limits::{
-    JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, LOG_SEGMENT_BYTES, SNAPSHOT_QUEUE_BYTES_MAX,
-    SNAPSHOT_SLICE_PARTS,
+    JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, LOG_CHECKPOINT_INTERVAL_MS, LOG_SEGMENT_BYTES,
+    SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS,
 };
 use crate::log::storage::{FsStorage, Storage, StorageStats};
 use crate::log::Log;
@@ -37,8 +37,21 @@ use tracing::{error, info, warn};
 
 struct Request {
     batch: AppendBatch,
+    /// Changes the address vault already made in sled, to make durable in the log (with an
+    /// empty `batch`: a barrier).
+    vault: Vec<Change>,
     done: Completion,
 }
+
+/// One change a log record holds: the tree (by tag), the key, and the new value (`None`:
+/// removed).
+type Change = (u8, Vec<u8>, Option<Vec<u8>>);
+
+/// The trees a log record changes, by the tag its changes carry.
+const TREE_STREAMS: u8 = 0;
+const TREE_ADDRESSES: u8 = 1;
+const TREE_ADDRESS_KEYS: u8 = 2;
+const TREE_ADDRESS_SHRED: u8 = 3;
 
 pub struct SledJournal {
     db: sled::Db,
@@ -47,6 +60,9 @@ pub struct SledJournal {
     address_keys: sled::Tree,
     address_shred: sled::Tree,
     audit: sled::Tree,
+    /// Held from a vault transaction until its changes are queued for the log, so the log
+    /// holds them in the order sled applied them.
+    vault_order: std::sync::Mutex<()>,
     tx: mpsc::Sender<Request>,
     stats: Arc<WriterStats>,
     log_storage: Arc<dyn Storage>,
@@ -113,10 +129,15 @@ impl SledJournal {
                 return;
             }
             match decode_ops(record) {
-                Ok(batch) => match tree.apply_batch(batch) {
-                    Ok(()) => replayed += 1,
-                    Err(e) => replay_error = Some(JournalError::Io(e.to_string())),
-                },
+                Ok(batches) => {
+                    let trees = [&tree, &addresses, &address_keys, &address_shred];
+                    for (target, batch) in trees.into_iter().zip(batches) {
+                        if let Err(e) = target.apply_batch(batch) {
+                            replay_error = Some(JournalError::Io(e.to_string()));
+                        }
+                    }
+                    replayed += 1;
+                }
                 Err(e) => replay_error = Some(JournalError::Corrupt(format!("write-ahead log: {e}"))),
             }
         })
@@ -134,12 +155,29 @@ impl SledJournal {
             log,
             sled_dir: dir.join("journal"),
             broken: None,
+            checkpointed: std::time::Instant::now(),
+            written: false,
         };
         // Everything replayed is in sled now: make that durable, and the log can start over.
         writer.checkpoint()?;
         std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
+            .map_err(|e| JournalError::Io(e.to_string()))?;
+        // An idle writer waits for appends: a barrier now and then lets it checkpoint on
+        // time. The ticker ends with the journal.
+        let ticks = tx.downgrade();
+        std::thread::Builder::new()
+            .name("journal-ticker".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(LOG_CHECKPOINT_INTERVAL_MS / 4));
+                let Some(tx) = ticks.upgrade() else { return };
+                let _ = tx.try_send(Request {
+                    batch: AppendBatch::default(),
+                    vault: Vec::new(),
+                    done: Box::new(|_| {}),
+                });
+            })
             .map_err(|e| JournalError::Io(e.to_string()))?;
         info!(dir = %dir.display(), replayed, "journal opened");
         Ok(Arc::new(SledJournal {
@@ -149,6 +187,7 @@ impl SledJournal {
             address_keys,
             address_shred,
             audit,
+            vault_order: std::sync::Mutex::new(()),
             tx,
             stats,
             log_storage,
@@ -248,22 +287,24 @@ struct OpenChunk {
 /// then applied to sled as one batch.
 #[derive(Default)]
 struct Ops {
-    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ops: Vec<Change>,
 }
 
 impl Ops {
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.ops.push((key, Some(value)));
+        self.ops.push((TREE_STREAMS, key, Some(value)));
     }
 
     fn remove(&mut self, key: Vec<u8>) {
-        self.ops.push((key, None));
+        self.ops.push((TREE_STREAMS, key, None));
     }
 
-    fn into_sled(self) -> sled::Batch {
+    /// The changes to the streams tree as one sled batch (the vault's are in sled already).
+    fn into_streams_batch(self) -> sled::Batch {
         let mut batch = sled::Batch::default();
-        for (key, value) in self.ops {
+        for (tree, key, value) in self.ops {
             match value {
+                _ if tree != TREE_STREAMS => {}
                 Some(value) => batch.insert(key, value),
                 None => batch.remove(key),
             }
@@ -289,7 +330,11 @@ struct SledPermit {
 
 impl AppendPermit for SledPermit {
     fn append(self: Box<Self>, batch: AppendBatch, done: Completion) {
-        self.permit.send(Request { batch, done });
+        self.permit.send(Request {
+            batch,
+            vault: Vec::new(),
+            done,
+        });
     }
 }
 
@@ -403,19 +448,23 @@ struct Writer {
     sled_dir: std::path::PathBuf,
     /// Set when the log failed: nothing is acknowledged any more (a restart recovers).
     broken: Option<String>,
+    /// When the last checkpoint was, and whether anything was logged since.
+    checkpointed: std::time::Instant,
+    written: bool,
 }
 
-/// The changes to the streams tree one record of the log holds: `count: u32`, then per key
-/// `len: u32, key, tag: u8` (1: insert, followed by `len: u32, value`; 0: remove).
-fn encode_ops(ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<u8> {
+/// The changes one record of the log holds: `count: u32`, then per key `tree: u8, len: u32,
+/// key, tag: u8` (1: insert, followed by `len: u32, value`; 0: remove).
+fn encode_ops(ops: &[Change]) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         4 + ops
             .iter()
-            .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len))
+            .map(|(_, k, v)| 10 + k.len() + v.as_ref().map_or(0, Vec::len))
             .sum::<usize>(),
     );
     out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
-    for (key, value) in ops {
+    for (tree, key, value) in ops {
+        out.push(*tree);
         out.extend_from_slice(&(key.len() as u32).to_le_bytes());
         out.extend_from_slice(key);
         match value {
@@ -430,7 +479,8 @@ fn encode_ops(ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<u8> {
     out
 }
 
-fn decode_ops(mut bytes: &[u8]) -> Result<sled::Batch, String> {
+/// A record's changes as one sled batch per tree tag.
+fn decode_ops(mut bytes: &[u8]) -> Result<[sled::Batch; 4], String> {
     fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
         if bytes.len() < n {
             return Err("record ends early".into());
@@ -442,9 +492,13 @@ fn decode_ops(mut bytes: &[u8]) -> Result<sled::Batch, String> {
     fn len(bytes: &mut &[u8]) -> Result<usize, String> {
         Ok(u32::from_le_bytes(take(bytes, 4)?.try_into().expect("4 bytes")) as usize)
     }
-    let mut batch = sled::Batch::default();
+    let mut batches: [sled::Batch; 4] = Default::default();
     let count = len(&mut bytes)?;
     for _ in 0..count {
+        let tree = take(&mut bytes, 1)?[0];
+        let batch = batches
+            .get_mut(tree as usize)
+            .ok_or_else(|| format!("unknown tree tag {tree}"))?;
         let key_len = len(&mut bytes)?;
         let key = take(&mut bytes, key_len)?.to_vec();
         match take(&mut bytes, 1)?[0] {
@@ -459,7 +513,7 @@ fn decode_ops(mut bytes: &[u8]) -> Result<sled::Batch, String> {
     if !bytes.is_empty() {
         return Err("bytes after the last change".into());
     }
-    Ok(batch)
+    Ok(batches)
 }
 
 /// `fsync`s every file sled keeps under `dir` (its segments, snapshot and configuration,
@@ -568,9 +622,20 @@ impl Writer {
                 self.write_pending(&mut pending, &mut snapshots, &mut failed);
             }
             snapshots.step(&self.tree);
-            // A full segment behind the one appended to: sled takes over what it holds.
-            if self.broken.is_none() && self.log.segments().len() > 1 {
-                if let Err(e) = self.checkpoint() {
+            // A full segment behind the one appended to, or a record older than the
+            // interval: sled takes over what the log holds.
+            let due = self.written
+                && self.checkpointed.elapsed() >= std::time::Duration::from_millis(LOG_CHECKPOINT_INTERVAL_MS);
+            if self.broken.is_none() && (self.log.segments().len() > 1 || due) {
+                let rolled = if due {
+                    self.log.roll().and_then(|_| self.log.sync())
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = rolled {
+                    self.broken = Some(e.to_string());
+                    error!(error = %e, "write-ahead log failed; appends are refused until a restart");
+                } else if let Err(e) = self.checkpoint() {
                     error!(error = %e, "journal checkpoint failed; the log keeps its segments");
                 }
             }
@@ -591,6 +656,8 @@ impl Writer {
         self.log
             .remove_segments_before(last)
             .map_err(|e| JournalError::Io(format!("checkpoint: {e}")))?;
+        self.checkpointed = std::time::Instant::now();
+        self.written = false;
         Ok(())
     }
 
@@ -670,7 +737,18 @@ impl Writer {
         // Streams in first-seen order, each with its open chunk.
         let mut chunks: Vec<(&str, OpenChunk)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
-        for Request { batch: append, .. } in pending {
+        for Request {
+            batch: append, vault, ..
+        } in pending
+        {
+            for (tree, key, value) in vault {
+                batch.ops.push((*tree, key.clone(), value.clone()));
+                writes += 1;
+            }
+            if append.events.is_empty() && append.wakeup.is_none() {
+                // A barrier (the vault's changes, if any, are above).
+                continue;
+            }
             let stream = append.stream.as_str();
             let slot = *index.entry(stream).or_insert_with(|| {
                 chunks.push((
@@ -718,9 +796,7 @@ impl Writer {
             .appends
             .fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if writes == 0 {
-            // Only barriers: what they wait for (the address vault's writes, which sled
-            // holds alone) gets sled's flush, as before; earlier batches are durable already.
-            self.db.flush().map_err(|e| JournalError::Io(e.to_string()))?;
+            // Only barriers (reads, rejections): earlier batches are durable already.
             return Ok(());
         }
         // Durable first, in the log; then sled, which a restart brings up to date from it.
@@ -730,8 +806,9 @@ impl Writer {
             self.broken = Some(e.to_string());
             return Err(JournalError::Io(format!("write-ahead log: {e}")));
         }
+        self.written = true;
         self.tree
-            .apply_batch(batch.into_sled())
+            .apply_batch(batch.into_streams_batch())
             .map_err(|e| JournalError::Io(e.to_string()))?;
         self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -746,21 +823,25 @@ impl SledJournal {
         [(at.max(0) as u64).to_be_bytes().as_slice(), order_id.as_bytes()].concat()
     }
 
-    /// Syncs the vault's writes (sled's flush covers every tree of the database).
-    /// Waits for the journal writer's next flush, which covers every tree of the database.
-    /// Not `flush_async`: one of those per call ties up a thread of sled's pool waiting for
-    /// stability, and enough of them at once (a burst of deliveries) starved the pool of the
-    /// thread that writes the buffer they wait for: a deadlock seen in the demo.
-    async fn vault_flush(&self) -> Result<(), JournalError> {
+    /// Queues changes the vault made in sled for the log's next group commit; the receiver
+    /// gets the result once they are `fdatasync`ed. Called with `vault_order` held.
+    fn vault_log(
+        &self,
+        ops: Vec<Change>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), JournalError>>, JournalError> {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        // A batch without events is a barrier (see `AppendBatch`).
-        self.try_reserve()?.append(
-            AppendBatch::default(),
-            Box::new(move |result| {
+        let permit = self.tx.clone().try_reserve_owned().map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => JournalError::Full,
+            mpsc::error::TrySendError::Closed(_) => JournalError::Closed,
+        })?;
+        permit.send(Request {
+            batch: AppendBatch::default(),
+            vault: ops,
+            done: Box::new(move |result| {
                 let _ = done_tx.send(result);
             }),
-        );
-        done_rx.await.map_err(|_| JournalError::Closed)?
+        });
+        Ok(done_rx)
     }
 }
 
@@ -779,6 +860,7 @@ impl AddressVault for SledJournal {
         Box::pin(async move {
             let mut key_record = sealed.salt.to_vec();
             key_record.extend_from_slice(&shred_at.0.to_be_bytes());
+            let order = self.vault_order.lock().expect("vault order lock");
             let stored = (&self.address_keys, &self.addresses, &self.address_shred)
                 .transaction(|(keys, addresses, shred)| {
                     if keys.get(order_id.as_bytes())?.is_some() {
@@ -790,10 +872,25 @@ impl AddressVault for SledJournal {
                     Ok(true)
                 })
                 .map_err(vault_tx_error)?;
-            if stored {
-                self.vault_flush().await?;
+            if !stored {
+                return Ok(false);
             }
-            Ok(stored)
+            let durable = self.vault_log(vec![
+                (TREE_ADDRESS_KEYS, order_id.as_bytes().to_vec(), Some(key_record)),
+                (
+                    TREE_ADDRESSES,
+                    order_id.as_bytes().to_vec(),
+                    Some(sealed.ciphertext.clone()),
+                ),
+                (
+                    TREE_ADDRESS_SHRED,
+                    SledJournal::shred_key(shred_at.0, order_id),
+                    Some(Vec::new()),
+                ),
+            ]);
+            drop(order);
+            durable?.await.map_err(|_| JournalError::Closed)??;
+            Ok(true)
         })
     }
 
@@ -821,28 +918,44 @@ impl AddressVault for SledJournal {
     fn shred_by<'a>(&'a self, order_id: &'a str, at: UnixMillis) -> BoxFuture<'a, Result<(), JournalError>> {
         use sled::Transactional;
         Box::pin(async move {
-            (&self.address_keys, &self.address_shred)
+            let order = self.vault_order.lock().expect("vault order lock");
+            let changed = (&self.address_keys, &self.address_shred)
                 .transaction(|(keys, shred)| {
                     let Some(record) = keys.get(order_id.as_bytes())? else {
-                        return Ok(false);
+                        return Ok(None);
                     };
                     if record.len() != 40 {
-                        return Ok(false);
+                        return Ok(None);
                     }
                     let current = i64::from_be_bytes(record[32..40].try_into().expect("8 bytes"));
                     if current <= at.0 {
-                        return Ok(false);
+                        return Ok(None);
                     }
                     let mut updated = record[..32].to_vec();
                     updated.extend_from_slice(&at.0.to_be_bytes());
-                    keys.insert(order_id.as_bytes(), updated)?;
+                    keys.insert(order_id.as_bytes(), updated.clone())?;
                     shred.remove(SledJournal::shred_key(current, order_id))?;
                     shred.insert(SledJournal::shred_key(at.0, order_id), &[])?;
-                    Ok(true)
+                    Ok(Some((updated, current)))
                 })
                 .map_err(vault_tx_error)?;
-            // Not waited for: a shred time lost in a crash falls back to the retention
-            // bound, and the writer's next flush makes it durable anyway.
+            // Logged, not waited for: a shred time lost in a crash falls back to the
+            // retention bound.
+            if let Some((updated, current)) = changed {
+                let queued = self.vault_log(vec![
+                    (TREE_ADDRESS_KEYS, order_id.as_bytes().to_vec(), Some(updated)),
+                    (TREE_ADDRESS_SHRED, SledJournal::shred_key(current, order_id), None),
+                    (
+                        TREE_ADDRESS_SHRED,
+                        SledJournal::shred_key(at.0, order_id),
+                        Some(Vec::new()),
+                    ),
+                ]);
+                if let Err(e) = queued {
+                    warn!(error = %e, "a shred time is not logged; it is made durable by the next checkpoint");
+                }
+            }
+            drop(order);
             Ok(())
         })
     }
@@ -856,6 +969,11 @@ impl AddressVault for SledJournal {
             for item in self.address_shred.range(..end).take(limit) {
                 due.push(item.map_err(io)?.0);
             }
+            if due.is_empty() {
+                return Ok(0);
+            }
+            let order = self.vault_order.lock().expect("vault order lock");
+            let mut ops = Vec::with_capacity(3 * due.len());
             for index_key in &due {
                 let order_id = &index_key[8..];
                 (&self.address_keys, &self.addresses, &self.address_shred)
@@ -866,10 +984,13 @@ impl AddressVault for SledJournal {
                         Ok(())
                     })
                     .map_err(vault_tx_error)?;
+                ops.push((TREE_ADDRESS_KEYS, order_id.to_vec(), None));
+                ops.push((TREE_ADDRESSES, order_id.to_vec(), None));
+                ops.push((TREE_ADDRESS_SHRED, index_key.to_vec(), None));
             }
-            if !due.is_empty() {
-                self.vault_flush().await?;
-            }
+            let durable = self.vault_log(ops);
+            drop(order);
+            durable?.await.map_err(|_| JournalError::Closed)??;
             Ok(due.len())
         })
     }

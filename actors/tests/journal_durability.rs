@@ -4,7 +4,6 @@
 
 use actors::journal::{AppendBatch, Journal, JournalError};
 use actors::sled_journal::SledJournal;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 fn batch(stream: &str, first: u64, events: &[&str], wakeup: Option<Option<i64>>) -> AppendBatch {
@@ -88,17 +87,7 @@ async fn the_log_alone_brings_back_every_acknowledged_event_and_deadline() {
         // Dropped: the writer stops; sled's own files are then thrown away below, as if
         // everything it had not made durable was lost.
     }
-    // Wait for the writer thread to let go of sled's lock.
-    let sled_dir = dir.path().join("journal");
-    let released = Arc::new(AtomicBool::new(false));
-    for _ in 0..200 {
-        if std::fs::remove_dir_all(&sled_dir).is_ok() {
-            released.store(true, Ordering::SeqCst);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert!(released.load(Ordering::SeqCst), "sled's directory could not be removed");
+    lose_sled(dir.path()).await;
 
     let journal = SledJournal::open(dir.path()).unwrap();
     let texts = |events: Vec<(u64, Vec<u8>)>| -> Vec<(u64, String)> {
@@ -116,4 +105,65 @@ async fn the_log_alone_brings_back_every_acknowledged_event_and_deadline() {
         vec![(1, "b1".into())]
     );
     assert_eq!(journal.wakeups().unwrap(), vec![("sku/d/b".to_string(), 2_000)]);
+}
+
+/// Removes sled's directory once the dropped journal's writer has let go of it, keeping the
+/// write-ahead log: what sled had not made durable is lost, as at a power cut.
+async fn lose_sled(dir: &std::path::Path) {
+    let sled_dir = dir.join("journal");
+    for _ in 0..200 {
+        if std::fs::remove_dir_all(&sled_dir).is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("sled's directory could not be removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_stored_or_shredded_is_in_the_log_before_the_call_returns() {
+    use actors::journal::AddressVault;
+    use actors::secrets::SealedAddress;
+    use domain::UnixMillis;
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = |n: u8| SealedAddress {
+        salt: [n; 32],
+        ciphertext: vec![n; 48],
+    };
+    {
+        let journal = SledJournal::open(dir.path()).unwrap();
+        let before = journal.log_stats().syncs();
+        assert!(journal.put_new("d.s.1", &sealed(1), UnixMillis(5_000)).await.unwrap());
+        assert!(journal.log_stats().syncs() > before, "stored before an fdatasync");
+        assert!(journal.put_new("d.s.2", &sealed(2), UnixMillis(9_000)).await.unwrap());
+        assert!(
+            !journal.put_new("d.s.2", &sealed(3), UnixMillis(9_000)).await.unwrap(),
+            "put if absent"
+        );
+        journal.shred_by("d.s.2", UnixMillis(1_000)).await.unwrap();
+        let before = journal.log_stats().syncs();
+        assert_eq!(
+            journal.shred_due(UnixMillis(2_000), 10).await.unwrap(),
+            1,
+            "d.s.2 is due"
+        );
+        assert!(journal.log_stats().syncs() > before, "shredded before an fdatasync");
+    }
+    lose_sled(dir.path()).await;
+    let journal = SledJournal::open(dir.path()).unwrap();
+    let kept = journal
+        .get("d.s.1")
+        .await
+        .unwrap()
+        .expect("the stored address came back from the log");
+    assert_eq!((kept.salt, kept.ciphertext), ([1; 32], vec![1; 48]));
+    assert!(
+        journal.get("d.s.2").await.unwrap().is_none(),
+        "the shredded address stays shredded"
+    );
+    assert_eq!(
+        journal.shred_due(UnixMillis(5_000), 10).await.unwrap(),
+        1,
+        "d.s.1's shred time came back too"
+    );
 }

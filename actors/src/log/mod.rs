@@ -333,6 +333,18 @@ impl Log {
         Ok(frame.split_off(FRAME_BYTES as usize))
     }
 
+    /// Starts a new segment if the current one holds records (it is written, not synced:
+    /// `sync` makes the new one durable), so a checkpoint can then remove the older ones.
+    pub fn roll(&mut self) -> io::Result<bool> {
+        if self.tail == HEADER_BYTES {
+            return Ok(false);
+        }
+        self.write_buffer()?;
+        let next = self.segments.last().map_or(0, |s| s.index + 1);
+        self.create_segment(next)?;
+        Ok(true)
+    }
+
     /// Indexes of the segments, oldest first.
     pub fn segments(&self) -> Vec<u64> {
         self.segments.iter().map(|s| s.index).collect()
