@@ -58,6 +58,12 @@ pub struct Recovered {
 }
 
 pub trait Journal: Send + Sync + 'static {
+    /// Why the journal refuses every write, if it does (its storage failed and only a
+    /// restart can tell what reached the disk): health reports it.
+    fn failure(&self) -> Option<String> {
+        None
+    }
+
     /// A slot in the write queue, or `Full` at once.
     fn try_reserve(&self) -> Result<Box<dyn AppendPermit>, JournalError>;
 

@@ -66,6 +66,7 @@ pub struct SledJournal {
     tx: mpsc::Sender<Request>,
     stats: Arc<WriterStats>,
     log_storage: Arc<dyn Storage>,
+    broken: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Counters of the writer, for logs and benchmarks.
@@ -102,6 +103,14 @@ impl SledJournal {
     /// Opens (or creates) the journal under `dir` and starts its writer thread. sled locks
     /// the directory, so two processes can never own one journal.
     pub fn open(dir: &Path) -> Result<Arc<SledJournal>, JournalError> {
+        let log_storage: Arc<dyn Storage> =
+            Arc::new(FsStorage::open(&dir.join("log")).map_err(|e| JournalError::Io(format!("write-ahead log: {e}")))?);
+        SledJournal::open_with_log(dir, log_storage)
+    }
+
+    /// Opens the journal with its write-ahead log on `log_storage` (a simulated disk in
+    /// fault tests; `open` uses the file system under `dir`).
+    pub fn open_with_log(dir: &Path, log_storage: Arc<dyn Storage>) -> Result<Arc<SledJournal>, JournalError> {
         let db = sled::Config::new()
             .path(dir.join("journal"))
             .mode(sled::Mode::HighThroughput)
@@ -120,8 +129,6 @@ impl SledJournal {
             .map_err(|e| JournalError::Io(e.to_string()))?;
         let audit = db.open_tree("audit").map_err(|e| JournalError::Io(e.to_string()))?;
         // What sled may have lost since its last checkpoint comes back from the log.
-        let log_storage: Arc<dyn Storage> =
-            Arc::new(FsStorage::open(&dir.join("log")).map_err(|e| JournalError::Io(format!("write-ahead log: {e}")))?);
         let mut replayed = 0usize;
         let mut replay_error = None;
         let log = Log::open(log_storage.clone(), LOG_SEGMENT_BYTES, |_, record| {
@@ -147,6 +154,7 @@ impl SledJournal {
         }
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
+        let broken: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         let mut writer = Writer {
             db: db.clone(),
             tree: tree.clone(),
@@ -154,7 +162,7 @@ impl SledJournal {
             stats: stats.clone(),
             log,
             sled_dir: dir.join("journal"),
-            broken: None,
+            broken: broken.clone(),
             checkpointed: std::time::Instant::now(),
             written: false,
         };
@@ -191,6 +199,7 @@ impl SledJournal {
             tx,
             stats,
             log_storage,
+            broken,
         }))
     }
 
@@ -377,6 +386,10 @@ impl Journal for SledJournal {
         })
     }
 
+    fn failure(&self) -> Option<String> {
+        self.broken.lock().expect("broken lock").clone()
+    }
+
     fn wakeups(&self) -> Result<Vec<(String, i64)>, JournalError> {
         let mut wakeups = Vec::new();
         for item in self.tree.scan_prefix(b"w/") {
@@ -447,7 +460,8 @@ struct Writer {
     /// sled's directory, whose files a checkpoint `fsync`s.
     sled_dir: std::path::PathBuf,
     /// Set when the log failed: nothing is acknowledged any more (a restart recovers).
-    broken: Option<String>,
+    /// Shared with the journal, whose `failure` reports it.
+    broken: Arc<std::sync::Mutex<Option<String>>>,
     /// When the last checkpoint was, and whether anything was logged since.
     checkpointed: std::time::Instant,
     written: bool,
@@ -626,21 +640,20 @@ impl Writer {
             // interval: sled takes over what the log holds.
             let due = self.written
                 && self.checkpointed.elapsed() >= std::time::Duration::from_millis(LOG_CHECKPOINT_INTERVAL_MS);
-            if self.broken.is_none() && (self.log.segments().len() > 1 || due) {
+            if !self.is_broken() && (self.log.segments().len() > 1 || due) {
                 let rolled = if due {
                     self.log.roll().and_then(|_| self.log.sync())
                 } else {
                     Ok(())
                 };
                 if let Err(e) = rolled {
-                    self.broken = Some(e.to_string());
-                    error!(error = %e, "write-ahead log failed; appends are refused until a restart");
+                    self.break_down(e.to_string());
                 } else if let Err(e) = self.checkpoint() {
                     error!(error = %e, "journal checkpoint failed; the log keeps its segments");
                 }
             }
         }
-        if self.broken.is_none() {
+        if !self.is_broken() {
             match self.checkpoint() {
                 Ok(()) => {}
                 // A temporary data directory (the demo's, a test's) removed as the journal closed.
@@ -650,6 +663,17 @@ impl Writer {
                 }
             }
         }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.lock().expect("broken lock").is_some()
+    }
+
+    /// Stops acknowledging anything: what the failed write left on the disk is known only
+    /// after a recovery.
+    fn break_down(&self, why: String) {
+        error!(error = %why, "write-ahead log failed; every write is refused until a restart");
+        *self.broken.lock().expect("broken lock") = Some(why);
     }
 
     /// Makes everything sled holds durable (its flush, then `fsync` of its files), then
@@ -732,7 +756,7 @@ impl Writer {
     }
 
     fn write(&mut self, pending: &[Request]) -> Result<(), JournalError> {
-        if let Some(why) = &self.broken {
+        if let Some(why) = self.broken.lock().expect("broken lock").clone() {
             return Err(JournalError::Io(format!(
                 "the write-ahead log failed ({why}); restart to recover"
             )));
@@ -808,7 +832,7 @@ impl Writer {
         let synced = self.log.append(&encode_ops(&batch.ops)).and_then(|_| self.log.sync());
         if let Err(e) = synced {
             // What the failed sync wrote is unknown: only a reopening (recovery) can tell.
-            self.broken = Some(e.to_string());
+            self.break_down(e.to_string());
             return Err(JournalError::Io(format!("write-ahead log: {e}")));
         }
         self.written = true;

@@ -167,3 +167,36 @@ async fn an_address_stored_or_shredded_is_in_the_log_before_the_call_returns() {
         "d.s.1's shred time came back too"
     );
 }
+
+/// A write-ahead log whose storage fails (here: the power of a simulated disk goes) stops
+/// the journal: the append that met the failure and every later one are refused, and the
+/// journal says why, for readiness; nothing is acknowledged that may not be on the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_write_refuses_every_later_write_and_says_so() {
+    use actors::log::sim::SimDisk;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimDisk::new();
+    let journal = SledJournal::open_with_log(dir.path(), Arc::new(disk.clone())).unwrap();
+    append_all(&journal, vec![batch("sku/d/a", 1, &["a1"], None)]).await;
+    assert_eq!(journal.failure(), None);
+    disk.cut_power_after(1);
+    let refused = |journal: &Arc<SledJournal>, b: AppendBatch| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        journal
+            .try_reserve()
+            .unwrap()
+            .append(b, Box::new(move |r| drop(tx.send(r))));
+        rx
+    };
+    let first = refused(&journal, batch("sku/d/a", 2, &["a2"], None)).await.unwrap();
+    assert!(first.is_err(), "an append whose sync failed is not acknowledged");
+    let why = journal.failure().expect("the journal reports its failure");
+    assert!(why.contains("power cut"), "{why}");
+    // The disk works again, but nothing in this process may trust what it holds.
+    disk.restore_power();
+    let later = refused(&journal, batch("sku/d/b", 1, &["b1"], None)).await.unwrap();
+    assert!(
+        matches!(&later, Err(JournalError::Io(m)) if m.contains("restart to recover")),
+        "{later:?}"
+    );
+}

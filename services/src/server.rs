@@ -101,28 +101,39 @@ pub async fn serve_with_options(
         .set_service_status(health_services::READY, tonic_health::ServingStatus::Serving)
         .await;
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
-    if let Some(node) = platform.cluster.clone() {
-        // A node cut off from NATS can neither journal nor route: not ready until it is back.
+    {
+        // Not ready while a cluster node is cut off from NATS (it can neither journal nor
+        // route) or while the journal refuses writes (its storage failed: a restart recovers).
         let health = health.clone();
         let mut stopping_rx = stopping_rx.clone();
+        let node = platform.cluster.clone();
+        let journal = platform.journal.clone();
         tokio::spawn(async move {
-            let mut was_connected = true;
+            let mut was_ready = true;
             loop {
                 tokio::select! {
                     _ = stopping_rx.changed() => return,
                     _ = tokio::time::sleep(Duration::from_millis(NATS_CONNECTION_CHECK_MS)) => {}
                 }
-                let connected = node.connected();
-                if connected != was_connected && !*stopping_rx.borrow() {
-                    let status = if connected {
-                        info!("NATS connection back: SERVING");
-                        tonic_health::ServingStatus::Serving
-                    } else {
-                        warn!("NATS connection lost: NOT_SERVING until it is back");
-                        tonic_health::ServingStatus::NotServing
+                let problem = match &node {
+                    Some(node) if !node.connected() => Some("NATS connection lost".to_string()),
+                    _ => journal
+                        .failure()
+                        .map(|why| format!("the journal refuses writes ({why})")),
+                };
+                if problem.is_none() != was_ready && !*stopping_rx.borrow() {
+                    let status = match &problem {
+                        None => {
+                            info!("ready again: SERVING");
+                            tonic_health::ServingStatus::Serving
+                        }
+                        Some(problem) => {
+                            warn!(%problem, "NOT_SERVING until it is resolved");
+                            tonic_health::ServingStatus::NotServing
+                        }
                     };
                     health.set_service_status(health_services::READY, status).await;
-                    was_connected = connected;
+                    was_ready = problem.is_none();
                 }
             }
         });

@@ -101,6 +101,11 @@ impl SimDisk {
         disk.cut_at = Some(disk.ops + ops.max(1));
     }
 
+    /// The power comes back (what was written stays as it is): operations succeed again.
+    pub fn restore_power(&self) {
+        self.lock().cut_at = None;
+    }
+
     /// Whether the power has gone.
     pub fn is_cut(&self) -> bool {
         let disk = self.lock();
