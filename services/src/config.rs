@@ -23,8 +23,9 @@ fn hostname() -> anyhow::Result<String> {
 
 /// The health service names `dropline serve` reports.
 pub mod health_services {
-    /// The whole platform: SERVING once it can take calls, NOT_SERVING from SIGTERM on and,
-    /// on a cluster node, while its NATS connection is down. What readiness checks ask.
+    /// The whole platform: SERVING once it can take calls, NOT_SERVING from SIGTERM on, on a
+    /// cluster node while its NATS connection is down, and while the journal refuses writes.
+    /// What readiness checks ask.
     pub const READY: &str = "";
     /// The process: SERVING from start until it exits, draining included. What liveness
     /// checks ask, so that a draining or NATS-less node is not restarted for nothing.
