@@ -47,13 +47,17 @@ const _: () = assert!(COMMAND_TIMEOUT_MS <= ACTOR_START_TIMEOUT_MS);
 pub const JOURNAL_QUEUE_MAX: usize = 65_536;
 /// Appends written and flushed together: one fsync for up to this many commands.
 pub const JOURNAL_BATCH_MAX: usize = 8_192;
-/// Size of a segment of the embedded journal's write-ahead log (preallocated): a checkpoint
-/// (sled flushed and `fsync`ed) follows each full segment, so this is also how much the log
-/// replays into sled at most after a crash, and how often the writer pays a checkpoint.
+/// Size of a segment of the embedded journal's event log (preallocated): a checkpoint (sled
+/// flushed and `fsync`ed, with the point of the log it holds) follows each new segment, so
+/// this is also about how much the log replays into sled at most after a crash, and how often
+/// the writer pays a checkpoint.
 pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
-/// The longest a record stays in the write-ahead log once written, however little follows
-/// it: after this the writer starts a new segment and checkpoints, so a sealed address or a
-/// shredded one leaves the log within a minute (beside the vault's own retention bound).
+/// Size of a segment of the address vault's log, which holds only the vault's changes
+/// (sealed addresses, their salts, shreds) and loses them at every checkpoint.
+pub const VAULT_LOG_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// The longest a record waits for a checkpoint once written, however little follows it: so
+/// the log replays at most this much after a crash, and a sealed address or a shredded one
+/// leaves the vault's log within a minute (beside the vault's own retention bound).
 pub const LOG_CHECKPOINT_INTERVAL_MS: u64 = 60_000;
 /// sled page cache of the embedded journal (and of a cluster node's local snapshots).
 pub const JOURNAL_CACHE_BYTES: u64 = 64 * 1024 * 1024;

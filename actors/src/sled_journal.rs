@@ -22,10 +22,10 @@ use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
 use crate::limits::{
     JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, LOG_CHECKPOINT_INTERVAL_MS, LOG_SEGMENT_BYTES,
-    SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS,
+    SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS, VAULT_LOG_SEGMENT_BYTES,
 };
 use crate::log::storage::{FsStorage, Storage, StorageStats};
-use crate::log::Log;
+use crate::log::{Checkpoint, Log, LogReader, Position};
 use crate::secrets::SealedAddress;
 use crate::sled_parts::{self, PartsWrite};
 use domain::UnixMillis;
@@ -52,6 +52,68 @@ const TREE_STREAMS: u8 = 0;
 const TREE_ADDRESSES: u8 = 1;
 const TREE_ADDRESS_KEYS: u8 = 2;
 const TREE_ADDRESS_SHRED: u8 = 3;
+/// A chunk of a stream's events (key: its event key). The events stay in the log: the
+/// streams tree gets a pointer to them (see [`EventPointer`]).
+const TREE_EVENTS: u8 = 4;
+
+/// Where the log's records stop being needed to rebuild sled: sled holds every record
+/// before this [`Checkpoint`] (in the default tree).
+const LOG_CHECKPOINT_KEY: &[u8] = b"log-checkpoint";
+
+/// Names of the vault log's segments, beside the event log's in the same directory.
+const VAULT_LOG_PREFIX: &str = "vault-";
+
+/// Where a chunk of events is in the write-ahead log, as the streams tree keeps it under the
+/// chunk's event key: `[0xff; 4]`, segment, offset (u64 LE), length and CRC32C (u32 LE) of
+/// the chunk's bytes. A chunk stored whole in sled (written before the events moved to the
+/// log) starts with its first event's length, which is never `0xffff_ffff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EventPointer {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    crc: u32,
+}
+
+impl EventPointer {
+    const BYTES: usize = 28;
+    const MARK: [u8; 4] = [0xff; 4];
+
+    fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..4].copy_from_slice(&Self::MARK);
+        out[4..12].copy_from_slice(&self.segment.to_le_bytes());
+        out[12..20].copy_from_slice(&self.offset.to_le_bytes());
+        out[20..24].copy_from_slice(&self.len.to_le_bytes());
+        out[24..].copy_from_slice(&self.crc.to_le_bytes());
+        out
+    }
+
+    /// The pointer a value holds, or `None` for a chunk stored whole.
+    fn decode(value: &[u8]) -> Option<EventPointer> {
+        if value.len() != Self::BYTES || value[..4] != Self::MARK {
+            return None;
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(value[i..i + 8].try_into().expect("8 bytes"));
+        let u32_at = |i: usize| u32::from_le_bytes(value[i..i + 4].try_into().expect("4 bytes"));
+        Some(EventPointer {
+            segment: u64_at(4),
+            offset: u64_at(12),
+            len: u32_at(20),
+            crc: u32_at(24),
+        })
+    }
+
+    /// The pointer to `payload[start..start + len]` of the record at `position`.
+    fn into_record(position: Position, payload: &[u8], start: usize, len: usize) -> EventPointer {
+        EventPointer {
+            segment: position.segment,
+            offset: position.payload_offset() + start as u64,
+            len: len as u32,
+            crc: crc32c::crc32c(&payload[start..start + len]),
+        }
+    }
+}
 
 pub struct SledJournal {
     db: sled::Db,
@@ -66,6 +128,8 @@ pub struct SledJournal {
     tx: mpsc::Sender<Request>,
     stats: Arc<WriterStats>,
     log_storage: Arc<dyn Storage>,
+    /// Reads the events the streams tree points at.
+    log_reader: LogReader,
     broken: Arc<std::sync::Mutex<Option<String>>>,
 }
 
@@ -105,12 +169,17 @@ impl SledJournal {
     pub fn open(dir: &Path) -> Result<Arc<SledJournal>, JournalError> {
         let log_storage: Arc<dyn Storage> =
             Arc::new(FsStorage::open(&dir.join("log")).map_err(|e| JournalError::Io(format!("write-ahead log: {e}")))?);
-        SledJournal::open_with_log(dir, log_storage)
+        SledJournal::open_with_log(dir, log_storage, LOG_SEGMENT_BYTES)
     }
 
-    /// Opens the journal with its write-ahead log on `log_storage` (a simulated disk in
-    /// fault tests; `open` uses the file system under `dir`).
-    pub fn open_with_log(dir: &Path, log_storage: Arc<dyn Storage>) -> Result<Arc<SledJournal>, JournalError> {
+    /// Opens the journal with its write-ahead log on `log_storage`, in segments of
+    /// `segment_bytes` (a simulated disk and small segments in fault tests; `open` uses the
+    /// file system under `dir` and [`LOG_SEGMENT_BYTES`]).
+    pub fn open_with_log(
+        dir: &Path,
+        log_storage: Arc<dyn Storage>,
+        segment_bytes: u64,
+    ) -> Result<Arc<SledJournal>, JournalError> {
         let db = sled::Config::new()
             .path(dir.join("journal"))
             .mode(sled::Mode::HighThroughput)
@@ -129,13 +198,26 @@ impl SledJournal {
             .map_err(|e| JournalError::Io(e.to_string()))?;
         let audit = db.open_tree("audit").map_err(|e| JournalError::Io(e.to_string()))?;
         // What sled may have lost since its last checkpoint comes back from the log.
+        let from = match db
+            .get(LOG_CHECKPOINT_KEY)
+            .map_err(|e| JournalError::Io(e.to_string()))?
+        {
+            Some(bytes) => Some(Checkpoint::decode(&bytes).ok_or_else(|| {
+                JournalError::Corrupt(format!(
+                    "the log checkpoint is {} bytes, not {}",
+                    bytes.len(),
+                    Checkpoint::BYTES
+                ))
+            })?),
+            None => None,
+        };
         let mut replayed = 0usize;
         let mut replay_error = None;
-        let log = Log::open(log_storage.clone(), LOG_SEGMENT_BYTES, |_, record| {
+        let log = Log::open_from(log_storage.clone(), segment_bytes, from, |position, record| {
             if replay_error.is_some() {
                 return;
             }
-            match decode_ops(record) {
+            match decode_ops(record, position) {
                 Ok(batches) => {
                     let trees = [&tree, &addresses, &address_keys, &address_shred];
                     for (target, batch) in trees.into_iter().zip(batches) {
@@ -152,6 +234,41 @@ impl SledJournal {
         if let Some(e) = replay_error {
             return Err(e);
         }
+        let log_reader = log.reader();
+        // The vault's own log: small, and emptied at each checkpoint, so a salt or a sealed
+        // address does not outlive its shredding in the event log, which is kept.
+        let mut vault_replayed = 0usize;
+        let vault_log = Log::open_named(
+            log_storage.clone(),
+            VAULT_LOG_PREFIX,
+            segment_bytes.min(VAULT_LOG_SEGMENT_BYTES),
+            None,
+            |position, record| {
+                if replay_error.is_some() {
+                    return;
+                }
+                match decode_ops(record, position) {
+                    Ok([_, addresses_batch, keys_batch, shred_batch]) => {
+                        for (target, batch) in [
+                            (&addresses, addresses_batch),
+                            (&address_keys, keys_batch),
+                            (&address_shred, shred_batch),
+                        ] {
+                            if let Err(e) = target.apply_batch(batch) {
+                                replay_error = Some(JournalError::Io(e.to_string()));
+                            }
+                        }
+                        vault_replayed += 1;
+                    }
+                    Err(e) => replay_error = Some(JournalError::Corrupt(format!("address vault log: {e}"))),
+                }
+            },
+        )
+        .map_err(|e| JournalError::Io(format!("address vault log: {e}")))?;
+        if let Some(e) = replay_error {
+            return Err(e);
+        }
+        let replayed = replayed + vault_replayed;
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
         let broken: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
@@ -164,7 +281,13 @@ impl SledJournal {
             sled_dir: dir.join("journal"),
             broken: broken.clone(),
             checkpointed: std::time::Instant::now(),
+            checkpointed_segment: from.map_or(0, |c| c.segment),
             written: false,
+            vault_log,
+            vault_written: vault_replayed > 0,
+            payload: Vec::new(),
+            vault_payload: Vec::new(),
+            chunks: Vec::new(),
         };
         // Everything replayed is in sled now: make that durable, and the log can start over.
         // With nothing replayed there is nothing to make durable (a clean shutdown already
@@ -203,6 +326,7 @@ impl SledJournal {
             tx,
             stats,
             log_storage,
+            log_reader,
             broken,
         }))
     }
@@ -216,9 +340,9 @@ impl SledJournal {
         self.log_storage.stats()
     }
 
-    /// Bytes used on disk.
+    /// Bytes used on disk: sled's and the log's (its segments are preallocated).
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.size_on_disk().unwrap_or(0) + self.log_reader.bytes_on_disk()
     }
 
     fn read_events(&self, stream: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
@@ -242,7 +366,23 @@ impl SledJournal {
                 break;
             }
             let first = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
-            for (offset, event) in decode_chunk(&value)
+            let in_log;
+            let chunk: &[u8] = match EventPointer::decode(&value) {
+                Some(at) => {
+                    in_log = self
+                        .log_reader
+                        .read_at(at.segment, at.offset, at.len as usize)
+                        .map_err(|e| JournalError::Io(format!("{stream}: chunk at {first}: {e}")))?;
+                    if crc32c::crc32c(&in_log) != at.crc {
+                        return Err(JournalError::Corrupt(format!(
+                            "{stream}: chunk at {first}: its bytes in the log fail their CRC"
+                        )));
+                    }
+                    &in_log
+                }
+                None => &value,
+            };
+            for (offset, event) in decode_chunk(chunk)
                 .map_err(|e| JournalError::Corrupt(format!("{stream}: chunk at {first}: {e}")))?
                 .into_iter()
                 .enumerate()
@@ -265,9 +405,9 @@ impl SledJournal {
 }
 
 /// A chunk is consecutive events of one stream, each as a 4-byte little-endian length and
-/// its bytes. The writer packs everything one stream appended in a batch into as few
-/// chunks as `CHUNK_MAX_BYTES` allows: one sled insert per hot stream per flush instead of
-/// one per event.
+/// its bytes. The writer packs everything one stream appended in a group commit into one
+/// chunk of the log record: one pointer in sled per stream per commit instead of one key per
+/// event.
 fn decode_chunk(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
     let mut events = Vec::new();
     while !bytes.is_empty() {
@@ -283,58 +423,6 @@ fn decode_chunk(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
         bytes = &bytes[end..];
     }
     Ok(events)
-}
-
-/// Chunks are no larger than snapshot parts, for the same reason (see [`sled_parts`]): a
-/// leaf of 16 of them is rewritten inline, never as a blob file.
-const CHUNK_MAX_BYTES: usize = sled_parts::PART_MAX_BYTES;
-
-/// A chunk being built: its first version, the next version it expects, and its bytes.
-struct OpenChunk {
-    first: u64,
-    next: u64,
-    bytes: Vec<u8>,
-}
-
-/// The changes of one group commit to the streams tree: written to the log as they are,
-/// then applied to sled as one batch.
-#[derive(Default)]
-struct Ops {
-    ops: Vec<Change>,
-}
-
-impl Ops {
-    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.ops.push((TREE_STREAMS, key, Some(value)));
-    }
-
-    fn remove(&mut self, key: Vec<u8>) {
-        self.ops.push((TREE_STREAMS, key, None));
-    }
-
-    /// The changes to the streams tree as one sled batch (the vault's are in sled already).
-    fn into_streams_batch(self) -> sled::Batch {
-        let mut batch = sled::Batch::default();
-        for (tree, key, value) in self.ops {
-            match value {
-                _ if tree != TREE_STREAMS => {}
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
-            }
-        }
-        batch
-    }
-}
-
-impl OpenChunk {
-    /// Adds the chunk, if not empty, to the batch; returns the number of inserts.
-    fn seal(&mut self, batch: &mut Ops, stream: &str) -> usize {
-        if self.bytes.is_empty() {
-            return 0;
-        }
-        batch.insert(event_key(stream, self.first), std::mem::take(&mut self.bytes));
-        1
-    }
 }
 
 struct SledPermit {
@@ -466,39 +554,79 @@ struct Writer {
     /// Set when the log failed: nothing is acknowledged any more (a restart recovers).
     /// Shared with the journal, whose `failure` reports it.
     broken: Arc<std::sync::Mutex<Option<String>>>,
-    /// When the last checkpoint was, and whether anything was logged since.
+    /// When the last checkpoint was, in which segment, and whether anything was logged since.
     checkpointed: std::time::Instant,
+    checkpointed_segment: u64,
     written: bool,
+    /// The address vault's changes: a log of their own, whose segments a checkpoint removes
+    /// (the event log's are kept); whether it holds records since its last checkpoint.
+    vault_log: Log,
+    vault_written: bool,
+    vault_payload: Vec<u8>,
+    /// The record being built, and where its chunks of events are in it (event key, start,
+    /// length): kept from one group commit to the next, so a commit allocates nothing.
+    payload: Vec<u8>,
+    chunks: Vec<(Vec<u8>, usize, usize)>,
 }
 
-/// The changes one record of the log holds: `count: u32`, then per key `tree: u8, len: u32,
-/// key, tag: u8` (1: insert, followed by `len: u32, value`; 0: remove).
-fn encode_ops(ops: &[Change]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        4 + ops
-            .iter()
-            .map(|(_, k, v)| 10 + k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum::<usize>(),
-    );
-    out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
-    for (tree, key, value) in ops {
-        out.push(*tree);
-        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        out.extend_from_slice(key);
+/// A log record holds changes: `count: u32`, then per change `tree: u8, len: u32, key, tag:
+/// u8` (1: insert, followed by `len: u32, value`; 0: remove). `Record` writes one into a
+/// reused buffer.
+struct Record<'a> {
+    out: &'a mut Vec<u8>,
+    count: u32,
+}
+
+impl<'a> Record<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Record<'a> {
+        out.clear();
+        out.extend_from_slice(&0u32.to_le_bytes());
+        Record { out, count: 0 }
+    }
+
+    fn key(&mut self, tree: u8, key: &[u8]) {
+        self.count += 1;
+        self.out.push(tree);
+        self.out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        self.out.extend_from_slice(key);
+    }
+
+    fn change(&mut self, tree: u8, key: &[u8], value: Option<&[u8]>) {
+        self.key(tree, key);
         match value {
             Some(value) => {
-                out.push(1);
-                out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                out.extend_from_slice(value);
+                self.out.push(1);
+                self.out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                self.out.extend_from_slice(value);
             }
-            None => out.push(0),
+            None => self.out.push(0),
         }
     }
-    out
+
+    /// Starts an insert whose value the caller appends; returns where the value starts.
+    fn open_value(&mut self, tree: u8, key: &[u8]) -> usize {
+        self.key(tree, key);
+        self.out.push(1);
+        self.out.extend_from_slice(&0u32.to_le_bytes());
+        self.out.len()
+    }
+
+    /// Ends the value started at `start`; returns its length.
+    fn close_value(&mut self, start: usize) -> usize {
+        let len = self.out.len() - start;
+        self.out[start - 4..start].copy_from_slice(&(len as u32).to_le_bytes());
+        len
+    }
+
+    fn finish(self) -> u32 {
+        self.out[..4].copy_from_slice(&self.count.to_le_bytes());
+        self.count
+    }
 }
 
-/// A record's changes as one sled batch per tree tag.
-fn decode_ops(mut bytes: &[u8]) -> Result<[sled::Batch; 4], String> {
+/// A record's changes as one sled batch per tree tag; a chunk of events becomes a pointer
+/// to where it is in the record at `position`. Never panics on bad bytes: they are an error.
+fn decode_ops(record: &[u8], position: Position) -> Result<[sled::Batch; 4], String> {
     fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
         if bytes.len() < n {
             return Err("record ends early".into());
@@ -510,22 +638,38 @@ fn decode_ops(mut bytes: &[u8]) -> Result<[sled::Batch; 4], String> {
     fn len(bytes: &mut &[u8]) -> Result<usize, String> {
         Ok(u32::from_le_bytes(take(bytes, 4)?.try_into().expect("4 bytes")) as usize)
     }
+    let mut bytes = record;
     let mut batches: [sled::Batch; 4] = Default::default();
     let count = len(&mut bytes)?;
     for _ in 0..count {
         let tree = take(&mut bytes, 1)?[0];
-        let batch = batches
-            .get_mut(tree as usize)
-            .ok_or_else(|| format!("unknown tree tag {tree}"))?;
         let key_len = len(&mut bytes)?;
         let key = take(&mut bytes, key_len)?.to_vec();
-        match take(&mut bytes, 1)?[0] {
+        let value = match take(&mut bytes, 1)?[0] {
             1 => {
                 let value_len = len(&mut bytes)?;
-                batch.insert(key, take(&mut bytes, value_len)?);
+                let start = record.len() - bytes.len();
+                let value = take(&mut bytes, value_len)?;
+                Some((start, value))
             }
-            0 => batch.remove(key),
+            0 => None,
             tag => return Err(format!("unknown change tag {tag}")),
+        };
+        match (tree, value) {
+            (TREE_EVENTS, Some((start, value))) => {
+                let at = EventPointer::into_record(position, record, start, value.len());
+                batches[TREE_STREAMS as usize].insert(key, at.encode().as_slice());
+            }
+            (TREE_EVENTS, None) => return Err("a chunk of events removed".into()),
+            (tree, value) => {
+                let batch = batches
+                    .get_mut(tree as usize)
+                    .ok_or_else(|| format!("unknown tree tag {tree}"))?;
+                match value {
+                    Some((_, value)) => batch.insert(key, value),
+                    None => batch.remove(key),
+                }
+            }
         }
     }
     if !bytes.is_empty() {
@@ -640,20 +784,13 @@ impl Writer {
                 self.write_pending(&mut pending, &mut snapshots, &mut failed);
             }
             snapshots.step(&self.tree);
-            // A full segment behind the one appended to, or a record older than the
-            // interval: sled takes over what the log holds.
+            // A new segment since the last checkpoint, or a record older than the interval:
+            // sled takes over what the log holds, and a restart replays less.
             let due = self.written
                 && self.checkpointed.elapsed() >= std::time::Duration::from_millis(LOG_CHECKPOINT_INTERVAL_MS);
-            if !self.is_broken() && (self.log.segments().len() > 1 || due) {
-                let rolled = if due {
-                    self.log.roll().and_then(|_| self.log.sync())
-                } else {
-                    Ok(())
-                };
-                if let Err(e) = rolled {
-                    self.break_down(e.to_string());
-                } else if let Err(e) = self.checkpoint() {
-                    error!(error = %e, "journal checkpoint failed; the log keeps its segments");
+            if !self.is_broken() && (self.log.checkpoint().segment > self.checkpointed_segment || due) {
+                if let Err(e) = self.checkpoint() {
+                    error!(error = %e, "journal checkpoint failed; the next start replays more of the log");
                 }
             }
         }
@@ -680,17 +817,29 @@ impl Writer {
         *self.broken.lock().expect("broken lock") = Some(why);
     }
 
-    /// Makes everything sled holds durable (its flush, then `fsync` of its files), then
-    /// removes the log's segments before the one appended to: their records are in sled.
+    /// Makes everything sled holds durable (its flush, then `fsync` of its files) with the
+    /// point of the log it holds everything before: the next start replays only what
+    /// follows. Every record appended is synced and applied by now (`write` does both before
+    /// it returns), so the log's end is that point.
     fn checkpoint(&mut self) -> Result<(), JournalError> {
+        let io = |e: std::io::Error| JournalError::Io(format!("checkpoint: {e}"));
+        // The vault's records move to a fresh segment first, so the older ones can go once
+        // sled holds what they changed.
+        if self.vault_written {
+            self.vault_log.roll().and_then(|_| self.vault_log.sync()).map_err(io)?;
+        }
+        let at = self.log.checkpoint();
+        self.db
+            .insert(LOG_CHECKPOINT_KEY, at.encode().as_slice())
+            .map_err(|e| JournalError::Io(e.to_string()))?;
         self.db.flush().map_err(|e| JournalError::Io(e.to_string()))?;
-        fsync_tree(&self.sled_dir).map_err(|e| JournalError::Io(format!("checkpoint: {e}")))?;
-        let last = *self.log.segments().last().expect("the log has a segment");
-        self.log
-            .remove_segments_before(last)
-            .map_err(|e| JournalError::Io(format!("checkpoint: {e}")))?;
+        fsync_tree(&self.sled_dir).map_err(io)?;
+        let last = *self.vault_log.segments().last().expect("the vault log has a segment");
+        self.vault_log.remove_segments_before(last).map_err(io)?;
         self.checkpointed = std::time::Instant::now();
+        self.checkpointed_segment = at.segment;
         self.written = false;
+        self.vault_written = false;
         Ok(())
     }
 
@@ -765,84 +914,118 @@ impl Writer {
                 "the write-ahead log failed ({why}); restart to recover"
             )));
         }
-        let mut batch = Ops::default();
-        let mut writes = 0usize;
-        // Streams in first-seen order, each with its open chunk.
-        let mut chunks: Vec<(&str, OpenChunk)> = Vec::new();
+        // Each stream's appends together, streams in first-seen order: a stream's events of
+        // this commit are then one contiguous chunk of the record.
+        let mut streams: Vec<(&str, Vec<&AppendBatch>)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
-        for Request {
-            batch: append, vault, ..
-        } in pending
-        {
-            for (tree, key, value) in vault {
-                batch.ops.push((*tree, key.clone(), value.clone()));
-                writes += 1;
+        let mut vault = Record::new(&mut self.vault_payload);
+        for request in pending {
+            for (tree, key, value) in &request.vault {
+                vault.change(*tree, key, value.as_deref());
             }
+        }
+        if vault.finish() > 0 {
+            // The vault's changes are in sled already; durable here before anything waits on
+            // them (a put or a shred returns after this batch's completions).
+            let synced = self
+                .vault_log
+                .append(&self.vault_payload)
+                .and_then(|_| self.vault_log.sync());
+            if let Err(e) = synced {
+                self.break_down(e.to_string());
+                return Err(JournalError::Io(format!("address vault log: {e}")));
+            }
+            self.vault_written = true;
+            self.written = true;
+        }
+        let mut record = Record::new(&mut self.payload);
+        self.chunks.clear();
+        for request in pending {
+            let append = &request.batch;
             if append.events.is_empty() && append.wakeup.is_none() {
-                // A barrier (the vault's changes, if any, are above).
+                // A barrier (the vault's changes, if any, are written above).
                 continue;
             }
-            let stream = append.stream.as_str();
-            let slot = *index.entry(stream).or_insert_with(|| {
-                chunks.push((
-                    stream,
-                    OpenChunk {
-                        first: append.first_version,
-                        next: append.first_version,
-                        bytes: Vec::new(),
-                    },
-                ));
-                chunks.len() - 1
+            let slot = *index.entry(append.stream.as_str()).or_insert_with(|| {
+                streams.push((append.stream.as_str(), Vec::new()));
+                streams.len() - 1
             });
-            let chunk = &mut chunks[slot].1;
-            // An actor hands over its batches in version order, each right after the last
-            // (`Entity`), and a killed actor's later ones were refused above: a gap or an
-            // overlap here would be written as a stream no reader can load again.
-            assert_eq!(
-                append.first_version,
-                chunk.next,
-                "{stream}: an append at version {} follows version {} in one batch",
-                append.first_version,
-                chunk.next.wrapping_sub(1)
-            );
-            for (i, event) in append.events.iter().enumerate() {
-                let version = append.first_version + i as u64;
-                if version != chunk.next || chunk.bytes.len() + 4 + event.len() > CHUNK_MAX_BYTES {
-                    writes += chunk.seal(&mut batch, stream);
-                    chunk.first = version;
+            streams[slot].1.push(append);
+        }
+        for (stream, appends) in &streams {
+            let mut next = appends[0].first_version;
+            let mut chunk = None;
+            for append in appends {
+                // An actor hands over its batches in version order, each right after the
+                // last (`Entity`), and a killed actor's later ones were refused above: a gap
+                // or an overlap here would be written as a stream no reader can load again.
+                assert_eq!(
+                    append.first_version,
+                    next,
+                    "{stream}: an append at version {} follows version {} in one batch",
+                    append.first_version,
+                    next.wrapping_sub(1)
+                );
+                if !append.events.is_empty() && chunk.is_none() {
+                    let key = event_key(stream, append.first_version);
+                    chunk = Some((record.open_value(TREE_EVENTS, &key), key));
                 }
-                chunk.bytes.extend_from_slice(&(event.len() as u32).to_le_bytes());
-                chunk.bytes.extend_from_slice(event);
-                chunk.next = version + 1;
+                for event in &append.events {
+                    record.out.extend_from_slice(&(event.len() as u32).to_le_bytes());
+                    record.out.extend_from_slice(event);
+                }
+                next += append.events.len() as u64;
             }
-            match append.wakeup {
-                Some(Some(at)) => batch.insert(wakeup_key(stream), at.to_be_bytes().to_vec()),
-                Some(None) => batch.remove(wakeup_key(stream)),
-                None => {}
+            if let Some((start, key)) = chunk {
+                let len = record.close_value(start);
+                self.chunks.push((key, start, len));
             }
-            writes += usize::from(append.wakeup.is_some());
+            // The stream's deadline as its last append left it.
+            if let Some(wakeup) = appends.iter().rev().find_map(|a| a.wakeup) {
+                let at = wakeup.map(i64::to_be_bytes);
+                record.change(TREE_STREAMS, &wakeup_key(stream), at.as_ref().map(|a| a.as_slice()));
+            }
         }
-        for (stream, chunk) in &mut chunks {
-            writes += chunk.seal(&mut batch, stream);
-        }
+        let changes = record.finish();
         self.stats
             .appends
             .fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if writes == 0 {
+        if changes == 0 {
             // Only barriers (reads, rejections): earlier batches are durable already.
             return Ok(());
         }
         // Durable first, in the log; then sled, which a restart brings up to date from it.
-        let synced = self.log.append(&encode_ops(&batch.ops)).and_then(|_| self.log.sync());
-        if let Err(e) = synced {
-            // What the failed sync wrote is unknown: only a reopening (recovery) can tell.
-            self.break_down(e.to_string());
-            return Err(JournalError::Io(format!("write-ahead log: {e}")));
-        }
+        let synced = self
+            .log
+            .append(&self.payload)
+            .and_then(|at| self.log.sync().map(|_| at));
+        let position = match synced {
+            Ok(position) => position,
+            Err(e) => {
+                // What the failed sync wrote is unknown: only a reopening (recovery) can tell.
+                self.break_down(e.to_string());
+                return Err(JournalError::Io(format!("write-ahead log: {e}")));
+            }
+        };
         self.written = true;
-        self.tree
-            .apply_batch(batch.into_streams_batch())
-            .map_err(|e| JournalError::Io(e.to_string()))?;
+        let mut batch = sled::Batch::default();
+        for (key, start, len) in self.chunks.drain(..) {
+            let at = EventPointer::into_record(position, &self.payload, start, len);
+            batch.insert(key, at.encode().as_slice());
+        }
+        for (stream, appends) in &streams {
+            match appends.iter().rev().find_map(|a| a.wakeup) {
+                Some(Some(at)) => batch.insert(wakeup_key(stream), at.to_be_bytes().as_slice()),
+                Some(None) => batch.remove(wakeup_key(stream)),
+                None => {}
+            }
+        }
+        if let Err(e) = self.tree.apply_batch(batch) {
+            // The record is durable but sled lacks it: a checkpoint now would skip it. Only
+            // a restart (which replays the log) makes sled whole again.
+            self.break_down(format!("applying a logged commit to sled: {e}"));
+            return Err(JournalError::Io(e.to_string()));
+        }
         self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }

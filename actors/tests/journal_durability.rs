@@ -3,6 +3,7 @@
 //! storage counters show; and the log alone brings sled back to every acknowledged event.
 
 use actors::journal::{AppendBatch, Journal, JournalError};
+use actors::log::sim::{CutMode, SimDisk};
 use actors::sled_journal::SledJournal;
 use std::sync::{Arc, Mutex};
 
@@ -130,8 +131,12 @@ async fn an_address_stored_or_shredded_is_in_the_log_before_the_call_returns() {
         salt: [n; 32],
         ciphertext: vec![n; 48],
     };
+    // The log on a simulated disk whose power goes before the journal stops: no checkpoint
+    // at shutdown moves the vault's records into a durable sled.
+    let disk = SimDisk::new();
+    let segment_bytes = actors::limits::LOG_SEGMENT_BYTES;
     {
-        let journal = SledJournal::open(dir.path()).unwrap();
+        let journal = SledJournal::open_with_log(dir.path(), Arc::new(disk.clone()), segment_bytes).unwrap();
         let before = journal.log_stats().syncs();
         assert!(journal.put_new("d.s.1", &sealed(1), UnixMillis(5_000)).await.unwrap());
         assert!(journal.log_stats().syncs() > before, "stored before an fdatasync");
@@ -148,9 +153,12 @@ async fn an_address_stored_or_shredded_is_in_the_log_before_the_call_returns() {
             "d.s.2 is due"
         );
         assert!(journal.log_stats().syncs() > before, "shredded before an fdatasync");
+        disk.cut_power_after(disk.ops());
     }
+    // What was not synced is gone, and sled lost everything.
     lose_sled(dir.path()).await;
-    let journal = SledJournal::open(dir.path()).unwrap();
+    let disk = disk.after_power_cut(CutMode::DropUnsynced, 7);
+    let journal = SledJournal::open_with_log(dir.path(), Arc::new(disk), segment_bytes).unwrap();
     let kept = journal
         .get("d.s.1")
         .await
@@ -173,10 +181,10 @@ async fn an_address_stored_or_shredded_is_in_the_log_before_the_call_returns() {
 /// journal says why, for readiness; nothing is acknowledged that may not be on the disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_log_write_refuses_every_later_write_and_says_so() {
-    use actors::log::sim::SimDisk;
     let dir = tempfile::tempdir().unwrap();
     let disk = SimDisk::new();
-    let journal = SledJournal::open_with_log(dir.path(), Arc::new(disk.clone())).unwrap();
+    let journal =
+        SledJournal::open_with_log(dir.path(), Arc::new(disk.clone()), actors::limits::LOG_SEGMENT_BYTES).unwrap();
     append_all(&journal, vec![batch("sku/d/a", 1, &["a1"], None)]).await;
     assert_eq!(journal.failure(), None);
     disk.cut_power_after(1);
@@ -199,4 +207,62 @@ async fn a_failed_log_write_refuses_every_later_write_and_says_so() {
         matches!(&later, Err(JournalError::Io(m)) if m.contains("restart to recover")),
         "{later:?}"
     );
+}
+
+/// A shredded address leaves the write-ahead logs at the next checkpoint (here: the one a
+/// journal takes as it stops): the vault's changes have a log of their own whose old
+/// segments a checkpoint removes, while the event log, which is kept, never holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shredded_address_is_in_no_log_file_after_a_checkpoint() {
+    use actors::journal::AddressVault;
+    use actors::secrets::SealedAddress;
+    use domain::UnixMillis;
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = SealedAddress {
+        salt: [0x5a; 32],
+        ciphertext: vec![0xa7; 64],
+    };
+    let in_logs = |needle: &[u8]| -> bool {
+        std::fs::read_dir(dir.path().join("log")).unwrap().any(|entry| {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            bytes.windows(needle.len()).any(|w| w == needle)
+        })
+    };
+    {
+        let journal = SledJournal::open(dir.path()).unwrap();
+        append_all(&journal, vec![batch("sku/d/a", 1, &["a1"], None)]).await;
+        assert!(journal.put_new("d.a.1", &sealed, UnixMillis(5_000)).await.unwrap());
+        append_all(&journal, vec![batch("sku/d/a", 2, &["a2"], None)]).await;
+        assert!(
+            in_logs(&sealed.salt),
+            "the salt is in the vault's log until a checkpoint"
+        );
+        journal.shred_by("d.a.1", UnixMillis(1_000)).await.unwrap();
+        assert_eq!(journal.shred_due(UnixMillis(2_000), 10).await.unwrap(), 1);
+    }
+    // The dropped journal's writer checkpoints as it stops; reopening waits for it.
+    let journal = loop {
+        match SledJournal::open(dir.path()) {
+            Ok(journal) => break journal,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    };
+    assert!(
+        !in_logs(&sealed.salt),
+        "the shredded address's salt is still in a log file"
+    );
+    assert!(
+        !in_logs(&sealed.ciphertext),
+        "the shredded address is still in a log file"
+    );
+    assert!(journal.get("d.a.1").await.unwrap().is_none());
+    let events: Vec<u64> = journal
+        .load("sku/d/a")
+        .await
+        .unwrap()
+        .events
+        .iter()
+        .map(|(v, _)| *v)
+        .collect();
+    assert_eq!(events, vec![1, 2], "the events stay in their log");
 }

@@ -23,20 +23,27 @@
 //! is lost, nothing torn is returned, and whatever unsynced records survived whole are
 //! returned in order (like any database, a record may survive without its acknowledgement).
 //!
+//! **Checkpoints.** A caller that has made everything before the log's current end durable
+//! elsewhere takes a [`Checkpoint`] (segment, offset, chain value) and stores it there; the
+//! next opening scans from it instead of from the first segment. The earlier segments stay,
+//! sealed (each was synced before any later one was written), and their records can still
+//! be read at their positions ([`LogReader`]).
+//!
 //! **Compaction** is the caller's: `remove_segments_before` drops whole segments once what
-//! replaces them (snapshots) is itself durable.
+//! replaces them is itself durable.
 
 pub mod sim;
 pub mod storage;
 
+use std::collections::BTreeMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use storage::{Storage, StorageFile};
 
 const MAGIC: &[u8; 8] = b"DLLOG\0\0\x01";
 const HEADER_BYTES: u64 = 32;
-/// length + crc + kind.
-const FRAME_BYTES: u64 = 9;
+/// length + crc + kind: a record's payload starts this many bytes after its position.
+pub const FRAME_BYTES: u64 = 9;
 const KIND_USER: u8 = 0;
 const KIND_OPEN: u8 = 1;
 
@@ -48,14 +55,83 @@ pub struct Position {
     pub len: u32,
 }
 
+impl Position {
+    /// Where the record's payload starts in its segment.
+    pub fn payload_offset(&self) -> u64 {
+        self.offset + FRAME_BYTES
+    }
+}
+
+/// A point in the log up to which a caller holds every record elsewhere, durably: the next
+/// opening scans only what follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub segment: u64,
+    pub offset: u64,
+    /// The chain value of the record that ends at `offset`.
+    pub chain: u32,
+}
+
+impl Checkpoint {
+    pub const BYTES: usize = 20;
+
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..8].copy_from_slice(&self.segment.to_le_bytes());
+        out[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        out[16..].copy_from_slice(&self.chain.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Checkpoint> {
+        let bytes: &[u8; Self::BYTES] = bytes.try_into().ok()?;
+        Some(Checkpoint {
+            segment: u64::from_le_bytes(bytes[..8].try_into().ok()?),
+            offset: u64::from_le_bytes(bytes[8..16].try_into().ok()?),
+            chain: u32::from_le_bytes(bytes[16..].try_into().ok()?),
+        })
+    }
+}
+
 struct Segment {
     index: u64,
     file: Arc<dyn StorageFile>,
 }
 
+/// Reads bytes of the log's segments from any thread, while the writer appends: what a
+/// caller reads is what it was told was written (after the `sync` that covered it).
+#[derive(Clone, Default)]
+pub struct LogReader {
+    files: Arc<RwLock<BTreeMap<u64, Arc<dyn StorageFile>>>>,
+}
+
+impl LogReader {
+    /// `len` bytes at `offset` of segment `segment`.
+    pub fn read_at(&self, segment: u64, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let file = self
+            .files
+            .read()
+            .expect("log files lock")
+            .get(&segment)
+            .cloned()
+            .ok_or_else(|| corrupt(format!("log segment {} is gone", segment_name(segment))))?;
+        let mut bytes = vec![0u8; len];
+        file.read_exact_at(offset, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Segments and their total size in bytes (preallocated).
+    pub fn bytes_on_disk(&self) -> u64 {
+        let files = self.files.read().expect("log files lock");
+        files.values().filter_map(|f| f.size().ok()).sum()
+    }
+}
+
 /// The log. Not thread-safe by itself: the journal's writer thread owns it.
 pub struct Log {
     storage: Arc<dyn Storage>,
+    /// Prepended to segment names, so several logs can share a storage.
+    prefix: &'static str,
     segment_bytes: u64,
     /// Oldest first; the last is the one appended to.
     segments: Vec<Segment>,
@@ -69,15 +145,16 @@ pub struct Log {
     /// Segments written since the last sync (their indexes), and whether one was created.
     dirty: Vec<u64>,
     created: bool,
+    reader: LogReader,
 }
 
 fn segment_name(index: u64) -> String {
     format!("{index:016x}.log")
 }
 
-fn parse_segment_name(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".log")?;
-    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())?
+fn parse_segment_name(prefix: &str, name: &str) -> Option<u64> {
+    let hex = name.strip_prefix(prefix)?.strip_suffix(".log")?;
+    (hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| u64::from_str_radix(hex, 16).ok())?
 }
 
 fn header(index: u64, chain: u32) -> [u8; HEADER_BYTES as usize] {
@@ -110,16 +187,41 @@ fn corrupt(message: String) -> io::Error {
 impl Log {
     /// Opens the log in `storage` (creating it when empty), hands every record found to
     /// `each` in order, cuts a torn tail, and makes a fresh open record durable.
-    pub fn open(
+    pub fn open(storage: Arc<dyn Storage>, segment_bytes: u64, each: impl FnMut(Position, &[u8])) -> io::Result<Log> {
+        Log::open_from(storage, segment_bytes, None, each)
+    }
+
+    /// Opens the log like [`Log::open`], but from `from` on: the records before it are not
+    /// scanned (their segments are kept and readable). A checkpoint whose segment is gone, or
+    /// beyond the log's end, is refused: the caller's state and the log disagree.
+    pub fn open_from(
         storage: Arc<dyn Storage>,
         segment_bytes: u64,
+        from: Option<Checkpoint>,
+        each: impl FnMut(Position, &[u8]),
+    ) -> io::Result<Log> {
+        Log::open_named(storage, "", segment_bytes, from, each)
+    }
+
+    /// Opens the log whose segment names start with `prefix` (another log may share the
+    /// storage under another prefix), like [`Log::open_from`].
+    pub fn open_named(
+        storage: Arc<dyn Storage>,
+        prefix: &'static str,
+        segment_bytes: u64,
+        from: Option<Checkpoint>,
         mut each: impl FnMut(Position, &[u8]),
     ) -> io::Result<Log> {
         assert!(segment_bytes > HEADER_BYTES + FRAME_BYTES + 16, "segments too small");
-        let mut indexes: Vec<u64> = storage.list()?.iter().filter_map(|n| parse_segment_name(n)).collect();
+        let mut indexes: Vec<u64> = storage
+            .list()?
+            .iter()
+            .filter_map(|n| parse_segment_name(prefix, n))
+            .collect();
         indexes.sort_unstable();
         let mut log = Log {
             storage,
+            prefix,
             segment_bytes,
             segments: Vec::new(),
             tail: HEADER_BYTES,
@@ -128,15 +230,51 @@ impl Log {
             buffered_at: HEADER_BYTES,
             dirty: Vec::new(),
             created: false,
+            reader: LogReader::default(),
         };
+        if let Some(from) = from {
+            if !indexes.contains(&from.segment) || from.offset < HEADER_BYTES || from.offset > segment_bytes {
+                return Err(corrupt(format!(
+                    "the checkpoint at {}:{} is not in the log",
+                    segment_name(from.segment),
+                    from.offset
+                )));
+            }
+        }
         let mut stale = Vec::new();
         for (n, &index) in indexes.iter().enumerate() {
             if !stale.is_empty() {
                 stale.push(index);
                 continue;
             }
-            let file = log.storage.open(&segment_name(index), false)?;
+            let file = log.storage.open(&log.name(index), false)?;
+            let contiguous = log.segments.last().is_none_or(|s| s.index + 1 == index);
+            if let Some(from) = from.filter(|f| index < f.segment) {
+                // Sealed before the checkpoint: kept to be read, not scanned.
+                if !contiguous {
+                    return Err(corrupt(format!(
+                        "log segment {} is missing before the checkpoint in {}",
+                        segment_name(index - 1),
+                        segment_name(from.segment)
+                    )));
+                }
+                log.push_segment(index, file);
+                continue;
+            }
             let mut h = [0u8; HEADER_BYTES as usize];
+            if let Some(from) = from.filter(|f| index == f.segment) {
+                if !contiguous || file.read_exact_at(0, &mut h).is_err() || parse_header(&h, index).is_none() {
+                    return Err(corrupt(format!(
+                        "log segment {} of the checkpoint has a corrupt header or a gap before it",
+                        segment_name(index)
+                    )));
+                }
+                log.chain = from.chain;
+                let end = log.scan(index, &file, from.offset, &mut each)?;
+                log.push_segment(index, file);
+                log.tail = end;
+                continue;
+            }
             let valid = file.size()? >= HEADER_BYTES
                 && file.read_exact_at(0, &mut h).is_ok()
                 && match parse_header(&h, index) {
@@ -158,13 +296,13 @@ impl Log {
                 stale.push(index);
                 continue;
             }
-            let end = log.scan(index, &file, &mut each)?;
-            log.segments.push(Segment { index, file });
+            let end = log.scan(index, &file, HEADER_BYTES, &mut each)?;
+            log.push_segment(index, file);
             log.tail = end;
         }
         // Segments after the end held nothing synced: gone before anything is appended.
         for index in &stale {
-            log.storage.remove(&segment_name(*index))?;
+            log.storage.remove(&log.name(*index))?;
         }
         if log.segments.is_empty() {
             let index = indexes.first().copied().filter(|_| !stale.is_empty()).unwrap_or(0);
@@ -179,16 +317,30 @@ impl Log {
         Ok(log)
     }
 
-    /// Reads the records of one segment from its header on, handing user records to `each`;
-    /// returns where the valid records end.
+    fn name(&self, index: u64) -> String {
+        format!("{}{}", self.prefix, segment_name(index))
+    }
+
+    fn push_segment(&mut self, index: u64, file: Arc<dyn StorageFile>) {
+        self.reader
+            .files
+            .write()
+            .expect("log files lock")
+            .insert(index, file.clone());
+        self.segments.push(Segment { index, file });
+    }
+
+    /// Reads the records of one segment from `start` (its header's end, or a checkpoint) on,
+    /// handing user records to `each`; returns where the valid records end.
     fn scan(
         &mut self,
         index: u64,
         file: &Arc<dyn StorageFile>,
+        start: u64,
         each: &mut impl FnMut(Position, &[u8]),
     ) -> io::Result<u64> {
         let size = file.size()?;
-        let mut offset = HEADER_BYTES;
+        let mut offset = start;
         let mut head = [0u8; FRAME_BYTES as usize];
         let mut payload = Vec::new();
         while offset + FRAME_BYTES <= size {
@@ -224,10 +376,10 @@ impl Log {
     /// Creates segment `index`, continuing the chain, and makes it the one appended to. Its
     /// entry and header become durable with the next `sync`.
     fn create_segment(&mut self, index: u64) -> io::Result<()> {
-        let file = self.storage.open(&segment_name(index), true)?;
+        let file = self.storage.open(&self.name(index), true)?;
         file.allocate(self.segment_bytes)?;
         file.write_all_at(0, &header(index, self.chain))?;
-        self.segments.push(Segment { index, file });
+        self.push_segment(index, file);
         self.tail = HEADER_BYTES;
         self.buffered_at = HEADER_BYTES;
         self.dirty.push(index);
@@ -366,11 +518,27 @@ impl Log {
         // Oldest first, each removal durable before the next: whatever a power cut undoes,
         // the segments left start with a contiguous run (recovery treats a gap as the end).
         for i in &doomed {
-            self.storage.remove(&segment_name(*i))?;
+            self.storage.remove(&self.name(*i))?;
             self.storage.sync_dir()?;
             self.segments.retain(|s| s.index != *i);
+            self.reader.files.write().expect("log files lock").remove(i);
         }
         Ok(doomed.len())
+    }
+
+    /// The point after the last record appended: once `sync` has returned, everything
+    /// before it is durable.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            segment: self.segments.last().expect("a segment").index,
+            offset: self.tail,
+            chain: self.chain,
+        }
+    }
+
+    /// A reader of the segments, for other threads.
+    pub fn reader(&self) -> LogReader {
+        self.reader.clone()
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
