@@ -130,7 +130,59 @@ pub struct SledJournal {
     log_storage: Arc<dyn Storage>,
     /// Reads the events the streams tree points at.
     log_reader: LogReader,
+    /// Changes to the streams tree that are durable in the log and not applied to sled yet.
+    overlay: Arc<Overlay>,
     broken: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Changes to the streams tree (event pointers, deadlines; `None`: removed) that the log
+/// holds durably and sled does not yet: the writer applies them to sled in bulk, when
+/// `OVERLAY_MAX` are waiting and at each checkpoint, instead of once per group commit (a sled
+/// batch per commit woke sled's I/O threads every time). Readers look here first, then in
+/// sled: the writer applies a bulk to sled before it clears it from here, so a reader never
+/// misses an entry that moves.
+#[derive(Default)]
+struct Overlay {
+    changes: std::sync::RwLock<std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl Overlay {
+    fn range(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let changes = self.changes.read().expect("overlay lock");
+        changes
+            .range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Excluded(to)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.changes.read().expect("overlay lock").len()
+    }
+}
+
+/// Entries of the streams tree waiting in the overlay before the writer applies them.
+const OVERLAY_MAX: usize = 4_096;
+
+/// The entries of `tree` in `[from, to)`, with the overlay's changes on top (read first).
+fn merged_range(
+    overlay: &Overlay,
+    tree: &sled::Tree,
+    from: &[u8],
+    to: &[u8],
+) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>, JournalError> {
+    let on_top = overlay.range(from, to);
+    let mut merged = std::collections::BTreeMap::new();
+    for item in tree.range(from..to) {
+        let (key, value) = item.map_err(|e| JournalError::Io(e.to_string()))?;
+        merged.insert(key.to_vec(), value.to_vec());
+    }
+    for (key, value) in on_top {
+        match value {
+            Some(value) => merged.insert(key, value),
+            None => merged.remove(&key),
+        };
+    }
+    Ok(merged)
 }
 
 /// Counters of the writer, for logs and benchmarks.
@@ -235,6 +287,7 @@ impl SledJournal {
             return Err(e);
         }
         let log_reader = log.reader();
+        let overlay = Arc::new(Overlay::default());
         // The vault's own log: small, and emptied at each checkpoint, so a salt or a sealed
         // address does not outlive its shredding in the event log, which is kept.
         let mut vault_replayed = 0usize;
@@ -288,6 +341,7 @@ impl SledJournal {
             payload: Vec::new(),
             vault_payload: Vec::new(),
             chunks: Vec::new(),
+            overlay: overlay.clone(),
         };
         // Everything replayed is in sled now: make that durable, and the log can start over.
         // With nothing replayed there is nothing to make durable (a clean shutdown already
@@ -327,6 +381,7 @@ impl SledJournal {
             stats,
             log_storage,
             log_reader,
+            overlay,
             broken,
         }))
     }
@@ -349,19 +404,25 @@ impl SledJournal {
         let io = |e: sled::Error| JournalError::Io(e.to_string());
         let prefix = event_key(stream, 0);
         let prefix = &prefix[..prefix.len() - 8];
+        let end = [prefix, &[0xff; 9]].concat();
         let wanted = after.saturating_add(1);
-        // The chunk holding `wanted` starts at or before it: begin there.
-        let start = match self
-            .tree
-            .range(event_key(stream, 0)..=event_key(stream, wanted))
-            .next_back()
-        {
-            Some(item) => item.map_err(io)?.0.to_vec(),
-            None => event_key(stream, wanted),
+        // The chunk holding `wanted` starts at or before it: begin there (in the overlay or
+        // in sled, whichever has the later one).
+        let upto = event_key(stream, wanted);
+        let in_overlay = self
+            .overlay
+            .range(&event_key(stream, 0), &end)
+            .into_iter()
+            .map(|(k, _)| k)
+            .take_while(|k| *k <= upto)
+            .last();
+        let in_sled = match self.tree.range(event_key(stream, 0)..=upto.clone()).next_back() {
+            Some(item) => Some(item.map_err(io)?.0.to_vec()),
+            None => None,
         };
+        let start = in_overlay.max(in_sled).unwrap_or(upto);
         let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
-        for item in self.tree.range(start..) {
-            let (key, value) = item.map_err(io)?;
+        for (key, value) in merged_range(&self.overlay, &self.tree, &start, &end)? {
             if !key.starts_with(prefix) || key.len() != prefix.len() + 8 {
                 break;
             }
@@ -484,11 +545,10 @@ impl Journal for SledJournal {
 
     fn wakeups(&self) -> Result<Vec<(String, i64)>, JournalError> {
         let mut wakeups = Vec::new();
-        for item in self.tree.scan_prefix(b"w/") {
-            let (key, value) = item.map_err(|e| JournalError::Io(e.to_string()))?;
+        for (key, value) in merged_range(&self.overlay, &self.tree, b"w/", b"w0")? {
             let stream = String::from_utf8(key[2..].to_vec())
                 .map_err(|_| JournalError::Corrupt("wake-up key is not UTF-8".into()))?;
-            let at = <[u8; 8]>::try_from(value.as_ref())
+            let at = <[u8; 8]>::try_from(value.as_slice())
                 .map_err(|_| JournalError::Corrupt(format!("{stream}: wake-up is not 8 bytes")))?;
             wakeups.push((stream, i64::from_be_bytes(at)));
         }
@@ -523,10 +583,18 @@ impl SledJournal {
         };
         let mut out = Vec::new();
         while out.len() < limit {
-            let Some(item) = self.tree.range(from.clone()..).next() else {
+            // Event keys are never removed: the first in the overlay or in sled.
+            let in_overlay = {
+                let changes = self.overlay.changes.read().expect("overlay lock");
+                changes.range(from.clone()..).next().map(|(k, _)| k.clone())
+            };
+            let in_sled = match self.tree.range(from.clone()..).next() {
+                Some(item) => Some(item.map_err(io)?.0.to_vec()),
+                None => None,
+            };
+            let Some(key) = [in_overlay, in_sled].into_iter().flatten().min() else {
                 break;
             };
-            let (key, _) = item.map_err(io)?;
             if !key.starts_with(&key_prefix) {
                 break;
             }
@@ -563,6 +631,8 @@ struct Writer {
     vault_log: Log,
     vault_written: bool,
     vault_payload: Vec<u8>,
+    /// The streams tree's changes not applied to sled yet (shared with readers).
+    overlay: Arc<Overlay>,
     /// The record being built, and where its chunks of events are in it (event key, start,
     /// length): kept from one group commit to the next, so a commit allocates nothing.
     payload: Vec<u8>,
@@ -821,8 +891,34 @@ impl Writer {
     /// point of the log it holds everything before: the next start replays only what
     /// follows. Every record appended is synced and applied by now (`write` does both before
     /// it returns), so the log's end is that point.
+    /// Applies the overlay to sled as one batch, then empties it (in that order: readers look
+    /// in the overlay first).
+    fn apply_overlay(&mut self) -> Result<(), JournalError> {
+        let changes = self.overlay.changes.read().expect("overlay lock").clone();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (key, value) in &changes {
+            match value {
+                Some(value) => batch.insert(key.as_slice(), value.as_slice()),
+                None => batch.remove(key.as_slice()),
+            }
+        }
+        if let Err(e) = self.tree.apply_batch(batch) {
+            // The records are durable but sled lacks them: a checkpoint now would skip them.
+            // Only a restart (which replays the log) makes sled whole again.
+            self.break_down(format!("applying logged commits to sled: {e}"));
+            return Err(JournalError::Io(e.to_string()));
+        }
+        // Only this thread writes the overlay: what was applied is all there is.
+        self.overlay.changes.write().expect("overlay lock").clear();
+        Ok(())
+    }
+
     fn checkpoint(&mut self) -> Result<(), JournalError> {
         let io = |e: std::io::Error| JournalError::Io(format!("checkpoint: {e}"));
+        self.apply_overlay()?;
         // The vault's records move to a fresh segment first, so the older ones can go once
         // sled holds what they changed.
         if self.vault_written {
@@ -1008,23 +1104,20 @@ impl Writer {
             }
         };
         self.written = true;
-        let mut batch = sled::Batch::default();
-        for (key, start, len) in self.chunks.drain(..) {
-            let at = EventPointer::into_record(position, &self.payload, start, len);
-            batch.insert(key, at.encode().as_slice());
-        }
-        for (stream, appends) in &streams {
-            match appends.iter().rev().find_map(|a| a.wakeup) {
-                Some(Some(at)) => batch.insert(wakeup_key(stream), at.to_be_bytes().as_slice()),
-                Some(None) => batch.remove(wakeup_key(stream)),
-                None => {}
+        {
+            let mut overlay = self.overlay.changes.write().expect("overlay lock");
+            for (key, start, len) in self.chunks.drain(..) {
+                let at = EventPointer::into_record(position, &self.payload, start, len);
+                overlay.insert(key, Some(at.encode().to_vec()));
+            }
+            for (stream, appends) in &streams {
+                if let Some(wakeup) = appends.iter().rev().find_map(|a| a.wakeup) {
+                    overlay.insert(wakeup_key(stream), wakeup.map(|at| at.to_be_bytes().to_vec()));
+                }
             }
         }
-        if let Err(e) = self.tree.apply_batch(batch) {
-            // The record is durable but sled lacks it: a checkpoint now would skip it. Only
-            // a restart (which replays the log) makes sled whole again.
-            self.break_down(format!("applying a logged commit to sled: {e}"));
-            return Err(JournalError::Io(e.to_string()));
+        if self.overlay.len() >= OVERLAY_MAX {
+            self.apply_overlay()?;
         }
         self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -1307,6 +1400,83 @@ mod tests {
         let mut bytes = version.to_le_bytes().to_vec();
         bytes.resize(len.max(8), 0xab);
         bytes
+    }
+
+    /// Pointers and deadlines wait in the overlay, move to sled in bulk past `OVERLAY_MAX`
+    /// and at a checkpoint, and readers see every one of them at each stage: events,
+    /// stream listings (interleaved in both places) and deadlines, then again after a
+    /// reopening.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_see_the_overlay_and_sled_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = OVERLAY_MAX + 100;
+        let check = |journal: Arc<SledJournal>, upto: usize| async move {
+            for i in (0..upto).step_by(97).chain([upto - 1]) {
+                let stream = format!("sku/d/{i:05}");
+                let versions: Vec<u64> = journal
+                    .load(&stream)
+                    .await
+                    .unwrap()
+                    .events
+                    .iter()
+                    .map(|(v, _)| *v)
+                    .collect();
+                assert_eq!(versions, vec![1, 2], "{stream}");
+            }
+            let mut listed = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = journal.streams_now("sku/d/", after.as_deref(), 1_000).unwrap();
+                if page.is_empty() {
+                    break;
+                }
+                after = page.last().cloned();
+                listed.extend(page);
+            }
+            assert_eq!(listed.len(), upto, "every stream listed once");
+            assert!(listed.windows(2).all(|w| w[0] < w[1]), "in order");
+            let wakeups = journal.wakeups().unwrap();
+            assert_eq!(
+                wakeups.len(),
+                upto.div_ceil(2),
+                "deadlines of even streams, odd ones cleared"
+            );
+        };
+        {
+            let journal = SledJournal::open(dir.path()).unwrap();
+            for round in 0..2u64 {
+                // Every stream gets version 1, then version 2; even ones keep a deadline.
+                for i in 0..streams {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    journal.try_reserve().unwrap().append(
+                        AppendBatch {
+                            stream: format!("sku/d/{i:05}"),
+                            first_version: round + 1,
+                            events: vec![event(round + 1, 12)],
+                            snapshot: None,
+                            wakeup: Some((i % 2 == 0 || round == 0).then_some(1_000 + i as i64)),
+                        },
+                        Box::new(move |r| drop(tx.send(r))),
+                    );
+                    if i % 512 == 511 || i == streams - 1 {
+                        rx.await.unwrap().unwrap();
+                    }
+                }
+            }
+            assert!(
+                journal.overlay.len() < OVERLAY_MAX,
+                "the overlay was applied to sled past its bound"
+            );
+            check(journal.clone(), streams).await;
+        }
+        let journal = loop {
+            match SledJournal::open(dir.path()) {
+                Ok(journal) => break journal,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        assert_eq!(journal.overlay.len(), 0);
+        check(journal, streams).await;
     }
 
     #[tokio::test]
