@@ -3,7 +3,7 @@
 //! actors once the batch that caused them is durable (so the trail never shows something
 //! that did not happen), and by the services for credential use.
 
-use crate::journal::JournalError;
+use crate::journal::{AuditWrite, JournalError};
 use domain::hub::HubEvent;
 use domain::registry::{RegistryEvent, StatusSource};
 use domain::{HubId, OrderId, PartnerId, UnixMillis};
@@ -18,6 +18,20 @@ pub struct AuditEntry {
     pub partner_id: Option<String>,
     pub hub_id: Option<String>,
     pub detail: String,
+}
+
+impl AuditEntry {
+    /// The entry as a journal writes it with the events that cause it.
+    pub fn to_write(&self) -> AuditWrite {
+        let subjects = [(b'o', &self.order_id), (b'p', &self.partner_id)]
+            .into_iter()
+            .filter_map(|(kind, id)| Some((kind, id.clone()?)))
+            .collect();
+        AuditWrite {
+            subjects,
+            entry: crate::codec::encode(self),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@
 //! (hold expiry, outbox retry) in their own receive loop rather than in a timer task, and
 //! stop when idle with nothing pending.
 
+use crate::audit_log::AuditEntry;
 use crate::codec;
 use crate::error::CommandError;
 use crate::hosted::{Env, Hosted};
@@ -97,6 +98,7 @@ impl<H: Hosted> Entity<H> {
             ..AppendBatch::default()
         };
         let mut publication = None;
+        let mut audit_after = Vec::new();
         if !events.is_empty() {
             batch.events = events.iter().map(codec::encode).collect();
             for event in &events {
@@ -111,10 +113,22 @@ impl<H: Hosted> Entity<H> {
                 self.events_since_snapshot = 0;
             }
             publication = self.state.publication(&events, &self.env);
+            let audit = self.state.audit_entries(&events);
+            if self.env.journal.keeps_audit() {
+                batch.audit = audit.iter().map(AuditEntry::to_write).collect();
+            } else {
+                audit_after = audit;
+            }
         }
         batch.wakeup = self.wakeup_change();
+        let trail = (!audit_after.is_empty()).then(|| self.env.audit.clone());
         self.append(permit, batch, actor, move |written| match written {
             Ok(()) => {
+                if let Some(trail) = trail {
+                    for entry in &audit_after {
+                        trail.record(entry);
+                    }
+                }
                 if let Some(publish) = publication {
                     publish();
                 }

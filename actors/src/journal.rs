@@ -38,6 +38,17 @@ pub struct AppendBatch {
     /// A change of the stream's next deadline (Unix ms), kept for the wake-up scheduler:
     /// `Some(Some(at))` sets it, `Some(None)` clears it, `None` leaves it as it was.
     pub wakeup: Option<Option<i64>>,
+    /// Entries of the audit trail the events cause, durable in the same write as them (for
+    /// a journal that [`Journal::keeps_audit`]).
+    pub audit: Vec<AuditWrite>,
+}
+
+/// An audit-trail entry, encoded, with the subjects it is filed under: `(b'o', order id)`,
+/// `(b'p', partner id)`.
+#[derive(Debug, Clone)]
+pub struct AuditWrite {
+    pub subjects: Vec<(u8, String)>,
+    pub entry: Vec<u8>,
 }
 
 /// An encoded event with its version in its stream.
@@ -62,6 +73,13 @@ pub trait Journal: Send + Sync + 'static {
     /// restart can tell what reached the disk): health reports it.
     fn failure(&self) -> Option<String> {
         None
+    }
+
+    /// Whether the journal writes a batch's [`AppendBatch::audit`] with its events (the
+    /// embedded journals). When not (the cluster's), the actor hands the entries to the
+    /// platform's audit trail once the batch is durable.
+    fn keeps_audit(&self) -> bool {
+        false
     }
 
     /// A slot in the write queue, or `Full` at once.

@@ -275,11 +275,23 @@ impl Store {
         if let Some(at) = batch.wakeup {
             stream.wakeup = at;
         }
+        // The audit trail with the events that cause it.
+        for write in std::mem::take(&mut batch.audit) {
+            let entry: AuditEntry = crate::codec::decode(&write.entry).map_err(JournalError::Corrupt)?;
+            self.audit_seq += 1;
+            for (kind, subject) in write.subjects {
+                self.audit.insert((kind, subject, self.audit_seq), entry.clone());
+            }
+        }
         Ok(())
     }
 }
 
 impl Journal for MemoryJournal {
+    fn keeps_audit(&self) -> bool {
+        true
+    }
+
     fn try_reserve(&self) -> Result<Box<dyn AppendPermit>, JournalError> {
         if self.full.load(Ordering::SeqCst) {
             self.stats.refused_full.fetch_add(1, Ordering::SeqCst);

@@ -55,6 +55,8 @@ const TREE_ADDRESS_SHRED: u8 = 3;
 /// A chunk of a stream's events (key: its event key). The events stay in the log: the
 /// streams tree gets a pointer to them (see [`EventPointer`]).
 const TREE_EVENTS: u8 = 4;
+/// An entry of the audit trail (key: `audit_key`).
+const TREE_AUDIT: u8 = 5;
 
 /// Where the log's records stop being needed to rebuild sled: sled holds every record
 /// before this [`Checkpoint`] (in the default tree).
@@ -270,9 +272,15 @@ impl SledJournal {
                 return;
             }
             match decode_ops(record, position) {
-                Ok(batches) => {
-                    let trees = [&tree, &addresses, &address_keys, &address_shred];
-                    for (target, batch) in trees.into_iter().zip(batches) {
+                Ok([streams_batch, addresses_batch, keys_batch, shred_batch, _, audit_batch]) => {
+                    let trees = [
+                        (&tree, streams_batch),
+                        (&addresses, addresses_batch),
+                        (&address_keys, keys_batch),
+                        (&address_shred, shred_batch),
+                        (&audit, audit_batch),
+                    ];
+                    for (target, batch) in trees {
                         if let Err(e) = target.apply_batch(batch) {
                             replay_error = Some(JournalError::Io(e.to_string()));
                         }
@@ -301,12 +309,14 @@ impl SledJournal {
                     return;
                 }
                 match decode_ops(record, position) {
-                    Ok([_, addresses_batch, keys_batch, shred_batch]) => {
-                        for (target, batch) in [
+                    Ok([_, addresses_batch, keys_batch, shred_batch, _, audit_batch]) => {
+                        let trees = [
                             (&addresses, addresses_batch),
                             (&address_keys, keys_batch),
                             (&address_shred, shred_batch),
-                        ] {
+                            (&audit, audit_batch),
+                        ];
+                        for (target, batch) in trees {
                             if let Err(e) = target.apply_batch(batch) {
                                 replay_error = Some(JournalError::Io(e.to_string()));
                             }
@@ -328,6 +338,7 @@ impl SledJournal {
         let mut writer = Writer {
             db: db.clone(),
             tree: tree.clone(),
+            audit: audit.clone(),
             rx,
             stats: stats.clone(),
             log,
@@ -501,6 +512,10 @@ impl AppendPermit for SledPermit {
 }
 
 impl Journal for SledJournal {
+    fn keeps_audit(&self) -> bool {
+        true
+    }
+
     fn try_reserve(&self) -> Result<Box<dyn AppendPermit>, JournalError> {
         match self.tx.clone().try_reserve_owned() {
             Ok(permit) => Ok(Box::new(SledPermit { permit })),
@@ -614,6 +629,7 @@ impl SledJournal {
 struct Writer {
     db: sled::Db,
     tree: sled::Tree,
+    audit: sled::Tree,
     rx: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
     log: Log,
@@ -696,7 +712,7 @@ impl<'a> Record<'a> {
 
 /// A record's changes as one sled batch per tree tag; a chunk of events becomes a pointer
 /// to where it is in the record at `position`. Never panics on bad bytes: they are an error.
-fn decode_ops(record: &[u8], position: Position) -> Result<[sled::Batch; 4], String> {
+fn decode_ops(record: &[u8], position: Position) -> Result<[sled::Batch; 6], String> {
     fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
         if bytes.len() < n {
             return Err("record ends early".into());
@@ -709,7 +725,7 @@ fn decode_ops(record: &[u8], position: Position) -> Result<[sled::Batch; 4], Str
         Ok(u32::from_le_bytes(take(bytes, 4)?.try_into().expect("4 bytes")) as usize)
     }
     let mut bytes = record;
-    let mut batches: [sled::Batch; 4] = Default::default();
+    let mut batches: [sled::Batch; 6] = Default::default();
     let count = len(&mut bytes)?;
     for _ in 0..count {
         let tree = take(&mut bytes, 1)?[0];
@@ -734,6 +750,7 @@ fn decode_ops(record: &[u8], position: Position) -> Result<[sled::Batch; 4], Str
             (tree, value) => {
                 let batch = batches
                     .get_mut(tree as usize)
+                    .filter(|_| tree != TREE_EVENTS)
                     .ok_or_else(|| format!("unknown tree tag {tree}"))?;
                 match value {
                     Some((_, value)) => batch.insert(key, value),
@@ -1035,9 +1052,23 @@ impl Writer {
             self.written = true;
         }
         let mut record = Record::new(&mut self.payload);
+        let mut audit = sled::Batch::default();
+        let mut audited = false;
         self.chunks.clear();
         for request in pending {
             let append = &request.batch;
+            for write in &append.audit {
+                let seq = match self.db.generate_id() {
+                    Ok(seq) => seq,
+                    Err(e) => return Err(JournalError::Io(format!("audit trail: {e}"))),
+                };
+                for (kind, subject) in &write.subjects {
+                    let key = audit_key(*kind, subject, seq);
+                    record.change(TREE_AUDIT, &key, Some(&write.entry));
+                    audit.insert(key, write.entry.as_slice());
+                    audited = true;
+                }
+            }
             if append.events.is_empty() && append.wakeup.is_none() {
                 // A barrier (the vault's changes, if any, are written above).
                 continue;
@@ -1104,6 +1135,12 @@ impl Writer {
             }
         };
         self.written = true;
+        if audited {
+            if let Err(e) = self.audit.apply_batch(audit) {
+                self.break_down(format!("applying a logged audit trail to sled: {e}"));
+                return Err(JournalError::Io(e.to_string()));
+            }
+        }
         {
             let mut overlay = self.overlay.changes.write().expect("overlay lock");
             for (key, start, len) in self.chunks.drain(..) {
@@ -1317,21 +1354,21 @@ fn audit_key(kind: u8, subject: &str, seq: u64) -> Vec<u8> {
     key
 }
 
+/// Entries the actors cause are written with their events (`AppendBatch::audit`); this is
+/// for the services' own (credential use): written to sled at once, and to the vault's log
+/// with the next group commit, which the caller does not wait for.
 impl AuditLog for SledJournal {
     fn append(&self, entry: &AuditEntry) -> Result<(), JournalError> {
         let io = |e: sled::Error| JournalError::Io(e.to_string());
         let seq = self.db.generate_id().map_err(io)?;
-        let bytes = crate::codec::encode(entry);
-        if let Some(order) = &entry.order_id {
-            self.audit
-                .insert(audit_key(b'o', order, seq), bytes.as_slice())
-                .map_err(io)?;
+        let write = entry.to_write();
+        let mut ops = Vec::with_capacity(write.subjects.len());
+        for (kind, subject) in &write.subjects {
+            let key = audit_key(*kind, subject, seq);
+            self.audit.insert(key.as_slice(), write.entry.as_slice()).map_err(io)?;
+            ops.push((TREE_AUDIT, key, Some(write.entry.clone())));
         }
-        if let Some(partner) = &entry.partner_id {
-            self.audit
-                .insert(audit_key(b'p', partner, seq), bytes.as_slice())
-                .map_err(io)?;
-        }
+        let _durable_later = self.vault_log(ops)?;
         Ok(())
     }
 
@@ -1375,6 +1412,7 @@ mod tests {
             events,
             snapshot,
             wakeup: None,
+            audit: Vec::new(),
         };
         journal
             .try_reserve()
@@ -1455,6 +1493,7 @@ mod tests {
                             events: vec![event(round + 1, 12)],
                             snapshot: None,
                             wakeup: Some((i % 2 == 0 || round == 0).then_some(1_000 + i as i64)),
+                            audit: Vec::new(),
                         },
                         Box::new(move |r| drop(tx.send(r))),
                     );

@@ -266,3 +266,43 @@ async fn a_shredded_address_is_in_no_log_file_after_a_checkpoint() {
         .collect();
     assert_eq!(events, vec![1, 2], "the events stay in their log");
 }
+
+/// An audit entry an actor's events cause is written with them, in the same log record: once
+/// the batch is acknowledged, a power cut that loses everything not synced and every sled
+/// file still finds the events and the entry together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_is_durable_in_the_same_write_as_its_events() {
+    use actors::audit_log::{AuditEntry, AuditLog, AuditSubject};
+    use domain::UnixMillis;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimDisk::new();
+    let segment_bytes = actors::limits::LOG_SEGMENT_BYTES;
+    let entry = AuditEntry {
+        at: UnixMillis(42),
+        action: "swapped".into(),
+        order_id: Some("d.s.7".into()),
+        partner_id: Some("courier-2".into()),
+        hub_id: Some("hub-a".into()),
+        detail: "missed the pickup deadline".into(),
+    };
+    {
+        let journal = SledJournal::open_with_log(dir.path(), Arc::new(disk.clone()), segment_bytes).unwrap();
+        assert!(journal.keeps_audit());
+        let mut with_audit = batch("hub/hub-a", 1, &["swapped"], None);
+        with_audit.audit = vec![entry.to_write()];
+        append_all(&journal, vec![with_audit]).await;
+        // The power goes right after the acknowledgement: no checkpoint, no sled flush.
+        disk.cut_power_after(disk.ops());
+    }
+    lose_sled(dir.path()).await;
+    let disk = disk.after_power_cut(CutMode::DropUnsynced, 3);
+    let journal = SledJournal::open_with_log(dir.path(), Arc::new(disk), segment_bytes).unwrap();
+    assert_eq!(journal.load("hub/hub-a").await.unwrap().events.len(), 1);
+    for subject in [
+        AuditSubject::Order("d.s.7".into()),
+        AuditSubject::Partner("courier-2".into()),
+    ] {
+        let page = journal.list(&subject, None, 10).unwrap();
+        assert_eq!(page.entries, vec![entry.clone()], "{subject:?}");
+    }
+}

@@ -288,6 +288,7 @@ async fn run_seed(seed: u64) -> usize {
                             events: encoded.clone(),
                             snapshot,
                             wakeup: Some(state.next_deadline().map(|t| t.0)),
+                            audit: Vec::new(),
                         },
                         Box::new(move |result| {
                             let _ = tx.send(result);

@@ -1,7 +1,7 @@
 //! One actor per hub: its dispatches, SLA clocks and partner records.
 
 use super::{Env, Hosted, Publication};
-use crate::audit_log;
+use crate::audit_log::{self, AuditEntry};
 use crate::error::CommandError;
 use crate::fulfilment::{CourierUpdate, HubLoad};
 use crate::journal::BoxFuture;
@@ -56,6 +56,13 @@ impl Hosted for HubState {
         Some(HubCommand::ExpireDue)
     }
 
+    fn audit_entries(&self, events: &[HubEvent]) -> Vec<AuditEntry> {
+        let Some(hub_id) = self.hub_id() else {
+            return Vec::new();
+        };
+        events.iter().filter_map(|e| audit_log::hub_entry(hub_id, e)).collect()
+    }
+
     fn publication(&self, events: &[HubEvent], env: &Env) -> Option<Publication> {
         let hub_id = self.hub_id()?.clone();
         let now = env.clock.now();
@@ -69,14 +76,10 @@ impl Hosted for HubState {
         let watchers = &env.projections;
         let mut courier = Vec::new();
         let mut tracking = Vec::new();
-        let mut audit = Vec::new();
         let mut status_requests = Vec::new();
         let mut ended = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for event in events {
-            if let Some(entry) = audit_log::hub_entry(&hub_id, event) {
-                audit.push(entry);
-            }
             let end = match event {
                 HubEvent::Delivered { order_id, .. } => Some((order_id, true)),
                 HubEvent::Failed { order_id, .. }
@@ -193,14 +196,9 @@ impl Hosted for HubState {
             if let Some(task) = ledger {
                 runtime.spawn(task);
             }
-            let updates = audit
+            let updates = courier
                 .into_iter()
-                .map(ProjectionUpdate::Audit)
-                .chain(
-                    courier
-                        .into_iter()
-                        .map(|(partner, update)| ProjectionUpdate::Courier { partner, update }),
-                )
+                .map(|(partner, update)| ProjectionUpdate::Courier { partner, update })
                 .chain(tracking.into_iter().map(ProjectionUpdate::Tracking))
                 .chain(load.map(ProjectionUpdate::HubLoad))
                 .collect();

@@ -93,6 +93,11 @@ pub trait Hosted:
     /// What to publish once `events` are durable; called with no events after recovery.
     fn publication(&self, events: &[Self::Event], env: &Env) -> Option<Publication>;
 
+    /// Entries of the operators' audit trail these events (just applied) cause.
+    fn audit_entries(&self, _events: &[Self::Event]) -> Vec<crate::audit_log::AuditEntry> {
+        Vec::new()
+    }
+
     /// Rough size of the state, so snapshots are taken at O(1) amortized cost per event.
     fn snapshot_weight(&self) -> u64 {
         0

@@ -31,6 +31,10 @@ impl Hosted for RegistryState {
         Box::pin(async { Ok(RegistryState::default()) })
     }
 
+    fn audit_entries(&self, events: &[RegistryEvent]) -> Vec<AuditEntry> {
+        events.iter().filter_map(audit_log::registry_entry).collect()
+    }
+
     fn publication(&self, events: &[RegistryEvent], env: &Env) -> Option<Publication> {
         let storefronts: Vec<_> = if events.is_empty() {
             self.storefronts.values().cloned().collect()
@@ -98,7 +102,6 @@ impl Hosted for RegistryState {
         touched.sort();
         touched.dedup();
         let setups: Vec<_> = touched.iter().filter_map(|h| self.setup(h)).collect();
-        let audit: Vec<AuditEntry> = events.iter().filter_map(audit_log::registry_entry).collect();
         let projections = env.projections.clone();
         let bus = env.bus.clone();
         let runtime = env.runtime.clone();
@@ -109,7 +112,6 @@ impl Hosted for RegistryState {
                 .chain(partners.into_iter().map(ProjectionUpdate::Partner))
                 .chain(creators.into_iter().map(ProjectionUpdate::Creator))
                 .chain(storefronts.into_iter().map(ProjectionUpdate::Storefront))
-                .chain(audit.into_iter().map(ProjectionUpdate::Audit))
                 .collect();
             projections.emit(updates);
             if !setups.is_empty() {
