@@ -1,22 +1,30 @@
-//! The embedded journal: every actor's stream in one sled tree, written by one writer thread
-//! that group-commits. The writer takes whatever is queued (up to `JOURNAL_BATCH_MAX`
-//! appends, from any number of actors), writes its changes to the streams as one record of
-//! the write-ahead log ([`crate::log`]) and `fdatasync`s it, applies them to sled as one
-//! atomic batch, then runs the completions in order: one `fdatasync` per batch, not per
-//! buyer, and no reply before it. sled's own flush is not an fsync (it uses
-//! `sync_file_range`), so sled is not trusted with durability: at opening, the log's records
-//! are applied to sled again (each is a set of key writes, so applying one twice changes
-//! nothing), and a **checkpoint** — sled flushed, its files `fsync`ed — comes before the
-//! log's older segments are removed. Snapshots are written after the batch holding the events
-//! they cover, a slice at a time between batches (see [`crate::sled_parts`]); they need no
-//! sync of their own: a reply never waits for one, and until a checkpoint covers them the
-//! log still holds every event they summarize.
+//! The embedded journal: every actor's stream in an append-only event log, indexed and
+//! completed by sled, written by one writer thread that group-commits. The writer takes
+//! whatever is queued (up to `JOURNAL_BATCH_MAX` appends, from any number of actors), writes
+//! it as one record of the event log ([`crate::log`]) — each stream's events as one chunk,
+//! its new deadline, and the audit entries the events cause — and `fdatasync`s it, then runs
+//! the completions in order: one `fdatasync` per batch, not per buyer, and no reply before
+//! it. The events stay in the log; sled gets, per stream and commit, a pointer to the chunk
+//! ([`EventPointer`]), through an in-memory overlay applied in bulk ([`Overlay`]).
 //!
-//! Keys: `e/<stream>\0<first version, 8 bytes big-endian>` for chunks of consecutive
-//! events; `S/<stream>` for the snapshot's header and `s/<stream>\0<version><part>` for its
-//! parts, the version being the generation (`s/<stream>` alone: a whole snapshot written by
-//! an earlier version); `w/<stream>` for the stream's next deadline (8-byte big-endian Unix
-//! ms). Streams never contain a NUL byte.
+//! sled's own flush is not an fsync (it uses `sync_file_range`), so sled is not trusted with
+//! durability: a **checkpoint** (sled flushed, its files `fsync`ed) records the point of the
+//! log sled holds everything before, and at opening the records after it are applied to sled
+//! again (each is a set of key writes, so applying one twice changes nothing). Snapshots are
+//! written after the batch holding the events they cover, a slice at a time between batches
+//! (see [`crate::sled_parts`]); they need no sync of their own: a reply never waits for one,
+//! and until a checkpoint covers them the log still holds every event they summarize.
+//!
+//! The address vault's changes go to a log of their own (`vault-*.log`), emptied at each
+//! checkpoint: the event log is kept, and a sealed address or its salt must not outlive its
+//! shredding there.
+//!
+//! Keys: `e/<stream>\0<first version, 8 bytes big-endian>` for a pointer to a chunk of
+//! consecutive events (or, written by earlier versions, the chunk itself); `S/<stream>` for
+//! the snapshot's header and `s/<stream>\0<version><part>` for its parts, the version being
+//! the generation (`s/<stream>` alone: a whole snapshot written by an earlier version);
+//! `w/<stream>` for the stream's next deadline (8-byte big-endian Unix ms). Streams never
+//! contain a NUL byte.
 
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
