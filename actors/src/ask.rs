@@ -1,8 +1,9 @@
 //! The typed command path over the bus: `bus.ask::<H>(key, command)`, `ask_for::<H, T>` for
 //! the one shape `T` of its reply, and the fire-and-forget `tell::<H>`. Each wraps the command
-//! in a [`Letter`], the one [`Parcel`], so every kind travels the same erased way.
+//! in a [`Letter`], the one [`Parcel`], so every kind travels the same erased way; `ask_many`
+//! carries several commands for one actor as [`Letters`].
 
-use crate::bus::{wire_decode, wire_encode, AnyReply, CommandBus, Parcel};
+use crate::bus::{wire_decode, wire_encode, AnyReply, BatchParcel, CommandBus, Parcel};
 use crate::error::CommandError;
 use crate::hosted::Hosted;
 use crate::projections::Projections;
@@ -30,6 +31,23 @@ impl dyn CommandBus {
                 std::any::type_name::<T>()
             ))
         })
+    }
+
+    /// Runs `commands` on the actor of `key`, in order, and returns each one's reply once
+    /// durable, in the same order; one failing does not stop the others. Embedded, they are
+    /// decided into one journal batch (see [`CommandBus::ask_batch_parcel`]).
+    pub async fn ask_many<H: Hosted>(
+        &self,
+        key: H::Key,
+        commands: Vec<H::Command>,
+    ) -> Vec<Result<H::Reply, CommandError>> {
+        let count = commands.len();
+        let replies = self.ask_batch_parcel(Box::new(Letters::<H> { key, commands })).await;
+        assert_eq!(replies.len(), count, "a {} batch got a reply count of its own", H::KIND);
+        replies
+            .into_iter()
+            .map(|reply| reply.and_then(unwrap_reply::<H>))
+            .collect()
     }
 
     /// Hands `command` to the actor of `key` if it runs (see `CommandBus::tell_parcel`).
@@ -71,6 +89,39 @@ impl<H: Hosted> Parcel for Letter<H> {
         let reply: H::Reply = wire_decode(bytes)?;
         H::replied_elsewhere(&reply, projections);
         Ok(Box::new(reply))
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+/// Commands for the actor of `key`, decided in order: the one [`BatchParcel`].
+pub struct Letters<H: Hosted> {
+    pub key: H::Key,
+    pub commands: Vec<H::Command>,
+}
+
+impl<H: Hosted> BatchParcel for Letters<H> {
+    fn kind(&self) -> &'static str {
+        H::KIND
+    }
+
+    fn count(&self) -> usize {
+        self.commands.len()
+    }
+
+    fn into_parcels(self: Box<Self>) -> Vec<Box<dyn Parcel>> {
+        let Letters { key, commands } = *self;
+        commands
+            .into_iter()
+            .map(|command| {
+                Box::new(Letter::<H> {
+                    key: key.clone(),
+                    command,
+                }) as Box<dyn Parcel>
+            })
+            .collect()
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
