@@ -24,13 +24,7 @@ impl dyn CommandBus {
         key: H::Key,
         command: H::Command,
     ) -> Result<T, CommandError> {
-        T::from_reply(self.ask::<H>(key, command).await?).map_err(|other| {
-            CommandError::Unavailable(format!(
-                "a {} command answered {other:?} where {} was expected",
-                H::KIND,
-                std::any::type_name::<T>()
-            ))
-        })
+        shaped::<H, T>(self.ask::<H>(key, command).await?)
     }
 
     /// Runs `commands` on the actor of `key`, in order, and returns each one's reply once
@@ -50,10 +44,35 @@ impl dyn CommandBus {
             .collect()
     }
 
+    /// [`ask_many`](Self::ask_many), each reply in the shape `T` its command answers with
+    /// (see [`ask_for`](Self::ask_for)).
+    pub async fn ask_many_for<H: Hosted, T: FromReply<H::Reply>>(
+        &self,
+        key: H::Key,
+        commands: Vec<H::Command>,
+    ) -> Vec<Result<T, CommandError>> {
+        let replies = self.ask_many::<H>(key, commands).await;
+        replies
+            .into_iter()
+            .map(|reply| reply.and_then(|reply| shaped::<H, T>(reply)))
+            .collect()
+    }
+
     /// Hands `command` to the actor of `key` if it runs (see `CommandBus::tell_parcel`).
     pub async fn tell<H: Hosted>(&self, key: H::Key, command: H::Command) -> Result<(), CommandError> {
         self.tell_parcel(Box::new(Letter::<H> { key, command })).await
     }
+}
+
+/// `reply` in the shape `T` its command always answers with.
+fn shaped<H: Hosted, T: FromReply<H::Reply>>(reply: H::Reply) -> Result<T, CommandError> {
+    T::from_reply(reply).map_err(|other| {
+        CommandError::Unavailable(format!(
+            "a {} command answered {other:?} where {} was expected",
+            H::KIND,
+            std::any::type_name::<T>()
+        ))
+    })
 }
 
 /// The typed reply inside an erased one.
