@@ -277,7 +277,7 @@ impl Answering {
             .storefront_calls(self.storefront.as_str(), count as u32);
         let mut results: Vec<Option<reserve_result::Result>> = Vec::with_capacity(count);
         // One batch per SKU, its reserves in the message's order.
-        let mut batches: Vec<((DropId, SkuId), Vec<usize>, Vec<SkuCommand>)> = Vec::new();
+        let mut batches: Vec<SkuBatch> = Vec::new();
         let mut batch_of: HashMap<(DropId, SkuId), usize> = HashMap::new();
         for (index, reserve) in message.reserves.into_iter().enumerate() {
             if index as u32 >= allowed {
@@ -288,20 +288,26 @@ impl Answering {
             match reserve_command(platform, &self.storefront, reserve) {
                 Ok((key, command)) => {
                     let batch = *batch_of.entry(key.clone()).or_insert_with(|| {
-                        batches.push((key, Vec::new(), Vec::new()));
+                        batches.push(SkuBatch {
+                            key,
+                            indexes: Vec::new(),
+                            commands: Vec::new(),
+                        });
                         batches.len() - 1
                     });
-                    batches[batch].1.push(index);
-                    batches[batch].2.push(SkuCommand::Reserve(command));
+                    batches[batch].indexes.push(index);
+                    batches[batch].commands.push(SkuCommand::Reserve(command));
                     results.push(None);
                 }
                 Err(status) => results.push(Some(error(&status))),
             }
         }
         let bus = &platform.bus;
-        let asks = batches.into_iter().map(|(key, indexes, commands)| async move {
-            let replies = bus.ask_many_for::<SkuState, Reservation>(key, commands).await;
-            (indexes, replies)
+        let asks = batches.into_iter().map(|batch| async move {
+            let replies = bus
+                .ask_many_for::<SkuState, Reservation>(batch.key, batch.commands)
+                .await;
+            (batch.indexes, replies)
         });
         for (indexes, replies) in futures::future::join_all(asks).await {
             for (index, reply) in indexes.into_iter().zip(replies) {
@@ -323,6 +329,13 @@ impl Answering {
             status: None,
         }
     }
+}
+
+/// A message's reserves for one SKU: where each stands in the message, and its command.
+struct SkuBatch {
+    key: (DropId, SkuId),
+    indexes: Vec<usize>,
+    commands: Vec<SkuCommand>,
 }
 
 fn request_status(status: &Status) -> RequestStatus {
