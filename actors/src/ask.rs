@@ -1,8 +1,9 @@
 //! The typed command path over the bus: `bus.ask::<H>(key, command)`, `ask_for::<H, T>` for
 //! the one shape `T` of its reply, and the fire-and-forget `tell::<H>`. Each wraps the command
-//! in a [`Letter`], the one [`Parcel`], so every kind travels the same erased way.
+//! in a [`Letter`], the one [`Parcel`], so every kind travels the same erased way; `ask_many`
+//! carries several commands for one actor as [`Letters`].
 
-use crate::bus::{wire_decode, wire_encode, AnyReply, CommandBus, Parcel};
+use crate::bus::{wire_decode, wire_encode, AnyReply, BatchParcel, CommandBus, Parcel};
 use crate::error::CommandError;
 use crate::hosted::Hosted;
 use crate::projections::Projections;
@@ -23,19 +24,55 @@ impl dyn CommandBus {
         key: H::Key,
         command: H::Command,
     ) -> Result<T, CommandError> {
-        T::from_reply(self.ask::<H>(key, command).await?).map_err(|other| {
-            CommandError::Unavailable(format!(
-                "a {} command answered {other:?} where {} was expected",
-                H::KIND,
-                std::any::type_name::<T>()
-            ))
-        })
+        shaped::<H, T>(self.ask::<H>(key, command).await?)
+    }
+
+    /// Runs `commands` on the actor of `key`, in order, and returns each one's reply once
+    /// durable, in the same order; one failing does not stop the others. Embedded, they are
+    /// decided into one journal batch (see [`CommandBus::ask_batch_parcel`]).
+    pub async fn ask_many<H: Hosted>(
+        &self,
+        key: H::Key,
+        commands: Vec<H::Command>,
+    ) -> Vec<Result<H::Reply, CommandError>> {
+        let count = commands.len();
+        let replies = self.ask_batch_parcel(Box::new(Letters::<H> { key, commands })).await;
+        assert_eq!(replies.len(), count, "a {} batch got a reply count of its own", H::KIND);
+        replies
+            .into_iter()
+            .map(|reply| reply.and_then(unwrap_reply::<H>))
+            .collect()
+    }
+
+    /// [`ask_many`](Self::ask_many), each reply in the shape `T` its command answers with
+    /// (see [`ask_for`](Self::ask_for)).
+    pub async fn ask_many_for<H: Hosted, T: FromReply<H::Reply>>(
+        &self,
+        key: H::Key,
+        commands: Vec<H::Command>,
+    ) -> Vec<Result<T, CommandError>> {
+        let replies = self.ask_many::<H>(key, commands).await;
+        replies
+            .into_iter()
+            .map(|reply| reply.and_then(|reply| shaped::<H, T>(reply)))
+            .collect()
     }
 
     /// Hands `command` to the actor of `key` if it runs (see `CommandBus::tell_parcel`).
     pub async fn tell<H: Hosted>(&self, key: H::Key, command: H::Command) -> Result<(), CommandError> {
         self.tell_parcel(Box::new(Letter::<H> { key, command })).await
     }
+}
+
+/// `reply` in the shape `T` its command always answers with.
+fn shaped<H: Hosted, T: FromReply<H::Reply>>(reply: H::Reply) -> Result<T, CommandError> {
+    T::from_reply(reply).map_err(|other| {
+        CommandError::Unavailable(format!(
+            "a {} command answered {other:?} where {} was expected",
+            H::KIND,
+            std::any::type_name::<T>()
+        ))
+    })
 }
 
 /// The typed reply inside an erased one.
@@ -71,6 +108,39 @@ impl<H: Hosted> Parcel for Letter<H> {
         let reply: H::Reply = wire_decode(bytes)?;
         H::replied_elsewhere(&reply, projections);
         Ok(Box::new(reply))
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+/// Commands for the actor of `key`, decided in order: the one [`BatchParcel`].
+pub struct Letters<H: Hosted> {
+    pub key: H::Key,
+    pub commands: Vec<H::Command>,
+}
+
+impl<H: Hosted> BatchParcel for Letters<H> {
+    fn kind(&self) -> &'static str {
+        H::KIND
+    }
+
+    fn count(&self) -> usize {
+        self.commands.len()
+    }
+
+    fn into_parcels(self: Box<Self>) -> Vec<Box<dyn Parcel>> {
+        let Letters { key, commands } = *self;
+        commands
+            .into_iter()
+            .map(|command| {
+                Box::new(Letter::<H> {
+                    key: key.clone(),
+                    command,
+                }) as Box<dyn Parcel>
+            })
+            .collect()
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {

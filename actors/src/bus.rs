@@ -20,6 +20,15 @@ pub trait CommandBus: Send + Sync + 'static {
     /// returns its reply once durable. Callers use `bus.ask::<H>` (`crate::ask`).
     fn ask_parcel(&self, parcel: Box<dyn Parcel>) -> BoxFuture<'_, Result<AnyReply, CommandError>>;
 
+    /// Delivers several commands to the actor of one key, to be decided in order, and returns
+    /// each one's reply once durable. The embedded bus hands them to the actor as one
+    /// message, decided into one journal batch (`entity::CmdBatch`); by default, as here for
+    /// a cluster, each travels on its own, all at once. Callers use `bus.ask_many::<H>`.
+    fn ask_batch_parcel(&self, batch: Box<dyn BatchParcel>) -> BoxFuture<'_, Vec<Result<AnyReply, CommandError>>> {
+        let asks: Vec<_> = batch.into_parcels().into_iter().map(|p| self.ask_parcel(p)).collect();
+        Box::pin(futures::future::join_all(asks))
+    }
+
     /// Hands a command to the actor of its key if that actor is running, without waiting
     /// for its reply and without starting it. For news an actor also reads when it starts
     /// (a drop's sale status, a hub's setup): one that is not running learns it then. Once
@@ -49,6 +58,22 @@ pub trait Parcel: Send + 'static {
     fn decode_reply(&self, bytes: &[u8], projections: &Projections) -> Result<AnyReply, CommandError>;
 
     /// The command itself, for the local actor (a `crate::ask::Letter`).
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+/// Commands for the actor of one key, their aggregate's type erased (see
+/// [`CommandBus::ask_batch_parcel`]).
+pub trait BatchParcel: Send + 'static {
+    /// The kind of the actor they are for (`Hosted::KIND`).
+    fn kind(&self) -> &'static str;
+
+    /// How many commands there are (and so replies to expect).
+    fn count(&self) -> usize;
+
+    /// Each command as a parcel of its own, for a bus that sends them one by one.
+    fn into_parcels(self: Box<Self>) -> Vec<Box<dyn Parcel>>;
+
+    /// The commands themselves, for the local actor (a `crate::ask::Letters`).
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
 }
 

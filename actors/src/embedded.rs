@@ -2,11 +2,11 @@
 //! One [`Registry`] per hosted kind, found by the kind's name; nothing here names an
 //! aggregate but the list of kinds every platform hosts ([`LocalActors::with_bus`]).
 
-use crate::ask::Letter;
+use crate::ask::{Letter, Letters};
 use crate::audit_log::AuditLog;
-use crate::bus::{wire_decode, wire_encode, AnyReply, CommandBus, Parcel};
+use crate::bus::{wire_decode, wire_encode, AnyReply, BatchParcel, CommandBus, Parcel};
 use crate::clock::Clock;
-use crate::entity::{Cmd, Entity, EntityArgs, Passivate};
+use crate::entity::{Cmd, CmdBatch, Entity, EntityArgs, Passivate};
 use crate::error::CommandError;
 use crate::hosted::{kind_of_stream, Env, Hosted};
 use crate::journal::{BoxFuture, Journal};
@@ -194,29 +194,7 @@ impl<H: Hosted> Registry<H> {
     async fn ask_started(&self, key: &H::Key, env: &Arc<Env>, command: H::Command) -> Result<H::Reply, CommandError> {
         let mut command = command;
         for _ in 0..=ACTOR_RESTART_RETRIES {
-            let actor = self.get_or_spawn(key, env);
-            let started = tokio::time::timeout(
-                Duration::from_millis(ACTOR_START_TIMEOUT_MS),
-                actor.wait_for_startup_result(),
-            )
-            .await;
-            match started {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    self.forget(key, &actor);
-                    return Err(match e {
-                        HookError::Error(e) => e,
-                        HookError::Panicked(p) => CommandError::Unavailable(format!("actor failed to start: {p}")),
-                    });
-                }
-                Err(_) => {
-                    self.forget(key, &actor);
-                    actor.kill();
-                    return Err(CommandError::Unavailable(format!(
-                        "actor did not start within {ACTOR_START_TIMEOUT_MS} ms"
-                    )));
-                }
-            }
+            let actor = self.started(key, env).await?;
             match deliver(&actor, command).await {
                 Ok(replied) => return replied,
                 // The actor stopped (idle) just before our command: start a fresh one.
@@ -227,6 +205,78 @@ impl<H: Hosted> Registry<H> {
             }
         }
         Err(CommandError::Unavailable("actor keeps stopping".into()))
+    }
+
+    /// [`Registry::ask`] for several commands, decided in order into one journal batch.
+    async fn ask_batch(
+        &self,
+        key: &H::Key,
+        env: &Arc<Env>,
+        commands: Vec<H::Command>,
+    ) -> Vec<Result<H::Reply, CommandError>> {
+        let count = commands.len();
+        let outcomes = match self.ask_started_batch(key, env, commands).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => return (0..count).map(|_| Err(e.clone())).collect(),
+        };
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.map_err(|e| match e {
+                    CommandError::Rejected(rejection) => CommandError::Rejected(H::name_rejection(key, rejection)),
+                    e => e,
+                })
+            })
+            .collect()
+    }
+
+    /// [`Registry::ask_started`] for a batch: `Err` when the batch reached no actor (every
+    /// command gets that error), else one outcome per command.
+    async fn ask_started_batch(
+        &self,
+        key: &H::Key,
+        env: &Arc<Env>,
+        commands: Vec<H::Command>,
+    ) -> Result<Vec<Result<H::Reply, CommandError>>, CommandError> {
+        let mut commands = commands;
+        for _ in 0..=ACTOR_RESTART_RETRIES {
+            let actor = self.started(key, env).await?;
+            match deliver_batch(&actor, commands).await {
+                Ok(replied) => return replied,
+                Err(c) => {
+                    self.forget(key, &actor);
+                    commands = c;
+                }
+            }
+        }
+        Err(CommandError::Unavailable("actor keeps stopping".into()))
+    }
+
+    /// The running actor of `key`, started (and recovered) first if needed.
+    async fn started(&self, key: &H::Key, env: &Arc<Env>) -> Result<ActorRef<Entity<H>>, CommandError> {
+        let actor = self.get_or_spawn(key, env);
+        let started = tokio::time::timeout(
+            Duration::from_millis(ACTOR_START_TIMEOUT_MS),
+            actor.wait_for_startup_result(),
+        )
+        .await;
+        match started {
+            Ok(Ok(())) => Ok(actor),
+            Ok(Err(e)) => {
+                self.forget(key, &actor);
+                Err(match e {
+                    HookError::Error(e) => e,
+                    HookError::Panicked(p) => CommandError::Unavailable(format!("actor failed to start: {p}")),
+                })
+            }
+            Err(_) => {
+                self.forget(key, &actor);
+                actor.kill();
+                Err(CommandError::Unavailable(format!(
+                    "actor did not start within {ACTOR_START_TIMEOUT_MS} ms"
+                )))
+            }
+        }
     }
 
     /// Hands `command` to the actor of `key` if it is running (or starting), without waiting
@@ -299,6 +349,27 @@ async fn deliver<H: Hosted>(
     })
 }
 
+/// [`deliver`] for a batch of commands (`entity::CmdBatch`): one message, one reply with
+/// every command's outcome.
+async fn deliver_batch<H: Hosted>(
+    actor: &ActorRef<Entity<H>>,
+    commands: Vec<H::Command>,
+) -> Result<Result<Vec<Result<H::Reply, CommandError>>, CommandError>, Vec<H::Command>> {
+    let sent = actor
+        .ask(CmdBatch::<H>(commands))
+        .reply_timeout(Duration::from_millis(COMMAND_TIMEOUT_MS))
+        .try_send()
+        .await;
+    Ok(match sent {
+        Ok(outcomes) => Ok(outcomes),
+        Err(SendError::HandlerError(never)) => match never {},
+        Err(SendError::MailboxFull(_)) => Err(CommandError::Overloaded("actor mailbox is full".into())),
+        Err(SendError::Timeout(_)) => Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
+        Err(SendError::ActorNotRunning(CmdBatch(c)) | SendError::ActorRestarting(CmdBatch(c))) => return Err(c),
+        Err(SendError::ActorStopped) => Err(CommandError::Unavailable("actor stopped before replying".into())),
+    })
+}
+
 /// One hosted kind's registry, its aggregate's type erased: what the bus and the cluster
 /// need to reach actors of a kind they know only by name.
 trait Host: Send + Sync + 'static {
@@ -308,6 +379,13 @@ trait Host: Send + Sync + 'static {
         env: &'a Arc<Env>,
         letter: Box<dyn Any + Send>,
     ) -> BoxFuture<'a, Result<AnyReply, CommandError>>;
+    /// Runs a [`Letters`] of this kind: one outcome per command, in order.
+    fn ask_batch<'a>(
+        &'a self,
+        env: &'a Arc<Env>,
+        letters: Box<dyn Any + Send>,
+        count: usize,
+    ) -> BoxFuture<'a, Vec<Result<AnyReply, CommandError>>>;
     /// Hands a [`Letter`] of this kind to its actor if it runs.
     fn tell(&self, letter: Box<dyn Any + Send>) -> Result<(), CommandError>;
     /// Runs the timer command of the actor of `stream`.
@@ -350,6 +428,31 @@ impl<H: Hosted> Host for Registry<H> {
             let Letter { key, command } = letter::<H>(parcel)?;
             let reply = Registry::ask(self, &key, env, command).await?;
             Ok(Box::new(reply) as AnyReply)
+        })
+    }
+
+    fn ask_batch<'a>(
+        &'a self,
+        env: &'a Arc<Env>,
+        letters: Box<dyn Any + Send>,
+        count: usize,
+    ) -> BoxFuture<'a, Vec<Result<AnyReply, CommandError>>> {
+        Box::pin(async move {
+            let Letters { key, commands } = match letters.downcast::<Letters<H>>() {
+                Ok(letters) => *letters,
+                Err(_) => {
+                    let error = CommandError::Unavailable(format!(
+                        "commands for kind {} are of another type: two kinds share the name",
+                        H::KIND
+                    ));
+                    return (0..count).map(|_| Err(error.clone())).collect();
+                }
+            };
+            Registry::ask_batch(self, &key, env, commands)
+                .await
+                .into_iter()
+                .map(|outcome| outcome.map(|reply| Box::new(reply) as AnyReply))
+                .collect()
         })
     }
 
@@ -537,6 +640,16 @@ impl CommandBus for LocalActors {
         Box::pin(async move {
             let host = self.host_of(parcel.kind())?;
             host.ask(&self.env, parcel.into_any()).await
+        })
+    }
+
+    fn ask_batch_parcel(&self, batch: Box<dyn BatchParcel>) -> BoxFuture<'_, Vec<Result<AnyReply, CommandError>>> {
+        Box::pin(async move {
+            let count = batch.count();
+            match self.host_of(batch.kind()) {
+                Ok(host) => host.ask_batch(&self.env, batch.into_any(), count).await,
+                Err(e) => (0..count).map(|_| Err(e.clone())).collect(),
+            }
         })
     }
 

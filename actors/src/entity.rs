@@ -13,12 +13,13 @@
 use crate::audit_log::AuditEntry;
 use crate::codec;
 use crate::error::CommandError;
-use crate::hosted::{Env, Hosted};
+use crate::hosted::{Env, Hosted, Publication};
 use crate::journal::{AppendBatch, AppendPermit, JournalError};
 use crate::limits::{
     ACTOR_IDLE_STOP_MS, INVARIANT_CHECK_SHARE, PASSIVATE_POLL_MS, PASSIVATE_RETRY_MAX_MS, SNAPSHOT_BUSY_MIN_EVENTS,
     SNAPSHOT_IDLE_MIN_EVENTS, SNAPSHOT_OFF_WORKER_ENTRIES, SNAPSHOT_QUIET_MS, SNAPSHOT_STATE_FACTOR, TIMER_RETRY_MS,
 };
+use crate::projections::ProjectionUpdate;
 use domain::UnixMillis;
 use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::mailbox::{MailboxReceiver, Signal};
@@ -33,11 +34,19 @@ use tracing::{debug, warn};
 /// A command for the hosted aggregate; the reply comes once it is durable.
 pub struct Cmd<H: Hosted>(pub H::Command);
 
+/// Commands for the hosted aggregate decided one after another into one journal batch: one
+/// permit, one append, one completion for all of them, each with its own reply (a
+/// rejection refuses only its own command). A caller with many commands for one actor (a
+/// storefront's stream of reserves) pays the mailbox, the journal queue and the completion
+/// once per batch instead of once per command. The replies come once the batch is durable.
+pub struct CmdBatch<H: Hosted>(pub Vec<H::Command>);
+
 /// Wakes a running actor whose registry set its `passivate` flag (see [`EntityArgs`]), so
 /// it stops as soon as it is idle instead of waiting out `ACTOR_IDLE_STOP_MS`.
 pub struct Passivate;
 
 type ReplyFn<R> = Box<dyn FnOnce(Result<R, CommandError>) + Send>;
+type BatchReplyFn<R> = Box<dyn FnOnce(Vec<Result<R, CommandError>>) + Send>;
 
 pub struct EntityArgs<H: Hosted> {
     pub key: H::Key,
@@ -92,18 +101,78 @@ impl<H: Hosted> Entity<H> {
             Ok((events, answer)) => (events, Ok(answer)),
             Err(rejection) => (Vec::new(), Err(CommandError::Rejected(rejection))),
         };
+        for event in &events {
+            self.state.apply(event);
+        }
+        let (batch, publication) = self.batch_of(&events);
+        self.append(permit, batch, actor, move |written| match written {
+            Ok(()) => {
+                if let Some(publish) = publication {
+                    publish();
+                }
+                reply(outcome);
+            }
+            Err(e) => reply(Err(CommandError::Storage(e.to_string()))),
+        });
+    }
+
+    /// Decides `commands` in order, each seeing the events of those before it, and hands all
+    /// their events to the journal as one batch; `reply` gets every outcome, in order, once
+    /// that batch is durable.
+    fn execute_batch(&mut self, commands: Vec<H::Command>, actor: WeakActorRef<Self>, reply: BatchReplyFn<H::Reply>) {
+        let refuse_all = |n: usize, error: CommandError| (0..n).map(|_| Err(error.clone())).collect();
+        let permit = match self.env.journal.try_reserve() {
+            Ok(permit) => permit,
+            Err(JournalError::Full) => {
+                return reply(refuse_all(
+                    commands.len(),
+                    CommandError::Overloaded("journal queue is full".into()),
+                ))
+            }
+            Err(e) => return reply(refuse_all(commands.len(), CommandError::Storage(e.to_string()))),
+        };
+        let now = self.env.clock.now();
+        let mut outcomes = Vec::with_capacity(commands.len());
+        let mut events = Vec::new();
+        for command in commands {
+            match self.state.decide(command, now) {
+                Ok((decided, answer)) => {
+                    for event in &decided {
+                        self.state.apply(event);
+                    }
+                    events.extend(decided);
+                    outcomes.push(Ok(answer));
+                }
+                Err(rejection) => outcomes.push(Err(CommandError::Rejected(rejection))),
+            }
+        }
+        let (batch, publication) = self.batch_of(&events);
+        self.append(permit, batch, actor, move |written| match written {
+            Ok(()) => {
+                if let Some(publish) = publication {
+                    publish();
+                }
+                reply(outcomes);
+            }
+            Err(e) => {
+                let error = CommandError::Storage(e.to_string());
+                reply(refuse_all(outcomes.len(), error));
+            }
+        });
+    }
+
+    /// The journal batch for `events`, already applied to the state (none: a barrier for a
+    /// rejection or a read), with a snapshot when one is due and the next deadline if it
+    /// changed, and what to publish once it is durable.
+    fn batch_of(&mut self, events: &[H::Event]) -> (AppendBatch, Option<Publication>) {
         let mut batch = AppendBatch {
             stream: self.stream.clone(),
             first_version: self.version + 1,
             ..AppendBatch::default()
         };
         let mut publication = None;
-        let mut audit_after = Vec::new();
         if !events.is_empty() {
             batch.events = events.iter().map(codec::encode).collect();
-            for event in &events {
-                self.state.apply(event);
-            }
             self.check(events.len() as u64);
             self.version += events.len() as u64;
             self.events_since_snapshot += events.len() as u64;
@@ -112,30 +181,25 @@ impl<H: Hosted> Entity<H> {
                 batch.snapshot = Some((self.version, self.encode_snapshot()));
                 self.events_since_snapshot = 0;
             }
-            publication = self.state.publication(&events, &self.env);
-            let audit = self.state.audit_entries(&events);
+            publication = self.state.publication(events, &self.env);
+            let audit = self.state.audit_entries(events);
             if self.env.journal.keeps_audit() {
                 batch.audit = audit.iter().map(AuditEntry::to_write).collect();
-            } else {
-                audit_after = audit;
+            } else if !audit.is_empty() {
+                // Published once the batch is durable, before the rest: in a cluster the
+                // projection updates reach every node, and each writes its copy of the trail.
+                let projections = self.env.projections.clone();
+                let rest = publication.take();
+                publication = Some(Box::new(move || {
+                    projections.emit(audit.into_iter().map(ProjectionUpdate::Audit).collect());
+                    if let Some(publish) = rest {
+                        publish();
+                    }
+                }));
             }
         }
         batch.wakeup = self.wakeup_change();
-        let trail = (!audit_after.is_empty()).then(|| self.env.audit.clone());
-        self.append(permit, batch, actor, move |written| match written {
-            Ok(()) => {
-                if let Some(trail) = trail {
-                    for entry in &audit_after {
-                        trail.record(entry);
-                    }
-                }
-                if let Some(publish) = publication {
-                    publish();
-                }
-                reply(outcome);
-            }
-            Err(e) => reply(Err(CommandError::Storage(e.to_string()))),
-        });
+        (batch, publication)
     }
 
     /// Asserts the aggregate's invariants (debug builds): after recovery, and after applied
@@ -468,6 +532,20 @@ impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
             None => Box::new(|_| {}),
         };
         self.execute(command, ctx.actor_ref().downgrade(), reply);
+        delegated
+    }
+}
+
+impl<H: Hosted> Message<CmdBatch<H>> for Entity<H> {
+    type Reply = DelegatedReply<Vec<Result<H::Reply, CommandError>>>;
+
+    async fn handle(&mut self, CmdBatch(commands): CmdBatch<H>, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let (delegated, sender) = ctx.reply_sender();
+        let reply: BatchReplyFn<H::Reply> = match sender {
+            Some(sender) => Box::new(move |outcomes| sender.send(outcomes)),
+            None => Box::new(|_| {}),
+        };
+        self.execute_batch(commands, ctx.actor_ref().downgrade(), reply);
         delegated
     }
 }

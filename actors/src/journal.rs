@@ -76,8 +76,8 @@ pub trait Journal: Send + Sync + 'static {
     }
 
     /// Whether the journal writes a batch's [`AppendBatch::audit`] with its events (the
-    /// embedded journals). When not (the cluster's), the actor hands the entries to the
-    /// platform's audit trail once the batch is durable.
+    /// embedded journals). When not (the cluster's), the actor publishes the entries as
+    /// projection updates once the batch is durable, and every node writes its copy.
     fn keeps_audit(&self) -> bool {
         false
     }

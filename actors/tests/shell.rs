@@ -83,20 +83,24 @@ impl Shell {
     async fn reserve(&self, sku: &str, buyer: u64) -> Result<Reservation, CommandError> {
         let drop_id = DropId::parse(DROP).unwrap();
         let sku_id = SkuId::parse(sku).unwrap();
-        let command = ReserveCommand {
-            order_id: OrderId::new(&drop_id, &sku_id, buyer),
-            params: ReserveParams {
-                storefront: StorefrontId::parse("web").unwrap(),
-                buyer: BuyerRef::from_hash_hex(format!("{buyer:032x}")),
-                city: CityName::parse("Lisbon").unwrap(),
-                hub_id: None,
-                quantity: 1,
-                allow_partial: false,
-                join_waitlist: true,
-            },
-            idempotency_key: None,
-        };
+        let command = reserve_command(&drop_id, &sku_id, buyer);
         sku_command(&self.actors, sku, SkuCommand::Reserve(command)).await
+    }
+
+    /// Reserves of one unit each for `buyers`, through `ask_many`: one batch for the actor.
+    async fn reserve_many(&self, sku: &str, buyers: &[u64]) -> Vec<Result<Reservation, CommandError>> {
+        let drop_id = DropId::parse(DROP).unwrap();
+        let sku_id = SkuId::parse(sku).unwrap();
+        let commands = buyers
+            .iter()
+            .map(|&buyer| SkuCommand::Reserve(reserve_command(&drop_id, &sku_id, buyer)))
+            .collect();
+        let bus: &dyn CommandBus = &*self.actors;
+        bus.ask_many::<SkuState>((drop_id, sku_id), commands)
+            .await
+            .into_iter()
+            .map(|reply| reply.map(|r| Reservation::from_reply(r).unwrap()))
+            .collect()
     }
 
     async fn figures(&self, sku: &str) -> SkuFigures {
@@ -144,6 +148,23 @@ impl Shell {
             } if &id == order_id => Some((at, committed)),
             _ => None,
         })
+    }
+}
+
+/// One unit for `buyer` (whose order id is its number), waitlist allowed.
+fn reserve_command(drop_id: &DropId, sku_id: &SkuId, buyer: u64) -> ReserveCommand {
+    ReserveCommand {
+        order_id: OrderId::new(drop_id, sku_id, buyer),
+        params: ReserveParams {
+            storefront: StorefrontId::parse("web").unwrap(),
+            buyer: BuyerRef::from_hash_hex(format!("{buyer:032x}")),
+            city: CityName::parse("Lisbon").unwrap(),
+            hub_id: None,
+            quantity: 1,
+            allow_partial: false,
+            join_waitlist: true,
+        },
+        idempotency_key: None,
     }
 }
 
@@ -412,6 +433,61 @@ async fn replies_wait_for_the_durable_write_and_share_one_group_commit() {
         .map(|(at, _)| at)
         .collect();
     assert_eq!(committed, vec![T0.plus_ms(1_000); 2]);
+}
+
+/// `ask_many` hands the actor its commands as one message: they are decided in order (each
+/// sees the ones before it), written as one append, and answered each on its own once that
+/// append is durable; a refused command refuses only itself.
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_decided_in_order_as_one_append_with_a_reply_per_command() {
+    let shell = Shell::start(600_000, &[("sku", 2)]).await;
+    shell.figures("sku").await; // the actor is running
+    let appends = shell.journal.stats().appends.load(Ordering::SeqCst);
+    // Buyer 1 twice: its second reserve is over the per-buyer limit of one unit.
+    let replies = shell.reserve_many("sku", &[1, 1, 2, 3]).await;
+    assert_eq!(replies.len(), 4);
+    held(replies[0].as_ref().unwrap());
+    assert!(
+        matches!(
+            &replies[1],
+            Err(CommandError::Rejected(domain::Rejection::BuyerLimitReached { .. }))
+        ),
+        "{:?}",
+        replies[1]
+    );
+    held(replies[2].as_ref().unwrap());
+    // Stock of two, both held by the commands before it: buyer 3 joins the waitlist.
+    let third = replies[3].as_ref().unwrap();
+    assert_eq!(third.outcome, ReserveOutcome::Waitlisted, "{third:?}");
+    assert_eq!(shell.journal.stats().appends.load(Ordering::SeqCst), appends + 1);
+    let figures = &shell.figures("sku").await.pools[0];
+    assert_eq!((figures.pool.held, figures.waitlisted), (2, 1), "{figures:?}");
+}
+
+/// A batch that meets a full journal queue is refused whole, each command with the same
+/// overload and nothing decided; one that meets a failed write is answered with the
+/// failure for each command, and the actor restarts from what is durable.
+#[tokio::test(start_paused = true)]
+async fn a_batch_refused_by_the_journal_changes_nothing() {
+    let shell = Shell::start(600_000, &[("sku", 5)]).await;
+    shell.figures("sku").await;
+    shell.journal.set_full(true);
+    let replies = shell.reserve_many("sku", &[1, 2]).await;
+    assert!(
+        replies.iter().all(|r| matches!(r, Err(CommandError::Overloaded(_)))),
+        "{replies:?}"
+    );
+    shell.journal.set_full(false);
+    shell.journal.fail_next_appends(1);
+    let replies = shell.reserve_many("sku", &[1, 2]).await;
+    assert!(
+        replies.iter().all(|r| matches!(r, Err(CommandError::Storage(_)))),
+        "{replies:?}"
+    );
+    assert_eq!(shell.figures("sku").await.pools[0].pool.held, 0);
+    let replies = shell.reserve_many("sku", &[1, 2]).await;
+    assert!(replies.iter().all(Result::is_ok), "{replies:?}");
+    assert_eq!(shell.figures("sku").await.pools[0].pool.held, 2);
 }
 
 /// An actor that comes to the end of its idle spell with a write still in flight (a slow

@@ -2,7 +2,8 @@
 //!
 //! Every scenario, and the bare-tonic baseline it is compared with, runs through
 //! [`run_burst`], so both sides of a comparison pay exactly the same client-side costs
-//! (task scheduling, timing, recording) and differ only in the call itself.
+//! (task scheduling, timing, recording) and differ only in the call itself; calls that
+//! carry many requests each (ReserveStream's messages) go through [`run_batches`].
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -157,6 +158,76 @@ where
     })
 }
 
+/// [`run_burst`] for calls that each carry a batch of `batch` requests (the last one
+/// fewer): `call(range)` makes one call for the requests numbered `range` and reports each
+/// one's outcome, in order, or the error of the whole call. `concurrency` is the number of
+/// calls in flight; the stats count requests, each with its call's latency.
+pub async fn run_batches<O, F, Fut>(
+    attempts: usize,
+    batch: usize,
+    concurrency: usize,
+    call: F,
+) -> anyhow::Result<BurstStats<O>>
+where
+    O: Ord + Send + 'static,
+    F: Fn(std::ops::Range<usize>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<Result<O, tonic::Status>>, tonic::Status>> + Send + 'static,
+{
+    ensure!(concurrency > 0, "concurrency must be at least 1");
+    ensure!(batch > 0, "a batch holds at least one request");
+    let tally = Arc::new(Mutex::new(Tally::new()?));
+    let next = Arc::new(AtomicUsize::new(0));
+    let call = Arc::new(call);
+    let workers = concurrency.min(attempts.div_ceil(batch));
+
+    let started = Instant::now();
+    let mut pool = JoinSet::new();
+    for _ in 0..workers {
+        let (tally, next, call) = (tally.clone(), next.clone(), call.clone());
+        pool.spawn(async move {
+            loop {
+                let first = next.fetch_add(batch, Ordering::Relaxed);
+                if first >= attempts {
+                    break;
+                }
+                let range = first..(first + batch).min(attempts);
+                let count = range.len();
+                let call_started = Instant::now();
+                let result = call(range).await;
+                let micros = u64::try_from(call_started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let mut tally = tally.lock().unwrap_or_else(PoisonError::into_inner);
+                match result {
+                    Ok(outcomes) if outcomes.len() == count => {
+                        outcomes.into_iter().for_each(|outcome| tally.record(micros, outcome));
+                    }
+                    Ok(outcomes) => {
+                        let wrong = tonic::Status::internal(format!("{} results for {count} requests", outcomes.len()));
+                        (0..count).for_each(|_| tally.record(micros, Err(wrong.clone())));
+                    }
+                    Err(status) => (0..count).for_each(|_| tally.record(micros, Err(status.clone()))),
+                }
+            }
+        });
+    }
+    while let Some(joined) = pool.join_next().await {
+        joined.context("a load worker panicked")?;
+    }
+    let elapsed = started.elapsed();
+
+    let tally = Arc::into_inner(tally)
+        .context("load workers still hold the tally after finishing")?
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    Ok(BurstStats {
+        attempts,
+        concurrency: workers * batch,
+        elapsed,
+        latency_us: tally.latency_us,
+        outcomes: tally.outcomes,
+        errors: tally.errors,
+    })
+}
+
 /// The counters workers add to while a burst runs.
 struct Tally<O> {
     latency_us: Histogram<u64>,
@@ -225,6 +296,34 @@ mod tests {
         assert_eq!(stats.outcome(&false), 500);
         assert_eq!(stats.latency_us.len(), 1_000);
         assert_eq!(stats.error_summary(), "Unavailable 100");
+    }
+
+    #[tokio::test]
+    async fn batches_cover_every_index_once_and_count_requests() {
+        let seen = Arc::new(Mutex::new(vec![0u32; 1_000]));
+        let seen_by_calls = seen.clone();
+        let stats = run_batches(1_000, 64, 4, move |range| {
+            let seen = seen_by_calls.clone();
+            async move {
+                if range.start == 0 {
+                    return Err(tonic::Status::unavailable("down"));
+                }
+                let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                Ok(range
+                    .map(|i| {
+                        seen[i] += 1;
+                        Ok(i % 2 == 0)
+                    })
+                    .collect())
+            }
+        })
+        .await
+        .expect("burst runs");
+        let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+        assert!(seen[..64].iter().all(|&n| n == 0) && seen[64..].iter().all(|&n| n == 1));
+        assert_eq!(stats.successes(), 1_000 - 64);
+        assert_eq!(stats.error_count(), 64);
+        assert_eq!(stats.latency_us.len(), 1_000);
     }
 
     #[tokio::test]

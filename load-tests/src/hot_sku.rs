@@ -3,8 +3,11 @@
 //! This is the worst case for Dropline's design (one actor owns each SKU, so one SKU's
 //! reserves are serialised), and the case a live drop actually produces. The burst is then
 //! repeated against a bare tonic echo server with messages of the same size, so the report
-//! can say how much of the gRPC ceiling Dropline reaches, and the SKU's figures are checked
-//! afterwards: no load may ever sell more than was allocated.
+//! can say how much of the gRPC ceiling Dropline reaches; through ReserveStream, as a
+//! storefront forwarding its buyers would send it (many reserves per message); and against
+//! Redis with a Lua check-and-decrement and `appendfsync always` (`redis_baseline`), the
+//! durable store it is compared with. The SKU's figures are checked after every burst: no
+//! load may ever sell more than was allocated.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +21,13 @@ use proto::common::v1::Money;
 use proto::operator::v1::{Allocation, CreateDropRequest, GetDropRequest, SkuSpec};
 use tonic::transport::Channel;
 
-use crate::burst::{run_burst, BurstStats};
+use crate::burst::{run_batches, run_burst, BurstStats};
 use crate::cpu::{self, Meter, Pid, Spent};
+use crate::redis_baseline::{RedisRound, RedisServer};
+use crate::stream::{self, ReserveStreamClient};
 use crate::{echo, net, open_drop, open_window, unix_millis, HOLD_TTL_SECONDS};
 use actors::runtime::Scheduler;
+use proto::checkout::v1::ReserveStreamRequest;
 
 pub(crate) const HOT_SKU: &str = "hot";
 const HUB: &str = "hub-1";
@@ -86,6 +92,20 @@ pub struct HotSkuArgs {
     pub server_pid: Option<i32>,
     #[command(flatten)]
     pub echo: EchoScheduler,
+    /// Do not run the ReserveStream burst.
+    #[arg(long)]
+    pub skip_stream: bool,
+    /// Reserves per ReserveStream message (one stream per connection). The messages in
+    /// flight are --concurrency / this, so as many buyers wait at once as in the other runs.
+    #[arg(long, default_value_t = 32)]
+    pub stream_batch: usize,
+    /// Do not run the Redis baseline.
+    #[arg(long)]
+    pub skip_redis: bool,
+    /// The redis-server binary of the Redis baseline (scripts/install-redis.sh installs
+    /// Debian's); the run starts its own server on a temporary directory and a free port.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: String,
 }
 
 /// How the echo baseline's runtime schedules tasks.
@@ -128,9 +148,52 @@ struct Round {
     aftermath: Option<Duration>,
     check: StockCheck,
     echo: Option<anyhow::Result<(BurstStats<()>, Spent)>>,
+    /// The same burst through ReserveStream, on a drop of its own.
+    stream: Option<StreamRound>,
+    /// The same burst against Redis with `appendfsync always`.
+    redis: Option<anyhow::Result<RedisRound>>,
+}
+
+/// The ReserveStream burst of a round.
+struct StreamRound {
+    stats: BurstStats<ReserveOutcome>,
+    cpu: Spent,
+    /// As [`Round::aftermath`], measured until the Redis baseline starts.
+    aftermath: Option<Duration>,
+    check: StockCheck,
+}
+
+impl StreamRound {
+    fn server_cpu(&self) -> Option<Duration> {
+        Some(self.cpu.server? + self.aftermath.unwrap_or_default())
+    }
+}
+
+/// `a` calls/s over `b`'s, when `b` measured any.
+fn throughput_ratio<A: Ord, B: Ord>(a: &BurstStats<A>, b: &BurstStats<B>) -> Option<f64> {
+    (b.calls_per_second() > 0.0).then(|| a.calls_per_second() / b.calls_per_second())
 }
 
 impl Round {
+    fn redis(&self) -> Option<&RedisRound> {
+        self.redis.as_ref().and_then(|r| r.as_ref().ok())
+    }
+
+    fn dropline_over_redis(&self) -> Option<f64> {
+        throughput_ratio(&self.dropline, &self.redis()?.stats)
+    }
+
+    fn stream_over_redis(&self) -> Option<f64> {
+        throughput_ratio(&self.stream.as_ref()?.stats, &self.redis()?.stats)
+    }
+
+    fn stream_over_echo(&self) -> Option<f64> {
+        match &self.echo {
+            Some(Ok((echo, _))) => throughput_ratio(&self.stream.as_ref()?.stats, echo),
+            _ => None,
+        }
+    }
+
     fn ratio(&self) -> Option<f64> {
         match &self.echo {
             Some(Ok((echo, _))) if echo.calls_per_second() > 0.0 => {
@@ -190,6 +253,19 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
         Some(Pid(pid)) => eprintln!("server process: pid {pid} (its CPU time is read around each burst)"),
         None => eprintln!("server process: not found on this machine; CPU per reserve not reported (see --server-pid)"),
     }
+    ensure!(args.stream_batch > 0, "--stream-batch must be at least 1");
+    let redis = if args.skip_redis {
+        None
+    } else {
+        match RedisServer::start(&args.redis_server).await {
+            Ok(server) => Some(server),
+            Err(error) => {
+                eprintln!("redis baseline skipped: {error:#}");
+                println!("redis baseline skipped: {error:#}");
+                None
+            }
+        }
+    };
     let mut rounds = Vec::with_capacity(args.rounds);
     for round in 1..=args.rounds {
         let channels = net::connect_channels(&args.target, load.connections).await?;
@@ -208,7 +284,6 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
         let dropline_cpu = meter.stop();
         let settling = Meter::start(server);
         let check = check_stock(channels[0].clone(), &drop_id).await?;
-        drop(channels);
         let (echo, aftermath) = if args.skip_echo {
             (None, None)
         } else {
@@ -220,14 +295,56 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
             let aftermath = settling.stop().server;
             (Some(echo_burst(&drop_id, load, args.echo).await), aftermath)
         };
+        let stream = if args.skip_stream {
+            None
+        } else {
+            let stream_drop = format!("{drop_id}-stream");
+            create_hot_drop(channels[0].clone(), &stream_drop, stock).await?;
+            eprintln!(
+                "round {round}: ReserveStream: {} reserves, {} per message, {} messages in flight over {} streams",
+                load.attempts,
+                args.stream_batch,
+                (load.concurrency / args.stream_batch).max(1),
+                load.connections
+            );
+            let meter = Meter::start(server);
+            let stats = stream_burst(&channels, &stream_drop, load, args.stream_batch).await?;
+            let cpu = meter.stop();
+            let settling = Meter::start(server);
+            let check = check_stock(channels[0].clone(), &stream_drop).await?;
+            eprintln!("round {round}: {} s for the server to settle", args.settle_secs);
+            tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+            Some(StreamRound {
+                stats,
+                cpu,
+                aftermath: settling.stop().server,
+                check,
+            })
+        };
+        drop(channels);
+        let redis = match &redis {
+            None => None,
+            Some(redis) => {
+                eprintln!("round {round}: redis (appendfsync always, Lua check-and-decrement): the same burst");
+                let key = format!("{drop_id}:{HOT_SKU}:stock");
+                Some(
+                    redis
+                        .burst(&key, stock, load.attempts, load.concurrency, load.connections)
+                        .await,
+                )
+            }
+        };
         rounds.push(Round {
             dropline,
             dropline_cpu,
             aftermath,
             check,
             echo,
+            stream,
+            redis,
         });
     }
+    drop(redis);
 
     println!(
         "hot-SKU burst: {} reserves, {} concurrent, {} connections, {} round(s)\n\
@@ -251,8 +368,28 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
         if let Some(ratio) = round.ratio() {
             println!("{:<17}{ratio:>8.2}", format!("ratio #{n}"));
         }
+        if let Some(stream) = &round.stream {
+            println!("{}", row(&format!("stream #{n}"), &stream.stats));
+        }
+        match &round.redis {
+            Some(Ok(redis)) => println!("{}", row(&format!("redis-always #{n}"), &redis.stats)),
+            Some(Err(error)) => println!("{:<17}failed: {error:#}", format!("redis-always #{n}")),
+            None => {}
+        }
     }
     print_spread("ratio dropline/echo", rounds.iter().filter_map(Round::ratio).collect());
+    print_spread(
+        "ratio stream/echo",
+        rounds.iter().filter_map(Round::stream_over_echo).collect(),
+    );
+    print_spread(
+        "ratio dropline/redis-always",
+        rounds.iter().filter_map(Round::dropline_over_redis).collect(),
+    );
+    print_spread(
+        "ratio stream/redis-always",
+        rounds.iter().filter_map(Round::stream_over_redis).collect(),
+    );
     print_cpu(&rounds);
     for (i, round) in rounds.iter().enumerate() {
         let n = i + 1;
@@ -269,6 +406,20 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
             "round {n} oversell: {} (allocated {}, held {}, sold {})",
             check.oversold, check.allocated, check.held, check.sold
         );
+        if let Some(stream) = &round.stream {
+            println!("round {n} stream outcomes: {}", outcome_summary(&stream.stats));
+            stream.stats.error_examples().for_each(|line| println!("{line}"));
+            let check = &stream.check;
+            println!(
+                "round {n} stream oversell: {} (allocated {}, held {}, sold {})",
+                check.oversold, check.allocated, check.held, check.sold
+            );
+        }
+        if let Some(redis) = round.redis() {
+            println!("round {n} redis outcomes: {}", outcome_summary(&redis.stats));
+            redis.stats.error_examples().for_each(|line| println!("{line}"));
+            println!("round {n} redis units left: {} of {stock}", redis.left);
+        }
     }
 
     for (i, round) in rounds.into_iter().enumerate() {
@@ -284,8 +435,31 @@ pub async fn run(args: HotSkuArgs) -> anyhow::Result<()> {
                 held_by_clients
             );
         }
+        if let Some(stream) = &round.stream {
+            let held_by_clients = stream.stats.outcome(&ReserveOutcome::Held);
+            if stream.check.oversold > 0 || u64::from(stream.check.held) != held_by_clients {
+                bail!(
+                    "round {n}: through ReserveStream the server holds {} units (oversold by {}) but clients were told HELD {} times",
+                    stream.check.held,
+                    stream.check.oversold,
+                    held_by_clients
+                );
+            }
+        }
+        if let Some(redis) = round.redis() {
+            let held_by_clients = redis.stats.outcome(&ReserveOutcome::Held);
+            if redis.left < 0 || i64::from(stock) - redis.left != held_by_clients as i64 {
+                bail!(
+                    "round {n}: redis has {} of {stock} units left but clients were told HELD {held_by_clients} times",
+                    redis.left
+                );
+            }
+        }
         if let Some(Err(error)) = round.echo {
             return Err(error.context(format!("round {n}: the echo baseline failed")));
+        }
+        if let Some(Err(error)) = round.redis {
+            return Err(error.context(format!("round {n}: the redis baseline failed")));
         }
     }
     Ok(())
@@ -318,10 +492,43 @@ fn print_cpu(rounds: &[Round]) {
                 us(cpu::per_call_us(spent.generator, echo.attempts))
             );
         }
+        if let Some(stream) = &round.stream {
+            let calls = stream.stats.attempts;
+            println!(
+                "{:<17}{}{}{}",
+                format!("stream #{n}"),
+                us(cpu::per_call_us(stream.cpu.server, calls)),
+                us(cpu::per_call_us(stream.aftermath, calls)),
+                us(cpu::per_call_us(stream.cpu.generator, calls))
+            );
+        }
+        if let Some(redis) = round.redis() {
+            let calls = redis.stats.attempts;
+            println!(
+                "{:<17}{}{:>10}{}",
+                format!("redis-always #{n}"),
+                us(cpu::per_call_us(redis.spent.server, calls)),
+                "-",
+                us(cpu::per_call_us(redis.spent.generator, calls))
+            );
+        }
     }
     print_spread(
         "server CPU per call (settling included), echo/dropline",
         rounds.iter().filter_map(Round::server_cost_ratio).collect(),
+    );
+    print_spread(
+        "server CPU per call (settling included), redis-always/stream",
+        rounds
+            .iter()
+            .filter_map(|round| {
+                let stream = round.stream.as_ref()?;
+                let redis = round.redis()?;
+                let stream_us = cpu::per_call_us(stream.server_cpu(), stream.stats.attempts)?;
+                let redis_us = cpu::per_call_us(redis.spent.server, redis.stats.attempts)?;
+                (stream_us > 0.0).then(|| redis_us / stream_us)
+            })
+            .collect(),
     );
 }
 
@@ -429,6 +636,35 @@ pub(crate) async fn reserve_burst(
         async move {
             let response = client.reserve(request).await?.into_inner();
             Ok(response.outcome())
+        }
+    })
+    .await
+}
+
+/// The ReserveStream burst: `attempts` reserves of the hot SKU, the same requests as
+/// [`reserve_burst`]'s, `batch` to a message, one stream per channel, `load.concurrency /
+/// batch` messages in flight across them.
+pub(crate) async fn stream_burst(
+    channels: &[Channel],
+    drop_id: &str,
+    load: LoadShape,
+    batch: usize,
+) -> anyhow::Result<BurstStats<ReserveOutcome>> {
+    let clients = crate::storefront_clients(channels).await?;
+    let mut streams = Vec::with_capacity(clients.len());
+    for client in clients.iter() {
+        streams.push(ReserveStreamClient::open(client.clone()).await?);
+    }
+    let streams: Arc<[ReserveStreamClient]> = streams.into();
+    let drop_id: Arc<str> = drop_id.into();
+    let in_flight = (load.concurrency / batch).max(1);
+    run_batches(load.attempts, batch, in_flight, move |range| {
+        let stream = streams[(range.start / batch) % streams.len()].clone();
+        let count = range.len();
+        let reserves = range.map(|index| reserve_request(&drop_id, index)).collect();
+        async move {
+            let answer = stream.call(ReserveStreamRequest { reserves }).await?;
+            Ok(stream::outcomes(answer, count))
         }
     })
     .await

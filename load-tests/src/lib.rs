@@ -2,8 +2,9 @@
 //!
 //! [`burst`] is the one load generator every measurement goes through, so a Dropline run and
 //! its bare-tonic baseline are measured by the same code. [`hot_sku`] and [`catalog`] are the
-//! scenarios, [`echo`] is the baseline server, and [`net`] holds the connection and child
-//! process plumbing they share.
+//! scenarios, [`echo`] is the baseline server, [`redis_baseline`] the durable-store one,
+//! [`stream`] a ReserveStream client, and [`net`] holds the connection and child process
+//! plumbing they share.
 
 pub mod burst;
 pub mod catalog;
@@ -12,6 +13,8 @@ pub mod cpu;
 pub mod echo;
 pub mod hot_sku;
 pub mod net;
+pub mod redis_baseline;
+pub mod stream;
 pub mod swaps;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -189,6 +189,14 @@ impl Authenticator {
     }
 }
 
+/// The blake3 hash of the bearer credential of `request`, if it carries one (for a stream
+/// that looks its credential up again later: `Directory::by_credential`).
+pub fn credential_hash<T>(request: &Request<T>) -> Option<blake3::Hash> {
+    let value = request.metadata().get("authorization")?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ")?.trim();
+    (!token.is_empty() && token.len() <= CREDENTIAL_LEN_MAX).then(|| blake3::hash(token.as_bytes()))
+}
+
 fn caller<T>(request: &Request<T>) -> Caller {
     request
         .extensions()

@@ -1,6 +1,7 @@
 //! dropline.checkout.v1.CheckoutService: what buyers call during a live drop, through
-//! their storefront (Reserve needs a storefront credential) or, for one order, with that
-//! order's token. A storefront sees only the orders it made.
+//! their storefront (Reserve and ReserveStream need a storefront credential) or, for one
+//! order, with that order's token. A storefront sees only the orders it made.
+//! ReserveStream's own machinery (bounds, backpressure) is in `reserve_stream`.
 
 use crate::auth::{order_access, require_storefront, Authenticator, OrderAccess};
 use crate::convert::{self, opaque_id, Check};
@@ -21,13 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 pub struct Checkout {
     platform: Platform,
     /// Resolves each call's caller (the other services do it in an interceptor).
     auth: Authenticator,
+    /// The open ReserveStreams, counted per connection and in all.
+    streams: crate::reserve_stream::ReserveStreams,
 }
 
 impl Checkout {
@@ -36,7 +39,11 @@ impl Checkout {
             operator: platform.operator.clone(),
             projections: platform.projections.clone(),
         };
-        Checkout { platform, auth }
+        Checkout {
+            platform,
+            auth,
+            streams: crate::reserve_stream::ReserveStreams::default(),
+        }
     }
 
     async fn order_view(&self, order_id: &OrderId) -> Result<domain::sku::OrderView, Status> {
@@ -132,44 +139,27 @@ impl CheckoutService for Checkout {
         self.platform
             .throttle
             .storefront_call(storefront.storefront_id.as_str())?;
-        let r = request.into_inner();
-        let mut check = Check::default();
-        let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
-        let sku_id = check.parse("sku_id", &r.sku_id, SkuId::parse);
-        let buyer_id = check.parse("buyer_id", &r.buyer_id, opaque_id);
-        let city = check.parse("city", &r.city, CityName::parse);
-        let hub_id = check.optional("hub_id", &r.hub_id, HubId::parse);
-        let key = check.optional("idempotency_key", &r.idempotency_key, IdempotencyKey::parse);
-        if r.quantity == 0 || r.quantity > PER_BUYER_LIMIT_MAX {
-            check.fail("quantity", format!("must be between 1 and {PER_BUYER_LIMIT_MAX}"));
-        }
-        let (drop_id, sku_id, buyer_id, city) = check.finish(|| Some((drop_id?, sku_id?, buyer_id?, city?)))?;
-        let buyer = self.platform.keys.buyer_ref(&buyer_id);
-        self.platform
-            .throttle
-            .buyer_reserve(storefront.storefront_id.as_str(), buyer.as_str())?;
-        let command = ReserveCommand {
-            order_id: OrderId::new(&drop_id, &sku_id, rand::random()),
-            params: ReserveParams {
-                storefront: storefront.storefront_id.clone(),
-                buyer,
-                city,
-                hub_id,
-                quantity: r.quantity,
-                allow_partial: r.allow_partial,
-                join_waitlist: !r.skip_waitlist,
-            },
-            idempotency_key: key,
-        };
+        let (key, command) = reserve_command(&self.platform, &storefront.storefront_id, request.into_inner())?;
         let reservation: Reservation = self
             .platform
             .bus
-            .ask_for::<SkuState, _>((drop_id, sku_id), SkuCommand::Reserve(command))
+            .ask_for::<SkuState, _>(key, SkuCommand::Reserve(command))
             .await
             .map_err(from_command_error)?;
         Ok(Response::new(convert::reservation(&reservation, |id| {
             self.platform.keys.order_token(id)
         })))
+    }
+
+    type ReserveStreamStream = crate::reserve_stream::Replies;
+
+    async fn reserve_stream(
+        &self,
+        request: Request<Streaming<ReserveStreamRequest>>,
+    ) -> Result<Response<Self::ReserveStreamStream>, Status> {
+        let storefront = require_storefront(&self.auth.resolve(&request)?)?;
+        let replies = self.streams.open(&self.platform, &storefront, request)?;
+        Ok(Response::new(replies))
     }
 
     async fn confirm(&self, request: Request<ConfirmRequest>) -> Result<Response<ConfirmResponse>, Status> {
@@ -520,6 +510,43 @@ impl CheckoutService for Checkout {
             })?;
         Ok(Response::new(convert::order(&view, Some(&dispatch))))
     }
+}
+
+/// A Reserve of `storefront` checked and made a command for its SKU (Reserve and each
+/// request of ReserveStream): its fields (all problems at once), then the buyer's call rate;
+/// the order id is fresh. The storefront's own call rate is the caller's to take.
+pub(crate) fn reserve_command(
+    platform: &Platform,
+    storefront: &StorefrontId,
+    r: ReserveRequest,
+) -> Result<((DropId, SkuId), ReserveCommand), Status> {
+    let mut check = Check::default();
+    let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
+    let sku_id = check.parse("sku_id", &r.sku_id, SkuId::parse);
+    let buyer_id = check.parse("buyer_id", &r.buyer_id, opaque_id);
+    let city = check.parse("city", &r.city, CityName::parse);
+    let hub_id = check.optional("hub_id", &r.hub_id, HubId::parse);
+    let key = check.optional("idempotency_key", &r.idempotency_key, IdempotencyKey::parse);
+    if r.quantity == 0 || r.quantity > PER_BUYER_LIMIT_MAX {
+        check.fail("quantity", format!("must be between 1 and {PER_BUYER_LIMIT_MAX}"));
+    }
+    let (drop_id, sku_id, buyer_id, city) = check.finish(|| Some((drop_id?, sku_id?, buyer_id?, city?)))?;
+    let buyer = platform.keys.buyer_ref(&buyer_id);
+    platform.throttle.buyer_reserve(storefront.as_str(), buyer.as_str())?;
+    let command = ReserveCommand {
+        order_id: OrderId::new(&drop_id, &sku_id, rand::random()),
+        params: ReserveParams {
+            storefront: storefront.clone(),
+            buyer,
+            city,
+            hub_id,
+            quantity: r.quantity,
+            allow_partial: r.allow_partial,
+            join_waitlist: !r.skip_waitlist,
+        },
+        idempotency_key: key,
+    };
+    Ok(((drop_id, sku_id), command))
 }
 
 /// A six-digit pickup code, uniformly random.

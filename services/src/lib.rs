@@ -16,6 +16,7 @@ pub mod platform;
 pub mod reconcile;
 pub mod refunds;
 pub mod registry;
+pub mod reserve_stream;
 pub mod server;
 pub mod settlement;
 pub mod status;

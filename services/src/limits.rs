@@ -1,15 +1,16 @@
 //! Bounds of the gRPC server and the services on it (HTTP/2 and request metadata, TLS and
-//! TCP, shutdown, credentials, checkout call rates, server streams and pages, address
-//! shredding, configuration ranges), each with the reason it exists. What a command may
-//! ask for is bounded in `domain::limits`, the actor shell in `actors::limits`.
+//! TCP, shutdown, credentials, checkout call rates, streaming checkout, server streams and
+//! pages, address shredding, configuration ranges), each with the reason it exists. What a
+//! command may ask for is bounded in `domain::limits`, the actor shell in `actors::limits`.
 //!
 //! Relations the code relies on between these bounds (and the other crates') are checked at
 //! compile time below each group: changing one bound alone cannot break them unnoticed.
 
 use actors::cluster::placement::PARTITIONS_DEFAULT;
 use actors::limits::ADDRESS_RETENTION_MAX_MS;
+use actors::limits::COMMAND_TIMEOUT_MS;
 use actors::limits::LIVE_ACTORS_MAX_DEFAULT;
-use domain::limits::STATEMENT_PAGE_MAX;
+use domain::limits::{IDEMPOTENCY_KEY_LEN_MAX, ID_LEN_MAX, PER_BUYER_LIMIT_MAX, STATEMENT_PAGE_MAX};
 
 // HTTP/2 and gRPC.
 
@@ -91,6 +92,58 @@ pub const BUYER_BUCKETS_MAX: usize = 500_000;
 const _: () = assert!(
     STOREFRONT_CALLS_PER_SEC_DEFAULT >= 1 && BUYER_RESERVES_PER_SEC_DEFAULT >= 1 && BUYER_RESERVE_BURST_DEFAULT >= 1
 );
+
+// Streaming checkout (CheckoutService.ReserveStream).
+
+/// Largest message CheckoutService accepts: every checkout request is small (an address is
+/// the largest part of any but a ReserveStream message), so a client cannot make the
+/// server buffer and decode 16 MiB (`GRPC_MESSAGE_BYTES_MAX`, for the operator's
+/// CreateDrop) per call. Larger: OUT_OF_RANGE.
+pub const CHECKOUT_MESSAGE_BYTES_MAX: usize = 256 * 1024;
+/// Reserves in one ReserveStream message: a storefront's burst of buyers at once. A message
+/// holding more (or none) is refused whole, INVALID_ARGUMENT, so one message's work (its
+/// decisions, one journal batch per SKU) and its reply stay small.
+pub const RESERVE_STREAM_REQUESTS_MAX: usize = 256;
+/// Messages of one ReserveStream decided at once. The server reads no further message
+/// until one of them is answered, so a storefront sending faster than Dropline decides is
+/// held back by HTTP/2 flow control rather than queued for.
+pub const RESERVE_STREAM_MESSAGES_IN_FLIGHT_MAX: usize = 4;
+/// Answered messages of one stream waiting for the client to take them. With the client
+/// not reading, the answering stops here, then the reading (backpressure), and after
+/// `RESERVE_STREAM_REPLY_STALL_MS` the stream ends.
+pub const RESERVE_STREAM_REPLIES_QUEUED_MAX: usize = 4;
+/// How long an answer may wait for the client to read it before the stream is ended
+/// (DEADLINE_EXCEEDED): a client that stopped reading does not keep the stream's slot and
+/// buffers for ever. What it reserved stays reserved; its idempotency keys get it back.
+pub const RESERVE_STREAM_REPLY_STALL_MS: u64 = 30_000;
+/// Open ReserveStreams per client connection (a storefront needs a few; more connections
+/// for more) and per server: each holds at most `RESERVE_STREAM_MESSAGES_IN_FLIGHT_MAX` +
+/// `RESERVE_STREAM_REPLIES_QUEUED_MAX` messages, so these bound the memory all streams
+/// can hold (256 × 8 × 256 KiB = 512 MiB in the worst case of maximal messages).
+pub const RESERVE_STREAMS_PER_CONNECTION_MAX: usize = 8;
+pub const RESERVE_STREAMS_MAX: usize = 256;
+
+/// The largest ReserveRequest with every field at its longest valid length, encoded, with
+/// its framing inside a ReserveStreamRequest: drop, SKU, hub and city ids (tag and
+/// one-byte length each), the buyer id (two-byte length), the idempotency key (two-byte
+/// length), the quantity (at most 1,000: two bytes), two flags, and the request's own tag
+/// and length.
+pub const RESERVE_REQUEST_BYTES_MAX: usize =
+    4 * (ID_LEN_MAX + 2) + (2 * ID_LEN_MAX + 3) + (IDEMPOTENCY_KEY_LEN_MAX + 3) + 3 + 2 * 2 + 3;
+
+// A message of the most reserves, each as long as a valid one can be, is accepted: only a
+// message with invalid or unknown fields can meet the byte bound before the count bound.
+const _: () = assert!(RESERVE_STREAM_REQUESTS_MAX * RESERVE_REQUEST_BYTES_MAX <= CHECKOUT_MESSAGE_BYTES_MAX);
+const _: () = assert!(CHECKOUT_MESSAGE_BYTES_MAX <= GRPC_MESSAGE_BYTES_MAX);
+// The length bytes counted above: an id fits a one-byte varint length, the buyer id and the
+// key a two-byte one, the quantity a two-byte varint.
+const _: () = assert!(ID_LEN_MAX < 128 && 2 * ID_LEN_MAX < 16_384 && IDEMPOTENCY_KEY_LEN_MAX < 16_384);
+const _: () = assert!(PER_BUYER_LIMIT_MAX < 16_384);
+// A connection's streams fit the server's, and its messages are answered before the stall bound
+// (a message waits at most for its commands' timeout).
+const _: () = assert!(RESERVE_STREAMS_PER_CONNECTION_MAX <= RESERVE_STREAMS_MAX);
+const _: () = assert!(RESERVE_STREAMS_PER_CONNECTION_MAX <= GRPC_CONCURRENT_STREAMS_MAX as usize);
+const _: () = assert!(COMMAND_TIMEOUT_MS < RESERVE_STREAM_REPLY_STALL_MS);
 
 // Server streams and pages.
 

@@ -10,8 +10,9 @@ use crate::checkout::Checkout;
 use crate::config::health_services;
 use crate::dispatch::Couriers;
 use crate::limits::{
-    GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX, HTTP2_HEADER_LIST_BYTES_MAX,
-    HTTP2_LOCAL_ERROR_RESETS_MAX, NATS_CONNECTION_CHECK_MS, SHUTDOWN_DRAIN_MS, TCP_KEEPALIVE_SECS,
+    CHECKOUT_MESSAGE_BYTES_MAX, GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX,
+    HTTP2_HEADER_LIST_BYTES_MAX, HTTP2_LOCAL_ERROR_RESETS_MAX, NATS_CONNECTION_CHECK_MS, SHUTDOWN_DRAIN_MS,
+    TCP_KEEPALIVE_SECS,
 };
 use crate::operator::Operator;
 use crate::platform::Platform;
@@ -83,8 +84,8 @@ pub async fn serve_with_options(
         projections: platform.projections.clone(),
     };
     // Checkout resolves its callers itself (the same Authenticator), off the interceptor.
-    let checkout =
-        CheckoutServiceServer::new(Checkout::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let checkout = CheckoutServiceServer::new(Checkout::new(platform.clone()))
+        .max_decoding_message_size(CHECKOUT_MESSAGE_BYTES_MAX);
     let operator = tonic::service::interceptor::InterceptedService::new(
         OperatorServiceServer::new(Operator::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         auth.clone(),

@@ -89,6 +89,35 @@ impl Buckets {
         *arrival = start + self.interval;
         Ok(())
     }
+
+    /// Takes up to `n` calls for `key` at once, as `n` calls of [`Buckets::take`] one after
+    /// another would: how many it took, and, when it took fewer, how long until the next
+    /// one is allowed. One lock for the lot (a message of ReserveStream).
+    pub fn take_many(&self, key: Key, n: u32) -> (u32, Option<Duration>) {
+        if n == 0 {
+            return (0, None);
+        }
+        let now = Instant::now();
+        let mut table = self.shards[(key as usize) % SHARDS].lock().expect("throttle lock");
+        if table.len() >= self.capacity_per_shard && !table.contains_key(&key) {
+            table.retain(|_, at| *at > now);
+            if table.len() >= self.capacity_per_shard {
+                return (n, None);
+            }
+        }
+        let arrival = table.entry(key).or_insert(now);
+        let start = (*arrival).max(now);
+        let wait = start.saturating_duration_since(now);
+        if wait > self.tolerance {
+            return (0, Some(wait - self.tolerance));
+        }
+        // Call k (from 0) waits `wait + k * interval`: allowed while that is within tolerance.
+        let room = (self.tolerance - wait).as_nanos() / self.interval.as_nanos().max(1) + 1;
+        let taken = n.min(u32::try_from(room).unwrap_or(u32::MAX));
+        *arrival = start + self.interval * taken;
+        let next_wait = (taken < n).then(|| (wait + self.interval * taken).saturating_sub(self.tolerance));
+        (taken, next_wait)
+    }
 }
 
 /// The checkout bounds of one node.
@@ -119,6 +148,14 @@ impl CheckoutThrottle {
         self.storefronts
             .take(self.key(&[storefront]))
             .map_err(|wait| exhausted(format!("storefront {storefront} is over its call rate"), wait))
+    }
+
+    /// `n` checkout calls by `storefront` at once (a ReserveStream message): how many of
+    /// them are allowed (the first ones), and the refusal of the others, if any.
+    pub fn storefront_calls(&self, storefront: &str, n: u32) -> (u32, Option<Status>) {
+        let (taken, wait) = self.storefronts.take_many(self.key(&[storefront]), n);
+        let refusal = wait.map(|wait| exhausted(format!("storefront {storefront} is over its call rate"), wait));
+        (taken, refusal)
     }
 
     /// One write by the holder of an order's token (a buyer's device): bounded like a
@@ -196,6 +233,35 @@ mod tests {
         // Refilled buckets make room: the newcomer is tracked now.
         assert_eq!(buckets.take(three), Ok(()));
         assert!(buckets.take(three).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn taking_many_at_once_is_taking_them_one_after_another() {
+        for (per_sec, burst, first, n) in [(10, 3, 0, 5), (10, 3, 2, 1), (10, 3, 3, 2), (1_000, 1_000, 10, 2_000)] {
+            let (one_by_one, at_once) = (Buckets::new(per_sec, burst, 100), Buckets::new(per_sec, burst, 100));
+            for _ in 0..first {
+                let _ = one_by_one.take(1);
+                let _ = at_once.take(1);
+            }
+            let mut expected = (0, None);
+            for _ in 0..n {
+                match one_by_one.take(1) {
+                    Ok(()) => expected.0 += 1,
+                    Err(wait) => {
+                        expected.1 = Some(wait);
+                        break;
+                    }
+                }
+            }
+            assert_eq!(
+                at_once.take_many(1, n),
+                expected,
+                "{per_sec}/s, burst {burst}, {first} then {n}"
+            );
+            // Both buckets are left in the same state.
+            tokio::time::advance(Duration::from_millis(150)).await;
+            assert_eq!(at_once.take(1).is_ok(), one_by_one.take(1).is_ok());
+        }
     }
 
     #[tokio::test(start_paused = true)]

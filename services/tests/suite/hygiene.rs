@@ -19,10 +19,10 @@ use tonic::{Code, Status};
 
 /// Sends and receives message bodies as they are, so a test can put any bytes in a frame.
 #[derive(Clone, Copy, Default)]
-struct RawCodec;
+pub(crate) struct RawCodec;
 
-struct RawEncoder;
-struct RawDecoder;
+pub(crate) struct RawEncoder;
+pub(crate) struct RawDecoder;
 
 impl Encoder for RawEncoder {
     type Item = Bytes;
@@ -99,6 +99,42 @@ async fn raw_call(channel: &Channel, path: &str, body: Bytes, authorization: Opt
     }
 }
 
+/// The RPCs whose client streams its requests (ReserveStream): the handler runs, and checks
+/// the credential, before any message is read.
+fn client_streaming_rpcs() -> Vec<String> {
+    let set = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut rpcs = Vec::new();
+    for file in set.file.iter().filter(|f| f.package().starts_with("dropline.")) {
+        for service in &file.service {
+            for method in service.method.iter().filter(|m| m.client_streaming()) {
+                rpcs.push(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+            }
+        }
+    }
+    rpcs
+}
+
+/// [`raw_call`] for an RPC whose client streams: `body` is its one message, and the
+/// answer is the first error the call or its stream ends with (Ok for a clean end).
+async fn raw_stream_call(channel: &Channel, path: &str, body: Bytes, authorization: &str) -> Result<(), Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut request = tonic::Request::new(tokio_stream::iter([body]));
+    request
+        .metadata_mut()
+        .insert("authorization", authorization.parse().unwrap());
+    let path = PathAndQuery::try_from(path).unwrap();
+    let call = async {
+        let mut answers = grpc.streaming(request, path, RawCodec).await?.into_inner();
+        while answers.message().await?.is_some() {}
+        Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(answer) => answer,
+        Err(_) => Err(Status::deadline_exceeded("no answer within 10 s")),
+    }
+}
+
 /// Message bodies no protobuf message decodes from, whatever its fields.
 fn undecodable_bodies() -> Vec<(&'static str, Bytes)> {
     let random = |n: usize| -> Vec<u8> { (0..n).map(|_| rand::random::<u8>()).collect() };
@@ -124,7 +160,22 @@ async fn bytes_that_do_not_decode_are_invalid_argument_on_every_rpc() {
     let rpcs = every_rpc();
     assert!(rpcs.len() >= 40, "every service's RPCs: {rpcs:?}");
     let operator = format!("Bearer {OPERATOR_TOKEN}");
+    let storefront = format!("Bearer {}", server.storefront_credential);
+    let client_streaming = client_streaming_rpcs();
+    assert!(!client_streaming.is_empty(), "ReserveStream streams its requests");
     for (service, path) in &rpcs {
+        if client_streaming.contains(path) {
+            // The credential is checked as the stream opens; then undecodable bytes end it
+            // with INVALID_ARGUMENT.
+            for (what, body) in undecodable_bodies() {
+                let status = raw_stream_call(&server.channel, path, body, &storefront)
+                    .await
+                    .expect_err("undecodable bytes are refused");
+                assert_eq!(status.code(), Code::InvalidArgument, "{path} with {what}: {status:?}");
+                assert!(status.message().contains("does not decode"), "{path}: {status:?}");
+            }
+            continue;
+        }
         for (what, body) in undecodable_bodies() {
             // The message is decoded before any handler runs, so no credential and a valid
             // one get the same answer.

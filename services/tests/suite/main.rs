@@ -8,6 +8,7 @@ mod cluster;
 mod dispatch;
 mod hygiene;
 mod lifecycle;
+mod reserve_stream;
 mod restart;
 mod settlement;
 mod tls;
