@@ -142,8 +142,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let audit = demo.audit(&backend).await?;
     sale.print(&audit.figures);
     audit.print();
-    let lost = demo.check_node_loss(sale.node_loss).await?;
-    demo.fulfil(sale.confirmed).await?;
+    let (lost, outage) = demo.check_node_loss(sale.node_loss).await?;
+    demo.fulfil(sale.confirmed, outage).await?;
     let settled = demo.settle().await?;
     backend.stop().await?;
     if !lost.is_empty() {
@@ -190,6 +190,7 @@ impl Backend {
             // The nodes run this very binary.
             exe: Some(std::env::current_exe()?),
             logs_in_files: true,
+            log_filter: std::env::var("DROPLINE_LOG").unwrap_or_else(|_| "warn".into()),
             ..ClusterOptions::new(usize::from(count))
         };
         let cluster = LocalCluster::start(options, data_dir).await?;
@@ -245,7 +246,8 @@ impl Backend {
         }
         let at = opened.elapsed();
         let name = cluster.name(*victim).to_string();
-        Some((name, at, cluster.kill_and_wait_for_takeover(*victim).await))
+        let killed_ms = actors::Clock::now(&actors::SystemClock).0;
+        Some((name, at, killed_ms, cluster.kill_and_wait_for_takeover(*victim).await))
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -259,8 +261,14 @@ impl Backend {
     }
 }
 
-/// The killed node's name, when it was killed, and the takeover (how long, partitions held).
-type NodeLoss = (String, Duration, anyhow::Result<(Duration, usize)>);
+/// The killed node's name, when it was killed (since the drops opened, and on the wall
+/// clock in milliseconds since the epoch), and the takeover (how long, partitions held).
+type NodeLoss = (String, Duration, i64, anyhow::Result<(Duration, usize)>);
+
+/// When no node served the killed node's partitions, on the wall clock (milliseconds since
+/// the epoch): from the kill until every partition had a new owner. A deadline of one of
+/// those actors that came due in it could only fire once its partition was taken over.
+type Outage = (i64, i64);
 
 /// The demo's clients and the people it plays: the operator, the storefront, the couriers
 /// and the creators.
@@ -570,10 +578,10 @@ impl Demo {
     }
 
     /// After a node loss: the takeover, and the acknowledged orders that cannot be found
-    /// any more (returned).
-    async fn check_node_loss(&self, node_loss: Option<NodeLoss>) -> anyhow::Result<Vec<String>> {
-        let Some((name, at, takeover)) = node_loss else {
-            return Ok(Vec::new());
+    /// any more (returned, with the outage).
+    async fn check_node_loss(&self, node_loss: Option<NodeLoss>) -> anyhow::Result<(Vec<String>, Option<Outage>)> {
+        let Some((name, at, killed_ms, takeover)) = node_loss else {
+            return Ok((Vec::new(), None));
         };
         let (took, held) = takeover?;
         let acknowledged = self.order_ids();
@@ -590,7 +598,7 @@ impl Demo {
             lost.len(),
             acknowledged.len()
         );
-        Ok(lost)
+        Ok((lost, Some((killed_ms, killed_ms + took.as_millis() as i64))))
     }
 
     /// The confirmed orders' ids (their pickup codes are on the labels).
@@ -603,7 +611,7 @@ impl Demo {
 
     /// Waits for the couriers to finish every one of the `confirmed` orders, stops them,
     /// and reports the fulfilment: deliveries, swaps, the partners and the hubs' alerts.
-    async fn fulfil(&mut self, confirmed: u64) -> anyhow::Result<()> {
+    async fn fulfil(&mut self, confirmed: u64, outage: Option<Outage>) -> anyhow::Result<()> {
         let hubs = self.wait_for_fulfilment(confirmed).await?;
         let _ = self.stop_couriers.send(true);
         for task in self.courier_tasks.drain(..) {
@@ -624,19 +632,27 @@ impl Demo {
             n(&c.declined),
             n(&c.failures_reported)
         );
-        let decided = c.swap_decided_ms.lock().map(|v| v.clone()).unwrap_or_default();
-        let received = c.swap_received_ms.lock().map(|v| v.clone()).unwrap_or_default();
+        let swaps_seen = couriers::swaps_seen(c, outage);
         println!(
             "partner swaps: {swaps} ({} after a missed deadline; offers ignored by the silent courier: {})",
-            decided.len(),
+            swaps_seen.served.decided.len() + swaps_seen.in_outage.decided.len(),
             n(&c.ignored)
         );
-        if let (Some((d50, d99, dmax)), Some((r50, r99, rmax))) =
-            (couriers::summary(&decided), couriers::summary(&received))
-        {
+        if let Some(line) = swaps_seen.served.line() {
             println!(
-                "  swap decided after the missed deadline: p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms; \
-                 new offer at the courier: p50 {r50:.0} ms, p99 {r99:.0} ms, max {rmax:.0} ms"
+                "  swap decided after the missed deadline{}: {line}",
+                if outage.is_some() {
+                    " (deadlines outside the node loss)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(line) = swaps_seen.in_outage.line() {
+            println!(
+                "  swap decided after a deadline that passed while the killed node's partitions had no owner \
+                 ({} swaps; they wait for the takeover): {line}",
+                swaps_seen.in_outage.decided.len()
             );
         }
         for partner_id in ["rapido-lx", "cargo-po"] {
