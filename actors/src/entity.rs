@@ -213,9 +213,11 @@ impl<H: Hosted> Entity<H> {
                     }
                     // Its deadlines go with it, and nothing else would start it again before
                     // a command came (in a cluster, a fenced or timed-out append): the
-                    // wake-up scheduler starts it from the journal now, and it arms them.
+                    // wake-up scheduler starts it from the journal, which arms them. After
+                    // the timer retry delay, not at once: a journal that refuses every write
+                    // would otherwise restart it in a tight loop.
                     if let Some((env, stream)) = waker {
-                        env.wakeups.register(stream, env.clock.now());
+                        env.wakeups.register(stream, env.clock.now().plus_ms(TIMER_RETRY_MS));
                     }
                 }
             }),

@@ -76,11 +76,11 @@ pub struct CourierTally {
     pub delivered: AtomicU64,
     pub delivered_in_window: AtomicU64,
     pub ignored: AtomicU64,
-    /// Swap offers received, by dispatch and missed deadline (ms since the epoch): the
+    /// Swap offers received, by hub, dispatch and missed deadline (ms since the epoch): the
     /// offer's time (server clock) and its arrival at the courier (client clock, same
     /// machine). Only the first offer after a missed deadline is the swap's: a later offer
     /// of the same dispatch (the next partner declined) still names that deadline.
-    pub swaps: Mutex<HashMap<(String, i64), SwapOffer>>,
+    pub swaps: Mutex<HashMap<(String, String, i64), SwapOffer>>,
 }
 
 #[derive(Clone, Copy)]
@@ -107,21 +107,22 @@ impl SwapDelays {
     }
 }
 
-/// The swaps seen, apart: those whose deadline passed while a killed node's partitions had
-/// no owner (its actors' timers could fire only after the takeover), and the others.
+/// The swaps seen, apart: those whose deadline passed while their hub's node was lost and
+/// its partitions not yet taken over (the hub's timer could fire only after the takeover),
+/// and the others.
 pub struct SwapsSeen {
     pub served: SwapDelays,
     pub in_outage: SwapDelays,
 }
 
-pub fn swaps_seen(tally: &CourierTally, outage: Option<(i64, i64)>) -> SwapsSeen {
+pub fn swaps_seen(tally: &CourierTally, outage: Option<&super::Outage>) -> SwapsSeen {
     let mut seen = SwapsSeen {
         served: SwapDelays::default(),
         in_outage: SwapDelays::default(),
     };
-    for ((_, missed_ms), offer) in lock(&tally.swaps).iter() {
+    for ((hub_id, _, missed_ms), offer) in lock(&tally.swaps).iter() {
         let delays = match outage {
-            Some((from, to)) if (from..=to).contains(missed_ms) => &mut seen.in_outage,
+            Some(o) if (o.from_ms..=o.to_ms).contains(missed_ms) && o.hubs.contains(hub_id) => &mut seen.in_outage,
             _ => &mut seen.served,
         };
         delays.decided.push(offer.offered_ms - missed_ms);
@@ -249,7 +250,7 @@ pub async fn run_courier(
                     received_ms: now_ms(),
                 };
                 lock(&tally.swaps)
-                    .entry((offer.dispatch_id.clone(), millis(missed)))
+                    .entry((offer.hub_id.clone(), offer.dispatch_id.clone(), millis(missed)))
                     .and_modify(|first| {
                         if seen.offered_ms < first.offered_ms {
                             *first = seen;

@@ -246,8 +246,21 @@ impl Backend {
         }
         let at = opened.elapsed();
         let name = cluster.name(*victim).to_string();
+        let mut hubs = Vec::new();
+        for (hub_id, _, _) in HUBS {
+            if cluster.owner_of(&format!("hub/{hub_id}")).await == Some(*victim) {
+                hubs.push(hub_id.to_string());
+            }
+        }
         let killed_ms = actors::Clock::now(&actors::SystemClock).0;
-        Some((name, at, killed_ms, cluster.kill_and_wait_for_takeover(*victim).await))
+        let takeover = cluster.kill_and_wait_for_takeover(*victim).await;
+        Some(NodeLoss {
+            name,
+            at,
+            killed_ms,
+            hubs,
+            takeover,
+        })
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -261,14 +274,27 @@ impl Backend {
     }
 }
 
-/// The killed node's name, when it was killed (since the drops opened, and on the wall
-/// clock in milliseconds since the epoch), and the takeover (how long, partitions held).
-type NodeLoss = (String, Duration, i64, anyhow::Result<(Duration, usize)>);
+/// The node killed mid-drop.
+struct NodeLoss {
+    name: String,
+    /// When, since the drops opened.
+    at: Duration,
+    /// When, on the wall clock (milliseconds since the epoch).
+    killed_ms: i64,
+    /// The hubs whose actors it ran.
+    hubs: Vec<String>,
+    /// How long until every partition it held had a new owner, and how many it held.
+    takeover: anyhow::Result<(Duration, usize)>,
+}
 
-/// When no node served the killed node's partitions, on the wall clock (milliseconds since
-/// the epoch): from the kill until every partition had a new owner. A deadline of one of
-/// those actors that came due in it could only fire once its partition was taken over.
-type Outage = (i64, i64);
+/// Where and when no node served: the killed node's hubs, from the kill until every
+/// partition it held had a new owner (wall clock, milliseconds since the epoch). A
+/// deadline of one of those hubs that came due then could only fire after the takeover.
+pub struct Outage {
+    pub hubs: Vec<String>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
 
 /// The demo's clients and the people it plays: the operator, the storefront, the couriers
 /// and the creators.
@@ -580,7 +606,14 @@ impl Demo {
     /// After a node loss: the takeover, and the acknowledged orders that cannot be found
     /// any more (returned, with the outage).
     async fn check_node_loss(&self, node_loss: Option<NodeLoss>) -> anyhow::Result<(Vec<String>, Option<Outage>)> {
-        let Some((name, at, killed_ms, takeover)) = node_loss else {
+        let Some(NodeLoss {
+            name,
+            at,
+            killed_ms,
+            hubs,
+            takeover,
+        }) = node_loss
+        else {
             return Ok((Vec::new(), None));
         };
         let (took, held) = takeover?;
@@ -598,7 +631,12 @@ impl Demo {
             lost.len(),
             acknowledged.len()
         );
-        Ok((lost, Some((killed_ms, killed_ms + took.as_millis() as i64))))
+        let outage = Outage {
+            hubs,
+            from_ms: killed_ms,
+            to_ms: killed_ms + took.as_millis() as i64,
+        };
+        Ok((lost, Some(outage)))
     }
 
     /// The confirmed orders' ids (their pickup codes are on the labels).
@@ -632,7 +670,7 @@ impl Demo {
             n(&c.declined),
             n(&c.failures_reported)
         );
-        let swaps_seen = couriers::swaps_seen(c, outage);
+        let swaps_seen = couriers::swaps_seen(c, outage.as_ref());
         println!(
             "partner swaps: {swaps} ({} after a missed deadline; offers ignored by the silent courier: {})",
             swaps_seen.served.decided.len() + swaps_seen.in_outage.decided.len(),
@@ -642,7 +680,7 @@ impl Demo {
             println!(
                 "  swap decided after the missed deadline{}: {line}",
                 if outage.is_some() {
-                    " (deadlines outside the node loss)"
+                    " (hubs served at the deadline)"
                 } else {
                     ""
                 }
@@ -650,8 +688,8 @@ impl Demo {
         }
         if let Some(line) = swaps_seen.in_outage.line() {
             println!(
-                "  swap decided after a deadline that passed while the killed node's partitions had no owner \
-                 ({} swaps; they wait for the takeover): {line}",
+                "  swap decided after a deadline that passed while its hub's node was lost and before the takeover \
+                 ({} swaps; they wait for it): {line}",
                 swaps_seen.in_outage.decided.len()
             );
         }
