@@ -258,6 +258,9 @@ impl<H: Hosted> Entity<H> {
     ) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let in_flight = self.in_flight.clone();
+        let waker = H::timer_command()
+            .is_some()
+            .then(|| (self.env.clone(), self.stream.clone()));
         // The journal completes an actor's batches in the order they were handed over (its
         // port's contract): replies, publications and the count in flight rely on it.
         let order = cfg!(debug_assertions).then(|| {
@@ -285,6 +288,14 @@ impl<H: Hosted> Entity<H> {
                 if failed {
                     if let Some(actor) = actor.upgrade() {
                         actor.kill();
+                    }
+                    // Its deadlines go with it, and nothing else would start it again before
+                    // a command came (in a cluster, a fenced or timed-out append): the
+                    // wake-up scheduler starts it from the journal, which arms them. After
+                    // the timer retry delay, not at once: a journal that refuses every write
+                    // would otherwise restart it in a tight loop.
+                    if let Some((env, stream)) = waker {
+                        env.wakeups.register(stream, env.clock.now().plus_ms(TIMER_RETRY_MS));
                     }
                 }
             }),
@@ -389,6 +400,7 @@ impl<H: Hosted> Entity<H> {
     /// Runs the timer command for `deadline` (expiring holds, retrying outboxes).
     fn fire_timer(&mut self, deadline: UnixMillis, actor: &WeakActorRef<Self>, now: UnixMillis) {
         let Some(command) = H::timer_command() else { return };
+        debug!(stream = %self.stream, deadline = deadline.0, late_ms = now.0 - deadline.0, "timer command");
         self.fired = Some((deadline, UnixMillis(now.0 + TIMER_RETRY_MS as i64)));
         let stream = self.stream.clone();
         self.execute(

@@ -378,7 +378,7 @@ async fn a_timer_command_that_met_a_full_journal_runs_again_after_the_retry_dela
 }
 
 /// A command whose write failed is not acknowledged, and its effect is gone: the actor is
-/// stopped and the next command rebuilds it from what is durable.
+/// stopped and rebuilt from what is durable.
 #[tokio::test(start_paused = true)]
 async fn a_failed_write_is_not_acknowledged_and_the_actor_restarts_from_the_journal() {
     let shell = Shell::start(600_000, &[("sku", 5)]).await;
@@ -387,7 +387,6 @@ async fn a_failed_write_is_not_acknowledged_and_the_actor_restarts_from_the_jour
     let failed = shell.reserve("sku", 2).await.unwrap_err();
     assert!(matches!(failed, CommandError::Storage(_)), "{failed:?}");
     settle().await;
-    assert_eq!(shell.running_skus(), 0, "the actor whose state ran ahead was stopped");
 
     let pool = shell.figures("sku").await.pools[0].pool.clone();
     assert_eq!((pool.held, pool.available), (1, 4), "only the durable hold is there");
@@ -400,6 +399,31 @@ async fn a_failed_write_is_not_acknowledged_and_the_actor_restarts_from_the_jour
         .filter(|(_, e)| matches!(e, SkuEvent::Held { .. }))
         .count();
     assert_eq!(holds, 2);
+}
+
+/// An actor stopped by a failed write keeps its deadlines: without any request, the
+/// wake-up scheduler starts it again from the journal, and its durable hold expires at the
+/// deadline to the millisecond (in a cluster a fenced or timed-out append stops an actor;
+/// its SLA or hold deadlines must not wait for the next command).
+#[tokio::test(start_paused = true)]
+async fn an_actor_stopped_by_a_failed_write_still_expires_its_durable_hold_on_time() {
+    const TTL_MS: u64 = 20_000; // shorter than the idle stop: no passivation involved
+    let shell = Shell::start(TTL_MS, &[("sku", 5)]).await;
+    let order_id = held(&shell.reserve("sku", 1).await.unwrap());
+    let deadline = T0.plus_ms(TTL_MS);
+    at(&shell.clock, T0.plus_ms(1_000)).await;
+    shell.journal.fail_next_appends(1);
+    let failed = shell.reserve("sku", 2).await.unwrap_err();
+    assert!(matches!(failed, CommandError::Storage(_)), "{failed:?}");
+
+    assert_eq!(
+        shell.expiry("sku", &order_id).await,
+        (deadline, deadline),
+        "decided and durable at the deadline, with no request after the failure"
+    );
+    assert_eq!(shell.running_skus(), 1, "started again by the wake-up scheduler");
+    let pool = &shell.figures("sku").await.pools[0].pool;
+    assert_eq!((pool.available, pool.held), (5, 0));
 }
 
 /// A reply leaves only once its batch is durable, while the actor goes on deciding: two

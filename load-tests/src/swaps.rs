@@ -7,7 +7,9 @@
 //!   the hub decided the swap (server clock: the new offer's `offered_at`) and the new offer
 //!   reached the next courier (client clock, same machine).
 //!
-//! It ends when every dispatch is with the backup (open, accepted).
+//! It ends when every dispatch is with the backup (open, accepted). With `--cluster N`, the
+//! same against N nodes on N NATS JetStream servers (R N), started as `dropline-load
+//! cluster` starts them.
 
 use crate::{catalog, net, open_window, HOLD_TTL_SECONDS};
 use anyhow::{ensure, Context as _};
@@ -25,6 +27,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use testkit::{ClusterOptions, LocalCluster};
+use tonic::transport::Channel;
 
 const HUB: &str = "hub-swaps";
 const CITY: &str = "Swapton";
@@ -48,6 +52,11 @@ pub struct SwapsArgs {
     /// Confirms in flight at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Run against a local cluster of this many `dropline serve --nats` nodes on as many
+    /// NATS JetStream servers (replicas = N) instead of one embedded server. Couriers
+    /// subscribe round-robin over the nodes, so most offers cross the projection exchange.
+    #[arg(long)]
+    pub cluster: Option<usize>,
 }
 
 fn now_ms() -> i64 {
@@ -61,16 +70,40 @@ fn ms(ts: &prost_types::Timestamp) -> i64 {
 pub async fn run(args: SwapsArgs) -> anyhow::Result<()> {
     ensure!(args.orders > 0, "--orders must be at least 1");
     let temp = tempfile::Builder::new().prefix("dropline-load-swaps-").tempdir()?;
-    let mut child = catalog::start_server(&args.dropline_bin, temp.path(), None)?;
-    let target = format!("http://{}", child.addr);
-    let result = measure(&args, &mut child, &target).await;
-    child.kill();
+    let Some(nodes) = args.cluster else {
+        let mut child = catalog::start_server(&args.dropline_bin, temp.path(), None)?;
+        let target = format!("http://{}", child.addr);
+        let result = async {
+            child.connect(STARTUP_TIMEOUT).await?;
+            measure(&args, net::connect_channels(&target, 1).await?).await
+        }
+        .await;
+        child.kill();
+        return result;
+    };
+    ensure!(nodes > 0, "--cluster must be at least 1");
+    eprintln!("starting {nodes} NATS servers and {nodes} Dropline nodes");
+    let options = ClusterOptions {
+        operator_token: crate::operator_token(),
+        exe: Some(args.dropline_bin.clone()),
+        log_filter: std::env::var("DROPLINE_LOG").unwrap_or_else(|_| "warn".into()),
+        ..ClusterOptions::new(nodes)
+    };
+    let cluster = LocalCluster::start(options, &temp.path().join("cluster")).await?;
+    let mut channels = Vec::new();
+    for addr in cluster.addrs() {
+        channels.extend(net::connect_channels(&format!("http://{addr}"), 1).await?);
+    }
+    let result = measure(&args, channels).await;
+    // The nodes go first, then the NATS servers.
+    drop(cluster);
     result
 }
 
-async fn measure(args: &SwapsArgs, child: &mut testkit::ServeProcess, target: &str) -> anyhow::Result<()> {
-    child.connect(STARTUP_TIMEOUT).await?;
-    let channel = net::connect_channels(target, 1).await?.remove(0);
+/// The benchmark over `channels` (one per node): set-up and confirms through the first,
+/// couriers round-robin over all.
+async fn measure(args: &SwapsArgs, channels: Vec<Channel>) -> anyhow::Result<()> {
+    let channel = channels.first().context("no channel")?.clone();
     let mut registry = PartnerRegistryServiceClient::with_interceptor(channel.clone(), crate::operator_auth());
     registry
         .create_hub(registry::CreateHubRequest {
@@ -117,7 +150,8 @@ async fn measure(args: &SwapsArgs, child: &mut testkit::ServeProcess, target: &s
     // each of its offers at once (so its dispatches stay open, in progress).
     let (offers_tx, mut offers_rx) = tokio::sync::mpsc::unbounded_channel();
     for (index, credential) in credentials.iter().enumerate() {
-        let mut client = DispatchServiceClient::with_interceptor(channel.clone(), crate::Bearer::new(credential));
+        let courier_channel = channels[index % channels.len()].clone();
+        let mut client = DispatchServiceClient::with_interceptor(courier_channel, crate::Bearer::new(credential));
         let mut stream = client
             .subscribe(SubscribeRequest {})
             .await

@@ -76,10 +76,59 @@ pub struct CourierTally {
     pub delivered: AtomicU64,
     pub delivered_in_window: AtomicU64,
     pub ignored: AtomicU64,
-    /// Swap offers received: from the missed deadline to the new offer (server clock), and
-    /// to its arrival at the courier (client clock, same machine).
-    pub swap_decided_ms: Mutex<Vec<i64>>,
-    pub swap_received_ms: Mutex<Vec<i64>>,
+    /// Swap offers received, by hub, dispatch and missed deadline (ms since the epoch): the
+    /// offer's time (server clock) and its arrival at the courier (client clock, same
+    /// machine). Only the first offer after a missed deadline is the swap's: a later offer
+    /// of the same dispatch (the next partner declined) still names that deadline.
+    pub swaps: Mutex<HashMap<(String, String, i64), SwapOffer>>,
+}
+
+#[derive(Clone, Copy)]
+pub struct SwapOffer {
+    pub offered_ms: i64,
+    pub received_ms: i64,
+}
+
+/// Milliseconds from missed deadlines to the swaps' decisions and to their offers' arrival.
+#[derive(Default)]
+pub struct SwapDelays {
+    pub decided: Vec<i64>,
+    pub received: Vec<i64>,
+}
+
+impl SwapDelays {
+    pub fn line(&self) -> Option<String> {
+        let (d50, d99, dmax) = summary(&self.decided)?;
+        let (r50, r99, rmax) = summary(&self.received)?;
+        Some(format!(
+            "p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms; \
+             new offer at the courier: p50 {r50:.0} ms, p99 {r99:.0} ms, max {rmax:.0} ms"
+        ))
+    }
+}
+
+/// The swaps seen, apart: those whose deadline passed while their hub's node was lost and
+/// its partitions not yet taken over (the hub's timer could fire only after the takeover),
+/// and the others.
+pub struct SwapsSeen {
+    pub served: SwapDelays,
+    pub in_outage: SwapDelays,
+}
+
+pub fn swaps_seen(tally: &CourierTally, outage: Option<&super::Outage>) -> SwapsSeen {
+    let mut seen = SwapsSeen {
+        served: SwapDelays::default(),
+        in_outage: SwapDelays::default(),
+    };
+    for ((hub_id, _, missed_ms), offer) in lock(&tally.swaps).iter() {
+        let delays = match outage {
+            Some(o) if (o.from_ms..=o.to_ms).contains(missed_ms) && o.hubs.contains(hub_id) => &mut seen.in_outage,
+            _ => &mut seen.served,
+        };
+        delays.decided.push(offer.offered_ms - missed_ms);
+        delays.received.push(offer.received_ms - missed_ms);
+    }
+    seen
 }
 
 fn now_ms() -> i64 {
@@ -195,11 +244,19 @@ pub async fn run_courier(
                 }
             };
             bump(&tally.offers);
-            if let Some(missed) = &offer.previous_deadline_missed {
-                if let Some(offered) = &offer.offered_at {
-                    lock(&tally.swap_decided_ms).push(millis(offered) - millis(missed));
-                }
-                lock(&tally.swap_received_ms).push(now_ms() - millis(missed));
+            if let (Some(missed), Some(offered)) = (&offer.previous_deadline_missed, &offer.offered_at) {
+                let seen = SwapOffer {
+                    offered_ms: millis(offered),
+                    received_ms: now_ms(),
+                };
+                lock(&tally.swaps)
+                    .entry((offer.hub_id.clone(), offer.dispatch_id.clone(), millis(missed)))
+                    .and_modify(|first| {
+                        if seen.offered_ms < first.offered_ms {
+                            *first = seen;
+                        }
+                    })
+                    .or_insert(seen);
             }
             if silent_after.is_some_and(|n| answered >= n) {
                 bump(&tally.ignored);

@@ -142,8 +142,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let audit = demo.audit(&backend).await?;
     sale.print(&audit.figures);
     audit.print();
-    let lost = demo.check_node_loss(sale.node_loss).await?;
-    demo.fulfil(sale.confirmed).await?;
+    let (lost, outage) = demo.check_node_loss(sale.node_loss).await?;
+    demo.fulfil(sale.confirmed, outage).await?;
     let settled = demo.settle().await?;
     backend.stop().await?;
     if !lost.is_empty() {
@@ -190,6 +190,7 @@ impl Backend {
             // The nodes run this very binary.
             exe: Some(std::env::current_exe()?),
             logs_in_files: true,
+            log_filter: std::env::var("DROPLINE_LOG").unwrap_or_else(|_| "warn".into()),
             ..ClusterOptions::new(usize::from(count))
         };
         let cluster = LocalCluster::start(options, data_dir).await?;
@@ -245,7 +246,21 @@ impl Backend {
         }
         let at = opened.elapsed();
         let name = cluster.name(*victim).to_string();
-        Some((name, at, cluster.kill_and_wait_for_takeover(*victim).await))
+        let mut hubs = Vec::new();
+        for (hub_id, _, _) in HUBS {
+            if cluster.owner_of(&format!("hub/{hub_id}")).await == Some(*victim) {
+                hubs.push(hub_id.to_string());
+            }
+        }
+        let killed_ms = actors::Clock::now(&actors::SystemClock).0;
+        let takeover = cluster.kill_and_wait_for_takeover(*victim).await;
+        Some(NodeLoss {
+            name,
+            at,
+            killed_ms,
+            hubs,
+            takeover,
+        })
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -259,8 +274,27 @@ impl Backend {
     }
 }
 
-/// The killed node's name, when it was killed, and the takeover (how long, partitions held).
-type NodeLoss = (String, Duration, anyhow::Result<(Duration, usize)>);
+/// The node killed mid-drop.
+struct NodeLoss {
+    name: String,
+    /// When, since the drops opened.
+    at: Duration,
+    /// When, on the wall clock (milliseconds since the epoch).
+    killed_ms: i64,
+    /// The hubs whose actors it ran.
+    hubs: Vec<String>,
+    /// How long until every partition it held had a new owner, and how many it held.
+    takeover: anyhow::Result<(Duration, usize)>,
+}
+
+/// Where and when no node served: the killed node's hubs, from the kill until every
+/// partition it held had a new owner (wall clock, milliseconds since the epoch). A
+/// deadline of one of those hubs that came due then could only fire after the takeover.
+pub struct Outage {
+    pub hubs: Vec<String>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
 
 /// The demo's clients and the people it plays: the operator, the storefront, the couriers
 /// and the creators.
@@ -570,10 +604,17 @@ impl Demo {
     }
 
     /// After a node loss: the takeover, and the acknowledged orders that cannot be found
-    /// any more (returned).
-    async fn check_node_loss(&self, node_loss: Option<NodeLoss>) -> anyhow::Result<Vec<String>> {
-        let Some((name, at, takeover)) = node_loss else {
-            return Ok(Vec::new());
+    /// any more (returned, with the outage).
+    async fn check_node_loss(&self, node_loss: Option<NodeLoss>) -> anyhow::Result<(Vec<String>, Option<Outage>)> {
+        let Some(NodeLoss {
+            name,
+            at,
+            killed_ms,
+            hubs,
+            takeover,
+        }) = node_loss
+        else {
+            return Ok((Vec::new(), None));
         };
         let (took, held) = takeover?;
         let acknowledged = self.order_ids();
@@ -590,7 +631,12 @@ impl Demo {
             lost.len(),
             acknowledged.len()
         );
-        Ok(lost)
+        let outage = Outage {
+            hubs,
+            from_ms: killed_ms,
+            to_ms: killed_ms + took.as_millis() as i64,
+        };
+        Ok((lost, Some(outage)))
     }
 
     /// The confirmed orders' ids (their pickup codes are on the labels).
@@ -603,7 +649,7 @@ impl Demo {
 
     /// Waits for the couriers to finish every one of the `confirmed` orders, stops them,
     /// and reports the fulfilment: deliveries, swaps, the partners and the hubs' alerts.
-    async fn fulfil(&mut self, confirmed: u64) -> anyhow::Result<()> {
+    async fn fulfil(&mut self, confirmed: u64, outage: Option<Outage>) -> anyhow::Result<()> {
         let hubs = self.wait_for_fulfilment(confirmed).await?;
         let _ = self.stop_couriers.send(true);
         for task in self.courier_tasks.drain(..) {
@@ -624,19 +670,27 @@ impl Demo {
             n(&c.declined),
             n(&c.failures_reported)
         );
-        let decided = c.swap_decided_ms.lock().map(|v| v.clone()).unwrap_or_default();
-        let received = c.swap_received_ms.lock().map(|v| v.clone()).unwrap_or_default();
+        let swaps_seen = couriers::swaps_seen(c, outage.as_ref());
         println!(
             "partner swaps: {swaps} ({} after a missed deadline; offers ignored by the silent courier: {})",
-            decided.len(),
+            swaps_seen.served.decided.len() + swaps_seen.in_outage.decided.len(),
             n(&c.ignored)
         );
-        if let (Some((d50, d99, dmax)), Some((r50, r99, rmax))) =
-            (couriers::summary(&decided), couriers::summary(&received))
-        {
+        if let Some(line) = swaps_seen.served.line() {
             println!(
-                "  swap decided after the missed deadline: p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms; \
-                 new offer at the courier: p50 {r50:.0} ms, p99 {r99:.0} ms, max {rmax:.0} ms"
+                "  swap decided after the missed deadline{}: {line}",
+                if outage.is_some() {
+                    " (hubs served at the deadline)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(line) = swaps_seen.in_outage.line() {
+            println!(
+                "  swap decided after a deadline that passed while its hub's node was lost and before the takeover \
+                 ({} swaps; they wait for it): {line}",
+                swaps_seen.in_outage.decided.len()
             );
         }
         for partner_id in ["rapido-lx", "cargo-po"] {
