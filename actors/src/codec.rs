@@ -18,7 +18,14 @@ const POSTCARD_V2: u8 = 2;
 
 /// Encodes a journal entry.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128);
+    encode_with_capacity(value, 128)
+}
+
+/// Encodes a journal entry into a buffer of `capacity` bytes to start with: a big value
+/// whose size is about known (a snapshot, from the last one) is then written without the
+/// buffer doubling (and copying, and the kernel zeroing fresh pages) all along the way.
+pub fn encode_with_capacity<T: Serialize>(value: &T, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity.max(1));
     out.push(POSTCARD_V2);
     postcard::to_io(value, &mut out).expect("journal entries serialize: writing to a Vec cannot fail");
     out
