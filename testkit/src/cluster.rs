@@ -35,6 +35,9 @@ pub struct ClusterOptions {
     pub log_filter: String,
     /// Each node's log in `<dir>/<node>.log` instead of this process's standard error.
     pub logs_in_files: bool,
+    /// Every node-to-server connection and every route between NATS servers through a
+    /// proxy the nemesis can cut or slow ([`LocalCluster::network`]).
+    pub partitionable: bool,
 }
 
 impl ClusterOptions {
@@ -50,6 +53,7 @@ impl ClusterOptions {
             exe: None,
             log_filter: "warn".into(),
             logs_in_files: false,
+            partitionable: false,
         }
     }
 }
@@ -65,6 +69,7 @@ pub struct LocalCluster {
     // Fields drop in declaration order: the nodes go before the NATS servers.
     nodes: Vec<Node>,
     nats: LocalNats,
+    network: Option<crate::nemesis::Network>,
     js: async_nats::jetstream::Context,
     leases: async_nats::jetstream::kv::Store,
     options: ClusterOptions,
@@ -75,15 +80,26 @@ impl LocalCluster {
     /// Starts the NATS servers and the nodes under `dir`, and waits until every node serves
     /// and the partitions have settled over them ([`LocalCluster::settled`]).
     pub async fn start(options: ClusterOptions, dir: &Path) -> anyhow::Result<LocalCluster> {
-        let nats = LocalNats::start(options.nats_servers, &dir.join("nats"))?;
+        let network = match options.partitionable {
+            true => Some(crate::nemesis::Network::start(options.nodes, options.nats_servers).await?),
+            false => None,
+        };
+        let nats = match &network {
+            Some(network) => LocalNats::start_planned(network.plan(), &dir.join("nats"))?,
+            None => LocalNats::start(options.nats_servers, &dir.join("nats"))?,
+        };
         let mut commands = Vec::new();
         let mut processes = Vec::new();
         for i in 0..options.nodes {
             let name = format!("node-{i}");
+            let url = match &network {
+                Some(network) => network.node_url(i),
+                None => nats.url(),
+            };
             let mut command = ServeCommand::new(dir.join(&name))?
                 .operator_token(&options.operator_token)
                 .log_filter(&options.log_filter)
-                .args(["--nats", &nats.url(), "--node", &name])
+                .args(["--nats", &url, "--node", &name])
                 .args(["--replicas", &options.nats_servers.to_string()])
                 .args(["--lease-ttl-ms", &options.lease_ttl_ms.to_string()])
                 .args(["--lease-renew-ms", &options.lease_renew_ms.to_string()]);
@@ -118,6 +134,7 @@ impl LocalCluster {
         let cluster = LocalCluster {
             nodes,
             nats,
+            network,
             js,
             leases,
             options,
@@ -164,6 +181,24 @@ impl LocalCluster {
 
     pub fn nats_servers(&self) -> usize {
         self.nats.len()
+    }
+
+    /// The proxies between nodes and NATS servers, when started `partitionable`.
+    pub fn network(&self) -> Option<&crate::nemesis::Network> {
+        self.network.as_ref()
+    }
+
+    /// Whether node `node` runs (it may be paused).
+    pub fn is_running(&self, node: usize) -> bool {
+        self.nodes[node].process.is_some()
+    }
+
+    /// SIGSTOP (`stop: true`) or SIGCONT to node `node`.
+    pub fn pause(&self, node: usize, stop: bool) -> anyhow::Result<()> {
+        match &self.nodes[node].process {
+            Some(process) => process.pause(stop),
+            None => anyhow::bail!("{} is not running", self.nodes[node].name),
+        }
     }
 
     /// The owner of every partition by name (None: free, being taken over).

@@ -16,6 +16,7 @@
 pub mod cluster;
 pub mod fixtures;
 pub mod nats;
+pub mod nemesis;
 pub mod process;
 pub mod server;
 

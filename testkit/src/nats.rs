@@ -90,6 +90,39 @@ fn outside_ephemeral_range() -> (u16, u16) {
     }
 }
 
+/// Where each server listens and where it dials its routes.
+#[derive(Clone, Debug)]
+pub struct RoutePlan {
+    /// Each server's client port.
+    pub client: Vec<u16>,
+    /// Each server's route port.
+    pub route: Vec<u16>,
+    /// `dial[i][j]`: the port server `i` dials for its route to server `j`.
+    pub dial: Vec<Vec<u16>>,
+    /// Routes and clients only where the plan says: no server advertises its own addresses
+    /// (this port has nothing listening).
+    pub advertise_nowhere: Option<u16>,
+}
+
+impl RoutePlan {
+    /// Fresh ports, each server dialling the others' route ports directly.
+    pub fn direct(count: usize) -> anyhow::Result<RoutePlan> {
+        let client = (0..count)
+            .map(|_| unused_loopback_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let route = (0..count)
+            .map(|_| unused_loopback_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let dial = (0..count).map(|_| route.clone()).collect();
+        Ok(RoutePlan {
+            client,
+            route,
+            dial,
+            advertise_nowhere: None,
+        })
+    }
+}
+
 struct Server {
     name: String,
     port: u16,
@@ -108,13 +141,19 @@ impl LocalNats {
     /// Starts `count` JetStream servers under `dir` (a cluster when more than one) and
     /// waits until each accepts connections.
     pub fn start(count: usize, dir: &Path) -> anyhow::Result<LocalNats> {
+        let plan = RoutePlan::direct(count)?;
+        LocalNats::start_planned(&plan, dir)
+    }
+
+    /// Starts the servers of `plan` under `dir`: each on its ports, dialling its routes where
+    /// the plan says (through the nemesis's proxies, say).
+    pub fn start_planned(plan: &RoutePlan, dir: &Path) -> anyhow::Result<LocalNats> {
         let binary = server_binary()?;
-        let ports: Vec<(u16, u16)> = (0..count)
-            .map(|_| Ok((unused_loopback_port()?, unused_loopback_port()?)))
-            .collect::<anyhow::Result<_>>()?;
+        let count = plan.client.len();
         let mut servers = Vec::new();
-        for (i, (port, route_port)) in ports.iter().enumerate() {
+        for i in 0..count {
             let name = format!("nats-{i}");
+            let port = plan.client[i];
             let store = dir.join(&name);
             std::fs::create_dir_all(&store)?;
             let mut config = format!(
@@ -123,22 +162,28 @@ impl LocalNats {
                 store.display()
             );
             if count > 1 {
-                let routes: Vec<String> = ports
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != i)
-                    .map(|(_, (_, r))| format!("nats://127.0.0.1:{r}"))
+                let routes: Vec<String> = (0..count)
+                    .filter(|j| *j != i)
+                    .map(|j| format!("nats://127.0.0.1:{}", plan.dial[i][j]))
                     .collect();
                 config.push_str(&format!(
-                    "cluster {{\n  name: dropline\n  listen: 127.0.0.1:{route_port}\n  routes: [{}]\n}}\n",
+                    "cluster {{\n  name: dropline\n  listen: 127.0.0.1:{}\n  routes: [{}]\n",
+                    plan.route[i],
                     routes.join(", ")
                 ));
+                if let Some(nowhere) = plan.advertise_nowhere {
+                    // Routes go only where the plan says: a server learning of another through
+                    // gossip is given an address nothing listens on, and clients are told of
+                    // no server but the ones they were given.
+                    config.push_str(&format!("  advertise: \"127.0.0.1:{nowhere}\"\n  no_advertise: true\n"));
+                }
+                config.push_str("}\n");
             }
             let path = dir.join(format!("{name}.conf"));
             std::fs::write(&path, config)?;
             servers.push(Server {
                 name,
-                port: *port,
+                port,
                 config: path,
                 child: None,
             });
@@ -206,6 +251,24 @@ impl LocalNats {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGSTOP (`stop: true`) or SIGCONT to server `i`: a paused server holds its
+    /// connections open and answers nothing.
+    pub fn pause(&self, i: usize, stop: bool) -> anyhow::Result<()> {
+        let Some(child) = &self.servers[i].child else {
+            anyhow::bail!("NATS server {} is not running", self.servers[i].name)
+        };
+        crate::process::signal(child.id(), if stop { "STOP" } else { "CONT" })
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.servers[i].child.is_some()
+    }
+
+    /// Each server's client port.
+    pub fn ports(&self) -> Vec<u16> {
+        self.servers.iter().map(|s| s.port).collect()
     }
 
     /// Starts server `i` again on its port and store, and waits until it accepts clients.

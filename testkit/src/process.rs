@@ -171,9 +171,16 @@ impl ServeProcess {
         let Some(id) = self.id() else {
             anyhow::bail!("the server process was stopped")
         };
-        let status = Command::new("kill").args(["-TERM", &id.to_string()]).status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {id}: {status}");
-        Ok(())
+        signal(id, "TERM")
+    }
+
+    /// SIGSTOP (`stop: true`) or SIGCONT: a stopped server keeps its sockets and answers
+    /// nothing, its timers and leases frozen until it continues.
+    pub fn pause(&self, stop: bool) -> anyhow::Result<()> {
+        let Some(id) = self.id() else {
+            anyhow::bail!("the server process was stopped")
+        };
+        signal(id, if stop { "STOP" } else { "CONT" })
     }
 
     /// SIGTERM (the server drains and, as a cluster node, hands its partitions over), then
@@ -197,4 +204,13 @@ impl Drop for ServeProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Sends `signal` (TERM, STOP, CONT: kill(1)'s names) to process `pid`.
+pub fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -{signal} {pid}: {status}");
+    Ok(())
 }

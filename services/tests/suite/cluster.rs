@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 
 /// One cluster test at a time: each runs 3 Dropline nodes and 1–3 NATS servers, and two of
 /// them on 2 cores starve the lease rounds whose timing the tests check.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// 3 nodes on `nats_servers` NATS servers under `dir`, the partitions settled over them;
 /// the cluster and a channel to each node.
