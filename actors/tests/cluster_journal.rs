@@ -133,3 +133,63 @@ async fn deadlines_are_kept_per_partition() {
         ]
     );
 }
+
+/// Found by the nemesis (seed 2: a NATS server killed, leases lapsing and coming back): a
+/// node lost a partition and took it again while the old instance of an actor was still
+/// finishing a command. The new instance loaded the subject (other nodes had appended
+/// meanwhile), which refreshed the node's expected sequence, and the old instance's batch,
+/// decided on its stale state, went out with that fresh sequence: the subject got version 44
+/// after 48 and no node could read it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_decided_on_a_stale_state_is_fenced_even_with_a_fresh_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = LocalNats::start(1, &dir.path().join("nats")).unwrap();
+    let client = async_nats::connect(nats.url().as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    ensure_storage(&js, 1, Duration::from_secs(5)).await.unwrap();
+    let here = JetStreamJournal::open(&js, &dir.path().join("here"), 8).await.unwrap();
+    let there = JetStreamJournal::open(&js, &dir.path().join("there"), 8).await.unwrap();
+    let stream = "hub/h1";
+
+    // This node's actor instance is at version 2.
+    here.load(stream).await.unwrap();
+    append(&here, batch(stream, 1, &["a1", "a2"])).await.unwrap();
+    // The partition moves away; the other node appends 3 and 4.
+    there.load(stream).await.unwrap();
+    append(&there, batch(stream, 3, &["b3", "b4"])).await.unwrap();
+    // The partition comes back: a new instance loads the subject (version 4) while the old
+    // instance, still at 2, hands over a batch starting at 3.
+    let recovered = here.load(stream).await.unwrap();
+    assert_eq!(recovered.events.len(), 4);
+    let refused = append(&here, batch(stream, 3, &["stale"])).await.unwrap_err();
+    assert!(refused.to_string().contains("fenced"), "{refused}");
+    // Nor may it leave a snapshot of its old state as if it were the state at the new tail.
+    here.load(stream).await.unwrap();
+    let refused = append(
+        &here,
+        AppendBatch {
+            stream: stream.into(),
+            first_version: 3,
+            snapshot: Some((2, b"state@2".to_vec())),
+            ..AppendBatch::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.to_string().contains("fenced"), "{refused}");
+    // Nothing was written; the new instance appends and every node reads it all back.
+    let recovered = here.load(stream).await.unwrap();
+    assert_eq!(recovered.snapshot, None);
+    append(&here, batch(stream, 5, &["a5"])).await.unwrap();
+    let all = there.load_all(stream).await.unwrap();
+    assert_eq!(
+        texts(&all),
+        vec![
+            (1, "a1".into()),
+            (2, "a2".into()),
+            (3, "b3".into()),
+            (4, "b4".into()),
+            (5, "a5".into())
+        ]
+    );
+}

@@ -51,13 +51,27 @@ struct Request {
     done: Completion,
 }
 
+/// What this node knows of a stream's subject: the version of its last event and the
+/// sequence of the message holding it (0 when it has none), as last loaded or appended.
+///
+/// An append expects that sequence (`Nats-Expected-Last-Subject-Sequence`, which fences off
+/// a node that lost the partition) and must carry the events that follow that version:
+/// a batch decided on an older state (an actor instance stopped when its partition left the
+/// node, still finishing a command while a new instance loaded the subject again) would
+/// otherwise pass the sequence check with the new instance's tail and write versions the
+/// subject already has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tail {
+    version: u64,
+    seq: u64,
+}
+
 pub struct JetStreamJournal {
     stream: jetstream::stream::Stream,
     wakeups: kv::Store,
     snapshots: sled::Tree,
-    /// The last sequence of each stream's subject as this node last read or wrote it: the
-    /// expected sequence of its next append.
-    tails: Arc<Mutex<HashMap<String, u64>>>,
+    /// Each stream's [`Tail`] as this node last read or wrote it.
+    tails: Arc<Mutex<HashMap<String, Tail>>>,
     tx: mpsc::Sender<Request>,
     partitions: u32,
 }
@@ -236,7 +250,11 @@ impl Journal for JetStreamJournal {
             }
             let (from, after_version) = snapshot.as_ref().map_or((1, 0), |s| (s.seq + 1, s.version));
             let events = self.read(&stream, &subject, from, last, after_version).await?;
-            self.tails.lock().expect("tails lock").insert(stream, last);
+            let version = events.last().map_or(after_version, |(v, _)| *v);
+            self.tails
+                .lock()
+                .expect("tails lock")
+                .insert(stream, Tail { version, seq: last });
             Ok(Recovered {
                 snapshot: snapshot.map(|s| (s.version, s.state)),
                 events,
@@ -321,6 +339,8 @@ struct Group {
     requests: Vec<Request>,
     /// The subject's sequence before this append (the expected last sequence).
     before: u64,
+    /// The stream's version once this append is in.
+    version: u64,
     snapshot: Option<(u64, Vec<u8>)>,
 }
 
@@ -330,7 +350,7 @@ struct Writer {
     snapshots: sled::Tree,
     /// For generations of snapshot writes (`generate_id`).
     snapshot_db: sled::Db,
-    tails: Arc<Mutex<HashMap<String, u64>>>,
+    tails: Arc<Mutex<HashMap<String, Tail>>>,
     partitions: u32,
     queues: HashMap<String, StreamQueue>,
 }
@@ -425,11 +445,29 @@ impl Writer {
             return None;
         }
         queue.in_flight = true;
-        let before = self.tails.lock().expect("tails lock").get(stream).copied();
+        let tail = self.tails.lock().expect("tails lock").get(stream).copied();
+        let count = events.len() as u64;
+        // A batch must follow the version this node last loaded or appended, and a snapshot
+        // be of the state at that version or within this batch.
+        let stale = tail.and_then(|tail| {
+            let follows = first.is_none_or(|f| f == tail.version + 1);
+            let snapshot_fits = snapshot
+                .as_ref()
+                .is_none_or(|(v, _)| *v >= tail.version && *v <= tail.version + count);
+            (!follows || !snapshot_fits).then(|| {
+                JournalError::Io(format!(
+                    "{stream}: fenced: decided on version {} while the journal is at {} \
+                     (another instance of this actor appended since)",
+                    first.map_or_else(|| snapshot.as_ref().map_or(0, |(v, _)| *v), |f| f - 1),
+                    tail.version
+                ))
+            })
+        });
         let group = Group {
             stream: stream.to_string(),
             requests,
-            before: before.unwrap_or(0),
+            before: tail.map_or(0, |t| t.seq),
+            version: tail.map_or(0, |t| t.version) + count,
             snapshot,
         };
         let js = self.js.clone();
@@ -437,9 +475,12 @@ impl Writer {
         let partitions = self.partitions;
         Some(Box::pin(async move {
             let stream = group.stream.clone();
+            if let Some(stale) = stale {
+                return (group, Err(stale));
+            }
             let publish = async {
                 let Some(first) = first else { return Ok(None) };
-                let Some(before) = before else {
+                let Some(Tail { seq: before, .. }) = tail else {
                     return Err(JournalError::Io(format!(
                         "{stream}: appended before being loaded on this node"
                     )));
@@ -490,12 +531,16 @@ impl Writer {
             stream,
             requests,
             before,
+            version,
             snapshot,
         } = group;
         match result {
             Ok(seq) => {
                 if let Some(seq) = seq {
-                    self.tails.lock().expect("tails lock").insert(stream.clone(), seq);
+                    self.tails
+                        .lock()
+                        .expect("tails lock")
+                        .insert(stream.clone(), Tail { version, seq });
                 }
                 // The replies first: the local snapshot is a cache, nobody waits for it.
                 for request in requests {
