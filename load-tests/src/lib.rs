@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod cpu;
 pub mod echo;
 pub mod hot_sku;
+pub mod nemesis;
 pub mod net;
 pub mod redis_baseline;
 pub mod stream;

@@ -117,7 +117,7 @@ pub async fn serve_with_options(
                     _ = tokio::time::sleep(Duration::from_millis(NATS_CONNECTION_CHECK_MS)) => {}
                 }
                 let problem = match &node {
-                    Some(node) if !node.connected() => Some("NATS connection lost".to_string()),
+                    Some(node) if node.unreachable().is_some() => node.unreachable(),
                     _ => journal
                         .failure()
                         .map(|why| format!("the journal refuses writes ({why})")),

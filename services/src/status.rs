@@ -11,6 +11,10 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 pub const ERROR_DOMAIN: &str = "dropline.dev";
 
+/// The retry delay UNAVAILABLE suggests (`RetryInfo`): a takeover or a reloaded actor takes
+/// about this long; clients back off further on their own.
+pub const UNAVAILABLE_RETRY_MS: u64 = 500;
+
 pub fn invalid_argument(violations: Vec<FieldViolation>) -> Status {
     let message = violations
         .iter()
@@ -67,9 +71,17 @@ pub fn from_command_error(error: CommandError) -> Status {
         CommandError::Timeout(ms) => {
             Status::deadline_exceeded(format!("no reply within {ms} ms; the command may still take effect"))
         }
-        CommandError::Unavailable(why) => Status::unavailable(why),
-        CommandError::Storage(why) => {
-            Status::unavailable(format!("storage failure, nothing acknowledged was lost; retry: {why}"))
-        }
+        // Both say retry, and when: a partition without an owner is taken over within the
+        // lease TTL, a journal that failed a write is reloaded by its next command.
+        CommandError::Unavailable(why) => Status::with_error_details(
+            Code::Unavailable,
+            why,
+            ErrorDetails::with_retry_info(Some(Duration::from_millis(UNAVAILABLE_RETRY_MS))),
+        ),
+        CommandError::Storage(why) => Status::with_error_details(
+            Code::Unavailable,
+            format!("storage failure, nothing acknowledged was lost; retry: {why}"),
+            ErrorDetails::with_retry_info(Some(Duration::from_millis(UNAVAILABLE_RETRY_MS))),
+        ),
     }
 }

@@ -21,7 +21,7 @@ use crate::limits::{LEASE_FENCE_MARGIN_MS_MIN, LEASE_RENEW_MS_DEFAULT, LEASE_TTL
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Weak;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -84,6 +84,9 @@ pub struct Leases {
     pub leases: kv::Store,
     pub nodes: kv::Store,
     pub host: Weak<dyn PartitionHost>,
+    /// When this node last wrote its heartbeat: a node that cannot has lost NATS (a
+    /// partition leaves its connection looking alive) and is not ready.
+    pub heartbeat: Arc<Mutex<Instant>>,
     held: BTreeMap<u32, Held>,
 }
 
@@ -103,6 +106,7 @@ impl Leases {
             leases,
             nodes,
             host,
+            heartbeat: Arc::new(Mutex::new(Instant::now())),
             held: BTreeMap::new(),
         }
     }
@@ -134,8 +138,10 @@ impl Leases {
     async fn round(&mut self) {
         let Some(host) = self.host.upgrade() else { return };
         let started = Instant::now();
-        if let Err(e) = self.nodes.put(&self.node, self.node.clone().into()).await {
-            warn!(error = %e, "heartbeat not written");
+        let sent = Instant::now();
+        match self.nodes.put(&self.node, self.node.clone().into()).await {
+            Ok(_) => *self.heartbeat.lock().expect("heartbeat lock") = sent,
+            Err(e) => warn!(error = %e, "heartbeat not written"),
         }
         // Renew.
         let partitions: Vec<u32> = self.held.keys().copied().collect();

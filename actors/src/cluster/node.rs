@@ -177,6 +177,9 @@ pub struct ClusterNode {
     stop: watch::Sender<bool>,
     left: Mutex<Option<tokio::task::JoinHandle<()>>>,
     this: Weak<ClusterNode>,
+    /// When the lease task last wrote this node's heartbeat (`Leases::heartbeat`).
+    heartbeat: Mutex<Option<Arc<Mutex<Instant>>>>,
+    timings: super::leases::LeaseTimings,
 }
 
 /// The journal stream and the buckets, created if missing (any node may be first).
@@ -304,6 +307,8 @@ impl ClusterNode {
                 stop,
                 left: Mutex::new(None),
                 this: this.clone(),
+                heartbeat: Mutex::new(None),
+                timings: config.timings,
             }
         });
         LocalActors::start_sweeper(&node.local);
@@ -317,6 +322,7 @@ impl ClusterNode {
             js.get_key_value(placement::NODES_BUCKET).await?,
             host,
         );
+        *node.heartbeat.lock().expect("heartbeat lock") = Some(leases.heartbeat.clone());
         let running = tokio::spawn(leases.run(node.stop.subscribe()));
         *node.left.lock().expect("left lock") = Some(running);
         info!(node = %config.node, partitions = config.partitions, "joined the cluster");
@@ -385,6 +391,25 @@ impl ClusterNode {
     /// route, so the server reports NOT_SERVING to readiness checks until it is back.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Why this node cannot serve writes now, if it cannot: its NATS connection is down, or
+    /// it is up but nothing gets through (a network partition leaves a connection looking
+    /// alive until pings time out): the heartbeat has not been written for a lease TTL, so
+    /// the node holds no partition any more and cannot route to the nodes that do.
+    pub fn unreachable(&self) -> Option<String> {
+        if !self.connected() {
+            return Some("NATS connection lost".into());
+        }
+        let heartbeat = self.heartbeat.lock().expect("heartbeat lock").clone()?;
+        let since = heartbeat.lock().expect("heartbeat lock").elapsed();
+        (since > self.timings.ttl).then(|| {
+            format!(
+                "NATS unreachable: no heartbeat written for {} ms (lease TTL {} ms)",
+                since.as_millis(),
+                self.timings.ttl.as_millis()
+            )
+        })
     }
 
     pub async fn leave(&self) {

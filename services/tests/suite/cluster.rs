@@ -586,3 +586,90 @@ async fn hubs_and_ledgers_keep_their_guarantees_across_a_takeover() {
     assert!(report.balanced);
     assert_eq!(report.orders, 40);
 }
+
+/// Readiness of a node cut off from every NATS server: its connection still looks up (a
+/// partition is silence, not a reset), yet it can write nothing, so it must say NOT_SERVING
+/// within a lease TTL or so, acknowledge no write meanwhile, and say SERVING again once the
+/// link is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_nats_is_not_ready_and_acknowledges_nothing() {
+    use testkit::nemesis::{LinkMode, Peer};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let options = ClusterOptions {
+        partitionable: true,
+        ..ClusterOptions::new(3)
+    };
+    let cluster = LocalCluster::start(options, dir.path()).await.unwrap();
+    let channels = cluster.channels();
+    let storefront = storefront_everywhere(&channels).await;
+    create_hot_drop(&channels[0], "cut", 100).await;
+    let ready = |channel: Channel| async move {
+        HealthClient::new(channel)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .map(|r| r.into_inner().status)
+    };
+    assert_eq!(ready(channels[2].clone()).await.unwrap(), ServingStatus::Serving as i32);
+
+    cluster.network().unwrap().set_all(Peer::Node(2), LinkMode::Cut);
+    let cut = Instant::now();
+    // Meanwhile, every write through it fails (it can neither journal nor route).
+    let mut attempts = 0;
+    let not_ready = loop {
+        let status = ready(channels[2].clone()).await.unwrap();
+        if status == ServingStatus::NotServing as i32 {
+            break cut.elapsed();
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "still SERVING 20 s into the cut"
+        );
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            shop(&channels[2], &storefront).reserve(reserve("cut", "hot", &format!("cut-{attempts}"), 1)),
+        )
+        .await;
+        attempts += 1;
+        if let Ok(Ok(held)) = reply {
+            // Only possible before its leases lapsed: then the hold is real and stays.
+            let order_id = held.into_inner().order_id;
+            let order = shop(&channels[0], OPERATOR_TOKEN)
+                .get_order(GetOrderRequest {
+                    order_id: order_id.clone(),
+                })
+                .await;
+            assert!(
+                order.is_ok(),
+                "{order_id} acknowledged through the cut node, unknown elsewhere"
+            );
+        }
+    };
+    eprintln!("NOT_SERVING {:.1} s into the cut", not_ready.as_secs_f64());
+    // A lease TTL (3 s here) plus the readiness check's period.
+    assert!(not_ready < Duration::from_secs(8), "{not_ready:?}");
+    // The other nodes take its partitions and serve everything.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        match shop(&channels[0], &storefront)
+            .reserve(reserve("cut", "hot", "after-cut", 1))
+            .await
+        {
+            Ok(_) => break,
+            Err(status) => {
+                assert!(Instant::now() < until, "not served by the others: {status}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    cluster.network().unwrap().heal();
+    let until = Instant::now() + Duration::from_secs(30);
+    while ready(channels[2].clone()).await.unwrap() != ServingStatus::Serving as i32 {
+        assert!(Instant::now() < until, "not SERVING 30 s after the heal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.settled().await.unwrap();
+    cluster.stop();
+}
