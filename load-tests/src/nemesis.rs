@@ -39,8 +39,9 @@ pub async fn run(args: NemesisArgs) -> anyhow::Result<()> {
     let mut recovered = Vec::new();
     let mut failed = Vec::new();
     for seed in args.seed..args.seed + args.schedules {
+        let prefix = format!("dropline-nemesis-{seed}-");
         let mut builder = tempfile::Builder::new();
-        builder.prefix(&format!("dropline-nemesis-{seed}-"));
+        builder.prefix(&prefix);
         let dir = match &args.keep_dir {
             Some(base) => {
                 std::fs::create_dir_all(base)?;
