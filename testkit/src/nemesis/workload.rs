@@ -328,15 +328,7 @@ impl Workload {
                     async move { checkout(channel, &credential).cancel(CancelRequest { order_id }).await }
                 })
                 .await?;
-                let answer = match reply {
-                    Ok(_) => Answer::Acknowledged,
-                    Err(code) => Answer::Refused(code),
-                };
-                if answer.acknowledged() {
-                    took += 1;
-                } else {
-                    not += 1;
-                }
+                let answer = definite(reply, &mut took, &mut not);
                 self.history.lock().unwrap().orders.get_mut(&order_id).unwrap().cancel = Some(answer);
             }
             if order.refund.as_ref().is_some_and(Answer::indeterminate) {
@@ -353,15 +345,7 @@ impl Workload {
                     }
                 })
                 .await?;
-                let answer = match reply {
-                    Ok(_) => Answer::Acknowledged,
-                    Err(code) => Answer::Refused(code),
-                };
-                if answer.acknowledged() {
-                    took += 1;
-                } else {
-                    not += 1;
-                }
+                let answer = definite(reply, &mut took, &mut not);
                 self.history.lock().unwrap().orders.get_mut(&order_id).unwrap().refund = Some(answer);
             }
         }
@@ -409,6 +393,20 @@ impl Workload {
             .find(|(s, _)| s == sku_id)
             .map(|(_, p)| *p)
             .unwrap_or(0)
+    }
+}
+
+/// The answer a resolved call got, counted as having taken effect or not.
+fn definite<T>(reply: Result<T, Code>, took: &mut u64, not: &mut u64) -> Answer {
+    match reply {
+        Ok(_) => {
+            *took += 1;
+            Answer::Acknowledged
+        }
+        Err(code) => {
+            *not += 1;
+            Answer::Refused(code)
+        }
     }
 }
 
