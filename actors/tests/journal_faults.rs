@@ -176,8 +176,8 @@ async fn full_disk_at(ops: &[Op]) {
 
     // While full: writes refused at once, with no IO; reads and barriers served.
     let injected = storage.injected();
-    for stream in 0..3 {
-        let refused = append(&journal, stream, next[stream], 1).await;
+    for (stream, &version) in next.iter().enumerate() {
+        let refused = append(&journal, stream, version, 1).await;
         assert!(
             matches!(refused, Err(JournalError::NoSpace(_))),
             "{context}: {refused:?}"

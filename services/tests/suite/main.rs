@@ -11,4 +11,5 @@ mod lifecycle;
 mod reserve_stream;
 mod restart;
 mod settlement;
+mod storage_faults;
 mod tls;
