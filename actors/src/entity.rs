@@ -6,6 +6,10 @@
 //! while the actor goes on deciding the next commands meanwhile: one fsync per batch, not
 //! per buyer.
 //!
+//! While the journal refuses writes (its disk is full, or its storage failed), a command
+//! that would change the state gets that refusal and nothing is applied: the state stays
+//! what the journal holds, and reads and rejections are still answered (through barriers).
+//!
 //! Actors start on first use (snapshot + journal replay), keep their earliest deadline
 //! (hold expiry, outbox retry) in their own receive loop rather than in a timer task, and
 //! stop when idle with nothing pending.

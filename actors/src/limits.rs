@@ -58,6 +58,10 @@ pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// few attempts a second, not a busy loop. Callers are told to retry after the longest.
 pub const JOURNAL_RETRY_FIRST_MS: u64 = 100;
 pub const JOURNAL_RETRY_MAX_MS: u64 = 2_000;
+/// A group commit's write and sync slower than this is logged (a warning per such sync):
+/// every reply of the batch waited for it, so an operator sees a slow disk before callers
+/// reach their deadlines.
+pub const JOURNAL_SLOW_SYNC_MS: u64 = 1_000;
 /// sled is reopened after a failed write (its errors are sticky until then) only with at
 /// least this much free space in its directory: closing it gives up the reads it still
 /// serves from memory, so not while the disk is still full. Room for a few of its 512 KiB

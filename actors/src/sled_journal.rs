@@ -15,6 +15,13 @@
 //! (see [`crate::sled_parts`]); they need no sync of their own: a reply never waits for one,
 //! and until a checkpoint covers them the log still holds every event they summarize.
 //!
+//! **Faults.** Out of space (`ENOSPC`, `EDQUOT`) anywhere, in the log or in sled, makes
+//! the journal refuse writes (`NoSpace`) while it serves reads; the writer retries with a
+//! bounded back-off (rewinding the log to its last sync, reopening sled if one of its
+//! writes failed, then a checkpoint) and writes resume by themselves. Any other storage
+//! error, a failed `fdatasync` above all, refuses writes until a restart: after a failed
+//! sync, what is on the disk is known only to a recovery (ARCHITECTURE.md, *Faults*).
+//!
 //! The address vault's changes go to a log of their own (`vault-*.log`), emptied at each
 //! checkpoint: the event log is kept, and a sealed address or its salt must not outlive its
 //! shredding there.
@@ -30,8 +37,8 @@ use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
 use crate::limits::{
     JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, JOURNAL_RETRY_FIRST_MS, JOURNAL_RETRY_MAX_MS,
-    LOG_CHECKPOINT_INTERVAL_MS, LOG_SEGMENT_BYTES, SLED_REOPEN_FREE_BYTES_MIN, SNAPSHOT_QUEUE_BYTES_MAX,
-    SNAPSHOT_SLICE_PARTS, VAULT_LOG_SEGMENT_BYTES,
+    JOURNAL_SLOW_SYNC_MS, LOG_CHECKPOINT_INTERVAL_MS, LOG_SEGMENT_BYTES, SLED_REOPEN_FREE_BYTES_MIN,
+    SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS, VAULT_LOG_SEGMENT_BYTES,
 };
 use crate::log::storage::{is_out_of_space, FsStorage, Storage, StorageStats};
 use crate::log::{Checkpoint, Log, LogReader, Position};
@@ -309,7 +316,7 @@ impl Shared {
             Condition::Writing => None,
             Condition::Full { cause, .. } => Some(JournalError::NoSpace(cause)),
             Condition::Broken(why) => Some(JournalError::Io(format!(
-                "the journal's storage failed ({why}); writes are refused until a restart"
+                "the journal's storage failed ({why}); writes are refused: restart to recover"
             ))),
         }
     }
@@ -550,15 +557,20 @@ impl SledJournal {
         // time, and, while writes are refused, try again on time. The ticker ends with the
         // journal.
         let ticks = tx.downgrade();
-        let ticker_shared = shared.clone();
+        // Weak: a dropped journal's sled is closed (its lock released) without waiting for
+        // the ticker.
+        let ticker_shared = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("journal-ticker".into())
             .spawn(move || {
                 let mut last = std::time::Instant::now();
                 loop {
                     std::thread::sleep(std::time::Duration::from_millis(JOURNAL_RETRY_FIRST_MS));
+                    let Some(shared) = ticker_shared.upgrade() else { return };
                     let due = last.elapsed() >= std::time::Duration::from_millis(LOG_CHECKPOINT_INTERVAL_MS / 4);
-                    if !due && !ticker_shared.refusing() {
+                    let refusing = shared.refusing();
+                    drop(shared);
+                    if !due && !refusing {
                         continue;
                     }
                     last = std::time::Instant::now();
@@ -1087,6 +1099,11 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
+/// What needs sled while reopening it failed.
+fn sled_closed() -> JournalError {
+    JournalError::NoSpace("sled is closed until the disk has space again".into())
+}
+
 /// Whether a request changes anything (a barrier does not).
 fn changes(request: &Request) -> bool {
     let batch = &request.batch;
@@ -1302,10 +1319,12 @@ impl Writer {
         let mut attempts = 0;
         let store = loop {
             match Store::open(&self.sled_dir) {
-                Err(JournalError::Io(e)) if e.contains("lock") && attempts < 500 => {
+                Err(JournalError::Io(e)) if e.contains("lock") && attempts < 100 => {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
+                // Still held: tried again at the next retry (reads wait for sled meanwhile).
+                Err(JournalError::Io(e)) if e.contains("lock") => return Err(JournalError::NoSpace(e)),
                 other => break other?,
             }
         };
@@ -1323,9 +1342,7 @@ impl Writer {
     }
 
     fn store(&self) -> Result<Arc<Store>, JournalError> {
-        self.store
-            .clone()
-            .ok_or_else(|| JournalError::NoSpace("sled is closed until the disk has space again".into()))
+        self.store.clone().ok_or_else(sled_closed)
     }
 
     /// Applies the overlay to sled as one batch, then empties it (in that order: readers look
@@ -1473,7 +1490,9 @@ impl Writer {
     }
 
     fn write(&mut self, pending: &[&Request]) -> Result<(), JournalError> {
-        let store = self.store()?;
+        // `None` only while writes are refused, when requests that need sled are refused
+        // before they get here.
+        let store = self.store.clone();
         // Each stream's appends together, streams in first-seen order: a stream's events of
         // this commit are then one contiguous chunk of the record.
         let mut streams: Vec<(&str, Vec<&AppendBatch>)> = Vec::new();
@@ -1486,7 +1505,9 @@ impl Writer {
                 vault.change(*tree, key, value.as_deref());
             }
             if let Some(made_in) = &request.vault_store {
-                reapply |= !std::ptr::eq(made_in.as_ptr(), Arc::as_ptr(&store));
+                reapply |= store
+                    .as_ref()
+                    .is_none_or(|store| !std::ptr::eq(made_in.as_ptr(), Arc::as_ptr(store)));
             }
         }
         if vault.finish() > 0 {
@@ -1500,7 +1521,10 @@ impl Writer {
             match synced {
                 Ok(at) if reapply => {
                     // Made in the sled closed since (and possibly lost with it).
-                    if let Err(e) = store.apply_record(&self.vault_payload, at, "address vault log") {
+                    let applied = self
+                        .store()
+                        .and_then(|store| store.apply_record(&self.vault_payload, at, "address vault log"));
+                    if let Err(e) = applied {
                         self.sled_failed(e);
                     }
                 }
@@ -1517,9 +1541,10 @@ impl Writer {
         for request in pending {
             let append = &request.batch;
             for write in &append.audit {
-                let seq = match store.db.generate_id() {
-                    Ok(seq) => seq,
-                    Err(e) => return Err(self.sled_failed(sled_error(e))),
+                let seq = match store.as_ref().map(|store| store.db.generate_id()) {
+                    Some(Ok(seq)) => seq,
+                    Some(Err(e)) => return Err(self.sled_failed(sled_error(e))),
+                    None => return Err(sled_closed()),
                 };
                 for (kind, subject) in &write.subjects {
                     let key = audit_key(*kind, subject, seq);
@@ -1582,10 +1607,19 @@ impl Writer {
         }
         // Durable first, in the log; then sled, which a restart brings up to date from it.
         let room = self.payload.len();
+        let started = std::time::Instant::now();
         let synced = self
             .log
             .append(&self.payload)
             .and_then(|at| self.log.sync().map(|_| at));
+        let sync_ms = started.elapsed().as_millis() as u64;
+        if sync_ms >= JOURNAL_SLOW_SYNC_MS {
+            warn!(
+                sync_ms,
+                appends = pending.len(),
+                "journal sync was slow; replies waited for it"
+            );
+        }
         let position = match synced {
             Ok(position) => position,
             Err(e) => return Err(self.log_failed(Which::Events, e, room)),
@@ -1595,8 +1629,11 @@ impl Writer {
         // failing to take it only means it gets it again from the log (reopened, or at the
         // next start).
         if audited {
-            if let Err(e) = store.audit.apply_batch(audit) {
-                self.sled_failed(sled_error(e));
+            if let Err(e) = self
+                .store()
+                .and_then(|store| store.audit.apply_batch(audit).map_err(sled_error))
+            {
+                self.sled_failed(e);
             }
         }
         {
@@ -1719,12 +1756,14 @@ impl AddressVault for SledJournal {
             };
             let durable = self.vault_log(ops, &store);
             drop(order);
+            // Not held while waiting: the writer may be reopening sled meanwhile.
+            drop(store);
             let written = match durable {
                 Ok(done) => done.await.map_err(|_| JournalError::Closed).and_then(|r| r),
                 Err(e) => Err(e),
             };
             if let Err(e) = written {
-                if new {
+                if let (true, Ok(store)) = (new, self.shared.store()) {
                     // Not durable: taken back, so a retry stores it again and waits for the
                     // log (best effort; should sled refuse, it is reopened from the logs,
                     // which do not hold it).
@@ -1847,6 +1886,8 @@ impl AddressVault for SledJournal {
             }
             let durable = self.vault_log(ops, &store);
             drop(order);
+            // Not held while waiting: the writer may be reopening sled meanwhile.
+            drop(store);
             durable?.await.map_err(|_| JournalError::Closed)??;
             Ok(due.len())
         })
