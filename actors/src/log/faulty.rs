@@ -36,7 +36,6 @@ impl Op {
     }
 }
 
-#[derive(Default)]
 struct Faults {
     /// Operations answered with `ENOSPC` (bits of [`Op::bit`]).
     no_space: AtomicU8,
@@ -46,6 +45,8 @@ struct Faults {
     sync_stall_ms: AtomicU64,
     /// Operations that failed because of a switch.
     injected: AtomicU64,
+    /// Writes left before the disk fills by itself (negative: no countdown).
+    writes_left: std::sync::atomic::AtomicI64,
 }
 
 /// A [`Storage`] whose operations fail or stall while a switch says so.
@@ -74,8 +75,16 @@ impl FaultyStorage {
         self.faults.no_space.store(bits, Ordering::SeqCst);
     }
 
+    /// The disk fills by itself after `writes` more writes succeed (the one after them,
+    /// and everything after it, fails as [`FaultyStorage::fill`] makes it): full in the
+    /// middle of whatever is being written then.
+    pub fn fill_after_writes(&self, writes: u64) {
+        self.faults.writes_left.store(writes as i64, Ordering::SeqCst);
+    }
+
     /// Space is back: nothing fails for want of it any more.
     pub fn free(&self) {
+        self.faults.writes_left.store(-1, Ordering::SeqCst);
         self.no_space_on(&[]);
     }
 
@@ -97,7 +106,31 @@ impl FaultyStorage {
     }
 }
 
+impl Default for Faults {
+    fn default() -> Faults {
+        Faults {
+            no_space: AtomicU8::new(0),
+            sync_errno: AtomicI32::new(0),
+            sync_stall_ms: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+            writes_left: std::sync::atomic::AtomicI64::new(-1),
+        }
+    }
+}
+
 impl Faults {
+    /// Counts a write down; the one that finds none left fills the disk.
+    fn count_write(&self) {
+        if self.writes_left.load(Ordering::SeqCst) < 0 {
+            return;
+        }
+        if self.writes_left.fetch_sub(1, Ordering::SeqCst) == 0 {
+            self.writes_left.store(-1, Ordering::SeqCst);
+            self.no_space
+                .store(Op::Write.bit() | Op::Allocate.bit() | Op::Sync.bit(), Ordering::SeqCst);
+        }
+    }
+
     fn no_space(&self, op: Op) -> io::Result<()> {
         if self.no_space.load(Ordering::SeqCst) & op.bit() != 0 {
             self.injected.fetch_add(1, Ordering::SeqCst);
@@ -162,6 +195,7 @@ impl StorageFile for FaultyFile {
     }
 
     fn write_all_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.faults.count_write();
         if let Err(e) = self.faults.no_space(Op::Write) {
             // Short: the first half reached the file before the space ran out.
             let half = &data[..data.len() / 2];
