@@ -6,6 +6,10 @@
 //! while the actor goes on deciding the next commands meanwhile: one fsync per batch, not
 //! per buyer.
 //!
+//! While the journal refuses writes (its disk is full, or its storage failed), a command
+//! that would change the state gets that refusal and nothing is applied: the state stays
+//! what the journal holds, and reads and rejections are still answered (through barriers).
+//!
 //! Actors start on first use (snapshot + journal replay), keep their earliest deadline
 //! (hold expiry, outbox retry) in their own receive loop rather than in a timer task, and
 //! stop when idle with nothing pending.
@@ -96,12 +100,19 @@ impl<H: Hosted> Entity<H> {
         let permit = match self.env.journal.try_reserve() {
             Ok(permit) => permit,
             Err(JournalError::Full) => return reply(Err(CommandError::Overloaded("journal queue is full".into()))),
-            Err(e) => return reply(Err(CommandError::Storage(e.to_string()))),
+            Err(e) => return reply(Err(CommandError::from_journal(e))),
         };
         let now = self.env.clock.now();
         let (events, outcome) = match self.state.decide(command, now) {
             Ok((events, answer)) => (events, Ok(answer)),
             Err(rejection) => (Vec::new(), Err(CommandError::Rejected(rejection))),
+        };
+        let refusal = (!events.is_empty()).then(|| self.env.journal.write_refusal()).flatten();
+        let (events, outcome) = match refusal {
+            // The events are not applied: the state stays what the journal holds, and the
+            // barrier below keeps this answer behind everything earlier.
+            Some(refusal) => (Vec::new(), Err(CommandError::from_journal(refusal))),
+            None => (events, outcome),
         };
         for event in &events {
             self.state.apply(event);
@@ -114,7 +125,7 @@ impl<H: Hosted> Entity<H> {
                 }
                 reply(outcome);
             }
-            Err(e) => reply(Err(CommandError::Storage(e.to_string()))),
+            Err(e) => reply(Err(CommandError::from_journal(e))),
         });
     }
 
@@ -131,13 +142,19 @@ impl<H: Hosted> Entity<H> {
                     CommandError::Overloaded("journal queue is full".into()),
                 ))
             }
-            Err(e) => return reply(refuse_all(commands.len(), CommandError::Storage(e.to_string()))),
+            Err(e) => return reply(refuse_all(commands.len(), CommandError::from_journal(e))),
         };
         let now = self.env.clock.now();
+        let refusal = self.env.journal.write_refusal();
         let mut outcomes = Vec::with_capacity(commands.len());
         let mut events = Vec::new();
         for command in commands {
             match self.state.decide(command, now) {
+                // Nothing applied while the journal refuses writes: each command is decided
+                // against the state the journal holds.
+                Ok((decided, _)) if !decided.is_empty() && refusal.is_some() => {
+                    outcomes.push(Err(CommandError::from_journal(refusal.clone().expect("a refusal"))));
+                }
                 Ok((decided, answer)) => {
                     for event in &decided {
                         self.state.apply(event);
@@ -157,7 +174,7 @@ impl<H: Hosted> Entity<H> {
                 reply(outcomes);
             }
             Err(e) => {
-                let error = CommandError::Storage(e.to_string());
+                let error = CommandError::from_journal(e);
                 reply(refuse_all(outcomes.len(), error));
             }
         });
@@ -200,7 +217,12 @@ impl<H: Hosted> Entity<H> {
                 }));
             }
         }
-        batch.wakeup = self.wakeup_change();
+        // A barrier carries no change while the journal refuses writes (a read of an actor
+        // started meanwhile must not fail on its first deadline): the deadline is written
+        // with a later batch, and the actor does not stop before it is.
+        if !events.is_empty() || self.env.journal.write_refusal().is_none() {
+            batch.wakeup = self.wakeup_change();
+        }
         (batch, publication)
     }
 
@@ -314,6 +336,9 @@ impl<H: Hosted> Entity<H> {
     /// see `next`). A full journal queue means a burst: the write waits for the next quiet
     /// moment.
     fn write_when_idle(&mut self, snapshot: bool, actor: WeakActorRef<Self>) {
+        if self.env.journal.write_refusal().is_some() {
+            return;
+        }
         let Ok(permit) = self.env.journal.try_reserve() else {
             return;
         };

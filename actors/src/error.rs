@@ -24,6 +24,20 @@ pub enum CommandError {
     /// The journal failed; the actor restarts from its last durable state.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The journal's disk is full: the command was not acknowledged; writes resume by
+    /// themselves once space is freed (reads are still served).
+    #[error("storage full: {0}")]
+    StorageFull(String),
+}
+
+impl CommandError {
+    /// What a journal error means to the caller of a command.
+    pub fn from_journal(error: crate::journal::JournalError) -> CommandError {
+        match error {
+            crate::journal::JournalError::NoSpace(why) => CommandError::StorageFull(why),
+            other => CommandError::Storage(other.to_string()),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, CommandError>;

@@ -23,6 +23,10 @@ pub enum JournalError {
     Io(String),
     #[error("journal data is corrupt: {0}")]
     Corrupt(String),
+    /// The journal's disk is full (`ENOSPC`, `EDQUOT`): the write was not made durable,
+    /// and writes resume by themselves once space is freed.
+    #[error("journal storage is full: {0}")]
+    NoSpace(String),
 }
 
 /// Events to append to one stream, starting at `first_version` (versions count from 1).
@@ -72,6 +76,15 @@ pub trait Journal: Send + Sync + 'static {
     /// Why the journal refuses every write, if it does (its storage failed and only a
     /// restart can tell what reached the disk): health reports it.
     fn failure(&self) -> Option<String> {
+        None
+    }
+
+    /// Why the journal refuses writes right now, if it does: its disk is full (until space
+    /// is back, `NoSpace`) or it failed (until a restart). Batches without changes (a read's
+    /// or a rejection's barrier) still go through, so an actor that sees this answers
+    /// commands that would change its state with this error, changing nothing, and serves
+    /// the rest.
+    fn write_refusal(&self) -> Option<JournalError> {
         None
     }
 

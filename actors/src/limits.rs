@@ -52,6 +52,21 @@ pub const JOURNAL_BATCH_MAX: usize = 8_192;
 /// this is also about how much the log replays into sled at most after a crash, and how often
 /// the writer pays a checkpoint.
 pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// While the journal refuses writes because its disk is full, the writer tries again (the
+/// log's write and sync, or reopening sled) after the first interval, doubling up to the
+/// longest: writes resume at most that long after space is freed, and a full disk costs a
+/// few attempts a second, not a busy loop. Callers are told to retry after the longest.
+pub const JOURNAL_RETRY_FIRST_MS: u64 = 100;
+pub const JOURNAL_RETRY_MAX_MS: u64 = 2_000;
+/// A group commit's write and sync slower than this is logged (a warning per such sync):
+/// every reply of the batch waited for it, so an operator sees a slow disk before callers
+/// reach their deadlines.
+pub const JOURNAL_SLOW_SYNC_MS: u64 = 1_000;
+/// sled is reopened after a failed write (its errors are sticky until then) only with at
+/// least this much free space in its directory: closing it gives up the reads it still
+/// serves from memory, so not while the disk is still full. Room for a few of its 512 KiB
+/// segments and the log's records replayed into it.
+pub const SLED_REOPEN_FREE_BYTES_MIN: u64 = 8 * 1024 * 1024;
 /// Size of a segment of the address vault's log, which holds only the vault's changes
 /// (sealed addresses, their salts, shreds) and loses them at every checkpoint.
 pub const VAULT_LOG_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
@@ -75,6 +90,7 @@ pub const JOURNAL_APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 // The writer takes a batch out of its queue: a batch larger than the queue would never fill.
 const _: () = assert!(JOURNAL_BATCH_MAX <= JOURNAL_QUEUE_MAX);
+const _: () = assert!(0 < JOURNAL_RETRY_FIRST_MS && JOURNAL_RETRY_FIRST_MS <= JOURNAL_RETRY_MAX_MS);
 // A message of several batches stays under NATS' default max_payload (1 MiB), with room
 // for the message's own framing.
 const _: () = assert!(JOURNAL_MESSAGE_BYTES_MAX < 1024 * 1024);

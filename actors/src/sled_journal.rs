@@ -15,6 +15,13 @@
 //! (see [`crate::sled_parts`]); they need no sync of their own: a reply never waits for one,
 //! and until a checkpoint covers them the log still holds every event they summarize.
 //!
+//! **Faults.** Out of space (`ENOSPC`, `EDQUOT`) anywhere, in the log or in sled, makes
+//! the journal refuse writes (`NoSpace`) while it serves reads; the writer retries with a
+//! bounded back-off (rewinding the log to its last sync, reopening sled if one of its
+//! writes failed, then a checkpoint) and writes resume by themselves. Any other storage
+//! error, a failed `fdatasync` above all, refuses writes until a restart: after a failed
+//! sync, what is on the disk is known only to a recovery (ARCHITECTURE.md, *Faults*).
+//!
 //! The address vault's changes go to a log of their own (`vault-*.log`), emptied at each
 //! checkpoint: the event log is kept, and a sealed address or its salt must not outlive its
 //! shredding there.
@@ -29,10 +36,11 @@
 use crate::audit_log::{AuditEntry, AuditLog, AuditPage, AuditSubject};
 use crate::journal::*;
 use crate::limits::{
-    JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, LOG_CHECKPOINT_INTERVAL_MS, LOG_SEGMENT_BYTES,
+    JOURNAL_BATCH_MAX, JOURNAL_CACHE_BYTES, JOURNAL_QUEUE_MAX, JOURNAL_RETRY_FIRST_MS, JOURNAL_RETRY_MAX_MS,
+    JOURNAL_SLOW_SYNC_MS, LOG_CHECKPOINT_INTERVAL_MS, LOG_SEGMENT_BYTES, SLED_REOPEN_FREE_BYTES_MIN,
     SNAPSHOT_QUEUE_BYTES_MAX, SNAPSHOT_SLICE_PARTS, VAULT_LOG_SEGMENT_BYTES,
 };
-use crate::log::storage::{FsStorage, Storage, StorageStats};
+use crate::log::storage::{is_out_of_space, FsStorage, Storage, StorageStats};
 use crate::log::{Checkpoint, Log, LogReader, Position};
 use crate::secrets::SealedAddress;
 use crate::sled_parts::{self, PartsWrite};
@@ -41,14 +49,26 @@ use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 struct Request {
     batch: AppendBatch,
     /// Changes the address vault already made in sled, to make durable in the log (with an
     /// empty `batch`: a barrier).
     vault: Vec<Change>,
+    /// The sled they were made in (applied again if sled was reopened since).
+    vault_store: Option<std::sync::Weak<Store>>,
     done: Completion,
+}
+
+/// What a request gets when an earlier append of its stream failed for `why`.
+fn earlier_failed(stream: &str, why: &JournalError) -> JournalError {
+    match why {
+        JournalError::NoSpace(cause) => {
+            JournalError::NoSpace(format!("{stream}: an earlier append was refused: {cause}"))
+        }
+        _ => JournalError::Io(format!("{stream}: an earlier append failed")),
+    }
 }
 
 /// One change a log record holds: the tree (by tag), the key, and the new value (`None`:
@@ -126,12 +146,7 @@ impl EventPointer {
 }
 
 pub struct SledJournal {
-    db: sled::Db,
-    tree: sled::Tree,
-    addresses: sled::Tree,
-    address_keys: sled::Tree,
-    address_shred: sled::Tree,
-    audit: sled::Tree,
+    shared: Arc<Shared>,
     /// Held from a vault transaction until its changes are queued for the log, so the log
     /// holds them in the order sled applied them.
     vault_order: std::sync::Mutex<()>,
@@ -142,7 +157,192 @@ pub struct SledJournal {
     log_reader: LogReader,
     /// Changes to the streams tree that are durable in the log and not applied to sled yet.
     overlay: Arc<Overlay>,
-    broken: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Options of [`SledJournal::open_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct JournalOptions {
+    /// Size of the write-ahead log's segments ([`LOG_SEGMENT_BYTES`]).
+    pub segment_bytes: u64,
+    /// Appends queued for the writer at most ([`JOURNAL_QUEUE_MAX`]); beyond it, `Full`.
+    pub queue_max: usize,
+}
+
+impl Default for JournalOptions {
+    fn default() -> JournalOptions {
+        JournalOptions {
+            segment_bytes: LOG_SEGMENT_BYTES,
+            queue_max: JOURNAL_QUEUE_MAX,
+        }
+    }
+}
+
+/// sled's database and trees: replaced whole when sled is reopened after a failed write
+/// (its errors are sticky: once a write of its own failed, it refuses every later one).
+struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    addresses: sled::Tree,
+    address_keys: sled::Tree,
+    address_shred: sled::Tree,
+    audit: sled::Tree,
+}
+
+impl Store {
+    fn open(dir: &Path) -> Result<Store, JournalError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            // sled's page cache defaults to 1 GiB; actors keep their own state in memory,
+            // so the journal needs little cache (recovery reads are sequential).
+            .cache_capacity(JOURNAL_CACHE_BYTES)
+            .open()
+            .map_err(sled_error)?;
+        Ok(Store {
+            tree: db.open_tree("streams").map_err(sled_error)?,
+            addresses: db.open_tree("addresses").map_err(sled_error)?,
+            address_keys: db.open_tree("address_keys").map_err(sled_error)?,
+            address_shred: db.open_tree("address_shred").map_err(sled_error)?,
+            audit: db.open_tree("audit").map_err(sled_error)?,
+            db,
+        })
+    }
+
+    /// The log checkpoint sled holds everything before (none: replay from the start).
+    fn checkpoint(&self) -> Result<Option<Checkpoint>, JournalError> {
+        match self.db.get(LOG_CHECKPOINT_KEY).map_err(sled_error)? {
+            Some(bytes) => Ok(Some(Checkpoint::decode(&bytes).ok_or_else(|| {
+                JournalError::Corrupt(format!(
+                    "the log checkpoint is {} bytes, not {}",
+                    bytes.len(),
+                    Checkpoint::BYTES
+                ))
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies a log record's changes to sled again (each is a key write: twice is once).
+    /// The vault's log records carry no events.
+    fn apply_record(&self, record: &[u8], position: Position, what: &str) -> Result<(), JournalError> {
+        let [streams_batch, addresses_batch, keys_batch, shred_batch, _, audit_batch] =
+            decode_ops(record, position).map_err(|e| JournalError::Corrupt(format!("{what}: {e}")))?;
+        let trees = [
+            (&self.tree, streams_batch),
+            (&self.addresses, addresses_batch),
+            (&self.address_keys, keys_batch),
+            (&self.address_shred, shred_batch),
+            (&self.audit, audit_batch),
+        ];
+        for (target, batch) in trees {
+            target.apply_batch(batch).map_err(sled_error)?;
+        }
+        Ok(())
+    }
+
+    /// Applies every synced record of `log` from `from` on; answers how many.
+    fn replay(&self, log: &Log, from: Option<Checkpoint>, what: &str) -> Result<usize, JournalError> {
+        let mut replayed = 0;
+        let mut failed = None;
+        log.replay_synced(from, |position, record| {
+            if failed.is_none() {
+                match self.apply_record(record, position, what) {
+                    Ok(()) => replayed += 1,
+                    Err(e) => failed = Some(e),
+                }
+            }
+        })
+        .map_err(|e| JournalError::Io(format!("{what}: {e}")))?;
+        failed.map_or(Ok(replayed), Err)
+    }
+}
+
+/// A sled error as a journal error: out of space (its writes fail until it is reopened
+/// with space freed) or anything else.
+fn sled_error(e: sled::Error) -> JournalError {
+    match &e {
+        sled::Error::Io(io) if is_out_of_space(io) => JournalError::NoSpace(format!("sled: {e}")),
+        _ => JournalError::Io(format!("sled: {e}")),
+    }
+}
+
+/// Whether the journal takes writes.
+#[derive(Debug, Clone)]
+enum Condition {
+    Writing,
+    /// Out of space since then: writes are refused, reads served, and the writer tries
+    /// again with a bounded back-off until they go through.
+    Full {
+        cause: String,
+        since: std::time::Instant,
+    },
+    /// The storage failed otherwise (a failed `fdatasync` above all): what reached the disk
+    /// is known only after a recovery, so writes are refused until a restart.
+    Broken(String),
+}
+
+/// What the journal's handles and its writer thread share.
+struct Shared {
+    /// sled's handles; `None` (and write-locked) while the writer reopens it.
+    store: std::sync::RwLock<Option<Arc<Store>>>,
+    condition: std::sync::Mutex<Condition>,
+    /// Whether `condition` is not `Writing` (read on every command that changes state).
+    refusing: std::sync::atomic::AtomicBool,
+    /// Set by a vault or audit write that found sled out of space: the writer reopens it.
+    sled_out_of_space: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn refusing(&self) -> bool {
+        self.refusing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn condition(&self) -> Condition {
+        self.condition.lock().expect("condition lock").clone()
+    }
+
+    fn set_condition(&self, condition: Condition) {
+        let refusing = !matches!(condition, Condition::Writing);
+        *self.condition.lock().expect("condition lock") = condition;
+        self.refusing.store(refusing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Why writes are refused, as the error a refused write gets.
+    fn refusal(&self) -> Option<JournalError> {
+        if !self.refusing() {
+            return None;
+        }
+        match self.condition() {
+            Condition::Writing => None,
+            Condition::Full { cause, .. } => Some(JournalError::NoSpace(cause)),
+            Condition::Broken(why) => Some(JournalError::Io(format!(
+                "the journal's storage failed ({why}); writes are refused: restart to recover"
+            ))),
+        }
+    }
+
+    /// sled's handles for a read; while the writer reopens sled, an error to retry.
+    fn store(&self) -> Result<Arc<Store>, JournalError> {
+        let closed = || {
+            JournalError::NoSpace(
+                "the journal's index is being reopened after its disk filled up; retry shortly".into(),
+            )
+        };
+        match self.store.try_read() {
+            Ok(store) => store.clone().ok_or_else(closed),
+            Err(std::sync::TryLockError::WouldBlock) => Err(closed()),
+            Err(std::sync::TryLockError::Poisoned(_)) => panic!("journal store lock poisoned"),
+        }
+    }
+
+    /// A vault or audit write's sled error: out of space, the writer is told to reopen sled.
+    fn sled_error(&self, e: sled::Error) -> JournalError {
+        let error = sled_error(e);
+        if matches!(error, JournalError::NoSpace(_)) {
+            self.sled_out_of_space.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        error
+    }
 }
 
 /// Changes to the streams tree (event pointers, deadlines; `None`: removed) that the log
@@ -229,9 +429,15 @@ impl SledJournal {
     /// Opens (or creates) the journal under `dir` and starts its writer thread. sled locks
     /// the directory, so two processes can never own one journal.
     pub fn open(dir: &Path) -> Result<Arc<SledJournal>, JournalError> {
+        SledJournal::open_with(dir, JournalOptions::default())
+    }
+
+    /// [`SledJournal::open`] with `options` (a smaller log segment: `dropline serve
+    /// --journal-segment-bytes`).
+    pub fn open_with(dir: &Path, options: JournalOptions) -> Result<Arc<SledJournal>, JournalError> {
         let log_storage: Arc<dyn Storage> =
             Arc::new(FsStorage::open(&dir.join("log")).map_err(|e| JournalError::Io(format!("write-ahead log: {e}")))?);
-        SledJournal::open_with_log(dir, log_storage, LOG_SEGMENT_BYTES)
+        SledJournal::open_on(dir, log_storage, options)
     }
 
     /// Opens the journal with its write-ahead log on `log_storage`, in segments of
@@ -242,60 +448,38 @@ impl SledJournal {
         log_storage: Arc<dyn Storage>,
         segment_bytes: u64,
     ) -> Result<Arc<SledJournal>, JournalError> {
-        let db = sled::Config::new()
-            .path(dir.join("journal"))
-            .mode(sled::Mode::HighThroughput)
-            // sled's page cache defaults to 1 GiB; actors keep their own state in memory,
-            // so the journal needs little cache (recovery reads are sequential).
-            .cache_capacity(JOURNAL_CACHE_BYTES)
-            .open()
-            .map_err(|e| JournalError::Io(e.to_string()))?;
-        let tree = db.open_tree("streams").map_err(|e| JournalError::Io(e.to_string()))?;
-        let addresses = db.open_tree("addresses").map_err(|e| JournalError::Io(e.to_string()))?;
-        let address_keys = db
-            .open_tree("address_keys")
-            .map_err(|e| JournalError::Io(e.to_string()))?;
-        let address_shred = db
-            .open_tree("address_shred")
-            .map_err(|e| JournalError::Io(e.to_string()))?;
-        let audit = db.open_tree("audit").map_err(|e| JournalError::Io(e.to_string()))?;
+        SledJournal::open_on(
+            dir,
+            log_storage,
+            JournalOptions {
+                segment_bytes,
+                ..JournalOptions::default()
+            },
+        )
+    }
+
+    /// Opens the journal with its write-ahead log on `log_storage` and `options`.
+    pub fn open_on(
+        dir: &Path,
+        log_storage: Arc<dyn Storage>,
+        options: JournalOptions,
+    ) -> Result<Arc<SledJournal>, JournalError> {
+        let JournalOptions {
+            segment_bytes,
+            queue_max,
+        } = options;
+        let store = Store::open(&dir.join("journal"))?;
         // What sled may have lost since its last checkpoint comes back from the log.
-        let from = match db
-            .get(LOG_CHECKPOINT_KEY)
-            .map_err(|e| JournalError::Io(e.to_string()))?
-        {
-            Some(bytes) => Some(Checkpoint::decode(&bytes).ok_or_else(|| {
-                JournalError::Corrupt(format!(
-                    "the log checkpoint is {} bytes, not {}",
-                    bytes.len(),
-                    Checkpoint::BYTES
-                ))
-            })?),
-            None => None,
-        };
+        let from = store.checkpoint()?;
+        info!(dir = %dir.display(), "journal recovering: replaying the write-ahead log into sled");
         let mut replayed = 0usize;
         let mut replay_error = None;
         let log = Log::open_from(log_storage.clone(), segment_bytes, from, |position, record| {
-            if replay_error.is_some() {
-                return;
-            }
-            match decode_ops(record, position) {
-                Ok([streams_batch, addresses_batch, keys_batch, shred_batch, _, audit_batch]) => {
-                    let trees = [
-                        (&tree, streams_batch),
-                        (&addresses, addresses_batch),
-                        (&address_keys, keys_batch),
-                        (&address_shred, shred_batch),
-                        (&audit, audit_batch),
-                    ];
-                    for (target, batch) in trees {
-                        if let Err(e) = target.apply_batch(batch) {
-                            replay_error = Some(JournalError::Io(e.to_string()));
-                        }
-                    }
-                    replayed += 1;
+            if replay_error.is_none() {
+                match store.apply_record(record, position, "write-ahead log") {
+                    Ok(()) => replayed += 1,
+                    Err(e) => replay_error = Some(e),
                 }
-                Err(e) => replay_error = Some(JournalError::Corrupt(format!("write-ahead log: {e}"))),
             }
         })
         .map_err(|e| JournalError::Io(format!("write-ahead log: {e}")))?;
@@ -313,25 +497,11 @@ impl SledJournal {
             segment_bytes.min(VAULT_LOG_SEGMENT_BYTES),
             None,
             |position, record| {
-                if replay_error.is_some() {
-                    return;
-                }
-                match decode_ops(record, position) {
-                    Ok([_, addresses_batch, keys_batch, shred_batch, _, audit_batch]) => {
-                        let trees = [
-                            (&addresses, addresses_batch),
-                            (&address_keys, keys_batch),
-                            (&address_shred, shred_batch),
-                            (&audit, audit_batch),
-                        ];
-                        for (target, batch) in trees {
-                            if let Err(e) = target.apply_batch(batch) {
-                                replay_error = Some(JournalError::Io(e.to_string()));
-                            }
-                        }
-                        vault_replayed += 1;
+                if replay_error.is_none() {
+                    match store.apply_record(record, position, "address vault log") {
+                        Ok(()) => vault_replayed += 1,
+                        Err(e) => replay_error = Some(e),
                     }
-                    Err(e) => replay_error = Some(JournalError::Corrupt(format!("address vault log: {e}"))),
                 }
             },
         )
@@ -340,18 +510,22 @@ impl SledJournal {
             return Err(e);
         }
         let replayed = replayed + vault_replayed;
-        let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_MAX);
+        let (tx, rx) = mpsc::channel(queue_max.max(1));
         let stats = Arc::new(WriterStats::default());
-        let broken: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let store = Arc::new(store);
+        let shared = Arc::new(Shared {
+            store: std::sync::RwLock::new(Some(store.clone())),
+            condition: std::sync::Mutex::new(Condition::Writing),
+            refusing: Default::default(),
+            sled_out_of_space: Default::default(),
+        });
         let mut writer = Writer {
-            db: db.clone(),
-            tree: tree.clone(),
-            audit: audit.clone(),
+            store: Some(store),
+            shared: shared.clone(),
             rx,
             stats: stats.clone(),
             log,
             sled_dir: dir.join("journal"),
-            broken: broken.clone(),
             checkpointed: std::time::Instant::now(),
             checkpointed_segment: from.map_or(0, |c| c.segment),
             written: false,
@@ -361,47 +535,64 @@ impl SledJournal {
             vault_payload: Vec::new(),
             chunks: Vec::new(),
             overlay: overlay.clone(),
+            recovery: Recovery::default(),
         };
         // Everything replayed is in sled now: make that durable, and the log can start over.
         // With nothing replayed there is nothing to make durable (a clean shutdown already
         // checkpointed): no fsync of every sled file at each start.
         if replayed > 0 {
-            writer.checkpoint()?;
+            match writer.checkpoint() {
+                Ok(()) => {}
+                // Started on a full disk: reads are served, writes refused until space is
+                // freed (the writer retries as it would after any write).
+                Err(JournalError::NoSpace(cause)) => warn!(%cause, "journal opened on a full disk"),
+                Err(e) => return Err(e),
+            }
         }
         std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| JournalError::Io(e.to_string()))?;
         // An idle writer waits for appends: a barrier now and then lets it checkpoint on
-        // time. The ticker ends with the journal.
+        // time, and, while writes are refused, try again on time. The ticker ends with the
+        // journal.
         let ticks = tx.downgrade();
+        // Weak: a dropped journal's sled is closed (its lock released) without waiting for
+        // the ticker.
+        let ticker_shared = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("journal-ticker".into())
-            .spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_millis(LOG_CHECKPOINT_INTERVAL_MS / 4));
-                let Some(tx) = ticks.upgrade() else { return };
-                let _ = tx.try_send(Request {
-                    batch: AppendBatch::default(),
-                    vault: Vec::new(),
-                    done: Box::new(|_| {}),
-                });
+            .spawn(move || {
+                let mut last = std::time::Instant::now();
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(JOURNAL_RETRY_FIRST_MS));
+                    let Some(shared) = ticker_shared.upgrade() else { return };
+                    let due = last.elapsed() >= std::time::Duration::from_millis(LOG_CHECKPOINT_INTERVAL_MS / 4);
+                    let refusing = shared.refusing();
+                    drop(shared);
+                    if !due && !refusing {
+                        continue;
+                    }
+                    last = std::time::Instant::now();
+                    let Some(tx) = ticks.upgrade() else { return };
+                    let _ = tx.try_send(Request {
+                        batch: AppendBatch::default(),
+                        vault: Vec::new(),
+                        vault_store: None,
+                        done: Box::new(|_| {}),
+                    });
+                }
             })
             .map_err(|e| JournalError::Io(e.to_string()))?;
         info!(dir = %dir.display(), replayed, "journal opened");
         Ok(Arc::new(SledJournal {
-            db,
-            tree,
-            addresses,
-            address_keys,
-            address_shred,
-            audit,
+            shared,
             vault_order: std::sync::Mutex::new(()),
             tx,
             stats,
             log_storage,
             log_reader,
             overlay,
-            broken,
         }))
     }
 
@@ -416,11 +607,16 @@ impl SledJournal {
 
     /// Bytes used on disk: sled's and the log's (its segments are preallocated).
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0) + self.log_reader.bytes_on_disk()
+        let sled = self
+            .shared
+            .store()
+            .map_or(0, |store| store.db.size_on_disk().unwrap_or(0));
+        sled + self.log_reader.bytes_on_disk()
     }
 
     fn read_events(&self, stream: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
         let io = |e: sled::Error| JournalError::Io(e.to_string());
+        let store = self.shared.store()?;
         let prefix = event_key(stream, 0);
         let prefix = &prefix[..prefix.len() - 8];
         let end = [prefix, &[0xff; 9]].concat();
@@ -435,13 +631,13 @@ impl SledJournal {
             .map(|(k, _)| k)
             .take_while(|k| *k <= upto)
             .last();
-        let in_sled = match self.tree.range(event_key(stream, 0)..=upto.clone()).next_back() {
+        let in_sled = match store.tree.range(event_key(stream, 0)..=upto.clone()).next_back() {
             Some(item) => Some(item.map_err(io)?.0.to_vec()),
             None => None,
         };
         let start = in_overlay.max(in_sled).unwrap_or(upto);
         let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
-        for (key, value) in merged_range(&self.overlay, &self.tree, &start, &end)? {
+        for (key, value) in merged_range(&self.overlay, &store.tree, &start, &end)? {
             if !key.starts_with(prefix) || key.len() != prefix.len() + 8 {
                 break;
             }
@@ -514,6 +710,7 @@ impl AppendPermit for SledPermit {
         self.permit.send(Request {
             batch,
             vault: Vec::new(),
+            vault_store: None,
             done,
         });
     }
@@ -537,7 +734,8 @@ impl Journal for SledJournal {
         Box::pin(async move {
             // A snapshot in parts is tagged with its version; a legacy whole value (tag 0)
             // starts with it.
-            let snapshot = match sled_parts::get(&self.tree, &snapshot_keys(&stream))
+            let store = self.shared.store()?;
+            let snapshot = match sled_parts::get(&store.tree, &snapshot_keys(&stream))
                 .map_err(|e| JournalError::Corrupt(format!("{stream}: snapshot: {e}")))?
             {
                 Some((0, mut value)) if value.len() >= 8 => {
@@ -563,12 +761,20 @@ impl Journal for SledJournal {
     }
 
     fn failure(&self) -> Option<String> {
-        self.broken.lock().expect("broken lock").clone()
+        match self.shared.condition() {
+            Condition::Broken(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    fn write_refusal(&self) -> Option<JournalError> {
+        self.shared.refusal()
     }
 
     fn wakeups(&self) -> Result<Vec<(String, i64)>, JournalError> {
+        let store = self.shared.store()?;
         let mut wakeups = Vec::new();
-        for (key, value) in merged_range(&self.overlay, &self.tree, b"w/", b"w0")? {
+        for (key, value) in merged_range(&self.overlay, &store.tree, b"w/", b"w0")? {
             let stream = String::from_utf8(key[2..].to_vec())
                 .map_err(|_| JournalError::Corrupt("wake-up key is not UTF-8".into()))?;
             let at = <[u8; 8]>::try_from(value.as_slice())
@@ -596,6 +802,7 @@ impl Journal for SledJournal {
 impl SledJournal {
     fn streams_now(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, JournalError> {
         let io = |e: sled::Error| JournalError::Io(e.to_string());
+        let store = self.shared.store()?;
         let key_prefix = [b"e/".as_slice(), prefix.as_bytes()].concat();
         // Event keys are `e/<stream>\0<version>`: after a stream's first key, skip past all
         // of its keys (`e/<stream>\x01`) instead of reading them.
@@ -611,7 +818,7 @@ impl SledJournal {
                 let changes = self.overlay.changes.read().expect("overlay lock");
                 changes.range(from.clone()..).next().map(|(k, _)| k.clone())
             };
-            let in_sled = match self.tree.range(from.clone()..).next() {
+            let in_sled = match store.tree.range(from.clone()..).next() {
                 Some(item) => Some(item.map_err(io)?.0.to_vec()),
                 None => None,
             };
@@ -635,17 +842,15 @@ impl SledJournal {
 }
 
 struct Writer {
-    db: sled::Db,
-    tree: sled::Tree,
-    audit: sled::Tree,
+    /// sled's handles (shared with readers through `shared`); `None` while reopening sled
+    /// failed.
+    store: Option<Arc<Store>>,
+    shared: Arc<Shared>,
     rx: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
     log: Log,
     /// sled's directory, whose files a checkpoint `fsync`s.
     sled_dir: std::path::PathBuf,
-    /// Set when the log failed: nothing is acknowledged any more (a restart recovers).
-    /// Shared with the journal, whose `failure` reports it.
-    broken: Arc<std::sync::Mutex<Option<String>>>,
     /// When the last checkpoint was, in which segment, and whether anything was logged since.
     checkpointed: std::time::Instant,
     checkpointed_segment: u64,
@@ -661,6 +866,23 @@ struct Writer {
     /// length): kept from one group commit to the next, so a commit allocates nothing.
     payload: Vec<u8>,
     chunks: Vec<(Vec<u8>, usize, usize)>,
+    /// What must succeed again before writes resume, while the disk is full.
+    recovery: Recovery,
+}
+
+/// While the journal is out of space: what failed, and when to try again.
+#[derive(Default)]
+struct Recovery {
+    /// sled failed a write: it is reopened (its errors are sticky) and the log replayed
+    /// into it.
+    sled: bool,
+    /// The largest record that found no room in the event log and in the vault's log: the
+    /// retry makes room for it (a new segment, where a full disk shows first).
+    log_room: usize,
+    vault_room: usize,
+    /// The next attempt, and the wait after it if it fails too.
+    next_at: Option<std::time::Instant>,
+    backoff_ms: u64,
 }
 
 /// A log record holds changes: `count: u32`, then per change `tree: u8, len: u32, key, tag:
@@ -823,16 +1045,25 @@ impl SnapshotWrites {
         self.queue.is_empty()
     }
 
-    /// Applies one slice of the oldest snapshot write.
-    fn step(&mut self, tree: &sled::Tree) {
+    /// Drops every queued write (sled is being reopened, or writes are refused): the streams
+    /// replay from their previous snapshots, and their actors snapshot again later.
+    fn clear(&mut self) {
+        *self = SnapshotWrites::default();
+    }
+
+    /// Applies one slice of the oldest snapshot write; a failed one is dropped, and its
+    /// error returned.
+    fn step(&mut self, tree: &sled::Tree) -> Result<(), sled::Error> {
         let Some((stream, write)) = self.queue.front_mut() else {
-            return;
+            return Ok(());
         };
         let before = write.bytes();
+        let mut failed = None;
         let finished = match write.step(tree, SNAPSHOT_SLICE_PARTS) {
             Ok(finished) => finished,
             Err(e) => {
                 error!(%stream, error = %e, "snapshot write failed; the stream replays from its previous snapshot");
+                failed = Some(e);
                 true
             }
         };
@@ -851,7 +1082,36 @@ impl SnapshotWrites {
             // checked against them): nothing queued, nothing counted.
             debug_assert!(!self.queue.is_empty() || (self.bytes == 0 && self.streams.is_empty()));
         }
+        failed.map_or(Ok(()), Err)
     }
+}
+
+/// Which of the writer's two logs.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Events,
+    Vault,
+}
+
+/// Free bytes for an unprivileged writer in the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(dir)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// What needs sled while reopening it failed.
+fn sled_closed() -> JournalError {
+    JournalError::NoSpace("sled is closed until the disk has space again".into())
+}
+
+/// Whether a request changes anything (a barrier does not).
+fn changes(request: &Request) -> bool {
+    let batch = &request.batch;
+    !batch.events.is_empty()
+        || batch.wakeup.is_some()
+        || batch.snapshot.is_some()
+        || !batch.audit.is_empty()
+        || !request.vault.is_empty()
 }
 
 impl Writer {
@@ -875,21 +1135,44 @@ impl Writer {
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
             }
+            if self
+                .shared
+                .sled_out_of_space
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                self.sled_failed(JournalError::NoSpace(
+                    "sled: an address vault or audit trail write found no space".into(),
+                ));
+            }
+            // Before this batch: should space be back, it is written.
+            if self.recovery.next_at.is_some_and(|at| std::time::Instant::now() >= at) {
+                self.try_resume(&mut snapshots);
+            }
             if !pending.is_empty() {
                 self.write_pending(&mut pending, &mut snapshots, &mut failed);
             }
-            snapshots.step(&self.tree);
+            if self.shared.refusing() {
+                // Nothing more goes to sled until writes resume.
+                snapshots.clear();
+                continue;
+            }
+            if let Some(store) = self.store.clone() {
+                if let Err(e) = snapshots.step(&store.tree) {
+                    self.sled_failed(sled_error(e));
+                    continue;
+                }
+            }
             // A new segment since the last checkpoint, or a record older than the interval:
             // sled takes over what the log holds, and a restart replays less.
             let due = self.written
                 && self.checkpointed.elapsed() >= std::time::Duration::from_millis(LOG_CHECKPOINT_INTERVAL_MS);
-            if !self.is_broken() && (self.log.checkpoint().segment > self.checkpointed_segment || due) {
+            if self.log.checkpoint().segment > self.checkpointed_segment || due {
                 if let Err(e) = self.checkpoint() {
                     error!(error = %e, "journal checkpoint failed; the next start replays more of the log");
                 }
             }
         }
-        if !self.is_broken() {
+        if !self.shared.refusing() {
             match self.checkpoint() {
                 Ok(()) => {}
                 // A temporary data directory (the demo's, a test's) removed as the journal closed.
@@ -901,21 +1184,167 @@ impl Writer {
         }
     }
 
-    fn is_broken(&self) -> bool {
-        self.broken.lock().expect("broken lock").is_some()
+    /// Stops acknowledging anything until a restart: what the failed write left on the disk
+    /// is known only after a recovery. Reads are still served.
+    fn break_down(&mut self, why: String) {
+        if !matches!(self.shared.condition(), Condition::Broken(_)) {
+            error!(error = %why, "journal storage failed: every write is refused until a restart (reads are served)");
+            self.shared.set_condition(Condition::Broken(why));
+        }
+        self.recovery = Recovery::default();
     }
 
-    /// Stops acknowledging anything: what the failed write left on the disk is known only
-    /// after a recovery.
-    fn break_down(&self, why: String) {
-        error!(error = %why, "write-ahead log failed; every write is refused until a restart");
-        *self.broken.lock().expect("broken lock") = Some(why);
+    /// Refuses writes until space is back; the writer tries again after a bounded back-off.
+    fn out_of_space(&mut self, cause: String) {
+        let now = std::time::Instant::now();
+        match self.shared.condition() {
+            Condition::Broken(_) => {}
+            Condition::Full { since, .. } => self.shared.set_condition(Condition::Full { cause, since }),
+            Condition::Writing => {
+                error!(
+                    error = %cause,
+                    retry_ms_max = JOURNAL_RETRY_MAX_MS,
+                    "journal disk is full: writes are refused and reads served until space is freed"
+                );
+                self.shared.set_condition(Condition::Full { cause, since: now });
+                self.recovery.backoff_ms = JOURNAL_RETRY_FIRST_MS;
+                self.recovery.next_at = Some(now + std::time::Duration::from_millis(JOURNAL_RETRY_FIRST_MS));
+            }
+        }
     }
 
-    /// Makes everything sled holds durable (its flush, then `fsync` of its files) with the
-    /// point of the log it holds everything before: the next start replays only what
-    /// follows. Every record appended is synced and applied by now (`write` does both before
-    /// it returns), so the log's end is that point.
+    /// A failed append, write or sync of one of the logs: out of space, the log forgets what
+    /// was not synced (it is written again, whole, when writes resume) and writes are
+    /// refused until then; any other error breaks the journal.
+    fn log_failed(&mut self, which: Which, error: std::io::Error, room: usize) -> JournalError {
+        let what = match which {
+            Which::Events => "write-ahead log",
+            Which::Vault => "address vault log",
+        };
+        let cause = format!("{what}: {error}");
+        if !is_out_of_space(&error) {
+            // After a failed `fdatasync` the kernel may have dropped the pages it could not
+            // write and marked them clean: a later sync would succeed without them. Only a
+            // recovery, reading what is on the disk, knows what survived.
+            self.break_down(cause.clone());
+            return JournalError::Io(cause);
+        }
+        match which {
+            Which::Events => {
+                self.log.rewind();
+                self.recovery.log_room = self.recovery.log_room.max(room);
+            }
+            Which::Vault => {
+                self.vault_log.rewind();
+                self.recovery.vault_room = self.recovery.vault_room.max(room);
+            }
+        }
+        self.out_of_space(cause.clone());
+        JournalError::NoSpace(cause)
+    }
+
+    /// A failed sled write: out of space, sled is reopened once space is back (its errors
+    /// are sticky) and writes are refused until then; any other error breaks the journal.
+    fn sled_failed(&mut self, error: JournalError) -> JournalError {
+        match &error {
+            JournalError::NoSpace(cause) => {
+                self.recovery.sled = true;
+                self.out_of_space(cause.clone());
+            }
+            other => self.break_down(other.to_string()),
+        }
+        error
+    }
+
+    /// Tries what failed again; on success, writes resume.
+    fn try_resume(&mut self, snapshots: &mut SnapshotWrites) {
+        match self.resume(snapshots) {
+            Ok(()) => {
+                if let Condition::Full { since, .. } = self.shared.condition() {
+                    info!(
+                        refused_ms = since.elapsed().as_millis() as u64,
+                        "journal disk has space again: writes resumed"
+                    );
+                }
+                self.recovery = Recovery::default();
+                self.shared.set_condition(Condition::Writing);
+            }
+            Err(JournalError::NoSpace(cause)) => {
+                self.recovery.backoff_ms =
+                    (self.recovery.backoff_ms * 2).clamp(JOURNAL_RETRY_FIRST_MS, JOURNAL_RETRY_MAX_MS);
+                self.recovery.next_at =
+                    Some(std::time::Instant::now() + std::time::Duration::from_millis(self.recovery.backoff_ms));
+                debug!(cause = %cause, retry_ms = self.recovery.backoff_ms, "journal disk still full");
+            }
+            Err(e) => self.break_down(e.to_string()),
+        }
+    }
+
+    /// sled reopened if it failed, room made in both logs for what found none, their
+    /// records written and synced, and a checkpoint (sled flushed, its files synced): each
+    /// step writes, so each proves there is space again.
+    fn resume(&mut self, snapshots: &mut SnapshotWrites) -> Result<(), JournalError> {
+        if self.recovery.sled || self.store.is_none() {
+            snapshots.clear();
+            self.reopen_sled()?;
+        }
+        let room = self.recovery.log_room;
+        if let Err(e) = self.log.make_room(room).and_then(|_| self.log.sync()) {
+            return Err(self.log_failed(Which::Events, e, room));
+        }
+        let room = self.recovery.vault_room;
+        if let Err(e) = self.vault_log.make_room(room).and_then(|_| self.vault_log.sync()) {
+            return Err(self.log_failed(Which::Vault, e, room));
+        }
+        self.checkpoint()
+    }
+
+    /// Closes sled and opens it again, then applies every synced record of both logs since
+    /// the checkpoint it holds (what it lost with the failed write comes back from there),
+    /// and empties the overlay, which those records cover. Readers get a retryable error
+    /// meanwhile. Only with space free: closing gives up the reads sled still serves.
+    fn reopen_sled(&mut self) -> Result<(), JournalError> {
+        let free = free_bytes(&self.sled_dir).map_err(|e| JournalError::NoSpace(format!("sled: free space: {e}")))?;
+        if free < SLED_REOPEN_FREE_BYTES_MIN {
+            return Err(JournalError::NoSpace(format!(
+                "sled: {free} bytes free, {SLED_REOPEN_FREE_BYTES_MIN} needed to reopen it"
+            )));
+        }
+        warn!(free_bytes = free, "reopening sled after it ran out of space");
+        let mut shared = self.shared.store.write().expect("journal store lock");
+        *shared = None;
+        self.store = None;
+        // A reader that took the old handles just before lets go of sled's lock within
+        // moments.
+        let mut attempts = 0;
+        let store = loop {
+            match Store::open(&self.sled_dir) {
+                Err(JournalError::Io(e)) if e.contains("lock") && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                // Still held: tried again at the next retry (reads wait for sled meanwhile).
+                Err(JournalError::Io(e)) if e.contains("lock") => return Err(JournalError::NoSpace(e)),
+                other => break other?,
+            }
+        };
+        let from = store.checkpoint()?;
+        let replayed = store.replay(&self.log, from, "write-ahead log")?
+            + store.replay(&self.vault_log, None, "address vault log")?;
+        self.overlay.changes.write().expect("overlay lock").clear();
+        let store = Arc::new(store);
+        *shared = Some(store.clone());
+        self.store = Some(store);
+        drop(shared);
+        self.recovery.sled = false;
+        info!(replayed, "sled reopened");
+        Ok(())
+    }
+
+    fn store(&self) -> Result<Arc<Store>, JournalError> {
+        self.store.clone().ok_or_else(sled_closed)
+    }
+
     /// Applies the overlay to sled as one batch, then empties it (in that order: readers look
     /// in the overlay first).
     fn apply_overlay(&mut self) -> Result<(), JournalError> {
@@ -923,6 +1352,7 @@ impl Writer {
         if changes.is_empty() {
             return Ok(());
         }
+        let store = self.store()?;
         let mut batch = sled::Batch::default();
         for (key, value) in &changes {
             match value {
@@ -930,33 +1360,48 @@ impl Writer {
                 None => batch.remove(key.as_slice()),
             }
         }
-        if let Err(e) = self.tree.apply_batch(batch) {
+        if let Err(e) = store.tree.apply_batch(batch) {
             // The records are durable but sled lacks them: a checkpoint now would skip them.
-            // Only a restart (which replays the log) makes sled whole again.
-            self.break_down(format!("applying logged commits to sled: {e}"));
-            return Err(JournalError::Io(e.to_string()));
+            // Reopening sled (when space is back) or a restart replays them from the log.
+            return Err(self.sled_failed(sled_error(e)));
         }
         // Only this thread writes the overlay: what was applied is all there is.
         self.overlay.changes.write().expect("overlay lock").clear();
         Ok(())
     }
 
+    /// Makes everything sled holds durable (its flush, then `fsync` of its files) with the
+    /// point of the log it holds everything before: the next start replays only what
+    /// follows. Every record appended is synced and applied by now (`write` does both before
+    /// it returns), so the log's end is that point.
     fn checkpoint(&mut self) -> Result<(), JournalError> {
-        let io = |e: std::io::Error| JournalError::Io(format!("checkpoint: {e}"));
         self.apply_overlay()?;
         // The vault's records move to a fresh segment first, so the older ones can go once
         // sled holds what they changed.
         if self.vault_written {
-            self.vault_log.roll().and_then(|_| self.vault_log.sync()).map_err(io)?;
+            if let Err(e) = self.vault_log.roll().and_then(|_| self.vault_log.sync()) {
+                return Err(self.log_failed(Which::Vault, e, 0));
+            }
         }
+        let store = self.store()?;
         let at = self.log.checkpoint();
-        self.db
+        let flushed = store
+            .db
             .insert(LOG_CHECKPOINT_KEY, at.encode().as_slice())
-            .map_err(|e| JournalError::Io(e.to_string()))?;
-        self.db.flush().map_err(|e| JournalError::Io(e.to_string()))?;
-        fsync_tree(&self.sled_dir).map_err(io)?;
+            .and_then(|_| store.db.flush());
+        if let Err(e) = flushed {
+            return Err(self.sled_failed(sled_error(e)));
+        }
+        if let Err(e) = fsync_tree(&self.sled_dir) {
+            if is_out_of_space(&e) {
+                return Err(self.sled_failed(JournalError::NoSpace(format!("checkpoint: {e}"))));
+            }
+            return Err(JournalError::Io(format!("checkpoint: {e}")));
+        }
         let last = *self.vault_log.segments().last().expect("the vault log has a segment");
-        self.vault_log.remove_segments_before(last).map_err(io)?;
+        self.vault_log
+            .remove_segments_before(last)
+            .map_err(|e| JournalError::Io(format!("checkpoint: {e}")))?;
         self.checkpointed = std::time::Instant::now();
         self.checkpointed_segment = at.segment;
         self.written = false;
@@ -966,44 +1411,60 @@ impl Writer {
 
     /// Writes a batch of appends, runs their completions, and queues their snapshots.
     ///
-    /// `failed` keeps, for each stream whose write failed, the first version that is not
-    /// durable: the actor is being killed, and whatever it sent meanwhile (events or a
-    /// snapshot covering lost events) fails too, until its restart appends at that version.
+    /// `failed` keeps, for each stream whose write failed or was refused, the first version
+    /// that is not durable and why: the actor is being killed, and whatever it sent
+    /// meanwhile (events or a snapshot covering lost events) fails too, until its restart
+    /// appends at that version. While writes are refused, requests that change anything are
+    /// refused without any IO; barriers (reads, rejections) still complete.
     fn write_pending(
         &mut self,
         pending: &mut Vec<Request>,
         snapshots: &mut SnapshotWrites,
-        failed: &mut HashMap<String, u64>,
+        failed: &mut HashMap<String, (u64, JournalError)>,
     ) {
-        let mut refused = Vec::new();
-        if !failed.is_empty() {
-            let mut kept = Vec::with_capacity(pending.len());
-            for request in pending.drain(..) {
-                let stream = &request.batch.stream;
-                match failed.get(stream) {
-                    Some(&lost) if request.batch.first_version > lost => refused.push(request),
-                    Some(_) => {
-                        failed.remove(stream);
-                        kept.push(request);
-                    }
-                    None => kept.push(request),
+        let refusal = self.shared.refusal();
+        let mut items: Vec<(Request, Option<JournalError>)> = Vec::with_capacity(pending.len());
+        for request in pending.drain(..) {
+            let stream = &request.batch.stream;
+            let first = request.batch.first_version;
+            let mut verdict = match failed.get(stream) {
+                Some((lost, why)) if first > *lost => Some(earlier_failed(stream, why)),
+                Some(_) => {
+                    failed.remove(stream);
+                    None
+                }
+                None => None,
+            };
+            if verdict.is_none() && changes(&request) {
+                if let Some(refusal) = &refusal {
+                    failed.insert(stream.clone(), (first, refusal.clone()));
+                    verdict = Some(refusal.clone());
                 }
             }
-            *pending = kept;
+            items.push((request, verdict));
         }
         // Snapshots are written after the batch holding the events they cover.
-        let taken: Vec<(String, u64, Vec<u8>)> = pending
+        let taken: Vec<(String, u64, Vec<u8>)> = items
             .iter_mut()
-            .filter_map(|r| {
+            .filter(|(_, verdict)| verdict.is_none())
+            .filter_map(|(r, _)| {
                 let (version, state) = r.batch.snapshot.take()?;
                 Some((r.batch.stream.clone(), version, state))
             })
             .collect();
-        let result = self.write(pending);
+        let to_write: Vec<&Request> = items.iter().filter(|(_, v)| v.is_none()).map(|(r, _)| r).collect();
+        let result = if to_write.is_empty() {
+            Ok(())
+        } else {
+            self.write(&to_write)
+        };
         match &result {
             Ok(()) => {
                 for (stream, version, state) in taken {
-                    match self.db.generate_id() {
+                    match self
+                        .store()
+                        .and_then(|store| store.db.generate_id().map_err(sled_error))
+                    {
                         Ok(generation) => snapshots.push(
                             stream.clone(),
                             PartsWrite::new(snapshot_keys(&stream), generation, version, state),
@@ -1013,48 +1474,62 @@ impl Writer {
                 }
             }
             Err(e) => {
-                error!(error = %e, appends = pending.len(), "journal write failed");
-                for request in pending.iter() {
-                    let lost = failed.entry(request.batch.stream.clone()).or_insert(u64::MAX);
-                    *lost = (*lost).min(request.batch.first_version);
+                error!(error = %e, appends = to_write.len(), "journal write failed");
+                for request in &to_write {
+                    let lost = failed
+                        .entry(request.batch.stream.clone())
+                        .or_insert((u64::MAX, e.clone()));
+                    lost.0 = lost.0.min(request.batch.first_version);
                 }
             }
         }
-        for request in pending.drain(..) {
-            (request.done)(result.clone());
-        }
-        for request in refused {
-            let stream = &request.batch.stream;
-            (request.done)(Err(JournalError::Io(format!("{stream}: an earlier append failed"))));
+        drop(to_write);
+        for (request, verdict) in items {
+            (request.done)(verdict.map_or_else(|| result.clone(), Err));
         }
     }
 
-    fn write(&mut self, pending: &[Request]) -> Result<(), JournalError> {
-        if let Some(why) = self.broken.lock().expect("broken lock").clone() {
-            return Err(JournalError::Io(format!(
-                "the write-ahead log failed ({why}); restart to recover"
-            )));
-        }
+    fn write(&mut self, pending: &[&Request]) -> Result<(), JournalError> {
+        // `None` only while writes are refused, when requests that need sled are refused
+        // before they get here.
+        let store = self.store.clone();
         // Each stream's appends together, streams in first-seen order: a stream's events of
         // this commit are then one contiguous chunk of the record.
         let mut streams: Vec<(&str, Vec<&AppendBatch>)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         let mut vault = Record::new(&mut self.vault_payload);
+        // Vault changes made in a sled that was reopened since: applied again below.
+        let mut reapply = false;
         for request in pending {
             for (tree, key, value) in &request.vault {
                 vault.change(*tree, key, value.as_deref());
+            }
+            if let Some(made_in) = &request.vault_store {
+                reapply |= store
+                    .as_ref()
+                    .is_none_or(|store| !std::ptr::eq(made_in.as_ptr(), Arc::as_ptr(store)));
             }
         }
         if vault.finish() > 0 {
             // The vault's changes are in sled already; durable here before anything waits on
             // them (a put or a shred returns after this batch's completions).
+            let room = self.vault_payload.len();
             let synced = self
                 .vault_log
                 .append(&self.vault_payload)
-                .and_then(|_| self.vault_log.sync());
-            if let Err(e) = synced {
-                self.break_down(e.to_string());
-                return Err(JournalError::Io(format!("address vault log: {e}")));
+                .and_then(|at| self.vault_log.sync().map(|_| at));
+            match synced {
+                Ok(at) if reapply => {
+                    // Made in the sled closed since (and possibly lost with it).
+                    let applied = self
+                        .store()
+                        .and_then(|store| store.apply_record(&self.vault_payload, at, "address vault log"));
+                    if let Err(e) = applied {
+                        self.sled_failed(e);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(self.log_failed(Which::Vault, e, room)),
             }
             self.vault_written = true;
             self.written = true;
@@ -1066,9 +1541,10 @@ impl Writer {
         for request in pending {
             let append = &request.batch;
             for write in &append.audit {
-                let seq = match self.db.generate_id() {
-                    Ok(seq) => seq,
-                    Err(e) => return Err(JournalError::Io(format!("audit trail: {e}"))),
+                let seq = match store.as_ref().map(|store| store.db.generate_id()) {
+                    Some(Ok(seq)) => seq,
+                    Some(Err(e)) => return Err(self.sled_failed(sled_error(e))),
+                    None => return Err(sled_closed()),
                 };
                 for (kind, subject) in &write.subjects {
                     let key = audit_key(*kind, subject, seq);
@@ -1130,23 +1606,34 @@ impl Writer {
             return Ok(());
         }
         // Durable first, in the log; then sled, which a restart brings up to date from it.
+        let room = self.payload.len();
+        let started = std::time::Instant::now();
         let synced = self
             .log
             .append(&self.payload)
             .and_then(|at| self.log.sync().map(|_| at));
+        let sync_ms = started.elapsed().as_millis() as u64;
+        if sync_ms >= JOURNAL_SLOW_SYNC_MS {
+            warn!(
+                sync_ms,
+                appends = pending.len(),
+                "journal sync was slow; replies waited for it"
+            );
+        }
         let position = match synced {
             Ok(position) => position,
-            Err(e) => {
-                // What the failed sync wrote is unknown: only a reopening (recovery) can tell.
-                self.break_down(e.to_string());
-                return Err(JournalError::Io(format!("write-ahead log: {e}")));
-            }
+            Err(e) => return Err(self.log_failed(Which::Events, e, room)),
         };
         self.written = true;
+        // The batch is durable from here on, and acknowledged whatever sled does: sled
+        // failing to take it only means it gets it again from the log (reopened, or at the
+        // next start).
         if audited {
-            if let Err(e) = self.audit.apply_batch(audit) {
-                self.break_down(format!("applying a logged audit trail to sled: {e}"));
-                return Err(JournalError::Io(e.to_string()));
+            if let Err(e) = self
+                .store()
+                .and_then(|store| store.audit.apply_batch(audit).map_err(sled_error))
+            {
+                self.sled_failed(e);
             }
         }
         {
@@ -1161,8 +1648,9 @@ impl Writer {
                 }
             }
         }
-        if self.overlay.len() >= OVERLAY_MAX {
-            self.apply_overlay()?;
+        if self.overlay.len() >= OVERLAY_MAX && !self.shared.refusing() {
+            // A failure is sled's: the overlay keeps the changes meanwhile.
+            let _ = self.apply_overlay();
         }
         self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -1177,11 +1665,13 @@ impl SledJournal {
         [(at.max(0) as u64).to_be_bytes().as_slice(), order_id.as_bytes()].concat()
     }
 
-    /// Queues changes the vault made in sled for the log's next group commit; the receiver
-    /// gets the result once they are `fdatasync`ed. Called with `vault_order` held.
+    /// Queues changes the vault made in sled (`made_in`) for the log's next group commit;
+    /// the receiver gets the result once they are `fdatasync`ed. Called with `vault_order`
+    /// held.
     fn vault_log(
         &self,
         ops: Vec<Change>,
+        made_in: &Arc<Store>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), JournalError>>, JournalError> {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let permit = self.tx.clone().try_reserve_owned().map_err(|e| match e {
@@ -1191,16 +1681,33 @@ impl SledJournal {
         permit.send(Request {
             batch: AppendBatch::default(),
             vault: ops,
+            vault_store: Some(Arc::downgrade(made_in)),
             done: Box::new(move |result| {
                 let _ = done_tx.send(result);
             }),
         });
         Ok(done_rx)
     }
+
+    /// The vault's changes for an order's stored address, as its records hold them.
+    fn address_changes(order_id: &str, key_record: Vec<u8>, ciphertext: Vec<u8>, shred_at: i64) -> Vec<Change> {
+        vec![
+            (TREE_ADDRESS_KEYS, order_id.as_bytes().to_vec(), Some(key_record)),
+            (TREE_ADDRESSES, order_id.as_bytes().to_vec(), Some(ciphertext)),
+            (
+                TREE_ADDRESS_SHRED,
+                SledJournal::shred_key(shred_at, order_id),
+                Some(Vec::new()),
+            ),
+        ]
+    }
 }
 
-fn vault_tx_error(e: sled::transaction::TransactionError<()>) -> JournalError {
-    JournalError::Io(format!("address vault: {e:?}"))
+fn vault_tx_error(shared: &Shared, e: sled::transaction::TransactionError<()>) -> JournalError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => shared.sled_error(e),
+        sled::transaction::TransactionError::Abort(()) => JournalError::Io("address vault: aborted".into()),
+    }
 }
 
 impl AddressVault for SledJournal {
@@ -1214,47 +1721,77 @@ impl AddressVault for SledJournal {
         Box::pin(async move {
             let mut key_record = sealed.salt.to_vec();
             key_record.extend_from_slice(&shred_at.0.to_be_bytes());
+            let store = self.shared.store()?;
             let order = self.vault_order.lock().expect("vault order lock");
-            let stored = (&self.address_keys, &self.addresses, &self.address_shred)
+            // The stored address (a retry's), or ours, now stored.
+            let stored = (&store.address_keys, &store.addresses, &store.address_shred)
                 .transaction(|(keys, addresses, shred)| {
-                    if keys.get(order_id.as_bytes())?.is_some() {
-                        return Ok(false);
+                    if let Some(existing) = keys.get(order_id.as_bytes())? {
+                        let ciphertext = addresses.get(order_id.as_bytes())?;
+                        return Ok(Some((existing.to_vec(), ciphertext.map(|c| c.to_vec()))));
                     }
                     keys.insert(order_id.as_bytes(), key_record.as_slice())?;
                     addresses.insert(order_id.as_bytes(), sealed.ciphertext.as_slice())?;
                     shred.insert(SledJournal::shred_key(shred_at.0, order_id), &[])?;
-                    Ok(true)
+                    Ok(None)
                 })
-                .map_err(vault_tx_error)?;
-            if !stored {
-                return Ok(false);
-            }
-            let durable = self.vault_log(vec![
-                (TREE_ADDRESS_KEYS, order_id.as_bytes().to_vec(), Some(key_record)),
-                (
-                    TREE_ADDRESSES,
-                    order_id.as_bytes().to_vec(),
-                    Some(sealed.ciphertext.clone()),
+                .map_err(|e| vault_tx_error(&self.shared, e))?;
+            let (ops, new) = match stored {
+                None => (
+                    SledJournal::address_changes(order_id, key_record.clone(), sealed.ciphertext.clone(), shred_at.0),
+                    true,
                 ),
-                (
-                    TREE_ADDRESS_SHRED,
-                    SledJournal::shred_key(shred_at.0, order_id),
-                    Some(Vec::new()),
-                ),
-            ]);
+                // Stored by an earlier call whose write to the log may have failed (its
+                // caller was told so, and retries): logged again, so that what this call
+                // answers is durable.
+                Some((existing, Some(ciphertext))) if existing.len() == 40 => {
+                    let at = i64::from_be_bytes(existing[32..40].try_into().expect("8 bytes"));
+                    (SledJournal::address_changes(order_id, existing, ciphertext, at), false)
+                }
+                Some(_) => {
+                    return Err(JournalError::Corrupt(format!(
+                        "address of {order_id}: a key record without its ciphertext"
+                    )))
+                }
+            };
+            let durable = self.vault_log(ops, &store);
             drop(order);
-            durable?.await.map_err(|_| JournalError::Closed)??;
-            Ok(true)
+            // Not held while waiting: the writer may be reopening sled meanwhile.
+            drop(store);
+            let written = match durable {
+                Ok(done) => done.await.map_err(|_| JournalError::Closed).and_then(|r| r),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                if let (true, Ok(store)) = (new, self.shared.store()) {
+                    // Not durable: taken back, so a retry stores it again and waits for the
+                    // log (best effort; should sled refuse, it is reopened from the logs,
+                    // which do not hold it).
+                    let _ = (&store.address_keys, &store.addresses, &store.address_shred).transaction(
+                        |(keys, addresses, shred)| {
+                            if keys.get(order_id.as_bytes())?.as_deref() == Some(key_record.as_slice()) {
+                                keys.remove(order_id.as_bytes())?;
+                                addresses.remove(order_id.as_bytes())?;
+                                shred.remove(SledJournal::shred_key(shred_at.0, order_id))?;
+                            }
+                            Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                        },
+                    );
+                }
+                return Err(e);
+            }
+            Ok(new)
         })
     }
 
     fn get<'a>(&'a self, order_id: &'a str) -> BoxFuture<'a, Result<Option<SealedAddress>, JournalError>> {
         let io = |e: sled::Error| JournalError::Io(e.to_string());
         let read = (|| {
-            let Some(key_record) = self.address_keys.get(order_id.as_bytes()).map_err(io)? else {
+            let store = self.shared.store()?;
+            let Some(key_record) = store.address_keys.get(order_id.as_bytes()).map_err(io)? else {
                 return Ok(None);
             };
-            let Some(ciphertext) = self.addresses.get(order_id.as_bytes()).map_err(io)? else {
+            let Some(ciphertext) = store.addresses.get(order_id.as_bytes()).map_err(io)? else {
                 return Ok(None);
             };
             let salt = key_record
@@ -1272,8 +1809,9 @@ impl AddressVault for SledJournal {
     fn shred_by<'a>(&'a self, order_id: &'a str, at: UnixMillis) -> BoxFuture<'a, Result<(), JournalError>> {
         use sled::Transactional;
         Box::pin(async move {
+            let store = self.shared.store()?;
             let order = self.vault_order.lock().expect("vault order lock");
-            let changed = (&self.address_keys, &self.address_shred)
+            let changed = (&store.address_keys, &store.address_shred)
                 .transaction(|(keys, shred)| {
                     let Some(record) = keys.get(order_id.as_bytes())? else {
                         return Ok(None);
@@ -1292,19 +1830,22 @@ impl AddressVault for SledJournal {
                     shred.insert(SledJournal::shred_key(at.0, order_id), &[])?;
                     Ok(Some((updated, current)))
                 })
-                .map_err(vault_tx_error)?;
+                .map_err(|e| vault_tx_error(&self.shared, e))?;
             // Logged, not waited for: a shred time lost in a crash falls back to the
             // retention bound.
             if let Some((updated, current)) = changed {
-                let queued = self.vault_log(vec![
-                    (TREE_ADDRESS_KEYS, order_id.as_bytes().to_vec(), Some(updated)),
-                    (TREE_ADDRESS_SHRED, SledJournal::shred_key(current, order_id), None),
-                    (
-                        TREE_ADDRESS_SHRED,
-                        SledJournal::shred_key(at.0, order_id),
-                        Some(Vec::new()),
-                    ),
-                ]);
+                let queued = self.vault_log(
+                    vec![
+                        (TREE_ADDRESS_KEYS, order_id.as_bytes().to_vec(), Some(updated)),
+                        (TREE_ADDRESS_SHRED, SledJournal::shred_key(current, order_id), None),
+                        (
+                            TREE_ADDRESS_SHRED,
+                            SledJournal::shred_key(at.0, order_id),
+                            Some(Vec::new()),
+                        ),
+                    ],
+                    &store,
+                );
                 if let Err(e) = queued {
                     warn!(error = %e, "a shred time is not logged; it is made durable by the next checkpoint");
                 }
@@ -1318,9 +1859,10 @@ impl AddressVault for SledJournal {
         use sled::Transactional;
         Box::pin(async move {
             let io = |e: sled::Error| JournalError::Io(e.to_string());
+            let store = self.shared.store()?;
             let end = SledJournal::shred_key(now.0.saturating_add(1), "");
             let mut due = Vec::new();
-            for item in self.address_shred.range(..end).take(limit) {
+            for item in store.address_shred.range(..end).take(limit) {
                 due.push(item.map_err(io)?.0);
             }
             if due.is_empty() {
@@ -1330,20 +1872,22 @@ impl AddressVault for SledJournal {
             let mut ops = Vec::with_capacity(3 * due.len());
             for index_key in &due {
                 let order_id = &index_key[8..];
-                (&self.address_keys, &self.addresses, &self.address_shred)
+                (&store.address_keys, &store.addresses, &store.address_shred)
                     .transaction(|(keys, addresses, shred)| {
                         keys.remove(order_id)?;
                         addresses.remove(order_id)?;
                         shred.remove(index_key.as_ref())?;
                         Ok(())
                     })
-                    .map_err(vault_tx_error)?;
+                    .map_err(|e| vault_tx_error(&self.shared, e))?;
                 ops.push((TREE_ADDRESS_KEYS, order_id.to_vec(), None));
                 ops.push((TREE_ADDRESSES, order_id.to_vec(), None));
                 ops.push((TREE_ADDRESS_SHRED, index_key.to_vec(), None));
             }
-            let durable = self.vault_log(ops);
+            let durable = self.vault_log(ops, &store);
             drop(order);
+            // Not held while waiting: the writer may be reopening sled meanwhile.
+            drop(store);
             durable?.await.map_err(|_| JournalError::Closed)??;
             Ok(due.len())
         })
@@ -1367,16 +1911,19 @@ fn audit_key(kind: u8, subject: &str, seq: u64) -> Vec<u8> {
 /// with the next group commit, which the caller does not wait for.
 impl AuditLog for SledJournal {
     fn append(&self, entry: &AuditEntry) -> Result<(), JournalError> {
-        let io = |e: sled::Error| JournalError::Io(e.to_string());
-        let seq = self.db.generate_id().map_err(io)?;
+        let store = self.shared.store()?;
+        let seq = store.db.generate_id().map_err(|e| self.shared.sled_error(e))?;
         let write = entry.to_write();
         let mut ops = Vec::with_capacity(write.subjects.len());
         for (kind, subject) in &write.subjects {
             let key = audit_key(*kind, subject, seq);
-            self.audit.insert(key.as_slice(), write.entry.as_slice()).map_err(io)?;
+            store
+                .audit
+                .insert(key.as_slice(), write.entry.as_slice())
+                .map_err(|e| self.shared.sled_error(e))?;
             ops.push((TREE_AUDIT, key, Some(write.entry.clone())));
         }
-        let _durable_later = self.vault_log(ops)?;
+        let _durable_later = self.vault_log(ops, &store)?;
         Ok(())
     }
 
@@ -1385,10 +1932,11 @@ impl AuditLog for SledJournal {
             AuditSubject::Order(id) => (b'o', id),
             AuditSubject::Partner(id) => (b'p', id),
         };
+        let store = self.shared.store()?;
         let start = audit_key(kind, id, 0);
         let end = audit_key(kind, id, before.unwrap_or(u64::MAX));
         let mut page = AuditPage::default();
-        for item in self.audit.range(start..end).rev() {
+        for item in store.audit.range(start..end).rev() {
             let (key, value) = item.map_err(|e| JournalError::Io(e.to_string()))?;
             let seq = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
             if page.entries.len() == limit {

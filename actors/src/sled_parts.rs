@@ -188,7 +188,7 @@ impl PartsWrite {
     }
 
     /// Applies the next slice; `true` once the write is complete.
-    pub fn step(&mut self, tree: &sled::Tree, slice: usize) -> Result<bool, String> {
+    pub fn step(&mut self, tree: &sled::Tree, slice: usize) -> sled::Result<bool> {
         let slice = slice.max(1);
         match &self.stage {
             Stage::Parts(from) => {
@@ -199,7 +199,7 @@ impl PartsWrite {
                     batch.insert(self.keys.part(self.generation, index), part);
                     index += 1;
                 }
-                tree.apply_batch(batch).map_err(io)?;
+                tree.apply_batch(batch)?;
                 self.stage = if index >= self.parts() {
                     Stage::Switch
                 } else {
@@ -216,7 +216,7 @@ impl PartsWrite {
                 let mut batch = sled::Batch::default();
                 batch.insert(self.keys.header.as_slice(), head.encode());
                 batch.remove(self.keys.legacy.as_slice());
-                tree.apply_batch(batch).map_err(io)?;
+                tree.apply_batch(batch)?;
                 self.value = Vec::new();
                 self.stage = Stage::Cleanup(self.keys.parts.clone());
             }
@@ -225,7 +225,7 @@ impl PartsWrite {
                 let mut removed = 0;
                 let mut next = None;
                 for item in tree.range(from.clone()..) {
-                    let (key, _) = item.map_err(io)?;
+                    let (key, _) = item?;
                     if !key.starts_with(&self.keys.parts) {
                         break;
                     }
@@ -247,7 +247,7 @@ impl PartsWrite {
                     removed += 1;
                 }
                 if removed > 0 {
-                    tree.apply_batch(batch).map_err(io)?;
+                    tree.apply_batch(batch)?;
                 }
                 self.stage = match next {
                     Some(key) => Stage::Cleanup(key),
@@ -261,7 +261,7 @@ impl PartsWrite {
 
     /// Runs every remaining step.
     pub fn finish(&mut self, tree: &sled::Tree, slice: usize) -> Result<(), String> {
-        while !self.step(tree, slice)? {}
+        while !self.step(tree, slice).map_err(io)? {}
         Ok(())
     }
 }

@@ -2,12 +2,12 @@
 //! TOML file, then built-in defaults, in that order of precedence.
 
 use crate::limits::{
-    BUYER_RESERVES_PER_SEC_DEFAULT, BUYER_RESERVE_BURST_DEFAULT, LIVE_ACTORS_MAX_UPPER, PARTITIONS_MAX,
-    SHUTDOWN_DELAY_MS_MAX, STOREFRONT_CALLS_PER_SEC_DEFAULT,
+    BUYER_RESERVES_PER_SEC_DEFAULT, BUYER_RESERVE_BURST_DEFAULT, JOURNAL_SEGMENT_BYTES_MAX, JOURNAL_SEGMENT_BYTES_MIN,
+    LIVE_ACTORS_MAX_UPPER, PARTITIONS_MAX, SHUTDOWN_DELAY_MS_MAX, STOREFRONT_CALLS_PER_SEC_DEFAULT,
 };
 use actors::cluster::placement::PARTITIONS_DEFAULT;
 use actors::cluster::{ClusterConfig, LeaseTimings};
-use actors::limits::LIVE_ACTORS_MAX_DEFAULT;
+use actors::limits::{LIVE_ACTORS_MAX_DEFAULT, LOG_SEGMENT_BYTES};
 use clap::Args;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -24,9 +24,15 @@ fn hostname() -> anyhow::Result<String> {
 /// The health service names `dropline serve` reports.
 pub mod health_services {
     /// The whole platform: SERVING once it can take calls, NOT_SERVING from SIGTERM on, on a
-    /// cluster node while its NATS connection is down, and while the journal refuses writes.
-    /// What readiness checks ask.
+    /// cluster node while its NATS connection is down, and while the journal refuses writes
+    /// until a restart (its storage failed). A full disk leaves it SERVING: reads are still
+    /// served, and writes resume by themselves once space is freed. What readiness checks
+    /// ask.
     pub const READY: &str = "";
+    /// Writes: NOT_SERVING while the journal refuses them, for want of disk space (until
+    /// space is freed) or because its storage failed (until a restart). What an alert on a
+    /// full disk asks.
+    pub const WRITES: &str = "writes";
     /// The process: SERVING from start until it exits, draining included. What liveness
     /// checks ask, so that a draining or NATS-less node is not restarted for nothing.
     pub const LIVE: &str = "liveness";
@@ -73,6 +79,11 @@ pub struct ServeArgs {
     /// Reserves one buyer may make at once before that rate applies [default: 20].
     #[arg(long, env = "DROPLINE_BUYER_RESERVE_BURST", value_parser = clap::value_parser!(u32).range(1..))]
     pub buyer_reserve_burst: Option<u32>,
+    /// Size of the embedded journal's log segments in bytes, each preallocated when it is
+    /// started [default: 67108864]. Smaller ones suit a small disk (and the disk-full tests).
+    #[arg(long, env = "DROPLINE_JOURNAL_SEGMENT_BYTES", hide = true,
+        value_parser = clap::value_parser!(u64).range(JOURNAL_SEGMENT_BYTES_MIN..=JOURNAL_SEGMENT_BYTES_MAX))]
+    pub journal_segment_bytes: Option<u64>,
     /// Check the settings (flags, environment, file) and print them, then exit without
     /// serving: 0 when they are valid.
     #[arg(long)]
@@ -161,6 +172,8 @@ pub struct ServeConfig {
     pub shutdown_delay: Duration,
     /// Running actors of each kind kept at most.
     pub live_actors_max: usize,
+    /// The embedded journal's log segment size.
+    pub journal_segment_bytes: u64,
     /// Checkout's call-rate bounds: per storefront, and per buyer (rate, burst).
     pub storefront_calls_per_sec: u32,
     pub buyer_reserves_per_sec: u32,
@@ -218,6 +231,7 @@ impl ServeArgs {
                 .live_actors_max
                 .or(file.live_actors_max)
                 .map_or(LIVE_ACTORS_MAX_DEFAULT, |n| n as usize),
+            journal_segment_bytes: self.journal_segment_bytes.unwrap_or(LOG_SEGMENT_BYTES),
             storefront_calls_per_sec: self
                 .storefront_calls_per_sec
                 .or(file.storefront_calls_per_sec)
@@ -322,6 +336,7 @@ mod tests {
             operator_token: None,
             shutdown_delay_ms: None,
             live_actors_max: None,
+            journal_segment_bytes: None,
             storefront_calls_per_sec: None,
             buyer_reserves_per_sec: None,
             buyer_reserve_burst: None,
@@ -352,6 +367,7 @@ mod tests {
             operator_token: None,
             shutdown_delay_ms: None,
             live_actors_max: None,
+            journal_segment_bytes: None,
             storefront_calls_per_sec: None,
             buyer_reserves_per_sec: None,
             buyer_reserve_burst: None,
@@ -380,6 +396,7 @@ mod tests {
             operator_token: None,
             shutdown_delay_ms: None,
             live_actors_max: None,
+            journal_segment_bytes: None,
             storefront_calls_per_sec: None,
             buyer_reserves_per_sec: None,
             buyer_reserve_burst: None,
@@ -438,6 +455,7 @@ mod tests {
             operator_token: token.map(str::to_string),
             shutdown_delay_ms: delay,
             live_actors_max: None,
+            journal_segment_bytes: None,
             storefront_calls_per_sec: None,
             buyer_reserves_per_sec: None,
             buyer_reserve_burst: None,

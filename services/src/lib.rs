@@ -45,10 +45,14 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         match &config.cluster {
             Some(cluster) => platform::Platform::open_cluster(cluster, config.operator_token.as_deref()).await,
             None => {
-                platform::Platform::open_embedded(
+                platform::Platform::open_embedded_with(
                     &config.data_dir,
                     config.operator_token.as_deref(),
                     config.live_actors_max,
+                    actors::sled_journal::JournalOptions {
+                        segment_bytes: config.journal_segment_bytes,
+                        ..Default::default()
+                    },
                 )
                 .await
             }

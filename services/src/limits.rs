@@ -180,10 +180,19 @@ pub const FIGURES_LOAD_FAN_OUT: usize = 64;
 pub const PARTITIONS_MAX: u32 = 1_024;
 /// The largest `live_actors_max` accepted (flag, environment or file).
 pub const LIVE_ACTORS_MAX_UPPER: u64 = 100_000_000;
+/// `--journal-segment-bytes` bounds: a segment holds at least a few large records (a
+/// record is a group commit, up to `actors::limits::JOURNAL_BATCH_MAX` appends), and is
+/// preallocated whole, so not more than a disk can spare at once.
+pub const JOURNAL_SEGMENT_BYTES_MIN: u64 = 64 * 1024;
+pub const JOURNAL_SEGMENT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 
 // The defaults pass the configuration's own range checks.
 const _: () = assert!(1 <= PARTITIONS_DEFAULT && PARTITIONS_DEFAULT <= PARTITIONS_MAX);
 const _: () = assert!(1 <= LIVE_ACTORS_MAX_DEFAULT && LIVE_ACTORS_MAX_DEFAULT as u64 <= LIVE_ACTORS_MAX_UPPER);
+const _: () = assert!(
+    JOURNAL_SEGMENT_BYTES_MIN <= actors::limits::LOG_SEGMENT_BYTES
+        && actors::limits::LOG_SEGMENT_BYTES <= JOURNAL_SEGMENT_BYTES_MAX
+);
 
 // Buyers' delivery addresses (the vault's retention bound is `actors::limits`).
 

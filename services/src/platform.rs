@@ -13,7 +13,7 @@ use actors::journal::{Journal, JournalError};
 use actors::limits::ADDRESS_RETENTION_MAX_MS;
 use actors::projections::CachedDrop;
 use actors::secrets::PlatformKeys;
-use actors::sled_journal::SledJournal;
+use actors::sled_journal::{JournalOptions, SledJournal};
 use actors::CommandError;
 use actors::{Clock, CommandBus, LocalActors, Projections, SystemClock};
 use domain::drop::{DropCommand, DropState};
@@ -88,8 +88,18 @@ impl Platform {
         operator_token: Option<&str>,
         live_actors_max: usize,
     ) -> anyhow::Result<Platform> {
+        Platform::open_embedded_with(data_dir, operator_token, live_actors_max, JournalOptions::default()).await
+    }
+
+    /// [`Platform::open_embedded`] with the journal's `options` (its log segment size).
+    pub async fn open_embedded_with(
+        data_dir: &Path,
+        operator_token: Option<&str>,
+        live_actors_max: usize,
+        options: JournalOptions,
+    ) -> anyhow::Result<Platform> {
         std::fs::create_dir_all(data_dir)?;
-        let storage = EmbeddedStorage::all_in(SledJournal::open(data_dir)?);
+        let storage = EmbeddedStorage::all_in(SledJournal::open_with(data_dir, options)?);
         Platform::open_embedded_on(
             data_dir,
             operator_token,

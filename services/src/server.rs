@@ -101,20 +101,42 @@ pub async fn serve_with_options(
     health
         .set_service_status(health_services::READY, tonic_health::ServingStatus::Serving)
         .await;
+    health
+        .set_service_status(health_services::WRITES, tonic_health::ServingStatus::Serving)
+        .await;
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     {
         // Not ready while a cluster node is cut off from NATS (it can neither journal nor
-        // route) or while the journal refuses writes (its storage failed: a restart recovers).
+        // route) or while the journal refuses writes until a restart (its storage failed).
+        // A full disk only turns `writes` NOT_SERVING: reads go on, writes resume by
+        // themselves.
         let health = health.clone();
         let mut stopping_rx = stopping_rx.clone();
         let node = platform.cluster.clone();
         let journal = platform.journal.clone();
         tokio::spawn(async move {
             let mut was_ready = true;
+            let mut took_writes = true;
             loop {
                 tokio::select! {
                     _ = stopping_rx.changed() => return,
                     _ = tokio::time::sleep(Duration::from_millis(NATS_CONNECTION_CHECK_MS)) => {}
+                }
+                // Writes refused (a full disk, or a failed storage): reads are still served.
+                let refusal = journal.write_refusal();
+                if refusal.is_none() != took_writes {
+                    let status = match &refusal {
+                        None => {
+                            info!("the journal takes writes again: writes SERVING");
+                            tonic_health::ServingStatus::Serving
+                        }
+                        Some(refusal) => {
+                            warn!(%refusal, "the journal refuses writes: writes NOT_SERVING, reads still served");
+                            tonic_health::ServingStatus::NotServing
+                        }
+                    };
+                    health.set_service_status(health_services::WRITES, status).await;
+                    took_writes = refusal.is_none();
                 }
                 let problem = match &node {
                     Some(node) if node.unreachable().is_some() => node.unreachable(),

@@ -1,7 +1,9 @@
 //! The one place where domain rejections and actor delivery errors become gRPC statuses.
 //! Field problems carry `BadRequest` details; a reused idempotency key carries an
-//! `ErrorInfo` with reason `IDEMPOTENCY_KEY_REUSED`; overload carries `RetryInfo`.
+//! `ErrorInfo` with reason `IDEMPOTENCY_KEY_REUSED`; overload carries `RetryInfo`, and so does
+//! a full disk (with `ErrorInfo` reason `STORAGE_FULL`).
 
+use actors::limits::JOURNAL_RETRY_MAX_MS;
 use actors::CommandError;
 use domain::{FieldViolation, Rejection};
 use std::collections::HashMap;
@@ -83,5 +85,24 @@ pub fn from_command_error(error: CommandError) -> Status {
             format!("storage failure, nothing acknowledged was lost; retry: {why}"),
             ErrorDetails::with_retry_info(Some(Duration::from_millis(UNAVAILABLE_RETRY_MS))),
         ),
+        CommandError::StorageFull(why) => storage_full(&why),
     }
+}
+
+/// The journal's disk is full: RESOURCE_EXHAUSTED (the code gRPC names for "the entire file
+/// system is out of space"), `ErrorInfo{reason: STORAGE_FULL}` to tell it from overload, and
+/// `RetryInfo` with the journal's longest retry interval: writes resume by themselves within
+/// it once space is freed. Reads are still served.
+pub fn storage_full(why: &str) -> Status {
+    let mut details = ErrorDetails::with_retry_info(Some(Duration::from_millis(JOURNAL_RETRY_MAX_MS)));
+    details.set_error_info("STORAGE_FULL", ERROR_DOMAIN, HashMap::new());
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!(
+            "the server's disk is full, so this change was not acknowledged; reads still work, \
+             retry in {} s with the same request: {why}",
+            JOURNAL_RETRY_MAX_MS.div_ceil(1_000)
+        ),
+        details,
+    )
 }

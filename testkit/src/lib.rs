@@ -8,12 +8,14 @@
 //! - [`LocalCluster`]: NATS JetStream servers and `dropline serve --nats` nodes on loopback,
 //!   and the partition leases they hold.
 //! - [`nats`]: the local NATS servers and the loopback ports servers are started on.
+//! - [`disk`]: a small tmpfs a test can fill (`Tmpfs`, `fill`), for disk-full tests.
 //! - [`fixtures`]: gRPC clients with the test credentials, hubs, couriers, drops and
 //!   requests that tests share.
 //!
 //! `use testkit::*` brings the fixtures, the servers and the cluster in.
 
 pub mod cluster;
+pub mod disk;
 pub mod fixtures;
 pub mod nats;
 pub mod nemesis;

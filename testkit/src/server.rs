@@ -5,14 +5,18 @@ use crate::fixtures::{
     connect_when_serving, create_test_hubs, operator_client, registry_client, storefront_credential,
 };
 use crate::fixtures::{OPERATOR_TOKEN, TEST_STOREFRONT};
+use actors::journal::JournalError;
+use actors::log::storage::Storage;
+use actors::sled_journal::{JournalOptions, SledJournal};
 use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
 use proto::operator::v1::operator_service_client::OperatorServiceClient;
 use proto::operator::v1::{Drop, GetDropRequest};
 use proto::registry::v1::partner_registry_service_client::PartnerRegistryServiceClient;
 use services::auth::{Authed, Bearer};
-use services::platform::Platform;
+use services::platform::{EmbeddedStorage, Platform};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tonic::transport::Channel;
 
 /// Where a server keeps its data: a temporary directory (removed when the server is
@@ -86,15 +90,56 @@ impl TestServer {
         TestServer::serve(platform, data_dir).await
     }
 
+    /// A server over `data_dir` (sled and the secrets there, created if missing) whose
+    /// journal keeps its write-ahead log on `log_storage` (a simulated disk, or one that
+    /// fails and stalls on demand: `actors::log::faulty::FaultyStorage`), with the operator
+    /// credential [`OPERATOR_TOKEN`] and nothing created yet ([`TestServer::add_fixtures`]
+    /// adds the test hubs and storefront). Opening it again over the same directory and
+    /// storage is a restart: it recovers from them.
+    pub async fn on_log_storage(
+        data_dir: &Path,
+        log_storage: Arc<dyn Storage>,
+        options: JournalOptions,
+    ) -> anyhow::Result<TestServer> {
+        std::fs::create_dir_all(data_dir)?;
+        // A journal of a server shut down moments ago lets go of sled's lock once its
+        // last actor has stopped.
+        let mut attempts = 0;
+        let journal = loop {
+            match SledJournal::open_on(data_dir, log_storage.clone(), options) {
+                Err(JournalError::Io(e)) if e.contains("lock") && attempts < 1_000 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                other => break other?,
+            }
+        };
+        let platform = Platform::open_embedded_on(
+            data_dir,
+            Some(OPERATOR_TOKEN),
+            actors::limits::LIVE_ACTORS_MAX_DEFAULT,
+            EmbeddedStorage::all_in(journal),
+            Arc::new(actors::SystemClock),
+        )
+        .await?;
+        TestServer::serve(platform, data_dir).await
+    }
+
+    /// Creates the test hubs and the storefront [`TEST_STOREFRONT`], whose credential the
+    /// checkout client then calls with.
+    pub async fn add_fixtures(&mut self) {
+        create_test_hubs(&self.channel).await;
+        self.storefront_credential =
+            storefront_credential(std::slice::from_ref(&self.channel), OPERATOR_TOKEN, TEST_STOREFRONT)
+                .await
+                .unwrap();
+    }
+
     /// `platform` served over `temporary`, with the test hubs and the storefront `test-web`.
     async fn with_fixtures(platform: Platform, temporary: tempfile::TempDir) -> TestServer {
         let mut server = TestServer::serve(platform, temporary.path()).await.unwrap();
         server.dir._temporary = Some(temporary);
-        create_test_hubs(&server.channel).await;
-        server.storefront_credential =
-            storefront_credential(std::slice::from_ref(&server.channel), OPERATOR_TOKEN, TEST_STOREFRONT)
-                .await
-                .unwrap();
+        server.add_fixtures().await;
         server
     }
 

@@ -29,9 +29,20 @@
 //! sealed (each was synced before any later one was written), and their records can still
 //! be read at their positions ([`LogReader`]).
 //!
+//! **Failed writes.** A write or a sync that fails leaves the log's in-memory end where the
+//! last successful sync left it only after [`Log::rewind`]: the caller rewinds after an
+//! out-of-space error and appends again later. What the failed attempt wrote (whole, torn or
+//! not at all, in the page cache or on the disk) is then overwritten by the next records,
+//! which start with a fresh open record: they chain differently from those stale bytes, so
+//! no stale byte can be read as a record, and the next successful sync covers everything
+//! written since the last one, rewritten. Nothing that a failed sync covered is ever taken
+//! as durable because a later sync succeeded ("fsyncgate": after a failed `fsync` the page
+//! cache may have dropped the dirty pages and marked them clean).
+//!
 //! **Compaction** is the caller's: `remove_segments_before` drops whole segments once what
 //! replaces them is itself durable.
 
+pub mod faulty;
 pub mod sim;
 pub mod storage;
 
@@ -98,6 +109,16 @@ struct Segment {
     file: Arc<dyn StorageFile>,
 }
 
+/// The log as its last successful sync left it: where [`Log::rewind`] goes back to.
+#[derive(Debug, Clone, Copy)]
+struct Synced {
+    /// The segment appended to then (older ones may be removed since: counting them would
+    /// not do).
+    segment: u64,
+    tail: u64,
+    chain: u32,
+}
+
 /// Reads bytes of the log's segments from any thread, while the writer appends: what a
 /// caller reads is what it was told was written (after the `sync` that covered it).
 #[derive(Clone, Default)]
@@ -146,6 +167,12 @@ pub struct Log {
     dirty: Vec<u64>,
     created: bool,
     reader: LogReader,
+    synced: Synced,
+    /// The highest segment index a creation was attempted for (a rewind removes those
+    /// after the synced ones).
+    highest_created: u64,
+    /// Rewound: the next record appended is a fresh open record first.
+    reseal: bool,
 }
 
 fn segment_name(index: u64) -> String {
@@ -231,6 +258,13 @@ impl Log {
             dirty: Vec::new(),
             created: false,
             reader: LogReader::default(),
+            synced: Synced {
+                segment: 0,
+                tail: HEADER_BYTES,
+                chain: 0,
+            },
+            highest_created: 0,
+            reseal: false,
         };
         if let Some(from) = from {
             if !indexes.contains(&from.segment) || from.offset < HEADER_BYTES || from.offset > segment_bytes {
@@ -311,8 +345,8 @@ impl Log {
             log.storage.sync_dir()?;
         }
         log.buffered_at = log.tail;
-        let nonce: u64 = rand::random();
-        log.frame(KIND_OPEN, &nonce.to_le_bytes())?;
+        log.highest_created = log.segments.last().map_or(0, |s| s.index);
+        log.reseal = true;
         log.sync()?;
         Ok(log)
     }
@@ -340,42 +374,121 @@ impl Log {
         each: &mut impl FnMut(Position, &[u8]),
     ) -> io::Result<u64> {
         let size = file.size()?;
-        let mut offset = start;
-        let mut head = [0u8; FRAME_BYTES as usize];
-        let mut payload = Vec::new();
-        while offset + FRAME_BYTES <= size {
-            file.read_exact_at(offset, &mut head)?;
-            let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
-            let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
-            let kind = head[8];
-            if len == 0 || offset + FRAME_BYTES + u64::from(len) > size {
-                break;
-            }
-            payload.resize(len as usize, 0);
-            file.read_exact_at(offset + FRAME_BYTES, &mut payload)?;
-            if frame_crc(self.chain, len, kind, &payload) != crc {
-                break;
-            }
-            self.chain = crc;
-            let frame_len = FRAME_BYTES as u32 + len;
-            if kind == KIND_USER {
-                each(
-                    Position {
-                        segment: index,
-                        offset,
-                        len: frame_len,
-                    },
-                    &payload,
-                );
-            }
-            offset += u64::from(frame_len);
-        }
-        Ok(offset)
+        scan_records(index, file, start, size, &mut self.chain, each)
     }
 
+    /// Hands every synced user record from `from` (the log's first record without it) to
+    /// `each`, in order, reading the segments again: what a store rebuilt while the log is
+    /// open (sled, reopened after it failed) must apply again. Records appended since the
+    /// last successful sync are not read.
+    pub fn replay_synced(&self, from: Option<Checkpoint>, mut each: impl FnMut(Position, &[u8])) -> io::Result<()> {
+        let kept = self
+            .segments
+            .iter()
+            .take_while(|s| s.index <= self.synced.segment)
+            .count();
+        let segments = &self.segments[..kept];
+        let Some(first) = segments.first() else {
+            return Ok(());
+        };
+        let (mut chain, start_segment, start_offset) = match from {
+            Some(from) => (from.chain, from.segment, from.offset),
+            None => {
+                let mut h = [0u8; HEADER_BYTES as usize];
+                first.file.read_exact_at(0, &mut h)?;
+                let chain = parse_header(&h, first.index).ok_or_else(|| {
+                    corrupt(format!(
+                        "log segment {} has a corrupt header",
+                        segment_name(first.index)
+                    ))
+                })?;
+                (chain, first.index, HEADER_BYTES)
+            }
+        };
+        if !segments.iter().any(|s| s.index == start_segment) {
+            return Err(corrupt(format!(
+                "the checkpoint's log segment {} is not in the log",
+                segment_name(start_segment)
+            )));
+        }
+        let last = segments.len() - 1;
+        for (n, segment) in segments.iter().enumerate() {
+            if segment.index < start_segment {
+                continue;
+            }
+            let start = if segment.index == start_segment {
+                start_offset
+            } else {
+                HEADER_BYTES
+            };
+            let limit = if n == last {
+                self.synced.tail
+            } else {
+                segment.file.size()?
+            };
+            let end = scan_records(segment.index, &segment.file, start, limit, &mut chain, &mut each)?;
+            if n == last && end != self.synced.tail {
+                return Err(corrupt(format!(
+                    "log segment {}: synced records end at {}, read back to {end}",
+                    segment_name(segment.index),
+                    self.synced.tail
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the records of segment `index` from `start` up to `limit` (the file's size, or a
+/// known end), chaining from `chain`, handing user records to `each`; returns where the
+/// valid records end, with `chain` the value after the last of them.
+fn scan_records(
+    index: u64,
+    file: &Arc<dyn StorageFile>,
+    start: u64,
+    limit: u64,
+    chain: &mut u32,
+    each: &mut impl FnMut(Position, &[u8]),
+) -> io::Result<u64> {
+    let size = limit;
+    let mut offset = start;
+    let mut head = [0u8; FRAME_BYTES as usize];
+    let mut payload = Vec::new();
+    while offset + FRAME_BYTES <= size {
+        file.read_exact_at(offset, &mut head)?;
+        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+        let kind = head[8];
+        if len == 0 || offset + FRAME_BYTES + u64::from(len) > size {
+            break;
+        }
+        payload.resize(len as usize, 0);
+        file.read_exact_at(offset + FRAME_BYTES, &mut payload)?;
+        if frame_crc(*chain, len, kind, &payload) != crc {
+            break;
+        }
+        *chain = crc;
+        let frame_len = FRAME_BYTES as u32 + len;
+        if kind == KIND_USER {
+            each(
+                Position {
+                    segment: index,
+                    offset,
+                    len: frame_len,
+                },
+                &payload,
+            );
+        }
+        offset += u64::from(frame_len);
+    }
+    Ok(offset)
+}
+
+impl Log {
     /// Creates segment `index`, continuing the chain, and makes it the one appended to. Its
     /// entry and header become durable with the next `sync`.
     fn create_segment(&mut self, index: u64) -> io::Result<()> {
+        self.highest_created = self.highest_created.max(index);
         let file = self.storage.open(&self.name(index), true)?;
         file.allocate(self.segment_bytes)?;
         file.write_all_at(0, &header(index, self.chain))?;
@@ -394,7 +507,62 @@ impl Log {
 
     /// Appends a record; it is durable once `sync` returns.
     pub fn append(&mut self, payload: &[u8]) -> io::Result<Position> {
+        self.reseal()?;
         self.frame(KIND_USER, payload)
+    }
+
+    /// After a rewind, a fresh open record before anything else: what follows chains
+    /// differently from whatever the failed attempt left beyond the synced end.
+    fn reseal(&mut self) -> io::Result<()> {
+        if self.reseal {
+            let nonce: u64 = rand::random();
+            self.frame(KIND_OPEN, &nonce.to_le_bytes())?;
+            self.reseal = false;
+        }
+        Ok(())
+    }
+
+    /// Room for a record of `payload_bytes` at the end of the log: a new segment now if the
+    /// current one cannot hold it (where a full disk shows first: its space is reserved when
+    /// it is created), written at the next `sync`.
+    pub fn make_room(&mut self, payload_bytes: usize) -> io::Result<()> {
+        self.reseal()?;
+        if self.tail + FRAME_BYTES + payload_bytes as u64 > self.segment_bytes {
+            self.roll()?;
+        }
+        Ok(())
+    }
+
+    /// Forgets everything appended since the last successful `sync` (after a failed append,
+    /// write or sync: the caller reports those records as not written): the end goes back to
+    /// where that sync left it, segments created since are dropped (and their files removed
+    /// if the storage lets us: a later opening ignores them anyway, their header continuing
+    /// a chain that the records after the rewind change), and the next record is preceded by
+    /// a fresh open record. Nothing is written here; the next `sync` writes and syncs it all
+    /// again, never relying on what the failed attempt wrote.
+    pub fn rewind(&mut self) {
+        let synced = self.synced;
+        let last_synced = synced.segment;
+        let kept = self.segments.iter().take_while(|s| s.index <= last_synced).count();
+        for segment in self.segments.drain(kept..) {
+            self.reader
+                .files
+                .write()
+                .expect("log files lock")
+                .remove(&segment.index);
+        }
+        for index in last_synced + 1..=self.highest_created {
+            // Best effort: a file left behind is a stale segment to the next opening.
+            let _ = self.storage.remove(&self.name(index));
+        }
+        self.highest_created = last_synced;
+        self.tail = synced.tail;
+        self.chain = synced.chain;
+        self.buffer.clear();
+        self.buffered_at = synced.tail;
+        self.dirty.clear();
+        self.created = false;
+        self.reseal = true;
     }
 
     fn frame(&mut self, kind: u8, payload: &[u8]) -> io::Result<Position> {
@@ -448,9 +616,10 @@ impl Log {
 
     /// Makes every record appended so far durable: writes what is buffered, `fdatasync`s
     /// each segment written since the last sync, oldest first, and the directory if a
-    /// segment was created. A failure leaves the log unusable: the caller must reopen it
-    /// (recovery then decides what survived).
+    /// segment was created. After a failure, the caller either rewinds ([`Log::rewind`])
+    /// or stops using the log (recovery at the next opening decides what survived).
     pub fn sync(&mut self) -> io::Result<()> {
+        self.reseal()?;
         self.write_buffer()?;
         for index in std::mem::take(&mut self.dirty) {
             if let Some(segment) = self.segments.iter().find(|s| s.index == index) {
@@ -460,6 +629,11 @@ impl Log {
         if std::mem::take(&mut self.created) {
             self.storage.sync_dir()?;
         }
+        self.synced = Synced {
+            segment: self.segments.last().expect("a segment").index,
+            tail: self.tail,
+            chain: self.chain,
+        };
         Ok(())
     }
 

@@ -3,7 +3,9 @@
 //! was synced, plus whatever of the cache the seed lets through: nothing, a prefix of the
 //! unsynced writes in order with the next one torn, or any subset of their sectors (a page
 //! cache writes back in its own order). File creations and removals not made
-//! durable by a directory sync may be undone.
+//! durable by a directory sync may be undone. A sync that a test makes fail drops the
+//! writes it covered as Linux may (`StorageFile::sync_failed`): still read, never made
+//! durable by a later sync unless written again.
 
 use super::storage::{Storage, StorageFile, StorageStats};
 use rand::rngs::StdRng;
@@ -27,17 +29,41 @@ struct SimFile {
     /// Writes since the last sync of this file, in order (a length change is a write of
     /// zeros at the end).
     unsynced: Vec<(u64, Vec<u8>)>,
+    /// Byte ranges `[start, end)` whose writeback failed (a sync failed while they were
+    /// unsynced): reads see them, but no later sync makes them durable until they are
+    /// written again, and a power cut loses them (Linux marks such pages clean).
+    dropped: Vec<(u64, u64)>,
 }
 
 impl SimFile {
     fn write(&mut self, offset: u64, data: &[u8]) {
         apply(&mut self.current, offset, data);
         self.unsynced.push((offset, data.to_vec()));
+        let (start, end) = (offset, offset + data.len() as u64);
+        self.dropped = self
+            .dropped
+            .iter()
+            .flat_map(|&(a, b)| [(a, b.min(start)), (a.max(end), b)])
+            .filter(|(a, b)| a < b)
+            .collect();
     }
 
     fn sync(&mut self) {
-        self.durable = self.current.clone();
+        let mut durable = self.current.clone();
+        for &(start, end) in &self.dropped {
+            for offset in start..end.min(durable.len() as u64) {
+                durable[offset as usize] = self.durable.get(offset as usize).copied().unwrap_or(0);
+            }
+        }
+        self.durable = durable;
         self.unsynced.clear();
+    }
+
+    /// A sync failed: what it should have written is dropped (see `dropped`).
+    fn sync_failed(&mut self) {
+        for (offset, data) in std::mem::take(&mut self.unsynced) {
+            self.dropped.push((offset, offset + data.len() as u64));
+        }
     }
 }
 
@@ -163,6 +189,17 @@ impl SimDisk {
                             }
                         }
                     }
+                    // A failed writeback may have written some of its sectors before it
+                    // failed.
+                    for &(start, end) in &file.dropped {
+                        let end = end.min(file.current.len() as u64) as usize;
+                        let data = &file.current[(start as usize).min(end)..end];
+                        for (i, sector) in data.chunks(SECTOR_BYTES).enumerate() {
+                            if rng.random_bool(0.5) {
+                                apply(&mut bytes, start + (i * SECTOR_BYTES) as u64, sector);
+                            }
+                        }
+                    }
                 }
             }
             files.insert(
@@ -171,6 +208,7 @@ impl SimDisk {
                     durable: bytes.clone(),
                     current: bytes,
                     unsynced: Vec::new(),
+                    dropped: Vec::new(),
                 },
             );
         }
@@ -318,5 +356,12 @@ impl StorageFile for SimHandle {
         })?;
         self.disk.stats.syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn sync_failed(&self) {
+        let _ = self.with(false, |file| {
+            file.sync_failed();
+            Ok(())
+        });
     }
 }

@@ -34,6 +34,22 @@ impl StorageStats {
     }
 }
 
+/// Whether `error` says the storage is out of space (`ENOSPC`, or `EDQUOT`: a quota full):
+/// nothing is wrong with what it holds, and writes can succeed again once space is freed.
+/// Every other error of a write or a sync (`EIO` above all) is taken as a failure of the
+/// storage itself.
+pub fn is_out_of_space(error: &io::Error) -> bool {
+    let raw = error.raw_os_error();
+    raw.is_some()
+        && (raw == Some(rustix::io::Errno::NOSPC.raw_os_error())
+            || raw == Some(rustix::io::Errno::DQUOT.raw_os_error()))
+}
+
+/// An `ENOSPC` error, as the file system answers a write it has no room for.
+pub fn out_of_space() -> io::Error {
+    io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error())
+}
+
 /// A directory of files.
 pub trait Storage: Send + Sync + 'static {
     /// The names of the files in the directory.
@@ -60,6 +76,11 @@ pub trait StorageFile: Send + Sync {
     /// `fdatasync`: the file's data written so far, and the metadata needed to read it, are
     /// on stable storage when it returns.
     fn sync_data(&self) -> io::Result<()>;
+    /// What a failed `fdatasync` did to the writes it should have made durable, for a
+    /// storage that simulates it (a test seam; a real file does nothing here): Linux may mark
+    /// the pages it could not write clean, so reads still see them and no later sync writes
+    /// them ("fsyncgate"). Called by a storage that fails syncs on purpose.
+    fn sync_failed(&self) {}
 }
 
 /// The real file system: one directory.

@@ -12,4 +12,5 @@ mod nemesis;
 mod reserve_stream;
 mod restart;
 mod settlement;
+mod storage_faults;
 mod tls;
