@@ -1,7 +1,8 @@
 //! Decoders of stored and received bytes never panic, hang or allocate for a length they
 //! were only told about: every journal entry (snapshots, events and audit entries of every
 //! hosted kind), every command and reply between nodes, the event log's recovery and
-//! checkpoints, and sealed addresses and order tokens. Each property runs on arbitrary
+//! checkpoints, values in parts in sled (snapshots), and sealed addresses and order
+//! tokens. Each property runs on arbitrary
 //! bytes and on mutations of valid encodings (`fuzz`); a corrupt input must be an error, or
 //! decode to a value that encodes and decodes back to itself. Inputs that once broke a
 //! decoder are kept as named tests beside the properties.
@@ -13,6 +14,7 @@ mod event_log;
 mod fuzz;
 mod secrets;
 mod seeds;
+mod sled_stores;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
