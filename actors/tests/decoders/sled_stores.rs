@@ -1,12 +1,17 @@
 //! What the embedded journal reads back from sled: values in parts (`sled_parts::get`:
-//! snapshot headers and parts, legacy whole values), damaged as a corrupt disk or an earlier
-//! bug could leave them.
+//! snapshot headers and parts, legacy whole values), and through `SledJournal`'s port the
+//! event pointers and legacy chunks and the wake-up records, each damaged as a corrupt disk
+//! or an earlier bug could leave it.
 
 use crate::{allocation_bound, fuzz, guarded};
+use actors::journal::{Journal, JournalError};
+use actors::sled_journal::SledJournal;
 use actors::sled_parts::{self, Keys, PartsWrite, PART_MAX_BYTES};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 fn keys(name: &str) -> Keys {
     Keys {
@@ -163,4 +168,106 @@ fn a_header_claiming_huge_lengths_is_refused_before_allocating() {
         sled_parts::get(&tree, &keys).unwrap(),
         Some((1, vec![5; 3 * PART_MAX_BYTES]))
     );
+}
+
+/// A journal over a sled database that holds `entries` (tree, key, value) besides what the
+/// journal writes itself: what it finds at its next opening.
+fn journal_over(dir: &Path, entries: &[(&str, Vec<u8>, Vec<u8>)]) -> Arc<SledJournal> {
+    {
+        let db = sled::open(dir.join("journal")).unwrap();
+        for (tree, key, value) in entries {
+            db.open_tree(tree)
+                .unwrap()
+                .insert(key.as_slice(), value.as_slice())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+    // sled lets go of its lock once its threads notice the database was dropped.
+    for _ in 0..500 {
+        match SledJournal::open(dir) {
+            Err(JournalError::Io(e)) if e.contains("lock") => std::thread::sleep(std::time::Duration::from_millis(10)),
+            opened => return opened.unwrap(),
+        }
+    }
+    panic!("sled's lock was never released");
+}
+
+fn event_key(stream: &str, version: u64) -> Vec<u8> {
+    [b"e/", stream.as_bytes(), &[0], &version.to_be_bytes()].concat()
+}
+
+/// A chunk stored whole (as versions before the event log wrote them): each event as a
+/// 4-byte little-endian length and its bytes.
+fn legacy_chunk(events: &[&[u8]]) -> Vec<u8> {
+    events
+        .iter()
+        .flat_map(|e| [&(e.len() as u32).to_le_bytes()[..], e].concat())
+        .collect()
+}
+
+/// A stream's events as the journal reads them back.
+type Events = Result<Vec<(u64, Vec<u8>)>, JournalError>;
+
+/// Reads all of `stream`, with the largest allocation that made.
+fn load_all(journal: &Arc<SledJournal>, stream: &'static str) -> (Events, usize) {
+    let journal = journal.clone();
+    guarded(move || futures::executor::block_on(journal.load_all(stream)))
+}
+
+/// Regression: a pointer whose length claimed 4 GiB made the reader allocate 4 GiB for the
+/// chunk before reading it. It is an error now, found before anything is allocated.
+#[test]
+fn an_event_pointer_claiming_4_gib_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let pointer = |offset: u64, len: u32| -> Vec<u8> {
+        [
+            &[0xff; 4][..],
+            &0u64.to_le_bytes(),
+            &offset.to_le_bytes(),
+            &len.to_le_bytes(),
+            &0u32.to_le_bytes(),
+        ]
+        .concat()
+    };
+    let journal = journal_over(
+        dir.path(),
+        &[
+            ("streams", event_key("sku/d/a", 1), pointer(32, u32::MAX)),
+            ("streams", event_key("sku/d/b", 1), pointer(u64::MAX - 8, 64)),
+            ("streams", event_key("sku/d/c", 1), pointer(32, 1 << 30)),
+        ],
+    );
+    for stream in ["sku/d/a", "sku/d/b", "sku/d/c"] {
+        let (loaded, largest) = load_all(&journal, stream);
+        assert!(loaded.is_err(), "{stream}: {loaded:?}");
+        assert!(largest < 1024 * 1024, "{stream}: allocated {largest} bytes");
+    }
+}
+
+#[test]
+fn legacy_chunks_with_impossible_lengths_are_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut huge = legacy_chunk(&[b"one"]);
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    huge.extend_from_slice(b"short");
+    let journal = journal_over(
+        dir.path(),
+        &[
+            ("streams", event_key("sku/d/a", 1), huge),
+            ("streams", event_key("sku/d/b", 1), vec![1, 0]),
+        ],
+    );
+    for stream in ["sku/d/a", "sku/d/b"] {
+        let (loaded, largest) = load_all(&journal, stream);
+        assert!(matches!(loaded, Err(JournalError::Corrupt(_))), "{stream}: {loaded:?}");
+        assert!(largest < 1024 * 1024, "{stream}: allocated {largest} bytes");
+    }
+}
+
+#[test]
+fn a_wakeup_record_of_the_wrong_size_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = journal_over(dir.path(), &[("streams", b"w/sku/d/a".to_vec(), vec![1, 2, 3])]);
+    assert!(matches!(journal.wakeups(), Err(JournalError::Corrupt(_))));
 }
