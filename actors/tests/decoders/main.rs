@@ -1,11 +1,14 @@
 //! Decoders of stored and received bytes never panic, hang or allocate for a length they
 //! were only told about: every journal entry (snapshots, events and audit entries of every
 //! hosted kind), every command and reply between nodes, the event log's recovery and
-//! checkpoints, the sled stores (snapshot parts, event pointers and chunks, wake-ups), and
-//! sealed addresses and order tokens. Each property runs on arbitrary
+//! checkpoints, the sled stores (snapshot parts, event pointers and chunks, wake-ups, the
+//! audit trail), and sealed addresses and order tokens. Each property runs on arbitrary
 //! bytes and on mutations of valid encodings (`fuzz`); a corrupt input must be an error, or
 //! decode to a value that encodes and decodes back to itself. Inputs that once broke a
 //! decoder are kept as named tests beside the properties.
+//!
+//! The embedded journal's private decoders (log records, event pointers, chunks) have the
+//! same properties as unit tests in the module that defines them.
 //!
 //! `DROPLINE_FUZZ_CASES` runs more cases per property than the CI-sized default.
 

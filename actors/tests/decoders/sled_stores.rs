@@ -1,12 +1,14 @@
 //! What the embedded journal reads back from sled: values in parts (`sled_parts::get`:
 //! snapshot headers and parts, legacy whole values), and through `SledJournal`'s port the
-//! event pointers and legacy chunks and the wake-up records, each damaged as a corrupt disk
-//! or an earlier bug could leave it.
+//! event keys, event pointers and legacy chunks, wake-up records, audit keys and the vault's
+//! shred index, each damaged as a corrupt disk or an earlier bug could leave it.
 
 use crate::{allocation_bound, fuzz, guarded};
-use actors::journal::{Journal, JournalError};
+use actors::audit_log::{AuditLog, AuditSubject};
+use actors::journal::{AddressVault, Journal, JournalError};
 use actors::sled_journal::SledJournal;
 use actors::sled_parts::{self, Keys, PartsWrite, PART_MAX_BYTES};
+use domain::UnixMillis;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use std::path::Path;
@@ -270,4 +272,56 @@ fn a_wakeup_record_of_the_wrong_size_is_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let journal = journal_over(dir.path(), &[("streams", b"w/sku/d/a".to_vec(), vec![1, 2, 3])]);
     assert!(matches!(journal.wakeups(), Err(JournalError::Corrupt(_))));
+}
+
+/// Regression: after a snapshot of version `u64::MAX - 1`, a chunk of two events under the
+/// key of version `u64::MAX` overflowed the version count (a panic in debug builds, a
+/// wrapped version in release ones). Versions past the last one are corruption.
+#[test]
+fn events_past_the_last_version_are_corruption_not_an_overflow() {
+    let dir = tempfile::tempdir().unwrap();
+    // A snapshot as versions before snapshots in parts wrote it: `s/<stream>`, its version
+    // (8 bytes, big-endian), then the state.
+    let snapshot = [&(u64::MAX - 1).to_be_bytes()[..], b"state"].concat();
+    let journal = journal_over(
+        dir.path(),
+        &[
+            ("streams", b"s/sku/d/a".to_vec(), snapshot),
+            (
+                "streams",
+                event_key("sku/d/a", u64::MAX),
+                legacy_chunk(&[b"one", b"two"]),
+            ),
+        ],
+    );
+    let loading = journal.clone();
+    let (loaded, _) = guarded(move || futures::executor::block_on(loading.load("sku/d/a")).map(|r| r.events));
+    assert!(matches!(loaded, Err(JournalError::Corrupt(_))), "{loaded:?}");
+}
+
+/// Regression: an audit key too short to end with its 8-byte sequence made listing its
+/// subject panic (the sequence was sliced from the key's last 8 bytes).
+#[test]
+fn a_short_audit_key_does_not_break_the_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = journal_over(dir.path(), &[("audit", b"o/a\0\x01".to_vec(), vec![2])]);
+    let (listed, _) = guarded(move || journal.list(&AuditSubject::Order("a".into()), None, 10));
+    assert!(matches!(listed, Err(JournalError::Corrupt(_))), "{listed:?}");
+}
+
+/// Regression: a key of the vault's shred index shorter than its 8-byte time made the
+/// shredder panic, and with it every later shred. It is dropped as the garbage it is.
+#[test]
+fn a_short_shred_index_key_is_dropped_and_shredding_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Before every real key of the index (whose first 8 bytes are a time), so it is due.
+    let journal = journal_over(dir.path(), &[("address_shred", vec![0, 0, 0], Vec::new())]);
+    let keys = actors::secrets::PlatformKeys::from_key([3; 32]);
+    let sealed = keys.seal_address("o1", b"Rua A 1");
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(async {
+        assert!(journal.put_new("o1", &sealed, UnixMillis(10)).await.unwrap());
+        assert_eq!(journal.shred_due(UnixMillis(20), 10).await.unwrap(), 2);
+        assert_eq!(journal.get("o1").await.unwrap(), None);
+    });
 }
