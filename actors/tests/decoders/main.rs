@@ -18,6 +18,7 @@ mod fuzz;
 mod secrets;
 mod seeds;
 mod sled_stores;
+mod wakeups;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
