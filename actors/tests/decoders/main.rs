@@ -7,8 +7,8 @@
 //! decode to a value that encodes and decodes back to itself. Inputs that once broke a
 //! decoder are kept as named tests beside the properties.
 //!
-//! The embedded journal's private decoders (log records, event pointers, chunks) have the
-//! same properties as unit tests in the module that defines them.
+//! The private decoders (log record framing in the journal, cluster messages, vault
+//! records) have the same properties as unit tests in the modules that define them.
 //!
 //! `DROPLINE_FUZZ_CASES` runs more cases per property than the CI-sized default.
 
