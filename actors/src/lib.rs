@@ -32,6 +32,11 @@ pub mod sled_journal;
 pub mod sled_parts;
 pub mod wakeups;
 
+/// The decoder property tests' helpers, shared with the `decoders` integration test.
+#[cfg(test)]
+#[path = "../tests/decoders/fuzz.rs"]
+mod fuzz;
+
 pub use bus::CommandBus;
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use embedded::LocalActors;

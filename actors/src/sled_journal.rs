@@ -663,11 +663,17 @@ impl SledJournal {
                 .into_iter()
                 .enumerate()
             {
-                let version = first + offset as u64;
+                // Versions come from stored keys: past `u64::MAX` is corruption, not a wrap.
+                let past_the_last =
+                    || JournalError::Corrupt(format!("{stream}: chunk at {first}: versions past the last one"));
+                let version = first.checked_add(offset as u64).ok_or_else(past_the_last)?;
                 if version <= after {
                     continue;
                 }
-                let expected = events.last().map_or(wanted, |(last, _)| last + 1);
+                let expected = match events.last() {
+                    Some((last, _)) => last.checked_add(1).ok_or_else(past_the_last)?,
+                    None => wanted,
+                };
                 if version != expected {
                     return Err(JournalError::Corrupt(format!(
                         "{stream}: version {version} where {expected} was expected"
@@ -1871,7 +1877,9 @@ impl AddressVault for SledJournal {
             let order = self.vault_order.lock().expect("vault order lock");
             let mut ops = Vec::with_capacity(3 * due.len());
             for index_key in &due {
-                let order_id = &index_key[8..];
+                // A key too short to hold its time names no order: removing it is all there
+                // is to do (it would otherwise come first in every pass).
+                let order_id = index_key.get(8..).unwrap_or_default();
                 (&store.address_keys, &store.addresses, &store.address_shred)
                     .transaction(|(keys, addresses, shred)| {
                         keys.remove(order_id)?;
@@ -1936,9 +1944,12 @@ impl AuditLog for SledJournal {
         let start = audit_key(kind, id, 0);
         let end = audit_key(kind, id, before.unwrap_or(u64::MAX));
         let mut page = AuditPage::default();
-        for item in store.audit.range(start..end).rev() {
+        for item in store.audit.range(start.as_slice()..end.as_slice()).rev() {
             let (key, value) = item.map_err(|e| JournalError::Io(e.to_string()))?;
-            let seq = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
+            // The subject's prefix, then exactly 8 bytes of sequence (as `start` has).
+            let seq = <[u8; 8]>::try_from(key.get(start.len() - 8..).unwrap_or_default())
+                .map(u64::from_be_bytes)
+                .map_err(|_| JournalError::Corrupt("an audit key without its sequence".into()))?;
             if page.entries.len() == limit {
                 page.next = Some(seq + 1);
                 break;
@@ -1949,6 +1960,9 @@ impl AuditLog for SledJournal {
         Ok(page)
     }
 }
+
+#[cfg(test)]
+mod decoders;
 
 #[cfg(test)]
 mod tests {

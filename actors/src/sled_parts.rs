@@ -109,31 +109,47 @@ pub fn get(tree: &sled::Tree, keys: &Keys) -> Result<Option<(u64, Vec<u8>)>, Str
     Err("the value kept changing while being read".into())
 }
 
-/// The parts of one generation, or why they do not add up to the header.
+/// The parts of one generation, or why they do not add up to the header. The header's
+/// length sizes nothing until the parts are found to add up to it: a corrupt header claiming
+/// terabytes is an error, not an allocation. The parts are gathered as sled holds them
+/// (shared, not copied), then copied once into a buffer of their total.
 fn read_parts(tree: &sled::Tree, keys: &Keys, head: &Header) -> Result<Result<Vec<u8>, String>, String> {
     let Header {
         generation, len, parts, ..
     } = *head;
-    let mut value = Vec::with_capacity(usize::try_from(len).map_err(|_| "value too large".to_string())?);
-    let mut next = 0u32;
+    let mut found = Vec::new();
+    let mut total = 0u64;
     if parts > 0 {
         for item in tree.range(keys.part(generation, 0)..=keys.part(generation, parts - 1)) {
             let (key, part) = item.map_err(io)?;
-            let index = u32::from_be_bytes(key[key.len() - 4..].try_into().expect("4-byte suffix"));
-            if index != next {
+            // A part's key is the prefix, the generation and its index; any other key in the
+            // range is not one of them.
+            let index = key
+                .get(keys.parts.len() + 8..)
+                .and_then(|index| <[u8; 4]>::try_from(index).ok())
+                .map(u32::from_be_bytes);
+            if index != u32::try_from(found.len()).ok() {
                 return Ok(Err(format!(
-                    "generation {generation}: part {next} of {parts} is missing"
+                    "generation {generation}: part {} of {parts} is missing",
+                    found.len()
                 )));
             }
-            value.extend_from_slice(&part);
-            next += 1;
+            total += part.len() as u64;
+            if total > len {
+                break;
+            }
+            found.push(part);
         }
     }
-    if next != parts || value.len() as u64 != len {
+    if found.len() as u64 != u64::from(parts) || total != len {
         return Ok(Err(format!(
-            "generation {generation}: {next} of {parts} parts, {} of {len} bytes",
-            value.len()
+            "generation {generation}: {} of {parts} parts, {total} of {len} bytes",
+            found.len()
         )));
+    }
+    let mut value = Vec::with_capacity(total as usize);
+    for part in &found {
+        value.extend_from_slice(part);
     }
     Ok(Ok(value))
 }

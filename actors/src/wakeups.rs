@@ -89,7 +89,9 @@ async fn run(
     let running = Arc::new(Semaphore::new(WAKE_CONCURRENCY));
     loop {
         let sleep = match schedule.next() {
-            Some(at) => Duration::from_millis((at.0 - clock.now().0).max(0) as u64),
+            // Deadlines come from stored records (any 8 bytes): saturating, so one at
+            // `i64::MIN` is simply due and one at `i64::MAX` waits, neither an overflow.
+            Some(at) => Duration::from_millis(at.0.saturating_sub(clock.now().0).max(0) as u64),
             None => Duration::from_secs(3_600),
         };
         tokio::select! {

@@ -153,21 +153,7 @@ impl JetStreamJournal {
             while let Some(message) = messages.next().await {
                 let message = message.map_err(io)?;
                 let seq = message.info().map_err(|e| io(e.to_string()))?.stream_sequence;
-                let chunk: Chunk = postcard::from_bytes(&message.payload)
-                    .map_err(|e| JournalError::Corrupt(format!("{stream}: message {seq}: {e}")))?;
-                for (offset, event) in chunk.events.into_iter().enumerate() {
-                    let version = chunk.first + offset as u64;
-                    if version <= after_version {
-                        continue;
-                    }
-                    let expected = events.last().map_or(after_version + 1, |(v, _)| v + 1);
-                    if version != expected {
-                        return Err(JournalError::Corrupt(format!(
-                            "{stream}: version {version} where {expected} was expected (message {seq})"
-                        )));
-                    }
-                    events.push((version, event));
-                }
+                take_chunk(stream, seq, &message.payload, after_version, &mut events)?;
                 if seq >= last {
                     break;
                 }
@@ -222,6 +208,40 @@ impl JetStreamJournal {
             .expect("tails lock")
             .retain(|stream, _| placement::partition_of(stream, self.partitions) != partition);
     }
+}
+
+/// Decodes message `seq` of `stream`'s subject (a [`Chunk`]) and adds its events after
+/// `after_version` to `events`, checking that they continue the versions before them. The
+/// message comes from the server as it was stored: a corrupt one is an error, and versions
+/// past `u64::MAX` are corruption, not an overflow.
+fn take_chunk(
+    stream: &str,
+    seq: u64,
+    payload: &[u8],
+    after_version: u64,
+    events: &mut Vec<(u64, Vec<u8>)>,
+) -> Result<(), JournalError> {
+    let corrupt = |what: String| JournalError::Corrupt(format!("{stream}: message {seq}: {what}"));
+    let chunk: Chunk = postcard::from_bytes(payload).map_err(|e| corrupt(e.to_string()))?;
+    for (offset, event) in chunk.events.into_iter().enumerate() {
+        let version = chunk
+            .first
+            .checked_add(offset as u64)
+            .ok_or_else(|| corrupt("versions past the last one".into()))?;
+        if version <= after_version {
+            continue;
+        }
+        let expected = events
+            .last()
+            .map_or(after_version, |(v, _)| *v)
+            .checked_add(1)
+            .ok_or_else(|| corrupt("versions past the last one".into()))?;
+        if version != expected {
+            return Err(corrupt(format!("version {version} where {expected} was expected")));
+        }
+        events.push((version, event));
+    }
+    Ok(())
 }
 
 impl Journal for JetStreamJournal {
@@ -584,3 +604,6 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod decoders;

@@ -65,8 +65,9 @@ enum Request {
     },
     /// Run the timer command of the actor of this stream.
     Wake(String),
-    /// Commands for one partition, sent together (answered by `Response::Batch`).
-    Batch(Vec<Request>),
+    /// Commands for one partition, sent together (answered by `Response::Batch`); never a
+    /// batch in turn (see [`Unbatched`]).
+    Batch(#[serde(deserialize_with = "unbatched_requests")] Vec<Request>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -75,8 +76,68 @@ enum Response {
     Reply(Vec<u8>),
     /// The receiving node does not own the partition (any more): ask again.
     NotOwner,
-    /// The answers to a `Request::Batch`, in its order.
-    Batch(Vec<Result<Response, CommandError>>),
+    /// The answers to a `Request::Batch`, in its order; never a batch in turn.
+    Batch(#[serde(deserialize_with = "unbatched_responses")] Vec<Result<Response, CommandError>>),
+}
+
+/// A request in a batch as it is decoded: a command or a wake, never another batch. postcard
+/// decodes nested values by recursion, so a message nesting batches in batches would take
+/// the decoding task's stack as deep as its length says (a stack overflow aborts the
+/// process); this way nesting ends at the second level. The variants are `Request`'s first
+/// two, in its order: the bytes are the same.
+#[derive(Deserialize)]
+enum Unbatched {
+    Command {
+        kind: String,
+        stream: String,
+        command: Vec<u8>,
+        tell: bool,
+    },
+    Wake(String),
+}
+
+fn unbatched_requests<'de, D: serde::Deserializer<'de>>(decoder: D) -> Result<Vec<Request>, D::Error> {
+    let requests = Vec::<Unbatched>::deserialize(decoder)?;
+    Ok(requests
+        .into_iter()
+        .map(|request| match request {
+            Unbatched::Command {
+                kind,
+                stream,
+                command,
+                tell,
+            } => Request::Command {
+                kind,
+                stream,
+                command,
+                tell,
+            },
+            Unbatched::Wake(stream) => Request::Wake(stream),
+        })
+        .collect())
+}
+
+/// An answer in a batch as it is decoded: `Response`'s first two variants (see
+/// [`Unbatched`]).
+#[derive(Deserialize)]
+enum UnbatchedResponse {
+    Reply(Vec<u8>),
+    NotOwner,
+}
+
+fn unbatched_responses<'de, D: serde::Deserializer<'de>>(
+    decoder: D,
+) -> Result<Vec<Result<Response, CommandError>>, D::Error> {
+    let responses = Vec::<Result<UnbatchedResponse, CommandError>>::deserialize(decoder)?;
+    Ok(responses
+        .into_iter()
+        .map(|response| {
+            response.map(|response| match response {
+                UnbatchedResponse::Reply(bytes) => Response::Reply(bytes),
+                UnbatchedResponse::NotOwner => Response::NotOwner,
+            })
+        })
+        .collect())
 }
 
 type Pending = (Request, oneshot::Sender<Result<Response, CommandError>>);
@@ -937,3 +998,6 @@ impl AddressVault for KvAddresses {
         })
     }
 }
+
+#[cfg(test)]
+mod decoders;

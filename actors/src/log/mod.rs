@@ -136,6 +136,15 @@ impl LogReader {
             .get(&segment)
             .cloned()
             .ok_or_else(|| corrupt(format!("log segment {} is gone", segment_name(segment))))?;
+        // Where to read comes from stored pointers: one past the segment's end is refused
+        // before a buffer of the length it claims is allocated.
+        let size = file.size()?;
+        if (len as u64).checked_add(offset).is_none_or(|end| end > size) {
+            return Err(corrupt(format!(
+                "{len} bytes at {offset} are past the end of log segment {}",
+                segment_name(segment)
+            )));
+        }
         let mut bytes = vec![0u8; len];
         file.read_exact_at(offset, &mut bytes)?;
         Ok(bytes)
