@@ -154,13 +154,24 @@ async fn check_orders_and_figures(
     let mut operator = operator_client(channel);
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let drop = operator
+        // A read right after the kill may still meet the takeover (the drop's partition
+        // without an owner): UNAVAILABLE or DEADLINE_EXCEEDED say ask again.
+        let drop = match operator
             .get_drop(GetDropRequest {
                 drop_id: drop_id.into(),
             })
             .await
-            .unwrap()
-            .into_inner();
+        {
+            Ok(drop) => drop.into_inner(),
+            Err(status)
+                if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+                    && Instant::now() < until + Duration::from_secs(20) =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            Err(status) => panic!("GetDrop: {status}"),
+        };
         let sku = &drop.skus[0];
         assert!(sku.sold <= stock, "oversold: {} sold of {stock}", sku.sold);
         assert_eq!(sku.available + sku.held + sku.sold, sku.allocated);
