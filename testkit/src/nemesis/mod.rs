@@ -11,7 +11,8 @@
 //! - a node's NATS links slowed down;
 //! - SIGSTOP of a node for longer than the lease TTL (it must be fenced when it wakes up
 //!   believing it still owns its partitions), or of a NATS server;
-//! - kill -9 of one or two nodes, or of a NATS server, and their restart.
+//! - kill -9 of one or two nodes, of a NATS server, or of a node and a server at once, and
+//!   their restart.
 //!
 //! Then it heals everything, times how long until every node serves writes again, asks every
 //! indeterminate call again (same key, same id) until its answer is definite, and runs the
@@ -53,6 +54,8 @@ pub enum Fault {
     /// kill -9, then a restart on the same data.
     KillNodes(Vec<usize>),
     KillNats(usize),
+    /// A node and a NATS server at once.
+    KillNodeAndNats(usize, usize),
 }
 
 impl std::fmt::Display for Fault {
@@ -69,6 +72,7 @@ impl std::fmt::Display for Fault {
                 write!(f, "kill -9 {}", names.join("+"))
             }
             Fault::KillNats(i) => write!(f, "kill -9 nats-{i}"),
+            Fault::KillNodeAndNats(n, i) => write!(f, "kill -9 node-{n}+nats-{i}"),
         }
     }
 }
@@ -90,7 +94,7 @@ pub fn schedule(seed: u64, steps: usize, nodes: usize, servers: usize, lease_ttl
         .map(|_| {
             let node = rng.random_range(0..nodes);
             let server = rng.random_range(0..servers);
-            let (fault, hold) = match rng.random_range(0..8) {
+            let (fault, hold) = match rng.random_range(0..9) {
                 0 => (Fault::IsolateNode(node), ms(&mut rng, 1_000, 6_000)),
                 1 if servers > 1 => (Fault::IsolateNats(server), ms(&mut rng, 1_000, 6_000)),
                 2 if servers > 1 => {
@@ -110,7 +114,8 @@ pub fn schedule(seed: u64, steps: usize, nodes: usize, servers: usize, lease_ttl
                     }
                     (Fault::KillNodes(victims), ms(&mut rng, 500, 4_000))
                 }
-                _ => (Fault::KillNats(server), ms(&mut rng, 500, 4_000)),
+                7 => (Fault::KillNats(server), ms(&mut rng, 500, 4_000)),
+                _ => (Fault::KillNodeAndNats(node, server), ms(&mut rng, 500, 4_000)),
             };
             Step {
                 fault,
@@ -366,6 +371,10 @@ fn inject(cluster: &mut LocalCluster, fault: &Fault) -> anyhow::Result<()> {
             }
         }
         Fault::KillNats(i) => cluster.nats().kill(*i),
+        Fault::KillNodeAndNats(n, i) => {
+            cluster.kill(*n);
+            cluster.nats().kill(*i);
+        }
     }
     Ok(())
 }
@@ -383,6 +392,10 @@ async fn heal(cluster: &mut LocalCluster, fault: &Fault) -> anyhow::Result<()> {
             }
         }
         Fault::KillNats(i) => cluster.nats().restart(*i)?,
+        Fault::KillNodeAndNats(n, i) => {
+            cluster.nats().restart(*i)?;
+            cluster.restart(*n).await?;
+        }
     }
     Ok(())
 }
