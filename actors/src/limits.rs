@@ -258,6 +258,9 @@ pub const PROJECTION_BATCH_MAX: usize = 1_024;
 pub const PROJECTION_LINGER: Duration = Duration::from_millis(10);
 /// Projection messages whose storage acknowledgement is awaited at once.
 pub const PROJECTION_ACKS_PENDING: usize = 64;
+/// How long a node waits before sending again the projection updates the events stream did
+/// not store (a leader election takes about this long).
+pub const PROJECTION_RETRY: Duration = Duration::from_millis(500);
 /// Projection updates stay this long in the events stream, within this many bytes.
 pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(3_600);
 pub const EVENTS_MAX_BYTES: i64 = 256 << 20;

@@ -203,7 +203,12 @@ impl Platform {
                 (OperatorCredential::from_hash(stored)?, shown)
             }
         };
-        let addresses = Arc::new(KvAddresses::open(node.jetstream()).await?);
+        let addresses = Arc::new(
+            actors::cluster::node::patiently("opening the address vault", || async {
+                Ok(KvAddresses::open(node.jetstream()).await?)
+            })
+            .await?,
+        );
         let bus: Arc<dyn CommandBus> = node.clone();
         // The directory (credential lookups) from the registry, wherever it runs; updates
         // after this come with the projection updates, which this node already receives.

@@ -15,8 +15,8 @@ use crate::journal::{AddressVault, BoxFuture, JournalError};
 use crate::limits::{
     ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_SCAN_FACTOR, COMMAND_TIMEOUT_MS, EVENTS_ACK_PENDING_MAX, EVENTS_MAX_AGE,
     EVENTS_MAX_BYTES, EVENTS_PULL_EXPIRES, EVENTS_PULL_HEARTBEAT, PROJECTION_ACKS_PENDING, PROJECTION_BATCH_MAX,
-    PROJECTION_LINGER, PROJECTION_QUEUE_MAX, REMOTE_COMMANDS_MAX, ROUTE_BACKOFF_MAX, ROUTE_BACKOFF_MIN,
-    ROUTE_BATCHES_IN_FLIGHT, ROUTE_BATCH_MAX, ROUTE_QUEUE_MAX, STORAGE_WAIT,
+    PROJECTION_LINGER, PROJECTION_QUEUE_MAX, PROJECTION_RETRY, REMOTE_COMMANDS_MAX, ROUTE_BACKOFF_MAX,
+    ROUTE_BACKOFF_MIN, ROUTE_BATCHES_IN_FLIGHT, ROUTE_BATCH_MAX, ROUTE_QUEUE_MAX, STORAGE_WAIT,
 };
 use crate::projections::{ProjectionUpdate, Projections, RemoteProjections};
 use crate::secrets::SealedAddress;
@@ -166,14 +166,43 @@ impl RemoteProjections for NatsProjections {
 /// only the latest figures of each SKU (a hot SKU changes them on every reserve; readers
 /// want the last). Acknowledgements are awaited in windows of `PROJECTION_ACKS_PENDING`
 /// (unawaited JetStream publishes stall the client once too many are pending).
-async fn publish_projections(js: jetstream::Context, node: String, mut rx: mpsc::Receiver<Vec<ProjectionUpdate>>) {
+///
+/// A message the stream did not store (no leader for a while, a server restarting) is not
+/// simply lost: its SKU figures are published again, as this node's cache has them then
+/// (never older than what it sent since), and its audit entries as they were (facts, in any
+/// order), after `PROJECTION_RETRY`; other updates (order and dispatch views, live statement
+/// lines) are superseded by the next change or read from their actors. Without it a node
+/// could show a SKU's figures from before the fault until the SKU next changed — found by
+/// the nemesis on a sold-out SKU.
+async fn publish_projections(
+    js: jetstream::Context,
+    node: String,
+    mut rx: mpsc::Receiver<Vec<ProjectionUpdate>>,
+    projections: Weak<Projections>,
+) {
     let subject = placement::events_subject(&node);
     let mut acks = futures::stream::FuturesUnordered::new();
     let mut queued = Vec::with_capacity(PROJECTION_BATCH_MAX);
-    while rx.recv_many(&mut queued, PROJECTION_BATCH_MAX).await > 0 {
+    // What failed, to send again: SKUs (by key, refreshed from the cache) and audit entries.
+    let mut retry_skus: BTreeSet<(domain::DropId, domain::SkuId)> = BTreeSet::new();
+    let mut retry_audit: Vec<ProjectionUpdate> = Vec::new();
+    loop {
+        let waiting = !retry_skus.is_empty() || !retry_audit.is_empty();
+        let received = if waiting {
+            match tokio::time::timeout(PROJECTION_RETRY, rx.recv_many(&mut queued, PROJECTION_BATCH_MAX)).await {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(_) => 0,
+            }
+        } else {
+            match rx.recv_many(&mut queued, PROJECTION_BATCH_MAX).await {
+                0 => return,
+                n => n,
+            }
+        };
         // Linger a moment: under load this turns a message per reserve into a few per
         // second, which matters with every message replicated to three servers.
-        if queued.len() < PROJECTION_BATCH_MAX {
+        if received > 0 && queued.len() < PROJECTION_BATCH_MAX {
             tokio::time::sleep(PROJECTION_LINGER).await;
             // Only what is queued by now: `recv_many` would wait for one more update, and a
             // lone update (a storefront registered on a quiet cluster) would wait with it.
@@ -184,7 +213,25 @@ async fn publish_projections(js: jetstream::Context, node: String, mut rx: mpsc:
                 }
             }
         }
-        let mut updates: Vec<ProjectionUpdate> = queued.drain(..).flatten().collect();
+        // What is sent again goes first: anything newer in this batch replaces it.
+        let mut updates: Vec<ProjectionUpdate> = std::mem::take(&mut retry_audit);
+        if !retry_skus.is_empty() {
+            if let Some(projections) = projections.upgrade() {
+                for (drop_id, sku_id) in std::mem::take(&mut retry_skus) {
+                    let figures = projections
+                        .availability
+                        .get(&drop_id)
+                        .and_then(|drop| drop.skus.iter().find(|f| f.sku_id == sku_id).cloned());
+                    if let Some(figures) = figures {
+                        updates.push(ProjectionUpdate::Sku((*figures).clone()));
+                    }
+                }
+            }
+        }
+        updates.extend(queued.drain(..).flatten());
+        if updates.is_empty() {
+            continue;
+        }
         let mut seen = std::collections::HashSet::new();
         let mut keep = vec![true; updates.len()];
         for (i, update) in updates.iter().enumerate().rev() {
@@ -194,6 +241,12 @@ async fn publish_projections(js: jetstream::Context, node: String, mut rx: mpsc:
         }
         let mut flags = keep.into_iter();
         updates.retain(|_| flags.next().unwrap_or(true));
+        // What to send again should this message not be stored.
+        let again: Vec<ProjectionUpdate> = updates
+            .iter()
+            .filter(|u| matches!(u, ProjectionUpdate::Sku(_) | ProjectionUpdate::Audit(_)))
+            .cloned()
+            .collect();
         let batch = ProjectionBatch {
             origin: node.clone(),
             updates,
@@ -205,19 +258,31 @@ async fn publish_projections(js: jetstream::Context, node: String, mut rx: mpsc:
                 continue;
             }
         };
+        let mut failed = |again: Vec<ProjectionUpdate>, error: &dyn std::fmt::Display| {
+            warn!(%error, "projection update not stored; its figures and audit entries are sent again");
+            for update in again {
+                match update {
+                    ProjectionUpdate::Sku(figures) => {
+                        retry_skus.insert((figures.drop_id.clone(), figures.sku_id.clone()));
+                    }
+                    audit if retry_audit.len() < PROJECTION_QUEUE_MAX => retry_audit.push(audit),
+                    _ => warn!("projection retry queue full; an audit entry reaches other nodes only from its journal"),
+                }
+            }
+        };
         while acks.len() >= PROJECTION_ACKS_PENDING {
-            if let Some(Err(e)) = acks.next().await {
-                warn!(error = %e, "projection update not stored; other nodes miss it until the next change");
+            if let Some((Err(e), again)) = acks.next().await {
+                failed(again, &e);
             }
         }
         match js.publish(subject.clone(), bytes.into()).await {
-            Ok(ack) => acks.push(std::future::IntoFuture::into_future(ack)),
-            Err(e) => warn!(error = %e, "projection update not published"),
+            Ok(ack) => acks.push(async move { (std::future::IntoFuture::into_future(ack).await, again) }),
+            Err(e) => failed(again, &e),
         }
         // Collect the acknowledgements that are already in.
-        while let Some(Some(done)) = futures::FutureExt::now_or_never(acks.next()) {
+        while let Some(Some((done, again))) = futures::FutureExt::now_or_never(acks.next()) {
             if let Err(e) = done {
-                warn!(error = %e, "projection update not stored; other nodes miss it until the next change");
+                failed(again, &e);
             }
         }
     }
@@ -375,12 +440,19 @@ impl ClusterNode {
         LocalActors::start_sweeper(&node.local);
         node.share_projections(&projections).await?;
         let host: Weak<dyn PartitionHost> = node.this.clone();
+        let (leases_bucket, nodes_bucket) = patiently("opening the lease buckets", || async {
+            Ok((
+                js.get_key_value(placement::LEASES_BUCKET).await?,
+                js.get_key_value(placement::NODES_BUCKET).await?,
+            ))
+        })
+        .await?;
         let leases = Leases::new(
             config.node.clone(),
             config.partitions,
             config.timings,
-            js.get_key_value(placement::LEASES_BUCKET).await?,
-            js.get_key_value(placement::NODES_BUCKET).await?,
+            leases_bucket,
+            nodes_bucket,
             host,
         );
         *node.heartbeat.lock().expect("heartbeat lock") = Some(leases.heartbeat.clone());
@@ -488,9 +560,17 @@ impl ClusterNode {
     /// redelivery after a crash may repeat).
     async fn share_projections(&self, projections: &Arc<Projections>) -> anyhow::Result<()> {
         // Created now, so that updates published from here on are delivered to this node.
-        let first = follow_events(&self.js, &self.node).await?;
+        let first = patiently("following the projection updates", || {
+            follow_events(&self.js, &self.node)
+        })
+        .await?;
         let (tx, rx) = mpsc::channel(PROJECTION_QUEUE_MAX);
-        tokio::spawn(publish_projections(self.js.clone(), self.node.clone(), rx));
+        tokio::spawn(publish_projections(
+            self.js.clone(),
+            self.node.clone(),
+            rx,
+            Arc::downgrade(projections),
+        ));
         let (js, me) = (self.js.clone(), self.node.clone());
         let weak = Arc::downgrade(projections);
         tokio::spawn(async move {
@@ -793,7 +873,7 @@ impl PartitionHost for ClusterNode {
 /// Runs `step` until it succeeds or `STORAGE_WAIT` passes: a JetStream cluster that just
 /// started (or lost a server) elects its stream leaders first and answers "no responders"
 /// meanwhile.
-async fn patiently<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
+pub async fn patiently<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,

@@ -110,10 +110,8 @@ async fn check_nothing_lost(channel: &Channel, drop_id: &str, acknowledged: &[St
 }
 
 /// `figures_catch_up`: also require this node's cached figures to show every acknowledged
-/// sale within 10 s. After a NATS server restart, projection updates published while the
-/// events stream had no leader are lost and a node's consumer must notice its server went
-/// away (heartbeats, about 2 s): the lag is reported there rather than failed, while orders
-/// and oversell are still checked through the actors.
+/// sale within 10 s (else the lag is only reported, while orders and oversell are still
+/// checked through the actors).
 async fn check_orders_and_figures(
     channel: &Channel,
     drop_id: &str,
@@ -335,7 +333,9 @@ async fn a_nats_server_restarting_mid_burst_loses_no_acknowledged_order() {
             "{status:?}"
         );
     }
-    let sold = check_orders_and_figures(&channels[2], "natsdown", &acknowledged, 300, false).await;
+    // Updates the events stream did not store while it had no leader are sent again
+    // (`publish_projections`): this node's figures catch up too.
+    let sold = check_nothing_lost(&channels[2], "natsdown", &acknowledged, 300).await;
     eprintln!(
         "NATS server restarted mid-burst: {} acknowledged, {sold} sold, {} calls failed",
         acknowledged.len(),
