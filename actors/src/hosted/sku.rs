@@ -95,6 +95,10 @@ impl Hosted for SkuState {
                     {
                         self.handover_command(order_id)
                     }
+                    // An edge's sale booked from its upload is handed over like a confirm.
+                    SkuEvent::EdgeSaleBooked { sale, .. } if self.handover.contains(&sale.order_id) => {
+                        self.handover_command(&sale.order_id)
+                    }
                     _ => None,
                 })
                 .collect()
@@ -115,6 +119,9 @@ impl Hosted for SkuState {
                         if self.ledger_outbox.contains_key(order_id) =>
                     {
                         self.sale_facts(order_id)
+                    }
+                    SkuEvent::EdgeSaleBooked { sale, .. } if self.ledger_outbox.contains_key(&sale.order_id) => {
+                        self.sale_facts(&sale.order_id)
                     }
                     _ => None,
                 })
@@ -143,6 +150,10 @@ impl Hosted for SkuState {
                 runtime.spawn(task);
             }
         }))
+    }
+
+    fn decode_state(bytes: &[u8]) -> Result<Self, String> {
+        crate::codec::decode_grown(bytes, &domain::sku::Edges::default())
     }
 
     fn snapshot_weight(&self) -> u64 {
