@@ -236,7 +236,7 @@ proptest! {
                         order_id: OrderId::new(&state.drop_id, &state.sku_id, next_id),
                         quantity,
                         amount: state.price.times(quantity).unwrap(),
-                        fulfilment: if next_id % 2 == 0 { Fulfilment::Pickup } else { Fulfilment::Delivery },
+                        fulfilment: if next_id.is_multiple_of(2) { Fulfilment::Pickup } else { Fulfilment::Delivery },
                         payment_reference: format!("card-{next_id}"),
                         pickup_code: format!("{:06}", next_id % 1_000_000),
                         receipt_mac: format!("mac-{next_id}"),
