@@ -370,7 +370,11 @@ impl<H: Hosted> Entity<H> {
             .await
             .map_err(|e| CommandError::Storage(e.to_string()))?;
         let (mut state, mut version) = match &recovered.snapshot {
-            Some((version, bytes)) => (decode::<H>(&stream, bytes)?, *version),
+            Some((version, bytes)) => (
+                H::decode_state(bytes)
+                    .map_err(|e| CommandError::Storage(format!("{stream}: undecodable snapshot: {e}")))?,
+                *version,
+            ),
             None => (H::initial(&key, &env).await?, 0),
         };
         let replayed = recovered.events.len();

@@ -124,3 +124,27 @@ pub const STOREFRONTS_MAX: usize = 100_000;
 
 // A drop without terms of its own gets terms a drop could name.
 const _: () = assert!(DEFAULT_RETURN_WINDOW_MS <= RETURN_WINDOW_MS_MAX && DEFAULT_PLATFORM_FEE_BPS <= 10_000);
+
+// Pop-up edges (leases of stock).
+/// Edges holding a lease of one SKU at once: one per pop-up, and a SKU's pools are already
+/// bounded by `POOLS_PER_SKU_MAX`; the lease table is copied into every order reply.
+pub const LEASES_PER_SKU_MAX: usize = 64;
+/// Longest lease: a week, like the longest drop.
+pub const LEASE_DURATION_MS_MAX: i64 = DROP_DURATION_MS_MAX;
+/// The reconciliation window (how long after a sale its upload is still booked): at least a
+/// minute, at most a day (Square's offline payments must upload within 24 hours), one hour
+/// when the operator names none.
+pub const RECONCILE_WINDOW_MS_MIN: u64 = 60_000;
+pub const RECONCILE_WINDOW_MS_MAX: u64 = 24 * 3_600_000;
+pub const RECONCILE_WINDOW_MS_DEFAULT: u64 = 3_600_000;
+/// Sales in one upload command: one journal batch, a few hundred kilobytes at most.
+pub const EDGE_SALES_PER_UPLOAD_MAX: usize = 1_000;
+/// Refused (refunded) edge sales a SKU remembers, so their uploads replay the same answer:
+/// beyond this, uploads with more unbookable sales are refused (RESOURCE_EXHAUSTED).
+pub const EDGE_REFUNDS_PER_SKU_MAX: usize = 10_000;
+/// Longest HMAC key id of a lease (printable ASCII).
+pub const LEASE_KEY_ID_LEN_MAX: usize = 64;
+
+const _: () = assert!(RECONCILE_WINDOW_MS_MIN <= RECONCILE_WINDOW_MS_DEFAULT);
+const _: () = assert!(RECONCILE_WINDOW_MS_DEFAULT <= RECONCILE_WINDOW_MS_MAX);
+const _: () = assert!(LEASES_PER_SKU_MAX <= POOLS_PER_SKU_MAX * 64);

@@ -98,6 +98,11 @@ pub trait Hosted:
         Vec::new()
     }
 
+    /// Decodes a snapshot of the state (see `codec::decode_grown` for states that grew).
+    fn decode_state(bytes: &[u8]) -> Result<Self, String> {
+        crate::codec::decode(bytes)
+    }
+
     /// Rough size of the state, so snapshots are taken at O(1) amortized cost per event.
     fn snapshot_weight(&self) -> u64 {
         0

@@ -15,7 +15,10 @@ use domain::registry::{
     Capability, HubSetup, HubSpec, PartnerKind, PartnerSpec, PartnerStatus, RegistryCommand, RegistryState,
     RosterEntry, SlaTargets, StatusSource,
 };
-use domain::sku::{ConfirmCommand, Fulfilment, ReserveCommand, ReserveParams, RestockCommand, SkuCommand, SkuState};
+use domain::sku::{
+    ConfirmCommand, EdgeSale, Fulfilment, LeaseCommand, ReserveCommand, ReserveParams, RestockCommand, SkuCommand,
+    SkuState,
+};
 use domain::*;
 use serde::Serialize;
 
@@ -220,8 +223,61 @@ pub fn sku() -> Seeds {
                 },
                 at(120_002),
             ),
+            (
+                SkuCommand::Lease(LeaseCommand {
+                    edge: edge(),
+                    hub_id: hub_id(),
+                    quantity: 2,
+                    granted_max: 3,
+                    key_id: "k1".into(),
+                    expires_at: at(600_000),
+                    reconcile_window_ms: 3_600_000,
+                }),
+                at(120_003),
+            ),
+            (
+                SkuCommand::TopUpLease {
+                    edge: edge(),
+                    granted_total: 3,
+                    by_edge: true,
+                },
+                at(120_004),
+            ),
+            (
+                SkuCommand::BookEdgeSales {
+                    edge: edge(),
+                    sales: vec![edge_sale(10, 2_500), edge_sale(11, 9)],
+                },
+                at(120_005),
+            ),
+            (SkuCommand::GetLeases, at(120_006)),
+            (
+                SkuCommand::ReturnLease {
+                    edge: edge(),
+                    returned_total: None,
+                },
+                at(120_007),
+            ),
         ],
     )
+}
+
+fn edge() -> StorefrontId {
+    StorefrontId::parse("porto-popup").unwrap()
+}
+
+fn edge_sale(n: u64, amount: i64) -> EdgeSale {
+    EdgeSale {
+        order_id: order(n),
+        quantity: 1,
+        amount: eur(amount),
+        fulfilment: Fulfilment::Pickup,
+        payment_reference: format!("card-{n}"),
+        pickup_code: "654321".into(),
+        receipt_mac: "00ff".into(),
+        key_id: "k1".into(),
+        sold_at: at(120_004),
+    }
 }
 
 fn hub_spec() -> HubSpec {

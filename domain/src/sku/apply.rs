@@ -5,6 +5,9 @@ use super::*;
 
 impl SkuState {
     pub(super) fn apply_event(&mut self, event: &SkuEvent) {
+        if self.apply_lease_event(event) {
+            return;
+        }
         match event {
             SkuEvent::LedgerSynced { orders } => {
                 for (id, cancelled) in orders {
@@ -270,6 +273,12 @@ impl SkuState {
                 self.changed_at = *at;
                 self.update_sold_out(*at);
             }
+            SkuEvent::StockLeased { .. }
+            | SkuEvent::LeaseToppedUp { .. }
+            | SkuEvent::LeaseReturned { .. }
+            | SkuEvent::LeaseLapsed { .. }
+            | SkuEvent::EdgeSaleBooked { .. }
+            | SkuEvent::EdgeSaleRefunded { .. } => unreachable!("lease events are applied by apply_lease_event"),
         }
     }
 
@@ -315,13 +324,20 @@ impl SkuState {
     }
 
     /// Asserts the pool invariant after a change of `pool`'s counters: every unit of its
-    /// allocation is available, held or sold, once. O(1), so it runs on every change: a
-    /// broken count (an overflow in a release build) would sell units that do not exist.
+    /// allocation is available, held, sold or leased to an edge, once. O(leases), so it runs
+    /// on every change: a broken count (an overflow in a release build) would sell units
+    /// that do not exist.
     pub(super) fn assert_pool(&self, pool: usize) {
         let p = &self.pools[pool];
+        let leased = if self.edges.leases.is_empty() {
+            0
+        } else {
+            self.leased(pool)
+        };
         assert!(
-            u64::from(p.available) + u64::from(p.held) + u64::from(p.sold) == u64::from(p.allocated),
-            "{}/{} pool {}: available {} + held {} + sold {} != allocated {}",
+            u64::from(p.available) + u64::from(p.held) + u64::from(p.sold) + u64::from(leased)
+                == u64::from(p.allocated),
+            "{}/{} pool {}: available {} + held {} + sold {} + leased {leased} != allocated {}",
             self.drop_id,
             self.sku_id,
             p.hub_id,

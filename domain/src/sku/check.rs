@@ -24,10 +24,14 @@ impl SkuState {
                 *active.entry(&order.buyer).or_default() += counted;
             }
         }
+        self.check_leases()?;
         for (i, pool) in self.pools.iter().enumerate() {
-            if u64::from(pool.available) + u64::from(pool.held) + u64::from(pool.sold) != u64::from(pool.allocated) {
+            let leased = self.leased(i);
+            if u64::from(pool.available) + u64::from(pool.held) + u64::from(pool.sold) + u64::from(leased)
+                != u64::from(pool.allocated)
+            {
                 return Err(format!(
-                    "pool {}: available {} + held {} + sold {} != allocated {}",
+                    "pool {}: available {} + held {} + sold {} + leased {leased} != allocated {}",
                     pool.hub_id, pool.available, pool.held, pool.sold, pool.allocated
                 ));
             }

@@ -70,6 +70,27 @@ impl SkuState {
                 };
                 Ok((events, SkuReply::Done))
             }
+            SkuCommand::Lease(cmd) => self.decide_lease(cmd, now),
+            SkuCommand::TopUpLease {
+                edge,
+                granted_total,
+                by_edge,
+            } => self.decide_top_up(edge, granted_total, by_edge, now),
+            SkuCommand::ReturnLease { edge, returned_total } => self.decide_return(edge, returned_total, now),
+            SkuCommand::BookEdgeSales { edge, sales } => self.decide_book_edge_sales(edge, sales, now),
+            SkuCommand::GetLease { edge } => {
+                let view = self
+                    .lease_view(&edge)
+                    .ok_or_else(|| Rejection::not_found("lease of edge", edge.as_str()))?;
+                Ok((vec![], SkuReply::Lease(view)))
+            }
+            SkuCommand::GetLeases => Ok((
+                vec![],
+                SkuReply::Leases(SkuLeases {
+                    leases: self.lease_views(),
+                    refunds: self.edges.refunds.values().cloned().collect(),
+                }),
+            )),
         }
     }
 
@@ -373,6 +394,10 @@ impl SkuState {
             handover_due: None,
             terms: self.terms,
             ledger_outbox: BTreeMap::new(),
+            edges: Edges {
+                leases: self.edges.leases.clone(),
+                refunds: BTreeMap::new(),
+            },
         }
     }
 
@@ -484,6 +509,7 @@ impl SkuState {
                 at: now,
             });
         }
+        self.decide_lapses(now, &mut available, &mut cities, &mut events);
         if self.effective_sale(now) == SaleStatus::Closed {
             self.close_waitlists(now, &mut events);
         } else {

@@ -2,12 +2,20 @@
 //! per-city waitlists and idempotency keys. The invariant, per pool and at every step:
 //! `available + held + sold = allocated`, so a SKU never sells beyond its allocation. And
 //! while the sale is open, no waitlisted request can be served from free stock (see
-//! `promote` and `check_waitlist`): the waitlist never strands stock.
+//! `promote` and `check_waitlist`): the waitlist never strands stock. Units leased to
+//! pop-up edges (`lease.rs`) are out of the pool until sold or returned, so with them the
+//! invariant reads `available + held + sold + leased = allocated`.
 
 mod apply;
 mod check;
 mod decide;
+mod lease;
 mod view;
+
+pub use lease::{
+    EdgeLease, EdgeRefund, EdgeRefundReason, EdgeSale, EdgeSaleOutcome, EdgeSaleResult, EdgeUpload, Edges,
+    LeaseCommand, LeaseEnd, LeaseView,
+};
 
 use crate::aggregate::Aggregate;
 use crate::drop::{DropSpec, SaleStatus, SettlementTerms, SkuSpec};
@@ -17,7 +25,7 @@ use crate::ids::{BuyerRef, CityName, CreatorId, DropId, HubId, IdempotencyKey, O
 use crate::keymap::KeyMap;
 use crate::limits::*;
 use crate::money::Money;
-use crate::rejection::Rejection;
+use crate::rejection::{FieldViolation, Rejection};
 use crate::time::UnixMillis;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -249,6 +257,48 @@ pub enum SkuEvent {
         idempotent: Option<Idempotent>,
         at: UnixMillis,
     },
+    /// Units of a hub's pool leased to an edge (a new lease, or one after the last ended).
+    StockLeased {
+        edge: StorefrontId,
+        hub_id: HubId,
+        quantity: u32,
+        granted_max: u32,
+        key_id: String,
+        expires_at: UnixMillis,
+        reconcile_window_ms: u64,
+        at: UnixMillis,
+    },
+    LeaseToppedUp {
+        edge: StorefrontId,
+        quantity: u32,
+        at: UnixMillis,
+    },
+    /// Units an edge gave back; `closed`: all it held, and the lease has ended.
+    LeaseReturned {
+        edge: StorefrontId,
+        quantity: u32,
+        closed: bool,
+        at: UnixMillis,
+    },
+    /// The window after the lease's expiry passed: what it held went back, and it ended.
+    LeaseLapsed {
+        edge: StorefrontId,
+        quantity: u32,
+        at: UnixMillis,
+    },
+    /// An edge's sale, booked as a confirmed order of the lease's pool.
+    EdgeSaleBooked {
+        edge: StorefrontId,
+        sale: EdgeSale,
+        at: UnixMillis,
+    },
+    /// An edge's sale that could not be booked: to be refunded.
+    EdgeSaleRefunded {
+        edge: StorefrontId,
+        sale: EdgeSale,
+        reason: EdgeRefundReason,
+        at: UnixMillis,
+    },
 }
 
 impl SkuEvent {
@@ -263,12 +313,18 @@ impl SkuEvent {
             | SkuEvent::WaitlistLeft { order_id, .. }
             | SkuEvent::Confirmed { order_id, .. }
             | SkuEvent::OrderCancelled { order_id, .. } => Some(order_id),
+            SkuEvent::EdgeSaleBooked { sale, .. } => Some(&sale.order_id),
             SkuEvent::SaleStatusSet { .. }
             | SkuEvent::Refused { .. }
             | SkuEvent::Restocked { .. }
             | SkuEvent::HandedOver { .. }
             | SkuEvent::HandoverRetry { .. }
-            | SkuEvent::LedgerSynced { .. } => None,
+            | SkuEvent::LedgerSynced { .. }
+            | SkuEvent::StockLeased { .. }
+            | SkuEvent::LeaseToppedUp { .. }
+            | SkuEvent::LeaseReturned { .. }
+            | SkuEvent::LeaseLapsed { .. }
+            | SkuEvent::EdgeSaleRefunded { .. } => None,
         }
     }
 }
@@ -333,6 +389,31 @@ pub enum SkuCommand {
     LedgerSynced {
         orders: Vec<(OrderId, bool)>,
     },
+    /// Lease units of a hub's pool to an edge (see `lease.rs`).
+    Lease(LeaseCommand),
+    /// Top an edge's lease up to `granted_total` units leased in all; `by_edge`: the edge
+    /// asks, within the lease's `granted_max`.
+    TopUpLease {
+        edge: StorefrontId,
+        granted_total: u32,
+        by_edge: bool,
+    },
+    /// Return units of an edge's lease until `returned_total` are returned in all; None:
+    /// return everything it holds and close it.
+    ReturnLease {
+        edge: StorefrontId,
+        returned_total: Option<u32>,
+    },
+    /// Book an edge's uploaded sales, each once by order id.
+    BookEdgeSales {
+        edge: StorefrontId,
+        sales: Vec<EdgeSale>,
+    },
+    GetLease {
+        edge: StorefrontId,
+    },
+    /// Every lease of this SKU, and the edge sales refused (to refund).
+    GetLeases,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,6 +489,16 @@ pub enum SkuReply {
     /// wire index between nodes of different versions during a rolling upgrade.
     Sales(Vec<(SaleFacts, bool)>),
     Done,
+    Lease(LeaseView),
+    EdgeSales(EdgeUpload),
+    Leases(SkuLeases),
+}
+
+/// A SKU's leases and its refused edge sales, for operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkuLeases {
+    pub leases: Vec<LeaseView>,
+    pub refunds: Vec<EdgeRefund>,
 }
 
 crate::reply_shapes!(SkuReply {
@@ -415,6 +506,9 @@ crate::reply_shapes!(SkuReply {
     Order(OrderView),
     Figures(SkuFigures),
     Done,
+    Lease(LeaseView),
+    EdgeSales(EdgeUpload),
+    Leases(SkuLeases),
 });
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -468,6 +562,9 @@ pub struct SkuState {
     /// order was cancelled after confirmation and must be refunded): the SKU's outbox to
     /// the ledger, sent like `handover` and retried at the same deadline.
     pub ledger_outbox: BTreeMap<OrderId, bool>,
+    /// Leases to pop-up edges and their refused sales. The last field, and it must stay
+    /// last: a snapshot written before it is read with an empty one (`actors::codec`).
+    pub edges: Edges,
 }
 
 impl SkuState {
@@ -509,6 +606,7 @@ impl SkuState {
             handover_due: None,
             terms: drop.terms,
             ledger_outbox: BTreeMap::new(),
+            edges: Edges::default(),
         }
     }
 
@@ -524,7 +622,9 @@ impl SkuState {
             + self.expiries.len()
             + waitlisted
             + self.handover.len()
-            + self.ledger_outbox.len()) as u64
+            + self.ledger_outbox.len()
+            + self.edges.leases.len()
+            + self.edges.refunds.len()) as u64
     }
 
     /// Whether anything waits in an outbox (to a hub or to the ledger).
@@ -599,6 +699,9 @@ impl Aggregate for SkuState {
     fn next_deadline(&self) -> Option<UnixMillis> {
         let expiry = self.expiries.first().map(|(t, _)| *t);
         let close = (!self.waitlists.is_empty() && self.sale != SaleStatus::Closed).then_some(self.closes_at);
-        [expiry, close, self.handover_due].into_iter().flatten().min()
+        [expiry, close, self.handover_due, self.next_lapse()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
