@@ -623,6 +623,21 @@ def wait_for(what: str, predicate, timeout: float, proc: subprocess.Popen | None
     return None
 
 
+def wait_steady(predicate, hold: float, timeout: float) -> float | None:
+    """Seconds until `predicate` has held without a break for `hold` seconds, or None."""
+    start = time.monotonic()
+    since = None
+    while time.monotonic() - start < timeout:
+        if predicate():
+            since = since if since is not None else time.monotonic()
+            if time.monotonic() - since >= hold:
+                return time.monotonic() - start
+        else:
+            since = None
+        time.sleep(0.2)
+    return None
+
+
 class NatsCluster:
     """The rendered nats.conf, rewritten only where loopback needs it (ports, routes, paths)."""
 
@@ -718,7 +733,9 @@ def rehearse(dropline: pathlib.Path, docs: list[dict], facts: dict) -> None:
         if took is not None:
             print(f"  NATS stopped: node 0 not ready after {took:.1f} s, still live")
         nats.start()
-        took = wait_for("ready again", lambda: health(dropline, ports[0], "") == "SERVING", 60)
+        # Ready once its connection is back and its heartbeat is written again, which waits
+        # for JetStream's leaders after a restart of every server: steadily, over two lease TTLs.
+        took = wait_steady(lambda: health(dropline, ports[0], "") == "SERVING", 10, 90)
         C.ok(took is not None, "with NATS back the node is ready again")
         if took is not None:
             print(f"  NATS back: node 0 ready again after {took:.1f} s")

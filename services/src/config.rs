@@ -24,7 +24,8 @@ fn hostname() -> anyhow::Result<String> {
 /// The health service names `dropline serve` reports.
 pub mod health_services {
     /// The whole platform: SERVING once it can take calls, NOT_SERVING from SIGTERM on, on a
-    /// cluster node while its NATS connection is down, and while the journal refuses writes
+    /// cluster node while its NATS connection is down or its heartbeat cannot be written for
+    /// a lease TTL (NATS unreachable though connected), and while the journal refuses writes
     /// until a restart (its storage failed). A full disk leaves it SERVING: reads are still
     /// served, and writes resume by themselves once space is freed. What readiness checks
     /// ask.
