@@ -117,9 +117,16 @@ async fn accept(listener: TcpListener, target: SocketAddr, state: Arc<watch::Sen
 /// One connection, both directions; when either ends, both do.
 async fn carry(inbound: TcpStream, target: SocketAddr, mut state: watch::Receiver<LinkState>) {
     let born = state.borrow().cuts;
-    // A connection made while the link is cut hears nothing until it heals.
-    if !pass(&mut state, born).await {
-        return;
+    // A connection made while the link is cut hears nothing until it heals (a delay applies
+    // to its bytes, not to its making).
+    loop {
+        let now = *state.borrow_and_update();
+        if now.mode != LinkMode::Cut {
+            break;
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
     }
     let Ok(outbound) = TcpStream::connect(target).await else {
         return;
