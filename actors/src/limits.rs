@@ -261,6 +261,10 @@ pub const PROJECTION_ACKS_PENDING: usize = 64;
 /// How long a node waits before sending again the projection updates the events stream did
 /// not store (a leader election takes about this long).
 pub const PROJECTION_RETRY: Duration = Duration::from_millis(500);
+/// How often a node publishes again the figures of the SKUs it owns that changed within
+/// `PROJECTION_RESYNC_WINDOW`, so that a node that missed updates catches up.
+pub const PROJECTION_RESYNC: Duration = Duration::from_secs(5);
+pub const PROJECTION_RESYNC_WINDOW: Duration = Duration::from_secs(600);
 /// Projection updates stay this long in the events stream, within this many bytes.
 pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(3_600);
 pub const EVENTS_MAX_BYTES: i64 = 256 << 20;

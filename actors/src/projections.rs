@@ -11,7 +11,7 @@ use domain::hub::Dispatch;
 use domain::ledger::Entry;
 use domain::registry::{CreatorRecord, HubRecord, PartnerRecord, StorefrontRecord};
 use domain::sku::{OrderView, SkuFigures, SkuState};
-use domain::{CreatorId, DropId, OrderId, PartnerId, SkuId};
+use domain::{CreatorId, DropId, OrderId, PartnerId, SkuId, UnixMillis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -237,6 +237,22 @@ impl AvailabilityCache {
         }
         drop(drops);
         self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Figures of every cached SKU changed at or after `since` for which `keep` holds.
+    pub fn changed_since(&self, since: UnixMillis, keep: impl Fn(&DropId, &SkuId) -> bool) -> Vec<Arc<SkuFigures>> {
+        let drops = self.drops.read().expect("cache lock");
+        drops
+            .iter()
+            .flat_map(|(drop_id, entry)| {
+                entry
+                    .skus
+                    .iter()
+                    .filter(|(sku_id, f)| f.changed_at >= since && keep(drop_id, sku_id))
+                    .map(|(_, f)| f.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     pub fn spec(&self, drop_id: &DropId) -> Option<Arc<DropSpec>> {

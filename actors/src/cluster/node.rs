@@ -15,8 +15,9 @@ use crate::journal::{AddressVault, BoxFuture, JournalError};
 use crate::limits::{
     ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_SCAN_FACTOR, COMMAND_TIMEOUT_MS, EVENTS_ACK_PENDING_MAX, EVENTS_MAX_AGE,
     EVENTS_MAX_BYTES, EVENTS_PULL_EXPIRES, EVENTS_PULL_HEARTBEAT, PROJECTION_ACKS_PENDING, PROJECTION_BATCH_MAX,
-    PROJECTION_LINGER, PROJECTION_QUEUE_MAX, PROJECTION_RETRY, REMOTE_COMMANDS_MAX, ROUTE_BACKOFF_MAX,
-    ROUTE_BACKOFF_MIN, ROUTE_BATCHES_IN_FLIGHT, ROUTE_BATCH_MAX, ROUTE_QUEUE_MAX, STORAGE_WAIT,
+    PROJECTION_LINGER, PROJECTION_QUEUE_MAX, PROJECTION_RESYNC, PROJECTION_RESYNC_WINDOW, PROJECTION_RETRY,
+    REMOTE_COMMANDS_MAX, ROUTE_BACKOFF_MAX, ROUTE_BACKOFF_MIN, ROUTE_BATCHES_IN_FLIGHT, ROUTE_BATCH_MAX,
+    ROUTE_QUEUE_MAX, STORAGE_WAIT,
 };
 use crate::projections::{ProjectionUpdate, Projections, RemoteProjections};
 use crate::secrets::SealedAddress;
@@ -174,11 +175,18 @@ impl RemoteProjections for NatsProjections {
 /// lines) are superseded by the next change or read from their actors. Without it a node
 /// could show a SKU's figures from before the fault until the SKU next changed — found by
 /// the nemesis on a sold-out SKU.
+///
+/// And now and then (`PROJECTION_RESYNC`) it publishes again the figures of the SKUs whose
+/// partitions it owns and that changed lately (`PROJECTION_RESYNC_WINDOW`), as its cache has
+/// them: a node that missed updates anyway (its consumer interrupted while the events stream
+/// changed leaders, a memory replica restarted) catches up within that time rather than at
+/// the SKU's next change, which for a sold-out SKU may never come.
 async fn publish_projections(
     js: jetstream::Context,
     node: String,
     mut rx: mpsc::Receiver<Vec<ProjectionUpdate>>,
     projections: Weak<Projections>,
+    this: Weak<ClusterNode>,
 ) {
     let subject = placement::events_subject(&node);
     let mut acks = futures::stream::FuturesUnordered::new();
@@ -186,20 +194,29 @@ async fn publish_projections(
     // What failed, to send again: SKUs (by key, refreshed from the cache) and audit entries.
     let mut retry_skus: BTreeSet<(domain::DropId, domain::SkuId)> = BTreeSet::new();
     let mut retry_audit: Vec<ProjectionUpdate> = Vec::new();
+    let mut resynced = Instant::now();
     loop {
-        let waiting = !retry_skus.is_empty() || !retry_audit.is_empty();
-        let received = if waiting {
+        let received =
             match tokio::time::timeout(PROJECTION_RETRY, rx.recv_many(&mut queued, PROJECTION_BATCH_MAX)).await {
                 Ok(0) => return,
                 Ok(n) => n,
                 Err(_) => 0,
+            };
+        if resynced.elapsed() >= PROJECTION_RESYNC {
+            resynced = Instant::now();
+            if let (Some(cluster), Some(projections)) = (this.upgrade(), projections.upgrade()) {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let since = UnixMillis(now - PROJECTION_RESYNC_WINDOW.as_millis() as i64);
+                let owned = projections.availability.changed_since(since, |drop_id, sku_id| {
+                    cluster.owns(partition_of(&format!("sku/{drop_id}/{sku_id}"), cluster.partitions))
+                });
+                for figures in owned {
+                    retry_skus.insert((figures.drop_id.clone(), figures.sku_id.clone()));
+                }
             }
-        } else {
-            match rx.recv_many(&mut queued, PROJECTION_BATCH_MAX).await {
-                0 => return,
-                n => n,
-            }
-        };
+        }
         // Linger a moment: under load this turns a message per reserve into a few per
         // second, which matters with every message replicated to three servers.
         if received > 0 && queued.len() < PROJECTION_BATCH_MAX {
@@ -570,6 +587,7 @@ impl ClusterNode {
             self.node.clone(),
             rx,
             Arc::downgrade(projections),
+            self.this.clone(),
         ));
         let (js, me) = (self.js.clone(), self.node.clone());
         let weak = Arc::downgrade(projections);

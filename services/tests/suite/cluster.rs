@@ -684,3 +684,87 @@ async fn a_node_cut_off_from_nats_is_not_ready_and_acknowledges_nothing() {
     cluster.settled().await.unwrap();
     cluster.stop();
 }
+
+/// Found by the nemesis: a node that missed projection updates (here: cut off from NATS
+/// while the updates were published and then lost from the events stream) showed a SKU's
+/// old figures until the SKU next changed, which for a sold-out SKU is never. The owner
+/// publishes the figures of its recently changed SKUs again every few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_figures_catches_up_without_a_further_change() {
+    use testkit::nemesis::{LinkMode, Peer};
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let options = ClusterOptions {
+        partitionable: true,
+        ..ClusterOptions::new(3)
+    };
+    let cluster = LocalCluster::start(options, dir.path()).await.unwrap();
+    let channels = cluster.channels();
+    let storefront = storefront_everywhere(&channels).await;
+    create_hot_drop(&channels[0], "missed", 100).await;
+    let sold = |channel: Channel| async move {
+        match operator_client(&channel)
+            .get_drop(GetDropRequest {
+                drop_id: "missed".into(),
+            })
+            .await
+        {
+            Ok(drop) => drop.into_inner().skus[0].held,
+            Err(_) => u32::MAX,
+        }
+    };
+    // A first hold, which node-1's cache shows (an uncached SKU would be read from its actor).
+    let until = Instant::now() + Duration::from_secs(60);
+    shop(&channels[0], &storefront)
+        .reserve(reserve("missed", "hot", "m-0", 1))
+        .await
+        .unwrap();
+    while sold(channels[1].clone()).await != 1 {
+        assert!(Instant::now() < until, "node-1's figures before the cut");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // node-1 hears nothing for a while; meanwhile 4 more holds are made through node-0.
+    cluster.network().unwrap().set_all(Peer::Node(1), LinkMode::Cut);
+    let mut held = 1;
+    while held < 5 {
+        assert!(Instant::now() < until, "node-0 took {held} holds in 60 s");
+        if shop(&channels[0], &storefront)
+            .reserve(reserve("missed", "hot", &format!("m-{held}"), 1))
+            .await
+            .is_ok_and(|r| r.into_inner().outcome == ReserveOutcome::Held as i32)
+        {
+            held += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    while sold(channels[0].clone()).await != 5 {
+        assert!(Instant::now() < until, "node-0's own figures");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The updates are lost before node-1 could read them.
+    cluster
+        .jetstream()
+        .get_stream(actors::cluster::placement::EVENTS_STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    cluster.network().unwrap().heal();
+    // No further change to the SKU: node-1 must still come to show the 5 holds.
+    let healed = Instant::now();
+    while sold(channels[1].clone()).await != 5 {
+        assert!(
+            healed.elapsed() < Duration::from_secs(30),
+            "node-1 still shows {} held 30 s after the heal",
+            sold(channels[1].clone()).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "node-1 caught up {:.1} s after the heal",
+        healed.elapsed().as_secs_f64()
+    );
+    cluster.stop();
+}
