@@ -233,6 +233,16 @@ impl AvailabilityCache {
         let mut drops = self.drops.write().expect("cache lock");
         // A SKU actor starts only after its drop actor has published the drop.
         if let Some(entry) = drops.get_mut(&figures.drop_id) {
+            // Figures older than those held (a former owner's, arriving late) are not taken:
+            // a SKU's change times only grow, through takeovers too (replayed events carry
+            // them).
+            if entry
+                .skus
+                .get(&figures.sku_id)
+                .is_some_and(|held| held.changed_at > figures.changed_at)
+            {
+                return;
+            }
             entry.skus.insert(figures.sku_id.clone(), Arc::new(figures));
         }
         drop(drops);

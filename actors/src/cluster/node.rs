@@ -233,8 +233,14 @@ async fn publish_projections(
         // What is sent again goes first: anything newer in this batch replaces it.
         let mut updates: Vec<ProjectionUpdate> = std::mem::take(&mut retry_audit);
         if !retry_skus.is_empty() {
-            if let Some(projections) = projections.upgrade() {
+            if let (Some(projections), Some(cluster)) = (projections.upgrade(), this.upgrade()) {
                 for (drop_id, sku_id) in std::mem::take(&mut retry_skus) {
+                    // Only the SKU's owner speaks for it: a node that lost the partition while
+                    // its figures waited here would spread what its cache held before the
+                    // new owner's changes (the nemesis saw every node show them).
+                    if !cluster.owns(partition_of(&format!("sku/{drop_id}/{sku_id}"), cluster.partitions)) {
+                        continue;
+                    }
                     let figures = projections
                         .availability
                         .get(&drop_id)
