@@ -13,8 +13,8 @@ use std::time::Duration;
 /// `fdatasync` on a fast disk, a JetStream append, a NATS round trip, up to the 5 s command
 /// timeout.
 pub const LATENCY_BUCKETS_US: &[u64] = &[
-    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 5_000_000, 10_000_000,
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
 ];
 
 /// Upper bounds of a count per batch (appends in one group commit), up to the journal's

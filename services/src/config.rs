@@ -1,12 +1,12 @@
 //! Configuration of `dropline serve`: flags, then environment variables, then an optional
 //! TOML file, then built-in defaults, in that order of precedence.
 
-use crate::telemetry::logging::LogFormat;
-use crate::telemetry::Telemetry;
 use crate::limits::{
     BUYER_RESERVES_PER_SEC_DEFAULT, BUYER_RESERVE_BURST_DEFAULT, JOURNAL_SEGMENT_BYTES_MAX, JOURNAL_SEGMENT_BYTES_MIN,
     LIVE_ACTORS_MAX_UPPER, PARTITIONS_MAX, SHUTDOWN_DELAY_MS_MAX, STOREFRONT_CALLS_PER_SEC_DEFAULT,
 };
+use crate::telemetry::logging::LogFormat;
+use crate::telemetry::Telemetry;
 use actors::cluster::placement::PARTITIONS_DEFAULT;
 use actors::cluster::{ClusterConfig, LeaseTimings};
 use actors::limits::{LIVE_ACTORS_MAX_DEFAULT, LOG_SEGMENT_BYTES};

@@ -71,40 +71,32 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 fn health_answer(status: ServingStatus, what: &str) -> Response {
     match status {
         ServingStatus::Serving => (StatusCode::OK, format!("{what}: SERVING\n")).into_response(),
-        ServingStatus::NotServing => (StatusCode::SERVICE_UNAVAILABLE, format!("{what}: NOT_SERVING\n")).into_response(),
+        ServingStatus::NotServing => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{what}: NOT_SERVING\n")).into_response()
+        }
         ServingStatus::Unknown => (StatusCode::SERVICE_UNAVAILABLE, format!("{what}: UNKNOWN\n")).into_response(),
     }
 }
 
 /// The process: 200 until it exits (gRPC health `liveness`).
 async fn healthz(State(state): State<HttpState>) -> Response {
-    health_answer(
-        state.health.status(crate::config::health_services::LIVE),
-        "liveness",
-    )
+    health_answer(state.health.status(crate::config::health_services::LIVE), "liveness")
 }
 
 /// The platform: 200 while it takes calls (gRPC health `""`), 503 while stopping, cut off
 /// from NATS or with a failed journal.
 async fn readyz(State(state): State<HttpState>) -> Response {
-    health_answer(
-        state.health.status(crate::config::health_services::READY),
-        "readiness",
-    )
+    health_answer(state.health.status(crate::config::health_services::READY), "readiness")
 }
 
 /// A response head within `HTTP_REQUEST_TIMEOUT_MS` (a stream's body may go on), and
 /// headers no page on this port does without.
 async fn bounded(request: Request, next: Next) -> Response {
-    let mut response = match tokio::time::timeout(
-        Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS),
-        next.run(request),
-    )
-    .await
-    {
-        Ok(response) => response,
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the request took too long; retry\n").into_response(),
-    };
+    let mut response =
+        match tokio::time::timeout(Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS), next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the request took too long; retry\n").into_response(),
+        };
     let headers = response.headers_mut();
     headers
         .entry(header::X_CONTENT_TYPE_OPTIONS)

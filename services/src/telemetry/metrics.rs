@@ -289,7 +289,12 @@ impl Collector for PlatformCollector {
         let bytes = Unit::Bytes;
 
         let info = prometheus_client::metrics::info::Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
-        info.encode(encoder.encode_descriptor("build", "The running Dropline's version.", None, info.metric_type())?)?;
+        info.encode(encoder.encode_descriptor(
+            "build",
+            "The running Dropline's version.",
+            None,
+            info.metric_type(),
+        )?)?;
 
         // gRPC, per method that was called.
         let called: Vec<&Method> = metrics
@@ -404,8 +409,14 @@ impl Collector for PlatformCollector {
             ] {
                 Family::new(&mut encoder, name, help, None, MetricType::Gauge)?.gauge(&[], value as i64)?;
             }
-            Family::new(&mut encoder, "audits", "Oversell audits run.", None, MetricType::Counter)?
-                .counter(&[], audit.runs)?;
+            Family::new(
+                &mut encoder,
+                "audits",
+                "Oversell audits run.",
+                None,
+                MetricType::Counter,
+            )?
+            .counter(&[], audit.runs)?;
         }
 
         // The journal.

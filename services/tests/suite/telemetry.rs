@@ -73,7 +73,10 @@ async fn metrics_count_what_was_done_and_request_ids_reach_the_json_log() {
     let (mut server, channel) = serve(dir.path(), &log_file, "json").await;
     create_test_hubs(&channel).await;
     let mut operator = operator_client(&channel);
-    operator.create_drop(drop_request("m", &[("sku", 5)], 1, 600)).await.unwrap();
+    operator
+        .create_drop(drop_request("m", &[("sku", 5)], 1, 600))
+        .await
+        .unwrap();
     operator
         .open_drop(proto::operator::v1::OpenDropRequest { drop_id: "m".into() })
         .await
@@ -88,9 +91,15 @@ async fn metrics_count_what_was_done_and_request_ids_reach_the_json_log() {
         .unwrap();
     assert_eq!(request_id_of(&first), "test-request-42", "the client's id comes back");
     for buyer in 1..6 {
-        let answer = checkout.reserve(reserve("m", "sku", &format!("b{buyer}"), 1)).await.unwrap();
+        let answer = checkout
+            .reserve(reserve("m", "sku", &format!("b{buyer}"), 1))
+            .await
+            .unwrap();
         let made = request_id_of(&answer);
-        assert!(made.len() == 16 && made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+        assert!(
+            made.len() == 16 && made.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{made}"
+        );
     }
     let unknown = checkout.reserve(reserve("m", "nope", "b9", 1)).await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
@@ -100,16 +109,27 @@ async fn metrics_count_what_was_done_and_request_ids_reach_the_json_log() {
         .reserve(reserve_with_id(reserve("m", "nope", "b8", 1), "not a usable id!"))
         .await
         .unwrap_err();
-    let replaced = refused.metadata().get("x-request-id").expect("a request id").to_str().unwrap();
+    let replaced = refused
+        .metadata()
+        .get("x-request-id")
+        .expect("a request id")
+        .to_str()
+        .unwrap();
     assert_eq!(replaced.len(), 16, "{replaced}");
 
     let (status, text) = http_get(server.http_addr, "/metrics").await;
     assert_eq!(status, 200, "{text}");
     let samples = services::telemetry::metrics::parse_samples(&text);
-    let value = |name: &str| samples.get(name).copied().unwrap_or_else(|| panic!("no {name} in\n{text}"));
+    let value = |name: &str| {
+        samples
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
     assert_eq!(value(r#"dropline_reserves_total{outcome="held"}"#), 5.0);
     assert_eq!(
-        value(r#"dropline_reserves_total{outcome="waitlisted"}"#) + value(r#"dropline_reserves_total{outcome="sold_out"}"#),
+        value(r#"dropline_reserves_total{outcome="waitlisted"}"#)
+            + value(r#"dropline_reserves_total{outcome="sold_out"}"#),
         1.0
     );
     assert_eq!(value(r#"dropline_reserves_total{outcome="refused"}"#), 2.0);
@@ -122,7 +142,9 @@ async fn metrics_count_what_was_done_and_request_ids_reach_the_json_log() {
     assert_eq!(reserve_calls("OK"), 6.0);
     assert_eq!(reserve_calls("NOT_FOUND"), 2.0);
     assert_eq!(
-        value(r#"dropline_grpc_server_handling_seconds_count{service="dropline.checkout.v1.CheckoutService",method="Reserve"}"#),
+        value(
+            r#"dropline_grpc_server_handling_seconds_count{service="dropline.checkout.v1.CheckoutService",method="Reserve"}"#
+        ),
         8.0
     );
     assert_eq!(value(r#"dropline_stock_units{hub="hub-1",state="held"}"#), 5.0);
@@ -131,7 +153,10 @@ async fn metrics_count_what_was_done_and_request_ids_reach_the_json_log() {
     assert!(value(r#"dropline_journal_syncs_total{journal="log"}"#) >= 1.0);
     assert!(value(r#"dropline_actors_running{kind="sku"}"#) >= 1.0);
     assert!(text.contains("# TYPE dropline_journal_write_seconds histogram"));
-    assert!(!text.contains("\"b0\"") && !text.contains("m.sku."), "no buyer or order in a label");
+    assert!(
+        !text.contains("\"b0\"") && !text.contains("m.sku."),
+        "no buyer or order in a label"
+    );
 
     let (status, body) = http_get(server.http_addr, "/readyz").await;
     assert_eq!((status, body.as_str()), (200, "readiness: SERVING\n"));
@@ -143,8 +168,7 @@ async fn metrics_count_what_was_done_and_request_ids_reach_the_json_log() {
     assert!(!log.contains('\u{1b}'), "no colour codes in a log file");
     let mut found = false;
     for line in log.lines().filter(|l| !l.is_empty()) {
-        let line: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let line: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         // The event's own span, or one it is in.
         let in_request = line["span"]["request_id"] == "test-request-42"
             || line["spans"]
@@ -156,7 +180,10 @@ async fn metrics_count_what_was_done_and_request_ids_reach_the_json_log() {
             found = true;
         }
     }
-    assert!(found, "no log line of the call with request id test-request-42 in\n{log}");
+    assert!(
+        found,
+        "no log line of the call with request id test-request-42 in\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +203,12 @@ async fn hostile_http_gets_a_4xx_and_a_log_file_has_no_colour() {
     let many: String = (0..200).map(|i| format!("X-Field-{i}: {i}\r\n")).collect();
     let many = format!("GET /metrics HTTP/1.1\r\nHost: dropline\r\n{many}\r\n");
     assert_eq!(http_raw(http, many.as_bytes()).await.0, 431);
-    assert_eq!(http_raw(http, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n").await.0, 400);
+    assert_eq!(
+        http_raw(http, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")
+            .await
+            .0,
+        400
+    );
     assert_eq!(http_raw(http, b"GET /metrics HTTP/9.9 nonsense\r\n\r\n").await.0, 400);
     let (status, _) = http_get(http, "/no-such-page").await;
     assert_eq!(status, 404);
@@ -196,7 +228,10 @@ async fn hostile_http_gets_a_4xx_and_a_log_file_has_no_colour() {
     assert_eq!(status, 200);
     assert!(text.contains("dropline_build_info"));
     let mut operator = operator_client(&channel);
-    operator.create_drop(drop_request("h", &[("sku", 1)], 1, 600)).await.unwrap();
+    operator
+        .create_drop(drop_request("h", &[("sku", 1)], 1, 600))
+        .await
+        .unwrap();
 
     server.terminate(Duration::from_secs(15));
     let log = std::fs::read_to_string(&log_file).unwrap();
