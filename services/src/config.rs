@@ -541,4 +541,52 @@ mod tests {
         assert!(args(None, Some("too-short")).resolve().is_err());
         assert!(args(None, Some("a-long-enough-operator-token")).resolve().is_ok());
     }
+
+    #[test]
+    fn the_http_side_logs_and_traces_are_configured_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dropline.toml");
+        std::fs::write(
+            &path,
+            "http_listen = \"0.0.0.0:9090\"\nlog_format = \"json\"\notlp_endpoint = \"http://collector:4317\"\n",
+        )
+        .unwrap();
+        let args = |listen: Option<&str>, log: Option<&str>, otlp: Option<&str>| ServeArgs {
+            listen: listen.map(|l| l.parse().unwrap()),
+            http_listen: None,
+            data_dir: None,
+            config: Some(path.clone()),
+            log: log.map(str::to_string),
+            log_format: None,
+            otlp_endpoint: otlp.map(str::to_string),
+            telemetry: None,
+            operator_token: None,
+            shutdown_delay_ms: None,
+            live_actors_max: None,
+            journal_segment_bytes: None,
+            storefront_calls_per_sec: None,
+            buyer_reserves_per_sec: None,
+            buyer_reserve_burst: None,
+            check_config: false,
+            tls: ServerTlsArgs::default(),
+            cluster: ClusterArgs::default(),
+        };
+        let config = args(None, None, None).resolve().unwrap();
+        assert_eq!(config.http_listen, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+        assert_eq!(config.telemetry, Telemetry::On);
+        let refused = |listen, log, otlp| format!("{:#}", args(listen, log, otlp).resolve().unwrap_err());
+        assert!(refused(Some("0.0.0.0:9090"), None, None).contains("its own port"));
+        assert!(refused(None, Some("info,services=loud"), None).contains("log filter"));
+        assert!(refused(None, None, Some("collector:4317")).contains("--otlp-endpoint"));
+        // The documented filters parse.
+        for filter in ["info", "warn,services=info", "info,services::rpc=debug", "warn,actors=info"] {
+            assert!(args(None, Some(filter), None).resolve().is_ok(), "{filter}");
+        }
+        let defaults = ServeArgs { config: None, ..args(None, None, None) }.resolve().unwrap();
+        assert_eq!(defaults.http_listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(defaults.log_format, LogFormat::Text);
+        assert_eq!(defaults.otlp_endpoint, None);
+    }
 }
