@@ -322,7 +322,7 @@ impl<H: Hosted> Entity<H> {
             )
         });
         // A traced command's append is a span of its own, from the hand-over to the journal
-        // until the batch is durable, its completion (publications, replies) inside it.
+        // until the batch is durable (it ends before the replies leave).
         let current = tracing::Span::current();
         let appending = if current.is_none() {
             current
@@ -337,7 +337,7 @@ impl<H: Hosted> Entity<H> {
         permit.append(
             batch,
             Box::new(move |written| {
-                let _appending = appending.enter();
+                drop(appending);
                 if let Some((next_completed, stream, first, next)) = order {
                     let expected = next_completed.swap(next, Ordering::SeqCst);
                     debug_assert_eq!(first, expected, "{stream}: a batch completed out of order");

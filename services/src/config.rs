@@ -581,10 +581,20 @@ mod tests {
         assert!(refused(None, Some("info,services=loud"), None).contains("log filter"));
         assert!(refused(None, None, Some("collector:4317")).contains("--otlp-endpoint"));
         // The documented filters parse.
-        for filter in ["info", "warn,services=info", "info,services::rpc=debug", "warn,actors=info"] {
+        for filter in [
+            "info",
+            "warn,services=info",
+            "info,services::rpc=debug",
+            "warn,actors=info",
+        ] {
             assert!(args(None, Some(filter), None).resolve().is_ok(), "{filter}");
         }
-        let defaults = ServeArgs { config: None, ..args(None, None, None) }.resolve().unwrap();
+        let defaults = ServeArgs {
+            config: None,
+            ..args(None, None, None)
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(defaults.http_listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(defaults.log_format, LogFormat::Text);
         assert_eq!(defaults.otlp_endpoint, None);

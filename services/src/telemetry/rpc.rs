@@ -96,8 +96,9 @@ impl Finish {
         let elapsed = self.started.elapsed();
         self.metrics.rpc_finished(self.method, code, elapsed);
         if !self.span.is_disabled() {
-            let latency_us = elapsed.as_micros() as u64;
-            self.span.record("rpc.grpc.status_code", code as u64);
+            // As i64: OpenTelemetry's integers (a u64 would be exported as a string).
+            let latency_us = i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX);
+            self.span.record("rpc.grpc.status_code", code as i64);
             self.span.record("latency_us", latency_us);
             // Server-side failures, as OpenTelemetry's gRPC conventions count them.
             if matches!(code, 2 | 4 | 12 | 13 | 14 | 15) {

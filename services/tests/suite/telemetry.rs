@@ -241,3 +241,98 @@ async fn hostile_http_gets_a_4xx_and_a_log_file_has_no_colour() {
         "a log written to a file has no colour codes:\n{log}"
     );
 }
+
+/// An OTLP/gRPC trace collector on loopback, handing every export to the test.
+struct Collector(
+    tokio::sync::mpsc::Sender<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let _ = self.0.try_send(request.into_inner());
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_is_exported_as_a_trace_through_the_actor_command_and_the_journal_append() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = listener.local_addr().unwrap();
+    let (exports, mut exported) = tokio::sync::mpsc::channel(1_024);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector(exports)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServeCommand::new(dir.path().join("data"))
+        .unwrap()
+        .args(["--otlp-endpoint", &format!("http://{collector_addr}")])
+        .spawn()
+        .expect("dropline binary starts");
+    let channel = server.connect(Duration::from_secs(60)).await.unwrap();
+    create_test_hubs(&channel).await;
+    let mut operator = operator_client(&channel);
+    operator
+        .create_drop(drop_request("t", &[("sku", 5)], 1, 600))
+        .await
+        .unwrap();
+    operator
+        .open_drop(proto::operator::v1::OpenDropRequest { drop_id: "t".into() })
+        .await
+        .unwrap();
+    let mut checkout = storefront_client(&channel).await;
+    checkout
+        .reserve(reserve_with_id(reserve("t", "sku", "b1", 1), "trace-me-7"))
+        .await
+        .unwrap();
+    // The exporter sends what it holds when the server stops.
+    server.terminate(Duration::from_secs(15));
+    let mut spans = Vec::new();
+    while let Ok(Some(export)) = tokio::time::timeout(Duration::from_secs(2), exported.recv()).await {
+        for resource in export.resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+    }
+    let attribute = |span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| {
+        span.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.as_ref()?.value.clone())
+    };
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    let call = spans
+        .iter()
+        .find(|s| {
+            s.name == "dropline.checkout.v1.CheckoutService/Reserve"
+                && attribute(s, "request_id") == Some(Value::StringValue("trace-me-7".into()))
+        })
+        .unwrap_or_else(|| panic!("no Reserve span with the request id among {names:?}"));
+    assert_eq!(attribute(call, "rpc.grpc.status_code"), Some(Value::IntValue(0)));
+    let command = spans
+        .iter()
+        .find(|s| s.name == "command" && s.parent_span_id == call.span_id)
+        .unwrap_or_else(|| panic!("no command span under the call among {names:?}"));
+    assert_eq!(command.trace_id, call.trace_id);
+    assert_eq!(attribute(command, "kind"), Some(Value::StringValue("sku".into())));
+    let append = spans
+        .iter()
+        .find(|s| s.name == "journal_append" && s.parent_span_id == command.span_id)
+        .unwrap_or_else(|| panic!("no journal_append span under the command among {names:?}"));
+    assert!(append.end_time_unix_nano >= append.start_time_unix_nano);
+    assert!(
+        call.end_time_unix_nano >= append.end_time_unix_nano,
+        "the call ends after its append is durable"
+    );
+}
