@@ -21,10 +21,9 @@ work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 declare -A port=([on]=${DROPLINE_BENCH_PORT_ON:-50061} [off]=${DROPLINE_BENCH_PORT_OFF:-50062})
-declare -A http=([on]=18061 [off]=18062)
 for mode in on off; do
   "$target/release/dropline" serve --data-dir "$work/$mode" --listen "127.0.0.1:${port[$mode]}" \
-    --http-listen "127.0.0.1:${http[$mode]}" --telemetry "$mode" >"$work/$mode.log" 2>&1 &
+    --http-listen 127.0.0.1:0 --telemetry "$mode" >"$work/$mode.log" 2>&1 &
   pids+=($!)
 done
 declare -A sum=([on]=0 [off]=0)

@@ -288,7 +288,7 @@ impl ServeArgs {
             if let Some(token) = &config.operator_token {
                 crate::auth::OperatorCredential::check_token(token)?;
             }
-            if config.http_listen == config.listen {
+            if config.http_listen == config.listen && config.listen.port() != 0 {
                 anyhow::bail!(
                     "--http-listen and --listen are both {}: the HTTP side needs its own port",
                     config.listen

@@ -11,6 +11,7 @@ use crate::limits::{OTLP_EXPORT_TIMEOUT_MS, OTLP_QUEUE_SPANS_MAX};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -56,6 +57,29 @@ impl Drop for TracingGuard {
     }
 }
 
+/// Set once spans are exported: only then does the gRPC layer record the attributes only a
+/// trace shows (OpenTelemetry's span name and kind, the status and latency on the span), each
+/// of which the log layer would otherwise format for nothing.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported over OTLP.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// A log filter from `--log`. Target and level directives only (`info,services::rpc=debug`)
+/// become a static `Targets` filter, which costs nothing when a span is entered or left;
+/// directives naming spans or fields need an `EnvFilter`, which tracks spans as they run.
+pub fn parse_filter(
+    filter: &str,
+) -> anyhow::Result<Box<dyn tracing_subscriber::layer::Filter<Registry> + Send + Sync>> {
+    if let Ok(targets) = filter.parse::<tracing_subscriber::filter::Targets>() {
+        return Ok(Box::new(targets));
+    }
+    let env = EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("--log {filter:?}: {e}"))?;
+    Ok(Box::new(env))
+}
+
 /// Whether log lines may carry colour codes: only for a person at a terminal.
 pub fn colour() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
@@ -66,14 +90,7 @@ pub fn colour() -> bool {
 /// `otlp_endpoint` (`http://collector:4317`) when given. Must run inside the tokio runtime
 /// when exporting (the exporter's channel lives there). Installing twice keeps the first.
 pub fn init(filter: &str, format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<TracingGuard> {
-    let filter = EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("--log {filter:?}: {e}"))?;
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(colour());
-    let log: Box<dyn Layer<Registry> + Send + Sync> = match format {
-        LogFormat::Text => stderr.with_filter(filter).boxed(),
-        LogFormat::Json => stderr.json().with_filter(filter).boxed(),
-    };
+    let log = log_layer(parse_filter(filter)?, format, std::io::stderr, colour());
     let (otlp, provider) = match otlp_endpoint {
         None => (None, None),
         Some(endpoint) => {
@@ -103,12 +120,31 @@ pub fn init(filter: &str, format: LogFormat, otlp_endpoint: Option<&str>) -> any
                 .with_tracer(provider.tracer("dropline"))
                 .with_filter(EnvFilter::new(OTLP_FILTER))
                 .boxed();
+            EXPORTING.store(true, Ordering::Relaxed);
             (Some(layer), Some(provider))
         }
     };
     // `try_init` fails only when a subscriber is installed already (tests in one process).
     let _ = tracing_subscriber::registry().with(log).with(otlp).try_init();
     Ok(TracingGuard { provider })
+}
+
+/// The log layer [`init`] installs, writing to `writer` (the telemetry benchmark measures
+/// this one, writing nowhere).
+pub fn log_layer<W>(
+    filter: Box<dyn tracing_subscriber::layer::Filter<Registry> + Send + Sync>,
+    format: LogFormat,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn Layer<Registry> + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
+    match format {
+        LogFormat::Text => layer.with_filter(filter).boxed(),
+        LogFormat::Json => layer.json().with_filter(filter).boxed(),
+    }
 }
 
 /// [`init`] for the command line's clients (demo, settlement): text, no export; an invalid

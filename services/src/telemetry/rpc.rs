@@ -10,7 +10,7 @@
 
 use super::metrics::{Metrics, CODE_CANCELLED, CODE_UNKNOWN, GRPC_CODES};
 use crate::limits::REQUEST_ID_LEN_MAX;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +21,9 @@ use tower::{Layer, Service};
 use tracing::Span;
 
 /// The metadata key a request id travels in, both ways.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// Where gRPC puts a call's status code.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 #[derive(Clone)]
 pub struct RpcLayer {
@@ -55,7 +57,7 @@ pub struct RpcService<S> {
 /// digits and `-_.:/+=` (UUIDs, ULIDs, W3C trace ids, base64 all fit); anything else is
 /// replaced rather than logged.
 fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
-    let value = headers.get(REQUEST_ID_HEADER)?;
+    let value = headers.get(&REQUEST_ID_HEADER)?;
     let ok = (1..=REQUEST_ID_LEN_MAX).contains(&value.len())
         && value
             .as_bytes()
@@ -78,7 +80,7 @@ fn new_request_id() -> HeaderValue {
 
 /// The status code number in a `grpc-status` value.
 fn grpc_code(headers: &HeaderMap) -> Option<usize> {
-    let value = headers.get("grpc-status")?;
+    let value = headers.get(&GRPC_STATUS)?;
     let code: usize = std::str::from_utf8(value.as_bytes()).ok()?.parse().ok()?;
     Some(if code < GRPC_CODES.len() { code } else { CODE_UNKNOWN })
 }
@@ -95,23 +97,27 @@ impl Finish {
     fn finish(self, code: usize) {
         let elapsed = self.started.elapsed();
         self.metrics.rpc_finished(self.method, code, elapsed);
-        if !self.span.is_disabled() {
-            // As i64: OpenTelemetry's integers (a u64 would be exported as a string).
-            let latency_us = i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX);
+        if self.span.is_disabled() {
+            return;
+        }
+        // As i64: OpenTelemetry's integers (a u64 would be exported as a string).
+        let latency_us = i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX);
+        if super::logging::exporting() {
             self.span.record("rpc.grpc.status_code", code as i64);
             self.span.record("latency_us", latency_us);
             // Server-side failures, as OpenTelemetry's gRPC conventions count them.
             if matches!(code, 2 | 4 | 12 | 13 | 14 | 15) {
                 self.span.record("otel.status_code", "error");
             }
-            tracing::debug!(
-                target: "services::rpc",
-                parent: &self.span,
-                code = GRPC_CODES[code],
-                latency_us,
-                "rpc finished"
-            );
         }
+        tracing::debug!(
+            target: "services::rpc",
+            parent: &self.span,
+            method = self.metrics.method_path(self.method),
+            code = GRPC_CODES[code],
+            latency_us,
+            "rpc finished"
+        );
     }
 }
 
@@ -138,17 +144,22 @@ where
         let started = Instant::now();
         let method = self.metrics.method(request.uri().path());
         let request_id = client_request_id(request.headers()).unwrap_or_else(new_request_id);
-        // Few fields: each is formatted for the log's span context when the span is made.
+        // One field at first: the log layer formats every field a span is made with, for the
+        // lines logged inside it. Those only a trace shows are recorded only when exporting.
         let span = tracing::info_span!(
             target: "services::rpc",
             "rpc",
-            otel.name = self.metrics.method_path(method),
-            otel.kind = "server",
             request_id = request_id.to_str().unwrap_or_default(),
+            otel.name = tracing::field::Empty,
+            otel.kind = tracing::field::Empty,
             rpc.grpc.status_code = tracing::field::Empty,
             latency_us = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
+        if super::logging::exporting() && !span.is_disabled() {
+            span.record("otel.name", self.metrics.method_path(method));
+            span.record("otel.kind", "server");
+        }
         let inner = span.in_scope(|| self.inner.call(request));
         RpcFuture {
             inner,
@@ -195,7 +206,7 @@ where
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 if let Some(id) = this.request_id.take() {
-                    parts.headers.insert(REQUEST_ID_HEADER, id);
+                    parts.headers.insert(REQUEST_ID_HEADER.clone(), id);
                 }
                 let finish = match (finish, grpc_code(&parts.headers)) {
                     (Some(finish), Some(code)) => {
@@ -275,7 +286,7 @@ mod tests {
     fn a_client_request_id_is_kept_only_when_it_is_plain_and_short() {
         let headers = |value: &str| {
             let mut headers = HeaderMap::new();
-            headers.insert(REQUEST_ID_HEADER, HeaderValue::from_str(value).unwrap());
+            headers.insert(REQUEST_ID_HEADER.clone(), HeaderValue::from_str(value).unwrap());
             headers
         };
         assert_eq!(
