@@ -37,9 +37,9 @@ use tracing::{debug, warn};
 
 /// A command for the hosted aggregate; the reply comes once it is durable. The span is the
 /// caller's (a gRPC call's, with its request id; `Span::none()` for timers and untraced
-/// callers): the command is decided inside it, so what the shell logs carries the request
-/// id, and, with `actors::entity=debug` spans on, it parents a `command` span and that one a
-/// `journal_append` span that closes when the batch is durable.
+/// callers): with `actors::entity=debug` spans on (trace export turns them on), it parents
+/// a `command` span the command is decided in, and that one a `journal_append` span that
+/// closes when the batch is durable.
 pub struct Cmd<H: Hosted>(pub H::Command, pub tracing::Span);
 
 /// Commands for the hosted aggregate decided one after another into one journal batch: one
@@ -100,19 +100,17 @@ fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<
 }
 
 impl<H: Hosted> Entity<H> {
-    /// The span a caller's command is decided in: a `command` child of the caller's span
-    /// when `actors::entity` spans are enabled at debug, else the caller's span itself (no
-    /// span is made for an untraced caller, and a disabled one costs a filter check).
-    fn command_span(&self, caller: tracing::Span, commands: usize) -> tracing::Span {
+    /// The span a traced caller's command is decided in: a `command` child of the caller's
+    /// span when `actors::entity` spans are enabled at debug (what trace export turns on),
+    /// and its append then gets a `journal_append` child. Otherwise none: the caller's span
+    /// is only carried, not entered, since entering and leaving it costs more per command
+    /// than the shell's rare log lines are worth (a disabled span costs a filter check).
+    fn command_span(&self, caller: tracing::Span, commands: usize) -> Option<tracing::Span> {
         if caller.is_none() {
-            return caller;
+            return None;
         }
         let span = tracing::debug_span!(parent: &caller, "command", kind = H::KIND, stream = %self.stream, commands);
-        if span.is_disabled() {
-            caller
-        } else {
-            span
-        }
+        (!span.is_disabled()).then_some(span)
     }
 
     /// Decides a command and hands the outcome to the journal; `reply` runs when durable.
@@ -611,8 +609,10 @@ impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
             None => Box::new(|_| {}),
         };
         let actor = ctx.actor_ref().downgrade();
-        self.command_span(caller, 1)
-            .in_scope(|| self.execute(command, actor, reply));
+        match self.command_span(caller, 1) {
+            Some(span) => span.in_scope(|| self.execute(command, actor, reply)),
+            None => self.execute(command, actor, reply),
+        }
         delegated
     }
 }
@@ -631,8 +631,10 @@ impl<H: Hosted> Message<CmdBatch<H>> for Entity<H> {
             None => Box::new(|_| {}),
         };
         let actor = ctx.actor_ref().downgrade();
-        self.command_span(caller, commands.len())
-            .in_scope(|| self.execute_batch(commands, actor, reply));
+        match self.command_span(caller, commands.len()) {
+            Some(span) => span.in_scope(|| self.execute_batch(commands, actor, reply)),
+            None => self.execute_batch(commands, actor, reply),
+        }
         delegated
     }
 }

@@ -60,24 +60,25 @@ impl Body for Reply {
 fn in_the_shell(metrics: &Metrics) {
     // The bus: the command carries the caller's span (`entity::Cmd`).
     let caller = tracing::Span::current();
-    // The actor: a `command` child at debug, else the caller's span; decided inside it.
-    let command = if caller.is_none() {
-        caller
-    } else {
-        let span = tracing::debug_span!(target: "actors::entity", parent: &caller, "command", kind = "sku", stream = %"sku/d/s", commands = 1usize);
-        if span.is_disabled() {
-            caller
-        } else {
-            span
-        }
-    };
-    command.in_scope(|| {
+    // The actor: a `command` child at debug, decided inside it (`Entity::command_span`).
+    let append = || {
         // The append: a `journal_append` child of the current span when traced.
         let current = tracing::Span::current();
         if !current.is_none() {
-            drop(tracing::debug_span!(target: "actors::entity", parent: &current, "journal_append", stream = %"sku/d/s", events = 1usize));
+            drop(
+                tracing::debug_span!(target: "actors::entity", parent: &current, "journal_append", stream = %"sku/d/s", events = 1usize),
+            );
         }
-    });
+    };
+    if !caller.is_none() {
+        let span = tracing::debug_span!(target: "actors::entity", parent: &caller, "command", kind = "sku", stream = %"sku/d/s", commands = 1usize);
+        if span.is_disabled() {
+            append();
+        } else {
+            span.in_scope(append);
+        }
+    }
+    drop(caller);
     metrics.reserve(Some(domain::sku::ReserveOutcome::Held));
 }
 
