@@ -37,6 +37,7 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
     // The TLS files before anything else: a bad one is a configuration error, not a
     // failure of every handshake later.
     let tls = config.tls.as_ref().map(tls::TlsFiles::load).transpose()?;
+    let http_tls = config.tls.as_ref().map(tls::TlsFiles::http_config).transpose()?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
@@ -103,7 +104,8 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         http_listener,
         platform.clone(),
         health.clone(),
-        extra_routes(&platform),
+        extra_routes(&platform, http_tls.is_some()),
+        http_tls,
         http_stopping,
     ));
     let options = server::ServeOptions {
@@ -128,8 +130,9 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
 }
 
 /// The routes the HTTP side serves beside `/metrics`, `/healthz` and `/readyz` (the
-/// consoles), for `dropline serve` and the test kit's servers alike.
-pub fn extra_routes(_platform: &platform::Platform) -> axum::Router {
+/// consoles), for `dropline serve` and the test kit's servers alike. `tls`: the HTTP side is
+/// served over TLS (cookies may be `Secure`).
+pub fn extra_routes(_platform: &platform::Platform, _tls: bool) -> axum::Router {
     axum::Router::new()
 }
 
@@ -147,6 +150,7 @@ pub async fn serve(args: ServeArgs, scheduler: actors::runtime::Scheduler) -> an
     if args.check_config {
         if let Some(files) = &config.tls {
             files.load()?;
+            files.http_config()?;
         }
         print_config(&config);
         println!("# scheduler: {scheduler}");

@@ -160,7 +160,8 @@ impl TestServer {
             http_listener,
             platform.clone(),
             health.clone(),
-            services::extra_routes(&platform),
+            services::extra_routes(&platform, false),
+            None,
             async move {
                 let _ = shutting_down.wait_for(|stopping| *stopping).await;
             },

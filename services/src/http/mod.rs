@@ -3,6 +3,7 @@
 //! behind the pod network), `/healthz` and `/readyz` (the gRPC health services `liveness`
 //! and `""` as HTTP status codes), and whatever routes it is given (the consoles).
 //!
+//! Over TLS when the gRPC side is (the same certificate and key), plaintext otherwise.
 //! Bounded like the gRPC side: HTTP/1.1 only, request headers at most
 //! `HTTP_HEADER_BYTES_MAX` bytes and `HTTP_HEADERS_MAX` fields (431 beyond, from hyper,
 //! before any handler), garbage answered 400 and the connection closed, request bodies at
@@ -15,7 +16,7 @@
 
 use crate::limits::{
     HTTP_BODY_BYTES_MAX, HTTP_CONNECTIONS_MAX, HTTP_HEADERS_MAX, HTTP_HEADER_BYTES_MAX, HTTP_HEADER_READ_TIMEOUT_MS,
-    HTTP_READ_BUFFER_BYTES_MAX, HTTP_REQUEST_TIMEOUT_MS, SHUTDOWN_DRAIN_MS,
+    HTTP_READ_BUFFER_BYTES_MAX, HTTP_REQUEST_TIMEOUT_MS, SHUTDOWN_DRAIN_MS, TLS_HANDSHAKE_TIMEOUT_MS,
 };
 use crate::platform::Platform;
 use crate::server::Health;
@@ -32,6 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
 use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
 
@@ -107,13 +110,64 @@ async fn bounded(request: Request, next: Next) -> Response {
     response
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then lets open connections
-/// finish for at most `SHUTDOWN_DRAIN_MS`.
+/// One connection: TLS first when configured (a handshake not done within
+/// `TLS_HANDSHAKE_TIMEOUT_MS` drops it), then HTTP/1.1 until the client closes it or the
+/// server is closing.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    tls: Option<TlsAcceptor>,
+    builder: hyper::server::conn::http1::Builder,
+    router: Router,
+    closing: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    match tls {
+        None => serve_connection(TokioIo::new(stream), builder, router, closing).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS), acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), builder, router, closing).await,
+                Ok(Err(e)) => debug!(target: "services::http", error = %e, "TLS handshake failed"),
+                Err(_) => debug!(target: "services::http", "TLS handshake not done in time"),
+            }
+        }
+    }
+}
+
+async fn serve_connection<IO>(
+    io: TokioIo<IO>,
+    builder: hyper::server::conn::http1::Builder,
+    router: Router,
+    mut closing: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = builder.serve_connection(io, TowerToHyperService::new(router));
+    tokio::pin!(connection);
+    let closed = async move {
+        let _ = closing.wait_for(|closing| *closing).await;
+    };
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = closed => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = served {
+        // A client's mistake (bad request, too large, timeout): answered or closed.
+        debug!(target: "services::http", error = %e, "HTTP connection ended");
+    }
+}
+
+/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown` resolves, then lets
+/// open connections finish for at most `SHUTDOWN_DRAIN_MS`.
 pub async fn serve_router(
     listener: TcpListener,
     router: Router,
+    tls: Option<Arc<ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let tls = tls.map(TlsAcceptor::from);
     let local = listener.local_addr()?;
     let connections = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));
     let (closing_tx, closing) = watch::channel(false);
@@ -124,7 +178,8 @@ pub async fn serve_router(
         .max_header_size(HTTP_HEADER_BYTES_MAX)
         .max_headers(HTTP_HEADERS_MAX)
         .max_buf_size(HTTP_READ_BUFFER_BYTES_MAX);
-    info!(target: "services::http", addr = %local, "HTTP listening on {local}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(target: "services::http", addr = %local, "HTTP listening on {scheme}://{local}");
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -143,26 +198,9 @@ pub async fn serve_router(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let mut closing = closing.clone();
+        let (tls, builder, router, closing) = (tls.clone(), builder.clone(), router.clone(), closing.clone());
         tokio::spawn(async move {
-            tokio::pin!(connection);
-            let closed = async move {
-                let _ = closing.wait_for(|closing| *closing).await;
-            };
-            let served = tokio::select! {
-                served = connection.as_mut() => served,
-                () = closed => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = served {
-                // A client's mistake (bad request, too large, timeout): answered or closed.
-                debug!(target: "services::http", error = %e, "HTTP connection ended");
-            }
+            connection(stream, tls, builder, router, closing).await;
             drop(permit);
         });
     }
@@ -180,14 +218,16 @@ pub async fn serve_router(
     Ok(())
 }
 
-/// Serves the built-in routes and `extra` (see [`router`]) for `platform` on `listener`
-/// until `shutdown` resolves.
+/// Serves the built-in routes and `extra` (see [`router`]) for `platform` on `listener`,
+/// over TLS with `tls` (`TlsFiles::http_config`: the gRPC side's certificate), until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     platform: Platform,
     health: Health,
     extra: Router,
+    tls: Option<Arc<ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    serve_router(listener, router(platform, health, extra), shutdown).await
+    serve_router(listener, router(platform, health, extra), tls, shutdown).await
 }
