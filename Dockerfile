@@ -35,7 +35,7 @@ COPY --from=build --chown=65532:65532 /out/data /var/lib/dropline
 COPY services/dropline.image.toml /etc/dropline/dropline.toml
 USER 65532:65532
 ENV DROPLINE_CONFIG=/etc/dropline/dropline.toml
-EXPOSE 50051
+EXPOSE 50051 8080
 VOLUME ["/var/lib/dropline"]
 # For plain Docker; Kubernetes uses its own gRPC probes (see k8s/ and helm/). Served over TLS,
 # give the check its way in too: -e DROPLINE_SERVER=https://localhost:50051 -e DROPLINE_TLS_CA=…

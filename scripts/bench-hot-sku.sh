@@ -14,7 +14,7 @@ target=${CARGO_TARGET_DIR:-target}
 export DROPLINE_OPERATOR_TOKEN=${DROPLINE_OPERATOR_TOKEN:-load-test-operator-token}
 data=$(mktemp -d)
 port=${DROPLINE_BENCH_PORT:-50051}
-"$target/release/dropline" serve --data-dir "$data" --listen "127.0.0.1:$port" >"$data.log" 2>&1 &
+"$target/release/dropline" serve --data-dir "$data" --listen "127.0.0.1:$port" --http-listen 127.0.0.1:0 >"$data.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$data" "$data.log"' EXIT
 "$target/release/dropline-load" hot-sku --target "http://127.0.0.1:$port" "$@"

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.error
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -91,8 +92,14 @@ def section(title: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# Custom resources no Kubernetes schema knows: checked by hand (check_service_monitor).
+CRD_GROUPS = ("monitoring.coreos.com/",)
+
+
 def validate_schemas(docs: list[dict], label: str) -> None:
     for doc in docs:
+        if doc["apiVersion"].startswith(CRD_GROUPS):
+            continue
         for version in K8S_VERSIONS:
             name = f"{label}: {doc['kind']}/{doc['metadata']['name']} (Kubernetes {version})"
             try:
@@ -187,6 +194,16 @@ def check_objects(docs: list[dict], label: str, external_secrets: set[str]) -> d
     spec = sts["spec"]["template"]["spec"]
     c = next(c for c in spec["containers"] if c["name"] == "dropline")
     port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+    http_port = next((p["containerPort"] for p in c["ports"] if p["name"] == "http"), None)
+    C.ok(http_port is not None, f"{label}: dropline has a container port named http (/metrics, /readyz)")
+    for svc in by_kind(docs, "Service"):
+        if selects(svc["spec"].get("selector", {}), sts["spec"]["template"]["metadata"]["labels"]):
+            C.ok(any(p.get("targetPort") == "http" for p in svc["spec"]["ports"]),
+                 f"{label}: Service {svc['metadata']['name']} exposes the HTTP port")
+    annotations = sts["spec"]["template"]["metadata"].get("annotations", {})
+    if "prometheus.io/scrape" in annotations:
+        C.ok(annotations.get("prometheus.io/port") == str(http_port) and annotations.get("prometheus.io/path") == "/metrics",
+             f"{label}: the pods' scrape annotations name the HTTP port {http_port} and /metrics")
     for probe, service in (("startupProbe", "liveness"), ("livenessProbe", "liveness"), ("readinessProbe", "")):
         C.ok(probe_asks(c.get(probe, {}), port, service),
              f"{label}: dropline {probe} asks grpc.health.v1 on port {port} for service {service!r}")
@@ -203,6 +220,8 @@ def check_objects(docs: list[dict], label: str, external_secrets: set[str]) -> d
         if C.ok(cm is not None and key in cm.get("data", {}), f"{label}: the ConfigMap holds {key}"):
             toml_text = cm["data"][key]
     settings = tomllib.loads(toml_text) if toml_text else {}
+    C.ok(settings.get("http_listen") == f"0.0.0.0:{http_port}",
+         f"{label}: http_listen ({settings.get('http_listen')}) is the container's http port on all interfaces")
     data_mount = next((m for m in c["volumeMounts"] if m["mountPath"] == settings.get("data_dir")), None)
     C.ok(data_mount is not None, f"{label}: data_dir {settings.get('data_dir')} is a mounted volume")
     needed = settings.get("shutdown_delay_ms", 0) / 1000 + SHUTDOWN_DRAIN_S + settings.get("lease_ttl_ms", 5000) / 1000
@@ -294,7 +313,7 @@ def check_config_with_binary(dropline: pathlib.Path, facts: dict, label: str) ->
 
 
 def pod_env(facts: dict, tmp: pathlib.Path, nats: str | None, pod_index: int = 0,
-            listen: str | None = None) -> tuple[dict, pathlib.Path]:
+            listen: str | None = None, http_listen: str | None = None) -> tuple[dict, pathlib.Path]:
     """The environment a node's container gets, with its config file written under tmp;
     `nats`/`listen` rewrite the file for loopback and data_dir moves under tmp."""
     pod = f"{facts['sts']['metadata']['name']}-{pod_index}"
@@ -305,6 +324,8 @@ def pod_env(facts: dict, tmp: pathlib.Path, nats: str | None, pod_index: int = 0
         text = re.sub(r'^nats\s*=.*$', f'nats = "{nats}"', text, flags=re.M)
     if listen is not None:
         text = re.sub(r'^listen\s*=.*$', f'listen = "{listen}"', text, flags=re.M)
+    if http_listen is not None:
+        text = re.sub(r'^http_listen\s*=.*$', f'http_listen = "{http_listen}"', text, flags=re.M)
     # TLS files come from Secrets the pod mounts: throwaway ones stand in for them here.
     text = re.sub(r'^(tls_cert|tls_key|tls_client_ca)\s*=.*$',
                   lambda m: f'{m.group(1)} = "{test_tls_files(tmp)[TLS_KEYS[m.group(1)]]}"', text, flags=re.M)
@@ -369,6 +390,7 @@ def check_dockerfile(dropline: pathlib.Path) -> set[str]:
     C.ok(any("/usr/local/bin/dropline" in c.value for c in copied), "the binary is copied from the build stage")
     exposed = {v for c in runtime if c.cmd == "EXPOSE" for v in c.value}
     C.ok("50051" in exposed, "EXPOSE 50051 (the manifests' gRPC port)")
+    C.ok("8080" in exposed, "EXPOSE 8080 (the manifests' HTTP port: /metrics, /readyz)")
     health = [c for c in runtime if c.cmd == "HEALTHCHECK"]
     C.ok(bool(health) and "health" in " ".join(health[-1].value), "HEALTHCHECK asks `dropline health`")
     ignore = (ROOT / ".dockerignore").read_text().split()
@@ -389,6 +411,7 @@ def check_dockerfile(dropline: pathlib.Path) -> set[str]:
                              env={"PATH": os.environ.get("PATH", ""), "DROPLINE_CONFIG": str(ROOT / shipped[0])})
         volumes = {v for c in runtime if c.cmd == "VOLUME" for v in c.value}
         C.ok(run.returncode == 0 and 'listen = "0.0.0.0:50051"' in run.stdout
+             and 'http_listen = "0.0.0.0:8080"' in run.stdout
              and any(f'data_dir = "{v}"' in run.stdout for v in volumes),
              f"{shipped[0]}: --check-config accepts it; it listens on all interfaces on the exposed port, data on the volume "
              f"({(run.stdout + run.stderr).strip()[-200:]})")
@@ -519,6 +542,9 @@ def check_helm(dropline: pathlib.Path) -> list[list[dict]]:
                 hosts = facts["settings"].get("nats", "").split(",")
                 C.ok(len(hosts) == n and all(re.match(r"^nats://dropline-nats-\d\.dropline-nats-headless:4222$", h) for h in hosts),
                      f"helm {label}: Dropline lists the bundled NATS chart's {n} servers by their stable names")
+            check_service_monitor(docs, merged, f"helm {label}")
+            C.ok(not merged["nats"]["enabled"] or merged["nats"].get("promExporter", {}).get("enabled") is True,
+                 f"helm {label}: the bundled NATS chart runs its Prometheus exporter")
             if merged["tls"]["enabled"]:
                 settings = facts["settings"]
                 volumes = {v["name"]: v for v in facts["sts"]["spec"]["template"]["spec"]["volumes"]}
@@ -539,6 +565,27 @@ def check_helm(dropline: pathlib.Path) -> list[list[dict]]:
                 C.ok(True, f"bad values refused: {label}")
                 print(f"  refused, as it should be: {label}: {reason[:150]}")
     return rendered
+
+
+def check_service_monitor(docs: list[dict], values: dict, label: str) -> None:
+    """A ServiceMonitor exactly when asked for, scraping /metrics on the http port of one
+    Service of the nodes (each node once)."""
+    monitors = by_kind(docs, "ServiceMonitor")
+    wanted = values["metrics"]["serviceMonitor"]["enabled"]
+    if not C.ok(len(monitors) == (1 if wanted else 0), f"{label}: a ServiceMonitor exactly when metrics.serviceMonitor.enabled"):
+        return
+    for sm in monitors:
+        C.ok(sm["apiVersion"] == "monitoring.coreos.com/v1", f"{label}: ServiceMonitor is monitoring.coreos.com/v1")
+        selected = [svc for svc in by_kind(docs, "Service")
+                    if selects(sm["spec"]["selector"]["matchLabels"], svc["metadata"].get("labels", {}))]
+        if not C.ok(len(selected) == 1, f"{label}: the ServiceMonitor selects one Service (each node scraped once)"):
+            continue
+        ports = {p["name"] for p in selected[0]["spec"]["ports"]}
+        for e in sm["spec"]["endpoints"]:
+            C.ok(e["port"] in ports and e.get("path") == "/metrics",
+                 f"{label}: the ServiceMonitor scrapes /metrics on Service {selected[0]['metadata']['name']}'s port {e['port']}")
+        for k, v in values["metrics"]["serviceMonitor"].get("labels", {}).items():
+            C.ok(sm["metadata"]["labels"].get(k) == v, f"{label}: the ServiceMonitor carries the label {k}={v}")
 
 
 def check_names(dropline: pathlib.Path, rendered: list[list[dict]], dockerfile_env: set[str]) -> None:
@@ -705,9 +752,11 @@ def rehearse(dropline: pathlib.Path, docs: list[dict], facts: dict) -> None:
         if not C.ok(took is not None, "the 3 NATS servers (rendered nats.conf) form a JetStream cluster"):
             return
         print(f"  NATS JetStream cluster up in {took:.1f} s")
+        http_ports = [free_port() for _ in range(2)]
         for i in range(2):
             port = free_port()
-            env, _ = pod_env(facts, tmp, nats=nats.urls(), pod_index=i, listen=f"127.0.0.1:{port}")
+            env, _ = pod_env(facts, tmp, nats=nats.urls(), pod_index=i, listen=f"127.0.0.1:{port}",
+                             http_listen=f"127.0.0.1:{http_ports[i]}")
             log = open(tmp / f"dropline-{i}.log", "ab")
             nodes.append(subprocess.Popen([str(dropline), *facts["container"].get("args", [])], stdout=log, stderr=log, env=env))
             ports.append(port)
@@ -724,12 +773,30 @@ def rehearse(dropline: pathlib.Path, docs: list[dict], facts: dict) -> None:
         run = subprocess.run([str(dropline), "settlement", "--server", f"http://127.0.0.1:{ports[1]}", "--token", token,
                               "reconcile", "--dry-run"], capture_output=True, text=True, timeout=60)
         C.ok(run.returncode == 0, f"an operator call (reconcile --dry-run) succeeds on node 1 ({(run.stdout + run.stderr).strip()[-200:]})")
+        # The HTTP side, as Prometheus and an HTTP probe would see it.
+        for i, http_port in enumerate(http_ports):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5) as r:
+                    C.ok(r.status == 200, f"node {i}: /readyz answers 200 while ready")
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+                C.ok("dropline_cluster_partitions_owned" in text and "dropline_journal_queue_depth{journal=\"jetstream\"}" in text,
+                     f"node {i}: /metrics has the cluster's and JetStream journal's figures")
+            except OSError as e:
+                C.ok(False, f"node {i}: the HTTP side answers ({e})")
 
         # NATS lost: readiness goes NOT_SERVING (the Service stops sending calls), liveness stays.
         nats.stop()
         took = wait_for("not ready", lambda: health(dropline, ports[0], "") == "NOT_SERVING", 15)
         C.ok(took is not None, "without NATS a node reports NOT_SERVING to readiness")
         C.ok(health(dropline, ports[0], "liveness") == "SERVING", "without NATS a node stays live (no restart loop)")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{http_ports[0]}/readyz", timeout=5)
+            C.ok(False, "without NATS /readyz answers 503 (it answered 200)")
+        except urllib.error.HTTPError as e:
+            C.ok(e.code == 503, f"without NATS /readyz answers 503, as gRPC readiness ({e.code})")
+        except OSError as e:
+            C.ok(False, f"without NATS /readyz answers 503 ({e})")
         if took is not None:
             print(f"  NATS stopped: node 0 not ready after {took:.1f} s, still live")
         nats.start()

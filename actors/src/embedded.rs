@@ -14,6 +14,7 @@ use crate::limits::{
     ACTOR_RESTART_RETRIES, ACTOR_START_TIMEOUT_MS, COMMAND_TIMEOUT_MS, PASSIVATE_BATCH_DIVISOR, REGISTRY_SWEEP_MS,
 };
 use crate::projections::Projections;
+use crate::telemetry::KindFigures;
 use crate::wakeups::Wakeups;
 use domain::drop::DropState;
 use domain::hub::HubState;
@@ -290,7 +291,7 @@ impl<H: Hosted> Registry<H> {
                 None => return Ok(()),
             }
         };
-        match actor.tell(Cmd::<H>(command)).try_send() {
+        match actor.tell(Cmd::<H>(command, tracing::Span::none())).try_send() {
             Err(SendError::MailboxFull(_)) => Err(CommandError::Overloaded("actor mailbox is full".into())),
             Ok(()) | Err(_) => Ok(()),
         }
@@ -326,6 +327,30 @@ impl<H: Hosted> Registry<H> {
             .filter(|r| r.actor.is_alive())
             .count()
     }
+
+    /// Running actors and what waits in their mailboxes, read from the mailboxes' free
+    /// capacity (nothing is counted on the command path). Takes the lock for one pass over
+    /// the running actors: a scrape's cost, not a command's.
+    fn figures(&self) -> KindFigures {
+        let live = self.inner.lock().expect("registry lock");
+        let mut figures = KindFigures {
+            kind: H::KIND,
+            running: 0,
+            queued: 0,
+            queued_max: 0,
+        };
+        for running in live.actors.values().filter(|r| r.actor.is_alive()) {
+            let mailbox = running.actor.mailbox_sender();
+            let queued = mailbox
+                .max_capacity()
+                .zip(mailbox.capacity())
+                .map_or(0, |(max, free)| max.saturating_sub(free)) as u64;
+            figures.running += 1;
+            figures.queued += queued;
+            figures.queued_max = figures.queued_max.max(queued);
+        }
+        figures
+    }
 }
 
 /// Asks `actor` and waits for its reply; `Err` gives the command back when the actor was
@@ -335,7 +360,7 @@ async fn deliver<H: Hosted>(
     command: H::Command,
 ) -> Result<Result<H::Reply, CommandError>, H::Command> {
     let sent = actor
-        .ask(Cmd::<H>(command))
+        .ask(Cmd::<H>(command, tracing::Span::current()))
         .reply_timeout(Duration::from_millis(COMMAND_TIMEOUT_MS))
         .try_send()
         .await;
@@ -344,7 +369,7 @@ async fn deliver<H: Hosted>(
         Err(SendError::HandlerError(e)) => Err(e),
         Err(SendError::MailboxFull(_)) => Err(CommandError::Overloaded("actor mailbox is full".into())),
         Err(SendError::Timeout(_)) => Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
-        Err(SendError::ActorNotRunning(Cmd(c)) | SendError::ActorRestarting(Cmd(c))) => return Err(c),
+        Err(SendError::ActorNotRunning(Cmd(c, _)) | SendError::ActorRestarting(Cmd(c, _))) => return Err(c),
         Err(SendError::ActorStopped) => Err(CommandError::Unavailable("actor stopped before replying".into())),
     })
 }
@@ -356,7 +381,7 @@ async fn deliver_batch<H: Hosted>(
     commands: Vec<H::Command>,
 ) -> Result<Result<Vec<Result<H::Reply, CommandError>>, CommandError>, Vec<H::Command>> {
     let sent = actor
-        .ask(CmdBatch::<H>(commands))
+        .ask(CmdBatch::<H>(commands, tracing::Span::current()))
         .reply_timeout(Duration::from_millis(COMMAND_TIMEOUT_MS))
         .try_send()
         .await;
@@ -365,7 +390,7 @@ async fn deliver_batch<H: Hosted>(
         Err(SendError::HandlerError(never)) => match never {},
         Err(SendError::MailboxFull(_)) => Err(CommandError::Overloaded("actor mailbox is full".into())),
         Err(SendError::Timeout(_)) => Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
-        Err(SendError::ActorNotRunning(CmdBatch(c)) | SendError::ActorRestarting(CmdBatch(c))) => return Err(c),
+        Err(SendError::ActorNotRunning(CmdBatch(c, _)) | SendError::ActorRestarting(CmdBatch(c, _))) => return Err(c),
         Err(SendError::ActorStopped) => Err(CommandError::Unavailable("actor stopped before replying".into())),
     })
 }
@@ -402,6 +427,7 @@ trait Host: Send + Sync + 'static {
     fn stop_matching(&self, matches: &dyn Fn(&str) -> bool) -> usize;
     fn sweep(&self);
     fn live(&self) -> usize;
+    fn figures(&self) -> KindFigures;
 }
 
 fn letter<H: Hosted>(letter: Box<dyn Any + Send>) -> Result<Letter<H>, CommandError> {
@@ -498,6 +524,10 @@ impl<H: Hosted> Host for Registry<H> {
     fn live(&self) -> usize {
         Registry::live(self)
     }
+
+    fn figures(&self) -> KindFigures {
+        Registry::figures(self)
+    }
 }
 
 /// Every actor of this process, by kind: the embedded [`CommandBus`], and the local part
@@ -558,6 +588,7 @@ impl LocalActors {
                 clock,
                 projections,
                 bus,
+                stats: Arc::default(),
             }),
             hosts: RwLock::new(HashMap::new()),
             live_actors_max,
@@ -622,6 +653,18 @@ impl LocalActors {
     /// Number of running actors of kind `H`.
     pub fn live<H: Hosted>(&self) -> usize {
         self.host_of(H::KIND).map_or(0, |host| host.live())
+    }
+
+    /// Running actors and queued commands of every hosted kind, by kind name.
+    pub fn figures(&self) -> Vec<KindFigures> {
+        let mut figures: Vec<KindFigures> = self.hosts().iter().map(|host| host.figures()).collect();
+        figures.sort_by_key(|f| f.kind);
+        figures
+    }
+
+    /// What the actors of this process counted (hubs' swaps and SLA misses).
+    pub fn stats(&self) -> &Arc<crate::telemetry::ActorStats> {
+        &self.env.stats
     }
 
     /// Number of running actors (drops, SKUs).

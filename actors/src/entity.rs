@@ -35,15 +35,20 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, warn};
 
-/// A command for the hosted aggregate; the reply comes once it is durable.
-pub struct Cmd<H: Hosted>(pub H::Command);
+/// A command for the hosted aggregate; the reply comes once it is durable. The span is the
+/// caller's (a gRPC call's, with its request id; `Span::none()` for timers and untraced
+/// callers): with `actors::entity=debug` spans on (trace export turns them on), it parents
+/// a `command` span the command is decided in, and that one a `journal_append` span that
+/// closes when the batch is durable.
+pub struct Cmd<H: Hosted>(pub H::Command, pub tracing::Span);
 
 /// Commands for the hosted aggregate decided one after another into one journal batch: one
 /// permit, one append, one completion for all of them, each with its own reply (a
 /// rejection refuses only its own command). A caller with many commands for one actor (a
 /// storefront's stream of reserves) pays the mailbox, the journal queue and the completion
 /// once per batch instead of once per command. The replies come once the batch is durable.
-pub struct CmdBatch<H: Hosted>(pub Vec<H::Command>);
+/// The span as for [`Cmd`].
+pub struct CmdBatch<H: Hosted>(pub Vec<H::Command>, pub tracing::Span);
 
 /// Wakes a running actor whose registry set its `passivate` flag (see [`EntityArgs`]), so
 /// it stops as soon as it is idle instead of waiting out `ACTOR_IDLE_STOP_MS`.
@@ -95,6 +100,19 @@ fn decode<T: serde::de::DeserializeOwned>(stream: &str, bytes: &[u8]) -> Result<
 }
 
 impl<H: Hosted> Entity<H> {
+    /// The span a traced caller's command is decided in: a `command` child of the caller's
+    /// span when `actors::entity` spans are enabled at debug (what trace export turns on),
+    /// and its append then gets a `journal_append` child. Otherwise none: the caller's span
+    /// is only carried, not entered, since entering and leaving it costs more per command
+    /// than the shell's rare log lines are worth (a disabled span costs a filter check).
+    fn command_span(&self, caller: tracing::Span, commands: usize) -> Option<tracing::Span> {
+        if caller.is_none() {
+            return None;
+        }
+        let span = tracing::debug_span!(parent: &caller, "command", kind = H::KIND, stream = %self.stream, commands);
+        (!span.is_disabled()).then_some(span)
+    }
+
     /// Decides a command and hands the outcome to the journal; `reply` runs when durable.
     fn execute(&mut self, command: H::Command, actor: WeakActorRef<Self>, reply: ReplyFn<H::Reply>) {
         let permit = match self.env.journal.try_reserve() {
@@ -301,9 +319,23 @@ impl<H: Hosted> Entity<H> {
                 next,
             )
         });
+        // A traced command's append is a span of its own, from the hand-over to the journal
+        // until the batch is durable (it ends before the replies leave).
+        let current = tracing::Span::current();
+        let appending = if current.is_none() {
+            current
+        } else {
+            tracing::debug_span!(
+                parent: &current,
+                "journal_append",
+                stream = %batch.stream,
+                events = batch.events.len()
+            )
+        };
         permit.append(
             batch,
             Box::new(move |written| {
+                drop(appending);
                 if let Some((next_completed, stream, first, next)) = order {
                     let expected = next_completed.swap(next, Ordering::SeqCst);
                     debug_assert_eq!(first, expected, "{stream}: a batch completed out of order");
@@ -574,13 +606,17 @@ impl<H: Hosted> Actor for Entity<H> {
 impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
     type Reply = DelegatedReply<Result<H::Reply, CommandError>>;
 
-    async fn handle(&mut self, Cmd(command): Cmd<H>, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(&mut self, Cmd(command, caller): Cmd<H>, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
         let (delegated, sender) = ctx.reply_sender();
         let reply: ReplyFn<H::Reply> = match sender {
             Some(sender) => Box::new(move |result| sender.send(result)),
             None => Box::new(|_| {}),
         };
-        self.execute(command, ctx.actor_ref().downgrade(), reply);
+        let actor = ctx.actor_ref().downgrade();
+        match self.command_span(caller, 1) {
+            Some(span) => span.in_scope(|| self.execute(command, actor, reply)),
+            None => self.execute(command, actor, reply),
+        }
         delegated
     }
 }
@@ -588,13 +624,21 @@ impl<H: Hosted> Message<Cmd<H>> for Entity<H> {
 impl<H: Hosted> Message<CmdBatch<H>> for Entity<H> {
     type Reply = DelegatedReply<Vec<Result<H::Reply, CommandError>>>;
 
-    async fn handle(&mut self, CmdBatch(commands): CmdBatch<H>, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(
+        &mut self,
+        CmdBatch(commands, caller): CmdBatch<H>,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
         let (delegated, sender) = ctx.reply_sender();
         let reply: BatchReplyFn<H::Reply> = match sender {
             Some(sender) => Box::new(move |outcomes| sender.send(outcomes)),
             None => Box::new(|_| {}),
         };
-        self.execute_batch(commands, ctx.actor_ref().downgrade(), reply);
+        let actor = ctx.actor_ref().downgrade();
+        match self.command_span(caller, commands.len()) {
+            Some(span) => span.in_scope(|| self.execute_batch(commands, actor, reply)),
+            None => self.execute_batch(commands, actor, reply),
+        }
         delegated
     }
 }

@@ -95,6 +95,12 @@ pub trait Journal: Send + Sync + 'static {
         false
     }
 
+    /// The journal's figures for the server's metrics (`None`: it keeps none, as the
+    /// in-memory journal of tests).
+    fn figures(&self) -> Option<crate::telemetry::JournalFigures> {
+        None
+    }
+
     /// A slot in the write queue, or `Full` at once.
     fn try_reserve(&self) -> Result<Box<dyn AppendPermit>, JournalError>;
 

@@ -30,6 +30,7 @@ pub mod settlement;
 pub mod settlement_feed;
 pub mod sled_journal;
 pub mod sled_parts;
+pub mod telemetry;
 pub mod wakeups;
 
 /// The decoder property tests' helpers, shared with the `decoders` integration test.

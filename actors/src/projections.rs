@@ -11,7 +11,7 @@ use domain::hub::Dispatch;
 use domain::ledger::Entry;
 use domain::registry::{CreatorRecord, HubRecord, PartnerRecord, StorefrontRecord};
 use domain::sku::{OrderView, SkuFigures, SkuState};
-use domain::{CreatorId, DropId, OrderId, PartnerId, SkuId, UnixMillis};
+use domain::{CreatorId, DropId, HubId, OrderId, PartnerId, SkuId, UnixMillis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -187,6 +187,16 @@ pub struct CachedDrop {
     pub missing: Vec<SkuId>,
 }
 
+/// Units of one hub's pools, summed (see [`AvailabilityCache::totals_by_hub`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HubTotals {
+    pub allocated: u64,
+    pub available: u64,
+    pub held: u64,
+    pub sold: u64,
+    pub waitlisted: u64,
+}
+
 /// Exact per-pool figures of every SKU, by drop. Buyers see levels derived from them;
 /// operators see them as they are.
 pub struct AvailabilityCache {
@@ -297,6 +307,27 @@ impl AvailabilityCache {
             skus,
             missing,
         })
+    }
+
+    /// Units per hub summed over every SKU of every drop the cache knows (SKUs not seen
+    /// since this process started count with their initial figures), by hub id: for the
+    /// server's metrics. One pass under the read lock.
+    pub fn totals_by_hub(&self) -> BTreeMap<HubId, HubTotals> {
+        let drops = self.drops.read().expect("cache lock");
+        let mut totals: BTreeMap<HubId, HubTotals> = BTreeMap::new();
+        for entry in drops.values() {
+            for figures in entry.skus.values() {
+                for pool in &figures.pools {
+                    let hub = totals.entry(pool.pool.hub_id.clone()).or_default();
+                    hub.allocated += u64::from(pool.pool.allocated);
+                    hub.available += u64::from(pool.pool.available);
+                    hub.held += u64::from(pool.pool.held);
+                    hub.sold += u64::from(pool.pool.sold);
+                    hub.waitlisted += u64::from(pool.waitlisted);
+                }
+            }
+        }
+        totals
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {

@@ -44,6 +44,7 @@ use crate::log::storage::{is_out_of_space, FsStorage, Storage, StorageStats};
 use crate::log::{Checkpoint, Log, LogReader, Position};
 use crate::secrets::SealedAddress;
 use crate::sled_parts::{self, PartsWrite};
+use crate::telemetry::{JournalFigures, JournalStats};
 use domain::UnixMillis;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -151,7 +152,11 @@ pub struct SledJournal {
     /// holds them in the order sled applied them.
     vault_order: std::sync::Mutex<()>,
     tx: mpsc::Sender<Request>,
+    /// The queue's bound, from which its depth is read.
+    queue_max: usize,
     stats: Arc<WriterStats>,
+    /// For the server's metrics (group commits' sizes and sync latency).
+    telemetry: Arc<JournalStats>,
     log_storage: Arc<dyn Storage>,
     /// Reads the events the streams tree points at.
     log_reader: LogReader,
@@ -512,6 +517,7 @@ impl SledJournal {
         let replayed = replayed + vault_replayed;
         let (tx, rx) = mpsc::channel(queue_max.max(1));
         let stats = Arc::new(WriterStats::default());
+        let telemetry = Arc::new(JournalStats::new("log"));
         let store = Arc::new(store);
         let shared = Arc::new(Shared {
             store: std::sync::RwLock::new(Some(store.clone())),
@@ -524,6 +530,7 @@ impl SledJournal {
             shared: shared.clone(),
             rx,
             stats: stats.clone(),
+            telemetry: telemetry.clone(),
             log,
             sled_dir: dir.join("journal"),
             checkpointed: std::time::Instant::now(),
@@ -589,7 +596,9 @@ impl SledJournal {
             shared,
             vault_order: std::sync::Mutex::new(()),
             tx,
+            queue_max: queue_max.max(1),
             stats,
+            telemetry,
             log_storage,
             log_reader,
             overlay,
@@ -727,6 +736,19 @@ impl Journal for SledJournal {
         true
     }
 
+    fn figures(&self) -> Option<JournalFigures> {
+        let storage = self.log_storage.stats();
+        Some(JournalFigures {
+            kind: self.telemetry.kind,
+            appends_per_write: self.telemetry.appends_per_write.snapshot(),
+            write_latency_us: self.telemetry.write_latency_us.snapshot(),
+            queue_depth: self.queue_max.saturating_sub(self.tx.capacity()) as u64,
+            queue_capacity: self.queue_max as u64,
+            syncs: Some(storage.syncs()),
+            bytes_written: Some(storage.bytes_written.load(std::sync::atomic::Ordering::Relaxed)),
+        })
+    }
+
     fn try_reserve(&self) -> Result<Box<dyn AppendPermit>, JournalError> {
         match self.tx.clone().try_reserve_owned() {
             Ok(permit) => Ok(Box::new(SledPermit { permit })),
@@ -854,6 +876,7 @@ struct Writer {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
+    telemetry: Arc<JournalStats>,
     log: Log,
     /// sled's directory, whose files a checkpoint `fsync`s.
     sled_dir: std::path::PathBuf,
@@ -1618,7 +1641,8 @@ impl Writer {
             .log
             .append(&self.payload)
             .and_then(|at| self.log.sync().map(|_| at));
-        let sync_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        let sync_ms = elapsed.as_millis() as u64;
         if sync_ms >= JOURNAL_SLOW_SYNC_MS {
             warn!(
                 sync_ms,
@@ -1659,6 +1683,8 @@ impl Writer {
             let _ = self.apply_overlay();
         }
         self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.telemetry.appends_per_write.observe(pending.len() as u64);
+        self.telemetry.write_latency_us.observe_duration(elapsed);
         Ok(())
     }
 }

@@ -30,7 +30,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the platform: gRPC checkout and operator services with durable local storage.
-    Serve(ServeArgs),
+    // Boxed: its flags outweigh every other command's.
+    Serve(Box<ServeArgs>),
     /// Run a scripted multi-city drop (embedded, or on a local cluster with --cluster) and print a report.
     Demo(DemoArgs),
     /// Creators' settlement against a running server: statements and reconciliation.

@@ -14,7 +14,7 @@ use cli::{Cli, Command};
 /// Runs the command line's command on the runtime `main` built with `scheduler`.
 pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => services::serve(args, scheduler).await,
+        Command::Serve(args) => services::serve(*args, scheduler).await,
         Command::Demo(args) => {
             services::init_tracing("warn");
             demo::run(args).await

@@ -34,6 +34,20 @@ pub struct Checkout {
 }
 
 impl Checkout {
+    /// Reserve's work: the caller, its call rate, the command, the SKU's answer.
+    async fn reserve_one(&self, request: Request<ReserveRequest>) -> Result<Reservation, Status> {
+        let storefront = require_storefront(&self.auth.resolve(&request)?)?;
+        self.platform
+            .throttle
+            .storefront_call(storefront.storefront_id.as_str())?;
+        let (key, command) = reserve_command(&self.platform, &storefront.storefront_id, request.into_inner())?;
+        self.platform
+            .bus
+            .ask_for::<SkuState, _>(key, SkuCommand::Reserve(command))
+            .await
+            .map_err(from_command_error)
+    }
+
     pub fn new(platform: Platform) -> Checkout {
         let auth = Authenticator {
             operator: platform.operator.clone(),
@@ -135,17 +149,11 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send>>;
 #[tonic::async_trait]
 impl CheckoutService for Checkout {
     async fn reserve(&self, request: Request<ReserveRequest>) -> Result<Response<ReserveResponse>, Status> {
-        let storefront = require_storefront(&self.auth.resolve(&request)?)?;
+        let reserved = self.reserve_one(request).await;
         self.platform
-            .throttle
-            .storefront_call(storefront.storefront_id.as_str())?;
-        let (key, command) = reserve_command(&self.platform, &storefront.storefront_id, request.into_inner())?;
-        let reservation: Reservation = self
-            .platform
-            .bus
-            .ask_for::<SkuState, _>(key, SkuCommand::Reserve(command))
-            .await
-            .map_err(from_command_error)?;
+            .metrics
+            .reserve(reserved.as_ref().ok().map(|reservation| reservation.outcome));
+        let reservation = reserved?;
         Ok(Response::new(convert::reservation(&reservation, |id| {
             self.platform.keys.order_token(id)
         })))

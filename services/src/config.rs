@@ -5,6 +5,8 @@ use crate::limits::{
     BUYER_RESERVES_PER_SEC_DEFAULT, BUYER_RESERVE_BURST_DEFAULT, JOURNAL_SEGMENT_BYTES_MAX, JOURNAL_SEGMENT_BYTES_MIN,
     LIVE_ACTORS_MAX_UPPER, PARTITIONS_MAX, SHUTDOWN_DELAY_MS_MAX, STOREFRONT_CALLS_PER_SEC_DEFAULT,
 };
+use crate::telemetry::logging::LogFormat;
+use crate::telemetry::Telemetry;
 use actors::cluster::placement::PARTITIONS_DEFAULT;
 use actors::cluster::{ClusterConfig, LeaseTimings};
 use actors::limits::{LIVE_ACTORS_MAX_DEFAULT, LOG_SEGMENT_BYTES};
@@ -47,15 +49,34 @@ pub struct ServeArgs {
     /// Directory for the journal and secrets [default: ./data].
     #[arg(long, env = "DROPLINE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// A TOML file with any of the keys `listen`, `data_dir`, `log`, `shutdown_delay_ms`,
-    /// `live_actors_max`, `storefront_calls_per_sec`, `buyer_reserves_per_sec`,
-    /// `buyer_reserve_burst`, `tls_cert`, `tls_key`, `tls_client_ca`, `nats`, `node`,
-    /// `partitions`, `replicas`, `lease_ttl_ms`, `lease_renew_ms`.
+    /// Address for the HTTP side: /metrics (no credential), /healthz, /readyz and the
+    /// consoles [default: 127.0.0.1:8080]. Keep it on loopback or a pod network.
+    #[arg(long, env = "DROPLINE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// A TOML file with any of the keys `listen`, `http_listen`, `data_dir`, `log`,
+    /// `log_format`, `otlp_endpoint`, `shutdown_delay_ms`, `live_actors_max`,
+    /// `storefront_calls_per_sec`, `buyer_reserves_per_sec`, `buyer_reserve_burst`,
+    /// `tls_cert`, `tls_key`, `tls_client_ca`, `nats`, `node`, `partitions`, `replicas`,
+    /// `lease_ttl_ms`, `lease_renew_ms`.
     #[arg(long, env = "DROPLINE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Log filter, e.g. `info` or `dropline=debug` [default: info].
+    /// Log filter (tracing's env-filter syntax) over targets `services` (the server;
+    /// `services::rpc`: one debug line per gRPC call), `actors` (actors, journal, cluster)
+    /// and `client`, e.g. `info`, `warn,services=info` or `info,services::rpc=debug`
+    /// [default: info].
     #[arg(long, env = "DROPLINE_LOG")]
     pub log: Option<String>,
+    /// Log line format on standard error: `text` (coloured only on a terminal) or `json`
+    /// (one object per line) [default: text].
+    #[arg(long, env = "DROPLINE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Export traces (a span per gRPC call, with the actor command and journal append under
+    /// it) over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317`.
+    #[arg(long, env = "DROPLINE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Count and trace calls (`on`), or not (`off`): only to measure what it costs.
+    #[arg(long, env = "DROPLINE_TELEMETRY", value_enum, hide = true)]
+    pub telemetry: Option<Telemetry>,
     /// The operator credential (at least 16 characters); only its hash is stored. Without
     /// it the stored one stays in force, or a new one is made and shown once.
     #[arg(long, env = "DROPLINE_OPERATOR_TOKEN", hide_env_values = true)]
@@ -144,8 +165,11 @@ pub struct ClusterArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     log: Option<String>,
+    log_format: Option<LogFormat>,
+    otlp_endpoint: Option<String>,
     shutdown_delay_ms: Option<u64>,
     live_actors_max: Option<u64>,
     storefront_calls_per_sec: Option<u32>,
@@ -166,8 +190,14 @@ struct FileConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// The HTTP side's address.
+    pub http_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub log: String,
+    pub log_format: LogFormat,
+    /// Where spans are exported over OTLP, if anywhere.
+    pub otlp_endpoint: Option<String>,
+    pub telemetry: Telemetry,
     pub operator_token: Option<String>,
     /// How long the server keeps serving after SIGTERM before it drains.
     pub shutdown_delay: Duration,
@@ -225,7 +255,14 @@ impl ServeArgs {
                 .clone()
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./data")),
+            http_listen: self
+                .http_listen
+                .or(file.http_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             log: self.log.clone().or(file.log.clone()).unwrap_or_else(|| "info".into()),
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            otlp_endpoint: self.otlp_endpoint.clone().or(file.otlp_endpoint.clone()),
+            telemetry: self.telemetry.unwrap_or_default(),
             operator_token: self.operator_token.clone(),
             shutdown_delay: Duration::from_millis(self.shutdown_delay_ms.or(file.shutdown_delay_ms).unwrap_or(0)),
             live_actors_max: self
@@ -251,6 +288,22 @@ impl ServeArgs {
         .and_then(|mut config| {
             if let Some(token) = &config.operator_token {
                 crate::auth::OperatorCredential::check_token(token)?;
+            }
+            if config.http_listen == config.listen && config.listen.port() != 0 {
+                anyhow::bail!(
+                    "--http-listen and --listen are both {}: the HTTP side needs its own port",
+                    config.listen
+                );
+            }
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .map_err(|e| anyhow::anyhow!("log filter {:?}: {e}", config.log))?;
+            if let Some(endpoint) = &config.otlp_endpoint {
+                let uri: tonic::codegen::http::Uri = endpoint
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--otlp-endpoint {endpoint:?}: {e}"))?;
+                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                    anyhow::bail!("--otlp-endpoint {endpoint:?}: give a URL such as http://127.0.0.1:4317");
+                }
             }
             if config.shutdown_delay > Duration::from_millis(SHUTDOWN_DELAY_MS_MAX) {
                 anyhow::bail!("--shutdown-delay-ms must be at most {SHUTDOWN_DELAY_MS_MAX}");
@@ -331,9 +384,13 @@ mod tests {
         .unwrap();
         let args = ServeArgs {
             listen: Some("127.0.0.1:7000".parse().unwrap()),
+            http_listen: None,
             data_dir: None,
             config: Some(path),
             log: None,
+            log_format: None,
+            otlp_endpoint: None,
+            telemetry: None,
             operator_token: None,
             shutdown_delay_ms: None,
             live_actors_max: None,
@@ -362,9 +419,13 @@ mod tests {
         std::fs::write(&bad, "listne = \"x\"\n").unwrap();
         assert!(ServeArgs {
             listen: None,
+            http_listen: None,
             data_dir: None,
             config: Some(bad),
             log: None,
+            log_format: None,
+            otlp_endpoint: None,
+            telemetry: None,
             operator_token: None,
             shutdown_delay_ms: None,
             live_actors_max: None,
@@ -391,9 +452,13 @@ mod tests {
         .unwrap();
         let args = |config: Option<PathBuf>, tls: ServerTlsArgs| ServeArgs {
             listen: None,
+            http_listen: None,
             data_dir: None,
             config,
             log: None,
+            log_format: None,
+            otlp_endpoint: None,
+            telemetry: None,
             operator_token: None,
             shutdown_delay_ms: None,
             live_actors_max: None,
@@ -450,9 +515,13 @@ mod tests {
         std::fs::write(&path, "shutdown_delay_ms = 5000\n").unwrap();
         let args = |delay: Option<u64>, token: Option<&str>| ServeArgs {
             listen: None,
+            http_listen: None,
             data_dir: None,
             config: Some(path.clone()),
             log: None,
+            log_format: None,
+            otlp_endpoint: None,
+            telemetry: None,
             operator_token: token.map(str::to_string),
             shutdown_delay_ms: delay,
             live_actors_max: None,
@@ -472,5 +541,63 @@ mod tests {
         assert!(args(Some(SHUTDOWN_DELAY_MS_MAX + 1), None).resolve().is_err());
         assert!(args(None, Some("too-short")).resolve().is_err());
         assert!(args(None, Some("a-long-enough-operator-token")).resolve().is_ok());
+    }
+
+    #[test]
+    fn the_http_side_logs_and_traces_are_configured_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dropline.toml");
+        std::fs::write(
+            &path,
+            "http_listen = \"0.0.0.0:9090\"\nlog_format = \"json\"\notlp_endpoint = \"http://collector:4317\"\n",
+        )
+        .unwrap();
+        let args = |listen: Option<&str>, log: Option<&str>, otlp: Option<&str>| ServeArgs {
+            listen: listen.map(|l| l.parse().unwrap()),
+            http_listen: None,
+            data_dir: None,
+            config: Some(path.clone()),
+            log: log.map(str::to_string),
+            log_format: None,
+            otlp_endpoint: otlp.map(str::to_string),
+            telemetry: None,
+            operator_token: None,
+            shutdown_delay_ms: None,
+            live_actors_max: None,
+            journal_segment_bytes: None,
+            storefront_calls_per_sec: None,
+            buyer_reserves_per_sec: None,
+            buyer_reserve_burst: None,
+            check_config: false,
+            tls: ServerTlsArgs::default(),
+            cluster: ClusterArgs::default(),
+        };
+        let config = args(None, None, None).resolve().unwrap();
+        assert_eq!(config.http_listen, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+        assert_eq!(config.telemetry, Telemetry::On);
+        let refused = |listen, log, otlp| format!("{:#}", args(listen, log, otlp).resolve().unwrap_err());
+        assert!(refused(Some("0.0.0.0:9090"), None, None).contains("its own port"));
+        assert!(refused(None, Some("info,services=loud"), None).contains("log filter"));
+        assert!(refused(None, None, Some("collector:4317")).contains("--otlp-endpoint"));
+        // The documented filters parse.
+        for filter in [
+            "info",
+            "warn,services=info",
+            "info,services::rpc=debug",
+            "warn,actors=info",
+        ] {
+            assert!(args(None, Some(filter), None).resolve().is_ok(), "{filter}");
+        }
+        let defaults = ServeArgs {
+            config: None,
+            ..args(None, None, None)
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(defaults.http_listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(defaults.log_format, LogFormat::Text);
+        assert_eq!(defaults.otlp_endpoint, None);
     }
 }

@@ -1,13 +1,14 @@
 //! The Dropline server: gRPC checkout, operator, registry, dispatch and settlement APIs over
-//! the actor platform, the wiring of the embedded and cluster platforms, and `dropline serve`
-//! ([`serve`]; the `dropline` binary itself is the `client` crate's). Only this crate (and
-//! `proto`) knows protobuf.
+//! the actor platform, the HTTP side (metrics, health, consoles), telemetry, the wiring of
+//! the embedded and cluster platforms, and `dropline serve` ([`serve`]; the `dropline`
+//! binary itself is the `client` crate's). Only this crate (and `proto`) knows protobuf.
 
 pub mod auth;
 pub mod checkout;
 pub mod config;
 pub mod convert;
 pub mod dispatch;
+pub mod http;
 pub mod levels;
 pub mod limits;
 pub mod metadata_bounds;
@@ -20,6 +21,7 @@ pub mod reserve_stream;
 pub mod server;
 pub mod settlement;
 pub mod status;
+pub mod telemetry;
 pub mod throttle;
 pub mod tls;
 
@@ -35,9 +37,13 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
     // The TLS files before anything else: a bad one is a configuration error, not a
     // failure of every handshake later.
     let tls = config.tls.as_ref().map(tls::TlsFiles::load).transpose()?;
+    let http_tls = config.tls.as_ref().map(tls::TlsFiles::http_config).transpose()?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {} (--http-listen): {e}", config.http_listen))?;
     // SIGTERM is heard from here on: opening can wait up to a minute for JetStream, and as
     // PID 1 in a container the process would otherwise ignore it until SIGKILL.
     let mut shutdown = Box::pin(server::shutdown_signal());
@@ -65,6 +71,7 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    platform.metrics = std::sync::Arc::new(telemetry::Metrics::new(config.telemetry == telemetry::Telemetry::On));
     platform.throttle = std::sync::Arc::new(throttle::CheckoutThrottle::new(
         config.storefront_calls_per_sec,
         config.buyer_reserves_per_sec,
@@ -84,11 +91,37 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         None => info!(data_dir = %config.data_dir.display(), "embedded platform ready"),
     }
     let cluster = platform.cluster.clone();
+    let health = server::Health::new();
+    // The HTTP side stops taking connections when the platform begins shutting down: after
+    // readiness turned NOT_SERVING (which `/readyz` shows) and the shutdown delay.
+    let http_stopping = {
+        let mut shutdown = platform.shutdown.clone();
+        async move {
+            let _ = shutdown.wait_for(|stopping| *stopping).await;
+        }
+    };
+    let http = tokio::spawn(http::serve(
+        http_listener,
+        platform.clone(),
+        health.clone(),
+        extra_routes(&platform, http_tls.is_some()),
+        http_tls,
+        http_stopping,
+    ));
     let options = server::ServeOptions {
         shutdown_delay: config.shutdown_delay,
         tls,
+        health: Some(health),
     };
+    let stopping = platform.clone();
     let served = server::serve_with_options(platform, listener, shutdown, options).await;
+    // Stopped without a shutdown (a failure): the HTTP side stops too.
+    stopping.begin_shutdown();
+    match http.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %format!("{e:#}"), "the HTTP side failed"),
+        Err(e) => warn!(error = %e, "the HTTP side stopped abnormally"),
+    }
     if let Some(node) = cluster {
         // Hand this node's partitions over now rather than after the lease TTL.
         node.leave().await;
@@ -96,13 +129,16 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
     served
 }
 
+/// The routes the HTTP side serves beside `/metrics`, `/healthz` and `/readyz` (the
+/// consoles), for `dropline serve` and the test kit's servers alike. `tls`: the HTTP side is
+/// served over TLS (cookies may be `Secure`).
+pub fn extra_routes(_platform: &platform::Platform, _tls: bool) -> axum::Router {
+    axum::Router::new()
+}
+
+/// Logs of the command line's clients (demo, settlement) on standard error, as text.
 pub fn init_tracing(filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    telemetry::logging::init_plain(filter);
 }
 
 /// `dropline serve` on the runtime `main` built with `scheduler`: with `--check-config`,
@@ -114,12 +150,13 @@ pub async fn serve(args: ServeArgs, scheduler: actors::runtime::Scheduler) -> an
     if args.check_config {
         if let Some(files) = &config.tls {
             files.load()?;
+            files.http_config()?;
         }
         print_config(&config);
         println!("# scheduler: {scheduler}");
         return Ok(());
     }
-    init_tracing(&config.log);
+    let _tracing = telemetry::logging::init(&config.log, config.log_format, config.otlp_endpoint.as_deref())?;
     if scheduler_falls_back {
         warn!(scheduler, "runtime started on tokio's default scheduler");
     } else {
@@ -131,8 +168,14 @@ pub async fn serve(args: ServeArgs, scheduler: actors::runtime::Scheduler) -> an
 /// `dropline serve --check-config`: the settings a server would run with (no credential).
 fn print_config(config: &ServeConfig) {
     println!("listen = \"{}\"", config.listen);
+    println!("http_listen = \"{}\"", config.http_listen);
     println!("data_dir = {:?}", config.data_dir.display().to_string());
     println!("log = {:?}", config.log);
+    println!("log_format = \"{}\"", config.log_format);
+    match &config.otlp_endpoint {
+        Some(endpoint) => println!("otlp_endpoint = {endpoint:?}"),
+        None => println!("# no trace export (no otlp_endpoint)"),
+    }
     println!("shutdown_delay_ms = {}", config.shutdown_delay.as_millis());
     println!("live_actors_max = {}", config.live_actors_max);
     println!("storefront_calls_per_sec = {}", config.storefront_calls_per_sec);

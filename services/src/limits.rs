@@ -58,6 +58,47 @@ pub const SHUTDOWN_DELAY_MS_MAX: u64 = 60_000;
 /// How often a cluster node's readiness follows its NATS connection.
 pub const NATS_CONNECTION_CHECK_MS: u64 = 1_000;
 
+// The HTTP side (`services::http`: metrics, health, consoles).
+
+/// Request header bytes (the request line and every field) and fields one HTTP request may
+/// carry: a browser's request with the console's cookies needs a few KiB and a few dozen
+/// fields. Beyond either, hyper answers 431 before any handler runs.
+pub const HTTP_HEADER_BYTES_MAX: usize = 16 * 1024;
+pub const HTTP_HEADERS_MAX: usize = 64;
+/// A connection's read buffer (hyper's `max_buf_size`; hyper refuses less than 8 KiB).
+pub const HTTP_READ_BUFFER_BYTES_MAX: usize = 64 * 1024;
+/// A request body: the consoles' forms are small; larger is 413.
+pub const HTTP_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Open HTTP connections; more wait in the listen backlog. Prometheus needs one per
+/// scraper, a console one or a few per browser.
+pub const HTTP_CONNECTIONS_MAX: usize = 1_024;
+/// A request's headers must arrive within this long after the connection is ready for
+/// them; this also closes an idle keep-alive connection.
+pub const HTTP_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// A handler must start its response within this long (503 beyond). A stream's body (a
+/// console's live updates) is not bounded by it.
+pub const HTTP_REQUEST_TIMEOUT_MS: u64 = 10_000;
+
+// hyper refuses a read buffer under 8 KiB, and one smaller than the header bound would
+// refuse headers before the header bound could.
+const _: () = assert!(HTTP_READ_BUFFER_BYTES_MAX >= 8 * 1024 && HTTP_READ_BUFFER_BYTES_MAX >= HTTP_HEADER_BYTES_MAX);
+// Draining every connection is a bounded wait for as many permits as connections.
+const _: () = assert!(HTTP_CONNECTIONS_MAX <= u32::MAX as usize);
+
+// Telemetry.
+
+/// Longest `x-request-id` taken from a client (a UUID is 36 characters, a W3C trace id 32);
+/// a longer or odd one is replaced by a fresh id rather than logged.
+pub const REQUEST_ID_LEN_MAX: usize = 128;
+/// Spans waiting for the OTLP exporter; beyond, new ones are dropped (a collector that is
+/// down must not grow the server's memory).
+pub const OTLP_QUEUE_SPANS_MAX: usize = 4_096;
+/// One OTLP export call, at most.
+pub const OTLP_EXPORT_TIMEOUT_MS: u64 = 5_000;
+
+// A request id fits the metadata bound with room to spare.
+const _: () = assert!(REQUEST_ID_LEN_MAX < GRPC_METADATA_BYTES_MAX / 16);
+
 // Credentials.
 
 /// Shortest operator credential accepted.

@@ -70,6 +70,9 @@ pub struct Platform {
     pub operator: OperatorCredential,
     /// Checkout's call-rate bounds per storefront and per buyer.
     pub throttle: Arc<crate::throttle::CheckoutThrottle>,
+    /// What the gRPC layer and checkout count for `/metrics` (`Metrics::new(false)`:
+    /// nothing, and calls get no span).
+    pub metrics: Arc<crate::telemetry::Metrics>,
     /// A new operator credential made at this start (no token given, none stored): shown
     /// once by `dropline serve`.
     pub new_operator_token: Option<String>,
@@ -145,6 +148,7 @@ impl Platform {
             audit,
             operator,
             throttle: Arc::default(),
+            metrics: Arc::default(),
             new_operator_token,
             bus: actors.clone(),
             actors,
@@ -252,6 +256,7 @@ impl Platform {
             }),
             operator,
             throttle: Arc::default(),
+            metrics: Arc::default(),
             new_operator_token,
             bus,
             projections,
@@ -384,6 +389,17 @@ impl Platform {
                 }
             }
         });
+    }
+
+    /// The oversell audit of a drop (`actors::audit::audit_drop`: every SKU rebuilt from its
+    /// whole journal, invariants checked), its result recorded for `/metrics`.
+    pub async fn audit_drop(&self, drop_id: &DropId) -> Result<Vec<actors::audit::SkuAudit>, String> {
+        let audits = actors::audit::audit_drop(self.journal.as_ref(), drop_id).await?;
+        let oversold = audits.iter().map(|a| a.oversold).sum();
+        let failures = audits.iter().filter(|a| a.invariants.is_err()).count() as u64;
+        let at = u64::try_from(self.clock.now().0 / 1_000).unwrap_or(0);
+        self.metrics.audited(audits.len() as u64, oversold, failures, at);
+        Ok(audits)
     }
 
     pub fn begin_shutdown(&self) {

@@ -282,6 +282,7 @@ impl Answering {
         for (index, reserve) in message.reserves.into_iter().enumerate() {
             if index as u32 >= allowed {
                 let refusal = over_rate.as_ref().expect("a refusal for the calls not allowed");
+                platform.metrics.reserve(None);
                 results.push(Some(error(refusal)));
                 continue;
             }
@@ -299,7 +300,10 @@ impl Answering {
                     batches[batch].commands.push(SkuCommand::Reserve(command));
                     results.push(None);
                 }
-                Err(status) => results.push(Some(error(&status))),
+                Err(status) => {
+                    platform.metrics.reserve(None);
+                    results.push(Some(error(&status)));
+                }
             }
         }
         let bus = &platform.bus;
@@ -311,6 +315,7 @@ impl Answering {
         });
         for (indexes, replies) in futures::future::join_all(asks).await {
             for (index, reply) in indexes.into_iter().zip(replies) {
+                platform.metrics.reserve(reply.as_ref().ok().map(|r| r.outcome));
                 results[index] = Some(match reply {
                     Ok(reservation) => reserve_result::Result::Reservation(convert::reservation(&reservation, |id| {
                         platform.keys.order_token(id)

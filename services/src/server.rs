@@ -18,6 +18,7 @@ use crate::operator::Operator;
 use crate::platform::Platform;
 use crate::registry::Registry;
 use crate::settlement::Settlement;
+use crate::telemetry::rpc::RpcLayer;
 use proto::checkout::v1::checkout_service_server::CheckoutServiceServer;
 use proto::dispatch::v1::dispatch_service_server::DispatchServiceServer;
 use proto::operator::v1::operator_service_server::OperatorServiceServer;
@@ -50,7 +51,7 @@ pub async fn serve_with(
 ) -> anyhow::Result<()> {
     let options = ServeOptions {
         shutdown_delay,
-        tls: None,
+        ..ServeOptions::default()
     };
     serve_with_options(platform, listener, shutdown, options).await
 }
@@ -62,6 +63,54 @@ pub struct ServeOptions {
     pub shutdown_delay: Duration,
     /// TLS (from `tls::TlsFiles::load`); plaintext without it.
     pub tls: Option<ServerTlsConfig>,
+    /// The health services the server reports to (the HTTP side reads them too); a fresh
+    /// one without it.
+    pub health: Option<Health>,
+}
+
+/// The server's grpc.health.v1 statuses: reported through tonic-health and kept here for
+/// the HTTP side's `/healthz` and `/readyz`, which mirror them.
+#[derive(Clone)]
+pub struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    service: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    statuses: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<&'static str, tonic_health::ServingStatus>>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
+    }
+}
+
+impl Health {
+    pub fn new() -> Health {
+        let reporter = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
+        Health {
+            reporter,
+            service,
+            statuses: Default::default(),
+        }
+    }
+
+    /// Reports `status` for one of `health_services`.
+    pub async fn set(&self, service: &'static str, status: tonic_health::ServingStatus) {
+        self.statuses.lock().expect("health lock").insert(service, status);
+        self.reporter.set_service_status(service, status).await;
+    }
+
+    /// The status last reported for `service` (UNKNOWN before any).
+    pub fn status(&self, service: &str) -> tonic_health::ServingStatus {
+        self.statuses
+            .lock()
+            .expect("health lock")
+            .get(service)
+            .copied()
+            .unwrap_or(tonic_health::ServingStatus::Unknown)
+    }
 }
 
 /// [`serve_with`], over TLS when `options.tls` is set.
@@ -71,11 +120,16 @@ pub async fn serve_with_options(
     shutdown: impl Future<Output = ()> + Send + 'static,
     options: ServeOptions,
 ) -> anyhow::Result<()> {
-    let ServeOptions { shutdown_delay, tls } = options;
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let ServeOptions {
+        shutdown_delay,
+        tls,
+        health: states,
+    } = options;
+    let states = states.unwrap_or_default();
+    let (health, health_service) = (states.reporter.clone(), states.service.clone());
     // The process is alive until it exits, draining included.
-    health
-        .set_service_status(health_services::LIVE, tonic_health::ServingStatus::Serving)
+    states
+        .set(health_services::LIVE, tonic_health::ServingStatus::Serving)
         .await;
     // Every call but health, reflection and availability levels carries a credential,
     // resolved by one interceptor.
@@ -98,11 +152,11 @@ pub async fn serve_with_options(
     health.set_serving::<PartnerRegistryServiceServer<Registry>>().await;
     health.set_serving::<DispatchServiceServer<Couriers>>().await;
     health.set_serving::<SettlementServiceServer<Settlement>>().await;
-    health
-        .set_service_status(health_services::READY, tonic_health::ServingStatus::Serving)
+    states
+        .set(health_services::READY, tonic_health::ServingStatus::Serving)
         .await;
-    health
-        .set_service_status(health_services::WRITES, tonic_health::ServingStatus::Serving)
+    states
+        .set(health_services::WRITES, tonic_health::ServingStatus::Serving)
         .await;
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     {
@@ -110,7 +164,7 @@ pub async fn serve_with_options(
         // route) or while the journal refuses writes until a restart (its storage failed).
         // A full disk only turns `writes` NOT_SERVING: reads go on, writes resume by
         // themselves.
-        let health = health.clone();
+        let health = states.clone();
         let mut stopping_rx = stopping_rx.clone();
         let node = platform.cluster.clone();
         let journal = platform.journal.clone();
@@ -135,7 +189,7 @@ pub async fn serve_with_options(
                             tonic_health::ServingStatus::NotServing
                         }
                     };
-                    health.set_service_status(health_services::WRITES, status).await;
+                    health.set(health_services::WRITES, status).await;
                     took_writes = refusal.is_none();
                 }
                 let problem = match &node {
@@ -155,7 +209,7 @@ pub async fn serve_with_options(
                             tonic_health::ServingStatus::NotServing
                         }
                     };
-                    health.set_service_status(health_services::READY, status).await;
+                    health.set(health_services::READY, status).await;
                     was_ready = problem.is_none();
                 }
             }
@@ -176,12 +230,13 @@ pub async fn serve_with_options(
     let stopping = {
         let platform = platform.clone();
         let health = health.clone();
+        let states = states.clone();
         async move {
             shutdown.await;
             let _ = stopping_tx.send(true);
             info!("shutting down: health NOT_SERVING, draining in-flight calls");
-            health
-                .set_service_status(health_services::READY, tonic_health::ServingStatus::NotServing)
+            states
+                .set(health_services::READY, tonic_health::ServingStatus::NotServing)
                 .await;
             health.set_not_serving::<CheckoutServiceServer<Checkout>>().await;
             health.set_not_serving::<OperatorServiceServer<Operator>>().await;
@@ -209,7 +264,10 @@ pub async fn serve_with_options(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
+    // Outermost, so that calls refused by the bounds inside it are counted and traced too
+    // (it only passes calls through when the platform's metrics are off).
     let server = builder
+        .layer(RpcLayer::new(platform.metrics.clone()))
         .max_concurrent_streams(GRPC_CONCURRENT_STREAMS_MAX)
         .concurrency_limit_per_connection(GRPC_REQUESTS_IN_FLIGHT_MAX)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

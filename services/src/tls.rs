@@ -66,6 +66,34 @@ impl TlsFiles {
     }
 }
 
+impl TlsFiles {
+    /// The HTTP side's TLS: the same certificate and key, HTTP/1.1 only, no client
+    /// certificates (partners do not use the HTTP side).
+    pub fn http_config(&self) -> anyhow::Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| anyhow::anyhow!("TLS certificate {}: {e}", self.cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| anyhow::anyhow!("TLS key {}: {e}", self.key.display()))?;
+        let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "TLS certificate {}, key {}: {e}",
+                    self.cert.display(),
+                    self.key.display()
+                )
+            })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(std::sync::Arc::new(config))
+    }
+}
+
 /// PERMISSION_DENIED when the call came with a client certificate that is not `partner_id`'s
 /// (neither its subject CN nor a DNS SAN is the id). Calls without one pass.
 pub fn check_partner_certificate<T>(request: &Request<T>, partner_id: &str) -> Result<(), Status> {

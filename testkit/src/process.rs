@@ -46,6 +46,9 @@ pub struct ServeCommand {
     /// The `dropline` binary [default: [`dropline_exe`], looked up when it starts].
     pub exe: Option<PathBuf>,
     pub listen: SocketAddr,
+    /// `--http-listen`: /metrics, health, consoles (a free port of its own, so that servers
+    /// started side by side do not all ask for 8080).
+    pub http_listen: SocketAddr,
     pub data_dir: PathBuf,
     /// `DROPLINE_OPERATOR_TOKEN`.
     pub operator_token: String,
@@ -63,6 +66,7 @@ impl ServeCommand {
         Ok(ServeCommand {
             exe: None,
             listen: SocketAddr::from(([127, 0, 0, 1], crate::nats::unused_loopback_port()?)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], crate::nats::unused_loopback_port()?)),
             data_dir: data_dir.into(),
             operator_token: OPERATOR_TOKEN.into(),
             log_filter: "warn".into(),
@@ -106,7 +110,8 @@ impl ServeCommand {
         };
         let exe = self.exe.clone().unwrap_or_else(dropline_exe);
         let child = Command::new(&exe)
-            .args(["serve", "--listen", &self.listen.to_string(), "--data-dir"])
+            .args(["serve", "--listen", &self.listen.to_string()])
+            .args(["--http-listen", &self.http_listen.to_string(), "--data-dir"])
             .arg(&self.data_dir)
             .args(&self.args)
             .env("DROPLINE_LOG", &self.log_filter)
@@ -118,6 +123,7 @@ impl ServeCommand {
             .map_err(|e| anyhow::anyhow!("starting {}: {e}", exe.display()))?;
         Ok(ServeProcess {
             addr: self.listen,
+            http_addr: self.http_listen,
             child: Some(child),
         })
     }
@@ -126,6 +132,8 @@ impl ServeCommand {
 /// A running `dropline serve`; killed (SIGKILL) when dropped.
 pub struct ServeProcess {
     pub addr: SocketAddr,
+    /// The HTTP side's address (`/metrics`, `/readyz`).
+    pub http_addr: SocketAddr,
     child: Option<Child>,
 }
 

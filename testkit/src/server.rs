@@ -34,6 +34,8 @@ impl DataDir {
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The HTTP side (`services::http`: /metrics, health, consoles), on its own port.
+    pub http_addr: SocketAddr,
     pub platform: Platform,
     pub channel: Channel,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -147,12 +149,46 @@ impl TestServer {
     async fn serve(platform: Platform, data_dir: &Path) -> anyhow::Result<TestServer> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let http_addr = http_listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(services::server::serve(platform.clone(), listener, async {
-            let _ = stopped.await;
-        }));
+        // As `dropline serve` wires them: the HTTP side mirrors the gRPC health and stops
+        // when the platform begins shutting down.
+        let health = services::server::Health::new();
+        let mut shutting_down = platform.shutdown.clone();
+        let http = services::http::serve(
+            http_listener,
+            platform.clone(),
+            health.clone(),
+            services::extra_routes(&platform, false),
+            None,
+            async move {
+                let _ = shutting_down.wait_for(|stopping| *stopping).await;
+            },
+        );
+        let grpc = services::server::serve_with_options(
+            platform.clone(),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            services::server::ServeOptions {
+                health: Some(health),
+                ..Default::default()
+            },
+        );
+        let stopping = platform.clone();
+        let task = tokio::spawn(async move {
+            let http = tokio::spawn(http);
+            let grpc = grpc.await;
+            // Stopped without a shutdown (a failure): the HTTP side stops too.
+            stopping.begin_shutdown();
+            let http = http.await.map_err(anyhow::Error::from).and_then(|served| served);
+            grpc.and(http)
+        });
         Ok(TestServer {
             addr,
+            http_addr,
             platform,
             channel: connect_when_serving(addr, std::time::Duration::from_secs(60), || Ok(None)).await?,
             stop: Some(stop),

@@ -20,6 +20,7 @@ use crate::limits::{
     JOURNAL_STREAMS_IN_FLIGHT_MAX, SNAPSHOT_SLICE_PARTS,
 };
 use crate::sled_parts::{self, PartsWrite};
+use crate::telemetry::{JournalFigures, JournalStats};
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy, kv, stream::LastRawMessageErrorKind};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -74,6 +75,8 @@ pub struct JetStreamJournal {
     tails: Arc<Mutex<HashMap<String, Tail>>>,
     tx: mpsc::Sender<Request>,
     partitions: u32,
+    /// For the server's metrics (appends per JetStream message, append latency).
+    telemetry: Arc<JournalStats>,
 }
 
 fn io(e: impl std::fmt::Display) -> JournalError {
@@ -95,7 +98,9 @@ impl JetStreamJournal {
         let snapshots = db.open_tree("snapshots").map_err(io)?;
         let tails = Arc::new(Mutex::new(HashMap::new()));
         let (tx, rx) = mpsc::channel(JOURNAL_QUEUE_MAX);
+        let telemetry = Arc::new(JournalStats::new("jetstream"));
         let writer = Writer {
+            telemetry: telemetry.clone(),
             js: js.clone(),
             wakeups: wakeups.clone(),
             snapshots: snapshots.clone(),
@@ -113,6 +118,7 @@ impl JetStreamJournal {
             tails,
             tx,
             partitions,
+            telemetry,
         }))
     }
 
@@ -245,6 +251,18 @@ fn take_chunk(
 }
 
 impl Journal for JetStreamJournal {
+    fn figures(&self) -> Option<JournalFigures> {
+        Some(JournalFigures {
+            kind: self.telemetry.kind,
+            appends_per_write: self.telemetry.appends_per_write.snapshot(),
+            write_latency_us: self.telemetry.write_latency_us.snapshot(),
+            queue_depth: JOURNAL_QUEUE_MAX.saturating_sub(self.tx.capacity()) as u64,
+            queue_capacity: JOURNAL_QUEUE_MAX as u64,
+            syncs: None,
+            bytes_written: None,
+        })
+    }
+
     fn try_reserve(&self) -> Result<Box<dyn AppendPermit>, JournalError> {
         match self.tx.clone().try_reserve_owned() {
             Ok(permit) => Ok(Box::new(Permit { permit })),
@@ -373,6 +391,7 @@ struct Writer {
     tails: Arc<Mutex<HashMap<String, Tail>>>,
     partitions: u32,
     queues: HashMap<String, StreamQueue>,
+    telemetry: Arc<JournalStats>,
 }
 
 type Appended = (Group, Result<Option<u64>, JournalError>);
@@ -493,6 +512,8 @@ impl Writer {
         let js = self.js.clone();
         let wakeups = self.wakeups.clone();
         let partitions = self.partitions;
+        let telemetry = self.telemetry.clone();
+        let appends = group.requests.len() as u64;
         Some(Box::pin(async move {
             let stream = group.stream.clone();
             if let Some(stale) = stale {
@@ -538,10 +559,15 @@ impl Writer {
                 }
             };
             let both = async { futures::try_join!(publish, deadline).map(|(seq, ())| seq) };
+            let started = std::time::Instant::now();
             let result = match tokio::time::timeout(JOURNAL_APPEND_TIMEOUT, both).await {
                 Ok(result) => result,
                 Err(_) => Err(JournalError::Io(format!("{stream}: append timed out"))),
             };
+            if matches!(result, Ok(Some(_))) {
+                telemetry.appends_per_write.observe(appends);
+                telemetry.write_latency_us.observe_duration(started.elapsed());
+            }
             (group, result)
         }))
     }

@@ -21,12 +21,14 @@ use crate::limits::{
 };
 use crate::projections::{ProjectionUpdate, Projections, RemoteProjections};
 use crate::secrets::SealedAddress;
+use crate::telemetry::ClusterStats;
 use async_nats::jetstream::{self, kv, stream::StorageType};
 use domain::UnixMillis;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -329,6 +331,7 @@ pub struct ClusterNode {
     /// When the lease task last wrote this node's heartbeat (`Leases::heartbeat`).
     heartbeat: Mutex<Option<Arc<Mutex<Instant>>>>,
     timings: super::leases::LeaseTimings,
+    stats: Arc<ClusterStats>,
 }
 
 /// The journal stream and the buckets, created if missing (any node may be first).
@@ -458,6 +461,7 @@ impl ClusterNode {
                 this: this.clone(),
                 heartbeat: Mutex::new(None),
                 timings: config.timings,
+                stats: Arc::default(),
             }
         });
         LocalActors::start_sweeper(&node.local);
@@ -487,6 +491,17 @@ impl ClusterNode {
 
     pub fn local(&self) -> &Arc<LocalActors> {
         &self.local
+    }
+
+    /// What this node counts for the server's metrics: lease changes, routed commands'
+    /// latency, projection lag.
+    pub fn stats(&self) -> &Arc<ClusterStats> {
+        &self.stats
+    }
+
+    /// The partitions this node holds now.
+    pub fn owned_count(&self) -> usize {
+        self.owned.read().expect("owned lock").len()
     }
 
     pub fn journal(&self) -> &Arc<JetStreamJournal> {
@@ -596,6 +611,7 @@ impl ClusterNode {
             self.this.clone(),
         ));
         let (js, me) = (self.js.clone(), self.node.clone());
+        let stats = self.stats.clone();
         let weak = Arc::downgrade(projections);
         tokio::spawn(async move {
             // The consumer's message stream ends or fails when its server goes away (a
@@ -621,6 +637,13 @@ impl ClusterNode {
                                 Ok(batch) if batch.origin != me => {
                                     for update in batch.updates {
                                         projections.apply(update);
+                                    }
+                                    if let Ok(info) = message.info() {
+                                        let lag = time::OffsetDateTime::now_utc() - info.published;
+                                        stats
+                                            .projection_lag_us
+                                            .observe(u64::try_from(lag.whole_microseconds()).unwrap_or(0));
+                                        stats.projection_pending.store(info.pending, Ordering::Relaxed);
                                     }
                                 }
                                 Ok(_) => {}
@@ -704,8 +727,11 @@ impl ClusterNode {
             let asked = self
                 .client
                 .request(placement::command_subject(partition), payload.clone());
+            let started = Instant::now();
+            let answer = tokio::time::timeout(remaining, asked).await;
+            self.stats.request_latency_us.observe_duration(started.elapsed());
             // Falling through: nobody owns the partition right now; ask again shortly.
-            match tokio::time::timeout(remaining, asked).await {
+            match answer {
                 Err(_) => return Err(CommandError::Timeout(COMMAND_TIMEOUT_MS)),
                 Ok(Err(e)) => match e.kind() {
                     async_nats::client::RequestErrorKind::NoResponders => {}
@@ -849,6 +875,7 @@ impl PartitionHost for ClusterNode {
     fn acquired(&self, partition: u32) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let Some(this) = self.this.upgrade() else { return };
+            self.stats.partitions_acquired.fetch_add(1, Ordering::Relaxed);
             // Owned first, so this node's own commands for it run here at once.
             self.owned
                 .write()
@@ -883,6 +910,7 @@ impl PartitionHost for ClusterNode {
         Box::pin(async move {
             if let Some(task) = self.owned.write().expect("owned lock").remove(&partition) {
                 task.abort();
+                self.stats.partitions_released.fetch_add(1, Ordering::Relaxed);
             }
             let partitions = self.partitions;
             let stopped = self

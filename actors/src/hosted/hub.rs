@@ -7,7 +7,8 @@ use crate::fulfilment::{CourierUpdate, HubLoad};
 use crate::journal::BoxFuture;
 use crate::limits::HUB_MAILBOX_CAPACITY;
 use crate::projections::ProjectionUpdate;
-use domain::hub::{HubCommand, HubEvent, HubState};
+use crate::telemetry::{HubCounts, SlaDeadline, SwapKind};
+use domain::hub::{HubCommand, HubEvent, HubState, SwapReason};
 use domain::registry::{RegistryCommand, RegistryReply, RegistryState, StatusSource};
 use domain::{HubId, OrderId};
 use std::sync::Arc;
@@ -189,10 +190,15 @@ impl Hosted for HubState {
         };
         let ledger =
             (!facts.is_empty()).then(|| crate::settlement::send_fulfilment(env.bus.clone(), hub_id.clone(), facts));
+        let counted = count_outcomes(events);
+        let stats = (counted != HubCounts::default()).then(|| env.stats.clone());
         let projections = env.projections.clone();
         let bus = env.bus.clone();
         let runtime = env.runtime.clone();
         Some(Box::new(move || {
+            if let Some(stats) = stats {
+                stats.count_hub(hub_id.as_str(), |counts| counts.add(&counted));
+            }
             if let Some(task) = ledger {
                 runtime.spawn(task);
             }
@@ -226,4 +232,31 @@ impl Hosted for HubState {
     fn invariants(&self) -> Result<(), String> {
         self.check_invariants()
     }
+}
+
+/// The swaps, SLA misses and missed delivery windows among a durable batch's events, for the
+/// server's metrics.
+fn count_outcomes(events: &[HubEvent]) -> HubCounts {
+    let mut counts = HubCounts::default();
+    for event in events {
+        match event {
+            HubEvent::PartnerSwapped { swap, .. } => {
+                let (kind, missed) = match &swap.reason {
+                    SwapReason::MissedAcceptDeadline => (SwapKind::MissedAccept, Some(SlaDeadline::Accept)),
+                    SwapReason::MissedPickupDeadline => (SwapKind::MissedPickup, Some(SlaDeadline::Pickup)),
+                    SwapReason::Declined(_) => (SwapKind::Declined, None),
+                    SwapReason::Failed(_) => (SwapKind::Failed, None),
+                    SwapReason::PartnerUnavailable => (SwapKind::PartnerUnavailable, None),
+                };
+                counts.swaps[kind as usize] += 1;
+                if let Some(deadline) = missed {
+                    counts.sla_misses[deadline as usize] += 1;
+                }
+            }
+            HubEvent::DeliveryOverdue { .. } => counts.sla_misses[SlaDeadline::Deliver as usize] += 1,
+            HubEvent::WindowMissed { .. } => counts.window_misses += 1,
+            _ => {}
+        }
+    }
+    counts
 }

@@ -39,6 +39,8 @@ pub struct Env {
     pub runtime: tokio::runtime::Handle,
     /// The platform's bus, for actors that ask other actors (a SKU asks its drop).
     pub(crate) bus: Weak<dyn CommandBus>,
+    /// What the actors count for the server's metrics.
+    pub stats: Arc<crate::telemetry::ActorStats>,
 }
 
 impl Env {

@@ -76,6 +76,16 @@ async fn a_silent_courier_is_swapped_after_its_deadline_and_the_buyer_sees_it() 
     assert_eq!(now_ms, deadline_ms, "the swap arrives at the deadline");
     let missed = swapped.previous_deadline_missed.expect("the missed deadline is stated");
     assert_eq!(missed, deadline);
+    // Counted for /metrics once durable, before the offer went out.
+    let metrics = services::telemetry::metrics::parse_samples(&services::telemetry::metrics::render(&server.platform));
+    assert_eq!(
+        metrics.get(r#"dropline_hub_swaps_total{hub="hub-fast",reason="missed_accept"}"#),
+        Some(&1.0)
+    );
+    assert_eq!(
+        metrics.get(r#"dropline_hub_sla_misses_total{hub="hub-fast",deadline="accept"}"#),
+        Some(&1.0)
+    );
 
     // The silent courier is told and can no longer take it.
     let mut silent_client = courier_client(&server.channel, &silent);

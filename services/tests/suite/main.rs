@@ -13,4 +13,5 @@ mod reserve_stream;
 mod restart;
 mod settlement;
 mod storage_faults;
+mod telemetry;
 mod tls;

@@ -229,3 +229,90 @@ fn tls_files_that_do_not_parse_or_match_are_refused_before_serving() {
     };
     assert!(missing.load().unwrap_err().to_string().contains("absent.crt"));
 }
+
+/// An HTTP/1.1 GET of `path` over TLS to 127.0.0.1:`port`, trusting `ca` for `localhost`:
+/// the answer's status line and body, or the error.
+async fn https_get(port: u16, ca: &str, path: &str) -> anyhow::Result<String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_slice(ca.as_bytes())?)?;
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(rustls_pki_types::ServerName::try_from("localhost")?, stream)
+        .await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = Vec::new();
+    // The server closes without a TLS close_notify at times: what was read is the answer.
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_side_is_served_over_tls_with_the_grpc_sides_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("dropline test CA");
+    let server_pem = ca.issue("dropline", &["localhost"]);
+    let files = TlsFiles {
+        cert: write(dir.path(), "server.crt", &server_pem.cert),
+        key: write(dir.path(), "server.key", &server_pem.key),
+        client_ca: None,
+    };
+    let platform = services::platform::Platform::open_embedded(
+        &dir.path().join("data"),
+        Some(OPERATOR_TOKEN),
+        actors::limits::LIVE_ACTORS_MAX_DEFAULT,
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let health = services::server::Health::new();
+    health
+        .set(
+            services::config::health_services::READY,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    let served = tokio::spawn(services::http::serve(
+        listener,
+        platform,
+        health,
+        axum::Router::new(),
+        Some(files.http_config().unwrap()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let answer = https_get(port, &ca.pem(), "/metrics").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("dropline_build_info"), "{answer}");
+    let answer = https_get(port, &ca.pem(), "/readyz").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Another CA's client does not trust it; a plaintext request gets no HTTP answer.
+    let other = TestCa::new("another CA");
+    assert!(https_get(port, &other.pem(), "/metrics").await.is_err());
+    let (status, _) = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let _ = plain
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
+        (String::from_utf8_lossy(&answer).into_owned(), ())
+    };
+    assert!(!status.starts_with("HTTP/1.1 200"), "plaintext got an answer: {status}");
+    let _ = stop.send(());
+    served.await.unwrap().unwrap();
+}
