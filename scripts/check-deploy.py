@@ -281,6 +281,9 @@ def check_nats(docs: list[dict], label: str, facts: dict) -> None:
     replicas = sts["spec"]["replicas"]
     C.ok(replicas >= 3, f"{label}: {replicas} NATS servers (3 or more for a replicated journal)")
     C.ok(re.search(r"^\s*sync_interval:\s*always\s*$", conf, re.M) is not None, f"{label}: JetStream fsyncs every write")
+    ping = re.search(r"^\s*ping_interval:\s*\"?(\d+)s\"?\s*$", conf, re.M)
+    C.ok(ping is not None and int(ping.group(1)) <= 10,
+         f"{label}: NATS pings clients every ≤ 10 s (a silently cut node's subscriptions go within seconds)")
     store = re.search(r"^\s*store_dir:\s*(\S+)", conf, re.M)
     c = sts["spec"]["template"]["spec"]["containers"][0]
     claims = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])}
