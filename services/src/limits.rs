@@ -159,6 +159,13 @@ pub const STATEMENT_PAGE_DEFAULT: u32 = 100;
 /// Page sizes of the registry's list calls.
 pub const REGISTRY_PAGE_SIZE_DEFAULT: usize = 100;
 pub const REGISTRY_PAGE_SIZE_MAX: usize = 1_000;
+/// ListDrops: drops per page when the caller names no page size, and at most.
+pub const LIST_DROPS_PAGE_DEFAULT: u32 = 50;
+pub const LIST_DROPS_PAGE_MAX: u32 = 500;
+/// ListDrops with a status filter reads at most this many drops per call (each may start
+/// its drop actor), so a filter that matches nothing cannot make one call read them all:
+/// the reply then says where to go on.
+pub const LIST_DROPS_SCAN_MAX: usize = 2_000;
 /// Streams listed per journal read while reconciling.
 pub const RECONCILE_STREAMS_PAGE: usize = 1_000;
 
@@ -169,6 +176,9 @@ const _: () = assert!(STATEMENT_PAGE_DEFAULT <= STATEMENT_PAGE_MAX);
 const _: () = assert!(REGISTRY_PAGE_SIZE_DEFAULT <= REGISTRY_PAGE_SIZE_MAX);
 // Reconciliation reads pages until one comes back short: an empty page size never would.
 const _: () = assert!(RECONCILE_STREAMS_PAGE > 0);
+// A full page is always within one call's scan.
+const _: () = assert!(LIST_DROPS_PAGE_DEFAULT <= LIST_DROPS_PAGE_MAX);
+const _: () = assert!(LIST_DROPS_PAGE_MAX as usize <= LIST_DROPS_SCAN_MAX);
 
 // The platform.
 

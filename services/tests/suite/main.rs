@@ -8,6 +8,7 @@ mod cluster;
 mod dispatch;
 mod hygiene;
 mod lifecycle;
+mod list_drops;
 mod nemesis;
 mod reserve_stream;
 mod restart;
