@@ -43,10 +43,13 @@ pub struct ServeArgs {
     /// Address for gRPC [default: 127.0.0.1:50051].
     #[arg(long, env = "DROPLINE_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address for HTTP: the operator and creator consoles [default: 127.0.0.1:8080].
+    #[arg(long, env = "DROPLINE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Directory for the journal and secrets [default: ./data].
     #[arg(long, env = "DROPLINE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// A TOML file with any of the keys `listen`, `data_dir`, `log`, `shutdown_delay_ms`,
+    /// A TOML file with any of the keys `listen`, `http_listen`, `data_dir`, `log`, `shutdown_delay_ms`,
     /// `live_actors_max`, `storefront_calls_per_sec`, `buyer_reserves_per_sec`,
     /// `buyer_reserve_burst`, `tls_cert`, `tls_key`, `tls_client_ca`, `nats`, `node`,
     /// `partitions`, `replicas`, `lease_ttl_ms`, `lease_renew_ms`.
@@ -143,6 +146,7 @@ pub struct ClusterArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     log: Option<String>,
     shutdown_delay_ms: Option<u64>,
@@ -165,6 +169,8 @@ struct FileConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// Where the consoles are served (HTTP).
+    pub http_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub log: String,
     pub operator_token: Option<String>,
@@ -219,6 +225,10 @@ impl ServeArgs {
                 .listen
                 .or(file.listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            http_listen: self
+                .http_listen
+                .or(file.http_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             data_dir: self
                 .data_dir
                 .clone()
@@ -330,6 +340,7 @@ mod tests {
         .unwrap();
         let args = ServeArgs {
             listen: Some("127.0.0.1:7000".parse().unwrap()),
+            http_listen: None,
             data_dir: None,
             config: Some(path),
             log: None,
@@ -361,6 +372,7 @@ mod tests {
         std::fs::write(&bad, "listne = \"x\"\n").unwrap();
         assert!(ServeArgs {
             listen: None,
+            http_listen: None,
             data_dir: None,
             config: Some(bad),
             log: None,
@@ -390,6 +402,7 @@ mod tests {
         .unwrap();
         let args = |config: Option<PathBuf>, tls: ServerTlsArgs| ServeArgs {
             listen: None,
+            http_listen: None,
             data_dir: None,
             config,
             log: None,
@@ -449,6 +462,7 @@ mod tests {
         std::fs::write(&path, "shutdown_delay_ms = 5000\n").unwrap();
         let args = |delay: Option<u64>, token: Option<&str>| ServeArgs {
             listen: None,
+            http_listen: None,
             data_dir: None,
             config: Some(path.clone()),
             log: None,

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod checkout;
 pub mod config;
+pub mod console;
 pub mod convert;
 pub mod dispatch;
 pub mod levels;
@@ -38,6 +39,11 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
+    // MERGE NOTE: the consoles' own listener (`console::listen`), until the HTTP side of
+    // the telemetry work serves them on the same `--http-listen`.
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {} (--http-listen): {e}", config.http_listen))?;
     // SIGTERM is heard from here on: opening can wait up to a minute for JetStream, and as
     // PID 1 in a container the process would otherwise ignore it until SIGKILL.
     let mut shutdown = Box::pin(server::shutdown_signal());
@@ -84,11 +90,23 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         None => info!(data_dir = %config.data_dir.display(), "embedded platform ready"),
     }
     let cluster = platform.cluster.clone();
+    let http_addr = http_listener.local_addr()?;
+    let console = console::routes(platform.clone(), console::ConsoleSettings::default());
+    let mut stopping = platform.shutdown.clone();
+    let http = tokio::spawn(console::listen::serve(http_listener, console, async move {
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    }));
+    info!(addr = %http_addr, "consoles on http://{http_addr}/");
     let options = server::ServeOptions {
         shutdown_delay: config.shutdown_delay,
         tls,
     };
     let served = server::serve_with_options(platform, listener, shutdown, options).await;
+    match http.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "the consoles' listener failed"),
+        Err(e) => warn!(error = %e, "the consoles' listener panicked"),
+    }
     if let Some(node) = cluster {
         // Hand this node's partitions over now rather than after the lease TTL.
         node.leave().await;
@@ -131,6 +149,7 @@ pub async fn serve(args: ServeArgs, scheduler: actors::runtime::Scheduler) -> an
 /// `dropline serve --check-config`: the settings a server would run with (no credential).
 fn print_config(config: &ServeConfig) {
     println!("listen = \"{}\"", config.listen);
+    println!("http_listen = \"{}\"", config.http_listen);
     println!("data_dir = {:?}", config.data_dir.display().to_string());
     println!("log = {:?}", config.log);
     println!("shutdown_delay_ms = {}", config.shutdown_delay.as_millis());

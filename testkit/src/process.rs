@@ -106,7 +106,8 @@ impl ServeCommand {
         };
         let exe = self.exe.clone().unwrap_or_else(dropline_exe);
         let child = Command::new(&exe)
-            .args(["serve", "--listen", &self.listen.to_string(), "--data-dir"])
+            // Several servers run side by side in tests: the consoles on any free port.
+            .args(["serve", "--listen", &self.listen.to_string(), "--http-listen", "127.0.0.1:0", "--data-dir"])
             .arg(&self.data_dir)
             .args(&self.args)
             .env("DROPLINE_LOG", &self.log_filter)
