@@ -4,6 +4,7 @@
 
 mod adversary;
 mod checkout;
+mod console;
 mod cluster;
 mod dispatch;
 mod hygiene;
