@@ -346,8 +346,9 @@ fn with_headers(mut response: Response, asset: bool) -> Response {
     );
     set(headers, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(headers, header::X_FRAME_OPTIONS, "DENY");
-    // A page's address never leaves in a Referer (the sign-in link's fragment never does).
-    set(headers, header::REFERRER_POLICY, "no-referrer");
+    // A page's address never leaves for another site in a Referer. (Not `no-referrer`:
+    // with it, browsers send `Origin: null` on the console's own form posts.)
+    set(headers, header::REFERRER_POLICY, "same-origin");
     if !asset {
         set(headers, header::CACHE_CONTROL, "no-store");
     }

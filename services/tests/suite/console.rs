@@ -245,6 +245,15 @@ pub async fn settled_creator(server: &TestServer, creator_id: &str, drop_id: &st
             .unwrap();
         delivered += 1;
     }
+    // The courier leaves hub-1, so the next creator's orders are offered to its own.
+    registry_client(&server.channel)
+        .assign_partner(proto::registry::v1::AssignPartnerRequest {
+            partner_id: partner.clone(),
+            hub_id: "hub-1".into(),
+            rank: 0,
+        })
+        .await
+        .unwrap();
     // The return is booked once the ledger has the delivery.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

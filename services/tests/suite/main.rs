@@ -3,6 +3,7 @@
 //! local cluster, gRPC fixtures).
 
 mod adversary;
+mod browser;
 mod checkout;
 mod console;
 mod cluster;
