@@ -106,10 +106,17 @@ impl ServeCommand {
         };
         let exe = self.exe.clone().unwrap_or_else(dropline_exe);
         let child = Command::new(&exe)
-            // Several servers run side by side in tests: the consoles on any free port.
-            .args(["serve", "--listen", &self.listen.to_string(), "--http-listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", &self.listen.to_string(), "--data-dir"])
             .arg(&self.data_dir)
             .args(&self.args)
+            // Several servers run side by side in tests: the consoles on any free port
+            // unless the caller chose one.
+            .args(
+                (!self.args.iter().any(|a| a == "--http-listen"))
+                    .then_some(["--http-listen", "127.0.0.1:0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("DROPLINE_LOG", &self.log_filter)
             .env("DROPLINE_OPERATOR_TOKEN", &self.operator_token)
             .stdin(Stdio::null())
