@@ -27,6 +27,8 @@ pub struct Cli {
     pub tokio_lifo_slot: bool,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the platform: gRPC checkout and operator services with durable local storage.

@@ -93,8 +93,11 @@ impl Operator {
             }
         };
         let status = recorded.effective(spec.opens_at, spec.closes_at, self.platform.clock.now());
-        let hubs: std::collections::BTreeSet<&HubId> =
-            spec.skus.iter().flat_map(|s| s.pools.iter().map(|p| &p.hub_id)).collect();
+        let hubs: std::collections::BTreeSet<&HubId> = spec
+            .skus
+            .iter()
+            .flat_map(|s| s.pools.iter().map(|p| &p.hub_id))
+            .collect();
         Ok(DropSummary {
             drop_id: spec.drop_id.to_string(),
             creator_id: spec.creator_id.to_string(),
@@ -372,10 +375,18 @@ impl OperatorService for Operator {
             check.fail("page_size", format!("must be at most {LIST_DROPS_PAGE_MAX}"));
         }
         check.finish(|| Some(()))?;
-        let page_size = if r.page_size == 0 { LIST_DROPS_PAGE_DEFAULT } else { r.page_size } as usize;
+        let page_size = if r.page_size == 0 {
+            LIST_DROPS_PAGE_DEFAULT
+        } else {
+            r.page_size
+        } as usize;
         // Unfiltered, a page reads exactly the drops it returns; filtered, up to the scan
         // bound, stopping once the page is full.
-        let scan = if wanted.is_none() { page_size } else { LIST_DROPS_SCAN_MAX };
+        let scan = if wanted.is_none() {
+            page_size
+        } else {
+            LIST_DROPS_SCAN_MAX
+        };
         let mut cursor = after.map(|id| <DropState as actors::hosted::Hosted>::stream(&id));
         let mut drops = Vec::new();
         let mut scanned = 0;

@@ -318,16 +318,16 @@ impl Backend {
             );
             return Ok(None);
         };
-        let listener = tokio::net::TcpListener::bind(args.http_listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("binding the consoles' address {} (--http-listen): {e}", args.http_listen))?;
+        let listener = tokio::net::TcpListener::bind(args.http_listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "binding the consoles' address {} (--http-listen): {e}",
+                args.http_listen
+            )
+        })?;
         let url = format!("http://{}", listener.local_addr()?);
         let console =
             services::console::Console::new(server.platform.clone(), services::console::ConsoleSettings::default());
-        let mut links = vec![(
-            "operator".to_string(),
-            console.one_time_sign_in(&demo.operator_token)?,
-        )];
+        let mut links = vec![("operator".to_string(), console.one_time_sign_in(&demo.operator_token)?)];
         for (creator_id, credential) in &demo.creators {
             links.push((creator_id.clone(), console.one_time_sign_in(credential)?));
         }

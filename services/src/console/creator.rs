@@ -108,7 +108,11 @@ async fn get_balance(console: &Console, signed: &Signed) -> Result<pb::Balance, 
         .into_inner())
 }
 
-async fn get_statement(console: &Console, signed: &Signed, request: pb::GetStatementRequest) -> Result<pb::Statement, Failure> {
+async fn get_statement(
+    console: &Console,
+    signed: &Signed,
+    request: pb::GetStatementRequest,
+) -> Result<pb::Statement, Failure> {
     Ok(console
         .inner
         .settlement
@@ -197,12 +201,12 @@ async fn live(
     Query(q): Query<LiveQuery>,
 ) -> PageResult {
     creator_only(&signed, &creator_id)?;
-    let permit = console
-        .inner
-        .streams
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Failure::new(StatusCode::SERVICE_UNAVAILABLE, "too many live pages are open; retry shortly"))?;
+    let permit = console.inner.streams.clone().try_acquire_owned().map_err(|_| {
+        Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many live pages are open; retry shortly",
+        )
+    })?;
     let mut lines = console
         .inner
         .settlement
@@ -417,11 +421,12 @@ async fn statement_csv(
     };
     // The first page before answering, so a failure is a status, not a cut-off download.
     let first = get_statement(&console, &signed, request(String::new())).await?;
-    let first_rows = csv_rows(creator.as_str(), &first.lines, true).map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let first_rows = csv_rows(creator.as_str(), &first.lines, true)
+        .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let name = creator.to_string();
     let rest = futures::stream::unfold(Some(first.next_page_token), move |token| {
         let (console, signed, name) = (console.clone(), signed.clone(), name.clone());
-        let request = request.clone();
+        let request = request;
         async move {
             let token = token.filter(|t| !t.is_empty())?;
             match get_statement(&console, &signed, request(token)).await {
@@ -433,13 +438,24 @@ async fn statement_csv(
     let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first_rows) }).chain(rest);
     let filename = format!(
         "statement-{creator}{}{}.csv",
-        if period.from.is_empty() { String::new() } else { format!("-from-{}", period.from) },
-        if period.to.is_empty() { String::new() } else { format!("-to-{}", period.to) },
+        if period.from.is_empty() {
+            String::new()
+        } else {
+            format!("-from-{}", period.from)
+        },
+        if period.to.is_empty() {
+            String::new()
+        } else {
+            format!("-to-{}", period.to)
+        },
     );
     Ok((
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{filename}\"")),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
         ],
         Body::from_stream(body),
     )
@@ -606,9 +622,11 @@ async fn returns(
         )
         .await?;
         read += page.lines.len();
-        found.extend(page.lines.into_iter().filter(|l| {
-            l.kind == pb::LineKind::Return as i32 || l.kind == pb::LineKind::Refund as i32
-        }));
+        found.extend(
+            page.lines
+                .into_iter()
+                .filter(|l| l.kind == pb::LineKind::Return as i32 || l.kind == pb::LineKind::Refund as i32),
+        );
         if page.next_page_token.is_empty() {
             break false;
         }
@@ -633,7 +651,7 @@ async fn returns(
                         td { (time(l.booked_at.as_ref())) }
                         td { (kind(l.kind)) }
                         td { (l.order_id) }
-                        td { (l.reference) }
+                        td class="wrap" { (l.reference) }
                         td class="n" { (view::money(-l.gross, &l.currency)) }
                         td class="n" { (view::money(l.creator_net, &l.currency)) }
                     }

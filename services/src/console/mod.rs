@@ -121,10 +121,7 @@ impl Console {
             .resolve_credential(credential)
             .ok_or_else(|| anyhow::anyhow!("unknown credential"))?;
         let role = Role::of(&caller).ok_or_else(|| anyhow::anyhow!("this credential has no console"))?;
-        Ok(self
-            .inner
-            .links
-            .issue(role, blake3::hash(credential.as_bytes())))
+        Ok(self.inner.links.issue(role, blake3::hash(credential.as_bytes())))
     }
 
     fn cookie_name(&self) -> &'static str {
@@ -277,10 +274,10 @@ impl<T: CsrfForm + DeserializeOwned + Send> FromRequest<Console> for Posted<T> {
             .await
             .map_err(|rejection| Failure::new(rejection.status(), rejection.body_text()).into_response())?;
         if !signed.session.csrf_matches(form.csrf()) {
-            return Err(
-                Failure::forbidden("this form has expired or did not come from this console: reload the page and try again")
-                    .into_response(),
-            );
+            return Err(Failure::forbidden(
+                "this form has expired or did not come from this console: reload the page and try again",
+            )
+            .into_response());
         }
         Ok(Posted { signed, form })
     }
@@ -421,7 +418,9 @@ fn too_many_attempts(wait: std::time::Duration) -> Response {
         view::page(
             "Sign in",
             None,
-            view::sign_in(Some(&format!("Too many sign-in attempts: wait {secs} s and try again."))),
+            view::sign_in(Some(&format!(
+                "Too many sign-in attempts: wait {secs} s and try again."
+            ))),
         ),
     )
         .into_response();
@@ -445,11 +444,7 @@ fn refused_sign_in() -> Response {
         .into_response()
 }
 
-async fn sign_in(
-    State(console): State<Console>,
-    Peer(peer): Peer,
-    Form(form): Form<SignInForm>,
-) -> Response {
+async fn sign_in(State(console): State<Console>, Peer(peer): Peer, Form(form): Form<SignInForm>) -> Response {
     if let Err(wait) = console.inner.sign_in.attempt(peer) {
         tracing::warn!("console sign-in attempts over their bound; refused");
         return too_many_attempts(wait);
@@ -469,11 +464,7 @@ async fn sign_in(
     signed_in(&console, role, blake3::hash(credential.as_bytes())).into_response()
 }
 
-async fn sign_in_once(
-    State(console): State<Console>,
-    Peer(peer): Peer,
-    Form(form): Form<OnceForm>,
-) -> Response {
+async fn sign_in_once(State(console): State<Console>, Peer(peer): Peer, Form(form): Form<OnceForm>) -> Response {
     if let Err(wait) = console.inner.sign_in.attempt(peer) {
         return too_many_attempts(wait);
     }
@@ -483,7 +474,9 @@ async fn sign_in_once(
             view::page(
                 "Sign in",
                 None,
-                view::sign_in(Some("That sign-in link was used already or has expired: paste the credential instead.")),
+                view::sign_in(Some(
+                    "That sign-in link was used already or has expired: paste the credential instead.",
+                )),
             ),
         )
             .into_response();

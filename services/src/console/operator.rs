@@ -54,10 +54,7 @@ const STATUSES: [(&str, DropStatus); 3] = [
 ];
 
 fn status_word(status: i32) -> String {
-    DropStatus::try_from(status).map_or_else(
-        |_| "unknown".into(),
-        |s| enum_word(s.as_str_name(), "DROP_STATUS_"),
-    )
+    DropStatus::try_from(status).map_or_else(|_| "unknown".into(), |s| enum_word(s.as_str_name(), "DROP_STATUS_"))
 }
 
 fn table(label: &str, head: Markup, body: Markup) -> Markup {
@@ -142,7 +139,10 @@ impl Rates {
         for sku in &drop.skus {
             for pool in &sku.pools {
                 let taken = u64::from(pool.held) + u64::from(pool.sold);
-                let samples = self.samples.entry((sku.sku_id.clone(), pool.hub_id.clone())).or_default();
+                let samples = self
+                    .samples
+                    .entry((sku.sku_id.clone(), pool.hub_id.clone()))
+                    .or_default();
                 samples.push_back((now, taken));
                 // Keep one sample older than the window, as its start.
                 while samples.len() > 2 && samples.get(1).is_some_and(|(at, _)| now.duration_since(*at) >= window) {
@@ -189,12 +189,7 @@ fn board_cells(drop: &pb::Drop, rates: &Rates) -> BTreeMap<String, String> {
         let mut sku_rate = 0.0;
         for p in &sku.pools {
             let key = |field: &str| format!("{}/{}/{field}", sku.sku_id, p.hub_id);
-            let level = crate::levels::level(
-                sale,
-                u64::from(p.allocated),
-                u64::from(p.available),
-                u64::from(p.held),
-            );
+            let level = crate::levels::level(sale, u64::from(p.allocated), u64::from(p.available), u64::from(p.held));
             let rate = rates.rate(&sku.sku_id, &p.hub_id);
             sku_rate += rate;
             cells.insert(key("allocated"), p.allocated.to_string());
@@ -267,8 +262,11 @@ async fn board(
         let value = cells.get(&key).cloned().unwrap_or_default();
         html! { td class=(class) data-k=(key) { (value) } }
     };
-    let pools: Vec<(&pb::SkuFigures, &pb::PoolFigures)> =
-        drop.skus.iter().flat_map(|s| s.pools.iter().map(move |p| (s, p))).collect();
+    let pools: Vec<(&pb::SkuFigures, &pb::PoolFigures)> = drop
+        .skus
+        .iter()
+        .flat_map(|s| s.pools.iter().map(move |p| (s, p)))
+        .collect();
     let body = html! {
         (view::notice(done.done.as_deref()))
         dl class="facts" {
@@ -370,12 +368,12 @@ async fn board(
 /// update per 250 ms), as `figures` events of [`board_cells`].
 async fn board_live(State(console): State<Console>, signed: Signed, Path(drop_id): Path<String>) -> PageResult {
     operator_only(&signed)?;
-    let permit = console
-        .inner
-        .streams
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Failure::new(StatusCode::SERVICE_UNAVAILABLE, "too many live pages are open; retry shortly"))?;
+    let permit = console.inner.streams.clone().try_acquire_owned().map_err(|_| {
+        Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many live pages are open; retry shortly",
+        )
+    })?;
     let mut updates = console
         .inner
         .operator
@@ -471,7 +469,10 @@ async fn open(State(console): State<Console>, Path(drop_id): Path<String>, poste
     let drop = console
         .inner
         .operator
-        .open_drop(as_caller(&posted.signed.session.caller, pb::OpenDropRequest { drop_id }))
+        .open_drop(as_caller(
+            &posted.signed.session.caller,
+            pb::OpenDropRequest { drop_id },
+        ))
         .await?
         .into_inner();
     Ok(Redirect::to(&format!("/operator/drops/{}?done=The+sale+is+open.", drop.drop_id)).into_response())
@@ -482,7 +483,10 @@ async fn close(State(console): State<Console>, Path(drop_id): Path<String>, post
     let drop = console
         .inner
         .operator
-        .close_drop(as_caller(&posted.signed.session.caller, pb::CloseDropRequest { drop_id }))
+        .close_drop(as_caller(
+            &posted.signed.session.caller,
+            pb::CloseDropRequest { drop_id },
+        ))
         .await?
         .into_inner();
     Ok(Redirect::to(&format!("/operator/drops/{}?done=The+sale+is+closed.", drop.drop_id)).into_response())
@@ -631,16 +635,15 @@ fn duration(d: Option<&prost_types::Duration>) -> String {
 }
 
 fn partner_status(status: i32) -> String {
-    registry::PartnerStatus::try_from(status).map_or_else(
-        |_| "unknown".into(),
-        |s| enum_word(s.as_str_name(), "PARTNER_STATUS_"),
-    )
+    registry::PartnerStatus::try_from(status)
+        .map_or_else(|_| "unknown".into(), |s| enum_word(s.as_str_name(), "PARTNER_STATUS_"))
 }
 
 fn score(metrics: Option<&registry::SlaMetrics>) -> String {
-    metrics
-        .and_then(|m| m.score_bps)
-        .map_or_else(|| "not scored yet".into(), |bps| format!("{:.1} % on time", f64::from(bps) / 100.0))
+    metrics.and_then(|m| m.score_bps).map_or_else(
+        || "not scored yet".into(),
+        |bps| format!("{:.1} % on time", f64::from(bps) / 100.0),
+    )
 }
 
 async fn hub(State(console): State<Console>, signed: Signed, Path(hub_id): Path<String>) -> PageResult {
@@ -652,7 +655,7 @@ async fn hub(State(console): State<Console>, signed: Signed, Path(hub_id): Path<
         .await?
         .into_inner();
     let spec = hub.spec.clone().unwrap_or_default();
-    let sla = spec.sla.clone().unwrap_or_default();
+    let sla = spec.sla.unwrap_or_default();
     let body = html! {
         dl class="facts" {
             dt { "City" } dd { (spec.city) }
@@ -672,7 +675,7 @@ async fn hub(State(console): State<Console>, signed: Signed, Path(hub_id): Path<
                      th scope="col" class="n" { "Delivered on time" } th scope="col" class="n" { "Holding now" } }
             }, html! {
                 @for p in &hub.partners {
-                    @let m = p.metrics.clone().unwrap_or_default();
+                    @let m = p.metrics.unwrap_or_default();
                     tr {
                         td { a href={ "/operator/partners/" (p.partner_id) } { (p.partner_id) } }
                         td class="n" { (p.rank) }
@@ -696,7 +699,7 @@ async fn hub(State(console): State<Console>, signed: Signed, Path(hub_id): Path<
                         td { (time(a.at.as_ref())) }
                         td { @if a.order_id.is_empty() { "—" } @else { a href={ "/operator/orders?order_id=" (a.order_id) } { (a.order_id) } } }
                         td { @if a.partner_id.is_empty() { "—" } @else { a href={ "/operator/partners/" (a.partner_id) } { (a.partner_id) } } }
-                        td { (a.message) }
+                        td class="wrap" { (a.message) }
                     }
                 }
             }))
@@ -768,7 +771,7 @@ fn audit_table(entries: &[registry::AuditEntry]) -> Markup {
                         td { (e.order_id) }
                         td { (e.partner_id) }
                         td { (e.hub_id) }
-                        td { (e.detail) }
+                        td class="wrap" { (e.detail) }
                     }
                 }
             }))
@@ -801,7 +804,9 @@ async fn order_audit(State(console): State<Console>, signed: Signed, Query(q): Q
             .list_audit_entries(as_caller(
                 &signed.session.caller,
                 registry::ListAuditEntriesRequest {
-                    subject: Some(registry::list_audit_entries_request::Subject::OrderId(q.order_id.clone())),
+                    subject: Some(registry::list_audit_entries_request::Subject::OrderId(
+                        q.order_id.clone(),
+                    )),
                     page_size: CONSOLE_PAGE_SIZE,
                     page_token: q.page,
                 },
@@ -832,7 +837,9 @@ async fn partner_audit(
         .list_audit_entries(as_caller(
             &signed.session.caller,
             registry::ListAuditEntriesRequest {
-                subject: Some(registry::list_audit_entries_request::Subject::PartnerId(partner_id.clone())),
+                subject: Some(registry::list_audit_entries_request::Subject::PartnerId(
+                    partner_id.clone(),
+                )),
                 page_size: CONSOLE_PAGE_SIZE,
                 page_token: q.page,
             },

@@ -123,7 +123,10 @@ pub fn proto_money(m: Option<&proto::common::v1::Money>) -> String {
 
 /// An enum's protobuf name without its prefix, in lower case: `DROP_STATUS_OPEN` → `open`.
 pub fn enum_word(name: &str, prefix: &str) -> String {
-    name.strip_prefix(prefix).unwrap_or(name).replace('_', " ").to_lowercase()
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .replace('_', " ")
+        .to_lowercase()
 }
 
 /// A notice that something was done (after a redirect, from the query string).

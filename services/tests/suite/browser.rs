@@ -37,7 +37,11 @@ fn screenshots_dir() -> PathBuf {
 
 fn tool(name: &str) -> PathBuf {
     std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(name))
+                .find(|p| p.is_file())
+        })
         .unwrap_or_else(|| panic!("{name} is not installed: run scripts/install-browser.sh (the test command does)"))
 }
 
@@ -125,7 +129,13 @@ impl Browser {
     /// Clicks a link or a form's button and waits for the next page to load.
     async fn click(&self, css: &str) {
         self.eval("window.__previousPage = true; return true;").await;
-        self.client.find(Locator::Css(css)).await.unwrap().click().await.unwrap();
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
         self.wait_for(
             "the next page",
             "return window.__previousPage !== true && document.readyState === 'complete'",
@@ -173,7 +183,10 @@ impl Browser {
             .unwrap();
         let violations = violations.as_array().cloned().unwrap_or_default();
         for v in &violations {
-            println!("axe {name}: {} ({}): {} {}", v["id"], v["impact"], v["help"], v["nodes"]);
+            println!(
+                "axe {name}: {} ({}): {} {}",
+                v["id"], v["impact"], v["help"], v["nodes"]
+            );
         }
         let serious: Vec<&Value> = violations
             .iter()
@@ -269,7 +282,9 @@ async fn the_consoles_in_a_real_browser() {
             let mut last = 0;
             while version.changed().await.is_ok() {
                 let at = now_ms();
-                let Some(cached) = platform.projections.availability.get(&drop_id) else { continue };
+                let Some(cached) = platform.projections.availability.get(&drop_id) else {
+                    continue;
+                };
                 let held: u64 = cached
                     .skus
                     .iter()
@@ -318,17 +333,28 @@ async fn the_consoles_in_a_real_browser() {
         )
         .await;
     follower.abort();
-    assert_eq!(browser.eval("return window.__sameDocument === true").await, Value::Bool(true), "no reload");
+    assert_eq!(
+        browser.eval("return window.__sameDocument === true").await,
+        Value::Bool(true),
+        "no reload"
+    );
     let seen: Vec<(f64, u64)> = serde_json::from_value::<Vec<(f64, f64)>>(browser.eval("return window.__seen").await)
         .unwrap()
         .into_iter()
         .map(|(at, held)| (at, held as u64))
         .collect();
-    assert!(seen.len() >= 2, "the board changed several times during the burst: {seen:?}");
+    assert!(
+        seen.len() >= 2,
+        "the board changed several times during the burst: {seen:?}"
+    );
     let changes = changes.lock().unwrap().clone();
     let mut latencies: Vec<f64> = changes
         .iter()
-        .filter_map(|(at, held)| seen.iter().find(|(_, shown)| shown >= held).map(|(shown_at, _)| shown_at - at))
+        .filter_map(|(at, held)| {
+            seen.iter()
+                .find(|(_, shown)| shown >= held)
+                .map(|(shown_at, _)| shown_at - at)
+        })
         .collect();
     assert_eq!(latencies.len(), changes.len(), "every change reached the page");
     latencies.sort_by(f64::total_cmp);
@@ -422,7 +448,10 @@ async fn the_consoles_in_a_real_browser() {
             Duration::from_secs(10),
         )
         .await;
-    assert_eq!(browser.eval("return window.__sameDocument === true").await, Value::Bool(true));
+    assert_eq!(
+        browser.eval("return window.__sameDocument === true").await,
+        Value::Bool(true)
+    );
     browser.check_page("creator-balance").await;
 
     browser.goto(&format!("{origin}/creators/ana/statement")).await;
@@ -489,7 +518,10 @@ async fn the_consoles_in_a_real_browser() {
         })
         .collect();
     assert_eq!(sums, totals, "the CSV's totals are GetStatement's");
-    assert!(totals["EUR"][0] >= 7, "sales, a refund, a return, releases and a payout: {totals:?}");
+    assert!(
+        totals["EUR"][0] >= 7,
+        "sales, a refund, a return, releases and a payout: {totals:?}"
+    );
 
     browser.goto(&format!("{origin}/creators/ana/returns")).await;
     let page = browser.source().await;

@@ -152,7 +152,10 @@ impl Reply {
             .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
             .collect();
         let mut body = raw[split + 4..].to_vec();
-        if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+        if headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+        {
             body = dechunk(&body);
         }
         Reply {
@@ -184,7 +187,9 @@ impl Reply {
 fn dechunk(mut body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(end) = body.windows(2).position(|w| w == b"\r\n") else { return out };
+        let Some(end) = body.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
         let size = usize::from_str_radix(std::str::from_utf8(&body[..end]).unwrap().trim(), 16).unwrap();
         if size == 0 {
             return out;
@@ -226,7 +231,10 @@ pub async fn settled_creator(server: &TestServer, creator_id: &str, drop_id: &st
     let mut delivered = 0;
     while delivered < 2 {
         let offer = next_offer(&mut offers, Duration::from_secs(10)).await;
-        let Some(order) = [&orders[0], &orders[2]].into_iter().find(|o| o.order_id == offer.order_id) else {
+        let Some(order) = [&orders[0], &orders[2]]
+            .into_iter()
+            .find(|o| o.order_id == offer.order_id)
+        else {
             continue;
         };
         courier
@@ -281,7 +289,10 @@ pub async fn settled_creator(server: &TestServer, creator_id: &str, drop_id: &st
         if balance.currencies.iter().any(|c| c.available > 0) {
             break;
         }
-        assert!(Instant::now() < deadline, "earnings never became available: {balance:?}");
+        assert!(
+            Instant::now() < deadline,
+            "earnings never became available: {balance:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     credential
@@ -312,7 +323,10 @@ async fn a_wrong_credential_is_refused_alike_whatever_was_wrong_and_a_right_one_
         }
         refusals.push(reply.body);
     }
-    assert!(refusals.windows(2).all(|w| w[0] == w[1]), "every refusal reads the same");
+    assert!(
+        refusals.windows(2).all(|w| w[0] == w[1]),
+        "every refusal reads the same"
+    );
 
     let ok = c.post("/sign-in", None, &[("credential", OPERATOR_TOKEN)]).await;
     assert_eq!(ok.status, 303);
@@ -327,7 +341,10 @@ async fn a_wrong_credential_is_refused_alike_whatever_was_wrong_and_a_right_one_
     assert_eq!(id.len(), 64);
     let page = c.get("/operator", Some(&id)).await;
     assert_eq!(page.status, 200);
-    assert!(page.header("content-security-policy").unwrap().contains("script-src 'self'"));
+    assert!(page
+        .header("content-security-policy")
+        .unwrap()
+        .contains("script-src 'self'"));
     assert_eq!(page.header("cache-control"), Some("no-store"));
     // The credential appears in no page.
     assert!(!page.body.contains(OPERATOR_TOKEN));
@@ -343,7 +360,9 @@ async fn a_wrong_credential_is_refused_alike_whatever_was_wrong_and_a_right_one_
         .await;
     assert_eq!(foreign.status, 403);
     assert!(foreign.session().is_none());
-    let no_origin = c.post_from("/sign-in", None, &[("credential", OPERATOR_TOKEN)], None).await;
+    let no_origin = c
+        .post_from("/sign-in", None, &[("credential", OPERATOR_TOKEN)], None)
+        .await;
     assert_eq!(no_origin.status, 403);
     c.stop().await;
 }
@@ -378,7 +397,12 @@ async fn pages_need_a_session_of_their_role_and_a_creator_reaches_only_its_own()
     let bea = creator(&c.server.channel, "bea").await;
 
     // No session: pages go to sign-in, anything else is 401, nothing is shown.
-    for path in ["/operator", "/operator/drops/d1", "/creators/ana", "/creators/ana/statement.csv"] {
+    for path in [
+        "/operator",
+        "/operator/drops/d1",
+        "/creators/ana",
+        "/creators/ana/statement.csv",
+    ] {
         let reply = c.get(path, None).await;
         assert_eq!(reply.status, 303, "{path}");
         assert_eq!(reply.header("location"), Some("/sign-in"));
@@ -395,7 +419,12 @@ async fn pages_need_a_session_of_their_role_and_a_creator_reaches_only_its_own()
     let operator = c.sign_in(OPERATOR_TOKEN).await;
 
     // Ana's own pages.
-    for path in ["/creators/ana", "/creators/ana/statement", "/creators/ana/payouts", "/creators/ana/returns"] {
+    for path in [
+        "/creators/ana",
+        "/creators/ana/statement",
+        "/creators/ana/payouts",
+        "/creators/ana/returns",
+    ] {
         let reply = c.get(path, Some(&ana_session)).await;
         assert_eq!(reply.status, 200, "{path}: {}", reply.body);
     }
@@ -417,7 +446,10 @@ async fn pages_need_a_session_of_their_role_and_a_creator_reaches_only_its_own()
     ] {
         let reply = c.get(path, Some(&bea_session)).await;
         assert_eq!(reply.status, 403, "bea on {path}");
-        assert!(!reply.body.contains("ana-drop") && !reply.body.contains("wrong size"), "{path}");
+        assert!(
+            !reply.body.contains("ana-drop") && !reply.body.contains("wrong size"),
+            "{path}"
+        );
     }
     // The operator has no creator pages (it reads ledgers over the API).
     let reply = c.get("/creators/ana", Some(&operator)).await;
@@ -428,7 +460,12 @@ async fn pages_need_a_session_of_their_role_and_a_creator_reaches_only_its_own()
         .post(
             "/creators/ana/payouts",
             Some(&bea_session),
-            &[("csrf", &csrf), ("amount", "0.01"), ("currency", "EUR"), ("idempotency_key", "k1")],
+            &[
+                ("csrf", &csrf),
+                ("amount", "0.01"),
+                ("currency", "EUR"),
+                ("idempotency_key", "k1"),
+            ],
         )
         .await;
     assert_eq!(reply.status, 403);
@@ -455,7 +492,11 @@ async fn state_changes_need_this_session_s_csrf_token_and_this_console_s_origin(
         (vec![], Some(c.origin()), 422),
         (vec![("csrf", "0".repeat(64))], Some(c.origin()), 403),
         (vec![("csrf", others_csrf.clone())], Some(c.origin()), 403),
-        (vec![("csrf", csrf.clone())], Some("http://evil.example".to_string()), 403),
+        (
+            vec![("csrf", csrf.clone())],
+            Some("http://evil.example".to_string()),
+            403,
+        ),
         (vec![("csrf", csrf.clone())], None, 403),
     ] {
         let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -469,7 +510,9 @@ async fn state_changes_need_this_session_s_csrf_token_and_this_console_s_origin(
     let confirm = c.get("/operator/drops/d1/close", Some(&operator)).await;
     assert_eq!(confirm.status, 200);
     assert_eq!(drop_status(&c.server, "d1").await, DropStatus::Open as i32);
-    let reply = c.post("/operator/drops/d1/close", Some(&operator), &[("csrf", &csrf)]).await;
+    let reply = c
+        .post("/operator/drops/d1/close", Some(&operator), &[("csrf", &csrf)])
+        .await;
     assert_eq!(reply.status, 303, "{}", reply.body);
     assert_eq!(drop_status(&c.server, "d1").await, DropStatus::Closed as i32);
 
@@ -481,7 +524,9 @@ async fn state_changes_need_this_session_s_csrf_token_and_this_console_s_origin(
     assert!(reply.header("set-cookie").unwrap().contains("Max-Age=0"));
     assert_eq!(c.get("/operator", Some(&operator)).await.status, 303);
     // A replayed form of the ended session is refused.
-    let reply = c.post("/operator/drops/d1/open", Some(&operator), &[("csrf", &csrf)]).await;
+    let reply = c
+        .post("/operator/drops/d1/open", Some(&operator), &[("csrf", &csrf)])
+        .await;
     assert_eq!(reply.status, 401);
     c.stop().await;
 }
@@ -491,7 +536,12 @@ async fn the_same_restock_or_payout_form_sent_twice_takes_effect_once() {
     let c = ConsoleServer::start().await;
     open_drop(&c.server, drop_request("d1", &[("tee", 10)], 2, 60)).await;
     let operator = c.sign_in(OPERATOR_TOKEN).await;
-    let page = c.get("/operator/drops/d1/restock?sku_id=tee&hub_id=hub-1&quantity=5", Some(&operator)).await;
+    let page = c
+        .get(
+            "/operator/drops/d1/restock?sku_id=tee&hub_id=hub-1&quantity=5",
+            Some(&operator),
+        )
+        .await;
     assert_eq!(page.status, 200, "{}", page.body);
     let csrf = page.hidden("csrf").unwrap();
     let key = page.hidden("idempotency_key").unwrap();
@@ -536,7 +586,12 @@ async fn the_same_restock_or_payout_form_sent_twice_takes_effect_once() {
             .post(
                 "/creators/ana/payouts",
                 Some(&session),
-                &[("csrf", &csrf), ("amount", amount), ("currency", "EUR"), ("idempotency_key", "k2")],
+                &[
+                    ("csrf", &csrf),
+                    ("amount", amount),
+                    ("currency", "EUR"),
+                    ("idempotency_key", "k2"),
+                ],
             )
             .await;
         assert_eq!(reply.status, 400, "{amount}");
@@ -584,9 +639,17 @@ async fn huge_bodies_garbage_and_unknown_pages_get_clear_statuses() {
     assert!(reply.status == 400 || reply.status == 422, "{}", reply.status);
     assert_eq!(c.get("/nothing-here", Some(&operator)).await.status, 404);
     assert_eq!(c.get("/operator/drops/no-such-drop", Some(&operator)).await.status, 404);
-    assert_eq!(c.get("/operator/drops/NOT%20AN%20ID", Some(&operator)).await.status, 400);
+    assert_eq!(
+        c.get("/operator/drops/NOT%20AN%20ID", Some(&operator)).await.status,
+        400
+    );
     assert_eq!(c.get("/assets/../../etc/passwd", None).await.status, 404);
-    assert_eq!(c.request("DELETE", "/operator", &[("Origin", &c.origin())], b"").await.status, 405);
+    assert_eq!(
+        c.request("DELETE", "/operator", &[("Origin", &c.origin())], b"")
+            .await
+            .status,
+        405
+    );
     let reply = c
         .get(
             "/operator/drops/d1/restock?sku_id=tee&hub_id=hub-1&quantity=-3",

@@ -38,7 +38,11 @@ async fn drops_are_listed_in_pages_in_id_order_with_their_status_now() {
     let server = TestServer::start().await;
     let mut operator = server.operator();
     for i in 0..5 {
-        open_drop(&server, drop_request(&format!("open-{i}"), &[("tee", 10), ("cap", 5)], 2, 60)).await;
+        open_drop(
+            &server,
+            drop_request(&format!("open-{i}"), &[("tee", 10), ("cap", 5)], 2, 60),
+        )
+        .await;
     }
     let mut later = drop_request("later", &[("tee", 7)], 2, 60);
     later.opens_at = Some(ts(3_600));
@@ -54,14 +58,21 @@ async fn drops_are_listed_in_pages_in_id_order_with_their_status_now() {
 
     let every = all(&server, DropStatus::Unspecified, 2).await;
     let ids: Vec<&str> = every.iter().map(|d| d.drop_id.as_str()).collect();
-    assert_eq!(ids, ["closed", "later", "open-0", "open-1", "open-2", "open-3", "open-4"]);
+    assert_eq!(
+        ids,
+        ["closed", "later", "open-0", "open-1", "open-2", "open-3", "open-4"]
+    );
     let open0 = &every[2];
     assert_eq!((open0.skus, open0.hubs, open0.allocated), (2, 1, 15));
     assert_eq!(open0.creator_id, "creator-1");
     assert_eq!(every[0].status, DropStatus::Closed as i32);
     assert_eq!(every[1].status, DropStatus::Scheduled as i32);
 
-    let open: Vec<String> = all(&server, DropStatus::Open, 2).await.into_iter().map(|d| d.drop_id).collect();
+    let open: Vec<String> = all(&server, DropStatus::Open, 2)
+        .await
+        .into_iter()
+        .map(|d| d.drop_id)
+        .collect();
     assert_eq!(open, ["open-0", "open-1", "open-2", "open-3", "open-4"]);
     let scheduled = all(&server, DropStatus::Scheduled, 50).await;
     assert_eq!(scheduled.len(), 1);

@@ -5,8 +5,8 @@
 mod adversary;
 mod browser;
 mod checkout;
-mod console;
 mod cluster;
+mod console;
 mod dispatch;
 mod hygiene;
 mod lifecycle;

@@ -442,29 +442,31 @@ async fn served_everywhere(cast: &Cast, nodes: &Nodes, workload: &Workload) -> a
                     }
                 }
             };
-            let mut history = workload.history.lock().unwrap();
-            let held = reply.outcome == ReserveOutcome::Held as i32;
-            history.reserves.push(ReserveRecord {
-                request,
-                answer: Answer::Acknowledged,
-                order_id: held.then(|| reply.order_id.clone()),
-                resolved: false,
-            });
-            if !held {
-                continue; // sold out: the write was served all the same
+            // The guard's own block: it must be gone before the awaits below.
+            {
+                let mut history = workload.history.lock().unwrap();
+                let held = reply.outcome == ReserveOutcome::Held as i32;
+                history.reserves.push(ReserveRecord {
+                    request,
+                    answer: Answer::Acknowledged,
+                    order_id: held.then(|| reply.order_id.clone()),
+                    resolved: false,
+                });
+                if !held {
+                    continue; // sold out: the write was served all the same
+                }
+                history.orders.insert(
+                    reply.order_id.clone(),
+                    OrderRecord {
+                        sku_id: sku_id.clone(),
+                        quantity: reply.quantity_held,
+                        amount: price * i64::from(reply.quantity_held),
+                        // Cancelled below; resolved like any other call if that is indeterminate.
+                        cancel: Some(Answer::Indeterminate(tonic::Code::Unavailable)),
+                        ..Default::default()
+                    },
+                );
             }
-            history.orders.insert(
-                reply.order_id.clone(),
-                OrderRecord {
-                    sku_id: sku_id.clone(),
-                    quantity: reply.quantity_held,
-                    amount: price * i64::from(reply.quantity_held),
-                    // Cancelled below; resolved like any other call if that is indeterminate.
-                    cancel: Some(Answer::Indeterminate(tonic::Code::Unavailable)),
-                    ..Default::default()
-                },
-            );
-            drop(history);
             if checkout
                 .cancel(CancelRequest {
                     order_id: reply.order_id.clone(),
