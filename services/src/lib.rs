@@ -1,5 +1,6 @@
 //! The Dropline server: gRPC checkout, operator, registry, dispatch and settlement APIs over
-//! the actor platform, the wiring of the embedded and cluster platforms, and `dropline serve`
+//! the actor platform, the operator and creator web consoles (`console`), the wiring of the
+//! embedded and cluster platforms, and `dropline serve`
 //! ([`serve`]; the `dropline` binary itself is the `client` crate's). Only this crate (and
 //! `proto`) knows protobuf.
 

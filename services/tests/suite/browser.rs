@@ -15,6 +15,7 @@ use proto::checkout::v1::ReserveRequest;
 use proto::operator::v1::*;
 use proto::settlement::v1 as pb;
 use serde_json::{json, Value};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -358,7 +359,7 @@ async fn the_consoles_in_a_real_browser() {
         .collect();
     assert_eq!(latencies.len(), changes.len(), "every change reached the page");
     latencies.sort_by(f64::total_cmp);
-    println!(
+    let figure = format!(
         "board latency, change → page, during a {BURST_RESERVES}-reserve burst at {BURST_CONCURRENCY} concurrent \
          ({:.0} reserves/s, debug build): {} changes, {} page updates; p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         BURST_RESERVES as f64 / burst.as_secs_f64(),
@@ -368,6 +369,11 @@ async fn the_consoles_in_a_real_browser() {
         percentile(&latencies, 0.99),
         latencies.last().unwrap(),
     );
+    // Straight to stderr, past the test harness's capture: the figure shows in every run's
+    // output, and is kept beside the screenshots.
+    let _ = writeln!(std::io::stderr(), "{figure}");
+    std::fs::create_dir_all(screenshots_dir()).unwrap();
+    std::fs::write(screenshots_dir().join("board-latency.txt"), format!("{figure}\n")).unwrap();
     browser.check_page("operator-board").await;
     browser.client.set_window_size(390, 844).await.unwrap();
     browser.check_page("operator-board-phone").await;
