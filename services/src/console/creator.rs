@@ -385,7 +385,7 @@ fn csv_rows(creator: &str, lines: &[pb::StatementLine], header: bool) -> Result<
             creator.to_string(),
             l.seq.to_string(),
             rfc3339(l.booked_at.as_ref()),
-            kind(l.kind).to_uppercase(),
+            kind(l.kind),
             l.order_id.clone(),
             l.drop_id.clone(),
             l.currency.clone(),
