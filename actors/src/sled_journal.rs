@@ -162,6 +162,8 @@ pub struct SledJournal {
     log_reader: LogReader,
     /// Changes to the streams tree that are durable in the log and not applied to sled yet.
     overlay: Arc<Overlay>,
+    /// The writer thread, joined by [`SledJournal::close`].
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Options of [`SledJournal::open_with`].
@@ -295,6 +297,8 @@ struct Shared {
     refusing: std::sync::atomic::AtomicBool,
     /// Set by a vault or audit write that found sled out of space: the writer reopens it.
     sled_out_of_space: std::sync::atomic::AtomicBool,
+    /// Set by [`SledJournal::close`]: the writer finishes what it has and stops.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -524,6 +528,7 @@ impl SledJournal {
             condition: std::sync::Mutex::new(Condition::Writing),
             refusing: Default::default(),
             sled_out_of_space: Default::default(),
+            closing: Default::default(),
         });
         let mut writer = Writer {
             store: Some(store),
@@ -556,7 +561,7 @@ impl SledJournal {
                 Err(e) => return Err(e),
             }
         }
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| JournalError::Io(e.to_string()))?;
@@ -602,7 +607,29 @@ impl SledJournal {
             log_storage,
             log_reader,
             overlay,
+            writer: std::sync::Mutex::new(Some(writer)),
         }))
+    }
+
+    /// Stops the journal: appends queued before this call are written and answered, the
+    /// log is checkpointed into sled, and the writer thread has ended when this returns;
+    /// later appends fail (`Closed`). For a clean shutdown, and before a temporary data
+    /// directory is removed. Blocks: call it off the async workers.
+    pub fn close(&self) {
+        let Some(writer) = self.writer.lock().expect("writer lock").take() else {
+            return;
+        };
+        self.shared.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes an idle writer; with a full queue it wakes anyway once a slot frees.
+        let _ = self.tx.blocking_send(Request {
+            batch: AppendBatch::default(),
+            vault: Vec::new(),
+            vault_store: None,
+            done: Box::new(|_| {}),
+        });
+        if writer.join().is_err() {
+            error!("the journal writer panicked");
+        }
     }
 
     pub fn stats(&self) -> &WriterStats {
@@ -734,6 +761,10 @@ impl AppendPermit for SledPermit {
 impl Journal for SledJournal {
     fn keeps_audit(&self) -> bool {
         true
+    }
+
+    fn close(&self) {
+        SledJournal::close(self);
     }
 
     fn figures(&self) -> Option<JournalFigures> {
@@ -1163,6 +1194,10 @@ impl Writer {
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
+            }
+            // Closing: once what was queued before the close is taken, take nothing more.
+            if open && self.shared.closing.load(std::sync::atomic::Ordering::SeqCst) && self.rx.is_empty() {
+                open = false;
             }
             if self
                 .shared

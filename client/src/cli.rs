@@ -27,6 +27,8 @@ pub struct Cli {
     pub tokio_lifo_slot: bool,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the platform: gRPC checkout and operator services with durable local storage.
@@ -125,6 +127,13 @@ pub struct DemoArgs {
     /// Seed of the buyers' random choices, for a repeatable run.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Where the demo serves the operator and creator consoles (embedded platform only).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_listen: std::net::SocketAddr,
+    /// Keep the platform and its consoles serving this many seconds after the report, to
+    /// look around (Ctrl-C ends it sooner).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub linger: u64,
 }
 
 #[cfg(test)]

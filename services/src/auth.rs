@@ -132,6 +132,20 @@ pub enum Caller {
     OrderToken(String),
 }
 
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never a credential: callers hold records, not secrets, but keep this short.
+        match self {
+            Caller::Anonymous => write!(f, "Anonymous"),
+            Caller::Operator => write!(f, "Operator"),
+            Caller::Partner(p) => write!(f, "Partner({})", p.spec.partner_id),
+            Caller::Creator(c) => write!(f, "Creator({})", c.creator_id),
+            Caller::Storefront(s) => write!(f, "Storefront({})", s.storefront_id),
+            Caller::OrderToken(_) => write!(f, "OrderToken"),
+        }
+    }
+}
+
 /// The interceptor of authenticated services.
 #[derive(Clone)]
 pub struct Authenticator {
@@ -186,6 +200,31 @@ impl Authenticator {
                 }
             }
         })
+    }
+}
+
+impl Authenticator {
+    /// The caller a bare credential stands for, as the web consoles' sign-in sees it: the
+    /// same directory and operator hash as [`Authenticator::resolve`], but no request, so
+    /// no client certificate (partners have no console). Order tokens are not sessions.
+    pub fn resolve_credential(&self, credential: &str) -> Option<Caller> {
+        if credential.is_empty() || credential.len() > CREDENTIAL_LEN_MAX || PlatformKeys::is_order_token(credential) {
+            return None;
+        }
+        self.resolve_hash(&blake3::hash(credential.as_bytes()))
+    }
+
+    /// The caller whose credential hashes to `credential_hash` now (a console session checks
+    /// its credential on every request, so a reset or a new operator token ends it).
+    pub fn resolve_hash(&self, credential_hash: &blake3::Hash) -> Option<Caller> {
+        if self.operator.matches(credential_hash) {
+            return Some(Caller::Operator);
+        }
+        match self.projections.directory.by_credential(credential_hash.as_bytes())? {
+            Principal::Partner(partner) => Some(Caller::Partner(partner)),
+            Principal::Creator(creator) => Some(Caller::Creator(creator)),
+            Principal::Storefront(storefront) => Some(Caller::Storefront(storefront)),
+        }
     }
 }
 

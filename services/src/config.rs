@@ -190,7 +190,7 @@ struct FileConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
-    /// The HTTP side's address.
+    /// The HTTP side's address (metrics, health, consoles).
     pub http_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub log: String,
@@ -250,15 +250,15 @@ impl ServeArgs {
                 .listen
                 .or(file.listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            http_listen: self
+                .http_listen
+                .or(file.http_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             data_dir: self
                 .data_dir
                 .clone()
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./data")),
-            http_listen: self
-                .http_listen
-                .or(file.http_listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             log: self.log.clone().or(file.log.clone()).unwrap_or_else(|| "info".into()),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             otlp_endpoint: self.otlp_endpoint.clone().or(file.otlp_endpoint.clone()),

@@ -1,11 +1,13 @@
 //! The Dropline server: gRPC checkout, operator, registry, dispatch and settlement APIs over
-//! the actor platform, the HTTP side (metrics, health, consoles), telemetry, the wiring of
-//! the embedded and cluster platforms, and `dropline serve` ([`serve`]; the `dropline`
-//! binary itself is the `client` crate's). Only this crate (and `proto`) knows protobuf.
+//! the actor platform, the HTTP side (metrics, health, the operator and creator web consoles
+//! of `console`), telemetry, the wiring of the embedded and cluster platforms, and
+//! `dropline serve` ([`serve`]; the `dropline` binary itself is the `client` crate's). Only
+//! this crate (and `proto`) knows protobuf.
 
 pub mod auth;
 pub mod checkout;
 pub mod config;
+pub mod console;
 pub mod convert;
 pub mod dispatch;
 pub mod http;
@@ -126,14 +128,16 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         // Hand this node's partitions over now rather than after the lease TTL.
         node.leave().await;
     }
+    // Queued writes answered, the embedded log checkpointed: the next start replays nothing.
+    stopping.close().await;
     served
 }
 
 /// The routes the HTTP side serves beside `/metrics`, `/healthz` and `/readyz` (the
 /// consoles), for `dropline serve` and the test kit's servers alike. `tls`: the HTTP side is
 /// served over TLS (cookies may be `Secure`).
-pub fn extra_routes(_platform: &platform::Platform, _tls: bool) -> axum::Router {
-    axum::Router::new()
+pub fn extra_routes(platform: &platform::Platform, tls: bool) -> axum::Router {
+    console::routes(platform.clone(), console::ConsoleSettings { tls })
 }
 
 /// Logs of the command line's clients (demo, settlement) on standard error, as text.

@@ -200,6 +200,46 @@ pub const STATEMENT_PAGE_DEFAULT: u32 = 100;
 /// Page sizes of the registry's list calls.
 pub const REGISTRY_PAGE_SIZE_DEFAULT: usize = 100;
 pub const REGISTRY_PAGE_SIZE_MAX: usize = 1_000;
+/// ListDrops: drops per page when the caller names no page size, and at most.
+pub const LIST_DROPS_PAGE_DEFAULT: u32 = 50;
+pub const LIST_DROPS_PAGE_MAX: u32 = 500;
+/// ListDrops with a status filter reads at most this many drops per call (each may start
+/// its drop actor), so a filter that matches nothing cannot make one call read them all:
+/// the reply then says where to go on.
+pub const LIST_DROPS_SCAN_MAX: usize = 2_000;
+/// The web consoles (`console`). Sessions open at once, in all and per credential: a holder
+/// of one credential signing in again and again replaces its own oldest session rather
+/// than filling the store.
+pub const SESSIONS_MAX: usize = 10_000;
+pub const SESSIONS_PER_PRINCIPAL_MAX: usize = 32;
+/// A console session ends after 30 minutes without a request, and 8 hours after sign-in
+/// in any case (a working day; a stolen cookie is not good for longer).
+pub const SESSION_IDLE_MS: u64 = 30 * 60 * 1_000;
+pub const SESSION_LIFETIME_MS: u64 = 8 * 3_600 * 1_000;
+/// Sign-in attempts per second and burst per peer address, and for all peers together,
+/// and the peers remembered (past it, peers whose bucket has refilled are forgotten).
+pub const SIGN_IN_PER_SEC: u32 = 1;
+pub const SIGN_IN_BURST: u32 = 10;
+pub const SIGN_IN_GLOBAL_PER_SEC: u32 = 20;
+pub const SIGN_IN_GLOBAL_BURST: u32 = 100;
+pub const SIGN_IN_PEERS_MAX: usize = 4_096;
+/// One-time sign-in links kept at once, and how long one is good for.
+pub const ONE_TIME_LINKS_MAX: usize = 64;
+pub const ONE_TIME_LINK_TTL_MS: u64 = 10 * 60 * 1_000;
+/// A console request's body: forms are a few fields; anything larger is refused (413).
+pub const CONSOLE_BODY_BYTES_MAX: usize = 16 * 1_024;
+/// Live streams (server-sent events) open at once across the consoles; past it, 503.
+pub const CONSOLE_STREAMS_MAX: usize = 256;
+/// Events queued for one live stream before it waits for its reader.
+pub const CONSOLE_STREAM_BUFFER: usize = 16;
+/// How often a live stream checks that its session is still valid.
+pub const CONSOLE_STREAM_CHECK_MS: u64 = 15_000;
+/// Rows per console page (statements, partners, drops, audit entries).
+pub const CONSOLE_PAGE_SIZE: u32 = 50;
+/// Statement lines read at most to list a period's returns and refunds.
+pub const CONSOLE_RETURNS_SCAN_MAX: usize = 20_000;
+/// The live board's reserve rate: units taken over this window, per second.
+pub const RESERVE_RATE_WINDOW_MS: u64 = 10_000;
 /// Streams listed per journal read while reconciling.
 pub const RECONCILE_STREAMS_PAGE: usize = 1_000;
 
@@ -210,6 +250,14 @@ const _: () = assert!(STATEMENT_PAGE_DEFAULT <= STATEMENT_PAGE_MAX);
 const _: () = assert!(REGISTRY_PAGE_SIZE_DEFAULT <= REGISTRY_PAGE_SIZE_MAX);
 // Reconciliation reads pages until one comes back short: an empty page size never would.
 const _: () = assert!(RECONCILE_STREAMS_PAGE > 0);
+// A live stream outlives no session, and a session is idle-bounded by its lifetime.
+const _: () = assert!(SESSION_IDLE_MS < SESSION_LIFETIME_MS);
+const _: () = assert!(CONSOLE_STREAM_CHECK_MS < SESSION_IDLE_MS);
+const _: () = assert!(SESSIONS_PER_PRINCIPAL_MAX < SESSIONS_MAX);
+const _: () = assert!(CONSOLE_PAGE_SIZE <= STATEMENT_PAGE_MAX);
+// A full page is always within one call's scan.
+const _: () = assert!(LIST_DROPS_PAGE_DEFAULT <= LIST_DROPS_PAGE_MAX);
+const _: () = assert!(LIST_DROPS_PAGE_MAX as usize <= LIST_DROPS_SCAN_MAX);
 
 // The platform.
 

@@ -2,7 +2,9 @@
 
 use crate::auth::require_operator;
 use crate::convert::{self, Check};
-use crate::limits::{WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS};
+use crate::limits::{
+    LIST_DROPS_PAGE_DEFAULT, LIST_DROPS_PAGE_MAX, LIST_DROPS_SCAN_MAX, WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS,
+};
 use crate::platform::Platform;
 use crate::status::from_command_error;
 use actors::hosted::announce_sale_status;
@@ -76,6 +78,41 @@ impl Operator {
             .map_err(from_command_error)?;
         info!(%drop_id, ?status, "drop status changed");
         Ok(Response::new(self.drop_reply(&view).await?))
+    }
+}
+
+impl Operator {
+    /// A drop as ListDrops shows it: from the drop cache when this process has seen the
+    /// drop, else from its actor (which then publishes it to the cache).
+    async fn drop_summary(&self, drop_id: DropId) -> Result<DropSummary, Status> {
+        let (spec, recorded) = match self.platform.projections.availability.get(&drop_id) {
+            Some(cached) => (cached.spec, cached.status),
+            None => {
+                let view = self.platform.drop_view(drop_id).await?;
+                (view.spec, view.recorded_status)
+            }
+        };
+        let status = recorded.effective(spec.opens_at, spec.closes_at, self.platform.clock.now());
+        let hubs: std::collections::BTreeSet<&HubId> = spec
+            .skus
+            .iter()
+            .flat_map(|s| s.pools.iter().map(|p| &p.hub_id))
+            .collect();
+        Ok(DropSummary {
+            drop_id: spec.drop_id.to_string(),
+            creator_id: spec.creator_id.to_string(),
+            title: spec.title.clone(),
+            status: convert::drop_status(status) as i32,
+            opens_at: Some(convert::timestamp(spec.opens_at)),
+            closes_at: Some(convert::timestamp(spec.closes_at)),
+            skus: spec.skus.len() as u32,
+            hubs: hubs.len() as u32,
+            allocated: spec
+                .skus
+                .iter()
+                .flat_map(|s| s.pools.iter().map(|p| u64::from(p.allocated)))
+                .sum(),
+        })
     }
 }
 
@@ -319,6 +356,71 @@ impl OperatorService for Operator {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_drops(&self, request: Request<ListDropsRequest>) -> Result<Response<ListDropsResponse>, Status> {
+        require_operator(&request)?;
+        let r = request.into_inner();
+        let mut check = Check::default();
+        let after = check.optional("page_token", &r.page_token, DropId::parse);
+        let wanted = match DropStatus::try_from(r.status) {
+            Ok(DropStatus::Unspecified) => None,
+            Ok(status) => Some(status),
+            Err(_) => {
+                check.fail("status", "unknown drop status");
+                None
+            }
+        };
+        if r.page_size > LIST_DROPS_PAGE_MAX {
+            check.fail("page_size", format!("must be at most {LIST_DROPS_PAGE_MAX}"));
+        }
+        check.finish(|| Some(()))?;
+        let page_size = if r.page_size == 0 {
+            LIST_DROPS_PAGE_DEFAULT
+        } else {
+            r.page_size
+        } as usize;
+        // Unfiltered, a page reads exactly the drops it returns; filtered, up to the scan
+        // bound, stopping once the page is full.
+        let scan = if wanted.is_none() {
+            page_size
+        } else {
+            LIST_DROPS_SCAN_MAX
+        };
+        let mut cursor = after.map(|id| <DropState as actors::hosted::Hosted>::stream(&id));
+        let mut drops = Vec::new();
+        let mut scanned = 0;
+        let mut exhausted = false;
+        while drops.len() < page_size && scanned < scan {
+            let want = (scan - scanned).min(page_size - drops.len()).max(1);
+            let streams = self
+                .platform
+                .journal
+                .streams("drop/", cursor.as_deref(), want)
+                .await
+                .map_err(|e| Status::unavailable(format!("reading the journal: {e}; nothing was changed, retry")))?;
+            exhausted = streams.len() < want;
+            for stream in streams {
+                scanned += 1;
+                let Some(drop_id) = stream.strip_prefix("drop/").and_then(|id| DropId::parse(id).ok()) else {
+                    cursor = Some(stream);
+                    continue;
+                };
+                let summary = self.drop_summary(drop_id).await?;
+                cursor = Some(stream);
+                if wanted.is_none_or(|w| summary.status == w as i32) {
+                    drops.push(summary);
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        let next_page_token = match (exhausted, cursor) {
+            (false, Some(stream)) => stream.strip_prefix("drop/").unwrap_or_default().to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListDropsResponse { drops, next_page_token }))
     }
 
     async fn register_storefront(

@@ -402,6 +402,17 @@ impl Platform {
         Ok(audits)
     }
 
+    /// After a shutdown: closes the journal (queued writes answered, the embedded log
+    /// checkpointed, its writer ended), so the data directory may go. Actors still running
+    /// get `Closed` for any write after this.
+    pub async fn close(&self) {
+        self.begin_shutdown();
+        let journal = self.journal.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || journal.close()).await {
+            tracing::warn!(error = %e, "the journal did not close cleanly");
+        }
+    }
+
     pub fn begin_shutdown(&self) {
         self.shutdown_tx.send_replace(true);
     }

@@ -240,10 +240,13 @@ impl TestServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match self.task.take() {
+        let served = match self.task.take() {
             Some(task) => task.await?,
             None => Ok(()),
-        }
+        };
+        // Before the data directory may go (a temporary one goes with this server).
+        self.platform.close().await;
+        served
     }
 
     pub async fn stop(self) {

@@ -5,7 +5,9 @@
 //! mid-drop. Simulated couriers work the orders over the DispatchService (one goes silent
 //! mid-drop and is swapped out, then suspended); the report ends with an oversell check
 //! against the journals, the fulfilment figures and each creator's settlement (returns,
-//! payouts, statement totals) and its reconciliation.
+//! payouts, statement totals) and its reconciliation. The embedded run serves the operator
+//! and creator consoles on `--http-listen` from the start, printing one-time sign-in links;
+//! `--linger` keeps them serving after the report.
 
 mod cluster;
 mod couriers;
@@ -138,6 +140,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut backend = Backend::start(args.cluster, &data_dir, &operator_token, &hot_stream).await?;
     let mut demo = Demo::set_up(&args, &backend.client_addrs(), operator_token, drop_id).await?;
     demo.create_drops().await?;
+    let consoles = backend.serve_consoles(&args, &demo).await?;
     let sale = demo.sell(&mut backend).await?;
     let audit = demo.audit(&backend).await?;
     sale.print(&audit.figures);
@@ -145,7 +148,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (lost, outage) = demo.check_node_loss(sale.node_loss).await?;
     demo.fulfil(sale.confirmed, outage).await?;
     let settled = demo.settle().await?;
+    if args.linger > 0 {
+        linger(&args, consoles.as_ref()).await;
+    }
+    // The platform first: its shutdown ends the consoles' live streams, then the listener.
     backend.stop().await?;
+    if let Some(consoles) = consoles {
+        consoles.stop().await;
+    }
     if !lost.is_empty() {
         anyhow::bail!("acknowledged orders lost in the node loss: {}", lost.join(", "));
     }
@@ -156,6 +166,39 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         anyhow::bail!("settlement reconciliation found differences");
     }
     Ok(())
+}
+
+/// The consoles the demo serves over its embedded platform.
+struct Consoles {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Consoles {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("the consoles' listener failed: {e:#}"),
+            Err(e) => eprintln!("the consoles' listener panicked: {e}"),
+        }
+    }
+}
+
+/// `--linger`: the platform (and its consoles) keep serving after the report.
+async fn linger(args: &DemoArgs, consoles: Option<&Consoles>) {
+    match consoles {
+        Some(c) => println!(
+            "\nstill serving for {} s (Ctrl-C ends it): the consoles at {}/ (sign in with the credentials above)",
+            args.linger, c.url
+        ),
+        None => println!("\nstill serving for {} s (Ctrl-C ends it)", args.linger),
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(args.linger)) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 /// Where the demo's platform runs.
@@ -261,6 +304,65 @@ impl Backend {
             hubs,
             takeover,
         })
+    }
+
+    /// Serves the consoles over the embedded platform on `--http-listen` and prints how to
+    /// sign in: one-time links (single use, within 10 minutes) for the operator and each
+    /// creator, and the operator credential to paste. A cluster's nodes serve their own
+    /// consoles on free ports, so this run serves none.
+    async fn serve_consoles(&self, args: &DemoArgs, demo: &Demo) -> anyhow::Result<Option<Consoles>> {
+        let Backend::Embedded(server) = self else {
+            println!(
+                "consoles: not served by a --cluster run (its nodes take free HTTP ports); \
+                 run `dropline demo` without --cluster to look around in them"
+            );
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(args.http_listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "binding the consoles' address {} (--http-listen): {e}",
+                args.http_listen
+            )
+        })?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let console =
+            services::console::Console::new(server.platform.clone(), services::console::ConsoleSettings::default());
+        let mut links = vec![("operator".to_string(), console.one_time_sign_in(&demo.operator_token)?)];
+        for (creator_id, credential) in &demo.creators {
+            links.push((creator_id.clone(), console.one_time_sign_in(credential)?));
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // The HTTP side as `dropline serve` has it (/metrics, /healthz, /readyz, the
+        // consoles), with this console, whose one-time links were just made.
+        let health = services::server::Health::new();
+        health
+            .set(
+                services::config::health_services::LIVE,
+                tonic_health::ServingStatus::Serving,
+            )
+            .await;
+        health
+            .set(
+                services::config::health_services::READY,
+                tonic_health::ServingStatus::Serving,
+            )
+            .await;
+        let task = tokio::spawn(services::http::serve(
+            listener,
+            server.platform.clone(),
+            health,
+            console.router(),
+            None,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        println!("consoles: {url}/ (watch the drop live on the operator's board). Sign in once with:");
+        for (who, token) in &links {
+            println!("  {who:<12} {url}/sign-in#once={token}");
+        }
+        println!("  or paste the operator credential: {}", demo.operator_token);
+        Ok(Some(Consoles { url, stop, task }))
     }
 
     async fn stop(self) -> anyhow::Result<()> {

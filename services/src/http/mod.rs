@@ -121,6 +121,32 @@ async fn connection(
     closing: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    // The peer's address for the handlers that bound something per client (the consoles'
+    // sign-in attempts), as axum's `ConnectInfo` extractor reads it.
+    if let Ok(peer) = stream.peer_addr() {
+        use tower::ServiceExt;
+        let router = router.map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            request
+        });
+        return connection_of(stream, tls, builder, router, closing).await;
+    }
+    connection_of(stream, tls, builder, router, closing).await
+}
+
+async fn connection_of<S>(
+    stream: tokio::net::TcpStream,
+    tls: Option<TlsAcceptor>,
+    builder: hyper::server::conn::http1::Builder,
+    router: S,
+    closing: watch::Receiver<bool>,
+) where
+    S: tower::Service<hyper::Request<hyper::body::Incoming>, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     match tls {
         None => serve_connection(TokioIo::new(stream), builder, router, closing).await,
         Some(acceptor) => {
@@ -133,13 +159,18 @@ async fn connection(
     }
 }
 
-async fn serve_connection<IO>(
+async fn serve_connection<IO, S>(
     io: TokioIo<IO>,
     builder: hyper::server::conn::http1::Builder,
-    router: Router,
+    router: S,
     mut closing: watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<hyper::Request<hyper::body::Incoming>, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
 {
     let connection = builder.serve_connection(io, TowerToHyperService::new(router));
     tokio::pin!(connection);

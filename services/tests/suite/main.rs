@@ -3,11 +3,14 @@
 //! local cluster, gRPC fixtures).
 
 mod adversary;
+mod browser;
 mod checkout;
 mod cluster;
+mod console;
 mod dispatch;
 mod hygiene;
 mod lifecycle;
+mod list_drops;
 mod nemesis;
 mod reserve_stream;
 mod restart;
