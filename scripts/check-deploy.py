@@ -345,9 +345,6 @@ def pod_env(facts: dict, tmp: pathlib.Path, nats: str | None, pod_index: int = 0
         elif "secretKeyRef" in e.get("valueFrom", {}):
             env[e["name"]] = "rehearsal-operator-credential-0123456789"
     env["DROPLINE_CONFIG"] = str(config)
-    if listen is not None:
-        # Several nodes on one machine: each its own HTTP port (the consoles), any free one.
-        env["DROPLINE_HTTP_LISTEN"] = "127.0.0.1:0"
     return env, config
 
 

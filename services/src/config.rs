@@ -54,7 +54,7 @@ pub struct ServeArgs {
     #[arg(long, env = "DROPLINE_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
     /// A TOML file with any of the keys `listen`, `http_listen`, `data_dir`, `log`,
-    /// `log_format`, `otlp_endpoint`, `shutdown_delay_ms`, `live_actors_max`,
+    /// `log_format`, `otlp_endpoint`, `console_origin`, `shutdown_delay_ms`, `live_actors_max`,
     /// `storefront_calls_per_sec`, `buyer_reserves_per_sec`, `buyer_reserve_burst`,
     /// `tls_cert`, `tls_key`, `tls_client_ca`, `nats`, `node`, `partitions`, `replicas`,
     /// `lease_ttl_ms`, `lease_renew_ms`.
@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// it) over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317`.
     #[arg(long, env = "DROPLINE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// The origin browsers reach the consoles at when a proxy in front of the HTTP side
+    /// terminates TLS or renames the host, e.g. `https://drops.example.com`: forms must come
+    /// from it, and session cookies are `Secure` when it is https [default: the request's
+    /// own host, https only with --tls-cert].
+    #[arg(long, env = "DROPLINE_CONSOLE_ORIGIN")]
+    pub console_origin: Option<String>,
     /// Count and trace calls (`on`), or not (`off`): only to measure what it costs.
     #[arg(long, env = "DROPLINE_TELEMETRY", value_enum, hide = true)]
     pub telemetry: Option<Telemetry>,
@@ -161,6 +167,21 @@ pub struct ClusterArgs {
     pub lease_renew_ms: Option<u64>,
 }
 
+/// `--console-origin` as browsers send it in `Origin`: `http` or `https`, a host and maybe a
+/// port, nothing else; lower case, no trailing slash.
+fn console_origin(given: &str) -> anyhow::Result<String> {
+    let bad = || anyhow::anyhow!("--console-origin {given:?}: give an origin such as https://drops.example.com");
+    let trimmed = given.strip_suffix('/').unwrap_or(given);
+    let uri: tonic::codegen::http::Uri = trimmed.parse().map_err(|_| bad())?;
+    let (Some(scheme @ ("http" | "https")), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(bad());
+    };
+    if authority.as_str().contains('@') || uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+        return Err(bad());
+    }
+    Ok(format!("{scheme}://{}", authority.as_str().to_ascii_lowercase()))
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -170,6 +191,7 @@ struct FileConfig {
     log: Option<String>,
     log_format: Option<LogFormat>,
     otlp_endpoint: Option<String>,
+    console_origin: Option<String>,
     shutdown_delay_ms: Option<u64>,
     live_actors_max: Option<u64>,
     storefront_calls_per_sec: Option<u32>,
@@ -197,6 +219,8 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// Where spans are exported over OTLP, if anywhere.
     pub otlp_endpoint: Option<String>,
+    /// The consoles' public origin (`scheme://host[:port]`, lower case), if a proxy sets one.
+    pub console_origin: Option<String>,
     pub telemetry: Telemetry,
     pub operator_token: Option<String>,
     /// How long the server keeps serving after SIGTERM before it drains.
@@ -262,6 +286,12 @@ impl ServeArgs {
             log: self.log.clone().or(file.log.clone()).unwrap_or_else(|| "info".into()),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             otlp_endpoint: self.otlp_endpoint.clone().or(file.otlp_endpoint.clone()),
+            console_origin: self
+                .console_origin
+                .clone()
+                .or(file.console_origin.clone())
+                .map(|origin| console_origin(&origin))
+                .transpose()?,
             telemetry: self.telemetry.unwrap_or_default(),
             operator_token: self.operator_token.clone(),
             shutdown_delay: Duration::from_millis(self.shutdown_delay_ms.or(file.shutdown_delay_ms).unwrap_or(0)),
@@ -390,6 +420,7 @@ mod tests {
             log: None,
             log_format: None,
             otlp_endpoint: None,
+            console_origin: None,
             telemetry: None,
             operator_token: None,
             shutdown_delay_ms: None,
@@ -425,6 +456,7 @@ mod tests {
             log: None,
             log_format: None,
             otlp_endpoint: None,
+            console_origin: None,
             telemetry: None,
             operator_token: None,
             shutdown_delay_ms: None,
@@ -458,6 +490,7 @@ mod tests {
             log: None,
             log_format: None,
             otlp_endpoint: None,
+            console_origin: None,
             telemetry: None,
             operator_token: None,
             shutdown_delay_ms: None,
@@ -521,6 +554,7 @@ mod tests {
             log: None,
             log_format: None,
             otlp_endpoint: None,
+            console_origin: None,
             telemetry: None,
             operator_token: token.map(str::to_string),
             shutdown_delay_ms: delay,
@@ -560,6 +594,7 @@ mod tests {
             log: log.map(str::to_string),
             log_format: None,
             otlp_endpoint: otlp.map(str::to_string),
+            console_origin: None,
             telemetry: None,
             operator_token: None,
             shutdown_delay_ms: None,
@@ -599,5 +634,21 @@ mod tests {
         assert_eq!(defaults.http_listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(defaults.log_format, LogFormat::Text);
         assert_eq!(defaults.otlp_endpoint, None);
+    }
+
+    #[test]
+    fn a_console_origin_is_an_origin_and_nothing_more() {
+        assert_eq!(super::console_origin("https://Drops.Example.com/").unwrap(), "https://drops.example.com");
+        assert_eq!(super::console_origin("http://10.0.0.5:8080").unwrap(), "http://10.0.0.5:8080");
+        for bad in [
+            "drops.example.com",
+            "ftp://drops.example.com",
+            "https://drops.example.com/console",
+            "https://user@drops.example.com",
+            "https://drops.example.com/?a=b",
+            "",
+        ] {
+            assert!(super::console_origin(bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -106,7 +106,10 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
         http_listener,
         platform.clone(),
         health.clone(),
-        extra_routes(&platform, http_tls.is_some()),
+        extra_routes(
+            &platform,
+            console::ConsoleSettings::new(http_tls.is_some(), config.console_origin.clone()),
+        ),
         http_tls,
         http_stopping,
     ));
@@ -134,10 +137,9 @@ pub async fn run_serve(config: ServeConfig) -> anyhow::Result<()> {
 }
 
 /// The routes the HTTP side serves beside `/metrics`, `/healthz` and `/readyz` (the
-/// consoles), for `dropline serve` and the test kit's servers alike. `tls`: the HTTP side is
-/// served over TLS (cookies may be `Secure`).
-pub fn extra_routes(platform: &platform::Platform, tls: bool) -> axum::Router {
-    console::routes(platform.clone(), console::ConsoleSettings { tls })
+/// consoles), for `dropline serve` and the test kit's servers alike.
+pub fn extra_routes(platform: &platform::Platform, settings: console::ConsoleSettings) -> axum::Router {
+    console::routes(platform.clone(), settings)
 }
 
 /// Logs of the command line's clients (demo, settlement) on standard error, as text.
@@ -179,6 +181,10 @@ fn print_config(config: &ServeConfig) {
     match &config.otlp_endpoint {
         Some(endpoint) => println!("otlp_endpoint = {endpoint:?}"),
         None => println!("# no trace export (no otlp_endpoint)"),
+    }
+    match &config.console_origin {
+        Some(origin) => println!("console_origin = {origin:?}"),
+        None => println!("# consoles: forms from the request's own host (no console_origin)"),
     }
     println!("shutdown_delay_ms = {}", config.shutdown_delay.as_millis());
     println!("live_actors_max = {}", config.live_actors_max);

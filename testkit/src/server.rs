@@ -160,7 +160,7 @@ impl TestServer {
             http_listener,
             platform.clone(),
             health.clone(),
-            services::extra_routes(&platform, false),
+            services::extra_routes(&platform, Default::default()),
             None,
             async move {
                 let _ = shutting_down.wait_for(|stopping| *stopping).await;

@@ -45,6 +45,19 @@ pub struct ConsoleSettings {
     /// The console is reached over TLS (directly or through a proxy that terminates it):
     /// cookies are `Secure` (and `__Host-` prefixed) and the expected Origin is `https://`.
     pub tls: bool,
+    /// The origin browsers reach the console at (`--console-origin`), when a proxy stands
+    /// in front: state-changing requests must come from it. `None`: the request's own
+    /// `Host` with this server's scheme.
+    pub origin: Option<String>,
+}
+
+impl ConsoleSettings {
+    /// Served over TLS by this server (`http_tls`), and reached at `origin` if a proxy
+    /// stands in front: over TLS as far as the browser is concerned if either says so.
+    pub fn new(http_tls: bool, origin: Option<String>) -> ConsoleSettings {
+        let tls = http_tls || origin.as_deref().is_some_and(|o| o.starts_with("https://"));
+        ConsoleSettings { tls, origin }
+    }
 }
 
 /// The consoles' shared state: the platform, the handlers pages call, sessions.
@@ -315,11 +328,16 @@ async fn guard(State(console): State<Console>, request: Request, next: Next) -> 
 /// Whether a state-changing request came from this console's own pages: its Origin (or,
 /// without one, its Referer) is this console's origin.
 fn same_origin(console: &Console, headers: &HeaderMap) -> bool {
-    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
-        return false;
+    let expected = match &console.inner.settings.origin {
+        Some(origin) => origin.clone(),
+        None => {
+            let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+                return false;
+            };
+            let scheme = if console.inner.settings.tls { "https" } else { "http" };
+            format!("{scheme}://{host}")
+        }
     };
-    let scheme = if console.inner.settings.tls { "https" } else { "http" };
-    let expected = format!("{scheme}://{host}");
     if let Some(origin) = headers.get(header::ORIGIN) {
         return origin.to_str().is_ok_and(|o| o == expected);
     }

@@ -24,8 +24,12 @@ pub struct ConsoleServer {
 
 impl ConsoleServer {
     pub async fn start() -> ConsoleServer {
+        ConsoleServer::start_with(ConsoleSettings::default()).await
+    }
+
+    pub async fn start_with(settings: ConsoleSettings) -> ConsoleServer {
         let server = TestServer::start().await;
-        let console = Console::new(server.platform.clone(), ConsoleSettings::default());
+        let console = Console::new(server.platform.clone(), settings);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -689,5 +693,28 @@ async fn a_one_time_link_signs_in_once_and_never_by_its_address() {
     let again = c.post("/sign-in/once", None, &[("once", &token)]).await;
     assert_eq!(again.status, 401);
     assert!(again.session().is_none());
+    c.stop().await;
+}
+
+/// Behind a proxy that terminates TLS (`--console-origin https://…`): forms must come from
+/// that origin, not from the address the proxy reached, and the session cookie is `Secure`
+/// and `__Host-` prefixed; without the setting such a console refused every sign-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_tls_proxy_forms_come_from_the_public_origin_and_cookies_are_secure() {
+    let public = "https://drops.example.com";
+    let c = ConsoleServer::start_with(ConsoleSettings::new(false, Some(public.into()))).await;
+    let form = [("credential", OPERATOR_TOKEN)];
+    // The address the proxy dialled is not the browser's origin.
+    let direct = c.post_from("/sign-in", None, &form, Some(&c.origin())).await;
+    assert_eq!(direct.status, 403, "{}", direct.body);
+    let foreign = c.post_from("/sign-in", None, &form, Some("https://evil.example.com")).await;
+    assert_eq!(foreign.status, 403, "{}", foreign.body);
+    let signed = c.post_from("/sign-in", None, &form, Some(public)).await;
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    let cookie = signed.header("set-cookie").unwrap();
+    assert!(cookie.starts_with("__Host-dropline-session="), "{cookie}");
+    for attribute in ["; Secure", "; HttpOnly", "; SameSite=Strict", "; Path=/"] {
+        assert!(cookie.contains(attribute), "{attribute} missing: {cookie}");
+    }
     c.stop().await;
 }
