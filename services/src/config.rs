@@ -176,7 +176,11 @@ fn console_origin(given: &str) -> anyhow::Result<String> {
     let (Some(scheme @ ("http" | "https")), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         return Err(bad());
     };
-    if authority.as_str().contains('@') || uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+    if authority.as_str().contains('@')
+        || uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
         return Err(bad());
     }
     Ok(format!("{scheme}://{}", authority.as_str().to_ascii_lowercase()))
@@ -638,8 +642,14 @@ mod tests {
 
     #[test]
     fn a_console_origin_is_an_origin_and_nothing_more() {
-        assert_eq!(super::console_origin("https://Drops.Example.com/").unwrap(), "https://drops.example.com");
-        assert_eq!(super::console_origin("http://10.0.0.5:8080").unwrap(), "http://10.0.0.5:8080");
+        assert_eq!(
+            super::console_origin("https://Drops.Example.com/").unwrap(),
+            "https://drops.example.com"
+        );
+        assert_eq!(
+            super::console_origin("http://10.0.0.5:8080").unwrap(),
+            "http://10.0.0.5:8080"
+        );
         for bad in [
             "drops.example.com",
             "ftp://drops.example.com",

@@ -707,7 +707,9 @@ async fn behind_a_tls_proxy_forms_come_from_the_public_origin_and_cookies_are_se
     // The address the proxy dialled is not the browser's origin.
     let direct = c.post_from("/sign-in", None, &form, Some(&c.origin())).await;
     assert_eq!(direct.status, 403, "{}", direct.body);
-    let foreign = c.post_from("/sign-in", None, &form, Some("https://evil.example.com")).await;
+    let foreign = c
+        .post_from("/sign-in", None, &form, Some("https://evil.example.com"))
+        .await;
     assert_eq!(foreign.status, 403, "{}", foreign.body);
     let signed = c.post_from("/sign-in", None, &form, Some(public)).await;
     assert_eq!(signed.status, 303, "{}", signed.body);
