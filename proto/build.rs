@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dropline/registry/v1/registry.proto",
         "dropline/dispatch/v1/dispatch.proto",
         "dropline/settlement/v1/settlement.proto",
+        "dropline/edge/v1/edge.proto",
         "dropline/bench/v1/echo.proto",
     ];
     tonic_prost_build::configure()

@@ -8,7 +8,11 @@
 //! - delivery addresses: each order's address is sealed (ChaCha20-Poly1305) with its own
 //!   key, derived from the address key, the order id and a random salt kept beside it;
 //!   deleting the salt destroys the key (crypto-shredding);
-//! - address digests: a keyed hash binds a confirmation to its address without storing it.
+//! - address digests: a keyed hash binds a confirmation to its address without storing it;
+//! - edge receipts: each pop-up edge's lease names a key id; the edge's receipt key is a
+//!   keyed hash of the edge and that id, handed to the edge with its lease and never
+//!   stored; a receipt's MAC (keyed BLAKE3, see [`receipt_mac`]) proves the edge made the
+//!   sale, with that content, under that lease.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
@@ -37,6 +41,7 @@ pub struct PlatformKeys {
     order_token_key: [u8; 32],
     address_key: [u8; 32],
     address_digest_key: [u8; 32],
+    edge_receipt_key: [u8; 32],
 }
 
 impl PlatformKeys {
@@ -73,7 +78,18 @@ impl PlatformKeys {
             order_token_key: blake3::derive_key("dropline 2026-12 order tokens", &key),
             address_key: blake3::derive_key("dropline 2026-12 delivery address keys", &key),
             address_digest_key: blake3::derive_key("dropline 2026-12 delivery address digests", &key),
+            edge_receipt_key: blake3::derive_key("dropline 2026-12 edge receipt keys", &key),
         }
+    }
+
+    /// The key an edge signs the receipts of its lease `key_id` with: the same for the same
+    /// edge and key id, unguessable for any other, derivable again (never stored).
+    pub fn edge_receipt_key(&self, edge: &str, key_id: &str) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.edge_receipt_key);
+        hasher.update(&(edge.len() as u64).to_le_bytes());
+        hasher.update(edge.as_bytes());
+        hasher.update(key_id.as_bytes());
+        *hasher.finalize().as_bytes()
     }
 
     pub fn buyer_ref(&self, buyer_id: &str) -> BuyerRef {
@@ -162,6 +178,56 @@ impl PlatformKeys {
     }
 }
 
+/// What a receipt's MAC covers: everything the upstream books of an edge sale.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiptFields<'a> {
+    pub drop_id: &'a str,
+    pub sku_id: &'a str,
+    pub order_id: &'a str,
+    pub quantity: u32,
+    pub amount_minor: i64,
+    pub currency: &'a str,
+    /// `true`: delivered; `false`: picked up at the stall or a hub.
+    pub delivery: bool,
+    pub payment_reference: &'a str,
+    pub pickup_code: &'a str,
+    pub key_id: &'a str,
+    pub sold_at_ms: i64,
+}
+
+/// A receipt's MAC under an edge's receipt key: keyed BLAKE3 (a PRF, so a MAC) over the
+/// fields, each length-prefixed so that no two receipts share an encoding; 64 hex digits.
+pub fn receipt_mac(key: &[u8; 32], fields: &ReceiptFields<'_>) -> String {
+    let mut hasher = blake3::Hasher::new_keyed(key);
+    hasher.update(b"dropline receipt v1");
+    for text in [
+        fields.drop_id,
+        fields.sku_id,
+        fields.order_id,
+        fields.currency,
+        fields.payment_reference,
+        fields.pickup_code,
+        fields.key_id,
+    ] {
+        hasher.update(&(text.len() as u64).to_le_bytes());
+        hasher.update(text.as_bytes());
+    }
+    hasher.update(&fields.quantity.to_le_bytes());
+    hasher.update(&fields.amount_minor.to_le_bytes());
+    hasher.update(&[u8::from(fields.delivery)]);
+    hasher.update(&fields.sold_at_ms.to_le_bytes());
+    hasher.finalize().to_hex().to_string()
+}
+
+/// Whether `mac` is the receipt MAC of `fields` under `key`, compared in constant time.
+pub fn receipt_mac_matches(key: &[u8; 32], fields: &ReceiptFields<'_>, mac: &str) -> bool {
+    let Ok(presented) = blake3::Hash::from_hex(mac) else {
+        return false;
+    };
+    // blake3::Hash's equality is constant time.
+    blake3::Hash::from_hex(receipt_mac(key, fields)).is_ok_and(|expected| expected == presented)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +262,51 @@ mod tests {
         let last = damaged.ciphertext.len() - 1;
         damaged.ciphertext[last] ^= 1;
         assert!(keys.open_address("o1", &damaged).is_err());
+    }
+
+    #[test]
+    fn a_receipt_mac_binds_every_field_to_its_edge_and_lease() {
+        let keys = keys();
+        let key = keys.edge_receipt_key("popup-porto", "porto-2026-12");
+        let fields = ReceiptFields {
+            drop_id: "d1",
+            sku_id: "tee",
+            order_id: "d1.tee.abc",
+            quantity: 2,
+            amount_minor: 5000,
+            currency: "EUR",
+            delivery: false,
+            payment_reference: "card-1",
+            pickup_code: "123456",
+            key_id: "porto-2026-12",
+            sold_at_ms: 1_700_000_000_000,
+        };
+        let mac = receipt_mac(&key, &fields);
+        assert_eq!(mac.len(), 64);
+        assert!(receipt_mac_matches(&key, &fields, &mac));
+        assert!(!receipt_mac_matches(&key, &fields, &mac[..63]));
+        assert!(!receipt_mac_matches(&key, &fields, "not hex"));
+        // Another edge, another key id, another platform: other keys.
+        for other in [
+            keys.edge_receipt_key("popup-lisbon", "porto-2026-12"),
+            keys.edge_receipt_key("popup-porto", "porto-2026-13"),
+            PlatformKeys::from_key([8; 32]).edge_receipt_key("popup-porto", "porto-2026-12"),
+        ] {
+            assert!(!receipt_mac_matches(&other, &fields, &mac));
+        }
+        // Any field changed: another MAC.
+        let changed = [
+            ReceiptFields { quantity: 3, ..fields },
+            ReceiptFields { amount_minor: 4999, ..fields },
+            ReceiptFields { delivery: true, ..fields },
+            ReceiptFields { sold_at_ms: fields.sold_at_ms + 1, ..fields },
+            ReceiptFields { order_id: "d1.tee.abd", ..fields },
+            ReceiptFields { pickup_code: "123457", ..fields },
+            // Length prefixes: moving a character between fields changes the MAC.
+            ReceiptFields { drop_id: "d1t", sku_id: "ee", ..fields },
+        ];
+        for c in changed {
+            assert!(!receipt_mac_matches(&key, &c, &mac), "{c:?}");
+        }
     }
 }

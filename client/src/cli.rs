@@ -38,6 +38,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Creators' settlement against a running server: statements and reconciliation.
     Settlement(SettlementArgs),
+    /// Lease stock to pop-up edges (operator): lease, top up, close, list with refused sales.
+    Lease(LeaseArgs),
     /// Ask a running server's grpc.health.v1 service; exit 0 when it answers SERVING (for
     /// exec probes, container health checks and scripts).
     Health(HealthArgs),
@@ -103,6 +105,82 @@ pub enum SettlementCommand {
         /// Only list the differences.
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct LeaseArgs {
+    /// The server's gRPC address: http://… in plaintext, https://… over TLS.
+    #[arg(
+        long,
+        env = "DROPLINE_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub server: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    /// The operator credential.
+    #[arg(long, env = "DROPLINE_OPERATOR_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: LeaseCommand,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum LeaseCommand {
+    /// Lease units of one hub's pool of a SKU to an edge (a registered storefront): they leave
+    /// the pool's available stock now; the edge sells them, online or offline, until --expires.
+    Stock {
+        #[arg(long = "drop")]
+        drop_id: String,
+        #[arg(long)]
+        sku: String,
+        /// The hub whose pool the units come from.
+        #[arg(long)]
+        hub: String,
+        /// The edge's storefront id.
+        #[arg(long)]
+        edge: String,
+        #[arg(long)]
+        quantity: u32,
+        /// The edge may top itself up until this many units are leased in all (0: never).
+        #[arg(long, default_value_t = 0)]
+        top_up_max: u32,
+        /// Names the key the edge signs its receipts with: a new one per event.
+        #[arg(long)]
+        key_id: String,
+        /// When the edge stops selling: YYYY-MM-DD (UTC midnight) or an RFC 3339 instant.
+        #[arg(long)]
+        expires: String,
+        /// How long after a sale its upload is still booked (60 to 86400; 0: one hour).
+        #[arg(long, default_value_t = 0)]
+        window_seconds: u32,
+    },
+    /// Top a live lease up until this many units are leased in all.
+    TopUp {
+        #[arg(long = "drop")]
+        drop_id: String,
+        #[arg(long)]
+        sku: String,
+        #[arg(long)]
+        edge: String,
+        #[arg(long)]
+        granted_total: u32,
+    },
+    /// Return what a lease still holds to its pool and end it (later uploads are refunded).
+    Close {
+        #[arg(long = "drop")]
+        drop_id: String,
+        #[arg(long)]
+        sku: String,
+        #[arg(long)]
+        edge: String,
+    },
+    /// Every lease of a drop, and the edge sales refused (to refund).
+    List {
+        #[arg(long = "drop")]
+        drop_id: String,
     },
 }
 

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod demo;
 pub mod health;
+pub mod lease_cli;
 pub mod settlement_cli;
 pub mod tls;
 
@@ -22,6 +23,10 @@ pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Res
         Command::Settlement(args) => {
             services::init_tracing("warn");
             settlement_cli::run(args).await
+        }
+        Command::Lease(args) => {
+            services::init_tracing("warn");
+            lease_cli::run(args).await
         }
         Command::Health(args) => match health::check(&args).await {
             Ok(true) => Ok(()),

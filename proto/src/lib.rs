@@ -46,6 +46,13 @@ pub mod settlement {
     }
 }
 
+/// Pop-up edges: leases, top-ups, uploads of offline sales.
+pub mod edge {
+    pub mod v1 {
+        tonic::include_proto!("dropline.edge.v1");
+    }
+}
+
 /// The bare echo service used as the gRPC ceiling in load tests.
 pub mod bench {
     pub mod v1 {

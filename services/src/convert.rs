@@ -330,6 +330,12 @@ pub fn sku_figures(f: &SkuFigures) -> operator::SkuFigures {
             held: p.pool.held,
             sold: p.pool.sold,
             waitlisted: p.waitlisted,
+            // What the pool's live leases hold: the rest of its allocation
+            // (available + held + sold + leased = allocated).
+            leased: p
+                .pool
+                .allocated
+                .saturating_sub(p.pool.available + p.pool.held + p.pool.sold),
         })
         .collect();
     operator::SkuFigures {
@@ -342,8 +348,67 @@ pub fn sku_figures(f: &SkuFigures) -> operator::SkuFigures {
         held: pools.iter().map(|p| p.held).sum(),
         sold: pools.iter().map(|p| p.sold).sum(),
         waitlisted: pools.iter().map(|p| p.waitlisted).sum(),
+        leased: pools.iter().map(|p| p.leased).sum(),
         pools,
         sold_out_at: f.sold_out_at.map(timestamp),
+    }
+}
+
+/// A pop-up edge's lease, for the operator and the edge.
+pub fn lease(view: &domain::sku::LeaseView) -> operator::Lease {
+    use domain::sku::LeaseEnd;
+    let lease = &view.lease;
+    let (status, ended_at) = match lease.ended {
+        None => (operator::LeaseStatus::Live, None),
+        Some((LeaseEnd::Closed, at)) => (operator::LeaseStatus::Closed, Some(timestamp(at))),
+        Some((LeaseEnd::Lapsed, at)) => (operator::LeaseStatus::Lapsed, Some(timestamp(at))),
+    };
+    operator::Lease {
+        drop_id: view.drop_id.to_string(),
+        sku_id: view.sku_id.to_string(),
+        edge_id: view.edge.to_string(),
+        hub_id: view.hub_id.to_string(),
+        city: view.city.to_string(),
+        price: Some(money(view.price)),
+        status: status as i32,
+        outstanding: lease.outstanding,
+        granted: lease.granted,
+        top_up_max: lease.granted_max,
+        sold: lease.sold,
+        returned: lease.returned,
+        refunded: lease.refunded,
+        key_id: lease.key_id.clone(),
+        started_at: Some(timestamp(lease.started_at)),
+        expires_at: Some(timestamp(lease.expires_at)),
+        reconcile_window_seconds: u32::try_from(lease.reconcile_window_ms / 1_000).unwrap_or(u32::MAX),
+        ended_at,
+        last_sync: lease.last_sync.map(timestamp),
+    }
+}
+
+pub fn edge_refund_reason(reason: domain::sku::EdgeRefundReason) -> operator::EdgeRefundReason {
+    use domain::sku::EdgeRefundReason as R;
+    match reason {
+        R::SoldOutsideLease => operator::EdgeRefundReason::SoldOutsideLease,
+        R::ReconciledTooLate => operator::EdgeRefundReason::ReconciledTooLate,
+        R::LeaseEnded => operator::EdgeRefundReason::LeaseEnded,
+        R::LeaseExhausted => operator::EdgeRefundReason::LeaseExhausted,
+        R::AmountMismatch => operator::EdgeRefundReason::AmountMismatch,
+    }
+}
+
+/// An edge sale refused (to refund), for the operator.
+pub fn edge_refund(sku_id: &domain::SkuId, refund: &domain::sku::EdgeRefund) -> operator::EdgeRefund {
+    operator::EdgeRefund {
+        edge_id: refund.edge.to_string(),
+        sku_id: sku_id.to_string(),
+        order_id: refund.sale.order_id.to_string(),
+        quantity: refund.sale.quantity,
+        amount: Some(money(refund.sale.amount)),
+        payment_reference: refund.sale.payment_reference.clone(),
+        reason: edge_refund_reason(refund.reason) as i32,
+        sold_at: Some(timestamp(refund.sale.sold_at)),
+        refused_at: Some(timestamp(refund.at)),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod convert;
 pub mod dispatch;
+pub mod edge;
 pub mod http;
 pub mod levels;
 pub mod limits;

@@ -10,7 +10,7 @@ use crate::status::from_command_error;
 use actors::hosted::announce_sale_status;
 use domain::drop::{DropCommand, DropSpec, DropState, DropView, PoolSpec, SaleStatus, SettlementTerms, SkuSpec};
 use domain::registry::{RegistryCommand, RegistryState, StorefrontRecord};
-use domain::sku::{RestockCommand, SkuCommand, SkuState};
+use domain::sku::{LeaseCommand, LeaseView, RestockCommand, SkuCommand, SkuLeases, SkuState};
 use domain::{CityName, CreatorId, DropId, HubId, IdempotencyKey, SkuId, StorefrontId};
 use proto::operator::v1::operator_service_server::OperatorService;
 use proto::operator::v1::*;
@@ -457,4 +457,125 @@ impl OperatorService for Operator {
         })
         .await
     }
+
+    async fn lease_stock(&self, request: Request<LeaseStockRequest>) -> Result<Response<Lease>, Status> {
+        require_operator(&request)?;
+        let r = request.into_inner();
+        let mut check = Check::default();
+        let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
+        let sku_id = check.parse("sku_id", &r.sku_id, SkuId::parse);
+        let hub_id = check.parse("hub_id", &r.hub_id, HubId::parse);
+        let edge = check.parse("edge_id", &r.edge_id, StorefrontId::parse);
+        let expires_at = check.timestamp("expires_at", r.expires_at.as_ref());
+        let (drop_id, sku_id, hub_id, edge, expires_at) =
+            check.finish(|| Some((drop_id?, sku_id?, hub_id?, edge?, expires_at?)))?;
+        // The edge sells with a storefront credential: it must be one.
+        let directory: domain::registry::Directory = self
+            .platform
+            .bus
+            .ask_for::<RegistryState, _>((), RegistryCommand::Directory)
+            .await
+            .map_err(from_command_error)?;
+        if !directory.storefronts.iter().any(|s| s.storefront_id == edge) {
+            return Err(Status::not_found(format!(
+                "no storefront {edge}: register the edge as a storefront first"
+            )));
+        }
+        let window_ms = match r.reconcile_window_seconds {
+            0 => domain::limits::RECONCILE_WINDOW_MS_DEFAULT,
+            seconds => u64::from(seconds) * 1_000,
+        };
+        let command = LeaseCommand {
+            edge,
+            hub_id,
+            quantity: r.quantity,
+            granted_max: r.top_up_max,
+            key_id: r.key_id,
+            expires_at,
+            reconcile_window_ms: window_ms,
+        };
+        let view: LeaseView = self
+            .platform
+            .bus
+            .ask_for::<SkuState, _>((drop_id, sku_id), SkuCommand::Lease(command))
+            .await
+            .map_err(from_command_error)?;
+        info!(drop_id = %view.drop_id, sku_id = %view.sku_id, edge = %view.edge, granted = view.lease.granted, "stock leased to an edge");
+        Ok(Response::new(convert::lease(&view)))
+    }
+
+    async fn top_up_lease(&self, request: Request<TopUpLeaseRequest>) -> Result<Response<Lease>, Status> {
+        require_operator(&request)?;
+        let r = request.into_inner();
+        let (drop_id, sku_id, edge) = lease_of(&r.drop_id, &r.sku_id, &r.edge_id)?;
+        let view: LeaseView = self
+            .platform
+            .bus
+            .ask_for::<SkuState, _>(
+                (drop_id, sku_id),
+                SkuCommand::TopUpLease {
+                    edge,
+                    granted_total: r.granted_total,
+                    by_edge: false,
+                },
+            )
+            .await
+            .map_err(from_command_error)?;
+        info!(drop_id = %view.drop_id, sku_id = %view.sku_id, edge = %view.edge, granted = view.lease.granted, "lease topped up");
+        Ok(Response::new(convert::lease(&view)))
+    }
+
+    async fn close_lease(&self, request: Request<CloseLeaseRequest>) -> Result<Response<Lease>, Status> {
+        require_operator(&request)?;
+        let r = request.into_inner();
+        let (drop_id, sku_id, edge) = lease_of(&r.drop_id, &r.sku_id, &r.edge_id)?;
+        let view: LeaseView = self
+            .platform
+            .bus
+            .ask_for::<SkuState, _>(
+                (drop_id, sku_id),
+                SkuCommand::ReturnLease {
+                    edge,
+                    returned_total: None,
+                },
+            )
+            .await
+            .map_err(from_command_error)?;
+        info!(drop_id = %view.drop_id, sku_id = %view.sku_id, edge = %view.edge, returned = view.lease.returned, "lease closed");
+        Ok(Response::new(convert::lease(&view)))
+    }
+
+    async fn list_leases(&self, request: Request<ListLeasesRequest>) -> Result<Response<ListLeasesResponse>, Status> {
+        require_operator(&request)?;
+        let drop_id = parse_drop_id(&request.into_inner().drop_id)?;
+        let view = self.platform.drop_view(drop_id.clone()).await?;
+        let asks = view.spec.skus.iter().map(|sku| {
+            let key = (drop_id.clone(), sku.sku_id.clone());
+            async move {
+                self.platform
+                    .bus
+                    .ask_for::<SkuState, SkuLeases>(key, SkuCommand::GetLeases)
+                    .await
+                    .map(|leases| (sku.sku_id.clone(), leases))
+            }
+        });
+        let mut reply = ListLeasesResponse::default();
+        for answer in futures::future::join_all(asks).await {
+            let (sku_id, leases) = answer.map_err(from_command_error)?;
+            reply.leases.extend(leases.leases.iter().map(convert::lease));
+            reply
+                .refunds
+                .extend(leases.refunds.iter().map(|refund| convert::edge_refund(&sku_id, refund)));
+        }
+        Ok(Response::new(reply))
+    }
+}
+
+/// A lease's drop, SKU and edge from a request, or INVALID_ARGUMENT naming the bad fields.
+fn lease_of(drop_id: &str, sku_id: &str, edge_id: &str) -> Result<(DropId, SkuId, StorefrontId), Status> {
+    let mut check = Check::default();
+    let drop_id = check.parse("drop_id", drop_id, DropId::parse);
+    let sku_id = check.parse("sku_id", sku_id, SkuId::parse);
+    let edge = check.parse("edge_id", edge_id, StorefrontId::parse);
+    check.finish(|| Some((drop_id?, sku_id?, edge?)))
 }

@@ -9,6 +9,7 @@ use crate::auth::Authenticator;
 use crate::checkout::Checkout;
 use crate::config::health_services;
 use crate::dispatch::Couriers;
+use crate::edge::Edges;
 use crate::limits::{
     CHECKOUT_MESSAGE_BYTES_MAX, GRPC_CONCURRENT_STREAMS_MAX, GRPC_MESSAGE_BYTES_MAX, GRPC_REQUESTS_IN_FLIGHT_MAX,
     HTTP2_HEADER_LIST_BYTES_MAX, HTTP2_LOCAL_ERROR_RESETS_MAX, NATS_CONNECTION_CHECK_MS, SHUTDOWN_DRAIN_MS,
@@ -21,6 +22,7 @@ use crate::settlement::Settlement;
 use crate::telemetry::rpc::RpcLayer;
 use proto::checkout::v1::checkout_service_server::CheckoutServiceServer;
 use proto::dispatch::v1::dispatch_service_server::DispatchServiceServer;
+use proto::edge::v1::edge_service_server::EdgeServiceServer;
 use proto::operator::v1::operator_service_server::OperatorServiceServer;
 use proto::registry::v1::partner_registry_service_server::PartnerRegistryServiceServer;
 use proto::settlement::v1::settlement_service_server::SettlementServiceServer;
@@ -146,12 +148,17 @@ pub async fn serve_with_options(
     );
     let registry = PartnerRegistryServiceServer::with_interceptor(Registry::new(platform.clone()), auth.clone());
     let dispatch = DispatchServiceServer::with_interceptor(Couriers::new(platform.clone()), auth.clone());
-    let settlement = SettlementServiceServer::with_interceptor(Settlement::new(platform.clone()), auth);
+    let settlement = SettlementServiceServer::with_interceptor(Settlement::new(platform.clone()), auth.clone());
+    let edges = tonic::service::interceptor::InterceptedService::new(
+        EdgeServiceServer::new(Edges::new(platform.clone())).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        auth,
+    );
     health.set_serving::<CheckoutServiceServer<Checkout>>().await;
     health.set_serving::<OperatorServiceServer<Operator>>().await;
     health.set_serving::<PartnerRegistryServiceServer<Registry>>().await;
     health.set_serving::<DispatchServiceServer<Couriers>>().await;
     health.set_serving::<SettlementServiceServer<Settlement>>().await;
+    health.set_serving::<EdgeServiceServer<Edges>>().await;
     states
         .set(health_services::READY, tonic_health::ServingStatus::Serving)
         .await;
@@ -286,6 +293,7 @@ pub async fn serve_with_options(
         .add_service(registry)
         .add_service(dispatch)
         .add_service(settlement)
+        .add_service(edges)
         .serve_with_incoming_shutdown(incoming, stopping);
     info!(addr = %local, "listening on {local}");
     tokio::pin!(server);

@@ -8,6 +8,7 @@ mod checkout;
 mod cluster;
 mod console;
 mod dispatch;
+mod edge;
 mod hygiene;
 mod lifecycle;
 mod list_drops;
