@@ -297,13 +297,32 @@ mod tests {
         // Any field changed: another MAC.
         let changed = [
             ReceiptFields { quantity: 3, ..fields },
-            ReceiptFields { amount_minor: 4999, ..fields },
-            ReceiptFields { delivery: true, ..fields },
-            ReceiptFields { sold_at_ms: fields.sold_at_ms + 1, ..fields },
-            ReceiptFields { order_id: "d1.tee.abd", ..fields },
-            ReceiptFields { pickup_code: "123457", ..fields },
+            ReceiptFields {
+                amount_minor: 4999,
+                ..fields
+            },
+            ReceiptFields {
+                delivery: true,
+                ..fields
+            },
+            ReceiptFields {
+                sold_at_ms: fields.sold_at_ms + 1,
+                ..fields
+            },
+            ReceiptFields {
+                order_id: "d1.tee.abd",
+                ..fields
+            },
+            ReceiptFields {
+                pickup_code: "123457",
+                ..fields
+            },
             // Length prefixes: moving a character between fields changes the MAC.
-            ReceiptFields { drop_id: "d1t", sku_id: "ee", ..fields },
+            ReceiptFields {
+                drop_id: "d1t",
+                sku_id: "ee",
+                ..fields
+            },
         ];
         for c in changed {
             assert!(!receipt_mac_matches(&key, &c, &mac), "{c:?}");

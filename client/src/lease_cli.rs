@@ -129,7 +129,9 @@ pub async fn run(args: LeaseArgs) -> anyhow::Result<()> {
         }
         LeaseCommand::List { drop_id } => {
             let listed = client
-                .list_leases(pb::ListLeasesRequest { drop_id: drop_id.clone() })
+                .list_leases(pb::ListLeasesRequest {
+                    drop_id: drop_id.clone(),
+                })
                 .await
                 .map_err(refused)?
                 .into_inner();

@@ -12,9 +12,9 @@ use crate::convert::{self, Check};
 use crate::platform::Platform;
 use crate::status::from_command_error;
 use actors::secrets::{receipt_mac_matches, ReceiptFields};
+use domain::facts::Fulfilment;
 use domain::limits::EDGE_SALES_PER_UPLOAD_MAX;
 use domain::sku::{EdgeSale, EdgeSaleOutcome, EdgeUpload, LeaseView, SkuCommand, SkuState};
-use domain::facts::Fulfilment;
 use domain::{DropId, OrderId, SkuId, StorefrontId};
 use proto::edge::v1::edge_service_server::EdgeService;
 use proto::edge::v1::*;
@@ -53,7 +53,11 @@ impl Edges {
 
 /// The calling edge, or UNAUTHENTICATED / PERMISSION_DENIED.
 fn edge<T>(request: &Request<T>) -> Result<StorefrontId, Status> {
-    let caller = request.extensions().get::<Caller>().cloned().unwrap_or(Caller::Anonymous);
+    let caller = request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or(Caller::Anonymous);
     Ok(require_storefront(&caller)?.storefront_id.clone())
 }
 
@@ -152,7 +156,11 @@ impl EdgeService for Edges {
             check.fail("sales", format!("at most {EDGE_SALES_PER_UPLOAD_MAX} sales per upload"));
         }
         let sales: Vec<Option<EdgeSale>> = if r.sales.len() <= EDGE_SALES_PER_UPLOAD_MAX {
-            r.sales.iter().enumerate().map(|(i, s)| sale(&mut check, i, s)).collect()
+            r.sales
+                .iter()
+                .enumerate()
+                .map(|(i, s)| sale(&mut check, i, s))
+                .collect()
         } else {
             Vec::new()
         };

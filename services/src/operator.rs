@@ -563,9 +563,12 @@ impl OperatorService for Operator {
         for answer in futures::future::join_all(asks).await {
             let (sku_id, leases) = answer.map_err(from_command_error)?;
             reply.leases.extend(leases.leases.iter().map(convert::lease));
-            reply
-                .refunds
-                .extend(leases.refunds.iter().map(|refund| convert::edge_refund(&sku_id, refund)));
+            reply.refunds.extend(
+                leases
+                    .refunds
+                    .iter()
+                    .map(|refund| convert::edge_refund(&sku_id, refund)),
+            );
         }
         Ok(Response::new(reply))
     }

@@ -12,7 +12,7 @@ use proto::operator::v1::{
     CloseLeaseRequest, EdgeRefundReason, GetDropRequest, LeaseStatus, LeaseStockRequest, ListLeasesRequest,
     TopUpLeaseRequest,
 };
-use services::auth::Bearer;
+use services::auth::{Authed, Bearer};
 use testkit::*;
 use tonic::Code;
 
@@ -37,6 +37,17 @@ fn lease_request(drop_id: &str, quantity: u32, top_up_max: u32) -> LeaseStockReq
     }
 }
 
+/// Now, to the millisecond (a sale made before its lease started is refunded).
+fn now() -> prost_types::Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: (d.subsec_millis() * 1_000_000) as i32,
+    }
+}
+
 /// A sale of `quantity` units signed with `key` as the edge would sign it.
 fn signed_sale(drop_id: &str, token: u64, quantity: u32, key: &[u8; 32]) -> EdgeSale {
     let mut sale = EdgeSale {
@@ -47,7 +58,7 @@ fn signed_sale(drop_id: &str, token: u64, quantity: u32, key: &[u8; 32]) -> Edge
         payment_reference: format!("card-{token}"),
         pickup_code: format!("{:06}", token % 1_000_000),
         key_id: KEY_ID.into(),
-        sold_at: Some(ts(-5)),
+        sold_at: Some(now()),
         receipt_mac: String::new(),
     };
     sale.receipt_mac = mac(drop_id, &sale, key);
@@ -69,7 +80,10 @@ fn mac(drop_id: &str, sale: &EdgeSale, key: &[u8; 32]) -> String {
             payment_reference: &sale.payment_reference,
             pickup_code: &sale.pickup_code,
             key_id: &sale.key_id,
-            sold_at_ms: sale.sold_at.as_ref().unwrap().seconds * 1_000,
+            sold_at_ms: {
+                let t = sale.sold_at.as_ref().unwrap();
+                t.seconds * 1_000 + i64::from(t.nanos) / 1_000_000
+            },
         },
     )
 }
@@ -95,7 +109,11 @@ async fn an_edge_sells_its_lease_once_per_sale_and_nothing_beyond_it() {
     let server = TestServer::start().await;
     open_drop(&server, drop_request("popup", &[("tee", 100)], 4, 600)).await;
     // Only a registered storefront can be an edge.
-    let unknown = server.operator().lease_stock(lease_request("popup", 10, 0)).await.unwrap_err();
+    let unknown = server
+        .operator()
+        .lease_stock(lease_request("popup", 10, 0))
+        .await
+        .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
     let credential = storefront_credential(std::slice::from_ref(&server.channel), OPERATOR_TOKEN, EDGE)
         .await
@@ -106,7 +124,10 @@ async fn an_edge_sells_its_lease_once_per_sale_and_nothing_beyond_it() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((lease.outstanding, lease.granted, lease.status), (10, 10, LeaseStatus::Live as i32));
+    assert_eq!(
+        (lease.outstanding, lease.granted, lease.status),
+        (10, 10, LeaseStatus::Live as i32)
+    );
     // Asked again, the same lease is answered as it is.
     let again = server
         .operator()
@@ -138,9 +159,15 @@ async fn an_edge_sells_its_lease_once_per_sale_and_nothing_beyond_it() {
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::NotFound, "another storefront: {other:?}");
-    let operator = edge_client(&server, OPERATOR_TOKEN).get_lease(get.clone()).await.unwrap_err();
+    let operator = edge_client(&server, OPERATOR_TOKEN)
+        .get_lease(get.clone())
+        .await
+        .unwrap_err();
     assert_eq!(operator.code(), Code::PermissionDenied, "{operator:?}");
-    let anonymous = EdgeServiceClient::new(server.channel.clone()).get_lease(get).await.unwrap_err();
+    let anonymous = EdgeServiceClient::new(server.channel.clone())
+        .get_lease(get)
+        .await
+        .unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
 
     // Three signed sales, one altered after signing, one beyond what the lease holds.
@@ -161,7 +188,7 @@ async fn an_edge_sells_its_lease_once_per_sale_and_nothing_beyond_it() {
         [Booked, Booked, Booked, ReceiptInvalid, Refunded].map(|o| o as i32)
     );
     assert_eq!(reply.results[4].refund_reason, EdgeRefundReason::LeaseExhausted as i32);
-    let lease = reply.lease.unwrap();
+    let lease = reply.lease.clone().unwrap();
     assert_eq!((lease.outstanding, lease.sold, lease.refunded), (4, 6, 5));
     // The same upload again: the same answers, nothing booked twice.
     let replay = edge.upload(upload.clone()).await.unwrap().into_inner();
@@ -170,7 +197,11 @@ async fn an_edge_sells_its_lease_once_per_sale_and_nothing_beyond_it() {
     // The same receipts from another storefront verify under no key of its own.
     let stolen = edge_client(&server, &server.storefront_credential).upload(upload).await;
     match stolen {
-        Ok(reply) => assert!(reply.into_inner().results.iter().all(|r| r.outcome == ReceiptInvalid as i32)),
+        Ok(reply) => assert!(reply
+            .into_inner()
+            .results
+            .iter()
+            .all(|r| r.outcome == ReceiptInvalid as i32)),
         Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
     }
     // A booked sale is an order like any other: confirmed, for pickup, with its receipt.
@@ -185,7 +216,10 @@ async fn an_edge_sells_its_lease_once_per_sale_and_nothing_beyond_it() {
     assert_eq!(order.status, proto::checkout::v1::OrderStatus::Confirmed as i32);
     let figures = pool(&server, "popup").await;
     assert_eq!((figures.available, figures.sold, figures.leased), (90, 6, 4));
-    assert_eq!(figures.allocated, figures.available + figures.held + figures.sold + figures.leased);
+    assert_eq!(
+        figures.allocated,
+        figures.available + figures.held + figures.sold + figures.leased
+    );
 
     // The edge tops itself up within its allowance only; the operator may go beyond.
     let top_up = |total| TopUpRequest {
@@ -232,7 +266,10 @@ async fn an_edge_sells_its_lease_once_per_sale_and_nothing_beyond_it() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((closed.status, closed.outstanding, closed.returned), (LeaseStatus::Closed as i32, 0, 14));
+    assert_eq!(
+        (closed.status, closed.outstanding, closed.returned),
+        (LeaseStatus::Closed as i32, 0, 14)
+    );
     let figures = pool(&server, "popup").await;
     assert_eq!((figures.available, figures.sold, figures.leased), (94, 6, 0));
     // A sale uploaded after the close is refunded, not booked.
