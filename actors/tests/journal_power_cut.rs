@@ -223,6 +223,7 @@ fn command(rng: &mut StdRng, model: &Model, next_order: &mut u64, sku: usize) ->
         7 => SkuCommand::Cancel {
             order_id: pick(rng),
             storefront: Some(StorefrontId::parse("web").unwrap()),
+            withdrawn: true,
         },
         _ => SkuCommand::ExpireDue,
     }

@@ -315,7 +315,7 @@ proptest! {
                 Step::Cancel { pick } => {
                     if online.is_empty() { continue }
                     let id = online[pick % online.len()].clone();
-                    run(&mut state, &mut log, SkuCommand::Cancel { order_id: id, storefront: None }, now).unwrap();
+                    run(&mut state, &mut log, SkuCommand::Cancel { order_id: id, storefront: None, withdrawn: true }, now).unwrap();
                 }
                 Step::Advance { ms } => {
                     now = now.plus_ms(u64::from(ms));

@@ -257,7 +257,7 @@ proptest! {
                 }
                 Step::Cancel { pick } if !order_ids.is_empty() => {
                     let id = order_ids[pick % order_ids.len()].clone();
-                    if let Ok(SkuReply::Order(view)) = run(&mut state, &mut log, SkuCommand::Cancel { order_id: id.clone(), storefront: None }, now) {
+                    if let Ok(SkuReply::Order(view)) = run(&mut state, &mut log, SkuCommand::Cancel { order_id: id.clone(), storefront: None, withdrawn: true }, now) {
                         prop_assert!(view.status.is_final());
                         model_sold.remove(&id);
                     }
@@ -545,9 +545,23 @@ fn a_cancelled_order_stays_in_the_outbox_until_its_hub_acknowledges_the_withdraw
         sku.handover_command(&id),
         Some((_, domain::hub::HubCommand::Dispatch(_)))
     ));
+    // Not before its hub has withdrawn the dispatch (a cancel that raced the confirm): the
+    // order stays confirmed and nothing changes.
+    let early = SkuCommand::Cancel {
+        order_id: id.clone(),
+        storefront: None,
+        withdrawn: false,
+    };
+    let before = log.len();
+    assert!(matches!(
+        run(&mut sku, &mut log, early, UnixMillis(3_500)),
+        Err(Rejection::FailedPrecondition(_))
+    ));
+    assert_eq!(log.len(), before);
     let cancel = SkuCommand::Cancel {
         order_id: id.clone(),
         storefront: None,
+        withdrawn: true,
     };
     run(&mut sku, &mut log, cancel, UnixMillis(4_000)).unwrap();
     let Some((
@@ -648,6 +662,7 @@ impl Porto {
         self.run(SkuCommand::Cancel {
             order_id: order_id(n.into()),
             storefront: None,
+            withdrawn: true,
         });
     }
 

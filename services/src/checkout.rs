@@ -294,46 +294,64 @@ impl CheckoutService for Checkout {
         let order_id = parse_order_id(&request.get_ref().order_id)?;
         let storefront = acting_storefront(order_access(&caller, &self.platform.keys, &order_id, false)?);
         self.write_allowed(storefront.as_ref(), &order_id)?;
-        let before = self.order_view(&order_id).await?;
-        if let Some(storefront) = &storefront {
-            check_owner(storefront, &before)?;
-        }
         // A confirmed order is withdrawn from its hub before the SKU cancels it: the hub
         // decides whether the parcel can still be stopped (after pickup: FAILED_PRECONDITION,
         // nothing changed), and once it has withdrawn the dispatch no pickup can follow. A hub
         // that has not got the order yet records it as cancelled, so a hand-over in flight
         // creates no dispatch. If the SKU cancel then fails, a retry finds the dispatch
-        // withdrawn already and finishes it.
+        // withdrawn already and finishes it. The SKU cancels a confirmed order only when told
+        // the hub withdrew it: an order confirmed between the read below and the cancel is
+        // refused there, read again and withdrawn first (bounded attempts).
         let mut dispatch = None;
-        if before.status == OrderStatus::Confirmed {
-            if let Some((hub_id, order)) = before.dispatch_order() {
-                let command = HubCommand::Cancel {
-                    order,
-                    handed_over: before.handed_over,
-                };
-                let withdrawn = self
-                    .platform
-                    .hub_dispatch(hub_id, command)
-                    .await
-                    .map_err(from_command_error)?;
-                dispatch = Some(withdrawn);
+        let mut attempt = 0;
+        let view: OrderView = loop {
+            attempt += 1;
+            let before = self.order_view(&order_id).await?;
+            if let Some(storefront) = &storefront {
+                check_owner(storefront, &before)?;
             }
-        }
-        let (drop_id, sku_id) = order_id.owner();
-        let view: OrderView = self
-            .platform
-            .bus
-            .ask_for::<SkuState, _>(
-                (drop_id, sku_id),
-                SkuCommand::Cancel {
-                    order_id: order_id.clone(),
-                    storefront,
-                },
-            )
-            .await
-            .map_err(from_command_error)?;
-        // Confirmed while this cancel ran, or cancelled before: the SKU's outbox withdraws
-        // the dispatch (see `SkuState::handover`); show it as the hub has it now.
+            let mut withdrawn = before.status != OrderStatus::Confirmed;
+            if before.status == OrderStatus::Confirmed {
+                match before.dispatch_order() {
+                    Some((hub_id, order)) => {
+                        let command = HubCommand::Cancel {
+                            order,
+                            handed_over: before.handed_over,
+                        };
+                        let answer = self
+                            .platform
+                            .hub_dispatch(hub_id, command)
+                            .await
+                            .map_err(from_command_error)?;
+                        dispatch = Some(answer);
+                        withdrawn = true;
+                    }
+                    // Nothing to withdraw.
+                    None => withdrawn = true,
+                }
+            }
+            let (drop_id, sku_id) = order_id.owner();
+            match self
+                .platform
+                .bus
+                .ask_for::<SkuState, OrderView>(
+                    (drop_id, sku_id),
+                    SkuCommand::Cancel {
+                        order_id: order_id.clone(),
+                        storefront: storefront.clone(),
+                        withdrawn,
+                    },
+                )
+                .await
+            {
+                Ok(view) => break view,
+                // Confirmed since it was read: withdraw it from its hub first.
+                Err(actors::CommandError::Rejected(domain::Rejection::FailedPrecondition(_)))
+                    if !withdrawn && attempt < CANCEL_ATTEMPTS_MAX => {}
+                Err(e) => return Err(from_command_error(e)),
+            }
+        };
+        // Cancelled before (a retry): show the dispatch as the hub has it now.
         if dispatch.is_none() {
             dispatch = self.dispatch_of(&view).await;
         }
@@ -556,6 +574,9 @@ pub(crate) fn reserve_command(
     };
     Ok(((drop_id, sku_id), command))
 }
+
+/// Reads of an order a cancel makes before giving up on an order confirmed meanwhile.
+const CANCEL_ATTEMPTS_MAX: u32 = 3;
 
 /// A six-digit pickup code, uniformly random.
 fn new_pickup_code() -> String {

@@ -196,6 +196,7 @@ pub fn sku() -> Seeds {
                 SkuCommand::Cancel {
                     order_id: order(2),
                     storefront: Some(StorefrontId::parse("web").unwrap()),
+                    withdrawn: true,
                 },
                 at(60),
             ),

@@ -12,7 +12,11 @@ impl SkuState {
         match command {
             SkuCommand::Reserve(cmd) => self.decide_reserve(cmd, now),
             SkuCommand::Confirm(cmd) => self.decide_confirm(cmd, now),
-            SkuCommand::Cancel { order_id, storefront } => self.decide_cancel(order_id, storefront.as_ref(), now),
+            SkuCommand::Cancel {
+                order_id,
+                storefront,
+                withdrawn,
+            } => self.decide_cancel(order_id, storefront.as_ref(), withdrawn, now),
             SkuCommand::ExpireDue => {
                 let mut events = self.decide_expire(now);
                 // Orders the hub has not acknowledged yet are sent again (see `handover`).
@@ -454,6 +458,7 @@ impl SkuState {
         &self,
         order_id: OrderId,
         storefront: Option<&StorefrontId>,
+        withdrawn: bool,
         now: UnixMillis,
     ) -> Result<(Vec<SkuEvent>, SkuReply), Rejection> {
         let order = self
@@ -461,6 +466,11 @@ impl SkuState {
             .get(&order_id)
             .ok_or_else(|| Rejection::not_found("order", order_id.as_str()))?;
         order.check_storefront(storefront)?;
+        if order.status == OrderStatus::Confirmed && !withdrawn {
+            return Err(Rejection::FailedPrecondition(format!(
+                "order {order_id} is confirmed: its hub must withdraw the dispatch before it is cancelled"
+            )));
+        }
         let mut events = Vec::new();
         match order.status {
             OrderStatus::Held | OrderStatus::Confirmed => {

@@ -369,6 +369,11 @@ pub enum SkuCommand {
         order_id: OrderId,
         /// As in [`ConfirmCommand::storefront`]; None for the order's token or the platform.
         storefront: Option<StorefrontId>,
+        /// The order's hub has withdrawn its dispatch (or it has none). A confirmed order is
+        /// cancelled only then: the hub alone knows whether its parcel can still be stopped,
+        /// and a cancel that raced a confirm must not leave a parcel on its way to a buyer
+        /// who was refunded (found by the nemesis, seed 5029).
+        withdrawn: bool,
     },
     /// Timer: expire holds that are due, and clear waitlists once the sale has closed.
     ExpireDue,
