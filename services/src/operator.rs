@@ -50,6 +50,29 @@ impl Operator {
         }))
     }
 
+    /// Sends a lease command to its SKU and answers with the lease as it is after it,
+    /// logging `what`.
+    async fn lease_command(
+        &self,
+        drop_id: DropId,
+        sku_id: SkuId,
+        command: SkuCommand,
+        what: &str,
+    ) -> Result<Response<Lease>, Status> {
+        let view: LeaseView = self
+            .platform
+            .bus
+            .ask_for::<SkuState, _>((drop_id, sku_id), command)
+            .await
+            .map_err(from_command_error)?;
+        let lease = &view.lease;
+        info!(
+            drop_id = %view.drop_id, sku_id = %view.sku_id, edge = %view.edge,
+            granted = lease.granted, returned = lease.returned, "{what}"
+        );
+        Ok(Response::new(convert::lease(&view)))
+    }
+
     async fn drop_reply(&self, view: &DropView) -> Result<Drop, Status> {
         let cached = self.platform.cached_drop(&view.spec.drop_id).await?;
         Ok(convert::drop_with_figures(
@@ -494,55 +517,31 @@ impl OperatorService for Operator {
             expires_at,
             reconcile_window_ms: window_ms,
         };
-        let view: LeaseView = self
-            .platform
-            .bus
-            .ask_for::<SkuState, _>((drop_id, sku_id), SkuCommand::Lease(command))
+        self.lease_command(drop_id, sku_id, SkuCommand::Lease(command), "stock leased to an edge")
             .await
-            .map_err(from_command_error)?;
-        info!(drop_id = %view.drop_id, sku_id = %view.sku_id, edge = %view.edge, granted = view.lease.granted, "stock leased to an edge");
-        Ok(Response::new(convert::lease(&view)))
     }
 
     async fn top_up_lease(&self, request: Request<TopUpLeaseRequest>) -> Result<Response<Lease>, Status> {
         require_operator(&request)?;
         let r = request.into_inner();
         let (drop_id, sku_id, edge) = lease_of(&r.drop_id, &r.sku_id, &r.edge_id)?;
-        let view: LeaseView = self
-            .platform
-            .bus
-            .ask_for::<SkuState, _>(
-                (drop_id, sku_id),
-                SkuCommand::TopUpLease {
-                    edge,
-                    granted_total: r.granted_total,
-                    by_edge: false,
-                },
-            )
-            .await
-            .map_err(from_command_error)?;
-        info!(drop_id = %view.drop_id, sku_id = %view.sku_id, edge = %view.edge, granted = view.lease.granted, "lease topped up");
-        Ok(Response::new(convert::lease(&view)))
+        let command = SkuCommand::TopUpLease {
+            edge,
+            granted_total: r.granted_total,
+            by_edge: false,
+        };
+        self.lease_command(drop_id, sku_id, command, "lease topped up").await
     }
 
     async fn close_lease(&self, request: Request<CloseLeaseRequest>) -> Result<Response<Lease>, Status> {
         require_operator(&request)?;
         let r = request.into_inner();
         let (drop_id, sku_id, edge) = lease_of(&r.drop_id, &r.sku_id, &r.edge_id)?;
-        let view: LeaseView = self
-            .platform
-            .bus
-            .ask_for::<SkuState, _>(
-                (drop_id, sku_id),
-                SkuCommand::ReturnLease {
-                    edge,
-                    returned_total: None,
-                },
-            )
-            .await
-            .map_err(from_command_error)?;
-        info!(drop_id = %view.drop_id, sku_id = %view.sku_id, edge = %view.edge, returned = view.lease.returned, "lease closed");
-        Ok(Response::new(convert::lease(&view)))
+        let command = SkuCommand::ReturnLease {
+            edge,
+            returned_total: None,
+        };
+        self.lease_command(drop_id, sku_id, command, "lease closed").await
     }
 
     async fn list_leases(&self, request: Request<ListLeasesRequest>) -> Result<Response<ListLeasesResponse>, Status> {
