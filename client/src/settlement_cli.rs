@@ -140,23 +140,7 @@ pub async fn run(args: SettlementArgs) -> anyhow::Result<()> {
 
 fn write_csv(out: &mut dyn Write, creator_id: &str, lines: &[pb::StatementLine]) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_writer(out);
-    w.write_record([
-        "creator_id",
-        "seq",
-        "booked_at",
-        "kind",
-        "order_id",
-        "drop_id",
-        "currency",
-        "gross_minor",
-        "platform_fee_minor",
-        "partner_fee_minor",
-        "creator_net_minor",
-        "remedy_minor",
-        "paid_out_minor",
-        "available_change_minor",
-        "reference",
-    ])?;
+    w.write_record(services::settlement::STATEMENT_CSV_HEADER)?;
     for l in lines {
         w.write_record([
             creator_id.to_string(),

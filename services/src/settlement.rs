@@ -532,3 +532,23 @@ impl SettlementService for Settlement {
         Ok(Response::new(report))
     }
 }
+
+/// The columns of a statement as CSV (amounts in minor units), as the console's download and
+/// `dropline settlement statement --csv` write it.
+pub const STATEMENT_CSV_HEADER: [&str; 15] = [
+    "creator_id",
+    "seq",
+    "booked_at",
+    "kind",
+    "order_id",
+    "drop_id",
+    "currency",
+    "gross_minor",
+    "platform_fee_minor",
+    "partner_fee_minor",
+    "creator_net_minor",
+    "remedy_minor",
+    "paid_out_minor",
+    "available_change_minor",
+    "reference",
+];

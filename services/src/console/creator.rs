@@ -350,24 +350,6 @@ async fn statement(
     Ok(view::page(&format!("Statement of {creator}"), Some(&signed.session), body).into_response())
 }
 
-const CSV_HEADER: [&str; 15] = [
-    "creator_id",
-    "seq",
-    "booked_at",
-    "kind",
-    "order_id",
-    "drop_id",
-    "currency",
-    "gross_minor",
-    "platform_fee_minor",
-    "partner_fee_minor",
-    "creator_net_minor",
-    "remedy_minor",
-    "paid_out_minor",
-    "available_change_minor",
-    "reference",
-];
-
 fn rfc3339(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
@@ -378,7 +360,7 @@ fn rfc3339(t: Option<&prost_types::Timestamp>) -> String {
 fn csv_rows(creator: &str, lines: &[pb::StatementLine], header: bool) -> Result<bytes::Bytes, std::io::Error> {
     let mut w = csv::Writer::from_writer(Vec::new());
     if header {
-        w.write_record(CSV_HEADER)?;
+        w.write_record(crate::settlement::STATEMENT_CSV_HEADER)?;
     }
     for l in lines {
         w.write_record([
