@@ -24,6 +24,9 @@ pub const REGISTRY_MAILBOX_CAPACITY: usize = 1_024;
 /// Mailbox of one creator's ledger actor, which the outboxes of the creator's SKUs and
 /// hubs feed.
 pub const CREATOR_MAILBOX_CAPACITY: usize = 4_096;
+/// Mailbox of one till of a pop-up edge: its tills' reserves and confirms, a few per
+/// second per till, and the uploader's reads.
+pub const TILL_MAILBOX_CAPACITY: usize = 1_024;
 
 // Commands.
 

@@ -246,12 +246,17 @@ impl AvailabilityCache {
             // Figures older than those held (a former owner's, arriving late) are not taken:
             // a SKU's change times only grow, through takeovers too (replayed events carry
             // them).
-            if entry
-                .skus
-                .get(&figures.sku_id)
-                .is_some_and(|held| held.changed_at > figures.changed_at)
-            {
-                return;
+            if let Some(held) = entry.skus.get(&figures.sku_id) {
+                if held.changed_at > figures.changed_at {
+                    tracing::debug!(
+                        drop_id = %figures.drop_id,
+                        sku_id = %figures.sku_id,
+                        held_changed_at = held.changed_at.0,
+                        offered_changed_at = figures.changed_at.0,
+                        "older SKU figures not taken"
+                    );
+                    return;
+                }
             }
             entry.skus.insert(figures.sku_id.clone(), Arc::new(figures));
         }

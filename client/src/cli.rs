@@ -40,6 +40,9 @@ pub enum Command {
     Settlement(SettlementArgs),
     /// Lease stock to pop-up edges (operator): lease, top up, close, list with refused sales.
     Lease(LeaseArgs),
+    /// Run a pop-up edge: a till server at a stall that sells the stock leased to it, online
+    /// or offline, and uploads its sales to the platform.
+    Edge(Box<EdgeArgs>),
     /// Ask a running server's grpc.health.v1 service; exit 0 when it answers SERVING (for
     /// exec probes, container health checks and scripts).
     Health(HealthArgs),
@@ -229,4 +232,64 @@ mod tests {
         assert!(parse(&["dropline", "--tokio-lifo-slot", "demo"]));
         assert!(parse(&["dropline", "health", "--tokio-lifo-slot"]));
     }
+}
+
+/// `dropline edge`: see `services::popup`.
+#[derive(Debug, Args, Clone)]
+#[command(after_help = "\
+The edge sells only what the operator leased it (`dropline lease stock`), so the drop is \
+never oversold whatever happens to the network. Each sale is answered once it is synced \
+in the edge's own journal under --data-dir, queued in a durable outbox and uploaded; the \
+platform books it once by its order id. Sales not uploaded within the lease's \
+reconciliation window, or made after the lease ended, are refunded and listed by \
+PopupService.GetStatus. Tills call the edge's CheckoutService (Reserve, Confirm for \
+pickup, Cancel, GetOrder, GetAvailability) with the edge's storefront credential.")]
+pub struct EdgeArgs {
+    /// The platform's gRPC address (`dropline serve` or a cluster's): http://… in plaintext,
+    /// https://… over TLS.
+    #[arg(long, env = "DROPLINE_UPSTREAM")]
+    pub upstream: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    /// The edge's storefront credential (OperatorService.RegisterStorefront): it calls the
+    /// platform with it, and tills present it to the edge.
+    #[arg(long, env = "DROPLINE_EDGE_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// The drop whose leases this edge sells.
+    #[arg(long = "drop", env = "DROPLINE_EDGE_DROP")]
+    pub drop_id: String,
+    /// The edge's own journal, receipt keys and tills.
+    #[arg(long, env = "DROPLINE_EDGE_DATA_DIR", default_value = "dropline-edge-data")]
+    pub data_dir: PathBuf,
+    /// Where the tills reach the edge (gRPC, plaintext: keep it on the stall's network).
+    #[arg(long, env = "DROPLINE_EDGE_LISTEN", default_value = "127.0.0.1:50061")]
+    pub listen: std::net::SocketAddr,
+    /// The edge is offline while the platform fails to answer, or answers slower than this.
+    #[arg(long, env = "DROPLINE_EDGE_OFFLINE_AFTER_MS", default_value_t = 1_500,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub offline_after_ms: u64,
+    /// How often the leases are read again while online (offline: the platform is probed
+    /// every second).
+    #[arg(long, env = "DROPLINE_EDGE_SYNC_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub sync_secs: u64,
+    /// How often the drop's availability levels are fetched for the stall's screens.
+    #[arg(long, env = "DROPLINE_EDGE_AVAILABILITY_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=180))]
+    pub availability_secs: u64,
+    /// Top a lease up when the stall has fewer units than this free, within what the
+    /// operator allowed (the lease's top-up maximum); 0: never.
+    #[arg(long, env = "DROPLINE_EDGE_TOP_UP_BELOW", default_value_t = 5)]
+    pub top_up_below: u32,
+    /// Units asked for per top-up.
+    #[arg(long, env = "DROPLINE_EDGE_TOP_UP_UNITS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub top_up_units: u32,
+    /// How long a till's hold waits for its payment.
+    #[arg(long, env = "DROPLINE_EDGE_HOLD_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub hold_secs: u64,
+    /// Log filter (tracing's env-filter syntax over `services`, `actors`).
+    #[arg(long, env = "DROPLINE_LOG", default_value = "info")]
+    pub log: String,
 }

@@ -28,6 +28,10 @@ pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Res
             services::init_tracing("warn");
             lease_cli::run(args).await
         }
+        Command::Edge(args) => {
+            services::init_tracing(&args.log);
+            services::popup::run(edge_config(*args)?).await
+        }
         Command::Health(args) => match health::check(&args).await {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),
@@ -38,4 +42,31 @@ pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Res
             }
         },
     }
+}
+
+/// The edge's settings from its flags.
+fn edge_config(args: cli::EdgeArgs) -> anyhow::Result<services::popup::EdgeConfig> {
+    use std::time::Duration;
+    let drop_id =
+        domain::DropId::parse(&args.drop_id).map_err(|e| anyhow::anyhow!("--drop {:?}: {e}", args.drop_id))?;
+    if args.token.trim().is_empty() {
+        anyhow::bail!("--token (DROPLINE_EDGE_TOKEN) must be the edge's storefront credential");
+    }
+    Ok(services::popup::EdgeConfig {
+        upstream: tls::endpoint(&args.upstream, &args.tls)?,
+        upstream_url: args.upstream,
+        token: args.token,
+        drop_id,
+        data_dir: args.data_dir,
+        listen: args.listen,
+        timings: services::popup::EdgeTimings {
+            offline_after: Duration::from_millis(args.offline_after_ms),
+            sync_every: Duration::from_secs(args.sync_secs),
+            availability_every: Duration::from_secs(args.availability_secs),
+            hold_ttl: Duration::from_secs(args.hold_secs),
+            ..services::popup::EdgeTimings::default()
+        },
+        top_up_below: args.top_up_below,
+        top_up_units: args.top_up_units,
+    })
 }

@@ -17,6 +17,7 @@ pub mod registry;
 pub mod rejection;
 pub mod reply;
 pub mod sku;
+pub mod till;
 pub mod time;
 
 pub use aggregate::Aggregate;

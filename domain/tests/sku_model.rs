@@ -776,3 +776,17 @@ fn a_head_that_allows_partial_holds_is_offered_what_is_free() {
     assert_eq!(porto.state.buyer_active.get(&buyer(2)), Some(&2));
     assert_eq!(porto.order(3), ((Waitlisted, 0, None), Some(1)));
 }
+
+/// A SKU taken over by a node whose clock is behind the former owner's: its figures still
+/// say they are the latest, so caches that keep the later of two figures take them.
+#[test]
+fn figures_change_time_never_goes_back_when_a_later_owner_s_clock_is_behind() {
+    let mut sku = new_sku(&[("hub-a1", "Lisbon", 5)], 2);
+    let mut log = Vec::new();
+    run(&mut sku, &mut log, lisbon_reserve(1, 1, None), UnixMillis(9_000)).unwrap();
+    let before = sku.figures();
+    run(&mut sku, &mut log, lisbon_reserve(2, 2, None), UnixMillis(8_000)).unwrap();
+    let after = sku.figures();
+    assert_eq!(after.pools[0].pool.held, before.pools[0].pool.held + 1);
+    assert!(after.changed_at >= before.changed_at, "{after:?} older than {before:?}");
+}

@@ -99,7 +99,7 @@ fn sale(check: &mut Check, i: usize, s: &proto::edge::v1::EdgeSale) -> Option<Ed
 }
 
 /// What a receipt's MAC covers, for `sale` of `drop_id`/`sku_id`.
-fn receipt_fields<'a>(drop_id: &'a DropId, sku_id: &'a SkuId, sale: &'a EdgeSale) -> ReceiptFields<'a> {
+pub(crate) fn receipt_fields<'a>(drop_id: &'a DropId, sku_id: &'a SkuId, sale: &'a EdgeSale) -> ReceiptFields<'a> {
     ReceiptFields {
         drop_id: drop_id.as_str(),
         sku_id: sku_id.as_str(),
@@ -123,6 +123,37 @@ impl EdgeService for Edges {
         let (drop_id, sku_id) = sku_of(&r.drop_id, &r.sku_id)?;
         let view = self.lease(edge, drop_id, sku_id).await?;
         Ok(Response::new(self.with_key(&view)))
+    }
+
+    async fn list_leases(
+        &self,
+        request: Request<ListEdgeLeasesRequest>,
+    ) -> Result<Response<ListEdgeLeasesResponse>, Status> {
+        let edge = edge(&request)?;
+        let mut check = Check::default();
+        let drop_id = check.parse("drop_id", &request.get_ref().drop_id, DropId::parse);
+        let drop_id = check.finish(|| drop_id)?;
+        let view = self.platform.drop_view(drop_id.clone()).await?;
+        let asks = view.spec.skus.iter().map(|sku| {
+            let key = (drop_id.clone(), sku.sku_id.clone());
+            let edge = edge.clone();
+            async move {
+                self.platform
+                    .bus
+                    .ask_for::<SkuState, LeaseView>(key, SkuCommand::GetLease { edge })
+                    .await
+            }
+        });
+        let mut reply = ListEdgeLeasesResponse::default();
+        for answer in futures::future::join_all(asks).await {
+            match answer {
+                Ok(view) => reply.leases.push(self.with_key(&view)),
+                // No lease of this SKU.
+                Err(actors::error::CommandError::Rejected(domain::Rejection::NotFound { .. })) => {}
+                Err(e) => return Err(from_command_error(e)),
+            }
+        }
+        Ok(Response::new(reply))
     }
 
     async fn top_up(&self, request: Request<TopUpRequest>) -> Result<Response<EdgeLease>, Status> {

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metadata_bounds;
 pub mod operator;
 pub mod platform;
+pub mod popup;
 pub mod reconcile;
 pub mod refunds;
 pub mod registry;

@@ -307,3 +307,6 @@ pub const LOW_STOCK_PERCENT: u32 = 10;
 
 // A pool with all of its allocation left is IN_STOCK, not LOW.
 const _: () = assert!(LOW_STOCK_PERCENT < 100);
+
+/// Till actors a pop-up edge keeps running (one per leased SKU; a stall leases a few).
+pub const EDGE_LIVE_TILLS_MAX: usize = 1_024;

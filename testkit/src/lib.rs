@@ -24,5 +24,5 @@ pub mod server;
 
 pub use cluster::{ClusterOptions, LocalCluster};
 pub use fixtures::*;
-pub use process::{dropline_exe, ServeCommand, ServeProcess};
+pub use process::{dropline_exe, EdgeCommand, ServeCommand, ServeProcess};
 pub use server::TestServer;

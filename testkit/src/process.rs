@@ -40,6 +40,18 @@ pub enum Log {
     File(PathBuf),
 }
 
+impl Log {
+    /// The child's standard error.
+    fn stderr(&self) -> anyhow::Result<Stdio> {
+        Ok(match self {
+            Log::Inherit => Stdio::inherit(),
+            Log::File(path) => std::fs::File::create(path)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?
+                .into(),
+        })
+    }
+}
+
 /// `dropline serve` as it is about to be started; [`ServeCommand::spawn`] starts it.
 #[derive(Clone, Debug)]
 pub struct ServeCommand {
@@ -102,12 +114,7 @@ impl ServeCommand {
 
     /// Starts the process; it answers once [`ServeProcess::connect`] says so.
     pub fn spawn(&self) -> anyhow::Result<ServeProcess> {
-        let stderr = match &self.log {
-            Log::Inherit => Stdio::inherit(),
-            Log::File(path) => std::fs::File::create(path)
-                .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?
-                .into(),
-        };
+        let stderr = self.log.stderr()?;
         let exe = self.exe.clone().unwrap_or_else(dropline_exe);
         let child = Command::new(&exe)
             .args(["serve", "--listen", &self.listen.to_string()])
@@ -221,4 +228,75 @@ pub fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
         .status()?;
     anyhow::ensure!(status.success(), "kill -{signal} {pid}: {status}");
     Ok(())
+}
+
+/// `dropline edge` as it is about to be started: a pop-up's till server selling the leases
+/// of `drop_id` from `upstream`, with its own `data_dir`. [`EdgeCommand::spawn`] starts it;
+/// the running edge is a [`ServeProcess`] (its `addr` is where the tills call).
+#[derive(Clone, Debug)]
+pub struct EdgeCommand {
+    pub exe: Option<PathBuf>,
+    pub upstream: String,
+    pub token: String,
+    pub drop_id: String,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log_filter: String,
+    pub log: Log,
+    /// More flags (`--offline-after-ms …`, `--sync-secs …`).
+    pub args: Vec<OsString>,
+}
+
+impl EdgeCommand {
+    /// An edge on a free loopback port, logging warnings to this process's standard error.
+    pub fn new(
+        upstream: &str,
+        token: &str,
+        drop_id: &str,
+        data_dir: impl Into<PathBuf>,
+    ) -> anyhow::Result<EdgeCommand> {
+        Ok(EdgeCommand {
+            exe: None,
+            upstream: upstream.into(),
+            token: token.into(),
+            drop_id: drop_id.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], crate::nats::unused_loopback_port()?)),
+            data_dir: data_dir.into(),
+            log_filter: "warn".into(),
+            log: Log::Inherit,
+            args: Vec::new(),
+        })
+    }
+
+    pub fn args<S: Into<OsString>>(mut self, args: impl IntoIterator<Item = S>) -> EdgeCommand {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn log_filter(mut self, filter: &str) -> EdgeCommand {
+        self.log_filter = filter.into();
+        self
+    }
+
+    pub fn spawn(&self) -> anyhow::Result<ServeProcess> {
+        let stderr = self.log.stderr()?;
+        let exe = self.exe.clone().unwrap_or_else(dropline_exe);
+        let child = Command::new(&exe)
+            .args(["edge", "--upstream", &self.upstream, "--drop", &self.drop_id])
+            .args(["--listen", &self.listen.to_string(), "--data-dir"])
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("DROPLINE_LOG", &self.log_filter)
+            .env("DROPLINE_EDGE_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {}: {e}", exe.display()))?;
+        Ok(ServeProcess {
+            addr: self.listen,
+            http_addr: self.listen,
+            child: Some(child),
+        })
+    }
 }

@@ -214,6 +214,9 @@ async fn publish_projections(
                 let owned = projections.availability.changed_since(since, |drop_id, sku_id| {
                     cluster.owns(partition_of(&format!("sku/{drop_id}/{sku_id}"), cluster.partitions))
                 });
+                if !owned.is_empty() {
+                    debug!(skus = owned.len(), "owned SKUs' figures published again");
+                }
                 for figures in owned {
                     retry_skus.insert((figures.drop_id.clone(), figures.sku_id.clone()));
                 }

@@ -11,6 +11,7 @@ mod hub;
 mod ledger;
 mod registry;
 mod sku;
+mod till;
 
 pub use drop::announce_sale_status;
 

@@ -4,6 +4,11 @@
 use super::*;
 
 impl SkuState {
+    /// Records a change made at `at` (see [`SkuState::changed_at`]).
+    pub(super) fn touch(&mut self, at: UnixMillis) {
+        self.changed_at = self.changed_at.max(at);
+    }
+
     pub(super) fn apply_event(&mut self, event: &SkuEvent) {
         if self.apply_lease_event(event) {
             return;
@@ -27,7 +32,7 @@ impl SkuState {
             SkuEvent::HandoverRetry { next } => self.handover_due = Some(*next),
             SkuEvent::SaleStatusSet { status, at } => {
                 self.sale = *status;
-                self.changed_at = *at;
+                self.touch(*at);
             }
             SkuEvent::Held {
                 order_id,
@@ -67,7 +72,7 @@ impl SkuState {
                     self.record_idempotent(idempotent, reservation, *at);
                 }
                 self.orders.insert(order_id.clone(), Box::new(record));
-                self.changed_at = *at;
+                self.touch(*at);
             }
             SkuEvent::Waitlisted {
                 order_id,
@@ -129,7 +134,7 @@ impl SkuState {
                     };
                     self.record_idempotent(idempotent, reservation, *at);
                 }
-                self.changed_at = *at;
+                self.touch(*at);
             }
             SkuEvent::Refused { idempotent, at } => {
                 let reservation = Reservation {
@@ -164,7 +169,7 @@ impl SkuState {
                 self.pools[pool].held += quantity;
                 self.assert_pool(pool);
                 self.expiries.insert((*expires_at, order_id.clone()));
-                self.changed_at = *at;
+                self.touch(*at);
             }
             SkuEvent::Released { order_id, reason, at } => {
                 let order = self.orders.get_mut(order_id).expect("released order exists");
@@ -186,7 +191,7 @@ impl SkuState {
                 self.pools[pool].available += quantity;
                 self.assert_pool(pool);
                 self.remove_active(&buyer, quantity);
-                self.changed_at = *at;
+                self.touch(*at);
             }
             SkuEvent::WaitlistLeft { order_id, at, .. } => {
                 let order = self.orders.get_mut(order_id).expect("waitlisted order exists");
@@ -195,7 +200,7 @@ impl SkuState {
                 let (city, buyer, requested) = (order.city.clone(), order.buyer.clone(), order.requested);
                 self.remove_from_waitlist(&city, order_id);
                 self.remove_active(&buyer, requested);
-                self.changed_at = *at;
+                self.touch(*at);
             }
             SkuEvent::Confirmed { order_id, confirmation } => {
                 let order = self.orders.get_mut(order_id).expect("confirmed order exists");
@@ -216,7 +221,7 @@ impl SkuState {
                 self.pools[pool].sold += quantity;
                 self.assert_pool(pool);
                 self.revenue_minor_units += confirmation.amount.minor_units;
-                self.changed_at = confirmation.confirmed_at;
+                self.touch(confirmation.confirmed_at);
                 self.update_sold_out(confirmation.confirmed_at);
             }
             SkuEvent::OrderCancelled { order_id, at } => {
@@ -238,7 +243,7 @@ impl SkuState {
                 self.assert_pool(pool);
                 self.revenue_minor_units -= amount;
                 self.remove_active(&buyer, quantity);
-                self.changed_at = *at;
+                self.touch(*at);
                 self.update_sold_out(*at);
             }
             SkuEvent::Restocked {
@@ -270,7 +275,7 @@ impl SkuState {
                 if let Some(key) = idempotency_key {
                     self.restock_keys.insert(key.clone(), (hub_id.clone(), *quantity));
                 }
-                self.changed_at = *at;
+                self.touch(*at);
                 self.update_sold_out(*at);
             }
             SkuEvent::StockLeased { .. }

@@ -599,7 +599,7 @@ impl SkuState {
                     },
                 );
                 self.assert_pool(pool);
-                self.changed_at = *at;
+                self.touch(*at);
                 self.update_sold_out(*at);
             }
             SkuEvent::LeaseToppedUp { edge, quantity, at } => {
@@ -609,7 +609,7 @@ impl SkuState {
                 let pool = lease.pool;
                 self.pools[pool].available -= quantity;
                 self.assert_pool(pool);
-                self.changed_at = *at;
+                self.touch(*at);
                 self.update_sold_out(*at);
             }
             SkuEvent::LeaseReturned {
@@ -627,7 +627,7 @@ impl SkuState {
                 let pool = lease.pool;
                 self.pools[pool].available += quantity;
                 self.assert_pool(pool);
-                self.changed_at = *at;
+                self.touch(*at);
                 self.update_sold_out(*at);
             }
             SkuEvent::LeaseLapsed { edge, quantity, at } => {
@@ -638,7 +638,7 @@ impl SkuState {
                 let pool = lease.pool;
                 self.pools[pool].available += quantity;
                 self.assert_pool(pool);
-                self.changed_at = *at;
+                self.touch(*at);
                 self.update_sold_out(*at);
             }
             SkuEvent::EdgeSaleBooked { edge, sale, at } => {
@@ -675,7 +675,7 @@ impl SkuState {
                 self.handover.insert(sale.order_id.clone());
                 self.queue_for_ledger(&sale.order_id, false, *at);
                 self.revenue_minor_units += sale.amount.minor_units;
-                self.changed_at = *at;
+                self.touch(*at);
                 self.update_sold_out(*at);
             }
             SkuEvent::EdgeSaleRefunded { edge, sale, reason, at } => {

@@ -551,6 +551,10 @@ pub struct SkuState {
     restock_keys: HashMap<IdempotencyKey, (HubId, u32)>,
     pub revenue_minor_units: i64,
     pub sold_out_at: Option<UnixMillis>,
+    /// When the figures last changed: the latest time of any event applied, so it never
+    /// goes back, whatever the clocks of the nodes that owned the SKU in turn. Caches of
+    /// the figures keep the later of two by it (`AvailabilityCache::put_sku`), so a former
+    /// owner's late figures never replace the current owner's.
     pub changed_at: UnixMillis,
     pub creator_id: CreatorId,
     /// Orders their hub has not acknowledged as they are now (the SKU's outbox to hubs): a

@@ -13,6 +13,7 @@ mod hygiene;
 mod lifecycle;
 mod list_drops;
 mod nemesis;
+mod popup;
 mod reserve_stream;
 mod restart;
 mod settlement;

@@ -147,7 +147,8 @@ impl NemesisOptions {
             steps: 4,
             buyers: 6,
             exe: None,
-            log_filter: "warn".into(),
+            // `DROPLINE_LOG=warn,actors::projections=debug` to see more of the nodes.
+            log_filter: std::env::var("DROPLINE_LOG").unwrap_or_else(|_| "warn".into()),
         }
     }
 }
