@@ -17,7 +17,8 @@ pub async fn run(cli: Cli, scheduler: actors::runtime::Scheduler) -> anyhow::Res
     match cli.command {
         Command::Serve(args) => services::serve(*args, scheduler).await,
         Command::Demo(args) => {
-            services::init_tracing("warn");
+            // The pop-up's edge says when it goes offline: the demo's report says it too.
+            services::init_tracing("warn,services::popup=error");
             demo::run(args).await
         }
         Command::Settlement(args) => {

@@ -14,7 +14,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Fulfilment {
     Delivery,
+    /// Collected at a hub's pickup point.
     Pickup,
+    /// Handed to the buyer at a pop-up's stall when sold (an edge's sale): fulfilled then,
+    /// no hub's business.
+    AtStall,
 }
 
 /// What the hub needs to know of a confirmed order.
@@ -68,6 +72,9 @@ pub struct SaleFacts {
     pub confirmed_at: UnixMillis,
     /// Cancelled after it was confirmed: refunded.
     pub cancelled_at: Option<UnixMillis>,
+    /// Handed to the buyer when it was sold (a pop-up's sale at its stall): fulfilled then,
+    /// so its return window runs from there; no hub fulfils it.
+    pub handed_over_at: Option<UnixMillis>,
 }
 
 /// What the hub knows of an order's fulfilment (sent from its outbox, at least once).

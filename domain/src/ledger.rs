@@ -991,6 +991,17 @@ impl Aggregate for LedgerState {
                             if tx.order(&f.order_id).is_none() {
                                 tx.book_sale(&f);
                             }
+                            // Handed over when sold (at a pop-up's stall): fulfilled then.
+                            if let Some(at) = f.handed_over_at {
+                                if tx.order(&f.order_id).is_some_and(|o| o.release_at.is_none()) {
+                                    tx.book_fulfilment(&FulfilmentFacts {
+                                        order_id: f.order_id.clone(),
+                                        delivered_at: Some(at),
+                                        failed_at: None,
+                                        remedies: Vec::new(),
+                                    });
+                                }
+                            }
                             let o = tx.order(&f.order_id).cloned().expect("booked above");
                             // A failed order's buyer was refunded in full by its remedies.
                             if f.cancelled_at.is_some()

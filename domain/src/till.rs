@@ -333,7 +333,7 @@ impl TillState {
             order_id: order_id.clone(),
             quantity: sale.quantity,
             amount: sale.amount,
-            fulfilment: Fulfilment::Pickup,
+            fulfilment: Fulfilment::AtStall,
             payment_reference: sale.payment_reference.clone(),
             pickup_code: sale.pickup_code.clone(),
             receipt_mac: String::new(),

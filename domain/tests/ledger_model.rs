@@ -151,6 +151,7 @@ impl PlanOrder {
             terms: self.terms,
             confirmed_at: UnixMillis(START - 1_000 + i as i64),
             cancelled_at,
+            handed_over_at: None,
         }
     }
 
@@ -910,6 +911,7 @@ fn sale(i: usize, gross: i64, cancelled_at: Option<i64>) -> LedgerInput {
         },
         confirmed_at: UnixMillis(1_000),
         cancelled_at: cancelled_at.map(UnixMillis),
+        handed_over_at: None,
     })
 }
 

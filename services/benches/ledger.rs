@@ -39,6 +39,7 @@ fn sale(i: usize) -> LedgerInput {
         },
         confirmed_at: UnixMillis(1),
         cancelled_at: None,
+        handed_over_at: None,
     })
 }
 

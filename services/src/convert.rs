@@ -247,6 +247,7 @@ pub fn order(view: &OrderView, dispatch: Option<&Dispatch>) -> checkout::Order {
         fulfilment: confirmation.map_or(checkout::FulfilmentKind::Unspecified, |c| match c.fulfilment {
             sku::Fulfilment::Delivery => checkout::FulfilmentKind::Delivery,
             sku::Fulfilment::Pickup => checkout::FulfilmentKind::Pickup,
+            sku::Fulfilment::AtStall => checkout::FulfilmentKind::AtStall,
         }) as i32,
         discreet: confirmation.is_some_and(|c| c.discreet),
         // The hub's code once it has the order: a reissued code replaces the one of the

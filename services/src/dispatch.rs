@@ -128,7 +128,7 @@ pub fn dispatch(hub_id: &HubId, d: &Dispatch) -> pb::Dispatch {
         stage: stage as i32,
         fulfilment: match d.order.fulfilment {
             Fulfilment::Delivery => pb::FulfilmentKind::Delivery,
-            Fulfilment::Pickup => pb::FulfilmentKind::Pickup,
+            Fulfilment::Pickup | Fulfilment::AtStall => pb::FulfilmentKind::Pickup,
         } as i32,
         item: if d.order.discreet {
             String::new()

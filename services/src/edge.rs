@@ -73,6 +73,12 @@ fn sale(check: &mut Check, i: usize, s: &proto::edge::v1::EdgeSale) -> Option<Ed
     let order_id = check.parse(&format!("sales[{i}].order_id"), &s.order_id, OrderId::parse);
     let amount = check.money(&format!("sales[{i}].amount"), s.amount.as_ref());
     let sold_at = check.timestamp(&format!("sales[{i}].sold_at"), s.sold_at.as_ref());
+    if s.delivery {
+        check.fail(
+            &format!("sales[{i}].delivery"),
+            "an edge's sales are handed over at its stall: an upload carries no delivery address",
+        );
+    }
     for (field, value) in [
         ("payment_reference", &s.payment_reference),
         ("pickup_code", &s.pickup_code),
@@ -85,11 +91,7 @@ fn sale(check: &mut Check, i: usize, s: &proto::edge::v1::EdgeSale) -> Option<Ed
         order_id: order_id?,
         quantity: s.quantity,
         amount: amount?,
-        fulfilment: if s.delivery {
-            Fulfilment::Delivery
-        } else {
-            Fulfilment::Pickup
-        },
+        fulfilment: Fulfilment::AtStall,
         payment_reference: s.payment_reference.clone(),
         pickup_code: s.pickup_code.clone(),
         receipt_mac: s.receipt_mac.clone(),

@@ -432,6 +432,7 @@ pub fn ledger() -> Seeds {
             terms: terms(),
             confirmed_at: at(0),
             cancelled_at: cancelled.then(|| at(5)),
+            handed_over_at: None,
         })
     };
     let fulfilment = |n: u64, delivered: bool| {

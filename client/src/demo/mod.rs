@@ -11,6 +11,7 @@
 
 mod cluster;
 mod couriers;
+mod popup;
 mod settlement;
 
 use crate::cli::DemoArgs;
@@ -141,9 +142,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut demo = Demo::set_up(&args, &backend.client_addrs(), operator_token, drop_id).await?;
     demo.create_drops().await?;
     let consoles = backend.serve_consoles(&args, &demo).await?;
-    let sale = demo.sell(&mut backend).await?;
+    // A pop-up in Porto: its network drops as the stream starts; it sells offline meanwhile.
+    let mut pop_up = popup::PopUp::open(
+        &demo.channel(),
+        backend.client_addrs()[0],
+        &mut demo.operator,
+        &demo.operator_token,
+        &demo.drop_id,
+        &data_dir,
+    )
+    .await?;
+    let (sale, stall) = tokio::join!(demo.sell(&mut backend), pop_up.sell_out_offline());
+    let (sale, ()) = (sale?, stall?);
+    let mut platform = CheckoutServiceClient::with_interceptor(demo.channel(), demo.bearer.clone());
+    let (edge_line, edge_differences) = pop_up.reconcile(&mut platform).await?;
     let audit = demo.audit(&backend).await?;
     sale.print(&audit.figures);
+    println!("{edge_line}");
     audit.print();
     let (lost, outage) = demo.check_node_loss(sale.node_loss).await?;
     demo.fulfil(sale.confirmed, outage).await?;
@@ -164,6 +179,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     if !settled {
         anyhow::bail!("settlement reconciliation found differences");
+    }
+    if edge_differences > 0 {
+        anyhow::bail!("the pop-up's sales and the platform's orders differ");
     }
     Ok(())
 }

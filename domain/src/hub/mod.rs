@@ -43,7 +43,9 @@ pub fn required_capabilities(order: &DispatchOrder) -> BTreeSet<Capability> {
     let mut caps = BTreeSet::new();
     caps.insert(match order.fulfilment {
         Fulfilment::Delivery => Capability::Delivery,
-        Fulfilment::Pickup => Capability::PickupPoint,
+        // A stall's sale never reaches a hub (see `Fulfilment::AtStall`); were it to, a
+        // pickup point is the nearest thing.
+        Fulfilment::Pickup | Fulfilment::AtStall => Capability::PickupPoint,
     });
     if order.discreet {
         caps.insert(Capability::Discreet);

@@ -672,7 +672,10 @@ impl SkuState {
                         updated_at: *at,
                     }),
                 );
-                self.handover.insert(sale.order_id.clone());
+                // A sale handed over at the stall is fulfilled already: no hub's business.
+                if sale.fulfilment != Fulfilment::AtStall {
+                    self.handover.insert(sale.order_id.clone());
+                }
                 self.queue_for_ledger(&sale.order_id, false, *at);
                 self.revenue_minor_units += sale.amount.minor_units;
                 self.touch(*at);

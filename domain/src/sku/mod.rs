@@ -652,6 +652,7 @@ impl SkuState {
             terms: self.terms,
             confirmed_at: c.confirmed_at,
             cancelled_at: (order.status == OrderStatus::Cancelled).then_some(order.updated_at),
+            handed_over_at: (c.fulfilment == Fulfilment::AtStall).then_some(c.confirmed_at),
         })
     }
 

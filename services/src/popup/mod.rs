@@ -189,9 +189,13 @@ impl Edge {
         })
     }
 
-    /// Closes the journal: queued appends answered, the log checkpointed.
-    pub fn close(&self) {
-        self.journal.close();
+    /// Closes the journal: queued appends answered, the log checkpointed (on a blocking
+    /// thread: it waits for the journal's writer).
+    pub async fn close(&self) {
+        let journal = self.journal.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || journal.close()).await {
+            tracing::warn!(error = %e, "the journal did not close cleanly");
+        }
     }
 }
 
@@ -202,7 +206,7 @@ pub async fn run(config: EdgeConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.listen))?;
     let edge = Edge::open(config, Arc::new(SystemClock))?;
     let stop = serve(edge.clone(), listener, crate::server::shutdown_signal()).await;
-    edge.close();
+    edge.close().await;
     stop
 }
 

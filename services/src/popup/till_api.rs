@@ -129,7 +129,7 @@ fn order_message(key: &(DropId, SkuId), order_id: &OrderId, order: &TillOrder, f
         expires_at: expires_at.map(convert::timestamp),
         waitlist_position: 0,
         fulfilment: if matches!(order.state, TillOrderState::Sold(_)) {
-            FulfilmentKind::Pickup as i32
+            FulfilmentKind::AtStall as i32
         } else {
             FulfilmentKind::Unspecified as i32
         },

@@ -302,6 +302,19 @@ async fn a_pop_up_sells_its_lease_offline_survives_kill_9_and_is_booked_once_whe
     assert!(sku.sold <= sku.allocated);
     let pool = &sku.pools[0];
     assert_eq!(pool.leased, 2, "{pool:?}");
+    // On the platform a till sale is an order handed over at the stall: no hub dispatches it.
+    let booked = CheckoutServiceClient::with_interceptor(stall.channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
+        .get_order(GetOrderRequest {
+            order_id: offline[0].order.as_ref().unwrap().order_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (booked.status, booked.fulfilment, booked.quantity, booked.tracking.clone()),
+        (OrderStatus::Confirmed as i32, FulfilmentKind::AtStall as i32, 2, None),
+        "{booked:?}"
+    );
 
     // The creator's ledger: one sale line per till sale, and nothing to reconcile.
     let statement = settlement(&stall.channel, OPERATOR_TOKEN)

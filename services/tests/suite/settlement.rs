@@ -428,6 +428,7 @@ async fn reconciliation_lists_and_refunds_an_order_no_sku_journal_confirms() {
         terms: Default::default(),
         confirmed_at: domain::UnixMillis(1),
         cancelled_at: None,
+        handed_over_at: None,
     };
     server
         .platform
@@ -746,6 +747,7 @@ async fn reconciliation_withdraws_the_dispatch_of_an_order_it_refunds() {
         terms: Default::default(),
         confirmed_at: domain::UnixMillis(1),
         cancelled_at: None,
+        handed_over_at: None,
     };
     let creator = domain::CreatorId::parse("creator-1").unwrap();
     server
