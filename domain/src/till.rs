@@ -164,7 +164,11 @@ pub enum TillCommand {
     GetOrder {
         order_id: OrderId,
     },
+    /// The whole till's figures (reads every order: for status pages, not per sale).
     Figures,
+    /// The lease as mirrored and the stock free and held now (cheap: what a till's answers
+    /// and levels need).
+    Stock,
     /// Up to `max` sales not booked yet, oldest first, as the upload carries them.
     Pending {
         max: usize,
@@ -205,6 +209,14 @@ pub enum TillEvent {
     },
 }
 
+/// What a till can sell now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TillStock {
+    pub terms: Option<TillTerms>,
+    pub free: u32,
+    pub held: u32,
+}
+
 /// A till's figures, for the edge's status and console.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TillFigures {
@@ -232,6 +244,7 @@ pub enum TillReply {
     /// the stall).
     Order(Option<(OrderId, TillOrder)>),
     Figures(TillFigures),
+    Stock(TillStock),
     Pending(Vec<(OrderId, TillSale)>),
     Orders(Vec<(OrderId, TillOrder)>),
     Done,
@@ -693,6 +706,14 @@ impl Aggregate for TillState {
                 Ok((vec![], TillReply::Order(Some((order_id, order.clone())))))
             }
             TillCommand::Figures => Ok((vec![], TillReply::Figures(self.figures()))),
+            TillCommand::Stock => Ok((
+                vec![],
+                TillReply::Stock(TillStock {
+                    terms: self.terms.clone(),
+                    free: self.free(),
+                    held: self.held,
+                }),
+            )),
             TillCommand::Pending { max } => {
                 let pending = self
                     .outbox

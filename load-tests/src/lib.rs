@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod cpu;
 pub mod echo;
+pub mod edge;
 pub mod hot_sku;
 pub mod nemesis;
 pub mod net;

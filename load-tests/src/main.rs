@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use load_tests::{catalog, cluster, echo, hot_sku, nemesis, swaps};
+use load_tests::{catalog, cluster, echo, edge, hot_sku, nemesis, swaps};
 
 /// mimalloc: glibc malloc cost ~20 % of the reserve path under load (arena lock contention
 /// and fragmentation across tokio workers); see ARCHITECTURE.md.
@@ -34,6 +34,9 @@ enum Command {
     /// Cluster mode: the hot-SKU burst through N nodes over NATS against one embedded
     /// server, and the takeover time after kill -9 of the hot SKU's node, repeated.
     Cluster(cluster::ClusterArgs),
+    /// Pop-up edge: offline sales at N tills against the same sale online on the platform,
+    /// and the upload rate once the edge's link is back.
+    Edge(edge::EdgeArgs),
     /// Fault schedules against a 3-node cluster on 3 NATS servers (partitions, pauses,
     /// kills), each checked for lost acknowledgements, oversell and double bookings.
     Nemesis(nemesis::NemesisArgs),
@@ -67,6 +70,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Swaps(args) => swaps::run(args).await,
         Command::Cluster(args) => cluster::run(args).await,
         Command::Nemesis(args) => nemesis::run(args).await,
+        Command::Edge(args) => edge::run(args).await,
         Command::EchoOnly(args) => hot_sku::run_echo_only(args).await,
     };
     match result {

@@ -12,7 +12,7 @@ use crate::limits::{CHECKOUT_MESSAGE_BYTES_MAX, GRPC_CONCURRENT_STREAMS_MAX, HTT
 use crate::status::from_command_error;
 use actors::secrets::receipt_mac;
 use domain::drop::SaleStatus;
-use domain::till::{TillCommand, TillFigures, TillOrder, TillOrderState, TillReply, TillState, Upload};
+use domain::till::{TillCommand, TillOrder, TillOrderState, TillReply, TillState, TillStock, TillTerms, Upload};
 use domain::{DropId, OrderId, SkuId, UnixMillis};
 use proto::checkout::v1::checkout_service_server::{CheckoutService, CheckoutServiceServer};
 use proto::checkout::v1::*;
@@ -110,8 +110,7 @@ fn order_status(order: &TillOrder) -> OrderStatus {
     }
 }
 
-fn order_message(key: &(DropId, SkuId), order_id: &OrderId, order: &TillOrder, figures: Option<&TillFigures>) -> Order {
-    let terms = figures.and_then(|f| f.terms.as_ref());
+fn order_message(key: &(DropId, SkuId), order_id: &OrderId, order: &TillOrder, terms: Option<&TillTerms>) -> Order {
     let (amount, pickup_code, updated_at, expires_at) = match &order.state {
         TillOrderState::Held { expires_at } => (None, String::new(), order.created_at, Some(*expires_at)),
         TillOrderState::Released { at, .. } => (None, String::new(), *at, None),
@@ -153,11 +152,16 @@ impl TillCheckout {
             .map_err(from_command_error)
     }
 
-    async fn figures(&self, key: &(DropId, SkuId)) -> Result<TillFigures, Status> {
-        match self.ask(key.clone(), TillCommand::Figures).await? {
-            TillReply::Figures(figures) => Ok(figures),
-            other => Err(Status::internal(format!("a till answered {other:?} to Figures"))),
+    async fn stock(&self, key: &(DropId, SkuId)) -> Result<TillStock, Status> {
+        match self.ask(key.clone(), TillCommand::Stock).await? {
+            TillReply::Stock(stock) => Ok(stock),
+            other => Err(Status::internal(format!("a till answered {other:?} to Stock"))),
         }
+    }
+
+    /// The till's lease as mirrored (what an answer names: hub, city).
+    async fn terms(&self, key: &(DropId, SkuId)) -> Option<TillTerms> {
+        self.stock(key).await.ok().and_then(|s| s.terms)
     }
 
     fn one_order(reply: TillReply) -> Result<Option<(OrderId, TillOrder)>, Status> {
@@ -193,12 +197,7 @@ impl CheckoutService for TillCheckout {
                 },
             )
             .await?;
-        let figures = self.figures(&key).await.ok();
-        let hub_id = figures
-            .as_ref()
-            .and_then(|f| f.terms.as_ref())
-            .map(|t| t.hub_id.to_string())
-            .unwrap_or_default();
+        let hub_id = self.terms(&key).await.map(|t| t.hub_id.to_string()).unwrap_or_default();
         Ok(Response::new(match Self::one_order(reply)? {
             None => ReserveResponse {
                 outcome: ReserveOutcome::SoldOut as i32,
@@ -269,7 +268,7 @@ impl CheckoutService for TillCheckout {
             return Err(Status::internal("a confirm answered an order not sold"));
         };
         self.edge.uplink.sold.notify_one();
-        let figures = self.figures(&key).await.ok();
+        let terms = self.terms(&key).await;
         let receipt_token = self
             .edge
             .keys
@@ -291,7 +290,7 @@ impl CheckoutService for TillCheckout {
             confirmed_at: Some(convert::timestamp(sale.sold_at)),
         };
         Ok(Response::new(ConfirmResponse {
-            order: Some(order_message(&key, &order_id, &order, figures.as_ref())),
+            order: Some(order_message(&key, &order_id, &order, terms.as_ref())),
             receipt: Some(receipt),
         }))
     }
@@ -300,8 +299,8 @@ impl CheckoutService for TillCheckout {
         authorize(&self.edge, &request)?;
         let (order_id, key) = parse_order_id(&self.edge, &request.get_ref().order_id)?;
         let reply = self.ask(key.clone(), TillCommand::Cancel { order_id }).await?;
-        let figures = self.figures(&key).await.ok();
-        let order = Self::one_order(reply)?.map(|(id, order)| order_message(&key, &id, &order, figures.as_ref()));
+        let terms = self.terms(&key).await;
+        let order = Self::one_order(reply)?.map(|(id, order)| order_message(&key, &id, &order, terms.as_ref()));
         Ok(Response::new(CancelResponse { order }))
     }
 
@@ -325,7 +324,7 @@ impl CheckoutService for TillCheckout {
             if till_drop != drop_id {
                 continue;
             }
-            let figures = self.figures(&(till_drop, sku_id.clone())).await?;
+            let figures = self.stock(&(till_drop, sku_id.clone())).await?;
             let Some(terms) = figures.terms.as_ref() else { continue };
             let open = !terms.ended && self.edge.clock.now() < terms.expires_at;
             let level = crate::levels::level(
@@ -357,9 +356,9 @@ impl CheckoutService for TillCheckout {
         authorize(&self.edge, &request)?;
         let (order_id, key) = parse_order_id(&self.edge, &request.get_ref().order_id)?;
         let reply = self.ask(key.clone(), TillCommand::GetOrder { order_id }).await?;
-        let figures = self.figures(&key).await.ok();
+        let terms = self.terms(&key).await;
         let (order_id, order) = Self::one_order(reply)?.ok_or_else(|| Status::not_found("order not found"))?;
-        Ok(Response::new(order_message(&key, &order_id, &order, figures.as_ref())))
+        Ok(Response::new(order_message(&key, &order_id, &order, terms.as_ref())))
     }
 
     type WatchOrderStream = Pin<Box<dyn futures::Stream<Item = Result<Order, Status>> + Send>>;

@@ -315,14 +315,14 @@ async fn top_up_if_low(edge: &Edge, lease: &Lease) -> anyhow::Result<()> {
     if edge.clock.now() >= terms.expires_at {
         return Ok(());
     }
-    let TillReply::Figures(figures) = edge
+    let TillReply::Stock(stock) = edge
         .bus
-        .ask::<TillState>((drop_id.clone(), sku_id.clone()), TillCommand::Figures)
+        .ask::<TillState>((drop_id.clone(), sku_id.clone()), TillCommand::Stock)
         .await?
     else {
         return Ok(());
     };
-    if figures.free >= config.top_up_below {
+    if stock.free >= config.top_up_below {
         return Ok(());
     }
     let granted_total = lease.top_up_max.min(lease.granted.saturating_add(config.top_up_units));

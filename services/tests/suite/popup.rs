@@ -311,7 +311,12 @@ async fn a_pop_up_sells_its_lease_offline_survives_kill_9_and_is_booked_once_whe
         .unwrap()
         .into_inner();
     assert_eq!(
-        (booked.status, booked.fulfilment, booked.quantity, booked.tracking.clone()),
+        (
+            booked.status,
+            booked.fulfilment,
+            booked.quantity,
+            booked.tracking.clone()
+        ),
         (OrderStatus::Confirmed as i32, FulfilmentKind::AtStall as i32, 2, None),
         "{booked:?}"
     );
