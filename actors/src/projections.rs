@@ -11,7 +11,7 @@ use domain::hub::Dispatch;
 use domain::ledger::Entry;
 use domain::registry::{CreatorRecord, HubRecord, PartnerRecord, StorefrontRecord};
 use domain::sku::{OrderView, SkuFigures, SkuState};
-use domain::{CreatorId, DropId, HubId, OrderId, PartnerId, SkuId, UnixMillis};
+use domain::{CreatorId, DropId, HubId, OrderId, PartnerId, SkuId, StorefrontId, UnixMillis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +26,8 @@ pub struct Projections {
     pub couriers: crate::fulfilment::Couriers,
     pub hub_loads: crate::fulfilment::HubLoads,
     pub settlement: crate::settlement_feed::SettlementFeed,
+    /// When each pop-up edge last called the platform (on any node).
+    pub edge_contacts: EdgeContacts,
     /// In a cluster: where updates go so that every other node's projections follow (the
     /// gRPC call reading them may land on any node). Unset on the embedded platform.
     remote: OnceLock<Arc<dyn RemoteProjections>>,
@@ -66,6 +68,37 @@ pub enum ProjectionUpdate {
     /// An entry of the operators' audit trail: every node keeps the whole trail.
     Audit(AuditEntry),
     Storefront(StorefrontRecord),
+    /// A pop-up edge called the platform at `at`.
+    EdgeContact {
+        edge: StorefrontId,
+        at: UnixMillis,
+    },
+}
+
+/// When each pop-up edge last called the platform: whether it is online, as the operator
+/// sees it. At most one entry per storefront (the directory bounds those).
+#[derive(Default)]
+pub struct EdgeContacts {
+    last: RwLock<HashMap<StorefrontId, UnixMillis>>,
+}
+
+impl EdgeContacts {
+    pub fn get(&self, edge: &StorefrontId) -> Option<UnixMillis> {
+        self.last.read().expect("contacts lock").get(edge).copied()
+    }
+
+    /// Records a contact (the later one wins); whether it moved the edge's last contact by at
+    /// least `share_after_ms`, so worth telling the other nodes.
+    pub fn record(&self, edge: &StorefrontId, at: UnixMillis, share_after_ms: i64) -> bool {
+        let mut last = self.last.write().expect("contacts lock");
+        let entry = last.entry(edge.clone()).or_insert(UnixMillis(i64::MIN));
+        if at <= *entry {
+            return false;
+        }
+        let worth = at.0.saturating_sub(entry.0) >= share_after_ms;
+        *entry = at;
+        worth
+    }
 }
 
 /// Carries projection updates to the other nodes of a cluster.
@@ -152,6 +185,9 @@ impl Projections {
             ProjectionUpdate::Partner(record) => self.directory.put_partner(record),
             ProjectionUpdate::Creator(record) => self.directory.put_creator(record),
             ProjectionUpdate::Storefront(record) => self.directory.put_storefront(record),
+            ProjectionUpdate::EdgeContact { edge, at } => {
+                self.edge_contacts.record(&edge, at, 0);
+            }
             ProjectionUpdate::Audit(entry) => match self.audit.get() {
                 Some(log) => log.record(&entry),
                 None => tracing::warn!(action = %entry.action, "no audit store; entry dropped"),

@@ -352,6 +352,25 @@ pub fn sku_figures(f: &SkuFigures) -> operator::SkuFigures {
         leased: pools.iter().map(|p| p.leased).sum(),
         pools,
         sold_out_at: f.sold_out_at.map(timestamp),
+        // Presence (last contact, online) is the operator service's to add.
+        edges: f
+            .leases
+            .iter()
+            .map(|l| operator::EdgeFigures {
+                edge_id: l.edge.to_string(),
+                hub_id: l.hub_id.to_string(),
+                leased: l.outstanding,
+                granted: l.granted,
+                sold: l.sold,
+                returned: l.returned,
+                refunded: l.refunded,
+                expires_at: Some(timestamp(l.expires_at)),
+                ended: l.ended,
+                last_sync: l.last_sync.map(timestamp),
+                last_contact: None,
+                online: false,
+            })
+            .collect(),
     }
 }
 

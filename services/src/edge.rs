@@ -9,8 +9,10 @@
 
 use crate::auth::{require_storefront, Caller};
 use crate::convert::{self, Check};
+use crate::limits::EDGE_CONTACT_SHARE_MS;
 use crate::platform::Platform;
 use crate::status::from_command_error;
+use actors::projections::ProjectionUpdate;
 use actors::secrets::{receipt_mac_matches, ReceiptFields};
 use domain::facts::Fulfilment;
 use domain::limits::EDGE_SALES_PER_UPLOAD_MAX;
@@ -37,6 +39,20 @@ impl Edges {
             .ask_for::<SkuState, LeaseView>((drop_id, sku_id), SkuCommand::GetLease { edge })
             .await
             .map_err(from_command_error)
+    }
+
+    /// The calling edge (see [`edge`]), its contact recorded: the operator sees it online.
+    fn caller<T>(&self, request: &Request<T>) -> Result<StorefrontId, Status> {
+        let edge = edge(request)?;
+        let projections = &self.platform.projections;
+        let now = self.platform.clock.now();
+        if projections.edge_contacts.record(&edge, now, EDGE_CONTACT_SHARE_MS) {
+            projections.emit(vec![ProjectionUpdate::EdgeContact {
+                edge: edge.clone(),
+                at: now,
+            }]);
+        }
+        Ok(edge)
     }
 
     fn with_key(&self, view: &LeaseView) -> EdgeLease {
@@ -120,7 +136,7 @@ pub(crate) fn receipt_fields<'a>(drop_id: &'a DropId, sku_id: &'a SkuId, sale: &
 #[tonic::async_trait]
 impl EdgeService for Edges {
     async fn get_lease(&self, request: Request<GetLeaseRequest>) -> Result<Response<EdgeLease>, Status> {
-        let edge = edge(&request)?;
+        let edge = self.caller(&request)?;
         let r = request.into_inner();
         let (drop_id, sku_id) = sku_of(&r.drop_id, &r.sku_id)?;
         let view = self.lease(edge, drop_id, sku_id).await?;
@@ -131,7 +147,7 @@ impl EdgeService for Edges {
         &self,
         request: Request<ListEdgeLeasesRequest>,
     ) -> Result<Response<ListEdgeLeasesResponse>, Status> {
-        let edge = edge(&request)?;
+        let edge = self.caller(&request)?;
         let mut check = Check::default();
         let drop_id = check.parse("drop_id", &request.get_ref().drop_id, DropId::parse);
         let drop_id = check.finish(|| drop_id)?;
@@ -159,7 +175,7 @@ impl EdgeService for Edges {
     }
 
     async fn top_up(&self, request: Request<TopUpRequest>) -> Result<Response<EdgeLease>, Status> {
-        let edge = edge(&request)?;
+        let edge = self.caller(&request)?;
         let r = request.into_inner();
         let (drop_id, sku_id) = sku_of(&r.drop_id, &r.sku_id)?;
         let view: LeaseView = self
@@ -180,7 +196,7 @@ impl EdgeService for Edges {
     }
 
     async fn upload(&self, request: Request<UploadRequest>) -> Result<Response<UploadResponse>, Status> {
-        let edge = edge(&request)?;
+        let edge = self.caller(&request)?;
         let r = request.into_inner();
         let mut check = Check::default();
         let drop_id = check.parse("drop_id", &r.drop_id, DropId::parse);
@@ -269,7 +285,7 @@ impl EdgeService for Edges {
     }
 
     async fn return_unsold(&self, request: Request<ReturnUnsoldRequest>) -> Result<Response<EdgeLease>, Status> {
-        let edge = edge(&request)?;
+        let edge = self.caller(&request)?;
         let r = request.into_inner();
         let (drop_id, sku_id) = sku_of(&r.drop_id, &r.sku_id)?;
         let view: LeaseView = self

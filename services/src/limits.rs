@@ -193,6 +193,13 @@ const _: () = assert!(COMMAND_TIMEOUT_MS < RESERVE_STREAM_REPLY_STALL_MS);
 pub const WATCH_STREAM_MAX_MS: u64 = 3_600_000;
 /// WatchDrop sends at most one update per this interval, coalescing changes in between.
 pub const WATCH_DROP_INTERVAL_MS: u64 = 250;
+/// A pop-up edge is online, as the operator sees it, while its last call is at most this old
+/// (an edge calls every `--sync-secs`, 5 s by default, and every second while it probes).
+pub const EDGE_ONLINE_WITHIN_MS: i64 = 15_000;
+/// WatchDrop looks again this often while a drop has edges: they go offline by falling silent.
+pub const EDGE_PRESENCE_CHECK_MS: u64 = 2_000;
+/// A node tells the others of an edge's contact at most this often.
+pub const EDGE_CONTACT_SHARE_MS: i64 = 2_000;
 /// Lines queued for one WatchSettlement client before the stream waits for it.
 pub const SETTLEMENT_WATCH_BUFFER: usize = 256;
 /// Statement lines per page when the client names no page size.

@@ -3,7 +3,8 @@
 use crate::auth::require_operator;
 use crate::convert::{self, Check};
 use crate::limits::{
-    LIST_DROPS_PAGE_DEFAULT, LIST_DROPS_PAGE_MAX, LIST_DROPS_SCAN_MAX, WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS,
+    EDGE_ONLINE_WITHIN_MS, EDGE_PRESENCE_CHECK_MS, LIST_DROPS_PAGE_DEFAULT, LIST_DROPS_PAGE_MAX, LIST_DROPS_SCAN_MAX,
+    WATCH_DROP_INTERVAL_MS, WATCH_STREAM_MAX_MS,
 };
 use crate::platform::Platform;
 use crate::status::from_command_error;
@@ -75,11 +76,9 @@ impl Operator {
 
     async fn drop_reply(&self, view: &DropView) -> Result<Drop, Status> {
         let cached = self.platform.cached_drop(&view.spec.drop_id).await?;
-        Ok(convert::drop_with_figures(
-            view,
-            &cached.skus,
-            &hub_loads(&self.platform, &view.spec),
-        ))
+        let mut drop = convert::drop_with_figures(view, &cached.skus, &hub_loads(&self.platform, &view.spec));
+        edge_presence(&self.platform, &mut drop);
+        Ok(drop)
     }
 
     /// Records a status change in the drop's journal, then tells the running SKU actors.
@@ -351,6 +350,8 @@ impl OperatorService for Operator {
             loop {
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { break },
+                    // Edges go offline by falling silent: look again now and then.
+                    _ = tokio::time::sleep(Duration::from_millis(EDGE_PRESENCE_CHECK_MS)), if has_edges(&last) => {}
                     _ = tx.closed() => break,
                     _ = shutdown.changed() => break,
                     _ = &mut deadline => break,
@@ -369,7 +370,8 @@ impl OperatorService for Operator {
                     recorded_status: cached.status,
                     spec: cached.spec.clone(),
                 };
-                let next = convert::drop_with_figures(&view, &cached.skus, &hub_loads(&platform, &view.spec));
+                let mut next = convert::drop_with_figures(&view, &cached.skus, &hub_loads(&platform, &view.spec));
+                edge_presence(&platform, &mut next);
                 if next != last {
                     last = next.clone();
                     if tx.send(Ok(next)).await.is_err() {
@@ -571,6 +573,24 @@ impl OperatorService for Operator {
         }
         Ok(Response::new(reply))
     }
+}
+
+/// Adds to each edge's figures when it last called the platform and whether that is recent
+/// enough to call it online.
+fn edge_presence(platform: &Platform, drop: &mut Drop) {
+    let now = platform.clock.now();
+    for edge in drop.skus.iter_mut().flat_map(|s| s.edges.iter_mut()) {
+        let Ok(id) = StorefrontId::parse(&edge.edge_id) else {
+            continue;
+        };
+        let contact = platform.projections.edge_contacts.get(&id);
+        edge.last_contact = contact.map(convert::timestamp);
+        edge.online = contact.is_some_and(|at| now.0.saturating_sub(at.0) <= EDGE_ONLINE_WITHIN_MS);
+    }
+}
+
+fn has_edges(drop: &Drop) -> bool {
+    drop.skus.iter().any(|s| !s.edges.is_empty())
 }
 
 /// A lease's drop, SKU and edge from a request, or INVALID_ARGUMENT naming the bad fields.

@@ -140,6 +140,22 @@ pub struct LeaseCommand {
     pub reconcile_window_ms: u64,
 }
 
+/// A lease's figures, as GetDrop and WatchDrop show them per SKU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseFigures {
+    pub edge: StorefrontId,
+    pub hub_id: HubId,
+    /// Units the lease holds now.
+    pub outstanding: u32,
+    pub granted: u32,
+    pub sold: u32,
+    pub returned: u32,
+    pub refunded: u32,
+    pub expires_at: UnixMillis,
+    pub ended: bool,
+    pub last_sync: Option<UnixMillis>,
+}
+
 /// A lease as the operator and its edge see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseView {
@@ -171,6 +187,26 @@ impl SkuState {
             price: self.price,
             lease: lease.clone(),
         })
+    }
+
+    /// Every lease's figures (at most `LEASES_PER_SKU_MAX`), by edge.
+    pub fn lease_figures(&self) -> Vec<LeaseFigures> {
+        self.edges
+            .leases
+            .iter()
+            .map(|(edge, l)| LeaseFigures {
+                edge: edge.clone(),
+                hub_id: self.pools[l.pool].hub_id.clone(),
+                outstanding: l.outstanding,
+                granted: l.granted,
+                sold: l.sold,
+                returned: l.returned,
+                refunded: l.refunded,
+                expires_at: l.expires_at,
+                ended: l.ended.is_some(),
+                last_sync: l.last_sync,
+            })
+            .collect()
     }
 
     pub fn lease_views(&self) -> Vec<LeaseView> {

@@ -14,7 +14,7 @@ mod view;
 
 pub use lease::{
     EdgeLease, EdgeRefund, EdgeRefundReason, EdgeSale, EdgeSaleOutcome, EdgeSaleResult, EdgeUpload, Edges,
-    LeaseCommand, LeaseEnd, LeaseView,
+    LeaseCommand, LeaseEnd, LeaseFigures, LeaseView,
 };
 
 use crate::aggregate::Aggregate;
@@ -483,6 +483,8 @@ pub struct SkuFigures {
     pub revenue: Money,
     pub sold_out_at: Option<UnixMillis>,
     pub changed_at: UnixMillis,
+    /// The pop-up edges' leases of this SKU.
+    pub leases: Vec<LeaseFigures>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

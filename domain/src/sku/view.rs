@@ -67,6 +67,7 @@ impl SkuState {
             revenue: Money::new(self.revenue_minor_units, self.price.currency),
             sold_out_at: self.sold_out_at,
             changed_at: self.changed_at,
+            leases: self.lease_figures(),
         }
     }
 }

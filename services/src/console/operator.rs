@@ -212,6 +212,23 @@ fn board_cells(drop: &pb::Drop, rates: &Rates) -> BTreeMap<String, String> {
             sku.sold_out_at.as_ref().map_or_else(|| "—".into(), |t| time(Some(t))),
         );
     }
+    for sku in &drop.skus {
+        for e in &sku.edges {
+            let key = |field: &str| format!("edge/{}/{}/{field}", sku.sku_id, e.edge_id);
+            cells.insert(key("leased"), e.leased.to_string());
+            cells.insert(key("sold"), e.sold.to_string());
+            cells.insert(key("returned"), e.returned.to_string());
+            cells.insert(key("refunded"), e.refunded.to_string());
+            let state = match (e.ended, e.online) {
+                (true, _) => "ended",
+                (false, true) => "online",
+                (false, false) => "offline",
+            };
+            cells.insert(key("state"), state.into());
+            cells.insert(key("last_contact"), time(e.last_contact.as_ref()));
+            cells.insert(key("last_sync"), time(e.last_sync.as_ref()));
+        }
+    }
     for h in &drop.hubs {
         let key = |field: &str| format!("hub/{}/{field}", h.hub_id);
         cells.insert(key("open"), h.open_dispatches.to_string());
@@ -326,6 +343,32 @@ async fn board(
                     }
                 }
             }))
+            @if drop.skus.iter().any(|s| !s.edges.is_empty()) {
+                h2 { "Pop-up edges" }
+                (table("Pop-up edges", html! {
+                    tr { th scope="col" { "Edge" } th scope="col" { "SKU" } th scope="col" { "Hub" }
+                         th scope="col" class="n" { "Leased now" } th scope="col" class="n" { "Sold" }
+                         th scope="col" class="n" { "Returned" } th scope="col" class="n" { "Refunded" }
+                         th scope="col" { "Link" } th scope="col" { "Last contact" } th scope="col" { "Last sync" } }
+                }, html! {
+                    @for s in &drop.skus {
+                        @for e in &s.edges {
+                            tr {
+                                td { (e.edge_id) }
+                                td { (s.sku_id) }
+                                td { (e.hub_id) }
+                                (cell(format!("edge/{}/{}/leased", s.sku_id, e.edge_id), "n"))
+                                (cell(format!("edge/{}/{}/sold", s.sku_id, e.edge_id), "n"))
+                                (cell(format!("edge/{}/{}/returned", s.sku_id, e.edge_id), "n"))
+                                (cell(format!("edge/{}/{}/refunded", s.sku_id, e.edge_id), "n"))
+                                (cell(format!("edge/{}/{}/state", s.sku_id, e.edge_id), ""))
+                                (cell(format!("edge/{}/{}/last_contact", s.sku_id, e.edge_id), ""))
+                                (cell(format!("edge/{}/{}/last_sync", s.sku_id, e.edge_id), ""))
+                            }
+                        }
+                    }
+                }))
+            }
             @if !drop.hubs.is_empty() {
                 h2 { "Hubs fulfilling this drop" }
                 (table("Hubs fulfilling this drop", html! {

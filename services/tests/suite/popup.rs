@@ -194,6 +194,19 @@ async fn a_pop_up_sells_its_lease_offline_survives_kill_9_and_is_booked_once_whe
         })
         .await;
     assert_eq!((online.edge_id.as_str(), online.tills[0].free), (EDGE, 10));
+    // The operator sees the edge online, with its lease.
+    let seen = stall.sku().await.edges;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        (
+            seen[0].edge_id.as_str(),
+            seen[0].leased,
+            seen[0].granted,
+            seen[0].online
+        ),
+        (EDGE, 10, 10, true),
+        "{seen:?}"
+    );
 
     // Who may call the till: the edge's credential only.
     let anonymous = CheckoutServiceClient::new(edge.clone())
@@ -263,6 +276,17 @@ async fn a_pop_up_sells_its_lease_offline_survives_kill_9_and_is_booked_once_whe
         .unwrap()
         .into_inner();
     assert_eq!(web.outcome, ReserveOutcome::SoldOut as i32, "{web:?}");
+    // Cut off, the edge falls silent: the operator sees it offline.
+    let until = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let edges = stall.sku().await.edges;
+        if !edges[0].online {
+            assert!(edges[0].last_contact.is_some(), "{edges:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "still online: {edges:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // kill -9 while offline: every acknowledged sale is still there after the restart.
     stall.edge.kill();
@@ -302,6 +326,9 @@ async fn a_pop_up_sells_its_lease_offline_survives_kill_9_and_is_booked_once_whe
     assert!(sku.sold <= sku.allocated);
     let pool = &sku.pools[0];
     assert_eq!(pool.leased, 2, "{pool:?}");
+    let e = &sku.edges[0];
+    assert_eq!((e.leased, e.sold, e.returned, e.online), (2, 8, 0, true), "{e:?}");
+    assert!(e.last_sync.is_some());
     // On the platform a till sale is an order handed over at the stall: no hub dispatches it.
     let booked = CheckoutServiceClient::with_interceptor(stall.channel.clone(), Bearer::new(OPERATOR_TOKEN).unwrap())
         .get_order(GetOrderRequest {
