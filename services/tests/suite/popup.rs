@@ -98,6 +98,11 @@ impl Stall {
 /// A platform with drop `porto` (SKU `tee`, 30 units in hub-1), a lease of `leased` units
 /// of it to the edge, and the edge running behind a proxy it reaches the platform through.
 async fn stall(leased: u32) -> Stall {
+    stall_with(leased, 0, &["--top-up-below", "0"]).await
+}
+
+/// [`stall`] with a top-up allowance and more flags for the edge.
+async fn stall_with(leased: u32, top_up_max: u32, edge_args: &[&str]) -> Stall {
     let dir = tempfile::tempdir().unwrap();
     let mut upstream = ServeCommand::new(dir.path().join("platform")).unwrap().spawn().unwrap();
     let channel = upstream.connect(Duration::from_secs(60)).await.unwrap();
@@ -124,7 +129,7 @@ async fn stall(leased: u32) -> Stall {
             hub_id: "hub-1".into(),
             edge_id: EDGE.into(),
             quantity: leased,
-            top_up_max: 0,
+            top_up_max,
             key_id: "porto-2026".into(),
             expires_at: Some(ts(3_600)),
             reconcile_window_seconds: 3_600,
@@ -139,7 +144,15 @@ async fn stall(leased: u32) -> Stall {
         dir.path().join("edge"),
     )
     .unwrap()
-    .args(["--offline-after-ms", "700", "--sync-secs", "1", "--top-up-below", "0"]);
+    .args([
+        "--offline-after-ms",
+        "700",
+        "--sync-secs",
+        "1",
+        "--availability-secs",
+        "1",
+    ])
+    .args(edge_args.iter().copied());
     let edge = edge_command.spawn().unwrap();
     Stall {
         _dir: dir,
@@ -449,4 +462,69 @@ async fn sales_the_platform_refuses_after_the_lease_closed_offline_are_reported_
     let sku = stall.sku().await;
     assert_eq!((sku.sold, sku.available), (0, 30));
     stall.assert_reconciled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_running_low_tops_its_lease_up_and_shows_its_own_level_beside_the_platform_s() {
+    let mut stall = stall_with(4, 10, &["--top-up-below", "2", "--top-up-units", "3"]).await;
+    let edge = stall.connect_edge().await;
+    let mut till = stall.till(&edge);
+    stall
+        .until(&edge, Duration::from_secs(30), "online with its lease", |s| {
+            s.online && s.tills.len() == 1
+        })
+        .await;
+    // Three of four sold: one free, fewer than two, so the edge asks for three more.
+    for n in 1..=3 {
+        sell(&mut till, 1, n).await.expect("in stock");
+    }
+    let topped = stall
+        .until(&edge, Duration::from_secs(30), "topped up", |s| s.tills[0].granted == 7)
+        .await;
+    assert_eq!(topped.tills[0].free, 4, "{topped:#?}");
+    // Again, until the operator's allowance (10) is reached, and never beyond it.
+    for n in 4..=6 {
+        sell(&mut till, 1, n).await.expect("in stock");
+    }
+    stall
+        .until(&edge, Duration::from_secs(30), "topped up to the allowance", |s| {
+            s.tills[0].granted == 10
+        })
+        .await;
+    for n in 7..=10 {
+        sell(&mut till, 1, n).await.expect("in stock");
+    }
+    assert!(sell(&mut till, 1, 11).await.is_none(), "the allowance is spent");
+    let done = stall
+        .until(&edge, Duration::from_secs(30), "everything booked", |s| {
+            s.tills[0].sales_booked == 10
+        })
+        .await;
+    assert_eq!((done.tills[0].granted, done.tills[0].free), (10, 0), "{done:#?}");
+    let sku = stall.sku().await;
+    assert_eq!(
+        (sku.sold, sku.edges[0].granted, sku.edges[0].leased),
+        (10, 10, 0),
+        "{sku:?}"
+    );
+
+    // The tills' levels: the platform's (fetched every second here), and the stall's own.
+    let levels = till
+        .get_availability(GetAvailabilityRequest {
+            drop_id: "porto".into(),
+            city: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let level = |city: &str| {
+        levels
+            .skus
+            .iter()
+            .find(|s| s.sku_id == "tee" && s.city == city)
+            .map(|s| s.level)
+    };
+    assert_eq!(level("Lisbon (pop-up)"), Some(Level::SoldOut as i32), "{levels:?}");
+    assert_eq!(level("Lisbon"), Some(Level::InStock as i32), "{levels:?}");
+    assert!(levels.as_of.is_some());
 }
