@@ -40,6 +40,19 @@ pub enum Log {
     File(PathBuf),
 }
 
+/// Starts `exe` (default [`dropline_exe`]) with `args` and `env`, its standard error to `log`.
+fn spawn_dropline(exe: Option<&Path>, args: &[OsString], env: &[(&str, &str)], log: &Log) -> anyhow::Result<Child> {
+    let exe = exe.map_or_else(dropline_exe, Path::to_path_buf);
+    Command::new(&exe)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.stderr()?)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting {}: {e}", exe.display()))
+}
+
 impl Log {
     /// The child's standard error.
     fn stderr(&self) -> anyhow::Result<Stdio> {
@@ -114,20 +127,26 @@ impl ServeCommand {
 
     /// Starts the process; it answers once [`ServeProcess::connect`] says so.
     pub fn spawn(&self) -> anyhow::Result<ServeProcess> {
-        let stderr = self.log.stderr()?;
-        let exe = self.exe.clone().unwrap_or_else(dropline_exe);
-        let child = Command::new(&exe)
-            .args(["serve", "--listen", &self.listen.to_string()])
-            .args(["--http-listen", &self.http_listen.to_string(), "--data-dir"])
-            .arg(&self.data_dir)
-            .args(&self.args)
-            .env("DROPLINE_LOG", &self.log_filter)
-            .env("DROPLINE_OPERATOR_TOKEN", &self.operator_token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("starting {}: {e}", exe.display()))?;
+        let mut args: Vec<OsString> = ["serve", "--listen", &self.listen.to_string()]
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        args.extend([
+            "--http-listen".into(),
+            self.http_listen.to_string().into(),
+            "--data-dir".into(),
+        ]);
+        args.push(self.data_dir.clone().into());
+        args.extend(self.args.iter().cloned());
+        let child = spawn_dropline(
+            self.exe.as_deref(),
+            &args,
+            &[
+                ("DROPLINE_LOG", &self.log_filter),
+                ("DROPLINE_OPERATOR_TOKEN", &self.operator_token),
+            ],
+            &self.log,
+        )?;
         Ok(ServeProcess {
             addr: self.listen,
             http_addr: self.http_listen,
@@ -279,20 +298,19 @@ impl EdgeCommand {
     }
 
     pub fn spawn(&self) -> anyhow::Result<ServeProcess> {
-        let stderr = self.log.stderr()?;
-        let exe = self.exe.clone().unwrap_or_else(dropline_exe);
-        let child = Command::new(&exe)
-            .args(["edge", "--upstream", &self.upstream, "--drop", &self.drop_id])
-            .args(["--listen", &self.listen.to_string(), "--data-dir"])
-            .arg(&self.data_dir)
-            .args(&self.args)
-            .env("DROPLINE_LOG", &self.log_filter)
-            .env("DROPLINE_EDGE_TOKEN", &self.token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("starting {}: {e}", exe.display()))?;
+        let mut args: Vec<OsString> = ["edge", "--upstream", &self.upstream, "--drop", &self.drop_id]
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        args.extend(["--listen".into(), self.listen.to_string().into(), "--data-dir".into()]);
+        args.push(self.data_dir.clone().into());
+        args.extend(self.args.iter().cloned());
+        let child = spawn_dropline(
+            self.exe.as_deref(),
+            &args,
+            &[("DROPLINE_LOG", &self.log_filter), ("DROPLINE_EDGE_TOKEN", &self.token)],
+            &self.log,
+        )?;
         Ok(ServeProcess {
             addr: self.listen,
             http_addr: self.listen,

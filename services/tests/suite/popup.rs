@@ -72,6 +72,15 @@ impl Stall {
         }
     }
 
+    /// Restores the link and waits until the edge's outbox is uploaded.
+    async fn heal(&self, edge: &Channel) -> PopupStatus {
+        self.proxy.set(LinkMode::Up);
+        self.until(edge, Duration::from_secs(60), "uploaded", |s| {
+            s.online && s.tills[0].sales_pending == 0
+        })
+        .await
+    }
+
     /// Reconciliation finds no difference and every ledger balances.
     async fn assert_reconciled(&self) {
         let report = settlement(&self.channel, OPERATOR_TOKEN)
@@ -326,12 +335,7 @@ async fn a_pop_up_sells_its_lease_offline_survives_kill_9_and_is_booked_once_whe
     }
 
     // Back online: the outbox is uploaded, each sale booked once.
-    stall.proxy.set(LinkMode::Up);
-    let back = stall
-        .until(&edge, Duration::from_secs(60), "uploaded", |s| {
-            s.online && s.tills[0].sales_pending == 0
-        })
-        .await;
+    let back = stall.heal(&edge).await;
     let t = &back.tills[0];
     assert_eq!((t.sales_booked, t.sales_refunded), (4, 0), "{back:#?}");
     let sku = stall.sku().await;
@@ -417,12 +421,7 @@ async fn sales_the_platform_refuses_after_the_lease_closed_offline_are_reported_
         .await
         .unwrap();
     assert_eq!(stall.sku().await.available, 30);
-    stall.proxy.set(LinkMode::Up);
-    let back = stall
-        .until(&edge, Duration::from_secs(60), "uploaded", |s| {
-            s.online && s.tills[0].sales_pending == 0
-        })
-        .await;
+    let back = stall.heal(&edge).await;
     let t = &back.tills[0];
     assert_eq!(
         (t.sales_booked, t.sales_refunded, t.sold, t.free),
