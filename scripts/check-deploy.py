@@ -493,6 +493,8 @@ BAD_VALUES = [
     ("TLS without its Secret", {"tls": {"enabled": True}}),
     ("client certificates without TLS", {"tls": {"clientCaSecretName": "partners-ca"}}),
     ("a Secret name with capitals", {"tls": {"enabled": True, "secretName": "Dropline-TLS"}}),
+    ("a console origin with a path", {"http": {"consoleOrigin": "https://drops.example.com/ops"}}),
+    ("an OTLP endpoint without a scheme", {"otlpEndpoint": "otel-collector:4317"}),
 ]
 
 
