@@ -2,7 +2,8 @@
 //! partners' client certificates): health, operator and settlement calls from the command
 //! line's clients with `--tls-ca`; a partner presenting a certificate issued to its own id is
 //! served, one presenting another's is PERMISSION_DENIED, one presenting none is served;
-//! plaintext clients and certificates of another CA do not get in.
+//! plaintext clients and certificates of another CA do not get in; a pop-up edge uploads
+//! over TLS and refuses a platform whose certificate its CA did not sign.
 
 use client::cli::{SettlementArgs, SettlementCommand};
 use client::tls::ClientTlsArgs;
@@ -315,4 +316,162 @@ async fn the_http_side_is_served_over_tls_with_the_grpc_sides_certificate() {
     assert!(!status.starts_with("HTTP/1.1 200"), "plaintext got an answer: {status}");
     let _ = stop.send(());
     served.await.unwrap().unwrap();
+}
+
+/// A pop-up edge reaches a platform served over TLS with `--tls-ca`, and sells and uploads
+/// through it; an edge trusting another CA (a platform impersonated) never gets online and
+/// says why, while its till still sells its lease offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_up_edge_uploads_over_tls_and_refuses_a_platform_of_another_ca() {
+    use proto::checkout::v1::checkout_service_client::CheckoutServiceClient;
+    use proto::checkout::v1::{confirm_request, ConfirmRequest, Pickup, ReserveOutcome, ReserveRequest};
+    use proto::edge::v1::popup_service_client::PopupServiceClient;
+    use proto::edge::v1::{GetPopupStatusRequest, PopupStatus};
+    use services::auth::Bearer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("dropline test CA");
+    let server_pem = ca.issue("dropline", &["localhost"]);
+    let files = TlsFiles {
+        cert: write(dir.path(), "server.crt", &server_pem.cert),
+        key: write(dir.path(), "server.key", &server_pem.key),
+        client_ca: None,
+    };
+    let ca_path = write(dir.path(), "ca.crt", &ca.pem());
+    let stranger_path = write(dir.path(), "stranger.crt", &TestCa::new("another CA").pem());
+    let platform = services::platform::Platform::open_embedded(
+        &dir.path().join("data"),
+        Some(OPERATOR_TOKEN),
+        actors::limits::LIVE_ACTORS_MAX_DEFAULT,
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(services::server::serve_with_options(
+        platform,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        ServeOptions {
+            tls: Some(files.load().unwrap()),
+            ..ServeOptions::default()
+        },
+    ));
+    let mut channel = None;
+    for _ in 0..100 {
+        if let Ok(c) = tls_channel(port, &ca.pem(), None).await {
+            channel = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let channel = channel.expect("the TLS server answers");
+    create_test_hubs(&channel).await;
+    creator(&channel, "creator-1").await;
+    let mut operator = operator_client(&channel);
+    operator
+        .create_drop(drop_request("stall", &[("tee", 10)], 5, 600))
+        .await
+        .unwrap();
+    operator
+        .open_drop(proto::operator::v1::OpenDropRequest {
+            drop_id: "stall".into(),
+        })
+        .await
+        .unwrap();
+    let credential = storefront_credential(std::slice::from_ref(&channel), OPERATOR_TOKEN, "popup-tls")
+        .await
+        .unwrap();
+    operator
+        .lease_stock(proto::operator::v1::LeaseStockRequest {
+            drop_id: "stall".into(),
+            sku_id: "tee".into(),
+            hub_id: "hub-1".into(),
+            edge_id: "popup-tls".into(),
+            quantity: 4,
+            top_up_max: 0,
+            key_id: "tls-1".into(),
+            expires_at: Some(ts(3_600)),
+            reconcile_window_seconds: 600,
+        })
+        .await
+        .unwrap();
+
+    let status = |edge: &Channel| PopupServiceClient::with_interceptor(edge.clone(), Bearer::new(&credential).unwrap());
+    let until = |edge: Channel, done: fn(&PopupStatus) -> bool| {
+        let mut client = status(&edge);
+        async move {
+            for _ in 0..600 {
+                let now = client.get_status(GetPopupStatusRequest {}).await.unwrap().into_inner();
+                if done(&now) {
+                    return now;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the edge did not get there in 30 s");
+        }
+    };
+    let url = format!("https://127.0.0.1:{port}");
+    let edge_with = |name: &str, ca: &Path| {
+        EdgeCommand::new(&url, &credential, "stall", dir.path().join(name))
+            .unwrap()
+            .args([
+                "--sync-secs",
+                "1",
+                "--offline-after-ms",
+                "1000",
+                "--tls-server-name",
+                "localhost",
+                "--tls-ca",
+            ])
+            .args([ca.as_os_str()])
+    };
+
+    // The edge trusting the platform's CA: online, and its sale is booked.
+    let mut edge = edge_with("edge", &ca_path).spawn().unwrap();
+    let edge_channel = edge.connect(Duration::from_secs(60)).await.unwrap();
+    until(edge_channel.clone(), |s| s.online && s.tills.len() == 1).await;
+    let mut till = CheckoutServiceClient::with_interceptor(edge_channel.clone(), Bearer::new(&credential).unwrap());
+    let held = till
+        .reserve(ReserveRequest {
+            drop_id: "stall".into(),
+            sku_id: "tee".into(),
+            quantity: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.outcome, ReserveOutcome::Held as i32);
+    till.confirm(ConfirmRequest {
+        order_id: held.order_id,
+        payment_reference: "card-1".into(),
+        amount: eur(2_500),
+        fulfilment: Some(confirm_request::Fulfilment::Pickup(Pickup {})),
+        discreet: false,
+    })
+    .await
+    .unwrap();
+    until(edge_channel, |s| s.tills[0].sales_booked == 1).await;
+    edge.kill();
+
+    // Trusting another CA: the handshake fails, the edge never gets its lease or goes online.
+    let mut impostor = edge_with("edge-2", &stranger_path).spawn().unwrap();
+    let impostor_channel = impostor.connect(Duration::from_secs(60)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen = status(&impostor_channel)
+        .get_status(GetPopupStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!seen.online && seen.tills.is_empty(), "{seen:#?}");
+    // "ListLeases: invalid peer certificate: UnknownIssuer"
+    assert!(seen.offline_reason.contains("certificate"), "{seen:#?}");
+    impostor.kill();
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
 }
