@@ -349,7 +349,8 @@ async fn upload_all(edge: &Edge) {
     for (drop_id, sku_id) in edge.tills.all() {
         loop {
             match upload_once(edge, &drop_id, &sku_id).await {
-                Ok(sent) if sent == TILL_PENDING_MAX => continue,
+                // A full upload, all of it answered: there may be more.
+                Ok((sent, settled)) if sent == TILL_PENDING_MAX && settled == sent => continue,
                 Ok(_) => break,
                 Err(e) => {
                     debug!(error = %e, %drop_id, %sku_id, "upload not done");
@@ -361,18 +362,19 @@ async fn upload_all(edge: &Edge) {
 }
 
 /// Uploads the till's oldest pending sales (at most a full upload) and settles them with
-/// the upstream's answers; returns how many were sent.
-async fn upload_once(edge: &Edge, drop_id: &DropId, sku_id: &SkuId) -> anyhow::Result<usize> {
+/// the upstream's answers; returns how many were sent and how many got an answer (one this
+/// edge does not know leaves its sale pending: the next round sends it again, not at once).
+async fn upload_once(edge: &Edge, drop_id: &DropId, sku_id: &SkuId) -> anyhow::Result<(usize, usize)> {
     let key = (drop_id.clone(), sku_id.clone());
     let TillReply::Pending(pending) = edge
         .bus
         .ask::<TillState>(key.clone(), TillCommand::Pending { max: TILL_PENDING_MAX })
         .await?
     else {
-        return Ok(0);
+        return Ok((0, 0));
     };
     if pending.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let mut sales = Vec::with_capacity(pending.len());
     for (order_id, sale) in &pending {
@@ -419,11 +421,12 @@ async fn upload_once(edge: &Edge, drop_id: &DropId, sku_id: &SkuId) -> anyhow::R
     };
     let booked = results.iter().filter(|(_, u)| *u == Upload::Booked).count();
     let refunded = results.iter().filter(|(_, u)| u.is_refund()).count();
+    let answered = results.iter().filter(|(_, u)| *u != Upload::Pending).count();
     edge.bus
         .ask::<TillState>(key, TillCommand::Settle { results, terms })
         .await?;
     info!(%drop_id, %sku_id, sent, booked, refunded, "sales uploaded");
-    Ok(sent)
+    Ok((sent, answered))
 }
 
 async fn refresh_availability(edge: &Edge) {
