@@ -274,6 +274,9 @@ pub const EVENTS_MAX_BYTES: i64 = 256 << 20;
 /// Pull requests of a node's projection consumer last this long, with heartbeats this often.
 pub const EVENTS_PULL_EXPIRES: Duration = Duration::from_secs(2);
 pub const EVENTS_PULL_HEARTBEAT: Duration = Duration::from_millis(500);
+/// How often a node checks that the events stream has not gone back behind its consumer
+/// (see `cluster::node::watch_events_consumer`).
+pub const EVENTS_CONSUMER_CHECK: Duration = Duration::from_secs(3);
 /// Updates delivered to a node and not yet acknowledged, at most.
 pub const EVENTS_ACK_PENDING_MAX: i64 = 10_000;
 

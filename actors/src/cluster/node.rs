@@ -13,11 +13,11 @@ use crate::embedded::LocalActors;
 use crate::error::CommandError;
 use crate::journal::{AddressVault, BoxFuture, JournalError};
 use crate::limits::{
-    ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_SCAN_FACTOR, COMMAND_TIMEOUT_MS, EVENTS_ACK_PENDING_MAX, EVENTS_MAX_AGE,
-    EVENTS_MAX_BYTES, EVENTS_PULL_EXPIRES, EVENTS_PULL_HEARTBEAT, PROJECTION_ACKS_PENDING, PROJECTION_BATCH_MAX,
-    PROJECTION_LINGER, PROJECTION_QUEUE_MAX, PROJECTION_RESYNC, PROJECTION_RESYNC_WINDOW, PROJECTION_RETRY,
-    REMOTE_COMMANDS_MAX, ROUTE_BACKOFF_MAX, ROUTE_BACKOFF_MIN, ROUTE_BATCHES_IN_FLIGHT, ROUTE_BATCH_MAX,
-    ROUTE_QUEUE_MAX, STORAGE_WAIT,
+    ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_SCAN_FACTOR, COMMAND_TIMEOUT_MS, EVENTS_ACK_PENDING_MAX,
+    EVENTS_CONSUMER_CHECK, EVENTS_MAX_AGE, EVENTS_MAX_BYTES, EVENTS_PULL_EXPIRES, EVENTS_PULL_HEARTBEAT,
+    PROJECTION_ACKS_PENDING, PROJECTION_BATCH_MAX, PROJECTION_LINGER, PROJECTION_QUEUE_MAX, PROJECTION_RESYNC,
+    PROJECTION_RESYNC_WINDOW, PROJECTION_RETRY, REMOTE_COMMANDS_MAX, ROUTE_BACKOFF_MAX, ROUTE_BACKOFF_MIN,
+    ROUTE_BATCHES_IN_FLIGHT, ROUTE_BATCH_MAX, ROUTE_QUEUE_MAX, STORAGE_WAIT,
 };
 use crate::projections::{ProjectionUpdate, Projections, RemoteProjections};
 use crate::secrets::SealedAddress;
@@ -665,6 +665,11 @@ impl ClusterNode {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
+        tokio::spawn(watch_events_consumer(
+            self.js.clone(),
+            self.node.clone(),
+            Arc::downgrade(projections),
+        ));
         projections.set_remote(Arc::new(NatsProjections { tx }));
         Ok(())
     }
@@ -825,6 +830,48 @@ impl ClusterNode {
 
 /// This node's durable consumer of the events stream (created on first use), as a stream
 /// of messages from where the node last acknowledged.
+/// Follows this node's consumer of the events stream again from the stream's end when the
+/// stream has gone back behind it. The stream keeps its messages in memory (R3): a replica
+/// that restarted empty and became leader before it caught up starts numbering again below
+/// what the consumer delivered, and the consumer then passes over every new message as
+/// already delivered, so this node's projections stop following the others' for good (the
+/// nemesis saw two nodes' figures of a SKU stay stale after kill -9 of a NATS server while
+/// the others were cut from their peers). Deleting the consumer ends its message stream;
+/// the follower creates it again, new from the stream's end, and the owners' periodic
+/// re-publication of recent figures (`PROJECTION_RESYNC`) brings back what was missed.
+async fn watch_events_consumer(js: jetstream::Context, node: String, projections: Weak<Projections>) {
+    let name = placement::events_consumer(&node);
+    loop {
+        tokio::time::sleep(EVENTS_CONSUMER_CHECK).await;
+        if projections.strong_count() == 0 {
+            return;
+        }
+        let Ok(stream) = js.get_stream(placement::EVENTS_STREAM).await else {
+            continue;
+        };
+        let Ok(stream_info) = stream.get_info().await else {
+            continue;
+        };
+        let Ok(consumer) = stream.get_consumer::<jetstream::consumer::pull::Config>(&name).await else {
+            continue;
+        };
+        let Ok(consumer_info) = consumer.get_info().await else {
+            continue;
+        };
+        let (last, delivered) = (stream_info.state.last_sequence, consumer_info.delivered.stream_sequence);
+        if delivered > last {
+            warn!(
+                delivered,
+                last,
+                "the events stream went back behind this node's consumer (a replica lost messages); following it again from its end"
+            );
+            if let Err(e) = stream.delete_consumer(&name).await {
+                warn!(error = %e, "the stale events consumer was not deleted; trying again");
+            }
+        }
+    }
+}
+
 async fn follow_events(js: &jetstream::Context, node: &str) -> anyhow::Result<jetstream::consumer::pull::Stream> {
     let stream = js.get_stream(placement::EVENTS_STREAM).await?;
     let consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config> = stream
