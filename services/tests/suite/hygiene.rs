@@ -58,9 +58,16 @@ impl Codec for RawCodec {
     }
 }
 
-/// Every RPC of every Dropline service, as (service, "/package.Service/Method"), read from
-/// the descriptor set the server registers for reflection: a new RPC is covered at once.
+/// Every RPC of every service `dropline serve` serves, as (service,
+/// "/package.Service/Method"), read from the descriptor set the server registers for
+/// reflection: a new RPC is covered at once.
 fn every_rpc() -> Vec<(String, String)> {
+    // PopupService is `dropline edge`'s, not the platform's (popup.rs checks it there).
+    rpcs_where(|_, service| service != "PopupService")
+}
+
+/// The RPCs of the Dropline services for which `keep(package, service)` holds.
+pub(crate) fn rpcs_where(keep: impl Fn(&str, &str) -> bool) -> Vec<(String, String)> {
     let set = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
     let mut rpcs = Vec::new();
     for file in &set.file {
@@ -69,7 +76,7 @@ fn every_rpc() -> Vec<(String, String)> {
         if !package.starts_with("dropline.") || package.starts_with("dropline.bench.") {
             continue;
         }
-        for service in &file.service {
+        for service in file.service.iter().filter(|s| keep(package, s.name())) {
             for method in &service.method {
                 rpcs.push((
                     service.name().to_string(),
@@ -83,7 +90,12 @@ fn every_rpc() -> Vec<(String, String)> {
 
 /// Calls `path` with `body` as its message and `authorization` as its credential; Ok when
 /// the server answered with a message or opened its stream.
-async fn raw_call(channel: &Channel, path: &str, body: Bytes, authorization: Option<&str>) -> Result<(), Status> {
+pub(crate) async fn raw_call(
+    channel: &Channel,
+    path: &str,
+    body: Bytes,
+    authorization: Option<&str>,
+) -> Result<(), Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
     let mut request = tonic::Request::new(body);
@@ -101,7 +113,7 @@ async fn raw_call(channel: &Channel, path: &str, body: Bytes, authorization: Opt
 
 /// The RPCs whose client streams its requests (ReserveStream): the handler runs, and checks
 /// the credential, before any message is read.
-fn client_streaming_rpcs() -> Vec<String> {
+pub(crate) fn client_streaming_rpcs() -> Vec<String> {
     let set = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
     let mut rpcs = Vec::new();
     for file in set.file.iter().filter(|f| f.package().starts_with("dropline.")) {
@@ -136,7 +148,7 @@ async fn raw_stream_call(channel: &Channel, path: &str, body: Bytes, authorizati
 }
 
 /// Message bodies no protobuf message decodes from, whatever its fields.
-fn undecodable_bodies() -> Vec<(&'static str, Bytes)> {
+pub(crate) fn undecodable_bodies() -> Vec<(&'static str, Bytes)> {
     let random = |n: usize| -> Vec<u8> { (0..n).map(|_| rand::random::<u8>()).collect() };
     // Field 1 with wire type 7 (there are six) and field 0 (numbers start at 1), each
     // followed by random bytes that are never read.

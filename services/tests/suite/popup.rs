@@ -527,3 +527,53 @@ async fn a_stall_running_low_tops_its_lease_up_and_shows_its_own_level_beside_th
     assert_eq!(level("Lisbon"), Some(Level::InStock as i32), "{levels:?}");
     assert!(levels.as_of.is_some());
 }
+
+/// Every RPC the edge serves to its tills (CheckoutService, PopupService), as an attacker on
+/// the stall's network would call it: bytes that do not decode are INVALID_ARGUMENT whoever
+/// calls; a valid message without a credential is UNAUTHENTICATED, with the platform's
+/// operator credential or another storefront's PERMISSION_DENIED; nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_refuses_garbage_and_strangers_on_every_rpc() {
+    use crate::hygiene::{client_streaming_rpcs, raw_call, rpcs_where, undecodable_bodies};
+    let mut stall = stall(3).await;
+    let edge = stall.connect_edge().await;
+    stall
+        .until(&edge, Duration::from_secs(30), "online with its lease", |s| {
+            s.online && s.tills.len() == 1
+        })
+        .await;
+    let rpcs = rpcs_where(|_, service| service == "CheckoutService" || service == "PopupService");
+    let streaming = client_streaming_rpcs();
+    assert!(rpcs.len() >= 9, "{rpcs:?}");
+    let own = format!("Bearer {}", stall.credential);
+    let operator = format!("Bearer {OPERATOR_TOKEN}");
+    let other = format!(
+        "Bearer {}",
+        storefront_credential(std::slice::from_ref(&stall.channel), OPERATOR_TOKEN, "another-shop")
+            .await
+            .unwrap()
+    );
+    for (_, path) in rpcs.iter().filter(|(_, p)| !streaming.contains(p)) {
+        for (what, body) in undecodable_bodies() {
+            for credential in [None, Some(own.as_str())] {
+                let status = raw_call(&edge, path, body.clone(), credential).await.unwrap_err();
+                assert_eq!(status.code(), Code::InvalidArgument, "{path} with {what}: {status:?}");
+            }
+        }
+        let anonymous = raw_call(&edge, path, bytes::Bytes::new(), None).await.unwrap_err();
+        assert_eq!(anonymous.code(), Code::Unauthenticated, "{path}: {anonymous:?}");
+        for stranger in [&operator, &other] {
+            let status = raw_call(&edge, path, bytes::Bytes::new(), Some(stranger))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{path}: {status:?}");
+        }
+    }
+    // Nothing was sold or held by any of it.
+    let status = stall.status(&edge).await;
+    assert_eq!(
+        (status.tills[0].free, status.tills[0].held, status.tills[0].sold),
+        (3, 0, 0),
+        "{status:#?}"
+    );
+}
