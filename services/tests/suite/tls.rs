@@ -61,6 +61,46 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A temporary directory, a test CA, the server's certificate for `localhost` (and, with
+/// `partners_ca`, the same CA for partners' client certificates), an embedded platform and
+/// a listener on a free port.
+struct TlsSetup {
+    dir: tempfile::TempDir,
+    ca: TestCa,
+    files: TlsFiles,
+    platform: services::platform::Platform,
+    listener: tokio::net::TcpListener,
+    port: u16,
+}
+
+async fn tls_setup(partners_ca: bool) -> TlsSetup {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("dropline test CA");
+    let server_pem = ca.issue("dropline", &["localhost"]);
+    let files = TlsFiles {
+        cert: write(dir.path(), "server.crt", &server_pem.cert),
+        key: write(dir.path(), "server.key", &server_pem.key),
+        client_ca: partners_ca.then(|| write(dir.path(), "partners-ca.crt", &ca.pem())),
+    };
+    let platform = services::platform::Platform::open_embedded(
+        &dir.path().join("data"),
+        Some(OPERATOR_TOKEN),
+        actors::limits::LIVE_ACTORS_MAX_DEFAULT,
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    TlsSetup {
+        dir,
+        ca,
+        files,
+        platform,
+        listener,
+        port,
+    }
+}
+
 /// A TLS channel to the server at 127.0.0.1:`port`, whose certificate names `localhost`,
 /// presenting `identity` if given.
 async fn tls_channel(port: u16, ca: &str, identity: Option<&Pem>) -> Result<Channel, tonic::transport::Error> {
@@ -80,24 +120,15 @@ async fn tls_channel(port: u16, ca: &str, identity: Option<&Pem>) -> Result<Chan
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_partners_may_prove_themselves_with_a_certificate_of_their_own_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("dropline test CA");
-    let server_pem = ca.issue("dropline", &["localhost"]);
-    let files = TlsFiles {
-        cert: write(dir.path(), "server.crt", &server_pem.cert),
-        key: write(dir.path(), "server.key", &server_pem.key),
-        client_ca: Some(write(dir.path(), "partners-ca.crt", &ca.pem())),
-    };
+    let TlsSetup {
+        dir,
+        ca,
+        files,
+        platform,
+        listener,
+        port,
+    } = tls_setup(true).await;
     let ca_path = write(dir.path(), "ca.crt", &ca.pem());
-    let platform = services::platform::Platform::open_embedded(
-        &dir.path().join("data"),
-        Some(OPERATOR_TOKEN),
-        actors::limits::LIVE_ACTORS_MAX_DEFAULT,
-    )
-    .await
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let options = ServeOptions {
         tls: Some(files.load().unwrap()),
@@ -259,23 +290,14 @@ async fn https_get(port: u16, ca: &str, path: &str) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_side_is_served_over_tls_with_the_grpc_sides_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("dropline test CA");
-    let server_pem = ca.issue("dropline", &["localhost"]);
-    let files = TlsFiles {
-        cert: write(dir.path(), "server.crt", &server_pem.cert),
-        key: write(dir.path(), "server.key", &server_pem.key),
-        client_ca: None,
-    };
-    let platform = services::platform::Platform::open_embedded(
-        &dir.path().join("data"),
-        Some(OPERATOR_TOKEN),
-        actors::limits::LIVE_ACTORS_MAX_DEFAULT,
-    )
-    .await
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let TlsSetup {
+        dir: _dir,
+        ca,
+        files,
+        platform,
+        listener,
+        port,
+    } = tls_setup(false).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let health = services::server::Health::new();
     health
@@ -329,25 +351,16 @@ async fn a_pop_up_edge_uploads_over_tls_and_refuses_a_platform_of_another_ca() {
     use proto::edge::v1::{GetPopupStatusRequest, PopupStatus};
     use services::auth::Bearer;
 
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("dropline test CA");
-    let server_pem = ca.issue("dropline", &["localhost"]);
-    let files = TlsFiles {
-        cert: write(dir.path(), "server.crt", &server_pem.cert),
-        key: write(dir.path(), "server.key", &server_pem.key),
-        client_ca: None,
-    };
+    let TlsSetup {
+        dir,
+        ca,
+        files,
+        platform,
+        listener,
+        port,
+    } = tls_setup(false).await;
     let ca_path = write(dir.path(), "ca.crt", &ca.pem());
     let stranger_path = write(dir.path(), "stranger.crt", &TestCa::new("another CA").pem());
-    let platform = services::platform::Platform::open_embedded(
-        &dir.path().join("data"),
-        Some(OPERATOR_TOKEN),
-        actors::limits::LIVE_ACTORS_MAX_DEFAULT,
-    )
-    .await
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(services::server::serve_with_options(
         platform,
