@@ -685,6 +685,20 @@ async fn a_node_cut_off_from_nats_is_not_ready_and_acknowledges_nothing() {
     cluster.stop();
 }
 
+/// The units held of the first SKU of `drop_id` as the node behind `channel` shows them
+/// (`u32::MAX` when it does not answer).
+async fn held_on(channel: &Channel, drop_id: &str) -> u32 {
+    match operator_client(channel)
+        .get_drop(GetDropRequest {
+            drop_id: drop_id.into(),
+        })
+        .await
+    {
+        Ok(drop) => drop.into_inner().skus[0].held,
+        Err(_) => u32::MAX,
+    }
+}
+
 /// Found by the nemesis: a node that missed projection updates (here: cut off from NATS
 /// while the updates were published and then lost from the events stream) showed a SKU's
 /// old figures until the SKU next changed, which for a sold-out SKU is never. The owner
@@ -702,24 +716,13 @@ async fn a_node_that_missed_figures_catches_up_without_a_further_change() {
     let channels = cluster.channels();
     let storefront = storefront_everywhere(&channels).await;
     create_hot_drop(&channels[0], "missed", 100).await;
-    let sold = |channel: Channel| async move {
-        match operator_client(&channel)
-            .get_drop(GetDropRequest {
-                drop_id: "missed".into(),
-            })
-            .await
-        {
-            Ok(drop) => drop.into_inner().skus[0].held,
-            Err(_) => u32::MAX,
-        }
-    };
     // A first hold, which node-1's cache shows (an uncached SKU would be read from its actor).
     let until = Instant::now() + Duration::from_secs(60);
     shop(&channels[0], &storefront)
         .reserve(reserve("missed", "hot", "m-0", 1))
         .await
         .unwrap();
-    while sold(channels[1].clone()).await != 1 {
+    while held_on(&channels[1], "missed").await != 1 {
         assert!(Instant::now() < until, "node-1's figures before the cut");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -738,7 +741,7 @@ async fn a_node_that_missed_figures_catches_up_without_a_further_change() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    while sold(channels[0].clone()).await != 5 {
+    while held_on(&channels[0], "missed").await != 5 {
         assert!(Instant::now() < until, "node-0's own figures");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -754,11 +757,11 @@ async fn a_node_that_missed_figures_catches_up_without_a_further_change() {
     cluster.network().unwrap().heal();
     // No further change to the SKU: node-1 must still come to show the 5 holds.
     let healed = Instant::now();
-    while sold(channels[1].clone()).await != 5 {
+    while held_on(&channels[1], "missed").await != 5 {
         assert!(
             healed.elapsed() < Duration::from_secs(30),
             "node-1 still shows {} held 30 s after the heal",
-            sold(channels[1].clone()).await
+            held_on(&channels[1], "missed").await
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -766,5 +769,107 @@ async fn a_node_that_missed_figures_catches_up_without_a_further_change() {
         "node-1 caught up {:.1} s after the heal",
         healed.elapsed().as_secs_f64()
     );
+    cluster.stop();
+}
+
+/// Found by the nemesis (seed 7033): after kill -9 of a NATS server while the others were
+/// cut from their peers, the events stream's new leader (an R3 memory replica that had
+/// restarted empty) numbered new messages below what the nodes' consumers had delivered.
+/// A consumer ahead of its stream passes over every new message as already delivered, the
+/// owners' re-publication included, and two nodes showed a SKU's old figures for good.
+/// Here every node's consumer is put ahead of the stream on purpose (deleted and created
+/// again, by the same name, starting a million messages past the stream's end): each node
+/// must notice, follow the stream again from its end, and show the SKU's new figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_events_consumer_went_ahead_of_the_stream_follows_it_again() {
+    use actors::cluster::placement::{events_consumer, EVENTS_STREAM};
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, channels) = start_cluster(1, dir.path()).await;
+    let storefront = storefront_everywhere(&channels).await;
+    create_hot_drop(&channels[0], "ahead", 100).await;
+    let every_node_shows = |want: u32, within: Duration, what: &'static str| {
+        let channels = channels.clone();
+        async move {
+            let since = Instant::now();
+            for (i, channel) in channels.iter().enumerate() {
+                loop {
+                    let shown = held_on(channel, "ahead").await;
+                    if shown == want {
+                        break;
+                    }
+                    assert!(
+                        since.elapsed() < within,
+                        "{what}: node-{i} shows {shown} held, not {want}, after {within:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            since.elapsed()
+        }
+    };
+    shop(&channels[0], &storefront)
+        .reserve(reserve("ahead", "hot", "a-0", 1))
+        .await
+        .unwrap();
+    every_node_shows(1, Duration::from_secs(60), "the first hold").await;
+
+    // Every node's consumer goes ahead of the stream.
+    let stream = cluster.jetstream().get_stream(EVENTS_STREAM).await.unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let ahead = last + 1_000_000;
+    for i in 0..channels.len() {
+        let name = events_consumer(&format!("node-{i}"));
+        let mut attempts = 0;
+        loop {
+            // The node follows its consumer again as soon as it is gone: delete and create
+            // until this one, not the node's, is the one by that name.
+            attempts += 1;
+            assert!(attempts <= 50, "{name} could not be replaced");
+            let _ = stream.delete_consumer(&name).await;
+            let planted = stream
+                .create_consumer_strict(pull::Config {
+                    durable_name: Some(name.clone()),
+                    deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: ahead },
+                    ack_policy: AckPolicy::Explicit,
+                    ..Default::default()
+                })
+                .await;
+            if let Ok(mut planted) = planted {
+                let info = planted.info().await.unwrap();
+                if info.delivered.stream_sequence >= ahead - 1 {
+                    break;
+                }
+            }
+        }
+    }
+
+    // Four more holds through node-0; no node may keep showing one.
+    for buyer in ["a-1", "a-2", "a-3", "a-4"] {
+        let outcome = shop(&channels[0], &storefront)
+            .reserve(reserve("ahead", "hot", buyer, 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome;
+        assert_eq!(outcome, ReserveOutcome::Held as i32);
+    }
+    let caught_up = every_node_shows(5, Duration::from_secs(30), "after the consumers went ahead").await;
+    eprintln!(
+        "every node shows the 4 new holds {:.1} s after they were made",
+        caught_up.as_secs_f64()
+    );
+    // Each node follows a consumer again that is not ahead of the stream.
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    for i in 0..channels.len() {
+        let name = events_consumer(&format!("node-{i}"));
+        let mut consumer = stream.get_consumer::<pull::Config>(&name).await.unwrap();
+        let delivered = consumer.info().await.unwrap().delivered.stream_sequence;
+        assert!(
+            delivered <= last,
+            "{name} delivered {delivered}, the stream ends at {last}"
+        );
+    }
     cluster.stop();
 }
