@@ -240,9 +240,13 @@ pub struct TillFigures {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TillReply {
-    /// A hold, a sale or a released hold; `None` for a reserve: nothing free (sold out at
-    /// the stall).
-    Order(Option<(OrderId, TillOrder)>),
+    /// A hold, a sale or a released hold (`order`; `None` for a reserve: nothing free, sold
+    /// out at the stall), with the lease's terms as the till holds them (what an answer to
+    /// the buyer names: the hub, the city), so that a call needs one round trip to its till.
+    Order {
+        order: Option<(OrderId, TillOrder)>,
+        terms: Option<TillTerms>,
+    },
     Figures(TillFigures),
     Stock(TillStock),
     Pending(Vec<(OrderId, TillSale)>),
@@ -429,7 +433,19 @@ impl TillState {
         for event in events {
             next.apply(event);
         }
-        TillReply::Order(next.orders.remove(order_id).map(|o| (order_id.clone(), o)))
+        let order = next.orders.remove(order_id).map(|o| (order_id.clone(), o));
+        TillReply::Order {
+            order,
+            terms: next.terms,
+        }
+    }
+
+    /// An order reply with this till's terms.
+    fn answer(&self, order: Option<(OrderId, TillOrder)>) -> TillReply {
+        TillReply::Order {
+            order,
+            terms: self.terms.clone(),
+        }
     }
 
     fn decide_reserve(
@@ -462,7 +478,7 @@ impl TillState {
                 if order.quantity != quantity {
                     return Err(Rejection::IdempotencyKeyReused { key: key.clone() });
                 }
-                return Ok((vec![], TillReply::Order(Some((first.clone(), order.clone())))));
+                return Ok((vec![], self.answer(Some((first.clone(), order.clone())))));
             }
         }
         if self.orders.contains_key(&order_id) {
@@ -492,7 +508,7 @@ impl TillState {
             )));
         }
         if self.free() < quantity {
-            return Ok((vec![], TillReply::Order(None)));
+            return Ok((vec![], self.answer(None)));
         }
         let events = vec![TillEvent::Held {
             order_id: order_id.clone(),
@@ -518,7 +534,7 @@ impl TillState {
         match &order.state {
             TillOrderState::Sold(sale) => {
                 if sale.payment_reference == payment_reference && sale.amount == amount {
-                    return Ok((vec![], TillReply::Order(Some((order_id, order.clone())))));
+                    return Ok((vec![], self.answer(Some((order_id, order.clone())))));
                 }
                 return Err(Rejection::AlreadyExists {
                     what: "sale".into(),
@@ -693,7 +709,7 @@ impl Aggregate for TillState {
                         let reply = self.reply_order(&order_id, &events);
                         Ok((events, reply))
                     }
-                    TillOrderState::Released { .. } => Ok((vec![], TillReply::Order(Some((order_id, order.clone()))))),
+                    TillOrderState::Released { .. } => Ok((vec![], self.answer(Some((order_id, order.clone()))))),
                     TillOrderState::Sold(_) => Err(Rejection::FailedPrecondition(format!(
                         "order {order_id} is sold: a refund goes through the platform once it is booked"
                     ))),
@@ -703,7 +719,7 @@ impl Aggregate for TillState {
             TillCommand::Settle { results, terms } => Ok((self.decide_settle(results, terms), TillReply::Done)),
             TillCommand::GetOrder { order_id } => {
                 let order = self.order(&order_id)?;
-                Ok((vec![], TillReply::Order(Some((order_id, order.clone())))))
+                Ok((vec![], self.answer(Some((order_id, order.clone())))))
             }
             TillCommand::Figures => Ok((vec![], TillReply::Figures(self.figures()))),
             TillCommand::Stock => Ok((

@@ -106,8 +106,12 @@ proptest! {
                         idempotency_key: key.map(|k| format!("k{k}")),
                         hold_ttl_ms: 5_000,
                     }, now);
-                    if let Ok(TillReply::Order(None)) = reply {
-                        prop_assert!(free < quantity, "sold out with {free} free for {quantity}");
+                    if let Ok(TillReply::Order { order, terms }) = reply {
+                        // Every order answer names the lease as the till holds it.
+                        prop_assert_eq!(&terms, &state.terms);
+                        if order.is_none() {
+                            prop_assert!(free < quantity, "sold out with {free} free for {quantity}");
+                        }
                     }
                 }
                 Step::Confirm { pick, same_again } => {
@@ -123,7 +127,7 @@ proptest! {
                         pickup_code: "123456".into(),
                         offline: pick % 2 == 0,
                     };
-                    if let Ok(TillReply::Order(Some((id, order)))) = run(&mut state, &mut log, confirm.clone(), now) {
+                    if let Ok(TillReply::Order { order: Some((id, order)), .. }) = run(&mut state, &mut log, confirm.clone(), now) {
                         let TillOrderState::Sold(sale) = order.state else { panic!("a confirm answered {order:?}") };
                         acknowledged.insert(id, sale);
                         if same_again {
@@ -131,7 +135,8 @@ proptest! {
                             let before = state.clone();
                             let again = run(&mut state, &mut log, confirm, now).unwrap();
                             prop_assert_eq!(&state, &before);
-                            prop_assert!(matches!(again, TillReply::Order(Some(_))));
+                            let answered_the_sale = matches!(again, TillReply::Order { order: Some(_), .. });
+                            prop_assert!(answered_the_sale);
                         }
                     }
                 }
@@ -222,7 +227,10 @@ fn an_ended_or_expired_lease_sells_nothing_and_sales_past_their_window_are_overd
         UnixMillis(1_000),
     )
     .unwrap();
-    let TillReply::Order(Some((id, _))) = run(&mut state, &mut log, reserve(2), UnixMillis(1_000)).unwrap() else {
+    let TillReply::Order {
+        order: Some((id, _)), ..
+    } = run(&mut state, &mut log, reserve(2), UnixMillis(1_000)).unwrap()
+    else {
         panic!()
     };
     run(

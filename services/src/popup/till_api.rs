@@ -139,6 +139,9 @@ fn order_message(key: &(DropId, SkuId), order_id: &OrderId, order: &TillOrder, t
     }
 }
 
+/// An order a till answered with (`None`: nothing free for a reserve).
+type OneOrder = Option<(OrderId, TillOrder)>;
+
 pub struct TillCheckout {
     edge: Edge,
 }
@@ -159,14 +162,11 @@ impl TillCheckout {
         }
     }
 
-    /// The till's lease as mirrored (what an answer names: hub, city).
-    async fn terms(&self, key: &(DropId, SkuId)) -> Option<TillTerms> {
-        self.stock(key).await.ok().and_then(|s| s.terms)
-    }
-
-    fn one_order(reply: TillReply) -> Result<Option<(OrderId, TillOrder)>, Status> {
+    /// An order command's answer: the order, and the till's lease as mirrored (what an
+    /// answer names: hub, city).
+    fn one_order(reply: TillReply) -> Result<(OneOrder, Option<TillTerms>), Status> {
         match reply {
-            TillReply::Order(order) => Ok(order),
+            TillReply::Order { order, terms } => Ok((order, terms)),
             other => Err(Status::internal(format!(
                 "a till answered {other:?} to an order command"
             ))),
@@ -197,8 +197,9 @@ impl CheckoutService for TillCheckout {
                 },
             )
             .await?;
-        let hub_id = self.terms(&key).await.map(|t| t.hub_id.to_string()).unwrap_or_default();
-        Ok(Response::new(match Self::one_order(reply)? {
+        let (order, terms) = Self::one_order(reply)?;
+        let hub_id = terms.map(|t| t.hub_id.to_string()).unwrap_or_default();
+        Ok(Response::new(match order {
             None => ReserveResponse {
                 outcome: ReserveOutcome::SoldOut as i32,
                 quantity_requested: r.quantity,
@@ -261,14 +262,13 @@ impl CheckoutService for TillCheckout {
                 },
             )
             .await?;
-        let Some((order_id, order)) = Self::one_order(reply)? else {
+        let (Some((order_id, order)), terms) = Self::one_order(reply)? else {
             return Err(Status::internal("a confirm answered no order"));
         };
         let TillOrderState::Sold(sale) = &order.state else {
             return Err(Status::internal("a confirm answered an order not sold"));
         };
         self.edge.uplink.sold.notify_one();
-        let terms = self.terms(&key).await;
         let receipt_token = self
             .edge
             .keys
@@ -299,8 +299,8 @@ impl CheckoutService for TillCheckout {
         authorize(&self.edge, &request)?;
         let (order_id, key) = parse_order_id(&self.edge, &request.get_ref().order_id)?;
         let reply = self.ask(key.clone(), TillCommand::Cancel { order_id }).await?;
-        let terms = self.terms(&key).await;
-        let order = Self::one_order(reply)?.map(|(id, order)| order_message(&key, &id, &order, terms.as_ref()));
+        let (order, terms) = Self::one_order(reply)?;
+        let order = order.map(|(id, order)| order_message(&key, &id, &order, terms.as_ref()));
         Ok(Response::new(CancelResponse { order }))
     }
 
@@ -356,8 +356,8 @@ impl CheckoutService for TillCheckout {
         authorize(&self.edge, &request)?;
         let (order_id, key) = parse_order_id(&self.edge, &request.get_ref().order_id)?;
         let reply = self.ask(key.clone(), TillCommand::GetOrder { order_id }).await?;
-        let terms = self.terms(&key).await;
-        let (order_id, order) = Self::one_order(reply)?.ok_or_else(|| Status::not_found("order not found"))?;
+        let (order, terms) = Self::one_order(reply)?;
+        let (order_id, order) = order.ok_or_else(|| Status::not_found("order not found"))?;
         Ok(Response::new(order_message(&key, &order_id, &order, terms.as_ref())))
     }
 
