@@ -3,7 +3,8 @@
 //! command runs it). The operator signs in, watches a drop's figures change on the board
 //! without a reload while a burst of 256 concurrent reserves runs (the change → page latency
 //! is measured and printed, not asserted), walks a hub's alerts to an order's audit trail
-//! and restocks after the confirmation page; a creator sees its balance with new lines
+//! and restocks after the confirmation page; a pop-up edge that leased stock shows on the
+//! board, online, with what it holds; a creator sees its balance with new lines
 //! arriving live, downloads the statement as CSV (its totals equal GetStatement's), pays
 //! out through the form, and is refused another creator's page; a wrong credential is
 //! refused. axe-core checks every page (no serious or critical violation) and each page's
@@ -374,7 +375,58 @@ async fn the_consoles_in_a_real_browser() {
     let _ = writeln!(std::io::stderr(), "{figure}");
     std::fs::create_dir_all(screenshots_dir()).unwrap();
     std::fs::write(screenshots_dir().join("board-latency.txt"), format!("{figure}\n")).unwrap();
+
+    // A pop-up edge in Porto leases 40 caps and calls in: the board lists it (the table
+    // comes with the drop's first edge, so the board is opened again), online, with the
+    // units it holds; its cells are live like the rest.
+    let edge_credential = storefront_credential(std::slice::from_ref(&c.server.channel), OPERATOR_TOKEN, "popup-porto")
+        .await
+        .unwrap();
+    c.server
+        .operator()
+        .lease_stock(LeaseStockRequest {
+            drop_id: "release-night".into(),
+            sku_id: "cap".into(),
+            hub_id: "hub-2".into(),
+            edge_id: "popup-porto".into(),
+            quantity: 40,
+            top_up_max: 60,
+            key_id: "porto-2026-12".into(),
+            expires_at: Some(ts(3_600)),
+            reconcile_window_seconds: 600,
+        })
+        .await
+        .unwrap();
+    let mut edge = proto::edge::v1::edge_service_client::EdgeServiceClient::with_interceptor(
+        c.server.channel.clone(),
+        services::auth::Bearer::new(&edge_credential).unwrap(),
+    );
+    let leases = edge
+        .list_leases(proto::edge::v1::ListEdgeLeasesRequest {
+            drop_id: "release-night".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(leases.leases.len(), 1, "the edge reads its one lease");
+    browser.goto(&format!("{origin}/operator/drops/release-night")).await;
+    browser
+        .wait_for(
+            "the board to show the edge online with its 40 caps",
+            "const cell = (k) => document.querySelector(`[data-k=\"edge/cap/popup-porto/${k}\"]`);
+             return cell('state')?.textContent === 'online' && cell('leased')?.textContent === '40'",
+            Duration::from_secs(10),
+        )
+        .await;
     browser.check_page("operator-board").await;
+    browser
+        .eval(
+            "[...document.querySelectorAll('h2')].find(h => h.textContent === 'Pop-up edges').scrollIntoView();
+             return true;",
+        )
+        .await;
+    browser.check_page("operator-board-edges").await;
+    browser.eval("window.scrollTo(0, 0); return true;").await;
     browser.client.set_window_size(390, 844).await.unwrap();
     browser.check_page("operator-board-phone").await;
     browser.client.set_window_size(1280, 900).await.unwrap();
