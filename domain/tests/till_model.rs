@@ -127,7 +127,8 @@ proptest! {
                         pickup_code: "123456".into(),
                         offline: pick % 2 == 0,
                     };
-                    if let Ok(TillReply::Order { order: Some((id, order)), .. }) = run(&mut state, &mut log, confirm.clone(), now) {
+                    if let Ok(TillReply::Order { order: Some((id, order)), terms }) = run(&mut state, &mut log, confirm.clone(), now) {
+                        prop_assert_eq!(&terms, &state.terms);
                         let TillOrderState::Sold(sale) = order.state else { panic!("a confirm answered {order:?}") };
                         acknowledged.insert(id, sale);
                         if same_again {
@@ -135,15 +136,20 @@ proptest! {
                             let before = state.clone();
                             let again = run(&mut state, &mut log, confirm, now).unwrap();
                             prop_assert_eq!(&state, &before);
-                            let answered_the_sale = matches!(again, TillReply::Order { order: Some(_), .. });
-                            prop_assert!(answered_the_sale);
+                            let TillReply::Order { order: Some(_), terms } = again else {
+                                panic!("the same confirm again answered {again:?}")
+                            };
+                            prop_assert_eq!(&terms, &state.terms);
                         }
                     }
                 }
                 Step::Cancel { pick } => {
                     let ids: Vec<OrderId> = state.orders.keys().cloned().collect();
                     if ids.is_empty() { continue; }
-                    let _ = run(&mut state, &mut log, TillCommand::Cancel { order_id: ids[pick % ids.len()].clone() }, now);
+                    let reply = run(&mut state, &mut log, TillCommand::Cancel { order_id: ids[pick % ids.len()].clone() }, now);
+                    if let Ok(TillReply::Order { terms, .. }) = reply {
+                        prop_assert_eq!(&terms, &state.terms);
+                    }
                 }
                 Step::Advance { ms } => {
                     now = now.plus_ms(u64::from(ms));
