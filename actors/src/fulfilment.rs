@@ -54,6 +54,30 @@ pub struct Directory {
 }
 
 impl Directory {
+    /// Every record of the registry's `directory` (its `RegistryCommand::Directory` reply):
+    /// at a node's start, and again when it may have missed the updates that keep it
+    /// current (a credential reset included). Records not in it are kept.
+    pub fn load(&self, directory: domain::registry::Directory) {
+        let domain::registry::Directory {
+            hubs,
+            partners,
+            creators,
+            storefronts,
+        } = directory;
+        for hub in hubs {
+            self.put_hub(hub);
+        }
+        for partner in partners {
+            self.put_partner(partner);
+        }
+        for creator in creators {
+            self.put_creator(creator);
+        }
+        for storefront in storefronts {
+            self.put_storefront(storefront);
+        }
+    }
+
     pub fn put_partner(&self, record: PartnerRecord) {
         let mut inner = self.inner.write().expect("directory lock");
         let old = inner

@@ -277,6 +277,10 @@ pub const EVENTS_PULL_HEARTBEAT: Duration = Duration::from_millis(500);
 /// How often a node checks that the events stream has not gone back behind its consumer
 /// (see `cluster::node::watch_events_consumer`).
 pub const EVENTS_CONSUMER_CHECK: Duration = Duration::from_secs(3);
+/// After following the events stream again, how long a node waits for its new consumer
+/// before it reads the registry's directory again, and how long it keeps asking.
+pub const EVENTS_REFOLLOW_WAIT: Duration = Duration::from_secs(10);
+pub const DIRECTORY_RELOAD_WAIT: Duration = Duration::from_secs(30);
 /// Updates delivered to a node and not yet acknowledged, at most.
 pub const EVENTS_ACK_PENDING_MAX: i64 = 10_000;
 

@@ -222,24 +222,8 @@ impl Platform {
                 .ask_for::<RegistryState, Directory>((), RegistryCommand::Directory)
                 .await
             {
-                Ok(Directory {
-                    hubs,
-                    partners,
-                    creators,
-                    storefronts,
-                }) => {
-                    for hub in hubs {
-                        projections.directory.put_hub(hub);
-                    }
-                    for partner in partners {
-                        projections.directory.put_partner(partner);
-                    }
-                    for creator in creators {
-                        projections.directory.put_creator(creator);
-                    }
-                    for storefront in storefronts {
-                        projections.directory.put_storefront(storefront);
-                    }
+                Ok(directory) => {
+                    projections.directory.load(directory);
                     break;
                 }
                 Err(e) if std::time::Instant::now() < until => {

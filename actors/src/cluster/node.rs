@@ -13,16 +13,17 @@ use crate::embedded::LocalActors;
 use crate::error::CommandError;
 use crate::journal::{AddressVault, BoxFuture, JournalError};
 use crate::limits::{
-    ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_SCAN_FACTOR, COMMAND_TIMEOUT_MS, EVENTS_ACK_PENDING_MAX,
-    EVENTS_CONSUMER_CHECK, EVENTS_MAX_AGE, EVENTS_MAX_BYTES, EVENTS_PULL_EXPIRES, EVENTS_PULL_HEARTBEAT,
-    PROJECTION_ACKS_PENDING, PROJECTION_BATCH_MAX, PROJECTION_LINGER, PROJECTION_QUEUE_MAX, PROJECTION_RESYNC,
-    PROJECTION_RESYNC_WINDOW, PROJECTION_RETRY, REMOTE_COMMANDS_MAX, ROUTE_BACKOFF_MAX, ROUTE_BACKOFF_MIN,
-    ROUTE_BATCHES_IN_FLIGHT, ROUTE_BATCH_MAX, ROUTE_QUEUE_MAX, STORAGE_WAIT,
+    ADDRESS_RETENTION_MAX_MS, ADDRESS_SHRED_SCAN_FACTOR, COMMAND_TIMEOUT_MS, DIRECTORY_RELOAD_WAIT,
+    EVENTS_ACK_PENDING_MAX, EVENTS_CONSUMER_CHECK, EVENTS_MAX_AGE, EVENTS_MAX_BYTES, EVENTS_PULL_EXPIRES,
+    EVENTS_PULL_HEARTBEAT, EVENTS_REFOLLOW_WAIT, PROJECTION_ACKS_PENDING, PROJECTION_BATCH_MAX, PROJECTION_LINGER,
+    PROJECTION_QUEUE_MAX, PROJECTION_RESYNC, PROJECTION_RESYNC_WINDOW, PROJECTION_RETRY, REMOTE_COMMANDS_MAX,
+    ROUTE_BACKOFF_MAX, ROUTE_BACKOFF_MIN, ROUTE_BATCHES_IN_FLIGHT, ROUTE_BATCH_MAX, ROUTE_QUEUE_MAX, STORAGE_WAIT,
 };
 use crate::projections::{ProjectionUpdate, Projections, RemoteProjections};
 use crate::secrets::SealedAddress;
 use crate::telemetry::ClusterStats;
 use async_nats::jetstream::{self, kv, stream::StorageType};
+use domain::registry::{Directory as RegistryDirectory, RegistryCommand, RegistryState};
 use domain::UnixMillis;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -669,6 +670,7 @@ impl ClusterNode {
             self.js.clone(),
             self.node.clone(),
             Arc::downgrade(projections),
+            self.this.clone(),
         ));
         projections.set_remote(Arc::new(NatsProjections { tx }));
         Ok(())
@@ -838,8 +840,17 @@ impl ClusterNode {
 /// nemesis saw two nodes' figures of a SKU stay stale after kill -9 of a NATS server while
 /// the others were cut from their peers). Deleting the consumer ends its message stream;
 /// the follower creates it again, new from the stream's end, and the owners' periodic
-/// re-publication of recent figures (`PROJECTION_RESYNC`) brings back what was missed.
-async fn watch_events_consumer(js: jetstream::Context, node: String, projections: Weak<Projections>) {
+/// re-publication of recent figures (`PROJECTION_RESYNC`) brings back the SKU figures that
+/// were missed. The directory (credentials, partners, hubs, creators) is read again from the
+/// registry once the new consumer is there (`reload_directory`): a credential reset missed
+/// meanwhile must not leave the old credential accepted here. Other updates missed (a
+/// drop's status, hub load, audit entries) are not brought back until their next change.
+async fn watch_events_consumer(
+    js: jetstream::Context,
+    node: String,
+    projections: Weak<Projections>,
+    this: Weak<ClusterNode>,
+) {
     let name = placement::events_consumer(&node);
     loop {
         tokio::time::sleep(EVENTS_CONSUMER_CHECK).await;
@@ -865,8 +876,58 @@ async fn watch_events_consumer(js: jetstream::Context, node: String, projections
                 last,
                 "the events stream went back behind this node's consumer (a replica lost messages); following it again from its end"
             );
-            if let Err(e) = stream.delete_consumer(&name).await {
-                warn!(error = %e, "the stale events consumer was not deleted; trying again");
+            match stream.delete_consumer(&name).await {
+                Ok(_) => reload_directory(&stream, &name, &this, &projections).await,
+                Err(e) => warn!(error = %e, "the stale events consumer was not deleted; trying again"),
+            }
+        }
+    }
+}
+
+/// Reads the registry's directory again into this node's, once this node's events consumer
+/// `consumer` exists again: an update published after that is delivered to this node, one
+/// published before is in the registry's answer.
+async fn reload_directory(
+    stream: &jetstream::stream::Stream,
+    consumer: &str,
+    this: &Weak<ClusterNode>,
+    projections: &Weak<Projections>,
+) {
+    let until = Instant::now() + EVENTS_REFOLLOW_WAIT;
+    while stream
+        .get_consumer::<jetstream::consumer::pull::Config>(consumer)
+        .await
+        .is_err()
+    {
+        if Instant::now() >= until {
+            warn!("the events consumer is not back yet; reading the directory again anyway");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let until = Instant::now() + DIRECTORY_RELOAD_WAIT;
+    loop {
+        let Some(node) = this.upgrade() else { return };
+        let bus: &dyn CommandBus = &*node;
+        match bus
+            .ask_for::<RegistryState, RegistryDirectory>((), RegistryCommand::Directory)
+            .await
+        {
+            Ok(directory) => {
+                let Some(projections) = projections.upgrade() else {
+                    return;
+                };
+                projections.directory.load(directory);
+                info!("the directory was read again from the registry after the events stream went back");
+                return;
+            }
+            Err(e) if Instant::now() < until => {
+                debug!(error = %e, "the registry did not answer for the directory; asking again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "the directory was not read again; updates of it missed meanwhile stay missing until their next change");
+                return;
             }
         }
     }

@@ -778,8 +778,9 @@ async fn a_node_that_missed_figures_catches_up_without_a_further_change() {
 /// A consumer ahead of its stream passes over every new message as already delivered, the
 /// owners' re-publication included, and two nodes showed a SKU's old figures for good.
 /// Here every node's consumer is put ahead of the stream on purpose (deleted and created
-/// again, by the same name, starting a million messages past the stream's end): each node
-/// must notice, follow the stream again from its end, and show the SKU's new figures.
+/// again, by the same name, starting a million messages past the stream's end) while holds
+/// are made and a storefront's credential is reset: each node must notice, follow the stream
+/// again from its end, show the SKU's new figures, and accept the new credential only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_events_consumer_went_ahead_of_the_stream_follows_it_again() {
     use actors::cluster::placement::{events_consumer, EVENTS_STREAM};
@@ -814,6 +815,10 @@ async fn a_node_whose_events_consumer_went_ahead_of_the_stream_follows_it_again(
         .await
         .unwrap();
     every_node_shows(1, Duration::from_secs(60), "the first hold").await;
+    // A second storefront, known to every node.
+    let before_reset = storefront_credential(&channels, OPERATOR_TOKEN, "other-web")
+        .await
+        .unwrap();
 
     // Every node's consumer goes ahead of the stream.
     let stream = cluster.jetstream().get_stream(EVENTS_STREAM).await.unwrap();
@@ -842,7 +847,8 @@ async fn a_node_whose_events_consumer_went_ahead_of_the_stream_follows_it_again(
         }
     }
 
-    // Four more holds through node-0; no node may keep showing one.
+    // While the consumers are ahead: four more holds through node-0, and the second
+    // storefront's credential is reset.
     for buyer in ["a-1", "a-2", "a-3", "a-4"] {
         let outcome = shop(&channels[0], &storefront)
             .reserve(reserve("ahead", "hot", buyer, 1))
@@ -852,11 +858,52 @@ async fn a_node_whose_events_consumer_went_ahead_of_the_stream_follows_it_again(
             .outcome;
         assert_eq!(outcome, ReserveOutcome::Held as i32);
     }
+    let after_reset = operator_client(&channels[0])
+        .reset_storefront_credential(proto::operator::v1::ResetStorefrontCredentialRequest {
+            storefront_id: "other-web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credential;
+    // No node may keep showing one hold.
     let caught_up = every_node_shows(5, Duration::from_secs(30), "after the consumers went ahead").await;
     eprintln!(
         "every node shows the 4 new holds {:.1} s after they were made",
         caught_up.as_secs_f64()
     );
+    // Every node comes to accept the new credential and to refuse the old one (it reads
+    // the registry's directory again once it follows the stream again).
+    let until = Instant::now() + Duration::from_secs(30);
+    for (i, channel) in channels.iter().enumerate() {
+        let code = |credential: String| {
+            let channel = channel.clone();
+            async move {
+                match shop(&channel, &credential)
+                    .get_order(GetOrderRequest {
+                        order_id: "d.s.0".into(),
+                    })
+                    .await
+                {
+                    Ok(_) => tonic::Code::Ok,
+                    Err(status) => status.code(),
+                }
+            }
+        };
+        loop {
+            // Past authentication, a made-up order id is refused for what it is, not for
+            // the credential.
+            let (old, new) = (code(before_reset.clone()).await, code(after_reset.clone()).await);
+            if old == tonic::Code::Unauthenticated && new != tonic::Code::Unauthenticated {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "node-{i}, 30 s after the reset: the old credential {old:?}, the new {new:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     // Each node, the SKU's owner too (which shows its figures without the stream), comes to
     // follow a consumer that is not ahead of the stream: within its next checks (every 3 s).
     let until = Instant::now() + Duration::from_secs(15);
