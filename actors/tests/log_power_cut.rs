@@ -338,5 +338,48 @@ fn an_opening_from_a_checkpoint_scans_only_what_follows_and_reads_the_rest() {
         segment: checkpoint.segment + 1_000,
         ..checkpoint
     };
-    assert!(Log::open_from(storage, 512, Some(beyond), |_, _| {}).is_err());
+    assert!(Log::open_from(storage.clone(), 512, Some(beyond), |_, _| {}).is_err());
+    let past_its_end = Checkpoint {
+        offset: 100_000,
+        ..checkpoint
+    };
+    assert!(Log::open_from(storage, 512, Some(past_its_end), |_, _| {}).is_err());
+}
+
+/// `segment_bytes` may be lowered between starts (`--journal-segment-bytes`): a log written
+/// in 4 KiB segments, checkpointed past 512 bytes into one, opens with 512-byte segments
+/// from that checkpoint, hands over what follows it, and goes on in new small segments.
+/// (Found when the journal's slow-sync test, which reopens with a smaller size, met a
+/// checkpoint taken at shutdown: "the checkpoint … is not in the log".)
+#[test]
+fn a_log_opens_from_a_checkpoint_beyond_a_smaller_segment_size() {
+    let disk = SimDisk::new();
+    let storage: Arc<dyn Storage> = Arc::new(disk.clone());
+    let mut log = Log::open(storage.clone(), 4_096, |_, _| panic!("a new log is empty")).unwrap();
+    for seq in 0..20 {
+        log.append(&payload(seq)).unwrap();
+    }
+    log.sync().unwrap();
+    let checkpoint = log.checkpoint();
+    assert_eq!(checkpoint.segment, 0);
+    assert!(checkpoint.offset > 512, "{checkpoint:?}");
+    for seq in 20..25 {
+        log.append(&payload(seq)).unwrap();
+    }
+    log.sync().unwrap();
+    drop(log);
+    let mut found = Vec::new();
+    let mut log = Log::open_from(storage.clone(), 512, Some(checkpoint), |_, bytes| {
+        found.push(seq_of(bytes))
+    })
+    .unwrap();
+    assert_eq!(found, (20..25).collect::<Vec<_>>());
+    for seq in 25..60 {
+        log.append(&payload(seq)).unwrap();
+    }
+    log.sync().unwrap();
+    drop(log);
+    let mut all = Vec::new();
+    Log::open(storage, 512, |_, bytes| all.push(seq_of(bytes))).unwrap();
+    assert_eq!(all, (0..60).collect::<Vec<_>>());
 }

@@ -276,7 +276,10 @@ impl Log {
             reseal: false,
         };
         if let Some(from) = from {
-            if !indexes.contains(&from.segment) || from.offset < HEADER_BYTES || from.offset > segment_bytes {
+            // Its offset is checked against its segment's own size below: segments written
+            // with a larger `segment_bytes` (a setting an operator may lower between starts)
+            // hold records beyond the new size.
+            if !indexes.contains(&from.segment) || from.offset < HEADER_BYTES {
                 return Err(corrupt(format!(
                     "the checkpoint at {}:{} is not in the log",
                     segment_name(from.segment),
@@ -310,6 +313,13 @@ impl Log {
                     return Err(corrupt(format!(
                         "log segment {} of the checkpoint has a corrupt header or a gap before it",
                         segment_name(index)
+                    )));
+                }
+                if from.offset > file.size()? {
+                    return Err(corrupt(format!(
+                        "the checkpoint at {}:{} is not in the log",
+                        segment_name(from.segment),
+                        from.offset
                     )));
                 }
                 log.chain = from.chain;
